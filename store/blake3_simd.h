@@ -1,0 +1,103 @@
+/*
+ * blake3_simd.h - the BLAKE3 compression of B3_LANES inputs at once, one
+ * input per 32-bit lane, written once for every vector width.
+ *
+ * DESIGN
+ * A backend file (blake3_avx2.c, blake3_avx512.c) defines the vector type
+ * and the handful of operations below, then includes this file, which
+ * provides the rounds and B3_HASH_MANY, the backend's b3_hash_many_fn.
+ * Message words are transposed so that vector j holds word j of every
+ * input; the 7 rounds then run the column/diagonal G steps on whole
+ * vectors, taking message words through b3_msg_schedule instead of
+ * permuting. Inputs left over (fewer than B3_LANES) go to B3_FALLBACK.
+ *
+ * The includer defines:
+ *   B3V                 vector type of B3_LANES uint32_t lanes
+ *   v_add v_xor v_set1  lane-wise add, xor, broadcast
+ *   v_rot16 v_rot12 v_rot8 v_rot7   rotate right by n
+ *   v_load_msg(inputs, off, m)      m[j] = word j of block at off, all lanes
+ *   v_store_cvs(h, out)             out + 32*i = h[0..7] of lane i
+ *   v_counters(counter, inc, lo, hi)
+ *   B3_HASH_MANY, B3_FALLBACK
+ */
+
+static inline __attribute__((always_inline)) void b3v_g(B3V *v, int a, int b, int c, int d, B3V mx, B3V my)
+{
+	v[a] = v_add(v_add(v[a], v[b]), mx);
+	v[d] = v_rot16(v_xor(v[d], v[a]));
+	v[c] = v_add(v[c], v[d]);
+	v[b] = v_rot12(v_xor(v[b], v[c]));
+	v[a] = v_add(v_add(v[a], v[b]), my);
+	v[d] = v_rot8(v_xor(v[d], v[a]));
+	v[c] = v_add(v[c], v[d]);
+	v[b] = v_rot7(v_xor(v[b], v[c]));
+}
+
+static inline __attribute__((always_inline)) void b3v_round(B3V *v, const B3V *m, const uint8_t *s)
+{
+	b3v_g(v, 0, 4, 8, 12, m[s[0]], m[s[1]]);
+	b3v_g(v, 1, 5, 9, 13, m[s[2]], m[s[3]]);
+	b3v_g(v, 2, 6, 10, 14, m[s[4]], m[s[5]]);
+	b3v_g(v, 3, 7, 11, 15, m[s[6]], m[s[7]]);
+	b3v_g(v, 0, 5, 10, 15, m[s[8]], m[s[9]]);
+	b3v_g(v, 1, 6, 11, 12, m[s[10]], m[s[11]]);
+	b3v_g(v, 2, 7, 8, 13, m[s[12]], m[s[13]]);
+	b3v_g(v, 3, 4, 9, 14, m[s[14]], m[s[15]]);
+}
+
+static void b3v_hash_lanes(const uint8_t *const *inputs, size_t blocks, const uint32_t key[8],
+			   uint64_t counter, bool inc_counter, uint8_t flags, uint8_t flags_start,
+			   uint8_t flags_end, uint8_t *out)
+{
+	B3V h[8], m[16], v[16], ctr_lo, ctr_hi;
+	uint8_t block_flags = flags | flags_start;
+
+	for (int i = 0; i < 8; i++)
+		h[i] = v_set1(key[i]);
+	v_counters(counter, inc_counter, &ctr_lo, &ctr_hi);
+	for (size_t b = 0; b < blocks; b++) {
+		if (b + 1 == blocks)
+			block_flags |= flags_end;
+		v_load_msg(inputs, b * 64, m);
+		for (int i = 0; i < 8; i++)
+			v[i] = h[i];
+		v[8] = v_set1(b3_iv[0]);
+		v[9] = v_set1(b3_iv[1]);
+		v[10] = v_set1(b3_iv[2]);
+		v[11] = v_set1(b3_iv[3]);
+		v[12] = ctr_lo;
+		v[13] = ctr_hi;
+		v[14] = v_set1(64);
+		v[15] = v_set1(block_flags);
+		/* Unrolled so that the schedule indices are constants. */
+		b3v_round(v, m, b3_msg_schedule[0]);
+		b3v_round(v, m, b3_msg_schedule[1]);
+		b3v_round(v, m, b3_msg_schedule[2]);
+		b3v_round(v, m, b3_msg_schedule[3]);
+		b3v_round(v, m, b3_msg_schedule[4]);
+		b3v_round(v, m, b3_msg_schedule[5]);
+		b3v_round(v, m, b3_msg_schedule[6]);
+		for (int i = 0; i < 8; i++)
+			h[i] = v_xor(v[i], v[i + 8]);
+		block_flags = flags;
+	}
+	v_store_cvs(h, out);
+}
+
+void B3_HASH_MANY(const uint8_t *const *inputs, size_t n, size_t blocks, const uint32_t key[8],
+		  uint64_t counter, bool inc_counter, uint8_t flags, uint8_t flags_start,
+		  uint8_t flags_end, uint8_t *out)
+{
+	while (n >= B3_LANES) {
+		b3v_hash_lanes(inputs, blocks, key, counter, inc_counter, flags, flags_start,
+			       flags_end, out);
+		if (inc_counter)
+			counter += B3_LANES;
+		inputs += B3_LANES;
+		n -= B3_LANES;
+		out += B3_LANES * 32;
+	}
+	if (n > 0)
+		B3_FALLBACK(inputs, n, blocks, key, counter, inc_counter, flags, flags_start,
+			    flags_end, out);
+}

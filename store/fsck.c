@@ -1,0 +1,405 @@
+/*
+ * fsck.c - offline consistency check of a store.
+ *
+ * DESIGN
+ * One read-only pass over each database and each blob file, so the check
+ * can run beside a mounted daemon. Problems are what a crash must never
+ * cause: a job pointing at a missing or wrong blob, reference counts that
+ * disagree with the jobs, queue entries that disagree with job states,
+ * blob files whose content does not hash to their name, unusable keys.
+ * Leftovers a crash may legitimately leave (partial files in tmp/, blob
+ * files not yet or no longer referenced, running jobs) are notes: the next
+ * store_open() cleans them up.
+ *
+ * Memory: one table of output hashes with their job counts, to cross-check
+ * reference counts; this offline tool, unlike the daemon, may use memory
+ * proportional to the number of distinct outputs.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fileutil.h"
+#include "index_i.h"
+#include "store.h"
+
+struct refcount_entry {
+	uint8_t hash[B3_OUT_LEN];
+	uint64_t count;
+	bool used;
+};
+
+struct fsck {
+	const char *dir;
+	FILE *out;
+	struct index *ix;
+	long problems;
+	struct refcount_entry *tab;
+	size_t cap, len;
+};
+
+static void problem(struct fsck *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void problem(struct fsck *f, const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("problem: ", f->out);
+	va_start(ap, fmt);
+	vfprintf(f->out, fmt, ap);
+	va_end(ap);
+	fputc('\n', f->out);
+	f->problems++;
+}
+
+static void note(struct fsck *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void note(struct fsck *f, const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("note: ", f->out);
+	va_start(ap, fmt);
+	vfprintf(f->out, fmt, ap);
+	va_end(ap);
+	fputc('\n', f->out);
+}
+
+static struct refcount_entry *tab_find(struct fsck *f, const uint8_t *hash, bool insert)
+{
+	if (insert && (f->len + 1) * 2 > f->cap) {
+		size_t ncap = f->cap ? f->cap * 2 : 1024;
+		struct refcount_entry *n = calloc(ncap, sizeof(*n)), *old = f->tab;
+
+		if (!n)
+			return NULL;
+		f->tab = n;
+		f->cap = ncap;
+		f->len = 0;
+		for (size_t i = 0; old && i < ncap / 2; i++)
+			if (old[i].used) {
+				struct refcount_entry *e = tab_find(f, old[i].hash, true);
+				*e = old[i];
+			}
+		free(old);
+	}
+	if (!f->cap)
+		return NULL;
+	size_t i = (size_t)le64_get(hash) & (f->cap - 1);
+	while (f->tab[i].used) {
+		if (memcmp(f->tab[i].hash, hash, B3_OUT_LEN) == 0)
+			return &f->tab[i];
+		i = (i + 1) & (f->cap - 1);
+	}
+	if (!insert)
+		return NULL;
+	f->tab[i].used = true;
+	memcpy(f->tab[i].hash, hash, B3_OUT_LEN);
+	f->len++;
+	return &f->tab[i];
+}
+
+static bool key_exists(MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
+{
+	MDB_val k = {len, (void *)key}, v;
+	return mdb_get(txn, dbi, &k, &v) == 0;
+}
+
+static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_t *depth)
+{
+	char id[JOB_ID_STR_LEN + 1];
+	uint8_t key[INDEX_ROUTE_MAX + 1 + JOB_ID_LEN];
+	size_t rl = strlen(j->route);
+
+	ulid_format(j->id, id);
+	if (j->flags & JOB_F_HAS_OUTPUT) {
+		struct refcount_entry *e = tab_find(f, j->output_hash, true);
+		if (e)
+			e->count++;
+	}
+	if (j->status == JOB_COMPLETE && !(j->flags & JOB_F_HAS_OUTPUT))
+		problem(f, "job %s is complete but has no output", id);
+	if (j->status == JOB_QUEUED) {
+		uint8_t qk[QUEUE_KEY_LEN];
+		qk[0] = j->group;
+		qk[1] = (uint8_t)(255 - j->priority);
+		be64_put(qk + 2, j->round);
+		memcpy(qk + 10, j->id, JOB_ID_LEN);
+		if (!key_exists(txn, f->ix->queue, qk, sizeof(qk)))
+			problem(f, "job %s is queued but not in the queue", id);
+		depth[j->group]++;
+	}
+	if (j->status == JOB_RUNNING) {
+		if (!key_exists(txn, f->ix->running, j->id, JOB_ID_LEN))
+			problem(f, "job %s is running but not in the running set", id);
+		else
+			note(f, "job %s was running; it is requeued when the store is opened", id);
+	}
+	if (!key_exists(txn, f->ix->requests, j->id, JOB_ID_LEN))
+		problem(f, "job %s has no stored request", id);
+	memcpy(key, j->route, rl + 1);
+	memcpy(key + rl + 1, j->id, JOB_ID_LEN);
+	if (!key_exists(txn, f->ix->byroute, key, rl + 1 + JOB_ID_LEN))
+		problem(f, "job %s is missing from the route listing", id);
+	be32_put(key, j->uid);
+	memcpy(key + 4, j->id, JOB_ID_LEN);
+	if (!key_exists(txn, f->ix->byowner, key, 4 + JOB_ID_LEN))
+		problem(f, "job %s is missing from its owner's listing", id);
+	be64_put(key, j->seq);
+	if (!key_exists(txn, f->ix->byseq, key, 8))
+		problem(f, "job %s is missing from the sequence map", id);
+}
+
+static void check_jobs(struct fsck *f, MDB_txn *txn)
+{
+	static uint64_t depth[INDEX_GROUPS];
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	memset(depth, 0, sizeof(depth));
+	if (mdb_cursor_open(txn, f->ix->jobs, &cur) != 0) {
+		problem(f, "cannot read the jobs database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct job j;
+
+		if (k.mv_size != JOB_ID_LEN) {
+			problem(f, "a job key has %zu bytes, not %d", k.mv_size, JOB_ID_LEN);
+			continue;
+		}
+		if (index_get_job(f->ix, txn, k.mv_data, &j) != 0) {
+			problem(f, "%s", store_lasterr());
+			continue;
+		}
+		check_job(f, txn, &j, depth);
+		job_release(&j);
+	}
+	if (rc != MDB_NOTFOUND)
+		problem(f, "reading jobs stopped: %s", mdb_strerror(rc));
+	mdb_cursor_close(cur);
+
+	/* Every queue entry names a queued job; depths match. */
+	if (mdb_cursor_open(txn, f->ix->queue, &cur) != 0)
+		return;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct job j;
+		char id[JOB_ID_STR_LEN + 1];
+
+		if (k.mv_size != QUEUE_KEY_LEN) {
+			problem(f, "a queue key has %zu bytes", k.mv_size);
+			continue;
+		}
+		ulid_format((uint8_t *)k.mv_data + 10, id);
+		if (index_get_job(f->ix, txn, (uint8_t *)k.mv_data + 10, &j) != 0) {
+			problem(f, "queue entry for job %s, which does not exist", id);
+			continue;
+		}
+		if (j.status != JOB_QUEUED)
+			problem(f, "queue entry for job %s, which is %s", id,
+				job_status_name(j.status));
+		job_release(&j);
+	}
+	mdb_cursor_close(cur);
+	for (int g = 0; g < INDEX_GROUPS; g++) {
+		uint8_t gk = (uint8_t)g;
+		MDB_val dk = {1, &gk}, dv;
+		uint64_t recorded = 0;
+
+		if (mdb_get(txn, f->ix->fair, &dk, &dv) == 0 && dv.mv_size == 8)
+			recorded = le64_get(dv.mv_data);
+		if (recorded != depth[g])
+			problem(f, "group %d queue depth is recorded as %llu but %llu jobs are queued",
+				g, (unsigned long long)recorded, (unsigned long long)depth[g]);
+	}
+}
+
+static void check_blob_file(struct fsck *f, const uint8_t *hash, const struct blob_info *bi)
+{
+	char path[4200], hex[B3_HEX_LEN + 1];
+	uint8_t got[B3_OUT_LEN];
+	uint64_t size;
+	struct stat sb;
+	int fd;
+
+	b3_to_hex(hash, hex);
+	snprintf(path, sizeof(path), "%s/blobs/%.2s/%s", f->dir, hex, hex);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		problem(f, "blob %s: cannot open '%s': %s", hex, path, strerror(errno));
+		return;
+	}
+	if (fstat(fd, &sb) == 0 && (sb.st_mode & 0222))
+		problem(f, "blob file '%s' is writable (mode %04o); blobs are 0444", path,
+			(unsigned)(sb.st_mode & 07777));
+	if (b3_hash_fd(fd, 2, got, &size) != 0)
+		problem(f, "blob file '%s' cannot be read", path);
+	else if (size != bi->size)
+		problem(f, "blob file '%s' has %llu bytes; the index says %llu", path,
+			(unsigned long long)size, (unsigned long long)bi->size);
+	else if (memcmp(got, hash, B3_OUT_LEN) != 0)
+		problem(f, "blob file '%s' does not match its hash (damaged or modified)", path);
+	close(fd);
+}
+
+static void check_blobs(struct fsck *f, MDB_txn *txn)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if (mdb_cursor_open(txn, f->ix->blobs, &cur) != 0) {
+		problem(f, "cannot read the blobs database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct blob_info bi;
+		struct refcount_entry *e;
+		char hex[B3_HEX_LEN + 1];
+
+		if (k.mv_size != B3_OUT_LEN || v.mv_size < 24) {
+			problem(f, "damaged blob record");
+			continue;
+		}
+		b3_to_hex(k.mv_data, hex);
+		bi.size = le64_get(v.mv_data);
+		bi.refcount = le64_get((uint8_t *)v.mv_data + 8);
+		e = tab_find(f, k.mv_data, false);
+		if (!e || e->count != bi.refcount)
+			problem(f, "blob %s has reference count %llu but %llu jobs use it", hex,
+				(unsigned long long)bi.refcount,
+				(unsigned long long)(e ? e->count : 0));
+		if (e)
+			e->count = UINT64_MAX; /* seen: not reported below */
+		check_blob_file(f, k.mv_data, &bi);
+	}
+	mdb_cursor_close(cur);
+	for (size_t i = 0; i < f->cap; i++)
+		if (f->tab[i].used && f->tab[i].count != UINT64_MAX) {
+			char hex[B3_HEX_LEN + 1];
+			b3_to_hex(f->tab[i].hash, hex);
+			problem(f, "%llu job(s) have output %s, which is not in the index",
+				(unsigned long long)f->tab[i].count, hex);
+		}
+}
+
+static void check_blob_files(struct fsck *f, MDB_txn *txn)
+{
+	char path[4200];
+	struct dirent *de, *fe;
+	DIR *d, *sd;
+
+	snprintf(path, sizeof(path), "%s/blobs", f->dir);
+	if (!(d = opendir(path))) {
+		problem(f, "cannot open '%s': %s", path, strerror(errno));
+		return;
+	}
+	while ((de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/blobs/%s", f->dir, de->d_name);
+		if (!(sd = opendir(path))) {
+			note(f, "'%s' is not a blob folder", path);
+			continue;
+		}
+		while ((fe = readdir(sd)) != NULL) {
+			uint8_t hash[B3_OUT_LEN];
+
+			if (fe->d_name[0] == '.')
+				continue;
+			if (b3_from_hex(fe->d_name, hash) != 0 ||
+			    strncmp(fe->d_name, de->d_name, 2) != 0)
+				note(f, "'%s/%s' is not a blob name; it is removed at the next open",
+				     path, fe->d_name);
+			else if (!key_exists(txn, f->ix->blobs, hash, B3_OUT_LEN))
+				note(f, "blob file '%s/%s' is not referenced; it is collected at the "
+					"next open",
+				     path, fe->d_name);
+		}
+		closedir(sd);
+	}
+	closedir(d);
+	snprintf(path, sizeof(path), "%s/tmp", f->dir);
+	if ((d = opendir(path)) != NULL) {
+		while ((de = readdir(d)) != NULL)
+			if (de->d_name[0] != '.')
+				note(f, "partial output '%s/%s' is removed at the next open", path,
+				     de->d_name);
+		closedir(d);
+	}
+}
+
+static void check_keys(struct fsck *f, MDB_txn *txn)
+{
+	char path[4200], keyid[SIGN_KEYID_LEN + 1];
+	MDB_val k = {11, "signing_key"}, v;
+	struct sign_seckey sk;
+	struct sign_pubkey pk;
+	struct dirent *de;
+	DIR *d;
+
+	if (mdb_get(txn, f->ix->meta, &k, &v) != 0 || v.mv_size != SIGN_KEYNUM_LEN) {
+		note(f, "the store has no signing key yet");
+	} else {
+		sign_keyid(v.mv_data, keyid);
+		snprintf(path, sizeof(path), "%s/keys/%s.pub", f->dir, keyid);
+		if (sign_pubkey_load(path, &pk) != 0)
+			problem(f, "signing key %s: %s", keyid, store_lasterr());
+		snprintf(path, sizeof(path), "%s/keys/%s.key", f->dir, keyid);
+		if (access(path, F_OK) != 0)
+			problem(f, "signing key %s: '%s' is missing", keyid, path);
+	}
+	snprintf(path, sizeof(path), "%s/keys", f->dir);
+	if (!(d = opendir(path)))
+		return;
+	while ((de = readdir(d)) != NULL) {
+		size_t n = strlen(de->d_name);
+
+		if (n > 4 && strcmp(de->d_name + n - 4, ".key") == 0) {
+			snprintf(path, sizeof(path), "%s/keys/%s", f->dir, de->d_name);
+			if (sign_seckey_load(path, &sk) != 0)
+				problem(f, "%s", store_lasterr());
+			sign_seckey_wipe(&sk);
+		} else if (n > 4 && strcmp(de->d_name + n - 4, ".pub") == 0) {
+			snprintf(path, sizeof(path), "%s/keys/%s", f->dir, de->d_name);
+			if (sign_pubkey_load(path, &pk) != 0)
+				problem(f, "%s", store_lasterr());
+		}
+	}
+	closedir(d);
+}
+
+long store_fsck(const char *dir, FILE *out)
+{
+	struct index_options opt = {0, true};
+	struct fsck f = {dir, out, NULL, 0, NULL, 0, 0};
+	char path[4200];
+	MDB_txn *txn;
+	int rc;
+
+	snprintf(path, sizeof(path), "%s/index", dir);
+	if ((rc = index_open(path, &opt, &f.ix)) != 0) {
+		fprintf(out, "problem: %s\n", store_lasterr());
+		return 1;
+	}
+	if ((rc = mdb_txn_begin(f.ix->env, NULL, MDB_RDONLY, &txn)) != 0) {
+		fprintf(out, "problem: cannot read '%s': %s\n", path, mdb_strerror(rc));
+		index_close(f.ix);
+		return 1;
+	}
+	check_jobs(&f, txn);
+	check_blobs(&f, txn);
+	check_blob_files(&f, txn);
+	check_keys(&f, txn);
+	mdb_txn_abort(txn);
+	index_close(f.ix);
+	free(f.tab);
+	return f.problems;
+}

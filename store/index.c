@@ -1,0 +1,1351 @@
+/*
+ * index.c - the LMDB environment of the store: opening and validating it,
+ * group commit, job records, listing, logs, blobs and metadata.
+ *
+ * DESIGN
+ * Durability: LMDB commits with a full sync (no MDB_NOSYNC, which can
+ * corrupt the environment on power loss). Throughput under concurrency
+ * comes from group commit instead: callers append their change to a queue;
+ * the first caller that finds no commit in progress becomes the leader,
+ * takes every queued change, applies each in a nested transaction of one
+ * write transaction, commits once (one sync) and wakes the others. While
+ * it syncs, new changes queue up for the next leader, so the batch size
+ * grows with the number of concurrent writers. A change that fails aborts
+ * only its nested transaction.
+ *
+ * Robustness: LMDB maps the data file and trusts it. Before opening, the
+ * two meta pages are checked (magic, version, page size) and the file size
+ * against the last page in use, so a truncated or foreign file is refused
+ * with an error instead of faulting on access. Every record is validated
+ * as it is decoded; a damaged record is reported as STORE_E_INDEX.
+ *
+ * Pointers from LMDB (MDB_val) are valid only inside their transaction:
+ * everything returned to callers is copied out first.
+ */
+#include "index.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <sodium.h>
+
+#include "err.h"
+#include "fileutil.h"
+#include "index_i.h"
+
+#define RECORD_FIXED 160
+#define LOG_LINE_MAX 16384
+#define DEFAULT_MAP_SIZE ((size_t)64 << 30)
+
+static const char *status_names[] = {"queued", "running", "complete", "error", "cancelled"};
+static const char *prio_names[] = {"low", "normal", "high"};
+
+const char *job_status_name(enum job_status s)
+{
+	return (unsigned)s < 5 ? status_names[s] : "unknown";
+}
+
+const char *job_priority_name(enum job_priority p)
+{
+	return (unsigned)p < 3 ? prio_names[p] : "unknown";
+}
+
+int job_priority_parse(const char *s, enum job_priority *p)
+{
+	for (int i = 0; i < 3; i++)
+		if (strcmp(s, prio_names[i]) == 0) {
+			*p = (enum job_priority)i;
+			return 0;
+		}
+	return -EINVAL;
+}
+
+void job_release(struct job *j)
+{
+	free(j->route);
+	free(j->name);
+	free(j->media_type);
+	free(j->device);
+	free(j->error_code);
+	free(j->error_message);
+	j->route = j->name = j->media_type = j->device = j->error_code = j->error_message =
+		NULL;
+}
+
+int index_lmdb_err(struct index *ix, int rc, const char *what)
+{
+	switch (rc) {
+	case MDB_SUCCESS:
+		return 0;
+	case MDB_NOTFOUND:
+		return STORE_E_NOTFOUND;
+	case MDB_MAP_FULL:
+		return store_seterr(-ENOSPC, "%s: the index in '%s' is full", what, ix->dir);
+	case MDB_CORRUPTED:
+	case MDB_PAGE_NOTFOUND:
+	case MDB_INVALID:
+	case MDB_BAD_TXN:
+	case MDB_BAD_VALSIZE:
+	case MDB_INCOMPATIBLE:
+		return store_seterr(STORE_E_INDEX, "%s: '%s/data.mdb' is damaged: %s", what,
+				    ix->dir, mdb_strerror(rc));
+	case MDB_VERSION_MISMATCH:
+		return store_seterr(STORE_E_INDEX, "%s: '%s' was written by another LMDB version",
+				    what, ix->dir);
+	default:
+		if (rc > 0)
+			return store_seterr(-rc, "%s: '%s/data.mdb': %s", what, ix->dir,
+					    strerror(rc));
+		return store_seterr(STORE_E_INDEX, "%s: '%s': %s", what, ix->dir,
+				    mdb_strerror(rc));
+	}
+}
+
+/* ---- pre-open validation of data.mdb ---- */
+
+#define LMDB_MAGIC 0xBEEFC0DEu
+#define LMDB_DATA_VERSION 1
+#define P_META 0x08
+
+/*
+ * Check the meta pages of an existing data.mdb (LMDB 0.9 layout on 64-bit:
+ * page header 16 bytes, then magic u32, version u32, address, map size,
+ * two 48-byte db records whose first holds the page size, last page u64,
+ * txnid u64). Returns 0 when the file is absent (a new index) or sound.
+ */
+static int check_data_file_once(const char *dir)
+{
+	char path[4200];
+	uint8_t page[2][512];
+	struct stat st;
+	uint64_t best_txn = 0, last_pg = 0;
+	unsigned psize = 0;
+	int fd, valid = 0, best = 0;
+
+	snprintf(path, sizeof(path), "%s/data.mdb", dir);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0
+				       : store_seterr(-errno, "cannot open '%s': %s", path,
+						      strerror(errno));
+	if (fstat(fd, &st) != 0 || pread(fd, page[0], sizeof(page[0]), 0) != sizeof(page[0])) {
+		close(fd);
+		return store_seterr(STORE_E_INDEX,
+				    "'%s' is truncated or unreadable (%lld bytes): not a "
+				    "renderfs index",
+				    path, (long long)st.st_size);
+	}
+	psize = le32_get(page[0] + 40);
+	if (psize < 512 || psize > 65536 || (psize & (psize - 1)) ||
+	    st.st_size < 2 * (off_t)psize ||
+	    pread(fd, page[1], sizeof(page[1]), psize) != sizeof(page[1])) {
+		close(fd);
+		return store_seterr(STORE_E_INDEX,
+				    "'%s' is not an LMDB index (foreign, damaged or truncated file)",
+				    path);
+	}
+	close(fd);
+	for (int i = 0; i < 2; i++) {
+		const uint8_t *p = page[i];
+		uint16_t flags = (uint16_t)(p[10] | p[11] << 8);
+
+		if (!(flags & P_META) || le32_get(p + 16) != LMDB_MAGIC ||
+		    le32_get(p + 20) != LMDB_DATA_VERSION || le32_get(p + 40) != psize)
+			continue;
+		valid++;
+		if (le64_get(p + 144) >= best_txn) {
+			best_txn = le64_get(p + 144);
+			last_pg = le64_get(p + 136);
+			best = i;
+		}
+	}
+	if (valid < 2)
+		return store_seterr(STORE_E_INDEX,
+				    "'%s' is not an LMDB index or its meta pages are damaged", path);
+	if ((uint64_t)st.st_size < (last_pg + 1) * psize)
+		return store_seterr(STORE_E_INDEX,
+				    "'%s' is truncated: %lld bytes, but its pages reach %llu bytes",
+				    path, (long long)st.st_size,
+				    (unsigned long long)((last_pg + 1) * psize));
+	return index_check_tree(path, psize, (off_t)best * psize, last_pg);
+}
+
+/*
+ * A writer in another process may commit while the file is walked and
+ * reuse pages under the walk; a damaged file fails every time, so a
+ * failure is confirmed by walking again.
+ */
+static int check_data_file(const char *dir)
+{
+	int rc = 0;
+
+	for (int attempt = 0; attempt < 3; attempt++) {
+		rc = check_data_file_once(dir);
+		if (rc != STORE_E_INDEX)
+			return rc;
+	}
+	return rc;
+}
+
+/* ---- open / close ---- */
+
+struct dbdef {
+	const char *name;
+	size_t off;
+};
+
+static const struct dbdef dbdefs[] = {
+	{"meta", offsetof(struct index, meta)},
+	{"jobs", offsetof(struct index, jobs)},
+	{"requests", offsetof(struct index, requests)},
+	{"queue", offsetof(struct index, queue)},
+	{"fair", offsetof(struct index, fair)},
+	{"running", offsetof(struct index, running)},
+	{"byroute", offsetof(struct index, byroute)},
+	{"byowner", offsetof(struct index, byowner)},
+	{"byseq", offsetof(struct index, byseq)},
+	{"names", offsetof(struct index, names)},
+	{"digests", offsetof(struct index, digests)},
+	{"logs", offsetof(struct index, logs)},
+	{"blobs", offsetof(struct index, blobs)},
+};
+#define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
+
+static int meta_get(struct index *ix, MDB_txn *txn, const char *key, MDB_val *v)
+{
+	MDB_val k = {strlen(key), (void *)key};
+	return mdb_get(txn, ix->meta, &k, v);
+}
+
+static int meta_put(struct index *ix, MDB_txn *txn, const char *key, const void *data,
+		    size_t len)
+{
+	MDB_val k = {strlen(key), (void *)key}, v = {len, (void *)data};
+	return mdb_put(txn, ix->meta, &k, &v, 0);
+}
+
+/* Open the named databases; create them (and the metadata) on a new index. */
+static int open_dbs(struct index *ix)
+{
+	MDB_txn *txn;
+	MDB_dbi main;
+	MDB_stat st;
+	MDB_val v;
+	int rc;
+
+	rc = mdb_txn_begin(ix->env, NULL, ix->read_only ? MDB_RDONLY : 0, &txn);
+	if (rc)
+		return index_lmdb_err(ix, rc, "begin");
+	rc = mdb_dbi_open(txn, "meta", 0, &ix->meta);
+	if (rc == MDB_NOTFOUND) {
+		/* No metadata: a new environment, unless it holds other data. */
+		if (mdb_dbi_open(txn, NULL, 0, &main) == 0 && mdb_stat(txn, main, &st) == 0 &&
+		    st.ms_entries > 0) {
+			mdb_txn_abort(txn);
+			return store_seterr(STORE_E_INDEX,
+					    "'%s/data.mdb' is an LMDB environment but not a "
+					    "renderfs index",
+					    ix->dir);
+		}
+		if (ix->read_only) {
+			mdb_txn_abort(txn);
+			return store_seterr(STORE_E_INDEX, "'%s' holds no renderfs index",
+					    ix->dir);
+		}
+		uint8_t ver[4], id[16], seq[8];
+		le32_put(ver, INDEX_FORMAT_VERSION);
+		randombytes_buf(id, sizeof(id));
+		le64_put(seq, 1);
+		for (size_t i = 0; i < NDBS; i++) {
+			rc = mdb_dbi_open(txn, dbdefs[i].name, MDB_CREATE,
+					  (MDB_dbi *)((char *)ix + dbdefs[i].off));
+			if (rc)
+				break;
+		}
+		if (!rc)
+			rc = meta_put(ix, txn, "version", ver, 4);
+		if (!rc)
+			rc = meta_put(ix, txn, "store_id", id, 16);
+		if (!rc)
+			rc = meta_put(ix, txn, "next_seq", seq, 8);
+		if (rc) {
+			mdb_txn_abort(txn);
+			return index_lmdb_err(ix, rc, "create index");
+		}
+		rc = mdb_txn_commit(txn);
+		return rc ? index_lmdb_err(ix, rc, "create index") : 0;
+	}
+	if (rc) {
+		mdb_txn_abort(txn);
+		return index_lmdb_err(ix, rc, "open index");
+	}
+	rc = meta_get(ix, txn, "version", &v);
+	if (rc || v.mv_size != 4) {
+		mdb_txn_abort(txn);
+		return store_seterr(STORE_E_INDEX, "'%s/data.mdb' has no valid format version",
+				    ix->dir);
+	}
+	if (le32_get(v.mv_data) != INDEX_FORMAT_VERSION) {
+		uint32_t ver = le32_get(v.mv_data);
+		mdb_txn_abort(txn);
+		return store_seterr(STORE_E_VERSION,
+				    "'%s/data.mdb' has format version %u; this renderfs reads %d",
+				    ix->dir, ver, INDEX_FORMAT_VERSION);
+	}
+	for (size_t i = 0; i < NDBS; i++) {
+		rc = mdb_dbi_open(txn, dbdefs[i].name, 0, (MDB_dbi *)((char *)ix + dbdefs[i].off));
+		if (rc) {
+			mdb_txn_abort(txn);
+			return store_seterr(STORE_E_INDEX, "'%s/data.mdb' lacks the '%s' database",
+					    ix->dir, dbdefs[i].name);
+		}
+	}
+	/* Committed even when read-only: handles opened in an aborted
+	 * transaction are closed with it. */
+	rc = mdb_txn_commit(txn);
+	return rc ? index_lmdb_err(ix, rc, "open index") : 0;
+}
+
+int index_open(const char *dir, const struct index_options *opt, struct index **out)
+{
+	struct index *ix;
+	int rc;
+
+	if (strlen(dir) >= sizeof(ix->dir))
+		return store_seterr(-ENAMETOOLONG, "path too long: '%s'", dir);
+	if (!(opt && opt->read_only) && (rc = dir_ensure(dir, 0700)) != 0)
+		return rc;
+	if ((rc = check_data_file(dir)) != 0)
+		return rc;
+	ix = calloc(1, sizeof(*ix));
+	if (!ix)
+		return -ENOMEM;
+	snprintf(ix->dir, sizeof(ix->dir), "%s", dir);
+	ix->read_only = opt && opt->read_only;
+	pthread_mutex_init(&ix->wmu, NULL);
+	pthread_cond_init(&ix->wcond, NULL);
+
+	rc = mdb_env_create(&ix->env);
+	if (!rc)
+		rc = mdb_env_set_maxdbs(ix->env, 32);
+	if (!rc)
+		rc = mdb_env_set_mapsize(ix->env, opt && opt->map_size ? opt->map_size
+								    : DEFAULT_MAP_SIZE);
+	if (!rc)
+		rc = mdb_env_set_maxreaders(ix->env, 1022);
+	if (rc) {
+		rc = index_lmdb_err(ix, rc, "create environment");
+		goto fail;
+	}
+	rc = mdb_env_open(ix->env, dir, MDB_NOTLS | (ix->read_only ? MDB_RDONLY : 0), 0600);
+	if (rc) {
+		rc = index_lmdb_err(ix, rc, "open");
+		goto fail;
+	}
+	if ((rc = open_dbs(ix)) != 0)
+		goto fail;
+	*out = ix;
+	return 0;
+fail:
+	if (ix->env)
+		mdb_env_close(ix->env);
+	pthread_mutex_destroy(&ix->wmu);
+	pthread_cond_destroy(&ix->wcond);
+	free(ix);
+	return rc;
+}
+
+void index_close(struct index *ix)
+{
+	if (!ix)
+		return;
+	mdb_env_close(ix->env);
+	pthread_mutex_destroy(&ix->wmu);
+	pthread_cond_destroy(&ix->wcond);
+	free(ix);
+}
+
+/* ---- group commit ---- */
+
+static void run_batch(struct index *ix, struct index_wop *batch)
+{
+	MDB_txn *txn;
+	struct index_wop *op;
+	int rc;
+
+	rc = mdb_txn_begin(ix->env, NULL, 0, &txn);
+	if (rc) {
+		rc = index_lmdb_err(ix, rc, "begin write");
+		for (op = batch; op; op = op->next)
+			op->rc = rc;
+		return;
+	}
+	if (!batch->next) {
+		/* Alone: no nested transaction needed. */
+		batch->rc = batch->fn(ix, txn, batch->arg);
+		if (batch->rc) {
+			mdb_txn_abort(txn);
+			return;
+		}
+	} else {
+		for (op = batch; op; op = op->next) {
+			MDB_txn *child;
+
+			rc = mdb_txn_begin(ix->env, txn, 0, &child);
+			if (rc) {
+				op->rc = index_lmdb_err(ix, rc, "begin nested");
+				continue;
+			}
+			op->rc = op->fn(ix, child, op->arg);
+			if (op->rc) {
+				mdb_txn_abort(child);
+				continue;
+			}
+			rc = mdb_txn_commit(child);
+			if (rc)
+				op->rc = index_lmdb_err(ix, rc, "commit nested");
+		}
+	}
+	rc = mdb_txn_commit(txn);
+	if (rc) {
+		rc = index_lmdb_err(ix, rc, "commit");
+		for (op = batch; op; op = op->next)
+			if (op->rc == 0)
+				op->rc = rc;
+	}
+}
+
+int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
+{
+	struct index_wop op = {fn, arg, 0, false, NULL};
+
+	if (ix->read_only)
+		return store_seterr(-EROFS, "the index in '%s' is open read-only", ix->dir);
+	pthread_mutex_lock(&ix->wmu);
+	if (ix->wq_tail)
+		ix->wq_tail->next = &op;
+	else
+		ix->wq_head = &op;
+	ix->wq_tail = &op;
+	while (!op.done) {
+		if (ix->leader) {
+			pthread_cond_wait(&ix->wcond, &ix->wmu);
+			continue;
+		}
+		struct index_wop *batch = ix->wq_head;
+		uint64_t n = 0;
+
+		ix->wq_head = ix->wq_tail = NULL;
+		ix->leader = true;
+		pthread_mutex_unlock(&ix->wmu);
+		run_batch(ix, batch);
+		pthread_mutex_lock(&ix->wmu);
+		while (batch) {
+			struct index_wop *next = batch->next;
+			batch->done = true; /* the owner may return and free it now */
+			batch = next;
+			n++;
+		}
+		ix->commits++;
+		ix->writes += n;
+		ix->leader = false;
+		pthread_cond_broadcast(&ix->wcond);
+	}
+	pthread_mutex_unlock(&ix->wmu);
+	return op.rc;
+}
+
+/* ---- job records ---- */
+
+static char *take_str(const uint8_t **p, const uint8_t *end, int *bad)
+{
+	uint32_t len;
+	char *s;
+
+	if (end - *p < 4) {
+		*bad = 1;
+		return NULL;
+	}
+	len = le32_get(*p);
+	*p += 4;
+	if ((size_t)(end - *p) < len || len > INDEX_STR_MAX || memchr(*p, '\0', len)) {
+		*bad = 1;
+		return NULL;
+	}
+	s = malloc(len + 1);
+	if (!s) {
+		*bad = 2;
+		return NULL;
+	}
+	memcpy(s, *p, len);
+	s[len] = '\0';
+	*p += len;
+	return s;
+}
+
+static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
+		      struct job *j)
+{
+	const uint8_t *p = v->mv_data, *end = p + v->mv_size;
+	char idstr[JOB_ID_STR_LEN + 1];
+	int bad = 0;
+
+	memset(j, 0, sizeof(*j));
+	if (v->mv_size < RECORD_FIXED || memcmp(p, "RJ1", 4) != 0 || p[4] > JOB_CANCELLED ||
+	    p[5] > JOB_PRIO_HIGH)
+		goto damaged;
+	memcpy(j->id, id, JOB_ID_LEN);
+	j->status = p[4];
+	j->priority = p[5];
+	j->group = p[6];
+	j->flags = p[7];
+	j->uid = le32_get(p + 8);
+	j->gid = le32_get(p + 12);
+	j->attempts = le32_get(p + 16);
+	j->progress = (uint16_t)(p[20] | p[21] << 8);
+	j->seq = le64_get(p + 24);
+	j->created_ms = le64_get(p + 32);
+	j->started_ms = le64_get(p + 40);
+	j->completed_ms = le64_get(p + 48);
+	j->updated_ms = le64_get(p + 56);
+	j->timeout_ms = le64_get(p + 64);
+	j->log_size = le64_get(p + 72);
+	j->round = le64_get(p + 80);
+	memcpy(j->request_digest, p + 88, 32);
+	memcpy(j->output_hash, p + 120, 32);
+	j->output_size = le64_get(p + 152);
+	if (j->progress > 1000)
+		goto damaged;
+	p += RECORD_FIXED;
+	j->route = take_str(&p, end, &bad);
+	j->name = take_str(&p, end, &bad);
+	j->media_type = take_str(&p, end, &bad);
+	j->device = take_str(&p, end, &bad);
+	j->error_code = take_str(&p, end, &bad);
+	j->error_message = take_str(&p, end, &bad);
+	if (bad == 2) {
+		job_release(j);
+		return -ENOMEM;
+	}
+	if (bad || p != end) {
+		job_release(j);
+		goto damaged;
+	}
+	return 0;
+damaged:
+	ulid_format(id, idstr);
+	return store_seterr(STORE_E_INDEX, "job %s has a damaged record in '%s/data.mdb'", idstr,
+			    ix->dir);
+}
+
+static size_t put_str(uint8_t *p, const char *s)
+{
+	size_t len = s ? strlen(s) : 0;
+
+	if (len > INDEX_STR_MAX)
+		len = INDEX_STR_MAX; /* bounded: longer messages are cut */
+	le32_put(p, (uint32_t)len);
+	if (len)
+		memcpy(p + 4, s, len);
+	return 4 + len;
+}
+
+int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
+{
+	const char *strs[6] = {j->route, j->name, j->media_type, j->device, j->error_code,
+			       j->error_message};
+	size_t total = RECORD_FIXED;
+	uint8_t *buf, *p;
+	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
+	int rc;
+
+	for (int i = 0; i < 6; i++) {
+		size_t len = strs[i] ? strlen(strs[i]) : 0;
+		total += 4 + (len > INDEX_STR_MAX ? INDEX_STR_MAX : len);
+	}
+	buf = calloc(1, total);
+	if (!buf)
+		return -ENOMEM;
+	memcpy(buf, "RJ1", 4);
+	buf[4] = (uint8_t)j->status;
+	buf[5] = (uint8_t)j->priority;
+	buf[6] = j->group;
+	buf[7] = j->flags;
+	le32_put(buf + 8, j->uid);
+	le32_put(buf + 12, j->gid);
+	le32_put(buf + 16, j->attempts);
+	buf[20] = (uint8_t)j->progress;
+	buf[21] = (uint8_t)(j->progress >> 8);
+	le64_put(buf + 24, j->seq);
+	le64_put(buf + 32, j->created_ms);
+	le64_put(buf + 40, j->started_ms);
+	le64_put(buf + 48, j->completed_ms);
+	le64_put(buf + 56, j->updated_ms);
+	le64_put(buf + 64, j->timeout_ms);
+	le64_put(buf + 72, j->log_size);
+	le64_put(buf + 80, j->round);
+	memcpy(buf + 88, j->request_digest, 32);
+	memcpy(buf + 120, j->output_hash, 32);
+	le64_put(buf + 152, j->output_size);
+	p = buf + RECORD_FIXED;
+	for (int i = 0; i < 6; i++)
+		p += put_str(p, strs[i]);
+	v.mv_size = total;
+	v.mv_data = buf;
+	rc = mdb_put(txn, ix->jobs, &k, &v, 0);
+	free(buf);
+	return rc ? index_lmdb_err(ix, rc, "write job") : 0;
+}
+
+int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], struct job *j)
+{
+	MDB_val k = {JOB_ID_LEN, (void *)id}, v;
+	int rc = mdb_get(txn, ix->jobs, &k, &v);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "read job");
+	return decode_job(ix, id, &v, j);
+}
+
+/* Run fn in a read-only transaction. */
+static int index_read(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
+{
+	MDB_txn *txn;
+	int rc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "begin read");
+	rc = fn(ix, txn, arg);
+	mdb_txn_abort(txn);
+	return rc;
+}
+
+struct get_arg {
+	const uint8_t *id;
+	struct job *out;
+};
+
+static int get_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct get_arg *a = arg;
+	return index_get_job(ix, txn, a->id, a->out);
+}
+
+int index_job_get(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job *out)
+{
+	struct get_arg a = {id, out};
+	return index_read(ix, get_fn, &a);
+}
+
+static char *route_key(const char *route, const char *tail, size_t tail_len, size_t *len)
+{
+	size_t rl = strlen(route);
+	char *k = malloc(rl + 1 + tail_len);
+
+	if (!k)
+		return NULL;
+	memcpy(k, route, rl);
+	k[rl] = '\0';
+	memcpy(k + rl + 1, tail, tail_len);
+	*len = rl + 1 + tail_len;
+	return k;
+}
+
+struct create_arg {
+	const struct job_create *c;
+	uint8_t id[JOB_ID_LEN];
+	bool existed;
+};
+
+static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct create_arg *a = arg;
+	const struct job_create *c = a->c;
+	struct job j;
+	MDB_val k, v;
+	uint8_t seqkey[8], ownerkey[4 + JOB_ID_LEN];
+	char *rk = NULL, *nk = NULL;
+	size_t rklen, nklen = 0;
+	int rc;
+
+	if (c->name && *c->name) {
+		nk = route_key(c->route, c->name, strlen(c->name), &nklen);
+		if (!nk)
+			return -ENOMEM;
+		k.mv_size = nklen;
+		k.mv_data = nk;
+		rc = mdb_get(txn, ix->names, &k, &v);
+		if (rc == 0 && v.mv_size == JOB_ID_LEN) {
+			struct job old;
+
+			memcpy(a->id, v.mv_data, JOB_ID_LEN);
+			rc = index_get_job(ix, txn, a->id, &old);
+			if (rc == 0) {
+				bool same = memcmp(old.request_digest, c->request_digest, 32) == 0;
+				job_release(&old);
+				if (same) {
+					a->existed = true;
+				} else {
+					rc = store_seterr(STORE_E_EXISTS,
+							  "name '%s' is already used on '%s' by a "
+							  "different request",
+							  c->name, c->route);
+				}
+			}
+			free(nk);
+			return rc;
+		}
+		if (rc != MDB_NOTFOUND) {
+			free(nk);
+			return index_lmdb_err(ix, rc, "read name");
+		}
+	}
+
+	memset(&j, 0, sizeof(j));
+	ulid_new(j.id);
+	memcpy(a->id, j.id, JOB_ID_LEN);
+	rc = meta_get(ix, txn, "next_seq", &v);
+	if (rc || v.mv_size != 8) {
+		rc = rc ? index_lmdb_err(ix, rc, "read next_seq")
+			: store_seterr(STORE_E_INDEX, "damaged next_seq in '%s'", ix->dir);
+		goto out;
+	}
+	j.seq = le64_get(v.mv_data);
+	le64_put(seqkey, j.seq + 1);
+	if ((rc = meta_put(ix, txn, "next_seq", seqkey, 8)) != 0)
+		goto lmdb;
+	j.status = JOB_QUEUED;
+	j.priority = c->priority;
+	j.group = c->group;
+	j.uid = c->uid;
+	j.gid = c->gid;
+	j.created_ms = j.updated_ms = now_ms();
+	j.timeout_ms = c->timeout_ms;
+	memcpy(j.request_digest, c->request_digest, 32);
+	j.route = (char *)c->route;
+	j.name = (char *)(c->name ? c->name : "");
+	if ((rc = index_enqueue(ix, txn, &j)) != 0)
+		goto out;
+	if ((rc = index_put_job(ix, txn, &j)) != 0)
+		goto out;
+
+	k.mv_size = JOB_ID_LEN;
+	k.mv_data = j.id;
+	v.mv_size = c->request_len;
+	v.mv_data = (void *)c->request;
+	if ((rc = mdb_put(txn, ix->requests, &k, &v, 0)) != 0)
+		goto lmdb;
+	rk = route_key(c->route, (const char *)j.id, JOB_ID_LEN, &rklen);
+	if (!rk) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	k.mv_size = rklen;
+	k.mv_data = rk;
+	v.mv_size = 0;
+	v.mv_data = NULL;
+	if ((rc = mdb_put(txn, ix->byroute, &k, &v, 0)) != 0)
+		goto lmdb;
+	be32_put(ownerkey, c->uid);
+	memcpy(ownerkey + 4, j.id, JOB_ID_LEN);
+	k.mv_size = sizeof(ownerkey);
+	k.mv_data = ownerkey;
+	if ((rc = mdb_put(txn, ix->byowner, &k, &v, 0)) != 0)
+		goto lmdb;
+	be64_put(seqkey, j.seq);
+	k.mv_size = 8;
+	k.mv_data = seqkey;
+	v.mv_size = JOB_ID_LEN;
+	v.mv_data = j.id;
+	if ((rc = mdb_put(txn, ix->byseq, &k, &v, 0)) != 0)
+		goto lmdb;
+	if (nk) {
+		k.mv_size = nklen;
+		k.mv_data = nk;
+		if ((rc = mdb_put(txn, ix->names, &k, &v, 0)) != 0)
+			goto lmdb;
+	}
+	rc = 0;
+	goto out;
+lmdb:
+	rc = index_lmdb_err(ix, rc, "create job");
+out:
+	free(rk);
+	free(nk);
+	return rc;
+}
+
+static int create_check(const struct job_create *c)
+{
+	size_t rlen = strlen(c->route);
+
+	if (rlen == 0 || rlen > INDEX_ROUTE_MAX || memchr(c->route, '\0', rlen))
+		return store_seterr(-EINVAL, "route must be 1 to %d bytes", INDEX_ROUTE_MAX);
+	if (c->name && strlen(c->name) > INDEX_NAME_MAX)
+		return store_seterr(-EINVAL, "name must be at most %d bytes", INDEX_NAME_MAX);
+	if (c->priority > JOB_PRIO_HIGH)
+		return store_seterr(-EINVAL, "invalid priority %d", (int)c->priority);
+	return 0;
+}
+
+struct batch_arg {
+	size_t n;
+	const struct job_create *c;
+	uint8_t (*ids)[JOB_ID_LEN];
+	bool *existed;
+	int *rcs;
+};
+
+static int batch_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct batch_arg *a = arg;
+
+	for (size_t i = 0; i < a->n; i++) {
+		struct create_arg ca = {&a->c[i], {0}, false};
+		MDB_txn *child;
+		int rc;
+
+		if (a->rcs[i] != 0)
+			continue; /* refused by create_check() */
+		rc = mdb_txn_begin(ix->env, txn, 0, &child);
+		if (rc)
+			return index_lmdb_err(ix, rc, "begin nested");
+		a->rcs[i] = create_fn(ix, child, &ca);
+		if (a->rcs[i]) {
+			mdb_txn_abort(child);
+			continue;
+		}
+		if ((rc = mdb_txn_commit(child)) != 0)
+			return index_lmdb_err(ix, rc, "commit nested");
+		memcpy(a->ids[i], ca.id, JOB_ID_LEN);
+		if (a->existed)
+			a->existed[i] = ca.existed;
+	}
+	return 0;
+}
+
+int index_job_create_batch(struct index *ix, size_t n, const struct job_create *c,
+			   uint8_t (*ids)[JOB_ID_LEN], bool *existed, int *rcs)
+{
+	struct batch_arg a = {n, c, ids, existed, rcs};
+	int rc;
+
+	for (size_t i = 0; i < n; i++)
+		rcs[i] = create_check(&c[i]);
+	rc = index_write(ix, batch_fn, &a);
+	if (rc)
+		for (size_t i = 0; i < n; i++)
+			if (rcs[i] == 0)
+				rcs[i] = rc;
+	return rc;
+}
+
+int index_job_create(struct index *ix, const struct job_create *c, uint8_t id_out[JOB_ID_LEN],
+		     bool *existed)
+{
+	struct create_arg a = {c, {0}, false};
+	int rc = create_check(c);
+
+	if (rc)
+		return rc;
+	rc = index_write(ix, create_fn, &a);
+	if (rc == 0) {
+		memcpy(id_out, a.id, JOB_ID_LEN);
+		if (existed)
+			*existed = a.existed;
+	}
+	return rc;
+}
+
+struct request_arg {
+	const uint8_t *id;
+	char *out;
+	size_t len;
+};
+
+static int request_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct request_arg *a = arg;
+	MDB_val k = {JOB_ID_LEN, (void *)a->id}, v;
+	int rc = mdb_get(txn, ix->requests, &k, &v);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "read request");
+	a->out = malloc(v.mv_size + 1);
+	if (!a->out)
+		return -ENOMEM;
+	memcpy(a->out, v.mv_data, v.mv_size);
+	a->out[v.mv_size] = '\0';
+	a->len = v.mv_size;
+	return 0;
+}
+
+int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out, size_t *len)
+{
+	struct request_arg a = {id, NULL, 0};
+	int rc = index_read(ix, request_fn, &a);
+
+	if (rc == 0) {
+		*out = a.out;
+		*len = a.len;
+	}
+	return rc;
+}
+
+/* ---- listing ---- */
+
+struct list_arg {
+	MDB_dbi dbi;
+	const uint8_t *prefix;
+	size_t prefix_len;
+	const uint8_t *after;
+	size_t max;
+	uint8_t (*ids)[JOB_ID_LEN];
+	size_t n;
+};
+
+/* Keys are prefix || id (16); collect ids > after with that prefix. */
+static int list_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct list_arg *a = arg;
+	uint8_t start[INDEX_ROUTE_MAX + 1 + JOB_ID_LEN];
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	memcpy(start, a->prefix, a->prefix_len);
+	if (a->after)
+		memcpy(start + a->prefix_len, a->after, JOB_ID_LEN);
+	k.mv_size = a->prefix_len + (a->after ? JOB_ID_LEN : 0);
+	k.mv_data = start;
+	if ((rc = mdb_cursor_open(txn, a->dbi, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "list");
+	rc = k.mv_size ? mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE)
+		       : mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+	while (rc == 0 && a->n < a->max) {
+		if (k.mv_size != a->prefix_len + JOB_ID_LEN ||
+		    memcmp(k.mv_data, a->prefix, a->prefix_len) != 0)
+			break;
+		const uint8_t *id = (const uint8_t *)k.mv_data + a->prefix_len;
+		if (!a->after || memcmp(id, a->after, JOB_ID_LEN) > 0)
+			memcpy(a->ids[a->n++], id, JOB_ID_LEN);
+		rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+	}
+	mdb_cursor_close(cur);
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "list");
+}
+
+int index_list_by_route(struct index *ix, const char *route, const uint8_t *after, size_t max,
+			uint8_t (*ids)[JOB_ID_LEN], size_t *n)
+{
+	size_t rl = strlen(route);
+	uint8_t prefix[INDEX_ROUTE_MAX + 1];
+	struct list_arg a = {ix->byroute, prefix, rl + 1, after, max, ids, 0};
+	int rc;
+
+	if (rl > INDEX_ROUTE_MAX)
+		return -EINVAL;
+	memcpy(prefix, route, rl + 1);
+	rc = index_read(ix, list_fn, &a);
+	*n = a.n;
+	return rc;
+}
+
+int index_list_by_owner(struct index *ix, uint32_t uid, const uint8_t *after, size_t max,
+			uint8_t (*ids)[JOB_ID_LEN], size_t *n)
+{
+	uint8_t prefix[4];
+	struct list_arg a = {ix->byowner, prefix, 4, after, max, ids, 0};
+	int rc;
+
+	be32_put(prefix, uid);
+	rc = index_read(ix, list_fn, &a);
+	*n = a.n;
+	return rc;
+}
+
+int index_list_all(struct index *ix, const uint8_t *after, size_t max,
+		   uint8_t (*ids)[JOB_ID_LEN], size_t *n)
+{
+	/* The jobs database's keys are bare ids: an empty prefix. The record
+	 * itself is the value, so list_fn's value is simply ignored. */
+	struct list_arg a = {ix->jobs, (const uint8_t *)"", 0, after, max, ids, 0};
+	int rc = index_read(ix, list_fn, &a);
+
+	*n = a.n;
+	return rc;
+}
+
+/* ---- lookups ---- */
+
+struct lookup_arg {
+	MDB_dbi dbi;
+	MDB_val key;
+	uint8_t *out;
+	size_t out_len;
+};
+
+static int lookup_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct lookup_arg *a = arg;
+	MDB_val v;
+	int rc = mdb_get(txn, a->dbi, &a->key, &v);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "lookup");
+	if (v.mv_size != a->out_len)
+		return store_seterr(STORE_E_INDEX, "damaged entry in '%s/data.mdb'", ix->dir);
+	memcpy(a->out, v.mv_data, a->out_len);
+	return 0;
+}
+
+int index_job_by_seq(struct index *ix, uint64_t seq, uint8_t id[JOB_ID_LEN])
+{
+	uint8_t key[8];
+	struct lookup_arg a = {ix->byseq, {8, key}, id, JOB_ID_LEN};
+
+	be64_put(key, seq);
+	return index_read(ix, lookup_fn, &a);
+}
+
+int index_name_lookup(struct index *ix, const char *route, const char *name,
+		      uint8_t id[JOB_ID_LEN])
+{
+	size_t len;
+	char *k = route_key(route, name, strlen(name), &len);
+	struct lookup_arg a = {ix->names, {len, k}, id, JOB_ID_LEN};
+	int rc;
+
+	if (!k)
+		return -ENOMEM;
+	rc = index_read(ix, lookup_fn, &a);
+	free(k);
+	return rc;
+}
+
+int index_digest_lookup(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
+			uint8_t id[JOB_ID_LEN])
+{
+	struct lookup_arg a = {ix->digests, {INDEX_HASH_LEN, (void *)digest}, id, JOB_ID_LEN};
+	return index_read(ix, lookup_fn, &a);
+}
+
+struct digest_arg {
+	const uint8_t *digest, *id;
+};
+
+static int digest_put_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct digest_arg *a = arg;
+	MDB_val k = {INDEX_HASH_LEN, (void *)a->digest}, v = {JOB_ID_LEN, (void *)a->id};
+	int rc = mdb_put(txn, ix->digests, &k, &v, 0);
+
+	return rc ? index_lmdb_err(ix, rc, "write digest") : 0;
+}
+
+int index_digest_put(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
+		     const uint8_t id[JOB_ID_LEN])
+{
+	struct digest_arg a = {digest, id};
+	return index_write(ix, digest_put_fn, &a);
+}
+
+/* ---- logs ---- */
+
+struct log_arg {
+	const uint8_t *id;
+	const char *line;
+	size_t len;
+};
+
+static int log_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct log_arg *a = arg;
+	uint8_t key[JOB_ID_LEN + 8];
+	struct job j;
+	MDB_val k = {sizeof(key), key}, v;
+	char *line;
+	int rc = index_get_job(ix, txn, a->id, &j);
+
+	if (rc)
+		return rc;
+	memcpy(key, a->id, JOB_ID_LEN);
+	be64_put(key + JOB_ID_LEN, j.log_size);
+	line = malloc(a->len + 1);
+	if (!line) {
+		job_release(&j);
+		return -ENOMEM;
+	}
+	memcpy(line, a->line, a->len);
+	line[a->len] = '\n';
+	v.mv_size = a->len + 1;
+	v.mv_data = line;
+	rc = mdb_put(txn, ix->logs, &k, &v, 0);
+	free(line);
+	if (rc) {
+		job_release(&j);
+		return index_lmdb_err(ix, rc, "append log");
+	}
+	j.log_size += a->len + 1;
+	j.updated_ms = now_ms();
+	rc = index_put_job(ix, txn, &j);
+	job_release(&j);
+	return rc;
+}
+
+int index_job_log(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *line, size_t len)
+{
+	struct log_arg a = {id, line, len};
+
+	if (len > LOG_LINE_MAX || memchr(line, '\n', len) || memchr(line, '\0', len))
+		return store_seterr(-EINVAL, "a log line is at most %d bytes, without newline or "
+					     "NUL", LOG_LINE_MAX);
+	return index_write(ix, log_fn, &a);
+}
+
+struct logread_arg {
+	const uint8_t *id;
+	uint64_t off;
+	uint8_t *buf;
+	size_t len, got;
+};
+
+static int logread_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct logread_arg *a = arg;
+	uint8_t key[JOB_ID_LEN + 8];
+	MDB_cursor *cur;
+	MDB_val k = {sizeof(key), key}, v;
+	int rc;
+
+	memcpy(key, a->id, JOB_ID_LEN);
+	be64_put(key + JOB_ID_LEN, a->off);
+	if ((rc = mdb_cursor_open(txn, ix->logs, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "read log");
+	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	/* Unless a line starts exactly at off, the line holding off is the
+	 * previous key. */
+	if (rc == MDB_NOTFOUND ||
+	    (rc == 0 && (k.mv_size != sizeof(key) || memcmp(k.mv_data, a->id, JOB_ID_LEN) != 0 ||
+			 be64_get((uint8_t *)k.mv_data + JOB_ID_LEN) > a->off)))
+		rc = mdb_cursor_get(cur, &k, &v, rc == MDB_NOTFOUND ? MDB_LAST : MDB_PREV);
+	while (rc == 0 && a->got < a->len) {
+		if (k.mv_size != sizeof(key) || memcmp(k.mv_data, a->id, JOB_ID_LEN) != 0)
+			break;
+		uint64_t line_off = be64_get((uint8_t *)k.mv_data + JOB_ID_LEN);
+		uint64_t pos = a->off + a->got;
+		if (pos >= line_off && pos < line_off + v.mv_size) {
+			size_t skip = (size_t)(pos - line_off), take = v.mv_size - skip;
+			if (take > a->len - a->got)
+				take = a->len - a->got;
+			memcpy(a->buf + a->got, (uint8_t *)v.mv_data + skip, take);
+			a->got += take;
+		}
+		rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+	}
+	mdb_cursor_close(cur);
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "read log");
+}
+
+int index_job_log_read(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t off, void *buf,
+		       size_t len, size_t *got)
+{
+	struct logread_arg a = {id, off, buf, len, 0};
+	int rc = index_read(ix, logread_fn, &a);
+
+	*got = a.got;
+	return rc;
+}
+
+/* ---- blobs ---- */
+
+struct blobget_arg {
+	const uint8_t *hash;
+	struct blob_info *out;
+};
+
+static int blobget_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct blobget_arg *a = arg;
+	MDB_val k = {INDEX_HASH_LEN, (void *)a->hash}, v;
+	size_t mlen;
+	int rc = mdb_get(txn, ix->blobs, &k, &v);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "read blob");
+	mlen = v.mv_size - 24;
+	if (v.mv_size < 24 || mlen >= sizeof(a->out->media_type))
+		return store_seterr(STORE_E_INDEX, "damaged blob record in '%s/data.mdb'",
+				    ix->dir);
+	a->out->size = le64_get(v.mv_data);
+	a->out->refcount = le64_get((uint8_t *)v.mv_data + 8);
+	a->out->created_ms = le64_get((uint8_t *)v.mv_data + 16);
+	memcpy(a->out->media_type, (uint8_t *)v.mv_data + 24, mlen);
+	a->out->media_type[mlen] = '\0';
+	return 0;
+}
+
+int index_blob_get(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], struct blob_info *out)
+{
+	struct blobget_arg a = {hash, out};
+	return index_read(ix, blobget_fn, &a);
+}
+
+struct bloblist_arg {
+	const uint8_t *after;
+	size_t max;
+	uint8_t (*hashes)[INDEX_HASH_LEN];
+	size_t n;
+};
+
+static int bloblist_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct bloblist_arg *a = arg;
+	MDB_cursor *cur;
+	MDB_val k = {INDEX_HASH_LEN, (void *)a->after}, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, ix->blobs, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "list blobs");
+	rc = mdb_cursor_get(cur, &k, &v, a->after ? MDB_SET_RANGE : MDB_FIRST);
+	while (rc == 0 && a->n < a->max) {
+		if (k.mv_size == INDEX_HASH_LEN &&
+		    (!a->after || memcmp(k.mv_data, a->after, INDEX_HASH_LEN) > 0))
+			memcpy(a->hashes[a->n++], k.mv_data, INDEX_HASH_LEN);
+		rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+	}
+	mdb_cursor_close(cur);
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "list blobs");
+}
+
+int index_blob_list(struct index *ix, const uint8_t *after, size_t max,
+		    uint8_t (*hashes)[INDEX_HASH_LEN], size_t *n)
+{
+	struct bloblist_arg a = {after, max, hashes, 0};
+	int rc = index_read(ix, bloblist_fn, &a);
+
+	*n = a.n;
+	return rc;
+}
+
+/* ---- metadata, statistics, iteration ---- */
+
+struct meta_arg {
+	const char *key;
+	void *buf;
+	size_t len;
+};
+
+static int metaget_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct meta_arg *a = arg;
+	MDB_val v;
+	int rc = meta_get(ix, txn, a->key, &v);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "read metadata");
+	if (v.mv_size != a->len)
+		return store_seterr(STORE_E_INDEX, "damaged '%s' in '%s/data.mdb'", a->key,
+				    ix->dir);
+	memcpy(a->buf, v.mv_data, a->len);
+	return 0;
+}
+
+static int metaput_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct meta_arg *a = arg;
+	int rc = meta_put(ix, txn, a->key, a->buf, a->len);
+
+	return rc ? index_lmdb_err(ix, rc, "write metadata") : 0;
+}
+
+int index_store_id(struct index *ix, uint8_t out[16])
+{
+	struct meta_arg a = {"store_id", out, 16};
+	return index_read(ix, metaget_fn, &a);
+}
+
+int index_signing_key_get(struct index *ix, uint8_t keynum[8])
+{
+	struct meta_arg a = {"signing_key", keynum, 8};
+	return index_read(ix, metaget_fn, &a);
+}
+
+int index_signing_key_set(struct index *ix, const uint8_t keynum[8])
+{
+	struct meta_arg a = {"signing_key", (void *)keynum, 8};
+	return index_write(ix, metaput_fn, &a);
+}
+
+static int stats_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct index_stats *s = arg;
+	MDB_stat st;
+	int rc = mdb_stat(txn, ix->jobs, &st);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "stat");
+	s->jobs = st.ms_entries;
+	if ((rc = mdb_stat(txn, ix->blobs, &st)) != 0)
+		return index_lmdb_err(ix, rc, "stat");
+	s->blobs = st.ms_entries;
+	return 0;
+}
+
+int index_stats(struct index *ix, struct index_stats *s)
+{
+	memset(s, 0, sizeof(*s));
+	pthread_mutex_lock(&ix->wmu);
+	s->commits = ix->commits;
+	s->writes = ix->writes;
+	pthread_mutex_unlock(&ix->wmu);
+	return index_read(ix, stats_fn, s);
+}
+
+struct foreach_arg {
+	index_job_visit_fn fn;
+	void *arg;
+};
+
+static int foreach_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct foreach_arg *a = arg;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, ret = 0;
+
+	if ((rc = mdb_cursor_open(txn, ix->jobs, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "iterate jobs");
+	rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+	while (rc == 0 && ret == 0) {
+		struct job j;
+
+		if (k.mv_size != JOB_ID_LEN) {
+			ret = store_seterr(STORE_E_INDEX, "damaged job key in '%s/data.mdb'",
+					   ix->dir);
+			break;
+		}
+		ret = decode_job(ix, k.mv_data, &v, &j);
+		if (ret == 0) {
+			ret = a->fn(a->arg, &j);
+			job_release(&j);
+		}
+		if (ret == 0)
+			rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+	}
+	mdb_cursor_close(cur);
+	if (ret)
+		return ret;
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "iterate jobs");
+}
+
+int index_foreach_job(struct index *ix, index_job_visit_fn fn, void *arg)
+{
+	struct foreach_arg a = {fn, arg};
+	return index_read(ix, foreach_fn, &a);
+}

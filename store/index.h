@@ -1,0 +1,311 @@
+/*
+ * index.h - the LMDB index of the store: jobs, the run queue, blobs, names,
+ * request digests, job logs and store metadata.
+ *
+ * One LMDB environment (<store>/index) with named databases. Every index
+ * lives here, nothing in RAM, so the daemon's memory does not depend on
+ * the number of jobs or blobs. Every mutating call is durable when it
+ * returns 0: writes from concurrent callers are grouped into one LMDB
+ * transaction committed with one sync (group commit), each caller's change
+ * in its own nested transaction so that one caller's failure never undoes
+ * another's.
+ *
+ * Thread safety: every function may be called from any thread. Returned
+ * struct job values are copies owned by the caller (job_release()).
+ *
+ * DATABASES (keys and values; integers big-endian in keys so that byte
+ * order is numeric order, little-endian in values):
+ *   meta     "version" -> u32 format version (INDEX_FORMAT_VERSION)
+ *            "store_id" -> 16 random bytes (inode generation)
+ *            "next_seq" -> u64 next job sequence number
+ *            "signing_key" -> 8-byte key number of the current key
+ *   jobs     id (16) -> job record (below)
+ *   requests id (16) -> normalized request JSON
+ *   queue    group (1) | 255 - priority (1) | round (8) | id (16) -> empty
+ *   fair     group (1) | priority (1) -> u64 round of the last claimed job
+ *            group (1) | priority (1) | uid (4) -> u64 owner's next round
+ *   byroute  route | NUL | id (16) -> empty
+ *   byowner  uid (4) | id (16) -> empty
+ *   byseq    seq (8) -> id (16)
+ *   names    route | NUL | name -> id (16)
+ *   digests  request digest (32) -> id (16) of a complete job
+ *   logs     id (16) | byte offset of the line (8) -> line bytes
+ *   blobs    BLAKE3 (32) -> blob record (below)
+ *
+ * JOB RECORD (value in "jobs"):
+ *   OFFSET SIZE DESCRIPTION
+ *   0      4    magic "RJ1\0"
+ *   4      1    status (enum job_status)
+ *   5      1    priority (enum job_priority)
+ *   6      1    worker group
+ *   7      1    flags (JOB_F_*)
+ *   8      4    owner uid
+ *   12     4    owner gid
+ *   16     4    attempts: runs started
+ *   20     2    progress in thousandths, 0..1000
+ *   22     2    reserved, zero
+ *   24     8    seq: persistent job number (for inode numbers)
+ *   32     8    created_at, milliseconds since the epoch
+ *   40     8    started_at (0: never started)
+ *   48     8    completed_at (0: not finished)
+ *   56     8    updated_at: last change of status, progress or log
+ *   64     8    timeout in milliseconds (0: the route's default)
+ *   72     8    log size in bytes
+ *   80     8    fair-share round of its queue entry (while queued)
+ *   88     32   request digest
+ *   120    32   output BLAKE3 (zero without output)
+ *   152    8    output size
+ *   160    ...  strings, each a u32 length then the bytes, in this order:
+ *               route, name, media type, device, error code, error message
+ *
+ * BLOB RECORD (value in "blobs"):
+ *   0      8    size in bytes
+ *   8      8    reference count (jobs whose output it is)
+ *   16     8    created_at, ms
+ *   24     ...  media type (rest of the value, no NUL)
+ *
+ * SCHEDULING: claims take the smallest queue key of a group: highest
+ * priority first, then the smallest fair-share round, then the oldest id.
+ * A job enqueued by uid u gets round max(last claimed round, u's next
+ * round) and advances u's next round, so owners alternate round-robin:
+ * one owner's 10,000 queued jobs take rounds 0..9999, and another owner's
+ * single job, submitted when round 5 is running, gets round 5.
+ */
+#ifndef RENDERFS_INDEX_H
+#define RENDERFS_INDEX_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define INDEX_FORMAT_VERSION 1
+#define JOB_ID_LEN 16
+#define JOB_ID_STR_LEN 26 /* ULID text, without NUL */
+#define INDEX_HASH_LEN 32
+#define INDEX_ROUTE_MAX 255
+#define INDEX_NAME_MAX 64
+#define INDEX_STR_MAX 4096 /* error messages and other strings */
+#define INDEX_GROUPS 256
+
+enum job_status {
+	JOB_QUEUED = 0,
+	JOB_RUNNING = 1,
+	JOB_COMPLETE = 2,
+	JOB_ERROR = 3,
+	JOB_CANCELLED = 4,
+};
+
+enum job_priority {
+	JOB_PRIO_LOW = 0,
+	JOB_PRIO_NORMAL = 1,
+	JOB_PRIO_HIGH = 2,
+};
+
+enum {
+	JOB_F_CACHED = 1,	   /* output served from an earlier identical job */
+	JOB_F_HAS_OUTPUT = 2,
+	JOB_F_CANCEL_REQUESTED = 4, /* a running job was asked to stop */
+};
+
+const char *job_status_name(enum job_status s);
+const char *job_priority_name(enum job_priority p);
+/* Returns 0 and sets *p, or -EINVAL. */
+int job_priority_parse(const char *s, enum job_priority *p);
+
+/* A decoded job record. Strings are NUL-terminated, never NULL ("" when
+ * absent), and owned by the struct: release with job_release(). */
+struct job {
+	uint8_t id[JOB_ID_LEN];
+	enum job_status status;
+	enum job_priority priority;
+	uint8_t group;
+	uint8_t flags;
+	uint32_t uid, gid;
+	uint32_t attempts;
+	uint16_t progress; /* thousandths */
+	uint64_t seq;
+	uint64_t created_ms, started_ms, completed_ms, updated_ms;
+	uint64_t timeout_ms;
+	uint64_t log_size;
+	uint64_t round;
+	uint8_t request_digest[INDEX_HASH_LEN];
+	uint8_t output_hash[INDEX_HASH_LEN];
+	uint64_t output_size;
+	char *route, *name, *media_type, *device, *error_code, *error_message;
+};
+
+void job_release(struct job *j);
+
+struct blob_info {
+	uint64_t size;
+	uint64_t refcount;
+	uint64_t created_ms;
+	char media_type[128];
+};
+
+struct index;
+
+struct index_options {
+	uint64_t map_size; /* bytes of address space for the map; 0: 64 GiB */
+	bool read_only;	   /* for fsck: open without creating or writing */
+};
+
+/*
+ * Open (creating if needed, unless read_only) the environment in dir.
+ * Refuses foreign or damaged files and unknown format versions with a
+ * message naming the file. *out is freed with index_close().
+ */
+int index_open(const char *dir, const struct index_options *opt, struct index **out);
+void index_close(struct index *ix);
+
+int index_store_id(struct index *ix, uint8_t out[16]);
+/* Current signing key number: 0, or STORE_E_NOTFOUND if none recorded. */
+int index_signing_key_get(struct index *ix, uint8_t keynum[8]);
+int index_signing_key_set(struct index *ix, const uint8_t keynum[8]);
+
+/* ---- jobs ---- */
+
+struct job_create {
+	const char *route;
+	const char *name; /* NULL or "": no client-chosen name */
+	uint32_t uid, gid;
+	enum job_priority priority;
+	uint8_t group;
+	uint64_t timeout_ms;
+	const char *request; /* normalized request JSON */
+	size_t request_len;
+	uint8_t request_digest[INDEX_HASH_LEN];
+};
+
+/*
+ * Create a queued job, durably. With a name already used on the route:
+ * the same request digest returns the existing job with *existed = true;
+ * a different one fails with STORE_E_EXISTS.
+ */
+int index_job_create(struct index *ix, const struct job_create *c, uint8_t id_out[JOB_ID_LEN],
+		     bool *existed);
+
+/*
+ * Create n jobs in one durable commit (a batch submission). Each job
+ * succeeds or fails on its own: rcs[i] gets its result, ids[i] its id and
+ * existed[i] (may be NULL) whether a named job was found. Returns 0 when
+ * the commit itself succeeded, whatever the rcs.
+ */
+int index_job_create_batch(struct index *ix, size_t n, const struct job_create *c,
+			   uint8_t (*ids)[JOB_ID_LEN], bool *existed, int *rcs);
+
+int index_job_get(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job *out);
+/* The stored request: *out is malloc'ed, NUL-terminated, freed by the caller. */
+int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out, size_t *len);
+
+/* Take the next job of the group (queued -> running, attempts + 1,
+ * started_at set). STORE_E_NOTFOUND when the group's queue is empty. */
+int index_job_claim(struct index *ix, uint8_t group, struct job *out);
+
+int index_job_progress(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t thousandths);
+
+/* Append one line (a newline is added) to the job's log. */
+int index_job_log(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *line,
+		  size_t len);
+/* Read log bytes [off, off + len) into buf; *got receives the count. */
+int index_job_log_read(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t off,
+		       void *buf, size_t len, size_t *got);
+
+/*
+ * Record the output of a running job: the blob (already renamed into
+ * blobs/) gets a record or one more reference, and the job points at it.
+ */
+int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			    const uint8_t hash[INDEX_HASH_LEN], uint64_t size,
+			    const char *media_type, const char *device, bool cached);
+
+/* running -> complete (needs an output), error or cancelled. error_code and
+ * error_message are used for JOB_ERROR and may be NULL otherwise. */
+int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
+		     const char *error_code, const char *error_message);
+
+/* running -> queued again (automatic retry): keeps attempts. */
+int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN]);
+
+/* queued -> cancelled at once; running -> JOB_F_CANCEL_REQUESTED for the
+ * worker to see. STORE_E_STATE for finished jobs. */
+int index_job_cancel(struct index *ix, const uint8_t id[JOB_ID_LEN]);
+/* error or cancelled -> queued, attempts reset. */
+int index_job_retry(struct index *ix, const uint8_t id[JOB_ID_LEN]);
+int index_job_set_priority(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_priority p);
+
+/*
+ * Delete a job that is not running and every index entry for it. When its
+ * output blob loses its last reference the blob record is deleted too and
+ * *freed is set with the blob's hash in freed_hash: the caller unlinks the
+ * file (store_job_delete() does).
+ */
+int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], bool *freed,
+		     uint8_t freed_hash[INDEX_HASH_LEN]);
+
+/*
+ * List job ids in id (= creation) order, strictly after `after` (NULL:
+ * from the start), at most max of them into ids; *n receives the count.
+ * A route or owner with no jobs gives *n = 0.
+ */
+int index_list_by_route(struct index *ix, const char *route, const uint8_t *after, size_t max,
+			uint8_t (*ids)[JOB_ID_LEN], size_t *n);
+int index_list_by_owner(struct index *ix, uint32_t uid, const uint8_t *after, size_t max,
+			uint8_t (*ids)[JOB_ID_LEN], size_t *n);
+/* All jobs, in id order. */
+int index_list_all(struct index *ix, const uint8_t *after, size_t max,
+		   uint8_t (*ids)[JOB_ID_LEN], size_t *n);
+
+int index_job_by_seq(struct index *ix, uint64_t seq, uint8_t id[JOB_ID_LEN]);
+int index_name_lookup(struct index *ix, const char *route, const char *name,
+		      uint8_t id[JOB_ID_LEN]);
+int index_digest_lookup(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
+			uint8_t id[JOB_ID_LEN]);
+int index_digest_put(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
+		     const uint8_t id[JOB_ID_LEN]);
+
+/* Number of queued jobs in a group. */
+int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n);
+
+/* ---- blobs ---- */
+
+int index_blob_get(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], struct blob_info *out);
+/* Iterate blobs in hash order after `after` (NULL: from the start). */
+int index_blob_list(struct index *ix, const uint8_t *after, size_t max,
+		    uint8_t (*hashes)[INDEX_HASH_LEN], size_t *n);
+
+/* ---- recovery and statistics ---- */
+
+struct index_recovery {
+	uint64_t requeued;    /* running -> queued */
+	uint64_t interrupted; /* running -> error "interrupted" (max attempts) */
+};
+
+/* After a crash: every running job goes back to the queue, or to error
+ * with code "interrupted" once it has started max_attempts times. */
+int index_recover(struct index *ix, uint32_t max_attempts, struct index_recovery *r);
+
+struct index_stats {
+	uint64_t commits;	/* durable LMDB commits (each one sync) */
+	uint64_t writes;	/* mutating calls */
+	uint64_t jobs;
+	uint64_t blobs;
+};
+int index_stats(struct index *ix, struct index_stats *s);
+
+/* ---- ULIDs ---- */
+
+/* A new ULID: 48-bit millisecond time, 80 random bits, monotonic within
+ * this process. */
+void ulid_new(uint8_t id[JOB_ID_LEN]);
+void ulid_format(const uint8_t id[JOB_ID_LEN], char out[JOB_ID_STR_LEN + 1]);
+int ulid_parse(const char *s, uint8_t id[JOB_ID_LEN]);
+uint64_t ulid_time_ms(const uint8_t id[JOB_ID_LEN]);
+uint64_t now_ms(void);
+
+/* For fsck and tests. */
+typedef int (*index_job_visit_fn)(void *arg, const struct job *j);
+/* Call fn for every job record, in id order; stops at fn's first non-zero. */
+int index_foreach_job(struct index *ix, index_job_visit_fn fn, void *arg);
+
+#endif

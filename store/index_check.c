@@ -1,0 +1,264 @@
+/*
+ * index_check.c - structural check of an LMDB data file before opening it.
+ *
+ * DESIGN
+ * LMDB maps its file and follows page numbers and node offsets without
+ * checking them, so one flipped bit in a B-tree page can make it read
+ * outside the page or the map and fault. Before the environment is opened
+ * this walks every page reachable from the current meta page and checks
+ * what LMDB will trust: each page number is inside the file, each page
+ * says it is the page it was reached as, is of the expected kind and is
+ * reached once; node offsets, key and data sizes stay inside their page;
+ * overflow runs stay inside the file; named databases' roots are checked
+ * the same way; freelist entries name pages inside the file. A file that
+ * fails is refused with a message, as a truncated or foreign one is.
+ * Values are not checked here (LMDB has no checksums); decoding does that.
+ *
+ * The layout below is LMDB 0.9's on a 64-bit machine (lmdb's mdb.c):
+ *   page header (16): pgno u64, pad u16, flags u16, lower u16, upper u16
+ *                     (overflow pages: page count u32 at 12)
+ *   node (8 + key + data): lo u16, hi u16, flags u16, ksize u16
+ *     branch: child page = lo | hi << 16 | flags << 32
+ *     leaf: data size = lo | hi << 16; F_BIGDATA: data is an overflow
+ *           page number; F_SUBDATA: data is a 48-byte database record
+ *   database record (48): pad u32, flags u16, depth u16, branch, leaf,
+ *                         overflow pages, entries, root (u64 each)
+ *   meta (at 16 in pages 0 and 1): magic, version, address, map size,
+ *        free db (48), main db (48), last page u64, txnid u64
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "index_i.h"
+
+#define PAGEHDR 16
+#define NODEHDR 8
+#define DBREC 48
+#define P_BRANCH 0x01
+#define P_LEAF 0x02
+#define P_OVERFLOW 0x04
+#define P_META 0x08
+#define F_BIGDATA 0x01
+#define F_SUBDATA 0x02
+#define F_DUPDATA 0x04
+#define INVALID_PGNO UINT64_MAX
+#define MAX_DEPTH 32
+
+struct walk {
+	const uint8_t *map;
+	uint64_t npages; /* pages that must exist: last_pg + 1 */
+	unsigned psize;
+	uint8_t *seen; /* one bit per page */
+	const char *path;
+	char why[160];
+};
+
+static inline uint16_t u16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static int bad(struct walk *w, uint64_t pg, const char *what)
+{
+	snprintf(w->why, sizeof(w->why), "page %llu: %s", (unsigned long long)pg, what);
+	return -1;
+}
+
+static int claim_pages(struct walk *w, uint64_t pg, uint64_t count)
+{
+	if (pg < 2 || pg >= w->npages || count == 0 || count > w->npages - pg)
+		return bad(w, pg, "page number outside the file");
+	for (uint64_t i = pg; i < pg + count; i++) {
+		if (w->seen[i / 8] & (1 << (i % 8)))
+			return bad(w, i, "page reached twice");
+		w->seen[i / 8] |= (uint8_t)(1 << (i % 8));
+	}
+	return 0;
+}
+
+static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *leaf_depth);
+
+static int check_db_record(struct walk *w, const uint8_t *rec, int depth, bool is_free)
+{
+	uint64_t root = le64_get(rec + 40);
+	uint16_t flags = u16(rec + 4), tree_depth = u16(rec + 6);
+	int leaf_depth = -1;
+
+	if (root == INVALID_PGNO)
+		return 0;
+	/* renderfs never uses duplicate-sorted databases (DUPSORT 0x04,
+	 * DUPFIXED 0x10...): their pages have other layouts. */
+	if (flags & ~0x0008u)
+		return bad(w, root, "unexpected database flags");
+	if (walk_tree(w, root, 0, is_free, &leaf_depth) != 0)
+		return -1;
+	/* LMDB sizes its cursor stacks from the recorded depth. */
+	if (leaf_depth + 1 != tree_depth)
+		return bad(w, root, "database depth does not match its tree");
+	(void)depth;
+	return 0;
+}
+
+/* Mark bytes [off, off + len) of a page as used by a node; -1 on overlap. */
+static int cover(uint8_t *used, unsigned off, unsigned len)
+{
+	for (unsigned b = off; b < off + len; b++) {
+		if (used[b / 8] & (1 << (b % 8)))
+			return -1;
+		used[b / 8] |= (uint8_t)(1 << (b % 8));
+	}
+	return 0;
+}
+
+static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *leaf_depth)
+{
+	uint8_t used[65536 / 8];
+	const uint8_t *p;
+	uint16_t flags, lower, upper;
+	unsigned n, total = 0;
+
+	if (depth > MAX_DEPTH)
+		return bad(w, pg, "tree too deep");
+	if (claim_pages(w, pg, 1) != 0)
+		return -1;
+	p = w->map + pg * w->psize;
+	if (le64_get(p) != pg)
+		return bad(w, pg, "page does not carry its own number");
+	flags = u16(p + 10) & 0x7f;
+	lower = u16(p + 12);
+	upper = u16(p + 14);
+	if ((flags & ~(P_BRANCH | P_LEAF)) || (flags & (P_BRANCH | P_LEAF)) == 0 ||
+	    (flags & (P_BRANCH | P_LEAF)) == (P_BRANCH | P_LEAF))
+		return bad(w, pg, "not a branch or leaf page");
+	if (lower < PAGEHDR || lower > upper || upper > w->psize || (lower - PAGEHDR) % 2)
+		return bad(w, pg, "page bounds out of range");
+	n = (lower - PAGEHDR) / 2u;
+	if ((flags & P_BRANCH) && n == 0)
+		return bad(w, pg, "empty branch page");
+	if (flags & P_LEAF) {
+		if (*leaf_depth >= 0 && *leaf_depth != depth)
+			return bad(w, pg, "leaves at different depths");
+		*leaf_depth = depth;
+	}
+	memset(used, 0, w->psize / 8);
+	for (unsigned i = 0; i < n; i++) {
+		unsigned off = u16(p + PAGEHDR + 2 * i);
+		const uint8_t *node = p + off;
+		unsigned ksize;
+		uint64_t dsize;
+
+		if (off < upper || off + NODEHDR > w->psize)
+			return bad(w, pg, "node offset out of range");
+		ksize = u16(node + 6);
+		if (off + NODEHDR + ksize > w->psize)
+			return bad(w, pg, "key runs past the page");
+		if (flags & P_BRANCH) {
+			uint64_t child = (uint64_t)u16(node) | (uint64_t)u16(node + 2) << 16 |
+					 (uint64_t)u16(node + 4) << 32;
+			unsigned size = (NODEHDR + ksize + 1u) & ~1u;
+
+			if (off + size > w->psize || cover(used, off, size) != 0)
+				return bad(w, pg, "nodes overlap");
+			total += size;
+			if (walk_tree(w, child, depth + 1, is_free, leaf_depth) != 0)
+				return -1;
+			continue;
+		}
+		uint16_t nflags = u16(node + 4);
+		dsize = (uint64_t)u16(node) | (uint64_t)u16(node + 2) << 16;
+		if (nflags & ~(F_BIGDATA | F_SUBDATA))
+			return bad(w, pg, "unexpected node flags");
+		/* The node's footprint in the page, as LMDB computes it. */
+		uint64_t in_page = NODEHDR + ksize + ((nflags & F_BIGDATA) ? 8 : dsize);
+		in_page = (in_page + 1) & ~(uint64_t)1;
+		if (off + in_page > w->psize || cover(used, off, (unsigned)in_page) != 0)
+			return bad(w, pg, "nodes overlap or run past the page");
+		total += (unsigned)in_page;
+		if (nflags & F_BIGDATA) {
+			uint64_t ov;
+			const uint8_t *op;
+
+			if (off + NODEHDR + ksize + 8 > w->psize)
+				return bad(w, pg, "overflow reference runs past the page");
+			ov = le64_get(node + NODEHDR + ksize);
+			if (ov < 2 || ov >= w->npages)
+				return bad(w, pg, "overflow page outside the file");
+			op = w->map + ov * w->psize;
+			uint32_t pages = (uint32_t)(op[12] | op[13] << 8 | op[14] << 16 |
+						    (uint32_t)op[15] << 24);
+			if (le64_get(op) != ov || !(u16(op + 10) & P_OVERFLOW) ||
+			    (uint64_t)pages * w->psize < dsize + PAGEHDR)
+				return bad(w, ov, "damaged overflow page");
+			if (claim_pages(w, ov, pages) != 0)
+				return -1;
+			continue;
+		}
+		if (off + NODEHDR + ksize + dsize > w->psize)
+			return bad(w, pg, "data runs past the page");
+		if (nflags & F_SUBDATA) {
+			if (dsize != DBREC)
+				return bad(w, pg, "damaged database record");
+			if (check_db_record(w, node + NODEHDR + ksize, depth, false) != 0)
+				return -1;
+		} else if (is_free) {
+			/* A list of free page numbers, led by its count. */
+			const uint8_t *d = node + NODEHDR + ksize;
+			if (dsize % 8 || dsize < 8 || le64_get(d) > dsize / 8 - 1)
+				return bad(w, pg, "damaged freelist entry");
+			for (uint64_t k = 1; k <= le64_get(d); k++)
+				if (le64_get(d + 8 * k) >= w->npages || le64_get(d + 8 * k) < 2)
+					return bad(w, pg, "freelist names a page outside the file");
+		}
+	}
+	/* Nodes tile the space between upper and the end of the page. */
+	if (total != w->psize - upper)
+		return bad(w, pg, "node sizes do not add up to the page's used space");
+	return 0;
+}
+
+/*
+ * Check the B-tree structure of dir/data.mdb, whose meta pages were
+ * already checked: psize, the chosen meta page's offset in the file.
+ */
+int index_check_tree(const char *path, unsigned psize, off_t meta_off, uint64_t last_pg)
+{
+	struct walk w = {0};
+	struct stat sb;
+	int fd, rc = 0;
+	void *map;
+
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
+	if (fstat(fd, &sb) != 0 || (uint64_t)sb.st_size < (last_pg + 1) * psize) {
+		close(fd);
+		return store_seterr(STORE_E_INDEX, "'%s' is truncated", path);
+	}
+	map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_SHARED, fd, 0);
+	close(fd);
+	if (map == MAP_FAILED)
+		return store_seterr(-errno, "cannot map '%s': %s", path, strerror(errno));
+	w.map = map;
+	w.npages = last_pg + 1;
+	w.psize = psize;
+	w.path = path;
+	w.seen = calloc((size_t)(w.npages / 8 + 1), 1);
+	if (!w.seen) {
+		munmap(map, (size_t)sb.st_size);
+		return -ENOMEM;
+	}
+	const uint8_t *meta = w.map + meta_off + PAGEHDR;
+	if (check_db_record(&w, meta + 24, 0, true) != 0 ||
+	    check_db_record(&w, meta + 24 + DBREC, 0, false) != 0)
+		rc = store_seterr(STORE_E_INDEX, "'%s' is damaged (%s)", path, w.why);
+	free(w.seen);
+	munmap(map, (size_t)sb.st_size);
+	return rc;
+}

@@ -1,0 +1,102 @@
+/*
+ * index_i.h - internals shared by index.c (environment, records, group
+ * commit) and index_queue.c (queue, fair share, job state changes).
+ */
+#ifndef RENDERFS_INDEX_I_H
+#define RENDERFS_INDEX_I_H
+
+#include <lmdb.h>
+#include <pthread.h>
+
+#include "index.h"
+
+#define QUEUE_KEY_LEN (1 + 1 + 8 + JOB_ID_LEN)
+
+/* One caller's change, run by whichever thread leads the next commit. */
+struct index_wop {
+	int (*fn)(struct index *ix, MDB_txn *txn, void *arg);
+	void *arg;
+	int rc;
+	bool done;
+	struct index_wop *next;
+};
+
+struct index {
+	MDB_env *env;
+	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
+		digests, logs, blobs;
+	char dir[4096];
+	bool read_only;
+
+	/*
+	 * Group commit. Protected by wmu: wq_head, wq_tail, leader, commits,
+	 * writes. The leader runs the queued ops without holding wmu; the
+	 * ops' owners are blocked until their `done` is set under wmu.
+	 */
+	pthread_mutex_t wmu;
+	pthread_cond_t wcond;
+	struct index_wop *wq_head, *wq_tail;
+	bool leader;
+	uint64_t commits, writes;
+};
+
+/* Run fn(ix, txn, arg) in a durable transaction shared with concurrent
+ * callers. Returns fn's result, or the commit's error. */
+int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg);
+
+/* LMDB result -> store code, recording a message. */
+int index_lmdb_err(struct index *ix, int rc, const char *what);
+
+int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], struct job *j);
+int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j);
+
+/* Integer codecs. */
+static inline void be64_put(uint8_t *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--, v >>= 8)
+		p[i] = (uint8_t)v;
+}
+static inline uint64_t be64_get(const uint8_t *p)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+static inline void be32_put(uint8_t *p, uint32_t v)
+{
+	for (int i = 3; i >= 0; i--, v >>= 8)
+		p[i] = (uint8_t)v;
+}
+static inline void le64_put(uint8_t *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++, v >>= 8)
+		p[i] = (uint8_t)v;
+}
+static inline uint64_t le64_get(const uint8_t *p)
+{
+	uint64_t v = 0;
+	for (int i = 7; i >= 0; i--)
+		v = v << 8 | p[i];
+	return v;
+}
+static inline void le32_put(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++, v >>= 8)
+		p[i] = (uint8_t)v;
+}
+static inline uint32_t le32_get(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+	       (uint32_t)p[3] << 24;
+}
+
+/* index_check.c: walk the B-tree of an LMDB data file (see there). */
+int index_check_tree(const char *path, unsigned psize, off_t meta_off, uint64_t last_pg);
+
+/* index_queue.c */
+int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j);
+int index_dequeue(struct index *ix, MDB_txn *txn, const struct job *j);
+int index_mark_running(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], bool on);
+
+#endif

@@ -1,0 +1,672 @@
+/*
+ * index_queue.c - the run queue and every job state change.
+ *
+ * DESIGN
+ * The queue is an LMDB database whose key order is the scheduling order
+ * (see index.h: group, priority descending, fair-share round, id), so a
+ * claim is one cursor positioning and the position of nothing depends on
+ * RAM. State changes follow SPEC §3's machine; each is one durable write
+ * (index_write) that updates the job record and every affected index in
+ * the same transaction. The "running" database lists running jobs so that
+ * recovery after a crash touches only them.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "index.h"
+#include "index_i.h"
+
+static void queue_key(const struct job *j, uint8_t key[QUEUE_KEY_LEN])
+{
+	key[0] = j->group;
+	key[1] = (uint8_t)(255 - j->priority);
+	be64_put(key + 2, j->round);
+	memcpy(key + 10, j->id, JOB_ID_LEN);
+}
+
+static int fair_get(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len,
+		    uint64_t *val)
+{
+	MDB_val k = {len, (void *)key}, v;
+	int rc = mdb_get(txn, ix->fair, &k, &v);
+
+	if (rc == MDB_NOTFOUND) {
+		*val = 0;
+		return 0;
+	}
+	if (rc)
+		return index_lmdb_err(ix, rc, "read queue state");
+	if (v.mv_size != 8)
+		return store_seterr(STORE_E_INDEX, "damaged queue state in '%s/data.mdb'",
+				    ix->dir);
+	*val = le64_get(v.mv_data);
+	return 0;
+}
+
+static int fair_put(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len,
+		    uint64_t val)
+{
+	uint8_t buf[8];
+	MDB_val k = {len, (void *)key}, v = {8, buf};
+	int rc;
+
+	le64_put(buf, val);
+	rc = mdb_put(txn, ix->fair, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "write queue state") : 0;
+}
+
+/* Queue depth per group: fair key of one byte. */
+static int depth_add(struct index *ix, MDB_txn *txn, uint8_t group, int delta)
+{
+	uint64_t d;
+	int rc = fair_get(ix, txn, &group, 1, &d);
+
+	if (rc)
+		return rc;
+	if (delta < 0 && d == 0)
+		return store_seterr(STORE_E_INDEX, "queue depth underflow in '%s'", ix->dir);
+	return fair_put(ix, txn, &group, 1, d + (uint64_t)(int64_t)delta);
+}
+
+int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j)
+{
+	uint8_t cur_key[2] = {j->group, (uint8_t)j->priority}, own_key[6], qk[QUEUE_KEY_LEN];
+	uint64_t cur, next;
+	MDB_val k = {QUEUE_KEY_LEN, qk}, v = {0, NULL};
+	int rc;
+
+	memcpy(own_key, cur_key, 2);
+	be32_put(own_key + 2, j->uid);
+	if ((rc = fair_get(ix, txn, cur_key, 2, &cur)) != 0 ||
+	    (rc = fair_get(ix, txn, own_key, 6, &next)) != 0)
+		return rc;
+	j->round = cur > next ? cur : next;
+	if ((rc = fair_put(ix, txn, own_key, 6, j->round + 1)) != 0)
+		return rc;
+	queue_key(j, qk);
+	if ((rc = mdb_put(txn, ix->queue, &k, &v, 0)) != 0)
+		return index_lmdb_err(ix, rc, "enqueue");
+	return depth_add(ix, txn, j->group, 1);
+}
+
+int index_dequeue(struct index *ix, MDB_txn *txn, const struct job *j)
+{
+	uint8_t qk[QUEUE_KEY_LEN];
+	MDB_val k = {QUEUE_KEY_LEN, qk};
+	int rc;
+
+	queue_key(j, qk);
+	rc = mdb_del(txn, ix->queue, &k, NULL);
+	if (rc == MDB_NOTFOUND)
+		return store_seterr(STORE_E_INDEX, "queued job missing from the queue in '%s'",
+				    ix->dir);
+	if (rc)
+		return index_lmdb_err(ix, rc, "dequeue");
+	return depth_add(ix, txn, j->group, -1);
+}
+
+int index_mark_running(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], bool on)
+{
+	MDB_val k = {JOB_ID_LEN, (void *)id}, v = {0, NULL};
+	int rc = on ? mdb_put(txn, ix->running, &k, &v, 0) : mdb_del(txn, ix->running, &k, NULL);
+
+	if (rc == MDB_NOTFOUND && !on)
+		return 0;
+	return rc ? index_lmdb_err(ix, rc, "update running set") : 0;
+}
+
+/* ---- claim ---- */
+
+struct claim_arg {
+	uint8_t group;
+	struct job *out;
+	bool filled;
+};
+
+static int claim_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct claim_arg *a = arg;
+	uint8_t id[JOB_ID_LEN], cur_key[2];
+	MDB_cursor *cur;
+	MDB_val k = {1, &a->group}, v;
+	struct job j;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, ix->queue, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "claim");
+	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	if (rc == 0 && (k.mv_size != QUEUE_KEY_LEN || ((uint8_t *)k.mv_data)[0] != a->group))
+		rc = MDB_NOTFOUND;
+	if (rc) {
+		mdb_cursor_close(cur);
+		return rc == MDB_NOTFOUND ? STORE_E_NOTFOUND : index_lmdb_err(ix, rc, "claim");
+	}
+	memcpy(id, (uint8_t *)k.mv_data + 10, JOB_ID_LEN);
+	mdb_cursor_close(cur);
+	if ((rc = index_get_job(ix, txn, id, &j)) != 0)
+		return rc;
+	if (j.status != JOB_QUEUED) {
+		job_release(&j);
+		return store_seterr(STORE_E_INDEX, "queue entry for a job that is not queued");
+	}
+	if ((rc = index_dequeue(ix, txn, &j)) != 0)
+		goto out;
+	cur_key[0] = j.group;
+	cur_key[1] = (uint8_t)j.priority;
+	if ((rc = fair_put(ix, txn, cur_key, 2, j.round)) != 0)
+		goto out;
+	j.status = JOB_RUNNING;
+	j.attempts++;
+	j.started_ms = j.updated_ms = now_ms();
+	j.progress = 0;
+	j.flags &= (uint8_t)~JOB_F_CANCEL_REQUESTED;
+	if ((rc = index_put_job(ix, txn, &j)) != 0 ||
+	    (rc = index_mark_running(ix, txn, j.id, true)) != 0)
+		goto out;
+	*a->out = j;
+	a->filled = true;
+	return 0;
+out:
+	job_release(&j);
+	return rc;
+}
+
+int index_job_claim(struct index *ix, uint8_t group, struct job *out)
+{
+	struct claim_arg a = {group, out, false};
+	int rc = index_write(ix, claim_fn, &a);
+
+	if (rc && a.filled)
+		job_release(out); /* the batch's commit failed after claim_fn */
+	return rc;
+}
+
+/* ---- single-job changes ---- */
+
+/*
+ * The common shape of a state change: read the job, apply `change`, write
+ * it back. change() returns 0 or an error, and may touch other databases.
+ */
+struct change_arg {
+	const uint8_t *id;
+	int (*change)(struct index *ix, MDB_txn *txn, struct job *j, void *arg);
+	void *arg;
+};
+
+static int change_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct change_arg *a = arg;
+	struct job j;
+	int rc = index_get_job(ix, txn, a->id, &j);
+
+	if (rc)
+		return rc;
+	rc = a->change(ix, txn, &j, a->arg);
+	if (rc == 0)
+		rc = index_put_job(ix, txn, &j);
+	job_release(&j);
+	return rc;
+}
+
+static int change_job(struct index *ix, const uint8_t id[JOB_ID_LEN],
+		      int (*change)(struct index *, MDB_txn *, struct job *, void *), void *arg)
+{
+	struct change_arg a = {id, change, arg};
+	return index_write(ix, change_fn, &a);
+}
+
+static int state_err(const struct job *j, const char *op)
+{
+	char idstr[JOB_ID_STR_LEN + 1];
+
+	ulid_format(j->id, idstr);
+	return store_seterr(STORE_E_STATE, "cannot %s job %s: it is %s", op, idstr,
+			    job_status_name(j->status));
+}
+
+static int progress_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	(void)ix;
+	(void)txn;
+	if (j->status != JOB_RUNNING)
+		return state_err(j, "report progress of");
+	j->progress = *(uint16_t *)arg;
+	j->updated_ms = now_ms();
+	return 0;
+}
+
+int index_job_progress(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t thousandths)
+{
+	if (thousandths > 1000)
+		return store_seterr(-EINVAL, "progress %u is above 1000 thousandths", thousandths);
+	return change_job(ix, id, progress_change, &thousandths);
+}
+
+struct attach_arg {
+	const uint8_t *hash;
+	uint64_t size;
+	const char *media_type, *device;
+	bool cached;
+};
+
+static int blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
+		    const char *media_type, int delta, bool *freed)
+{
+	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v;
+	uint8_t rec[24 + 127];
+	size_t mlen = strlen(media_type);
+	uint64_t refs = 0, created = now_ms();
+	int rc = mdb_get(txn, ix->blobs, &k, &v);
+
+	if (rc && rc != MDB_NOTFOUND)
+		return index_lmdb_err(ix, rc, "read blob");
+	if (rc == 0) {
+		if (v.mv_size < 24 || v.mv_size > sizeof(rec))
+			return store_seterr(STORE_E_INDEX, "damaged blob record in '%s'", ix->dir);
+		if (delta > 0 && le64_get(v.mv_data) != size)
+			return store_seterr(STORE_E_CORRUPT,
+					    "blob size %llu differs from the indexed %llu",
+					    (unsigned long long)size,
+					    (unsigned long long)le64_get(v.mv_data));
+		memcpy(rec, v.mv_data, v.mv_size);
+		mlen = v.mv_size - 24;
+		refs = le64_get(rec + 8);
+		created = le64_get(rec + 16);
+	} else if (delta < 0) {
+		return store_seterr(STORE_E_INDEX, "output blob missing from the index in '%s'",
+				    ix->dir);
+	} else {
+		if (mlen > sizeof(rec) - 24)
+			return store_seterr(-EINVAL, "media type too long");
+		le64_put(rec, size);
+		memcpy(rec + 24, media_type, mlen);
+	}
+	if (delta < 0 && refs == 0)
+		return store_seterr(STORE_E_INDEX, "blob reference count underflow in '%s'",
+				    ix->dir);
+	refs = refs + (uint64_t)(int64_t)delta;
+	if (refs == 0) {
+		*freed = true;
+		rc = mdb_del(txn, ix->blobs, &k, NULL);
+		return rc ? index_lmdb_err(ix, rc, "delete blob") : 0;
+	}
+	le64_put(rec + 8, refs);
+	le64_put(rec + 16, created);
+	v.mv_size = 24 + mlen;
+	v.mv_data = rec;
+	rc = mdb_put(txn, ix->blobs, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "write blob") : 0;
+}
+
+static int attach_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	struct attach_arg *a = arg;
+	bool freed = false;
+	int rc;
+
+	if (j->status != JOB_RUNNING && j->status != JOB_QUEUED)
+		return state_err(j, "attach an output to");
+	if (j->flags & JOB_F_HAS_OUTPUT)
+		return state_err(j, "attach a second output to");
+	if ((rc = blob_ref(ix, txn, a->hash, a->size, a->media_type, 1, &freed)) != 0)
+		return rc;
+	memcpy(j->output_hash, a->hash, INDEX_HASH_LEN);
+	j->output_size = a->size;
+	j->flags |= JOB_F_HAS_OUTPUT | (a->cached ? JOB_F_CACHED : 0);
+	free(j->media_type);
+	free(j->device);
+	j->media_type = strdup(a->media_type);
+	j->device = strdup(a->device ? a->device : "");
+	if (!j->media_type || !j->device)
+		return -ENOMEM;
+	j->updated_ms = now_ms();
+	return 0;
+}
+
+int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			    const uint8_t hash[INDEX_HASH_LEN], uint64_t size,
+			    const char *media_type, const char *device, bool cached)
+{
+	struct attach_arg a = {hash, size, media_type, device, cached};
+
+	if (strlen(media_type) > 127)
+		return store_seterr(-EINVAL, "media type longer than 127 bytes");
+	return change_job(ix, id, attach_change, &a);
+}
+
+struct finish_arg {
+	enum job_status final;
+	const char *code, *message;
+};
+
+static int finish_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	struct finish_arg *a = arg;
+	int rc;
+
+	if (j->status == JOB_QUEUED) {
+		if ((rc = index_dequeue(ix, txn, j)) != 0)
+			return rc;
+	} else if (j->status == JOB_RUNNING) {
+		if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
+			return rc;
+	} else {
+		return state_err(j, "finish");
+	}
+	if (a->final == JOB_COMPLETE && !(j->flags & JOB_F_HAS_OUTPUT))
+		return state_err(j, "complete (no output attached)");
+	j->status = a->final;
+	j->completed_ms = j->updated_ms = now_ms();
+	j->flags &= (uint8_t)~JOB_F_CANCEL_REQUESTED;
+	if (a->final == JOB_COMPLETE)
+		j->progress = 1000;
+	if (a->final == JOB_ERROR) {
+		free(j->error_code);
+		free(j->error_message);
+		j->error_code = strdup(a->code ? a->code : "error");
+		j->error_message = strdup(a->message ? a->message : "");
+		if (!j->error_code || !j->error_message)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
+		     const char *error_code, const char *error_message)
+{
+	struct finish_arg a = {final, error_code, error_message};
+
+	if (final != JOB_COMPLETE && final != JOB_ERROR && final != JOB_CANCELLED)
+		return store_seterr(-EINVAL, "'%s' is not a final state", job_status_name(final));
+	return change_job(ix, id, finish_change, &a);
+}
+
+static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	int rc;
+
+	(void)arg;
+	if (j->status != JOB_RUNNING)
+		return state_err(j, "requeue");
+	if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
+		return rc;
+	j->status = JOB_QUEUED;
+	j->progress = 0;
+	j->updated_ms = now_ms();
+	return index_enqueue(ix, txn, j);
+}
+
+int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN])
+{
+	return change_job(ix, id, requeue_change, NULL);
+}
+
+static int cancel_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	int rc;
+
+	(void)arg;
+	if (j->status == JOB_QUEUED) {
+		if ((rc = index_dequeue(ix, txn, j)) != 0)
+			return rc;
+		j->status = JOB_CANCELLED;
+		j->completed_ms = j->updated_ms = now_ms();
+		return 0;
+	}
+	if (j->status == JOB_RUNNING) {
+		j->flags |= JOB_F_CANCEL_REQUESTED;
+		j->updated_ms = now_ms();
+		return 0;
+	}
+	return state_err(j, "cancel");
+}
+
+int index_job_cancel(struct index *ix, const uint8_t id[JOB_ID_LEN])
+{
+	return change_job(ix, id, cancel_change, NULL);
+}
+
+static int retry_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	(void)arg;
+	if (j->status != JOB_ERROR && j->status != JOB_CANCELLED)
+		return state_err(j, "retry");
+	j->status = JOB_QUEUED;
+	j->attempts = 0;
+	j->progress = 0;
+	j->started_ms = j->completed_ms = 0;
+	j->updated_ms = now_ms();
+	j->error_code[0] = '\0';
+	j->error_message[0] = '\0';
+	return index_enqueue(ix, txn, j);
+}
+
+int index_job_retry(struct index *ix, const uint8_t id[JOB_ID_LEN])
+{
+	return change_job(ix, id, retry_change, NULL);
+}
+
+static int priority_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	enum job_priority p = *(enum job_priority *)arg;
+	int rc;
+
+	if (j->status != JOB_QUEUED) {
+		j->priority = p;
+		return 0;
+	}
+	if ((rc = index_dequeue(ix, txn, j)) != 0)
+		return rc;
+	j->priority = p;
+	return index_enqueue(ix, txn, j);
+}
+
+int index_job_set_priority(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_priority p)
+{
+	if (p > JOB_PRIO_HIGH)
+		return store_seterr(-EINVAL, "invalid priority %d", (int)p);
+	return change_job(ix, id, priority_change, &p);
+}
+
+/* ---- delete ---- */
+
+struct delete_arg {
+	const uint8_t *id;
+	bool freed;
+	uint8_t freed_hash[INDEX_HASH_LEN];
+};
+
+static int del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
+{
+	MDB_val k = {len, (void *)key};
+	int rc = mdb_del(txn, dbi, &k, NULL);
+
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "delete");
+}
+
+static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct delete_arg *a = arg;
+	uint8_t key[INDEX_ROUTE_MAX + 1 + INDEX_NAME_MAX + JOB_ID_LEN];
+	size_t rl;
+	struct job j;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc = index_get_job(ix, txn, a->id, &j);
+
+	if (rc)
+		return rc;
+	if (j.status == JOB_RUNNING) {
+		rc = state_err(&j, "delete (cancel it first)");
+		goto out;
+	}
+	if (j.status == JOB_QUEUED && (rc = index_dequeue(ix, txn, &j)) != 0)
+		goto out;
+	if ((rc = del_key(ix, txn, ix->jobs, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0)
+		goto out;
+	rl = strlen(j.route);
+	memcpy(key, j.route, rl + 1);
+	memcpy(key + rl + 1, j.id, JOB_ID_LEN);
+	if ((rc = del_key(ix, txn, ix->byroute, key, rl + 1 + JOB_ID_LEN)) != 0)
+		goto out;
+	if (j.name[0]) {
+		size_t nl = strlen(j.name);
+		memcpy(key + rl + 1, j.name, nl);
+		if ((rc = del_key(ix, txn, ix->names, key, rl + 1 + nl)) != 0)
+			goto out;
+	}
+	be32_put(key, j.uid);
+	memcpy(key + 4, j.id, JOB_ID_LEN);
+	if ((rc = del_key(ix, txn, ix->byowner, key, 4 + JOB_ID_LEN)) != 0)
+		goto out;
+	be64_put(key, j.seq);
+	if ((rc = del_key(ix, txn, ix->byseq, key, 8)) != 0)
+		goto out;
+	/* The digest entry, if it names this job, would memoize a deleted job. */
+	k.mv_size = INDEX_HASH_LEN;
+	k.mv_data = j.request_digest;
+	if (mdb_get(txn, ix->digests, &k, &v) == 0 && v.mv_size == JOB_ID_LEN &&
+	    memcmp(v.mv_data, j.id, JOB_ID_LEN) == 0 &&
+	    (rc = del_key(ix, txn, ix->digests, j.request_digest, INDEX_HASH_LEN)) != 0)
+		goto out;
+	/* Log lines: every key with the job id as prefix. */
+	if ((rc = mdb_cursor_open(txn, ix->logs, &cur)) != 0) {
+		rc = index_lmdb_err(ix, rc, "delete log");
+		goto out;
+	}
+	/* Reposition after each delete: deleting the last entry of the
+	 * database leaves the cursor unpositioned. */
+	for (;;) {
+		k.mv_size = JOB_ID_LEN;
+		k.mv_data = j.id;
+		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+		if (rc || k.mv_size != JOB_ID_LEN + 8 || memcmp(k.mv_data, j.id, JOB_ID_LEN) != 0)
+			break;
+		if ((rc = mdb_cursor_del(cur, 0)) != 0)
+			break;
+	}
+	mdb_cursor_close(cur);
+	if (rc && rc != MDB_NOTFOUND) {
+		rc = index_lmdb_err(ix, rc, "delete log");
+		goto out;
+	}
+	rc = 0;
+	if (j.flags & JOB_F_HAS_OUTPUT) {
+		rc = blob_ref(ix, txn, j.output_hash, j.output_size, "", -1, &a->freed);
+		if (rc == 0 && a->freed)
+			memcpy(a->freed_hash, j.output_hash, INDEX_HASH_LEN);
+	}
+out:
+	job_release(&j);
+	return rc;
+}
+
+int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], bool *freed,
+		     uint8_t freed_hash[INDEX_HASH_LEN])
+{
+	struct delete_arg a = {id, false, {0}};
+	int rc = index_write(ix, delete_fn, &a);
+
+	*freed = rc == 0 && a.freed;
+	if (*freed)
+		memcpy(freed_hash, a.freed_hash, INDEX_HASH_LEN);
+	return rc;
+}
+
+/* ---- queue depth, recovery ---- */
+
+struct depth_arg {
+	uint8_t group;
+	uint64_t n;
+};
+
+static int depth_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct depth_arg *a = arg;
+	return fair_get(ix, txn, &a->group, 1, &a->n);
+}
+
+int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n)
+{
+	struct depth_arg a = {group, 0};
+	MDB_txn *txn;
+	int rc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "begin read");
+	rc = depth_fn(ix, txn, &a);
+	mdb_txn_abort(txn);
+	*n = a.n;
+	return rc;
+}
+
+struct recover_arg {
+	uint32_t max_attempts;
+	struct index_recovery *r;
+};
+
+static int recover_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct recover_arg *a = arg;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, ix->running, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "recover");
+	while ((rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)) == 0) {
+		uint8_t id[JOB_ID_LEN];
+		struct job j;
+
+		if (k.mv_size != JOB_ID_LEN) {
+			rc = store_seterr(STORE_E_INDEX, "damaged running set in '%s'", ix->dir);
+			break;
+		}
+		memcpy(id, k.mv_data, JOB_ID_LEN);
+		if ((rc = mdb_cursor_del(cur, 0)) != 0) {
+			rc = index_lmdb_err(ix, rc, "recover");
+			break;
+		}
+		if ((rc = index_get_job(ix, txn, id, &j)) != 0) {
+			if (rc == STORE_E_NOTFOUND)
+				continue; /* deleted job: the entry was stale */
+			break;
+		}
+		if (j.status == JOB_RUNNING && j.attempts >= a->max_attempts) {
+			j.status = JOB_ERROR;
+			j.completed_ms = j.updated_ms = now_ms();
+			free(j.error_code);
+			free(j.error_message);
+			j.error_code = strdup("interrupted");
+			j.error_message = strdup("the job was interrupted by daemon restarts "
+						 "too many times");
+			rc = j.error_code && j.error_message ? 0 : -ENOMEM;
+			a->r->interrupted++;
+		} else if (j.status == JOB_RUNNING) {
+			j.status = JOB_QUEUED;
+			j.progress = 0;
+			j.flags &= (uint8_t)~JOB_F_CANCEL_REQUESTED;
+			j.updated_ms = now_ms();
+			rc = index_enqueue(ix, txn, &j);
+			a->r->requeued++;
+		}
+		if (rc == 0)
+			rc = index_put_job(ix, txn, &j);
+		job_release(&j);
+		if (rc)
+			break;
+	}
+	mdb_cursor_close(cur);
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+int index_recover(struct index *ix, uint32_t max_attempts, struct index_recovery *r)
+{
+	struct recover_arg a = {max_attempts, r};
+
+	memset(r, 0, sizeof(*r));
+	return index_write(ix, recover_fn, &a);
+}

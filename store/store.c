@@ -1,0 +1,220 @@
+/*
+ * store.c - opening the store: layout, crash recovery, signing keys.
+ *
+ * DESIGN
+ * store_open() brings a store from any state a crash can leave into a
+ * consistent one before anything else touches it: tmp/ is emptied
+ * (partial outputs), running jobs go back to the queue or to error
+ * (index_recover), and blob files that no index entry refers to (renamed
+ * in but never committed, or released but not yet unlinked) are collected.
+ *
+ * The signing key is the one the index names ("signing_key"), loaded from
+ * keys/<KEYID>.key; a store without one gets a fresh key pair. Rotation
+ * writes a new pair, then switches the index to it; public keys are never
+ * removed, so every signature ever made still verifies.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fileutil.h"
+#include "store_i.h"
+
+static int load_or_create_key(struct store *st)
+{
+	uint8_t keynum[SIGN_KEYNUM_LEN];
+	char path[4200], keyid[SIGN_KEYID_LEN + 1];
+	int rc;
+
+	if (st->opt.keyfile) {
+		if ((rc = sign_seckey_load(st->opt.keyfile, &st->sk)) != 0)
+			return rc;
+	} else {
+		rc = index_signing_key_get(st->ix, keynum);
+		if (rc == STORE_E_NOTFOUND) {
+			if (st->opt.read_only)
+				return store_seterr(STORE_E_NOTFOUND, "store '%s' has no signing key",
+						    st->dir);
+			return store_key_rotate(st);
+		}
+		if (rc)
+			return rc;
+		sign_keyid(keynum, keyid);
+		snprintf(path, sizeof(path), "%s/keys/%s.key", st->dir, keyid);
+		if ((rc = sign_seckey_load(path, &st->sk)) != 0)
+			return rc;
+		if (memcmp(st->sk.keynum, keynum, SIGN_KEYNUM_LEN) != 0)
+			return store_seterr(STORE_E_FORMAT, "'%s' holds another key than %s", path,
+					    keyid);
+	}
+	memcpy(st->pk.keynum, st->sk.keynum, SIGN_KEYNUM_LEN);
+	memcpy(st->pk.pk, st->sk.sk + 32, SIGN_PK_LEN);
+	return 0;
+}
+
+int store_key_rotate(struct store *st)
+{
+	struct sign_seckey sk;
+	struct sign_pubkey pk;
+	char dir[4200];
+	int rc;
+
+	snprintf(dir, sizeof(dir), "%s/keys", st->dir);
+	if ((rc = sign_keygen(&sk, &pk)) != 0)
+		return rc;
+	if ((rc = sign_keypair_save(dir, &sk, &pk)) != 0 ||
+	    (rc = index_signing_key_set(st->ix, sk.keynum)) != 0) {
+		sign_seckey_wipe(&sk);
+		return rc;
+	}
+	pthread_rwlock_wrlock(&st->key_mu);
+	st->sk = sk;
+	st->pk = pk;
+	pthread_rwlock_unlock(&st->key_mu);
+	sign_seckey_wipe(&sk);
+	return 0;
+}
+
+static int make_layout(const char *dir)
+{
+	static const char *subs[] = {"index", "blobs", "tmp", "keys"};
+	char path[4200];
+	int rc;
+
+	if ((rc = dir_ensure(dir, 0755)) != 0)
+		return rc;
+	for (size_t i = 0; i < sizeof(subs) / sizeof(subs[0]); i++) {
+		snprintf(path, sizeof(path), "%s/%s", dir, subs[i]);
+		if ((rc = dir_ensure(path, strcmp(subs[i], "blobs") ? 0700 : 0755)) != 0)
+			return rc;
+	}
+	return 0;
+}
+
+int store_open(const char *dir, const struct store_options *opt, struct store **out)
+{
+	struct index_options iopt = {0};
+	struct index_recovery ir;
+	char path[4200];
+	struct store *st;
+	int rc;
+
+	if (strlen(dir) >= sizeof(st->dir) - 128)
+		return store_seterr(-ENAMETOOLONG, "store path too long: '%s'", dir);
+	st = calloc(1, sizeof(*st));
+	if (!st)
+		return -ENOMEM;
+	snprintf(st->dir, sizeof(st->dir), "%s", dir);
+	if (opt)
+		st->opt = *opt;
+	if (st->opt.max_attempts == 0)
+		st->opt.max_attempts = 3;
+	if (st->opt.hash_threads == 0)
+		st->opt.hash_threads = 2;
+	st->lock_fd = -1;
+	pthread_mutex_init(&st->blob_mu, NULL);
+	pthread_rwlock_init(&st->key_mu, NULL);
+
+	if (!st->opt.read_only) {
+		if ((rc = make_layout(dir)) != 0)
+			goto fail;
+		/* Recovery assumes nobody else is running jobs from this store. */
+		snprintf(path, sizeof(path), "%s/lock", dir);
+		st->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+		if (st->lock_fd < 0) {
+			rc = store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
+			goto fail;
+		}
+		if (flock(st->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+			rc = store_seterr(errno == EWOULDBLOCK ? -EBUSY : -errno,
+					  "store '%s' is in use by another process", dir);
+			goto fail;
+		}
+	}
+	iopt.map_size = st->opt.map_size;
+	iopt.read_only = st->opt.read_only;
+	snprintf(path, sizeof(path), "%s/index", dir);
+	if ((rc = index_open(path, &iopt, &st->ix)) != 0)
+		goto fail;
+	if (!st->opt.read_only) {
+		if ((rc = store_clear_tmp(st, &st->recovery.tmp_removed)) != 0)
+			goto fail;
+		if ((rc = index_recover(st->ix, st->opt.max_attempts, &ir)) != 0)
+			goto fail;
+		st->recovery.requeued = ir.requeued;
+		st->recovery.interrupted = ir.interrupted;
+		if ((rc = store_gc(st, &st->recovery.blobs_collected)) != 0)
+			goto fail;
+	}
+	if ((rc = load_or_create_key(st)) != 0)
+		goto fail;
+	*out = st;
+	return 0;
+fail:
+	store_close(st);
+	return rc;
+}
+
+void store_close(struct store *st)
+{
+	if (!st)
+		return;
+	index_close(st->ix);
+	if (st->lock_fd >= 0)
+		close(st->lock_fd);
+	sign_seckey_wipe(&st->sk);
+	pthread_mutex_destroy(&st->blob_mu);
+	pthread_rwlock_destroy(&st->key_mu);
+	free(st);
+}
+
+struct index *store_index(struct store *st)
+{
+	return st->ix;
+}
+
+const char *store_dir(struct store *st)
+{
+	return st->dir;
+}
+
+void store_get_recovery(struct store *st, struct store_recovery *r)
+{
+	*r = st->recovery;
+}
+
+void store_pubkey(struct store *st, struct sign_pubkey *pk)
+{
+	pthread_rwlock_rdlock(&st->key_mu);
+	*pk = st->pk;
+	pthread_rwlock_unlock(&st->key_mu);
+}
+
+int store_sign_fd(struct store *st, int fd, const char *trusted, char *buf, size_t bufsz)
+{
+	uint8_t prehash[SIGN_PREHASH_LEN];
+	char untrusted[64], keyid[SIGN_KEYID_LEN + 1];
+	int rc = sign_prehash_fd(fd, prehash);
+
+	if (rc)
+		return store_seterr(rc, "cannot read the content to sign: %s", strerror(-rc));
+	pthread_rwlock_rdlock(&st->key_mu);
+	sign_keyid(st->sk.keynum, keyid);
+	snprintf(untrusted, sizeof(untrusted), "signature from renderfs key %s", keyid);
+	rc = sign_make(&st->sk, prehash, untrusted, trusted, buf, bufsz);
+	pthread_rwlock_unlock(&st->key_mu);
+	return rc;
+}
+
+void store_get_stats(struct store *st, struct store_stats *s)
+{
+	s->blobs_written = st->blobs_written;
+	s->dedup_hits = st->dedup_hits;
+	s->integrity_failures = st->integrity_failures;
+	s->bytes_written = st->bytes_written;
+}

@@ -1,0 +1,140 @@
+/*
+ * store.h - the signed content-addressed store: the public face of store/.
+ *
+ * LAYOUT (SPEC §5):
+ *   <store>/index/              LMDB environment (index.h)
+ *   <store>/blobs/ab/<64 hex>   one immutable file per blob, mode 0444,
+ *                               named by the BLAKE3 of its content
+ *   <store>/tmp/                outputs being written
+ *   <store>/keys/<KEYID>.key    minisign secret keys, 0600 (sign.h)
+ *   <store>/keys/<KEYID>.pub    minisign public keys, kept across rotation
+ *
+ * WRITE PATH: a sink streams bytes into tmp/ while hashing them; committing
+ * it fsyncs the file, renames it to blobs/xx/<hex> (or drops it when that
+ * content is already stored), fsyncs the directory, then commits the index
+ * transaction that gives the job its output. A crash at any point leaves
+ * either no trace or an unreferenced file that the next store_open()
+ * collects; never a job pointing at a missing or partial blob.
+ *
+ * READ PATH: store_blob_open() verifies the content against its name
+ * before handing out a descriptor; a mismatch (bit rot, tampering) or a
+ * missing file is STORE_E_CORRUPT, logged and counted, never data.
+ *
+ * Thread safety: every function may be called from any thread once
+ * store_open() has returned. A struct store_sink belongs to one thread.
+ * A process opens a given store once: LMDB's locks are per process, so a
+ * second open of the same environment in one process (including
+ * store_fsck() or a read-only open) is not allowed; use another process,
+ * as `renderctl fsck` does. Two processes can never both open a store
+ * read-write (-EBUSY): recovery assumes it is alone.
+ */
+#ifndef RENDERFS_STORE_H
+#define RENDERFS_STORE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "blake3.h"
+#include "err.h"
+#include "index.h"
+#include "sign.h"
+
+struct store;
+struct store_sink;
+
+struct store_options {
+	uint32_t max_attempts; /* recovery: runs before "interrupted"; 0: 3 */
+	uint64_t map_size;     /* LMDB map size; 0: default */
+	const char *keyfile;   /* sign with this secret key instead of keys/ */
+	unsigned hash_threads; /* threads for verifying blobs; 0: 2 */
+	bool read_only;	       /* no recovery, no key creation, no writes */
+};
+
+struct store_recovery {
+	uint64_t requeued, interrupted; /* running jobs at the crash */
+	uint64_t tmp_removed;		/* partial outputs in tmp/ */
+	uint64_t blobs_collected;	/* blob files no index entry refers to */
+};
+
+/*
+ * Open the store in dir, creating it if needed. Unless read_only, recover
+ * from a crash first (see struct store_recovery) and make a signing key if
+ * the store has none. Errors name the file at fault (store_lasterr()).
+ */
+int store_open(const char *dir, const struct store_options *opt, struct store **out);
+void store_close(struct store *st);
+
+struct index *store_index(struct store *st);
+const char *store_dir(struct store *st);
+void store_get_recovery(struct store *st, struct store_recovery *r);
+
+/* ---- blobs ---- */
+
+int store_sink_open(struct store *st, struct store_sink **out);
+int store_sink_write(struct store_sink *s, const void *buf, size_t len);
+/* Drop a sink without storing anything. */
+void store_sink_abort(struct store_sink *s);
+
+/*
+ * Store the sink's content as job's output (see WRITE PATH) and free the
+ * sink, whatever the result. hash_out (may be NULL) receives the blob id.
+ */
+int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
+			    struct store_sink *s, const char *media_type, const char *device,
+			    uint8_t hash_out[B3_OUT_LEN]);
+
+/* Path of a blob file: <store>/blobs/ab/<hex>. */
+void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf,
+		     size_t bufsz);
+
+/*
+ * Open a blob for reading after verifying that its content hashes to its
+ * name. *fd_out is the caller's to close. STORE_E_NOTFOUND: no such blob in
+ * the index; STORE_E_CORRUPT: the file is missing, has the wrong size, or
+ * its content does not match.
+ */
+int store_blob_open(struct store *st, const uint8_t hash[B3_OUT_LEN], int *fd_out,
+		    uint64_t *size_out);
+
+/* Delete a job (index_job_delete) and the blob file it was the last user of. */
+int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN]);
+
+/* Remove blob files that no index entry refers to. */
+int store_gc(struct store *st, uint64_t *collected);
+
+/* ---- signatures ---- */
+
+/* The current signing key's public half. */
+void store_pubkey(struct store *st, struct sign_pubkey *pk);
+
+/*
+ * Signature file text for the content of fd, made with the current key and
+ * the given trusted comment. Returns the length or a negative code.
+ */
+int store_sign_fd(struct store *st, int fd, const char *trusted, char *buf, size_t bufsz);
+
+/* Make a new signing key; older public keys stay in keys/. */
+int store_key_rotate(struct store *st);
+
+/* ---- statistics ---- */
+
+struct store_stats {
+	uint64_t blobs_written;	     /* new blob files */
+	uint64_t dedup_hits;	     /* commits whose content was already stored */
+	uint64_t integrity_failures; /* verifications that failed */
+	uint64_t bytes_written;
+};
+void store_get_stats(struct store *st, struct store_stats *s);
+
+/* ---- checking ---- */
+
+/*
+ * Check a store offline: rehash every blob, cross-check blobs, jobs, queue
+ * and key files. Writes one line per problem to out ("problem: ...") and
+ * per harmless leftover ("note: ..."). Returns the number of problems, or
+ * a negative code if the store cannot be examined at all.
+ */
+long store_fsck(const char *dir, FILE *out);
+
+#endif

@@ -1,0 +1,38 @@
+/*
+ * store_i.h - struct store, shared by store.c and blob.c.
+ */
+#ifndef RENDERFS_STORE_I_H
+#define RENDERFS_STORE_I_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "store.h"
+
+struct store {
+	char dir[4096];
+	struct index *ix;
+	struct store_options opt;
+	struct store_recovery recovery;
+	int lock_fd; /* <store>/lock, flock()ed exclusively while open read-write */
+
+	/*
+	 * Serializes changes to the blobs/ namespace with the index entries
+	 * that justify them: a commit holds it from rename to index commit,
+	 * collection from index check to unlink, so a file is never removed
+	 * between being renamed in and being referenced.
+	 */
+	pthread_mutex_t blob_mu;
+
+	/* Protected by key_mu (readers sign; rotation writes): sk, pk. */
+	pthread_rwlock_t key_mu;
+	struct sign_seckey sk;
+	struct sign_pubkey pk;
+
+	atomic_uint_fast64_t blobs_written, dedup_hits, integrity_failures, bytes_written;
+};
+
+/* blob.c: remove every file in tmp/, counting them. */
+int store_clear_tmp(struct store *st, uint64_t *removed);
+
+#endif

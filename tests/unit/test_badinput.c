@@ -1,0 +1,294 @@
+/*
+ * test_badinput.c - damaged and foreign files give clear errors that name
+ * the file, and never crash: truncated, bit-flipped and foreign data.mdb,
+ * an unknown format version, secret keys with wrong permissions or bytes.
+ * Random bit flips are tried in child processes, which must end normally
+ * (an error or success, never a signal); so must `renderctl fsck`.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <lmdb.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "store.h"
+
+static char base[64], pristine[128];
+
+static void make_pristine(void)
+{
+	struct store_options opt = {0};
+	struct store *st;
+
+	snprintf(pristine, sizeof(pristine), "%s/pristine", base);
+	if (store_open(pristine, &opt, &st) != 0) {
+		fprintf(stderr, "store_open: %s\n", store_lasterr());
+		exit(1);
+	}
+	for (int i = 0; i < 300; i++) {
+		char req[64];
+		struct job_create c = {0};
+		uint8_t id[16];
+
+		snprintf(req, sizeof(req), "{\"prompt\":\"job %d\"}", i);
+		c.route = i % 2 ? "image/synth/default/t2i" : "video/synth/default/t2v";
+		c.uid = c.gid = 1000;
+		c.request = req;
+		c.request_len = strlen(req);
+		b3_hash(req, strlen(req), c.request_digest);
+		index_job_create(store_index(st), &c, id, NULL);
+		index_job_log(store_index(st), id, "created", 7);
+	}
+	store_close(st);
+}
+
+static void copy_store(const char *to)
+{
+	run_cmd("rm -rf '%s' && cp -a '%s' '%s'", to, pristine, to);
+}
+
+/* store_open on dir must fail with rc and a message containing needle. */
+static void expect_open_error(const char *dir, int want_rc, const char *needle, const char *what)
+{
+	struct store_options opt = {0};
+	struct store *st;
+	int rc = store_open(dir, &opt, &st);
+
+	CHECK(rc != 0 && (want_rc == 0 || rc == want_rc) && strstr(store_lasterr(), needle),
+	      "%s: rc %d, message '%s' (wanted '%s')", what, rc, store_lasterr(), needle);
+	if (rc == 0)
+		store_close(st);
+}
+
+static void test_truncated(void)
+{
+	char dir[128], data[200];
+	struct stat sb;
+
+	snprintf(dir, sizeof(dir), "%s/trunc", base);
+	snprintf(data, sizeof(data), "%s/index/data.mdb", dir);
+	copy_store(dir);
+	REQUIRE(stat(data, &sb) == 0, "stat");
+	const off_t sizes[] = {0, 100, 4096, 8192 + 17, sb.st_size / 2, sb.st_size - 4096};
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		char what[64];
+
+		copy_store(dir);
+		REQUIRE(truncate(data, sizes[i]) == 0, "truncate");
+		snprintf(what, sizeof(what), "truncated to %lld", (long long)sizes[i]);
+		expect_open_error(dir, STORE_E_INDEX, data, what);
+	}
+	/* renderctl fsck says so too, and exits 1. */
+	char out[8192];
+	CHECK(fsck_run(dir, out, sizeof(out)) == 1 && strstr(out, "data.mdb"),
+	      "fsck on a truncated index: %s", out);
+}
+
+static void test_foreign(void)
+{
+	char dir[128], data[200];
+	uint8_t junk[65536];
+
+	snprintf(dir, sizeof(dir), "%s/foreign", base);
+	snprintf(data, sizeof(data), "%s/index/data.mdb", dir);
+
+	/* Random bytes. */
+	copy_store(dir);
+	for (size_t i = 0; i < sizeof(junk); i++)
+		junk[i] = (uint8_t)(i * 2654435761u >> 13);
+	FILE *f = fopen(data, "w");
+	fwrite(junk, 1, sizeof(junk), f);
+	fclose(f);
+	expect_open_error(dir, STORE_E_INDEX, data, "random bytes");
+
+	/* A text file. */
+	f = fopen(data, "w");
+	fputs("this is not a database\n", f);
+	fclose(f);
+	expect_open_error(dir, STORE_E_INDEX, data, "text file");
+
+	/* A valid LMDB environment of someone else. */
+	run_cmd("rm -f '%s/index/data.mdb' '%s/index/lock.mdb'", dir, dir);
+	MDB_env *env;
+	MDB_txn *txn;
+	MDB_dbi dbi;
+	MDB_val k = {5, "hello"}, v = {5, "world"};
+	char idx[160];
+	snprintf(idx, sizeof(idx), "%s/index", dir);
+	REQUIRE(mdb_env_create(&env) == 0 && mdb_env_open(env, idx, 0, 0600) == 0, "lmdb");
+	mdb_txn_begin(env, NULL, 0, &txn);
+	mdb_dbi_open(txn, NULL, 0, &dbi);
+	mdb_put(txn, dbi, &k, &v, 0);
+	mdb_txn_commit(txn);
+	mdb_env_close(env);
+	expect_open_error(dir, STORE_E_INDEX, "not a renderfs index", "foreign LMDB");
+
+	/* Ours, but from a future format version. */
+	copy_store(dir);
+	REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 32) == 0 &&
+			mdb_env_open(env, idx, 0, 0600) == 0,
+		"lmdb");
+	mdb_txn_begin(env, NULL, 0, &txn);
+	mdb_dbi_open(txn, "meta", 0, &dbi);
+	uint8_t ver[4] = {99, 0, 0, 0};
+	MDB_val vk = {7, "version"}, vv = {4, ver};
+	mdb_put(txn, dbi, &vk, &vv, 0);
+	mdb_txn_commit(txn);
+	mdb_env_close(env);
+	expect_open_error(dir, STORE_E_VERSION, "version 99", "future version");
+}
+
+/* Flip bits at chosen offsets: the meta pages' magic. */
+static void test_meta_flips(void)
+{
+	char dir[128], data[200];
+	const off_t offs[] = {16, 4096 + 16, 20, 40};
+
+	snprintf(dir, sizeof(dir), "%s/meta", base);
+	snprintf(data, sizeof(data), "%s/index/data.mdb", dir);
+	for (size_t i = 0; i < sizeof(offs) / sizeof(offs[0]); i++) {
+		uint8_t b;
+		copy_store(dir);
+		int fd = open(data, O_RDWR);
+		REQUIRE(pread(fd, &b, 1, offs[i]) == 1, "read");
+		b ^= 0x10;
+		REQUIRE(pwrite(fd, &b, 1, offs[i]) == 1, "write");
+		close(fd);
+		expect_open_error(dir, STORE_E_INDEX, data, "meta page flip");
+	}
+}
+
+/* Everything a daemon would read after opening. */
+static int exercise(const char *dir)
+{
+	struct store_options opt = {0};
+	struct store *st;
+	uint8_t page[100][16];
+	const uint8_t *after = NULL;
+	uint8_t last[16];
+	size_t n;
+	int rc = store_open(dir, &opt, &st);
+
+	if (rc)
+		return store_lasterr()[0] ? 10 : 11; /* an error with a message */
+	for (int r = 0; r < 2; r++) {
+		const char *route = r ? "image/synth/default/t2i" : "video/synth/default/t2v";
+		after = NULL;
+		for (int guard = 0; guard < 1000; guard++) {
+			if (index_list_by_route(store_index(st), route, after, 100, page, &n) != 0 ||
+			    n == 0)
+				break;
+			for (size_t i = 0; i < n; i++) {
+				struct job j;
+				char *req, buf[256];
+				size_t len, got;
+				if (index_job_get(store_index(st), page[i], &j) == 0)
+					job_release(&j);
+				if (index_job_request(store_index(st), page[i], &req, &len) == 0)
+					free(req);
+				index_job_log_read(store_index(st), page[i], 0, buf, sizeof(buf), &got);
+			}
+			memcpy(last, page[n - 1], 16);
+			after = last;
+		}
+	}
+	struct job j;
+	while (index_job_claim(store_index(st), 0, &j) == 0) {
+		index_job_finish(store_index(st), j.id, JOB_CANCELLED, NULL, NULL);
+		job_release(&j);
+	}
+	store_close(st);
+	return 0;
+}
+
+static void test_random_flips(void)
+{
+	char dir[128], data[200], out[16384];
+	unsigned seed = (unsigned)time(NULL);
+	struct stat sb;
+	int trials = 40, opened = 0, refused = 0;
+
+	printf("bit-flip seed %u\n", seed);
+	snprintf(dir, sizeof(dir), "%s/flip", base);
+	snprintf(data, sizeof(data), "%s/index/data.mdb", dir);
+	for (int t = 0; t < trials; t++) {
+		copy_store(dir);
+		REQUIRE(stat(data, &sb) == 0, "stat");
+		off_t off = (off_t)(rand_r(&seed) % (unsigned)sb.st_size);
+		uint8_t b;
+		int fd = open(data, O_RDWR);
+		REQUIRE(pread(fd, &b, 1, off) == 1, "read");
+		b ^= (uint8_t)(1 << (rand_r(&seed) % 8));
+		REQUIRE(pwrite(fd, &b, 1, off) == 1, "write");
+		close(fd);
+
+		pid_t pid = fork();
+		if (pid == 0)
+			_exit(exercise(dir));
+		int status;
+		waitpid(pid, &status, 0);
+		CHECK(WIFEXITED(status), "flip at %lld: the reader died of signal %d",
+		      (long long)off, WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+		if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+			opened++;
+		else if (WIFEXITED(status) && WEXITSTATUS(status) == 10)
+			refused++;
+		int frc = fsck_run(dir, out, sizeof(out));
+		CHECK(frc == 0 || frc == 1, "flip at %lld: fsck exit %d: %s", (long long)off, frc,
+		      out);
+	}
+	printf("random flips: %d opened, %d refused with a message, of %d\n", opened, refused,
+	       trials);
+	CHECK(opened + refused == trials, "every flip opened or was refused with a message");
+}
+
+static void test_keys(void)
+{
+	char dir[128], keydir[160], cmd[400];
+	FILE *p;
+	char keyname[256] = "";
+
+	snprintf(dir, sizeof(dir), "%s/keys", base);
+	snprintf(keydir, sizeof(keydir), "%s/keys", dir);
+	copy_store(dir);
+	snprintf(cmd, sizeof(cmd), "ls '%s'/*.key", keydir);
+	p = popen(cmd, "r");
+	REQUIRE(p && fgets(keyname, sizeof(keyname), p), "no key file");
+	pclose(p);
+	keyname[strcspn(keyname, "\n")] = '\0';
+
+	REQUIRE(chmod(keyname, 0644) == 0, "chmod");
+	expect_open_error(dir, STORE_E_KEYPERM, keyname, "key readable by others");
+	chmod(keyname, 0600);
+
+	run_cmd("cp '%s' '%s.orig' && printf 'untrusted comment: x\\ngarbage\\n' > '%s'", keyname,
+		keyname, keyname);
+	expect_open_error(dir, STORE_E_FORMAT, keyname, "garbage key");
+	run_cmd("head -c 60 '%s.orig' > '%s'", keyname, keyname);
+	expect_open_error(dir, STORE_E_FORMAT, keyname, "truncated key");
+	run_cmd("rm -f '%s'", keyname);
+	expect_open_error(dir, -ENOENT, keyname, "missing key");
+	run_cmd("mv '%s.orig' '%s'", keyname, keyname);
+
+	/* Restored: it opens again. */
+	struct store_options opt = {0};
+	struct store *st;
+	CHECK(store_open(dir, &opt, &st) == 0, "restored key: %s", store_lasterr());
+	store_close(st);
+}
+
+int main(void)
+{
+	test_tmpdir(base, "badinput");
+	make_pristine();
+	test_truncated();
+	test_foreign();
+	test_meta_flips();
+	test_random_flips();
+	test_keys();
+	rm_rf(base);
+	return check_done("test_badinput");
+}

@@ -1,0 +1,262 @@
+/*
+ * test_blob.c - the blob write path (sink, commit, dedup, reference
+ * counts), deletion and garbage collection, verified reads, and fsck's
+ * view of a good and of a damaged store.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "store.h"
+
+static char dir[64];
+static struct store *st;
+
+static uint64_t rng = 0x2545F4914F6CDD1Dull;
+static void fill(uint8_t *b, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		rng ^= rng << 13;
+		rng ^= rng >> 7;
+		rng ^= rng << 17;
+		b[i] = (uint8_t)rng;
+	}
+}
+
+static int new_job(uint8_t id[JOB_ID_LEN], const char *req)
+{
+	struct job_create c = {0};
+	struct job j;
+	int rc;
+
+	c.route = "image/synth/default/t2i";
+	c.uid = c.gid = 1000;
+	c.priority = JOB_PRIO_NORMAL;
+	c.request = req;
+	c.request_len = strlen(req);
+	b3_hash(req, strlen(req), c.request_digest);
+	if ((rc = index_job_create(store_index(st), &c, id, NULL)) != 0)
+		return rc;
+	/* claim it so that it may receive an output */
+	if ((rc = index_job_claim(store_index(st), 0, &j)) != 0)
+		return rc;
+	job_release(&j);
+	return 0;
+}
+
+/* Write data through a sink in uneven pieces and commit it as id's output. */
+static int put(const uint8_t id[JOB_ID_LEN], const uint8_t *data, size_t len, uint8_t hash[32])
+{
+	struct store_sink *s;
+	size_t off = 0, step = 1;
+	int rc = store_sink_open(st, &s);
+
+	if (rc)
+		return rc;
+	while (off < len) {
+		size_t n = step < len - off ? step : len - off;
+		if ((rc = store_sink_write(s, data + off, n)) != 0) {
+			store_sink_abort(s);
+			return rc;
+		}
+		off += n;
+		step = step * 3 + 1;
+	}
+	return store_job_commit_output(st, id, s, "image/png", "cpu", hash);
+}
+
+static size_t count_files(const char *sub)
+{
+	char cmd[256];
+	FILE *p;
+	size_t n = 0;
+
+	snprintf(cmd, sizeof(cmd), "find '%s/%s' -type f | wc -l", dir, sub);
+	p = popen(cmd, "r");
+	if (p) {
+		if (fscanf(p, "%zu", &n) != 1)
+			n = (size_t)-1;
+		pclose(p);
+	}
+	return n;
+}
+
+static void test_write_read(void)
+{
+	const size_t sizes[] = {0, 1, 1023, 1024, 1025, 300000, 3 << 20};
+	uint8_t *data = malloc(3 << 20), hash[32], want[32];
+
+	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		uint8_t id[16], buf[4096];
+		char path[4200], req[32];
+		struct stat sb;
+		uint64_t size;
+		int fd;
+
+		fill(data, sizes[i]);
+		snprintf(req, sizeof(req), "{\"size\":%zu}", sizes[i]);
+		REQUIRE(new_job(id, req) == 0, "job: %s", store_lasterr());
+		REQUIRE(put(id, data, sizes[i], hash) == 0, "put %zu: %s", sizes[i], store_lasterr());
+		b3_hash(data, sizes[i], want);
+		CHECK(memcmp(hash, want, 32) == 0, "blob id is the BLAKE3 of %zu bytes", sizes[i]);
+		store_blob_path(st, hash, path, sizeof(path));
+		CHECK(stat(path, &sb) == 0 && (sb.st_mode & 0777) == 0444 &&
+			      (size_t)sb.st_size == sizes[i],
+		      "blob file %s", path);
+		REQUIRE(store_blob_open(st, hash, &fd, &size) == 0, "open: %s", store_lasterr());
+		CHECK(size == sizes[i], "size");
+		ssize_t n = pread(fd, buf, sizeof(buf), 0);
+		CHECK(n == (ssize_t)(sizes[i] < 4096 ? sizes[i] : 4096) && memcmp(buf, data, (size_t)n) == 0,
+		      "content");
+		close(fd);
+		struct job j;
+		REQUIRE(index_job_get(store_index(st), id, &j) == 0, "get");
+		CHECK(memcmp(j.output_hash, hash, 32) == 0 && j.output_size == sizes[i], "job output");
+		job_release(&j);
+	}
+	CHECK(count_files("tmp") == 0, "tmp/ is empty after commits");
+	free(data);
+}
+
+static void test_dedup_gc(void)
+{
+	uint8_t a[16], b[16], h1[32], h2[32], data[5000];
+	struct store_stats s0, s1;
+	struct blob_info bi;
+	char path[4200];
+
+	fill(data, sizeof(data));
+	store_get_stats(st, &s0);
+	size_t files0 = count_files("blobs");
+	REQUIRE(new_job(a, "{\"d\":1}") == 0 && new_job(b, "{\"d\":2}") == 0, "jobs");
+	REQUIRE(put(a, data, sizeof(data), h1) == 0 && put(b, data, sizeof(data), h2) == 0, "puts");
+	store_get_stats(st, &s1);
+	CHECK(memcmp(h1, h2, 32) == 0, "same content, same id");
+	CHECK(count_files("blobs") == files0 + 1, "stored once");
+	CHECK(s1.dedup_hits == s0.dedup_hits + 1, "dedup hit counted");
+	CHECK(index_blob_get(store_index(st), h1, &bi) == 0 && bi.refcount == 2, "refcount 2");
+	store_blob_path(st, h1, path, sizeof(path));
+
+	/* Deleting needs a finished job. */
+	CHECK(store_job_delete(st, a) == STORE_E_STATE, "running job deleted");
+	index_job_finish(store_index(st), a, JOB_COMPLETE, NULL, NULL);
+	index_job_finish(store_index(st), b, JOB_COMPLETE, NULL, NULL);
+	CHECK(store_job_delete(st, a) == 0, "delete a");
+	CHECK(index_blob_get(store_index(st), h1, &bi) == 0 && bi.refcount == 1, "refcount 1");
+	CHECK(access(path, F_OK) == 0, "blob kept while referenced");
+	CHECK(store_job_delete(st, b) == 0, "delete b");
+	CHECK(index_blob_get(store_index(st), h1, &bi) == STORE_E_NOTFOUND, "record released");
+	CHECK(access(path, F_OK) != 0, "file collected with its last reference");
+
+	/* GC: unreferenced files and strays go; referenced ones stay. */
+	uint64_t n;
+	char stray[4300], orphan[4300];
+	uint8_t oh[32];
+	b3_hash("orphan", 6, oh);
+	store_blob_path(st, oh, orphan, sizeof(orphan));
+	snprintf(stray, sizeof(stray), "%s/blobs/%.2s/not-a-blob", dir, strrchr(orphan, '/') + 1);
+	run_cmd("mkdir -p \"$(dirname '%s')\" && echo orphan > '%s' && echo x > '%s'", orphan,
+		orphan, stray);
+	size_t before = count_files("blobs");
+	CHECK(store_gc(st, &n) == 0 && n == 2, "gc collected %llu", (unsigned long long)n);
+	CHECK(count_files("blobs") == before - 2, "gc left referenced blobs");
+	CHECK(access(orphan, F_OK) != 0, "orphan removed");
+}
+
+static void test_corruption(void)
+{
+	uint8_t id[16], hash[32], data[10000];
+	char path[4200];
+	struct store_stats s0, s1;
+	int fd, rc;
+
+	fill(data, sizeof(data));
+	REQUIRE(new_job(id, "{\"corrupt\":1}") == 0, "job");
+	REQUIRE(put(id, data, sizeof(data), hash) == 0, "put");
+	index_job_finish(store_index(st), id, JOB_COMPLETE, NULL, NULL);
+	char out[16384];
+	int frc = fsck_run(dir, out, sizeof(out));
+	CHECK(frc == 0 && strstr(out, "0 problems"), "fsck of a good store: %s", out);
+	store_blob_path(st, hash, path, sizeof(path));
+
+	/* One flipped byte: reads fail with a distinct error, never data. */
+	store_get_stats(st, &s0);
+	REQUIRE(chmod(path, 0644) == 0, "chmod");
+	fd = open(path, O_WRONLY);
+	REQUIRE(pwrite(fd, "\xff", 1, 5000) == 1, "write");
+	close(fd);
+	chmod(path, 0444);
+	rc = store_blob_open(st, hash, &fd, NULL);
+	CHECK(rc == STORE_E_CORRUPT && strstr(store_lasterr(), path), "flipped: %d %s", rc,
+	      store_lasterr());
+	CHECK(store_errno(rc) == EIO, "corruption reads as EIO");
+	store_get_stats(st, &s1);
+	CHECK(s1.integrity_failures == s0.integrity_failures + 1, "counted");
+	frc = fsck_run(dir, out, sizeof(out));
+	CHECK(frc == 1 && strstr(out, path) && strstr(out, "does not match"),
+	      "fsck names the damaged blob: %s", out);
+
+	/* Truncated. */
+	REQUIRE(truncate(path, 100) == 0, "truncate");
+	rc = store_blob_open(st, hash, &fd, NULL);
+	CHECK(rc == STORE_E_CORRUPT && strstr(store_lasterr(), "100 bytes"), "truncated: %s",
+	      store_lasterr());
+	/* Missing. */
+	REQUIRE(unlink(path) == 0, "unlink");
+	rc = store_blob_open(st, hash, &fd, NULL);
+	CHECK(rc == STORE_E_CORRUPT && strstr(store_lasterr(), path), "missing: %s",
+	      store_lasterr());
+	frc = fsck_run(dir, out, sizeof(out));
+	CHECK(frc == 1 && strstr(out, path), "fsck names the missing blob: %s", out);
+	/* Unknown blob. */
+	uint8_t nothing[32] = {1};
+	CHECK(store_blob_open(st, nothing, &fd, NULL) == STORE_E_NOTFOUND, "unknown blob");
+	/* Deleting the job releases the (missing) blob: the store is clean again. */
+	CHECK(store_job_delete(st, id) == 0, "delete: %s", store_lasterr());
+	frc = fsck_run(dir, out, sizeof(out));
+	CHECK(frc == 0, "fsck after delete: %s", out);
+}
+
+static void test_lock(void)
+{
+	struct store_options opt = {0};
+	struct store *second;
+	int rc = store_open(dir, &opt, &second);
+
+	CHECK(rc == -EBUSY && strstr(store_lasterr(), "in use"), "second open: %d %s", rc,
+	      store_lasterr());
+	if (rc == 0)
+		store_close(second);
+	/* A reader in another process works beside the writer. */
+	pid_t pid = fork();
+	if (pid == 0) {
+		opt.read_only = true;
+		rc = store_open(dir, &opt, &second);
+		if (rc == 0)
+			store_close(second);
+		_exit(rc == 0 ? 0 : 1);
+	}
+	int status;
+	waitpid(pid, &status, 0);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "read-only open beside a writer");
+}
+
+int main(void)
+{
+	struct store_options opt = {0};
+
+	test_tmpdir(dir, "blob");
+	if (store_open(dir, &opt, &st) != 0) {
+		fprintf(stderr, "store_open: %s\n", store_lasterr());
+		return 1;
+	}
+	test_write_read();
+	test_dedup_gc();
+	test_corruption();
+	test_lock();
+	store_close(st);
+	rm_rf(dir);
+	return check_done("test_blob");
+}

@@ -1,0 +1,318 @@
+/*
+ * renderctl.c - the renderfs client: store maintenance and verification.
+ *
+ *   renderctl fsck STORE          check a store; non-zero on any problem
+ *   renderctl keygen [DIR]        new minisign key pair in DIR (default .)
+ *   renderctl keygen --store STORE  rotate a store's signing key
+ *   renderctl verify FILE [--sig SIG] [--pub PUB]
+ *   renderctl gc STORE            collect unreferenced blobs
+ *
+ * The submit/wait commands join when the filesystem exists.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "fileutil.h"
+#include "store.h"
+
+static const char *prog = "renderctl";
+
+static int usage(FILE *to, int code)
+{
+	fprintf(to,
+		"usage: %s COMMAND [ARGS]\n"
+		"\n"
+		"commands:\n"
+		"  fsck STORE                      rehash blobs and cross-check the index;\n"
+		"                                  exit 1 and name every problem found\n"
+		"  keygen [DIR]                    make a minisign key pair DIR/<KEYID>.key/.pub\n"
+		"  keygen --store STORE            rotate STORE's signing key (old public keys stay)\n"
+		"  verify FILE [--sig SIG] [--pub PUB]\n"
+		"                                  check FILE's signature (default FILE.minisig;\n"
+		"                                  key: PUB, else render.pub or keys/<KEYID>.pub\n"
+		"                                  found in FILE's folder or above)\n"
+		"  gc STORE                        remove blob files nothing refers to\n",
+		prog);
+	return code;
+}
+
+static int cmd_fsck(int argc, char **argv)
+{
+	int status;
+	pid_t pid;
+
+	if (argc != 2)
+		return usage(stderr, 2);
+	fflush(stdout);
+	/* A damaged index can make LMDB fault; check in a child so that the
+	 * report is a message, never a crash of this tool. */
+	pid = fork();
+	if (pid < 0) {
+		fprintf(stderr, "%s: fork: %s\n", prog, strerror(errno));
+		return 2;
+	}
+	if (pid == 0) {
+		long n = store_fsck(argv[1], stdout);
+		if (n < 0) {
+			printf("problem: %s\n", store_lasterr());
+			n = 1;
+		}
+		printf("%ld problem%s in '%s'\n", n, n == 1 ? "" : "s", argv[1]);
+		fflush(stdout);
+		_exit(n == 0 ? 0 : 1);
+	}
+	while (waitpid(pid, &status, 0) < 0)
+		if (errno != EINTR)
+			return 2;
+	if (WIFSIGNALED(status)) {
+		printf("problem: reading the index '%s/index/data.mdb' crashed the checker "
+		       "(signal %d): the file is damaged\n",
+		       argv[1], WTERMSIG(status));
+		return 1;
+	}
+	return WEXITSTATUS(status);
+}
+
+static int cmd_keygen(int argc, char **argv)
+{
+	struct sign_seckey sk;
+	struct sign_pubkey pk;
+	char keyid[SIGN_KEYID_LEN + 1];
+	const char *dir = ".";
+	int rc;
+
+	if (argc == 3 && strcmp(argv[1], "--store") == 0) {
+		struct store *st;
+		struct store_options opt = {0};
+
+		if ((rc = store_open(argv[2], &opt, &st)) != 0) {
+			fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+			return 1;
+		}
+		rc = store_key_rotate(st);
+		if (rc == 0) {
+			store_pubkey(st, &pk);
+			sign_keyid(pk.keynum, keyid);
+			printf("%s/keys/%s.pub\n", argv[2], keyid);
+		} else {
+			fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+		}
+		store_close(st);
+		return rc ? 1 : 0;
+	}
+	if (argc > 2)
+		return usage(stderr, 2);
+	if (argc == 2)
+		dir = argv[1];
+	if ((rc = sign_keygen(&sk, &pk)) != 0 || (rc = sign_keypair_save(dir, &sk, &pk)) != 0) {
+		fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+		sign_seckey_wipe(&sk);
+		return 1;
+	}
+	sign_keyid(sk.keynum, keyid);
+	printf("%s/%s.key\n%s/%s.pub\n", dir, keyid, dir, keyid);
+	sign_seckey_wipe(&sk);
+	return 0;
+}
+
+/* Find the public key for keynum: render.pub or keys/<KEYID>.pub in the
+ * file's folder or any folder above it. */
+static int find_pubkey(const char *file, const uint8_t keynum[SIGN_KEYNUM_LEN],
+		       struct sign_pubkey *pk, char *found, size_t foundsz)
+{
+	char dir[4096], path[4200], keyid[SIGN_KEYID_LEN + 1];
+	char *real = realpath(file, NULL);
+
+	if (!real)
+		return -errno;
+	snprintf(dir, sizeof(dir), "%s", dirname(real));
+	free(real);
+	sign_keyid(keynum, keyid);
+	for (;;) {
+		const char *cands[] = {"render.pub", NULL};
+		char keysub[64];
+
+		snprintf(keysub, sizeof(keysub), "keys/%s.pub", keyid);
+		cands[1] = keysub;
+		for (int i = 0; i < 2; i++) {
+			snprintf(path, sizeof(path), "%s/%s", strcmp(dir, "/") ? dir : "", cands[i]);
+			if (access(path, R_OK) == 0 && sign_pubkey_load(path, pk) == 0 &&
+			    memcmp(pk->keynum, keynum, SIGN_KEYNUM_LEN) == 0) {
+				snprintf(found, foundsz, "%s", path);
+				return 0;
+			}
+		}
+		if (strcmp(dir, "/") == 0)
+			return STORE_E_NOTFOUND;
+		snprintf(dir, sizeof(dir), "%s", dirname(dir));
+	}
+}
+
+/* The value of " key=" in a trusted comment, or NULL. */
+static const char *comment_field(const char *tc, const char *key, char *buf, size_t bufsz)
+{
+	size_t kl = strlen(key);
+
+	for (const char *p = tc; (p = strstr(p, key)) != NULL; p += kl) {
+		if ((p == tc || p[-1] == ' ' || p[-1] == '\t') && p[kl] == '=') {
+			size_t n = strcspn(p + kl + 1, " \t");
+			snprintf(buf, bufsz, "%.*s", (int)n, p + kl + 1);
+			return buf;
+		}
+	}
+	return NULL;
+}
+
+static int cmd_verify(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{"sig", required_argument, NULL, 's'},
+		{"pub", required_argument, NULL, 'p'},
+		{NULL, 0, NULL, 0},
+	};
+	const char *sigpath = NULL, *pubpath = NULL, *file;
+	char defsig[4200], pubfound[4200], keyid[SIGN_KEYID_LEN + 1], hex[B3_HEX_LEN + 1];
+	char field[256];
+	struct sign_sig *sig;
+	struct sign_pubkey pk;
+	uint8_t hash[B3_OUT_LEN];
+	uint64_t size;
+	char *text;
+	size_t len;
+	int c, fd, rc, bad = 0;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "s:p:", opts, NULL)) != -1) {
+		if (c == 's')
+			sigpath = optarg;
+		else if (c == 'p')
+			pubpath = optarg;
+		else
+			return usage(stderr, 2);
+	}
+	if (optind != argc - 1)
+		return usage(stderr, 2);
+	file = argv[optind];
+	if (!sigpath) {
+		snprintf(defsig, sizeof(defsig), "%s.minisig", file);
+		sigpath = defsig;
+	}
+	fd = open(file, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		fprintf(stderr, "%s: cannot open '%s': %s\n", prog, file, strerror(errno));
+		return 1;
+	}
+	if ((rc = b3_hash_fd(fd, 2, hash, &size)) != 0) {
+		fprintf(stderr, "%s: cannot read '%s': %s\n", prog, file, strerror(-rc));
+		close(fd);
+		return 1;
+	}
+	b3_to_hex(hash, hex);
+	printf("file: %s\nblake3: %s\nsize: %llu\n", file, hex, (unsigned long long)size);
+	sig = malloc(sizeof(*sig));
+	if (!sig || file_read_small(sigpath, SIGN_TRUSTED_MAX + 2048, &text, &len) != 0) {
+		fprintf(stderr, "%s: %s\n", prog, sig ? store_lasterr() : "out of memory");
+		free(sig);
+		close(fd);
+		return 1;
+	}
+	rc = sign_sig_parse(text, len, sig);
+	free(text);
+	if (rc) {
+		fprintf(stderr, "%s: '%s' is not a minisign signature\n", prog, sigpath);
+		goto fail;
+	}
+	sign_keyid(sig->keynum, keyid);
+	printf("key id: %s\ntrusted comment: %s\n", keyid, sig->trusted);
+	if (pubpath) {
+		if (sign_pubkey_load(pubpath, &pk) != 0) {
+			fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+			goto fail;
+		}
+		snprintf(pubfound, sizeof(pubfound), "%s", pubpath);
+	} else if (find_pubkey(file, sig->keynum, &pk, pubfound, sizeof(pubfound)) != 0) {
+		fprintf(stderr,
+			"%s: no public key for key id %s (render.pub or keys/%s.pub near '%s'); "
+			"give one with --pub\n",
+			prog, keyid, keyid, file);
+		goto fail;
+	}
+	printf("public key: %s\n", pubfound);
+	rc = sign_verify_fd(&pk, sig, fd);
+	if (rc) {
+		printf("signature: BAD (%s)\n", store_lasterr());
+		goto fail;
+	}
+	printf("signature: good\n");
+	/* A renderfs trusted comment binds the content's hash and size. */
+	if (comment_field(sig->trusted, "blake3", field, sizeof(field)) &&
+	    strcmp(field, hex) != 0) {
+		printf("problem: the trusted comment names blake3 %s, the file has %s\n", field,
+		       hex);
+		bad = 1;
+	}
+	if (comment_field(sig->trusted, "size", field, sizeof(field)) &&
+	    strtoull(field, NULL, 10) != size) {
+		printf("problem: the trusted comment names size %s, the file has %llu\n", field,
+		       (unsigned long long)size);
+		bad = 1;
+	}
+	free(sig);
+	close(fd);
+	return bad;
+fail:
+	free(sig);
+	close(fd);
+	return 1;
+}
+
+static int cmd_gc(int argc, char **argv)
+{
+	struct store_options opt = {0};
+	struct store_recovery r;
+	struct store *st;
+	uint64_t n = 0;
+	int rc;
+
+	if (argc != 2)
+		return usage(stderr, 2);
+	if ((rc = store_open(argv[1], &opt, &st)) != 0) {
+		fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+		return 1;
+	}
+	store_get_recovery(st, &r);
+	rc = store_gc(st, &n);
+	if (rc)
+		fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+	else
+		printf("collected %llu blob file(s)\n",
+		       (unsigned long long)(n + r.blobs_collected));
+	store_close(st);
+	return rc ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2)
+		return usage(stderr, 2);
+	if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)
+		return usage(stdout, 0);
+	if (strcmp(argv[1], "fsck") == 0)
+		return cmd_fsck(argc - 1, argv + 1);
+	if (strcmp(argv[1], "keygen") == 0)
+		return cmd_keygen(argc - 1, argv + 1);
+	if (strcmp(argv[1], "verify") == 0)
+		return cmd_verify(argc - 1, argv + 1);
+	if (strcmp(argv[1], "gc") == 0)
+		return cmd_gc(argc - 1, argv + 1);
+	fprintf(stderr, "%s: unknown command '%s'\n", prog, argv[1]);
+	return usage(stderr, 2);
+}
