@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <sodium.h>
@@ -329,6 +330,7 @@ int index_open(const char *dir, const struct index_options *opt, struct index **
 	ix->read_only = opt && opt->read_only;
 	pthread_mutex_init(&ix->wmu, NULL);
 	pthread_cond_init(&ix->wcond, NULL);
+	pthread_cond_init(&ix->gcond, NULL);
 
 	rc = mdb_env_create(&ix->env);
 	if (!rc)
@@ -356,6 +358,7 @@ fail:
 		mdb_env_close(ix->env);
 	pthread_mutex_destroy(&ix->wmu);
 	pthread_cond_destroy(&ix->wcond);
+	pthread_cond_destroy(&ix->gcond);
 	free(ix);
 	return rc;
 }
@@ -367,6 +370,7 @@ void index_close(struct index *ix)
 	mdb_env_close(ix->env);
 	pthread_mutex_destroy(&ix->wmu);
 	pthread_cond_destroy(&ix->wcond);
+	pthread_cond_destroy(&ix->gcond);
 	free(ix);
 }
 
@@ -420,6 +424,32 @@ static void run_batch(struct index *ix, struct index_wop *batch)
 	}
 }
 
+/*
+ * Wait (bounded) until as many writers as were active at the end of the
+ * last commit have queued. Without this, the writers released by one
+ * commit are still on their way back when the next leader takes the
+ * queue, and N steady writers split into two alternating half-batches.
+ * A lone writer never waits (active is 1).
+ */
+#define GATHER_NS 200000
+
+static void gather(struct index *ix)
+{
+	struct timespec deadline;
+
+	if (ix->wq_len >= ix->active)
+		return;
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_nsec += GATHER_NS;
+	if (deadline.tv_nsec >= 1000000000) {
+		deadline.tv_sec++;
+		deadline.tv_nsec -= 1000000000;
+	}
+	while (ix->wq_len < ix->active)
+		if (pthread_cond_timedwait(&ix->gcond, &ix->wmu, &deadline) == ETIMEDOUT)
+			break;
+}
+
 int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
 {
 	struct index_wop op = {fn, arg, 0, false, NULL};
@@ -432,16 +462,22 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 	else
 		ix->wq_head = &op;
 	ix->wq_tail = &op;
+	ix->wq_len++;
+	if (ix->leader)
+		pthread_cond_signal(&ix->gcond);
 	while (!op.done) {
 		if (ix->leader) {
 			pthread_cond_wait(&ix->wcond, &ix->wmu);
 			continue;
 		}
+		ix->leader = true;
+		gather(ix);
+
 		struct index_wop *batch = ix->wq_head;
 		uint64_t n = 0;
 
 		ix->wq_head = ix->wq_tail = NULL;
-		ix->leader = true;
+		ix->wq_len = 0;
 		pthread_mutex_unlock(&ix->wmu);
 		run_batch(ix, batch);
 		pthread_mutex_lock(&ix->wmu);
@@ -453,6 +489,8 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 		}
 		ix->commits++;
 		ix->writes += n;
+		/* The batch's writers return soon; those queued already wait. */
+		ix->active = (size_t)n + ix->wq_len;
 		ix->leader = false;
 		pthread_cond_broadcast(&ix->wcond);
 	}

@@ -29,14 +29,18 @@ struct index {
 	bool read_only;
 
 	/*
-	 * Group commit. Protected by wmu: wq_head, wq_tail, leader, commits,
-	 * writes. The leader runs the queued ops without holding wmu; the
-	 * ops' owners are blocked until their `done` is set under wmu.
+	 * Group commit. Protected by wmu: wq_head, wq_tail, wq_len, leader,
+	 * active, commits, writes. The leader runs the queued ops without
+	 * holding wmu; the ops' owners are blocked until their `done` is set
+	 * under wmu. wcond wakes owners when a commit ends; gcond wakes a
+	 * leader gathering a batch when an op is queued.
 	 */
 	pthread_mutex_t wmu;
-	pthread_cond_t wcond;
+	pthread_cond_t wcond, gcond;
 	struct index_wop *wq_head, *wq_tail;
+	size_t wq_len;
 	bool leader;
+	size_t active; /* writers seen at the end of the last commit */
 	uint64_t commits, writes;
 };
 

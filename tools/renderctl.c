@@ -12,7 +12,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -133,8 +132,11 @@ static int find_pubkey(const char *file, const uint8_t keynum[SIGN_KEYNUM_LEN],
 
 	if (!real)
 		return -errno;
-	snprintf(dir, sizeof(dir), "%s", dirname(real));
+	snprintf(dir, sizeof(dir), "%s", real);
 	free(real);
+	*strrchr(dir, '/') = '\0'; /* realpath() is absolute: there is a slash */
+	if (!dir[0])
+		snprintf(dir, sizeof(dir), "/");
 	sign_keyid(keynum, keyid);
 	for (;;) {
 		const char *cands[] = {"render.pub", NULL};
@@ -150,9 +152,14 @@ static int find_pubkey(const char *file, const uint8_t keynum[SIGN_KEYNUM_LEN],
 				return 0;
 			}
 		}
-		if (strcmp(dir, "/") == 0)
+		/* Up one folder: cut at the last slash. */
+		char *slash = strrchr(dir, '/');
+		if (strcmp(dir, "/") == 0 || !slash)
 			return STORE_E_NOTFOUND;
-		snprintf(dir, sizeof(dir), "%s", dirname(dir));
+		if (slash == dir)
+			slash[1] = '\0';
+		else
+			*slash = '\0';
 	}
 }
 
