@@ -264,13 +264,15 @@ static void check_blobs(struct fsck *f, MDB_txn *txn)
 		struct refcount_entry *e;
 		char hex[B3_HEX_LEN + 1];
 
-		if (k.mv_size != B3_OUT_LEN || v.mv_size < 24) {
-			problem(f, "damaged blob record");
+		if (k.mv_size != B3_OUT_LEN) {
+			problem(f, "a blob key has %zu bytes", k.mv_size);
 			continue;
 		}
 		b3_to_hex(k.mv_data, hex);
-		bi.size = le64_get(v.mv_data);
-		bi.refcount = le64_get((uint8_t *)v.mv_data + 8);
+		if (index_blob_decode(f->ix, &v, &bi) != 0) {
+			problem(f, "blob %s: %s", hex, store_lasterr());
+			continue;
+		}
 		e = tab_find(f, k.mv_data, false);
 		if (!e || e->count != bi.refcount)
 			problem(f, "blob %s has reference count %llu but %llu jobs use it", hex,

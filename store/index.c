@@ -35,6 +35,7 @@
 
 #include <sodium.h>
 
+#include "blake3.h"
 #include "err.h"
 #include "fileutil.h"
 #include "index_i.h"
@@ -533,9 +534,15 @@ static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_
 	char idstr[JOB_ID_STR_LEN + 1];
 	int bad = 0;
 
+	uint8_t sum[RECORD_SUM_LEN];
+
 	memset(j, 0, sizeof(*j));
-	if (v->mv_size < RECORD_FIXED || memcmp(p, "RJ1", 4) != 0 || p[4] > JOB_CANCELLED ||
-	    p[5] > JOB_PRIO_HIGH)
+	if (v->mv_size < RECORD_FIXED + RECORD_SUM_LEN)
+		goto damaged;
+	end -= RECORD_SUM_LEN;
+	index_record_sum(p, v->mv_size - RECORD_SUM_LEN, sum);
+	if (memcmp(sum, end, RECORD_SUM_LEN) != 0 || memcmp(p, "RJ1", 4) != 0 ||
+	    p[4] > JOB_CANCELLED || p[5] > JOB_PRIO_HIGH)
 		goto damaged;
 	memcpy(j->id, id, JOB_ID_LEN);
 	j->status = p[4];
@@ -597,7 +604,7 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 {
 	const char *strs[6] = {j->route, j->name, j->media_type, j->device, j->error_code,
 			       j->error_message};
-	size_t total = RECORD_FIXED;
+	size_t total = RECORD_FIXED + RECORD_SUM_LEN;
 	uint8_t *buf, *p;
 	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
 	int rc;
@@ -633,6 +640,7 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	p = buf + RECORD_FIXED;
 	for (int i = 0; i < 6; i++)
 		p += put_str(p, strs[i]);
+	index_record_sum(buf, total - RECORD_SUM_LEN, p);
 	v.mv_size = total;
 	v.mv_data = buf;
 	rc = mdb_put(txn, ix->jobs, &k, &v, 0);
@@ -1207,25 +1215,58 @@ struct blobget_arg {
 	struct blob_info *out;
 };
 
+void index_record_sum(const void *data, size_t len, uint8_t out[RECORD_SUM_LEN])
+{
+	uint8_t h[B3_OUT_LEN];
+
+	b3_hash(data, len, h);
+	memcpy(out, h, RECORD_SUM_LEN);
+}
+
+int index_blob_decode(struct index *ix, const MDB_val *v, struct blob_info *out)
+{
+	const uint8_t *p = v->mv_data;
+	uint8_t sum[RECORD_SUM_LEN];
+	size_t mlen;
+
+	if (v->mv_size < 24 + RECORD_SUM_LEN || v->mv_size > BLOB_REC_MAX)
+		goto damaged;
+	mlen = v->mv_size - 24 - RECORD_SUM_LEN;
+	index_record_sum(p, v->mv_size - RECORD_SUM_LEN, sum);
+	if (memcmp(sum, p + v->mv_size - RECORD_SUM_LEN, RECORD_SUM_LEN) != 0 ||
+	    memchr(p + 24, '\0', mlen))
+		goto damaged;
+	out->size = le64_get(p);
+	out->refcount = le64_get(p + 8);
+	out->created_ms = le64_get(p + 16);
+	memcpy(out->media_type, p + 24, mlen);
+	out->media_type[mlen] = '\0';
+	return 0;
+damaged:
+	return store_seterr(STORE_E_INDEX, "damaged blob record in '%s/data.mdb'", ix->dir);
+}
+
+size_t index_blob_encode(const struct blob_info *b, uint8_t out[BLOB_REC_MAX])
+{
+	size_t mlen = strnlen(b->media_type, 127);
+
+	le64_put(out, b->size);
+	le64_put(out + 8, b->refcount);
+	le64_put(out + 16, b->created_ms);
+	memcpy(out + 24, b->media_type, mlen);
+	index_record_sum(out, 24 + mlen, out + 24 + mlen);
+	return 24 + mlen + RECORD_SUM_LEN;
+}
+
 static int blobget_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct blobget_arg *a = arg;
 	MDB_val k = {INDEX_HASH_LEN, (void *)a->hash}, v;
-	size_t mlen;
 	int rc = mdb_get(txn, ix->blobs, &k, &v);
 
 	if (rc)
 		return index_lmdb_err(ix, rc, "read blob");
-	mlen = v.mv_size - 24;
-	if (v.mv_size < 24 || mlen >= sizeof(a->out->media_type))
-		return store_seterr(STORE_E_INDEX, "damaged blob record in '%s/data.mdb'",
-				    ix->dir);
-	a->out->size = le64_get(v.mv_data);
-	a->out->refcount = le64_get((uint8_t *)v.mv_data + 8);
-	a->out->created_ms = le64_get((uint8_t *)v.mv_data + 16);
-	memcpy(a->out->media_type, (uint8_t *)v.mv_data + 24, mlen);
-	a->out->media_type[mlen] = '\0';
-	return 0;
+	return index_blob_decode(ix, &v, a->out);
 }
 
 int index_blob_get(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], struct blob_info *out)

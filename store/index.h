@@ -57,12 +57,17 @@
  *   152    8    output size
  *   160    ...  strings, each a u32 length then the bytes, in this order:
  *               route, name, media type, device, error code, error message
+ *   end-8  8    checksum: the first 8 bytes of the BLAKE3 of all before it
  *
  * BLOB RECORD (value in "blobs"):
  *   0      8    size in bytes
  *   8      8    reference count (jobs whose output it is)
  *   16     8    created_at, ms
- *   24     ...  media type (rest of the value, no NUL)
+ *   24     ...  media type (no NUL, at most 127 bytes)
+ *   end-8  8    checksum, as in job records
+ *
+ * LMDB has no checksums of its own: the record checksums turn a damaged
+ * value into an error (STORE_E_INDEX) instead of wrong data.
  *
  * SCHEDULING: claims take the smallest queue key of a group: highest
  * priority first, then the smallest fair-share round, then the oldest id.
@@ -266,6 +271,13 @@ int index_digest_put(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
 
 /* Number of queued jobs in a group. */
 int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n);
+
+/*
+ * How many jobs will start before this queued one in its group (SPEC §3
+ * `position`). Counts queue entries ahead of it, so it costs time in
+ * proportion to the answer. STORE_E_STATE when the job is not queued.
+ */
+int index_queue_position(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t *pos);
 
 /* ---- blobs ---- */
 

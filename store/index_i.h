@@ -95,6 +95,16 @@ static inline uint32_t le32_get(const uint8_t *p)
 	       (uint32_t)p[3] << 24;
 }
 
+#define RECORD_SUM_LEN 8
+#define BLOB_REC_MAX (24 + 127 + RECORD_SUM_LEN)
+
+/* First 8 bytes of the BLAKE3 of data: the record checksum. */
+void index_record_sum(const void *data, size_t len, uint8_t out[RECORD_SUM_LEN]);
+
+/* Blob records (index.h): decode checks length and checksum. */
+int index_blob_decode(struct index *ix, const MDB_val *v, struct blob_info *out);
+size_t index_blob_encode(const struct blob_info *b, uint8_t out[BLOB_REC_MAX]);
+
 /* index_check.c: walk the B-tree of an LMDB data file (see there). */
 int index_check_tree(const char *path, unsigned psize, off_t meta_off, uint64_t last_pg);
 

@@ -11,6 +11,7 @@
  * recovery after a crash touches only them.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -255,46 +256,39 @@ static int blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_
 		    const char *media_type, int delta, bool *freed)
 {
 	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v;
-	uint8_t rec[24 + 127];
-	size_t mlen = strlen(media_type);
-	uint64_t refs = 0, created = now_ms();
+	uint8_t rec[BLOB_REC_MAX];
+	struct blob_info b = {0};
 	int rc = mdb_get(txn, ix->blobs, &k, &v);
 
 	if (rc && rc != MDB_NOTFOUND)
 		return index_lmdb_err(ix, rc, "read blob");
 	if (rc == 0) {
-		if (v.mv_size < 24 || v.mv_size > sizeof(rec))
-			return store_seterr(STORE_E_INDEX, "damaged blob record in '%s'", ix->dir);
-		if (delta > 0 && le64_get(v.mv_data) != size)
+		if ((rc = index_blob_decode(ix, &v, &b)) != 0)
+			return rc;
+		if (delta > 0 && b.size != size)
 			return store_seterr(STORE_E_CORRUPT,
 					    "blob size %llu differs from the indexed %llu",
-					    (unsigned long long)size,
-					    (unsigned long long)le64_get(v.mv_data));
-		memcpy(rec, v.mv_data, v.mv_size);
-		mlen = v.mv_size - 24;
-		refs = le64_get(rec + 8);
-		created = le64_get(rec + 16);
+					    (unsigned long long)size, (unsigned long long)b.size);
 	} else if (delta < 0) {
 		return store_seterr(STORE_E_INDEX, "output blob missing from the index in '%s'",
 				    ix->dir);
 	} else {
-		if (mlen > sizeof(rec) - 24)
+		if (strlen(media_type) >= sizeof(b.media_type))
 			return store_seterr(-EINVAL, "media type too long");
-		le64_put(rec, size);
-		memcpy(rec + 24, media_type, mlen);
+		b.size = size;
+		b.created_ms = now_ms();
+		snprintf(b.media_type, sizeof(b.media_type), "%s", media_type);
 	}
-	if (delta < 0 && refs == 0)
+	if (delta < 0 && b.refcount == 0)
 		return store_seterr(STORE_E_INDEX, "blob reference count underflow in '%s'",
 				    ix->dir);
-	refs = refs + (uint64_t)(int64_t)delta;
-	if (refs == 0) {
+	b.refcount += (uint64_t)(int64_t)delta;
+	if (b.refcount == 0) {
 		*freed = true;
 		rc = mdb_del(txn, ix->blobs, &k, NULL);
 		return rc ? index_lmdb_err(ix, rc, "delete blob") : 0;
 	}
-	le64_put(rec + 8, refs);
-	le64_put(rec + 16, created);
-	v.mv_size = 24 + mlen;
+	v.mv_size = index_blob_encode(&b, rec);
 	v.mv_data = rec;
 	rc = mdb_put(txn, ix->blobs, &k, &v, 0);
 	return rc ? index_lmdb_err(ix, rc, "write blob") : 0;
@@ -600,6 +594,57 @@ int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n)
 	rc = depth_fn(ix, txn, &a);
 	mdb_txn_abort(txn);
 	*n = a.n;
+	return rc;
+}
+
+struct position_arg {
+	const uint8_t *id;
+	uint64_t pos;
+};
+
+static int position_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct position_arg *a = arg;
+	uint8_t qk[QUEUE_KEY_LEN];
+	MDB_cursor *cur;
+	MDB_val k, v;
+	struct job j;
+	int rc = index_get_job(ix, txn, a->id, &j);
+
+	if (rc)
+		return rc;
+	if (j.status != JOB_QUEUED) {
+		rc = state_err(&j, "give the queue position of");
+		job_release(&j);
+		return rc;
+	}
+	queue_key(&j, qk);
+	job_release(&j);
+	if ((rc = mdb_cursor_open(txn, ix->queue, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "queue position");
+	k.mv_size = 1;
+	k.mv_data = qk; /* the group byte: the group's first entry */
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (k.mv_size != QUEUE_KEY_LEN || memcmp(k.mv_data, qk, QUEUE_KEY_LEN) >= 0)
+			break;
+		a->pos++;
+	}
+	mdb_cursor_close(cur);
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "queue position");
+}
+
+int index_queue_position(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t *pos)
+{
+	struct position_arg a = {id, 0};
+	MDB_txn *txn;
+	int rc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "begin read");
+	rc = position_fn(ix, txn, &a);
+	mdb_txn_abort(txn);
+	*pos = a.pos;
 	return rc;
 }
 

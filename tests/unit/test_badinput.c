@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "fileutil.h"
 #include "store.h"
 
 static char base[64], pristine[128];
@@ -245,6 +246,64 @@ static void test_random_flips(void)
 	CHECK(opened + refused == trials, "every flip opened or was refused with a message");
 }
 
+/* A flip inside a job record's value: the structure is sound, the record
+ * checksum catches it, reads and fsck name the file. */
+static void test_record_flip(void)
+{
+	char dir[128], data[200], *bytes, out[16384];
+	size_t len;
+	uint8_t page[400][16];
+	size_t n, damaged = 0, good = 0;
+
+	snprintf(dir, sizeof(dir), "%s/record", base);
+	snprintf(data, sizeof(data), "%s/index/data.mdb", dir);
+	copy_store(dir);
+	/* Job 7's record, found by its request digest (at offset 88). LMDB
+	 * is copy-on-write: freed pages may hold stale copies, so every copy
+	 * is damaged, the live one among them. */
+	const char *req7 = "{\"prompt\":\"job 7\"}";
+	uint8_t digest[32];
+	int copies = 0;
+	b3_hash(req7, strlen(req7), digest);
+	REQUIRE(file_read_small(data, 1 << 26, &bytes, &len) == 0, "read");
+	int fd = open(data, O_RDWR);
+	for (char *q = bytes; (q = memmem(q, len - (size_t)(q - bytes), digest, 32)) != NULL;
+	     q++) {
+		if (q - bytes < 88 || memcmp(q - 88, "RJ1\0", 4) != 0)
+			continue;
+		off_t off = (q - 88 - bytes) + 36; /* inside created_at */
+		uint8_t b = (uint8_t)bytes[off] ^ 0x01;
+		REQUIRE(pwrite(fd, &b, 1, off) == 1, "write");
+		copies++;
+	}
+	close(fd);
+	free(bytes);
+	REQUIRE(copies >= 1, "job 7's record not found");
+
+	struct store_options opt = {0};
+	struct store *st;
+	REQUIRE(store_open(dir, &opt, &st) == 0, "open: %s", store_lasterr());
+	for (int r = 0; r < 2; r++) {
+		const char *route = r ? "image/synth/default/t2i" : "video/synth/default/t2v";
+		REQUIRE(index_list_by_route(store_index(st), route, NULL, 400, page, &n) == 0, "list");
+		for (size_t i = 0; i < n; i++) {
+			struct job j;
+			int rc = index_job_get(store_index(st), page[i], &j);
+			if (rc == 0) {
+				good++;
+				job_release(&j);
+			} else if (rc == STORE_E_INDEX && strstr(store_lasterr(), data) &&
+				   strstr(store_lasterr(), "damaged record")) {
+				damaged++;
+			}
+		}
+	}
+	store_close(st);
+	CHECK(damaged == 1 && good == 299, "damaged %zu good %zu", damaged, good);
+	CHECK(fsck_run(dir, out, sizeof(out)) == 1 && strstr(out, "damaged record"),
+	      "fsck: %s", out);
+}
+
 static void test_keys(void)
 {
 	char dir[128], keydir[160], cmd[400];
@@ -288,6 +347,7 @@ int main(void)
 	test_foreign();
 	test_meta_flips();
 	test_random_flips();
+	test_record_flip();
 	test_keys();
 	rm_rf(base);
 	return check_done("test_badinput");

@@ -251,9 +251,17 @@ static void test_queue_order(void)
 	REQUIRE(index_job_create(ix, &c, g1, NULL) == 0, "group 1");
 	CHECK(index_queue_depth(ix, 0, &depth) == 0 && depth == 3, "depth %llu",
 	      (unsigned long long)depth);
+	uint64_t pos;
+	CHECK(index_queue_position(ix, high, &pos) == 0 && pos == 0, "high position %llu",
+	      (unsigned long long)pos);
+	CHECK(index_queue_position(ix, normal, &pos) == 0 && pos == 1, "normal position");
+	CHECK(index_queue_position(ix, low, &pos) == 0 && pos == 2, "low position");
+	CHECK(index_queue_position(ix, g1, &pos) == 0 && pos == 0, "other group's position");
 	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim 1");
 	CHECK(memcmp(j.id, high, 16) == 0, "high first");
 	job_release(&j);
+	CHECK(index_queue_position(ix, high, &pos) == STORE_E_STATE, "running job has no position");
+	CHECK(index_queue_position(ix, low, &pos) == 0 && pos == 1, "low moved up");
 	/* raising the low job's priority reorders it */
 	CHECK(index_job_set_priority(ix, low, JOB_PRIO_HIGH) == 0, "set priority");
 	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim 2");
@@ -279,14 +287,16 @@ static void test_queue_order(void)
 		job_release(&j);
 	}
 	REQUIRE(create("f/a/b/c", 20, JOB_PRIO_NORMAL, "{\"other\":1}", small) == 0, "small");
-	int pos = -1;
+	int at = -1;
+	CHECK(index_queue_position(ix, small, &pos) == 0 && pos <= 1,
+	      "the other owner's job is at position %llu", (unsigned long long)pos);
 	for (int i = 0; i < 3; i++) {
 		REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim");
 		if (memcmp(j.id, small, 16) == 0)
-			pos = i;
+			at = i;
 		job_release(&j);
 	}
-	CHECK(pos >= 0 && pos <= 1, "the other owner's job ran at claim %d, not within 2", pos);
+	CHECK(at >= 0 && at <= 1, "the other owner's job ran at claim %d, not within 2", at);
 	/* Two owners with many jobs alternate. */
 	uint8_t a_ids[6][16], b_ids[6][16];
 	while (index_job_claim(ix, 0, &j) == 0)
