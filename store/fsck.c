@@ -43,29 +43,34 @@ struct fsck {
 	size_t cap, len;
 };
 
+static void vreport(struct fsck *f, const char *kind, const char *fmt, va_list ap)
+{
+	fprintf(f->out, "%s: ", kind);
+	vfprintf(f->out, fmt, ap);
+	fputc('\n', f->out);
+}
+
+/* Something a crash must never cause: counted, and fsck exits 1. */
 static void problem(struct fsck *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void problem(struct fsck *f, const char *fmt, ...)
 {
 	va_list ap;
 
-	fputs("problem: ", f->out);
 	va_start(ap, fmt);
-	vfprintf(f->out, fmt, ap);
+	vreport(f, "problem", fmt, ap);
 	va_end(ap);
-	fputc('\n', f->out);
 	f->problems++;
 }
 
+/* A harmless leftover that the next store_open() cleans up. */
 static void note(struct fsck *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void note(struct fsck *f, const char *fmt, ...)
 {
 	va_list ap;
 
-	fputs("note: ", f->out);
 	va_start(ap, fmt);
-	vfprintf(f->out, fmt, ap);
+	vreport(f, "note", fmt, ap);
 	va_end(ap);
-	fputc('\n', f->out);
 }
 
 static struct refcount_entry *tab_find(struct fsck *f, const uint8_t *hash, bool insert)

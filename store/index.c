@@ -355,12 +355,7 @@ int index_open(const char *dir, const struct index_options *opt, struct index **
 	*out = ix;
 	return 0;
 fail:
-	if (ix->env)
-		mdb_env_close(ix->env);
-	pthread_mutex_destroy(&ix->wmu);
-	pthread_cond_destroy(&ix->wcond);
-	pthread_cond_destroy(&ix->gcond);
-	free(ix);
+	index_close(ix);
 	return rc;
 }
 
@@ -368,7 +363,8 @@ void index_close(struct index *ix)
 {
 	if (!ix)
 		return;
-	mdb_env_close(ix->env);
+	if (ix->env)
+		mdb_env_close(ix->env);
 	pthread_mutex_destroy(&ix->wmu);
 	pthread_cond_destroy(&ix->wcond);
 	pthread_cond_destroy(&ix->gcond);
@@ -658,8 +654,7 @@ int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], 
 	return decode_job(ix, id, &v, j);
 }
 
-/* Run fn in a read-only transaction. */
-static int index_read(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
+int index_read(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
 {
 	MDB_txn *txn;
 	int rc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn);

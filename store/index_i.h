@@ -48,6 +48,9 @@ struct index {
  * callers. Returns fn's result, or the commit's error. */
 int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg);
 
+/* Run fn(ix, txn, arg) in a read-only transaction; returns fn's result. */
+int index_read(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg);
+
 /* LMDB result -> store code, recording a message. */
 int index_lmdb_err(struct index *ix, int rc, const char *what);
 

@@ -586,13 +586,8 @@ static int depth_fn(struct index *ix, MDB_txn *txn, void *arg)
 int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n)
 {
 	struct depth_arg a = {group, 0};
-	MDB_txn *txn;
-	int rc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn);
+	int rc = index_read(ix, depth_fn, &a);
 
-	if (rc)
-		return index_lmdb_err(ix, rc, "begin read");
-	rc = depth_fn(ix, txn, &a);
-	mdb_txn_abort(txn);
 	*n = a.n;
 	return rc;
 }
@@ -637,13 +632,8 @@ static int position_fn(struct index *ix, MDB_txn *txn, void *arg)
 int index_queue_position(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t *pos)
 {
 	struct position_arg a = {id, 0};
-	MDB_txn *txn;
-	int rc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn);
+	int rc = index_read(ix, position_fn, &a);
 
-	if (rc)
-		return index_lmdb_err(ix, rc, "begin read");
-	rc = position_fn(ix, txn, &a);
-	mdb_txn_abort(txn);
 	*pos = a.pos;
 	return rc;
 }
