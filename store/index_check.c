@@ -56,6 +56,7 @@ struct walk {
 	uint64_t npages; /* pages that must exist: last_pg + 1 */
 	unsigned psize;
 	uint8_t *seen; /* one bit per page */
+	uint8_t *used; /* one byte per byte of the page being checked */
 	const char *path;
 	char why[160];
 };
@@ -106,23 +107,93 @@ static int check_db_record(struct walk *w, const uint8_t *rec, int depth, bool i
 	return 0;
 }
 
-/* Mark bytes [off, off + len) of a page as used by a node; -1 on overlap. */
-static int cover(uint8_t *used, unsigned off, unsigned len)
+/* Size a node takes in its page, as LMDB computes it (even-rounded). */
+static unsigned node_size(const uint8_t *node, bool branch)
 {
-	for (unsigned b = off; b < off + len; b++) {
-		if (used[b / 8] & (1 << (b % 8)))
-			return -1;
-		used[b / 8] |= (uint8_t)(1 << (b % 8));
+	unsigned ksize = u16(node + 6);
+	uint64_t dsize = (uint64_t)u16(node) | (uint64_t)u16(node + 2) << 16;
+
+	if (branch)
+		return (NODEHDR + ksize + 1u) & ~1u;
+	if (u16(node + 4) & F_BIGDATA)
+		dsize = 8; /* an overflow page number */
+	if (dsize > 65536)
+		return UINT32_MAX / 2; /* cannot fit: caught by the caller */
+	return (unsigned)((NODEHDR + ksize + dsize + 1) & ~(uint64_t)1);
+}
+
+/* Pass 1: every node lies inside the page, nodes do not overlap, and they
+ * fill the space between upper and the end of the page exactly. */
+static int check_placement(struct walk *w, uint64_t pg, const uint8_t *p, unsigned n,
+			   unsigned upper, bool branch)
+{
+	unsigned total = 0;
+
+	memset(w->used + upper, 0, w->psize - upper);
+	for (unsigned i = 0; i < n; i++) {
+		unsigned off = u16(p + PAGEHDR + 2 * i), size;
+
+		if (off < upper || off + NODEHDR > w->psize)
+			return bad(w, pg, "node offset out of range");
+		if (!branch && (u16(p + off + 4) & ~(F_BIGDATA | F_SUBDATA)))
+			return bad(w, pg, "unexpected node flags");
+		size = node_size(p + off, branch);
+		if (size > w->psize - off)
+			return bad(w, pg, "node runs past the page");
+		if (memchr(w->used + off, 1, size))
+			return bad(w, pg, "nodes overlap");
+		memset(w->used + off, 1, size);
+		total += size;
+	}
+	if (total != w->psize - upper)
+		return bad(w, pg, "node sizes do not add up to the page's used space");
+	return 0;
+}
+
+/* Pass 2 for a leaf node whose placement is checked: what its data names. */
+static int check_leaf_data(struct walk *w, uint64_t pg, const uint8_t *node, bool is_free)
+{
+	unsigned ksize = u16(node + 6);
+	uint16_t nflags = u16(node + 4);
+	uint64_t dsize = (uint64_t)u16(node) | (uint64_t)u16(node + 2) << 16;
+	const uint8_t *d = node + NODEHDR + ksize;
+
+	if (nflags & F_BIGDATA) {
+		uint64_t ov = le64_get(d);
+		const uint8_t *op;
+		uint32_t pages;
+
+		if (ov < 2 || ov >= w->npages)
+			return bad(w, pg, "overflow page outside the file");
+		op = w->map + ov * w->psize;
+		pages = (uint32_t)(op[12] | op[13] << 8 | op[14] << 16 | (uint32_t)op[15] << 24);
+		if (le64_get(op) != ov || !(u16(op + 10) & P_OVERFLOW) ||
+		    (uint64_t)pages * w->psize < dsize + PAGEHDR)
+			return bad(w, ov, "damaged overflow page");
+		return claim_pages(w, ov, pages);
+	}
+	if (nflags & F_SUBDATA) {
+		if (dsize != DBREC)
+			return bad(w, pg, "damaged database record");
+		return check_db_record(w, d, 0, false);
+	}
+	if (is_free) {
+		/* A list of free page numbers, led by its count. */
+		if (dsize % 8 || dsize < 8 || le64_get(d) > dsize / 8 - 1)
+			return bad(w, pg, "damaged freelist entry");
+		for (uint64_t k = 1; k <= le64_get(d); k++)
+			if (le64_get(d + 8 * k) >= w->npages || le64_get(d + 8 * k) < 2)
+				return bad(w, pg, "freelist names a page outside the file");
 	}
 	return 0;
 }
 
 static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *leaf_depth)
 {
-	uint8_t used[65536 / 8];
 	const uint8_t *p;
 	uint16_t flags, lower, upper;
-	unsigned n, total = 0;
+	unsigned n;
+	bool branch;
 
 	if (depth > MAX_DEPTH)
 		return bad(w, pg, "tree too deep");
@@ -134,92 +205,33 @@ static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *
 	flags = u16(p + 10) & 0x7f;
 	lower = u16(p + 12);
 	upper = u16(p + 14);
-	if ((flags & ~(P_BRANCH | P_LEAF)) || (flags & (P_BRANCH | P_LEAF)) == 0 ||
-	    (flags & (P_BRANCH | P_LEAF)) == (P_BRANCH | P_LEAF))
+	if (flags != P_BRANCH && flags != P_LEAF)
 		return bad(w, pg, "not a branch or leaf page");
+	branch = flags == P_BRANCH;
 	if (lower < PAGEHDR || lower > upper || upper > w->psize || (lower - PAGEHDR) % 2)
 		return bad(w, pg, "page bounds out of range");
 	n = (lower - PAGEHDR) / 2u;
-	if ((flags & P_BRANCH) && n == 0)
+	if (branch && n == 0)
 		return bad(w, pg, "empty branch page");
-	if (flags & P_LEAF) {
+	if (!branch) {
 		if (*leaf_depth >= 0 && *leaf_depth != depth)
 			return bad(w, pg, "leaves at different depths");
 		*leaf_depth = depth;
 	}
-	memset(used, 0, w->psize / 8);
+	if (check_placement(w, pg, p, n, upper, branch) != 0)
+		return -1;
 	for (unsigned i = 0; i < n; i++) {
-		unsigned off = u16(p + PAGEHDR + 2 * i);
-		const uint8_t *node = p + off;
-		unsigned ksize;
-		uint64_t dsize;
+		const uint8_t *node = p + u16(p + PAGEHDR + 2 * i);
 
-		if (off < upper || off + NODEHDR > w->psize)
-			return bad(w, pg, "node offset out of range");
-		ksize = u16(node + 6);
-		if (off + NODEHDR + ksize > w->psize)
-			return bad(w, pg, "key runs past the page");
-		if (flags & P_BRANCH) {
+		if (branch) {
 			uint64_t child = (uint64_t)u16(node) | (uint64_t)u16(node + 2) << 16 |
 					 (uint64_t)u16(node + 4) << 32;
-			unsigned size = (NODEHDR + ksize + 1u) & ~1u;
-
-			if (off + size > w->psize || cover(used, off, size) != 0)
-				return bad(w, pg, "nodes overlap");
-			total += size;
 			if (walk_tree(w, child, depth + 1, is_free, leaf_depth) != 0)
 				return -1;
-			continue;
-		}
-		uint16_t nflags = u16(node + 4);
-		dsize = (uint64_t)u16(node) | (uint64_t)u16(node + 2) << 16;
-		if (nflags & ~(F_BIGDATA | F_SUBDATA))
-			return bad(w, pg, "unexpected node flags");
-		/* The node's footprint in the page, as LMDB computes it. */
-		uint64_t in_page = NODEHDR + ksize + ((nflags & F_BIGDATA) ? 8 : dsize);
-		in_page = (in_page + 1) & ~(uint64_t)1;
-		if (off + in_page > w->psize || cover(used, off, (unsigned)in_page) != 0)
-			return bad(w, pg, "nodes overlap or run past the page");
-		total += (unsigned)in_page;
-		if (nflags & F_BIGDATA) {
-			uint64_t ov;
-			const uint8_t *op;
-
-			if (off + NODEHDR + ksize + 8 > w->psize)
-				return bad(w, pg, "overflow reference runs past the page");
-			ov = le64_get(node + NODEHDR + ksize);
-			if (ov < 2 || ov >= w->npages)
-				return bad(w, pg, "overflow page outside the file");
-			op = w->map + ov * w->psize;
-			uint32_t pages = (uint32_t)(op[12] | op[13] << 8 | op[14] << 16 |
-						    (uint32_t)op[15] << 24);
-			if (le64_get(op) != ov || !(u16(op + 10) & P_OVERFLOW) ||
-			    (uint64_t)pages * w->psize < dsize + PAGEHDR)
-				return bad(w, ov, "damaged overflow page");
-			if (claim_pages(w, ov, pages) != 0)
-				return -1;
-			continue;
-		}
-		if (off + NODEHDR + ksize + dsize > w->psize)
-			return bad(w, pg, "data runs past the page");
-		if (nflags & F_SUBDATA) {
-			if (dsize != DBREC)
-				return bad(w, pg, "damaged database record");
-			if (check_db_record(w, node + NODEHDR + ksize, depth, false) != 0)
-				return -1;
-		} else if (is_free) {
-			/* A list of free page numbers, led by its count. */
-			const uint8_t *d = node + NODEHDR + ksize;
-			if (dsize % 8 || dsize < 8 || le64_get(d) > dsize / 8 - 1)
-				return bad(w, pg, "damaged freelist entry");
-			for (uint64_t k = 1; k <= le64_get(d); k++)
-				if (le64_get(d + 8 * k) >= w->npages || le64_get(d + 8 * k) < 2)
-					return bad(w, pg, "freelist names a page outside the file");
+		} else if (check_leaf_data(w, pg, node, is_free) != 0) {
+			return -1;
 		}
 	}
-	/* Nodes tile the space between upper and the end of the page. */
-	if (total != w->psize - upper)
-		return bad(w, pg, "node sizes do not add up to the page's used space");
 	return 0;
 }
 
@@ -250,7 +262,10 @@ int index_check_tree(const char *path, unsigned psize, off_t meta_off, uint64_t 
 	w.psize = psize;
 	w.path = path;
 	w.seen = calloc((size_t)(w.npages / 8 + 1), 1);
-	if (!w.seen) {
+	w.used = malloc(psize);
+	if (!w.seen || !w.used) {
+		free(w.seen);
+		free(w.used);
 		munmap(map, (size_t)sb.st_size);
 		return -ENOMEM;
 	}
@@ -259,6 +274,7 @@ int index_check_tree(const char *path, unsigned psize, off_t meta_off, uint64_t 
 	    check_db_record(&w, meta + 24 + DBREC, 0, false) != 0)
 		rc = store_seterr(STORE_E_INDEX, "'%s' is damaged (%s)", path, w.why);
 	free(w.seen);
+	free(w.used);
 	munmap(map, (size_t)sb.st_size);
 	return rc;
 }
