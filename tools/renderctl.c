@@ -6,6 +6,8 @@
  *   renderctl keygen --store STORE  rotate a store's signing key
  *   renderctl verify FILE [--sig SIG] [--pub PUB]
  *   renderctl gc STORE            collect unreferenced blobs
+ *   renderctl render ROUTE REQUEST.json|- -o OUT [--threads N] [--cpu]
+ *                                 run a built-in backend in this process
  *
  * The submit/wait commands join when the filesystem exists.
  */
@@ -21,6 +23,7 @@
 
 #include "fileutil.h"
 #include "store.h"
+#include "synth.h"
 
 static const char *prog = "renderctl";
 
@@ -38,8 +41,11 @@ static int usage(FILE *to, int code)
 		"                                  check FILE's signature (default FILE.minisig;\n"
 		"                                  key: PUB, else render.pub or keys/<KEYID>.pub\n"
 		"                                  found in FILE's folder or above)\n"
-		"  gc STORE                        remove blob files nothing refers to\n",
-		prog);
+		"  gc STORE                        remove blob files nothing refers to\n"
+		"  render ROUTE REQUEST.json|- -o OUT [--threads N] [--cpu]\n"
+		"                                  run a built-in route (%s, %s)\n"
+		"                                  here, without a mount\n",
+		prog, SYNTH_ROUTE_IMAGE, SYNTH_ROUTE_VIDEO);
 	return code;
 }
 
@@ -306,6 +312,89 @@ static int cmd_gc(int argc, char **argv)
 	return rc ? 1 : 0;
 }
 
+static void show_progress(void *arg, int32_t done, int32_t total)
+{
+	(void)arg;
+	fprintf(stderr, "\rrendering: %d/%d frames (%d%%)", done, total,
+		(int)((int64_t)done * 100 / total));
+	if (done == total)
+		fputc('\n', stderr);
+}
+
+static int cmd_render(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{"output", required_argument, NULL, 'o'},
+		{"threads", required_argument, NULL, 't'},
+		{"cpu", no_argument, NULL, 'c'},
+		{NULL, 0, NULL, 0},
+	};
+	struct synth_options so = {0, true, NULL, NULL};
+	struct synth_request r;
+	const char *out = NULL, *route, *reqpath;
+	char err[512], device[320], *text = NULL;
+	size_t len = 0;
+	int c, rc;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "o:t:c", opts, NULL)) != -1) {
+		if (c == 'o')
+			out = optarg;
+		else if (c == 't')
+			so.threads = (unsigned)atoi(optarg);
+		else if (c == 'c')
+			so.allow_gpu = false;
+		else
+			return usage(stderr, 2);
+	}
+	if (!out || optind != argc - 2)
+		return usage(stderr, 2);
+	route = argv[optind];
+	reqpath = argv[optind + 1];
+	if (strcmp(reqpath, "-") == 0) {
+		size_t cap = 0;
+		ssize_t n;
+		FILE *in = stdin;
+		char *line = NULL;
+		while ((n = getline(&line, &cap, in)) > 0) {
+			char *grown = realloc(text, len + (size_t)n + 1);
+			if (!grown || len + (size_t)n > (1u << 20)) {
+				fprintf(stderr, "%s: request larger than 1 MiB\n", prog);
+				free(grown ? grown : text);
+				free(line);
+				return 1;
+			}
+			text = grown;
+			memcpy(text + len, line, (size_t)n);
+			len += (size_t)n;
+			text[len] = '\0';
+		}
+		free(line);
+		if (!text)
+			text = strdup("");
+	} else if (file_read_small(reqpath, 1u << 20, &text, &len) != 0) {
+		fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+		return 1;
+	}
+	rc = synth_parse(route, text, len, &r, err, sizeof(err));
+	free(text);
+	if (rc) {
+		fprintf(stderr, "%s: invalid request: %s\n", prog, err);
+		return 1;
+	}
+	if (isatty(STDERR_FILENO))
+		so.progress = show_progress;
+	rc = synth_render_file(&r, out, &so, device, sizeof(device), err, sizeof(err));
+	if (rc == 0)
+		printf("%s: %dx%d, %d frame%s, seed %u, %s, on %s\n", out, r.width, r.height,
+		       r.num_frames, r.num_frames == 1 ? "" : "s", r.seed,
+		       enc_media_type(r.format), device);
+	else
+		fprintf(stderr, "%s: %s\n", prog, err);
+	synth_request_release(&r);
+	return rc ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2)
@@ -320,6 +409,8 @@ int main(int argc, char **argv)
 		return cmd_verify(argc - 1, argv + 1);
 	if (strcmp(argv[1], "gc") == 0)
 		return cmd_gc(argc - 1, argv + 1);
+	if (strcmp(argv[1], "render") == 0)
+		return cmd_render(argc - 1, argv + 1);
 	fprintf(stderr, "%s: unknown command '%s'\n", prog, argv[1]);
 	return usage(stderr, 2);
 }
