@@ -3,7 +3,9 @@
  * k_pixel() (scene.h). The reference the CUDA path is compared against.
  *
  * Threads share nothing but read-only inputs and write disjoint rows, so
- * any thread count gives the same bytes.
+ * any thread count gives the same bytes. Rows are dealt round-robin rather
+ * than in bands: the cost of a row depends on what crosses it (clouds,
+ * sea, city), and contiguous bands left one thread idle.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -11,12 +13,15 @@
 
 #include "kernels.h"
 
+/* Rows dealt to a thread at a time when rendering. */
+#define ROW_UNIT 8
+
 struct rows {
 	const struct k_scene *s;
 	const struct k_frame *f;
 	const uint8_t *rgb_in;
 	uint8_t *rgb, *y, *u, *v;
-	int32_t y0, y1; /* rows [y0, y1); for YUV, even-aligned pairs */
+	int32_t y0, stride; /* rows y0, y0 + stride, ...; for YUV, row pairs */
 };
 
 static void *render_rows(void *arg)
@@ -24,10 +29,11 @@ static void *render_rows(void *arg)
 	struct rows *r = arg;
 	const struct k_frame *f = r->f;
 
-	for (int32_t y = r->y0; y < r->y1; y++)
-		for (int32_t x = 0; x < f->width; x++)
-			k_pixel(r->s, x, y, f->width, f->height, f->frame, f->num_frames, f->fps,
-				r->rgb + ((size_t)y * f->width + x) * 3);
+	for (int32_t y0 = r->y0; y0 < f->height; y0 += r->stride)
+		for (int32_t y = y0; y < y0 + ROW_UNIT && y < f->height; y++)
+			for (int32_t x = 0; x < f->width; x++)
+				k_pixel(r->s, x, y, f->width, f->height, f->frame, f->num_frames,
+					f->fps, r->rgb + ((size_t)y * f->width + x) * 3);
 	return NULL;
 }
 
@@ -36,7 +42,7 @@ static void *yuv_rows(void *arg)
 	struct rows *r = arg;
 	int32_t w = r->f->width;
 
-	for (int32_t y = r->y0; y < r->y1; y += 2)
+	for (int32_t y = r->y0; y < r->f->height; y += r->stride)
 		for (int32_t x = 0; x < w; x += 2)
 			k_yuv_block(r->rgb_in, x, y, w, r->y, r->u, r->v, w / 2);
 	return NULL;
@@ -55,21 +61,21 @@ static unsigned thread_count(unsigned threads, int32_t rows)
 	return threads;
 }
 
-/* Run fn over [0, height) split in `threads` bands (of even height when
- * step is 2); the calling thread takes the last band. */
+/* Run fn over [0, height) with `threads` threads taking every threads-th
+ * unit of `step` rows; the calling thread takes the last share. */
 static void run_bands(void *(*fn)(void *), struct rows *proto, int32_t height, unsigned threads,
 		      int32_t step)
 {
 	struct rows r[64];
 	pthread_t tid[64];
 	bool started[64] = {false};
-	int32_t units = height / step;
+	int32_t units = (height + step - 1) / step;
 
 	threads = thread_count(threads, units);
 	for (unsigned i = 0; i < threads; i++) {
 		r[i] = *proto;
-		r[i].y0 = (int32_t)((int64_t)units * i / threads) * step;
-		r[i].y1 = (int32_t)((int64_t)units * (i + 1) / threads) * step;
+		r[i].y0 = (int32_t)i * step;
+		r[i].stride = (int32_t)threads * step;
 		if (i + 1 < threads)
 			started[i] = pthread_create(&tid[i], NULL, fn, &r[i]) == 0;
 	}
@@ -87,7 +93,7 @@ void k_render_cpu(const struct k_scene *s, const struct k_frame *f, uint8_t *rgb
 {
 	struct rows proto = {s, f, NULL, rgb, NULL, NULL, NULL, 0, 0};
 
-	run_bands(render_rows, &proto, f->height, threads, 1);
+	run_bands(render_rows, &proto, f->height, threads, ROW_UNIT);
 }
 
 void k_rgb_to_yuv420_cpu(const uint8_t *rgb, int32_t width, int32_t height, uint8_t *y,
