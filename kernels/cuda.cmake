@@ -4,7 +4,11 @@
 set(RENDERFS_CUDA AUTO CACHE STRING "build CUDA kernels: AUTO, ON or OFF")
 set_property(CACHE RENDERFS_CUDA PROPERTY STRINGS AUTO ON OFF)
 set(RENDERFS_HAVE_CUDA OFF)
-if(NOT RENDERFS_CUDA STREQUAL "OFF")
+# Sanitizer builds instrument C only; nvcc objects would not link with them,
+# and the CPU path is what they check.
+if(RENDERFS_SANITIZE)
+  message(STATUS "renderfs: sanitizer build, CUDA path not built")
+elseif(NOT RENDERFS_CUDA STREQUAL "OFF")
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)

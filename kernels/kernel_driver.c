@@ -33,7 +33,7 @@ static double now(void)
 static const uint64_t golden_fnv[K_GOLDEN_COUNT] = {
 	0xfb3dbb07fae90a25ull, 0x8079ff1b5de225aeull, 0x7a174b5870fbb1eaull,
 	0x84d964bd011c6e0eull, 0xe2e79d593183ee93ull, 0x7afb31b462886fd5ull,
-	0x0404fb67bc5a5774ull, 0x523ae32181dddac3ull, 0x3cfcab90257e5906ull,
+	0x37d8792ed93afd56ull, 0x523ae32181dddac3ull, 0x3cfcab90257e5906ull,
 	0xb152107acb4bbc51ull,
 };
 

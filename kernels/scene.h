@@ -242,7 +242,7 @@ KFN void k_pixel(const struct k_scene *s, int32_t x, int32_t y, int32_t w, int32
 		int32_t a = k_clampq(Q16 - (d < 0 ? -d : d) * 6);
 		a = (int32_t)((int64_t)a * k_noise2(u * 24, v * 3 - (t >> 2), seed ^ 0x3Cu) >> 16);
 		k_mix(c, 60, 255, 140, a);
-		k_mix(c, 170, 60, 255, (a * (Q16 - sky_t)) >> 18);
+		k_mix(c, 170, 60, 255, (int32_t)(((int64_t)a * (Q16 - sky_t)) >> 18));
 	}
 	if (L & K_STARS) {
 		int32_t cell = (w > h ? w : h) / 90 + 1;
