@@ -75,6 +75,17 @@ int k_gpu_render(struct k_gpu *g, const struct k_scene *s, const struct k_frame 
 		 int32_t count, uint8_t *rgb, uint8_t *yuv);
 const char *k_gpu_name(struct k_gpu *g);
 
+/* ---- measurement (kernels/rate.c) ---- */
+
+/* Megapixels per second of the CPU path over `frames` frames of w x h,
+ * best of three runs. */
+double k_cpu_rate(const struct k_scene *s, int32_t w, int32_t h, int32_t frames,
+		  unsigned threads);
+/* Megapixels per second of the GPU path at w x h, RGB and YUV copied back
+ * to the host, over 240 frames after a warm-up batch; negative on error.
+ * g must have been opened for at least w x h. */
+double k_gpu_rate(struct k_gpu *g, const struct k_scene *s, int32_t w, int32_t h);
+
 #ifdef __cplusplus
 }
 #endif
