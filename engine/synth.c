@@ -23,8 +23,6 @@
 
 #include "kernels.h"
 
-#define BATCH 8
-
 static int fail(char *err, size_t errlen, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 static int fail(char *err, size_t errlen, const char *fmt, ...)
@@ -259,7 +257,7 @@ int synth_render_file(const struct synth_request *r, const char *path,
 	k_scene_from_prompt(r->prompt, r->negative, r->seed, &p.scene);
 	snprintf(device, devlen, "cpu");
 	if (opt->allow_gpu && k_cuda_available() && k_gpu_open(0, r->width, r->height, &p.gpu) == 0) {
-		p.batch = BATCH;
+		p.batch = K_GPU_BATCH;
 		snprintf(device, devlen, "%s", k_gpu_name(p.gpu));
 	}
 	pthread_mutex_init(&p.mu, NULL);

@@ -62,6 +62,9 @@ void k_rgb_to_yuv420_cpu(const uint8_t *rgb, int32_t width, int32_t height, uint
  * clean fallback. */
 bool k_cuda_available(void);
 
+/* Frames a GPU renders per launch; callers size their batches with it. */
+#define K_GPU_BATCH 8
+
 /* Per-worker GPU state: device buffers allocated once and reused. */
 struct k_gpu;
 

@@ -18,8 +18,6 @@
 
 #include "kernels.h"
 
-#define K_GPU_BATCH 8
-
 struct k_gpu {
 	int device;
 	int32_t max_w, max_h;

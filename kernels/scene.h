@@ -159,6 +159,15 @@ KFN void k_mixc(int32_t c[3], const uint8_t col[3], int32_t t)
 	k_mix(c, col[0], col[1], col[2], t);
 }
 
+/* c = the colour t (Q16) of the way from (r0, g0, b0) to (r1, g1, b1). */
+KFN void k_grad(int32_t c[3], int32_t r0, int32_t g0, int32_t b0, int32_t r1, int32_t g1,
+		int32_t b1, int32_t t)
+{
+	c[0] = k_lerp(r0, r1, t);
+	c[1] = k_lerp(g0, g1, t);
+	c[2] = k_lerp(b0, b1, t);
+}
+
 /* |p - q|^2 in Q16 units, with x scaled by the aspect ratio (Q16). */
 KFN int64_t k_dist2(int32_t px, int32_t py, int32_t qx, int32_t qy, int32_t aspect)
 {
@@ -217,9 +226,8 @@ KFN void k_pixel(const struct k_scene *s, int32_t x, int32_t y, int32_t w, int32
 
 	/* Sky: vertical gradient; warmer near the horizon while the sun is low. */
 	int32_t sky_t = k_clampq((int32_t)((int64_t)v * Q16 / (hz > 0 ? hz : 1)));
-	c[0] = k_lerp(s->sky_top[0], s->sky_low[0], k_smooth(sky_t));
-	c[1] = k_lerp(s->sky_top[1], s->sky_low[1], k_smooth(sky_t));
-	c[2] = k_lerp(s->sky_top[2], s->sky_low[2], k_smooth(sky_t));
+	k_grad(c, s->sky_top[0], s->sky_top[1], s->sky_top[2], s->sky_low[0], s->sky_low[1],
+	       s->sky_low[2], k_smooth(sky_t));
 	if ((L & K_SUN) && (M & (K_M_SUNRISE | K_M_SUNSET))) {
 		int32_t low = k_clampq((sun_y - hz / 2) * 2); /* 0 high sun .. Q16 at horizon */
 		k_mix(c, 255, 120, 40, (int32_t)(((int64_t)low * sky_t >> 16) * 3 / 4));
@@ -289,9 +297,7 @@ KFN void k_pixel(const struct k_scene *s, int32_t x, int32_t y, int32_t w, int32
 		int32_t ridge = hz - Q16 / 5 - (k_fbm(u * 3, 0x777, seed ^ 0x3Fu, 5) >> 2) + Q16 / 8;
 		if (v > ridge) {
 			int32_t depth = k_clampq((v - ridge) * 4);
-			c[0] = k_lerp(70, 35, depth);
-			c[1] = k_lerp(80, 40, depth);
-			c[2] = k_lerp(110, 60, depth);
+			k_grad(c, 70, 80, 110, 35, 40, 60, depth);
 			if ((L & K_SNOW) && v < ridge + Q16 / 20)
 				k_mix(c, 245, 245, 255, Q16 - (v - ridge) * 20);
 		}
@@ -300,9 +306,7 @@ KFN void k_pixel(const struct k_scene *s, int32_t x, int32_t y, int32_t w, int32
 		int32_t ridge = hz - Q16 / 14 - (k_fbm(u * 2, 0x999, seed ^ 0x4Bu, 3) >> 3) + Q16 / 16;
 		if (v > ridge) {
 			int32_t depth = k_clampq((v - ridge) * 3);
-			c[0] = k_lerp(90, 40, depth);
-			c[1] = k_lerp(150, 90, depth);
-			c[2] = k_lerp(70, 40, depth);
+			k_grad(c, 90, 150, 70, 40, 90, 40, depth);
 		}
 	}
 	if (L & K_CITY) {
@@ -331,9 +335,7 @@ KFN void k_pixel(const struct k_scene *s, int32_t x, int32_t y, int32_t w, int32
 		int32_t top = hz + Q16 / 30 - (int32_t)((int64_t)tall * edge * 2 / tree_w);
 		if (v > top) {
 			int32_t depth = k_clampq((v - top) * 3);
-			c[0] = k_lerp(30, 10, depth);
-			c[1] = k_lerp(90, 40, depth);
-			c[2] = k_lerp(45, 20, depth);
+			k_grad(c, 30, 90, 45, 10, 40, 20, depth);
 		}
 	}
 	if (v > hz) {
@@ -366,9 +368,8 @@ KFN void k_pixel(const struct k_scene *s, int32_t x, int32_t y, int32_t w, int32
 			c[1] = 232 + (n >> 12) - (below >> 12);
 			c[2] = 245 - (below >> 13);
 		} else if (!(L & (K_FOREST | K_HILLS | K_MOUNTAINS | K_CITY | K_SPACE))) {
-			c[0] = k_lerp(s->ground[0], s->ground[0] / 2, below);
-			c[1] = k_lerp(s->ground[1], s->ground[1] / 2, below);
-			c[2] = k_lerp(s->ground[2], s->ground[2] / 2, below);
+			k_grad(c, s->ground[0], s->ground[1], s->ground[2], s->ground[0] / 2,
+			       s->ground[1] / 2, s->ground[2] / 2, below);
 		} else if (!(L & K_SPACE)) {
 			int32_t n = k_noise2(u * 20, v * 40, seed ^ 0x61u) >> 12;
 			c[0] = k_lerp(s->ground[0], 20, below) + n;

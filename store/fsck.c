@@ -160,12 +160,11 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 
 static void check_jobs(struct fsck *f, MDB_txn *txn)
 {
-	static uint64_t depth[INDEX_GROUPS];
+	uint64_t depth[INDEX_GROUPS] = {0}; /* queued jobs per group, counted here */
 	MDB_cursor *cur;
 	MDB_val k, v;
 	int rc;
 
-	memset(depth, 0, sizeof(depth));
 	if (mdb_cursor_open(txn, f->ix->jobs, &cur) != 0) {
 		problem(f, "cannot read the jobs database");
 		return;
