@@ -89,7 +89,7 @@ int main(void)
 
 	/* The pipeline as the backend runs it. */
 	struct synth_request r = {true, strdup(PROMPT), NULL, W, H, N, 24, 1, true, ENC_MP4};
-	struct synth_options o = {2, false, NULL, NULL};
+	struct synth_options o = {2, false, 0, NULL, NULL};
 	t0 = now();
 	if (synth_render_file(&r, path, &o, dev, sizeof(dev), err, sizeof(err)) != 0) {
 		fprintf(stderr, "%s\n", err);

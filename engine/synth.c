@@ -256,7 +256,7 @@ int synth_render_file(const struct synth_request *r, const char *path,
 	p.batch = 1;
 	k_scene_from_prompt(r->prompt, r->negative, r->seed, &p.scene);
 	snprintf(device, devlen, "cpu");
-	if (opt->allow_gpu && k_cuda_available() && k_gpu_open(0, r->width, r->height, &p.gpu) == 0) {
+	if (opt->allow_gpu && k_cuda_available() && k_gpu_open(opt->gpu, r->width, r->height, &p.gpu) == 0) {
 		p.batch = K_GPU_BATCH;
 		snprintf(device, devlen, "%s", k_gpu_name(p.gpu));
 	}
@@ -300,8 +300,11 @@ int synth_render_file(const struct synth_request *r, const char *path,
 				     : enc_put_yuv(e, y, y + ysz, y + ysz + ysz / 4);
 			if (rc)
 				snprintf(err, errlen, "encoding frame %d failed", first + i);
-			else if (opt->progress)
-				opt->progress(opt->progress_arg, first + i + 1, r->num_frames);
+			else if (opt->progress &&
+				 opt->progress(opt->progress_arg, first + i + 1, r->num_frames)) {
+				rc = -ECANCELED;
+				snprintf(err, errlen, "stopped after frame %d", first + i + 1);
+			}
 		}
 		pthread_mutex_lock(&p.mu);
 		p.state[slot] = SLOT_FREE;

@@ -36,11 +36,14 @@ int synth_parse(const char *route, const char *json, size_t len, struct synth_re
 		char *err, size_t errlen);
 void synth_request_release(struct synth_request *r);
 
-typedef void (*synth_progress_fn)(void *arg, int32_t done, int32_t total);
+/* Called after each encoded frame; a non-zero return stops the render,
+ * which then fails with -ECANCELED. */
+typedef int (*synth_progress_fn)(void *arg, int32_t done, int32_t total);
 
 struct synth_options {
 	unsigned threads;   /* CPU render threads; 0: one per core */
 	bool allow_gpu;	    /* use CUDA when a device exists */
+	int gpu;	    /* with allow_gpu: the CUDA device number */
 	synth_progress_fn progress;
 	void *progress_arg;
 };

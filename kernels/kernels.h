@@ -61,6 +61,8 @@ void k_rgb_to_yuv420_cpu(const uint8_t *rgb, int32_t width, int32_t height, uint
  * RENDERFS_FORCE_CPU is not set. Never fails otherwise: false is the
  * clean fallback. */
 bool k_cuda_available(void);
+/* CUDA devices usable now (0 without driver, device or with RENDERFS_FORCE_CPU). */
+int k_cuda_device_count(void);
 
 /* Frames a GPU renders per launch; callers size their batches with it. */
 #define K_GPU_BATCH 8

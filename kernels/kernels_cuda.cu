@@ -53,18 +53,23 @@ __global__ void k_yuv_kernel(const uint8_t *rgb, int32_t w, int32_t h, uint8_t *
 	k_yuv_block(rgb + ysz * 3 * i, x, y, w, Y, Y + ysz, Y + ysz + csz, w / 2);
 }
 
-extern "C" bool k_cuda_available(void)
+extern "C" int k_cuda_device_count(void)
 {
 	const char *force = getenv("RENDERFS_FORCE_CPU");
 	int n = 0;
 
 	if (force && *force && strcmp(force, "0") != 0)
-		return false;
+		return 0;
 	if (cudaGetDeviceCount(&n) != cudaSuccess) {
 		cudaGetLastError(); /* clear it: no driver is not an error here */
-		return false;
+		return 0;
 	}
-	return n > 0;
+	return n;
+}
+
+extern "C" bool k_cuda_available(void)
+{
+	return k_cuda_device_count() > 0;
 }
 
 extern "C" void k_gpu_close(struct k_gpu *g)

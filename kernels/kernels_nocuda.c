@@ -11,6 +11,11 @@ bool k_cuda_available(void)
 	return false;
 }
 
+int k_cuda_device_count(void)
+{
+	return 0;
+}
+
 int k_gpu_open(int device, int32_t max_w, int32_t max_h, struct k_gpu **out)
 {
 	(void)device;

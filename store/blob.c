@@ -95,6 +95,40 @@ int store_sink_write(struct store_sink *s, const void *buf, size_t len)
 	return 0;
 }
 
+const char *store_sink_path(const struct store_sink *s)
+{
+	return s->path;
+}
+
+int store_sink_adopt_file(struct store_sink *s)
+{
+	uint8_t buf[SINK_STAGE < 65536 ? SINK_STAGE : 65536];
+	int fd, rc = 0;
+
+	if (s->staged || s->size)
+		return store_seterr(-EINVAL, "'%s' was written through the sink", s->path);
+	/* The writer may have replaced the file: read what the path names now. */
+	fd = open(s->path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return store_seterr(-errno, "cannot open '%s': %s", s->path, strerror(errno));
+	close(s->fd);
+	s->fd = fd;
+	for (;;) {
+		ssize_t n = read(fd, buf, sizeof(buf));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			rc = store_seterr(-errno, "cannot read '%s': %s", s->path, strerror(errno));
+			break;
+		}
+		if (n == 0)
+			break;
+		b3_hasher_update(&s->hasher, buf, (size_t)n);
+		s->size += (uint64_t)n;
+	}
+	return rc;
+}
+
 void store_sink_abort(struct store_sink *s)
 {
 	if (!s)
@@ -226,22 +260,43 @@ int store_blob_open(struct store *st, const uint8_t hash[B3_OUT_LEN], int *fd_ou
 	return 0;
 }
 
+/* With blob_mu held: unlink the file of a blob the index just let go. */
+static void blob_unlink_freed(struct store *st, const uint8_t hash[B3_OUT_LEN])
+{
+	char path[4200];
+
+	store_blob_path(st, hash, path, sizeof(path));
+	/* The index no longer refers to it; failing to unlink only leaves
+	 * garbage for store_gc(). */
+	if (unlink(path) != 0 && errno != ENOENT)
+		store_seterr(0, "cannot remove '%s': %s", path, strerror(errno));
+}
+
+int store_job_hide(struct store *st, const uint8_t job[JOB_ID_LEN], uint16_t mask,
+		   bool release_output)
+{
+	uint8_t hash[B3_OUT_LEN];
+	bool freed;
+	int rc;
+
+	pthread_mutex_lock(&st->blob_mu);
+	rc = index_job_hide(st->ix, job, mask, release_output, &freed, hash);
+	if (rc == 0 && freed)
+		blob_unlink_freed(st, hash);
+	pthread_mutex_unlock(&st->blob_mu);
+	return rc;
+}
+
 int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN])
 {
 	uint8_t hash[B3_OUT_LEN];
-	char path[4200];
 	bool freed;
 	int rc;
 
 	pthread_mutex_lock(&st->blob_mu);
 	rc = index_job_delete(st->ix, job, &freed, hash);
-	if (rc == 0 && freed) {
-		store_blob_path(st, hash, path, sizeof(path));
-		/* The index no longer refers to it; failing to unlink only
-		 * leaves garbage for store_gc(). */
-		if (unlink(path) != 0 && errno != ENOENT)
-			store_seterr(0, "cannot remove '%s': %s", path, strerror(errno));
-	}
+	if (rc == 0 && freed)
+		blob_unlink_freed(st, hash);
 	pthread_mutex_unlock(&st->blob_mu);
 	return rc;
 }

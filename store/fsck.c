@@ -125,7 +125,8 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 		if (e)
 			e->count++;
 	}
-	if (j->status == JOB_COMPLETE && !(j->flags & JOB_F_HAS_OUTPUT))
+	if (j->status == JOB_COMPLETE &&
+	    !(j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED)))
 		problem(f, "job %s is complete but has no output", id);
 	if (j->status == JOB_QUEUED) {
 		uint8_t qk[QUEUE_KEY_LEN];

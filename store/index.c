@@ -549,6 +549,7 @@ static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_
 	j->gid = le32_get(p + 12);
 	j->attempts = le32_get(p + 16);
 	j->progress = (uint16_t)(p[20] | p[21] << 8);
+	j->hidden = (uint16_t)(p[22] | p[23] << 8);
 	j->seq = le64_get(p + 24);
 	j->created_ms = le64_get(p + 32);
 	j->started_ms = le64_get(p + 40);
@@ -622,6 +623,8 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	le32_put(buf + 16, j->attempts);
 	buf[20] = (uint8_t)j->progress;
 	buf[21] = (uint8_t)(j->progress >> 8);
+	buf[22] = (uint8_t)j->hidden;
+	buf[23] = (uint8_t)(j->hidden >> 8);
 	le64_put(buf + 24, j->seq);
 	le64_put(buf + 32, j->created_ms);
 	le64_put(buf + 40, j->started_ms);
@@ -1305,6 +1308,42 @@ int index_blob_list(struct index *ix, const uint8_t *after, size_t max,
 
 	*n = a.n;
 	return rc;
+}
+
+struct prefix_arg {
+	const uint8_t *prefix;
+	size_t plen;
+	uint8_t *hash;
+};
+
+static int prefix_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct prefix_arg *a = arg;
+	MDB_cursor *cur;
+	MDB_val k = {a->plen, (void *)a->prefix}, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, ix->blobs, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "find blob");
+	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	if (rc == 0 && k.mv_size == INDEX_HASH_LEN && memcmp(k.mv_data, a->prefix, a->plen) == 0)
+		memcpy(a->hash, k.mv_data, INDEX_HASH_LEN);
+	else if (rc == 0 || rc == MDB_NOTFOUND)
+		rc = STORE_E_NOTFOUND;
+	else
+		rc = index_lmdb_err(ix, rc, "find blob");
+	mdb_cursor_close(cur);
+	return rc;
+}
+
+int index_blob_find_prefix(struct index *ix, const uint8_t *prefix, size_t plen,
+			   uint8_t hash[INDEX_HASH_LEN])
+{
+	struct prefix_arg a = {prefix, plen, hash};
+
+	if (plen == 0 || plen > INDEX_HASH_LEN)
+		return store_seterr(-EINVAL, "blob prefix of %zu bytes", plen);
+	return index_read(ix, prefix_fn, &a);
 }
 
 /* ---- metadata, statistics, iteration ---- */

@@ -22,7 +22,9 @@
  *   jobs     id (16) -> job record (below)
  *   requests id (16) -> normalized request JSON
  *   queue    group (1) | 255 - priority (1) | round (8) | id (16) -> empty
- *   fair     group (1) | priority (1) -> u64 round of the last claimed job
+ *   fair     group (1) -> u64 queued jobs in the group
+ *            uid (4) -> u64 queued jobs of the owner, all groups
+ *            group (1) | priority (1) -> u64 round of the last claimed job
  *            group (1) | priority (1) | uid (4) -> u64 owner's next round
  *   byroute  route | NUL | id (16) -> empty
  *   byowner  uid (4) | id (16) -> empty
@@ -43,7 +45,7 @@
  *   12     4    owner gid
  *   16     4    attempts: runs started
  *   20     2    progress in thousandths, 0..1000
- *   22     2    reserved, zero
+ *   22     2    hidden: job files the owner unlinked (bit n: file n of fs/)
  *   24     8    seq: persistent job number (for inode numbers)
  *   32     8    created_at, milliseconds since the epoch
  *   40     8    started_at (0: never started)
@@ -110,6 +112,7 @@ enum {
 	JOB_F_CACHED = 1,	   /* output served from an earlier identical job */
 	JOB_F_HAS_OUTPUT = 2,
 	JOB_F_CANCEL_REQUESTED = 4, /* a running job was asked to stop */
+	JOB_F_OUTPUT_RELEASED = 8,  /* complete, but its owner released the output */
 };
 
 const char *job_status_name(enum job_status s);
@@ -128,6 +131,7 @@ struct job {
 	uint32_t uid, gid;
 	uint32_t attempts;
 	uint16_t progress; /* thousandths */
+	uint16_t hidden;   /* files removed from the job's view (bit per file) */
 	uint64_t seq;
 	uint64_t created_ms, started_ms, completed_ms, updated_ms;
 	uint64_t timeout_ms;
@@ -271,6 +275,8 @@ int index_digest_put(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
 
 /* Number of queued jobs in a group. */
 int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n);
+/* Number of queued jobs of one owner, in every group. */
+int index_user_queued(struct index *ix, uint32_t uid, uint64_t *n);
 
 /*
  * How many jobs will start before this queued one in its group (SPEC §3
@@ -279,8 +285,21 @@ int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n);
  */
 int index_queue_position(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t *pos);
 
+/*
+ * Hide files of a job's directory from its view (the owner unlinked them):
+ * hidden |= mask. With release_output, a complete job also gives up its
+ * output blob (JOB_F_OUTPUT_RELEASED; the output record stays in the job
+ * for status.json); *freed and freed_hash as for index_job_delete().
+ */
+int index_job_hide(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t mask,
+		   bool release_output, bool *freed, uint8_t freed_hash[INDEX_HASH_LEN]);
+
 /* ---- blobs ---- */
 
+/* The blob whose hash starts with the plen bytes of prefix (the first
+ * one in hash order); STORE_E_NOTFOUND if none. */
+int index_blob_find_prefix(struct index *ix, const uint8_t *prefix, size_t plen,
+			   uint8_t hash[INDEX_HASH_LEN]);
 int index_blob_get(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], struct blob_info *out);
 /* Iterate blobs in hash order after `after` (NULL: from the start). */
 int index_blob_list(struct index *ix, const uint8_t *after, size_t max,

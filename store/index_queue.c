@@ -58,17 +58,27 @@ static int fair_put(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t l
 	return rc ? index_lmdb_err(ix, rc, "write queue state") : 0;
 }
 
-/* Queue depth per group: fair key of one byte. */
-static int depth_add(struct index *ix, MDB_txn *txn, uint8_t group, int delta)
+/* Queue depth per group (fair key of one byte) and queued jobs per owner
+ * across groups (fair key of four bytes: the uid). */
+static int count_add(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len, int delta)
 {
 	uint64_t d;
-	int rc = fair_get(ix, txn, &group, 1, &d);
+	int rc = fair_get(ix, txn, key, len, &d);
 
 	if (rc)
 		return rc;
 	if (delta < 0 && d == 0)
 		return store_seterr(STORE_E_INDEX, "queue depth underflow in '%s'", ix->dir);
-	return fair_put(ix, txn, &group, 1, d + (uint64_t)(int64_t)delta);
+	return fair_put(ix, txn, key, len, d + (uint64_t)(int64_t)delta);
+}
+
+static int depth_add(struct index *ix, MDB_txn *txn, const struct job *j, int delta)
+{
+	uint8_t uk[4];
+	int rc = count_add(ix, txn, &j->group, 1, delta);
+
+	be32_put(uk, j->uid);
+	return rc ? rc : count_add(ix, txn, uk, 4, delta);
 }
 
 int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j)
@@ -89,7 +99,7 @@ int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j)
 	queue_key(j, qk);
 	if ((rc = mdb_put(txn, ix->queue, &k, &v, 0)) != 0)
 		return index_lmdb_err(ix, rc, "enqueue");
-	return depth_add(ix, txn, j->group, 1);
+	return depth_add(ix, txn, j, 1);
 }
 
 int index_dequeue(struct index *ix, MDB_txn *txn, const struct job *j)
@@ -105,7 +115,7 @@ int index_dequeue(struct index *ix, MDB_txn *txn, const struct job *j)
 				    ix->dir);
 	if (rc)
 		return index_lmdb_err(ix, rc, "dequeue");
-	return depth_add(ix, txn, j->group, -1);
+	return depth_add(ix, txn, j, -1);
 }
 
 int index_mark_running(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], bool on)
@@ -464,6 +474,45 @@ int index_job_set_priority(struct index *ix, const uint8_t id[JOB_ID_LEN], enum 
 	return change_job(ix, id, priority_change, &p);
 }
 
+struct hide_arg {
+	uint16_t mask;
+	bool release;
+	bool freed;
+	uint8_t freed_hash[INDEX_HASH_LEN];
+};
+
+static int hide_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	struct hide_arg *a = arg;
+	int rc;
+
+	j->hidden |= a->mask;
+	if (a->release && (j->flags & JOB_F_HAS_OUTPUT)) {
+		if (j->status != JOB_COMPLETE)
+			return state_err(j, "release the output of");
+		rc = blob_ref(ix, txn, j->output_hash, j->output_size, "", -1, &a->freed);
+		if (rc)
+			return rc;
+		if (a->freed)
+			memcpy(a->freed_hash, j->output_hash, INDEX_HASH_LEN);
+		j->flags = (uint8_t)((j->flags & ~JOB_F_HAS_OUTPUT) | JOB_F_OUTPUT_RELEASED);
+	}
+	j->updated_ms = now_ms();
+	return 0;
+}
+
+int index_job_hide(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t mask,
+		   bool release_output, bool *freed, uint8_t freed_hash[INDEX_HASH_LEN])
+{
+	struct hide_arg a = {mask, release_output, false, {0}};
+	int rc = change_job(ix, id, hide_change, &a);
+
+	*freed = rc == 0 && a.freed;
+	if (*freed)
+		memcpy(freed_hash, a.freed_hash, INDEX_HASH_LEN);
+	return rc;
+}
+
 /* ---- delete ---- */
 
 struct delete_arg {
@@ -587,6 +636,29 @@ int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n)
 {
 	struct depth_arg a = {group, 0};
 	int rc = index_read(ix, depth_fn, &a);
+
+	*n = a.n;
+	return rc;
+}
+
+struct user_arg {
+	uint32_t uid;
+	uint64_t n;
+};
+
+static int user_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct user_arg *a = arg;
+	uint8_t uk[4];
+
+	be32_put(uk, a->uid);
+	return fair_get(ix, txn, uk, 4, &a->n);
+}
+
+int index_user_queued(struct index *ix, uint32_t uid, uint64_t *n)
+{
+	struct user_arg a = {uid, 0};
+	int rc = index_read(ix, user_fn, &a);
 
 	*n = a.n;
 	return rc;

@@ -73,6 +73,15 @@ void store_get_recovery(struct store *st, struct store_recovery *r);
 
 int store_sink_open(struct store *st, struct store_sink **out);
 int store_sink_write(struct store_sink *s, const void *buf, size_t len);
+/*
+ * For writers that need a file of their own (encoders that seek): the
+ * sink's file in tmp/, which the writer may fill or recreate by path
+ * instead of calling store_sink_write(); then store_sink_adopt_file()
+ * hashes what the file holds, and the sink commits it as usual. The
+ * string lives as long as the sink.
+ */
+const char *store_sink_path(const struct store_sink *s);
+int store_sink_adopt_file(struct store_sink *s);
 /* Drop a sink without storing anything. */
 void store_sink_abort(struct store_sink *s);
 
@@ -99,6 +108,10 @@ int store_blob_open(struct store *st, const uint8_t hash[B3_OUT_LEN], int *fd_ou
 
 /* Delete a job (index_job_delete) and the blob file it was the last user of. */
 int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN]);
+
+/* index_job_hide(), unlinking the blob file when it was the last user. */
+int store_job_hide(struct store *st, const uint8_t job[JOB_ID_LEN], uint16_t mask,
+		   bool release_output);
 
 /* Remove blob files that no index entry refers to. */
 int store_gc(struct store *st, uint64_t *collected);

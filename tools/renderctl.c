@@ -312,13 +312,14 @@ static int cmd_gc(int argc, char **argv)
 	return rc ? 1 : 0;
 }
 
-static void show_progress(void *arg, int32_t done, int32_t total)
+static int show_progress(void *arg, int32_t done, int32_t total)
 {
 	(void)arg;
 	fprintf(stderr, "\rrendering: %d/%d frames (%d%%)", done, total,
 		(int)((int64_t)done * 100 / total));
 	if (done == total)
 		fputc('\n', stderr);
+	return 0;
 }
 
 static int cmd_render(int argc, char **argv)
@@ -329,7 +330,7 @@ static int cmd_render(int argc, char **argv)
 		{"cpu", no_argument, NULL, 'c'},
 		{NULL, 0, NULL, 0},
 	};
-	struct synth_options so = {0, true, NULL, NULL};
+	struct synth_options so = {0, true, 0, NULL, NULL};
 	struct synth_request r;
 	const char *out = NULL, *route, *reqpath;
 	char err[512], device[320], *text = NULL;

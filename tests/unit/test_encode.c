@@ -21,7 +21,7 @@ static char dir[64];
 static int render(const char *route, const char *json, const char *path, char *err)
 {
 	struct synth_request r;
-	struct synth_options o = {2, false, NULL, NULL};
+	struct synth_options o = {2, false, 0, NULL, NULL};
 	char device[64];
 	int rc = synth_parse(route, json, strlen(json), &r, err, 256);
 

@@ -1,0 +1,106 @@
+/*
+ * engine.h - submitting, scheduling and running jobs (SPEC §2, §8).
+ *
+ * The engine owns the worker groups (one CPU group, one group per CUDA
+ * device, one group for remote backends), the route table, per-uid rate
+ * limits and quotas, and every job state change after creation. fs/ calls
+ * it from FUSE request threads; every function here may be called from
+ * any thread and none touches the mountpoint.
+ */
+#ifndef RENDERFS_ENGINE_H
+#define RENDERFS_ENGINE_H
+
+#include <json-c/json.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "route.h"
+#include "store.h"
+
+#define ENGINE_VERSION "renderfs-0.1.0"
+#define ENGINE_ERR_MAX 512
+
+struct engine_options {
+	int workers;		 /* CPU workers; -1: one per core; 0: run nothing */
+	bool gpus_all;		 /* use every CUDA device */
+	uint64_t gpu_mask;	 /* without gpus_all: devices to use (bit n: device n) */
+	uint64_t queue_max;	 /* queued jobs in all, at most */
+	uint64_t user_queue_max; /* queued jobs per uid, at most */
+	uint32_t rate, burst;	 /* submissions per second per uid; rate 0: no limit */
+	uint64_t max_request;	 /* bytes of one request object */
+	uint32_t max_attempts;	 /* runs of a job before a transient failure is final */
+	uint64_t retain_ms;	 /* finished jobs older than this are deleted; 0: never */
+	const char *models;	 /* models file, or NULL */
+};
+
+void engine_options_default(struct engine_options *o);
+
+enum engine_event {
+	EV_CREATED,
+	EV_STATUS,   /* status, error, position or status.json changed */
+	EV_PROGRESS,
+	EV_LOG,
+	EV_OUTPUT,   /* output.<ext> appeared (before EV_STATUS "complete") */
+	EV_DELETED,
+};
+
+/* Called from engine threads and from the submitting thread after each
+ * change; must not block for long (issue a notification and return). */
+typedef void (*engine_observer_fn)(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
+				   enum engine_event ev);
+
+struct engine;
+
+/*
+ * Load the routes (err names a bad models file) and prepare the groups.
+ * Workers start with engine_start(). *out is freed with engine_close().
+ */
+int engine_open(struct store *st, const struct engine_options *opt, struct engine **out,
+		char *err, size_t errlen);
+void engine_set_observer(struct engine *e, engine_observer_fn fn, void *arg);
+int engine_start(struct engine *e);
+/* Stop the workers: running jobs go back to the queue for the next start. */
+void engine_stop(struct engine *e);
+void engine_close(struct engine *e);
+
+const struct route_table *engine_routes(struct engine *e);
+const struct engine_options *engine_options(struct engine *e);
+struct store *engine_store(struct engine *e);
+
+/* ---- submission ---- */
+
+struct engine_submission {
+	json_object *obj; /* in: one parsed request object (borrowed) */
+	int rc;		  /* out: 0, -EINVAL, -EAGAIN, -EEXIST, -ENOSPC, ... */
+	char id[JOB_ID_STR_LEN + 1];
+	bool existed;	  /* a named job that already existed */
+	char err[ENGINE_ERR_MAX];
+};
+
+/*
+ * Validate, normalize and durably create n jobs on route for uid/gid, in
+ * one commit. Each submission succeeds or fails on its own (rc, err).
+ * Returns 0, or a negative code when nothing could be attempted.
+ */
+int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gid,
+		  struct engine_submission *subs, size_t n);
+
+/* ---- control (SPEC §3 ctl, rm) ---- */
+
+/* queued -> cancelled; running: stopped within a second. */
+int engine_cancel(struct engine *e, const uint8_t id[JOB_ID_LEN]);
+int engine_retry(struct engine *e, const uint8_t id[JOB_ID_LEN]);
+int engine_set_priority(struct engine *e, const uint8_t id[JOB_ID_LEN], enum job_priority p);
+/* Delete a job, cancelling it first if it runs. */
+int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN]);
+
+/* ---- reporting ---- */
+
+/* Prometheus text (SPEC §11) into a malloc'ed buffer. */
+int engine_stats_text(struct engine *e, char **out, size_t *len);
+
+/* Format ms since the epoch as RFC 3339 UTC with milliseconds. */
+void engine_time_format(uint64_t ms, char out[32]);
+
+#endif

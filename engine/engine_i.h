@@ -1,0 +1,58 @@
+/*
+ * engine_i.h - what the engine shares with its runners (run_*.c).
+ *
+ * A runner implements SPEC §8's run(job context): it reads the normalized
+ * request, reports progress and log lines as work is done, checks
+ * run_stopping() often (cancellation, deadline, shutdown), and stores its
+ * output through a store sink committed with run_commit_output().
+ */
+#ifndef RENDERFS_ENGINE_I_H
+#define RENDERFS_ENGINE_I_H
+
+#include <stdatomic.h>
+
+#include "engine.h"
+
+enum stop_reason {
+	STOP_NONE = 0,
+	STOP_CANCEL,   /* ctl cancel or delete */
+	STOP_TIMEOUT,  /* the job's deadline passed */
+	STOP_SHUTDOWN, /* the daemon is stopping: requeue */
+};
+
+struct run {
+	struct engine *e;
+	const struct route *route;
+	struct job job;		/* as claimed */
+	const char *request;	/* normalized request JSON */
+	size_t request_len;
+	int gpu;		/* CUDA device of the group, -1 on CPU */
+	unsigned threads;	/* CPU threads the runner may use */
+	uint64_t deadline_ms;
+	atomic_int *stop;	/* enum stop_reason, set by other threads */
+	uint64_t last_progress_ms;
+
+	/* Filled by the runner when it fails. */
+	char error_code[48];
+	char error_message[ENGINE_ERR_MAX];
+	bool transient;		/* worth another attempt */
+};
+
+/* Report progress (0..1, at most 10 durable writes per second are made). */
+void run_progress(struct run *r, double fraction);
+void run_log(struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Why the runner must stop now, or STOP_NONE. */
+enum stop_reason run_stopping(struct run *r);
+/* Commit sink as the job's output (the sink is consumed). */
+int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
+		      const char *device);
+/* Set r's error and return rc. */
+int run_fail(struct run *r, int rc, const char *code, bool transient, const char *fmt, ...)
+	__attribute__((format(printf, 5, 6)));
+
+/* Runners: 0 when the output is committed, otherwise a negative code with
+ * r->error_* set (or -ECANCELED when run_stopping() said so). */
+int run_synth(struct run *r);
+int run_fal(struct run *r);
+
+#endif

@@ -1,0 +1,61 @@
+/*
+ * route.h - the routes a mount serves: the built-in defaults of SPEC §8,
+ * overridden or extended by a models file (SPEC §9).
+ *
+ * A route table is built once at mount time and read-only afterwards, so
+ * any thread may read it without locks.
+ */
+#ifndef RENDERFS_ROUTE_H
+#define RENDERFS_ROUTE_H
+
+#include <json-c/json.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define ROUTE_PATH_MAX 255
+
+enum route_backend {
+	BACKEND_SYNTH,
+	BACKEND_FAL,
+	BACKEND_OPENAI_IMAGES,
+	BACKEND_EXEC,
+};
+
+const char *route_backend_name(enum route_backend b);
+
+struct route {
+	char path[ROUTE_PATH_MAX + 1]; /* modality/family/model/task */
+	enum route_backend backend;
+	char media_type[64];	    /* of outputs, e.g. "video/mp4" */
+	bool deterministic;	    /* same normalized request, same bytes */
+	uint64_t timeout_ms;	    /* default run deadline */
+	uint32_t max_attempts;	    /* runs before a transient failure is final */
+	json_object *schema;	    /* JSON Schema of requests (schema.h subset) */
+	char *schema_text;	    /* schema, pretty-printed, newline-terminated */
+	json_object *settings;	    /* backend settings from the models file, or NULL */
+	char model_id[128];	    /* remote model name (fal: "fal-ai/wan-t2v") */
+};
+
+struct route_table {
+	struct route *routes;
+	size_t n;
+	char *models_json; /* the models.json text served at the root */
+	size_t models_len;
+};
+
+/*
+ * Build the table: built-in routes, then the models file at path (NULL:
+ * none). max_attempts is the mount's default. Errors name the file, the
+ * route and the field in err. Returns 0, -EINVAL or -errno.
+ */
+int route_table_load(struct route_table *t, const char *models_path, uint32_t max_attempts,
+		     char *err, size_t errlen);
+void route_table_release(struct route_table *t);
+
+const struct route *route_find(const struct route_table *t, const char *path);
+
+/* Output file extension for a media type: "png", "mp4", "y4m", or "bin". */
+const char *route_media_ext(const char *media_type);
+
+#endif
