@@ -188,6 +188,20 @@ static void count_move(struct engine *e, const char *route, int from, int to)
 	pthread_mutex_unlock(&e->stats_mu);
 }
 
+uint64_t engine_route_jobs(struct engine *e, const char *route)
+{
+	size_t ri = route_index(e, route);
+	uint64_t n = 0;
+
+	if (ri == MAX_ROUTES_COUNTED - 1)
+		return 0;
+	pthread_mutex_lock(&e->stats_mu);
+	for (int s = 0; s < 5; s++)
+		n += e->counts[ri][s];
+	pthread_mutex_unlock(&e->stats_mu);
+	return n;
+}
+
 static void observe(struct histogram *h, double seconds)
 {
 	int i = 0;
@@ -263,7 +277,8 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 	c->group = route_group(e, r);
 	if (!json_object_is_type(obj, json_type_object))
 		return sub_fail(s, -EINVAL, "a request must be a JSON object");
-	if (json_object_object_get_ex(obj, "input", &input)) {
+	if (json_object_object_get_ex(obj, "input", NULL)) {
+		json_object_object_get_ex(obj, "input", &input);
 		json_object_object_foreach(obj, k, val)
 		{
 			if (strcmp(k, "input") == 0)
@@ -456,7 +471,11 @@ int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gi
 				 store_strerror(rcs[k]));
 			continue;
 		}
-		ulid_format(ids[k], s->id);
+		/* A named job goes by its name. */
+		if (c[k].name && c[k].name[0])
+			snprintf(s->id, sizeof(s->id), "%s", c[k].name);
+		else
+			ulid_format(ids[k], s->id);
 		s->existed = existed[k];
 		if (!existed[k]) {
 			count_move(e, r->path, -1, JOB_QUEUED);

@@ -18,7 +18,8 @@
 #include "route.h"
 #include "store.h"
 
-#define ENGINE_VERSION "renderfs-0.1.0"
+#define RENDERFS_VERSION "0.1.0"
+#define ENGINE_VERSION "renderfs-" RENDERFS_VERSION
 #define ENGINE_ERR_MAX 512
 
 struct engine_options {
@@ -73,7 +74,7 @@ struct store *engine_store(struct engine *e);
 struct engine_submission {
 	json_object *obj; /* in: one parsed request object (borrowed) */
 	int rc;		  /* out: 0, -EINVAL, -EAGAIN, -EEXIST, -ENOSPC, ... */
-	char id[JOB_ID_STR_LEN + 1];
+	char id[INDEX_NAME_MAX + 1]; /* the job id: its name, or its ULID */
 	bool existed;	  /* a named job that already existed */
 	char err[ENGINE_ERR_MAX];
 };
@@ -96,6 +97,9 @@ int engine_set_priority(struct engine *e, const uint8_t id[JOB_ID_LEN], enum job
 int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN]);
 
 /* ---- reporting ---- */
+
+/* Jobs on a route (every status), from the engine's counters. */
+uint64_t engine_route_jobs(struct engine *e, const char *route);
 
 /* Prometheus text (SPEC §11) into a malloc'ed buffer. */
 int engine_stats_text(struct engine *e, char **out, size_t *len);

@@ -211,6 +211,22 @@ int store_sign_fd(struct store *st, int fd, const char *trusted, char *buf, size
 	return rc;
 }
 
+int store_sign_buf(struct store *st, const void *data, size_t len, const char *trusted,
+		   char *buf, size_t bufsz)
+{
+	uint8_t prehash[SIGN_PREHASH_LEN];
+	char untrusted[64], keyid[SIGN_KEYID_LEN + 1];
+	int rc;
+
+	sign_prehash_buf(data, len, prehash);
+	pthread_rwlock_rdlock(&st->key_mu);
+	sign_keyid(st->sk.keynum, keyid);
+	snprintf(untrusted, sizeof(untrusted), "signature from renderfs key %s", keyid);
+	rc = sign_make(&st->sk, prehash, untrusted, trusted, buf, bufsz);
+	pthread_rwlock_unlock(&st->key_mu);
+	return rc;
+}
+
 void store_get_stats(struct store *st, struct store_stats *s)
 {
 	s->blobs_written = st->blobs_written;

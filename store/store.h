@@ -127,6 +127,10 @@ void store_pubkey(struct store *st, struct sign_pubkey *pk);
  */
 int store_sign_fd(struct store *st, int fd, const char *trusted, char *buf, size_t bufsz);
 
+/* The same for content in memory. */
+int store_sign_buf(struct store *st, const void *data, size_t len, const char *trusted,
+		   char *buf, size_t bufsz);
+
 /* Make a new signing key; older public keys stay in keys/. */
 int store_key_rotate(struct store *st);
 

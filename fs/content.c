@@ -1,0 +1,506 @@
+/*
+ * content.c - what the generated files say: job files (SPEC §3), README,
+ * models.json, stats, render.pub, keys/, cas/<hex>.minisig.
+ *
+ * DESIGN
+ * Every generated file is a pure function of the job record (and the
+ * store's key), so a getattr can produce the exact size by rendering the
+ * content, and two reads of an unchanged job return identical bytes.
+ * Signatures are deterministic (Ed25519), so manifest.json.minisig does not
+ * change between reads; their sizes follow from the trusted comment's
+ * length without signing (SIG_TEXT_LEN), which keeps `ls -l` of a job
+ * directory from hashing its output.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fs_i.h"
+#include "mountopts.h"
+
+/* "untrusted comment: signature from renderfs key <16 hex>\n" (64), the
+ * signature line (100 + 1), "trusted comment: " (17), the comment, "\n",
+ * the global signature line (88 + 1). */
+#define SIG_TEXT_LEN(tlen) (64 + 101 + 17 + (tlen) + 1 + 89)
+#define SIG_BUF (SIGN_TRUSTED_MAX + 512)
+
+static const char *const jf_names[JF_COUNT] = {
+	"request.json", "status", "progress", "position", "log", "error", "status.json",
+	NULL,		NULL,	  "manifest.json", "manifest.json.minisig", "ctl",
+};
+
+const char *jf_name(const struct job *j, enum job_file f, char *buf, size_t len)
+{
+	const char *ext;
+
+	if (f != JF_OUTPUT && f != JF_OUTPUTSIG)
+		return jf_names[f];
+	ext = route_media_ext(j->media_type);
+	snprintf(buf, len, "output.%s%s", ext, f == JF_OUTPUTSIG ? ".minisig" : "");
+	return buf;
+}
+
+bool jf_present(const struct job *j, enum job_file f)
+{
+	if (j->hidden & (1u << f))
+		return false;
+	switch (f) {
+	case JF_OUTPUT:
+		return j->status == JOB_COMPLETE && (j->flags & JOB_F_HAS_OUTPUT);
+	case JF_OUTPUTSIG: /* stays listed after the output is unlinked, so that
+			    * `rm -r` finds what it listed */
+	case JF_MANIFEST:
+	case JF_MANIFESTSIG:
+		return j->status == JOB_COMPLETE &&
+		       (j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED));
+	default:
+		return true;
+	}
+}
+
+static int dup_text(char **out, size_t *len, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static int dup_text(char **out, size_t *len, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vasprintf(out, fmt, ap);
+	va_end(ap);
+	if (n < 0) {
+		*out = NULL;
+		return -ENOMEM;
+	}
+	*len = (size_t)n;
+	return 0;
+}
+
+static int json_text(json_object *o, char **out, size_t *len)
+{
+	const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
+								  JSON_C_TO_STRING_SPACED |
+								  JSON_C_TO_STRING_NOSLASHESCAPE);
+	int rc = s ? dup_text(out, len, "%s\n", s) : -ENOMEM;
+
+	json_object_put(o);
+	return rc;
+}
+
+static json_object *time_or_null(uint64_t ms)
+{
+	char ts[32];
+
+	if (!ms)
+		return NULL;
+	engine_time_format(ms, ts);
+	return json_object_new_string(ts);
+}
+
+static void progress_text(uint16_t t, char *buf, size_t len)
+{
+	if (t >= 1000) {
+		snprintf(buf, len, "1");
+		return;
+	}
+	if (t == 0) {
+		snprintf(buf, len, "0");
+		return;
+	}
+	snprintf(buf, len, "0.%03u", t);
+	for (size_t n = strlen(buf); buf[n - 1] == '0'; n--)
+		buf[n - 1] = '\0';
+}
+
+static void hex32(const uint8_t h[32], char out[65])
+{
+	b3_to_hex(h, out);
+}
+
+static int position_of(struct fsctx *fs, const struct job *j, uint64_t *pos)
+{
+	if (j->status != JOB_QUEUED)
+		return STORE_E_STATE;
+	return index_queue_position(fs->ix, j->id, pos);
+}
+
+static int render_status_json(struct fsctx *fs, const struct job *j, char **out, size_t *len)
+{
+	json_object *o = json_object_new_object(), *err = NULL, *output = NULL;
+	char id[JOB_ID_STR_LEN + 1], prog[16], name[96], hex[65];
+	uint64_t pos;
+
+	if (!o)
+		return -ENOMEM;
+	ulid_format(j->id, id);
+	progress_text(j->progress, prog, sizeof(prog));
+	if (j->status == JOB_ERROR) {
+		err = json_object_new_object();
+		json_object_object_add(err, "code", json_object_new_string(j->error_code));
+		json_object_object_add(err, "message", json_object_new_string(j->error_message));
+	}
+	if (j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED)) {
+		output = json_object_new_object();
+		hex32(j->output_hash, hex);
+		json_object_object_add(output, "blake3", json_object_new_string(hex));
+		json_object_object_add(output, "media_type", json_object_new_string(j->media_type));
+		json_object_object_add(output, "name",
+				       json_object_new_string(jf_name(j, JF_OUTPUT, name, sizeof(name))));
+		json_object_object_add(output, "size", json_object_new_int64((int64_t)j->output_size));
+	}
+	json_object_object_add(o, "attempts", json_object_new_int64(j->attempts));
+	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
+	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
+	json_object_object_add(o, "created_at", time_or_null(j->created_ms));
+	json_object_object_add(o, "device", j->device[0] ? json_object_new_string(j->device) : NULL);
+	json_object_object_add(o, "error", err);
+	json_object_object_add(o, "id", json_object_new_string(id));
+	if (j->name[0])
+		json_object_object_add(o, "name", json_object_new_string(j->name));
+	json_object_object_add(o, "output", output);
+	json_object_object_add(o, "owner", json_object_new_int64(j->uid));
+	json_object_object_add(o, "position", position_of(fs, j, &pos) == 0
+						     ? json_object_new_int64((int64_t)pos)
+						     : NULL);
+	json_object_object_add(o, "priority", json_object_new_string(job_priority_name(j->priority)));
+	json_object_object_add(o, "progress", json_object_new_double_s(j->progress / 1000.0, prog));
+	json_object_object_add(o, "route", json_object_new_string(j->route));
+	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
+	json_object_object_add(o, "status", json_object_new_string(job_status_name(j->status)));
+	return json_text(o, out, len);
+}
+
+static int render_manifest(struct fsctx *fs, const struct job *j, char **out, size_t *len)
+{
+	json_object *o = json_object_new_object(), *output, *req = NULL, *seed = NULL;
+	char id[JOB_ID_STR_LEN + 1], hex[65], name[96], keyid[SIGN_KEYID_LEN + 1];
+	uint8_t rh[32];
+	struct sign_pubkey pk;
+	const struct route *r = route_find(engine_routes(fs->eng), j->route);
+	char *text = NULL;
+	size_t tlen = 0;
+	int rc;
+
+	if (!o)
+		return -ENOMEM;
+	if ((rc = index_job_request(fs->ix, j->id, &text, &tlen)) != 0) {
+		json_object_put(o);
+		return rc;
+	}
+	/* The hash of request.json as served (with its newline). */
+	{
+		struct b3_hasher h;
+		b3_hasher_init(&h);
+		b3_hasher_update(&h, text, tlen);
+		b3_hasher_update(&h, "\n", 1);
+		b3_hasher_finalize(&h, rh, sizeof(rh));
+	}
+	req = json_tokener_parse(text);
+	free(text);
+	if (req && json_object_object_get_ex(req, "seed", &seed))
+		json_object_get(seed);
+	json_object_put(req);
+	ulid_format(j->id, id);
+	store_pubkey(fs->st, &pk);
+	sign_keyid(pk.keynum, keyid);
+	output = json_object_new_object();
+	hex32(j->output_hash, hex);
+	json_object_object_add(output, "blake3", json_object_new_string(hex));
+	json_object_object_add(output, "media_type", json_object_new_string(j->media_type));
+	json_object_object_add(output, "name",
+			       json_object_new_string(jf_name(j, JF_OUTPUT, name, sizeof(name))));
+	json_object_object_add(output, "size", json_object_new_int64((int64_t)j->output_size));
+	json_object_object_add(o, "backend",
+			       json_object_new_string(r ? route_backend_name(r->backend) : "unknown"));
+	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
+	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
+	json_object_object_add(o, "created_at", time_or_null(j->created_ms));
+	json_object_object_add(o, "device", json_object_new_string(j->device));
+	json_object_object_add(o, "engine", json_object_new_string(ENGINE_VERSION));
+	json_object_object_add(o, "job", json_object_new_string(id));
+	json_object_object_add(o, "key_id", json_object_new_string(keyid));
+	json_object_object_add(o, "output", output);
+	hex32(rh, hex);
+	json_object_object_add(o, "request_blake3", json_object_new_string(hex));
+	json_object_object_add(o, "route", json_object_new_string(j->route));
+	json_object_object_add(o, "seed", seed);
+	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
+	return json_text(o, out, len);
+}
+
+static void output_trusted(const struct job *j, char *buf, size_t len)
+{
+	char id[JOB_ID_STR_LEN + 1], hex[65];
+
+	ulid_format(j->id, id);
+	hex32(j->output_hash, hex);
+	snprintf(buf, len, "renderfs job=%s route=%s blake3=%s size=%llu", id, j->route, hex,
+		 (unsigned long long)j->output_size);
+}
+
+static void manifest_trusted(const struct job *j, const char *m, size_t mlen, char *buf,
+			     size_t len)
+{
+	char id[JOB_ID_STR_LEN + 1], hex[65];
+	uint8_t h[32];
+
+	ulid_format(j->id, id);
+	b3_hash(m, mlen, h);
+	hex32(h, hex);
+	snprintf(buf, len, "renderfs job=%s route=%s manifest blake3=%s size=%zu", id, j->route,
+		 hex, mlen);
+}
+
+int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out, size_t *len)
+{
+	char prog[16], trusted[SIGN_TRUSTED_MAX + 1];
+	uint64_t pos;
+	int rc;
+
+	switch (f) {
+	case JF_REQUEST: {
+		char *text = NULL;
+		size_t tl = 0;
+		if ((rc = index_job_request(fs->ix, j->id, &text, &tl)) != 0)
+			return rc;
+		rc = dup_text(out, len, "%s\n", text);
+		free(text);
+		return rc;
+	}
+	case JF_STATUS:
+		return dup_text(out, len, "%s\n", job_status_name(j->status));
+	case JF_PROGRESS:
+		progress_text(j->progress, prog, sizeof(prog));
+		return dup_text(out, len, "%s\n", prog);
+	case JF_POSITION:
+		if (position_of(fs, j, &pos) == 0)
+			return dup_text(out, len, "%llu\n", (unsigned long long)pos);
+		return dup_text(out, len, "%s", "");
+	case JF_ERROR:
+		if (j->status == JOB_ERROR)
+			return dup_text(out, len, "%s\n", j->error_message);
+		return dup_text(out, len, "%s", "");
+	case JF_STATUSJSON:
+		return render_status_json(fs, j, out, len);
+	case JF_MANIFEST:
+		return render_manifest(fs, j, out, len);
+	case JF_MANIFESTSIG: {
+		char *m;
+		size_t ml;
+		if ((rc = render_manifest(fs, j, &m, &ml)) != 0)
+			return rc;
+		manifest_trusted(j, m, ml, trusted, sizeof(trusted));
+		*out = malloc(SIG_BUF);
+		rc = *out ? store_sign_buf(fs->st, m, ml, trusted, *out, SIG_BUF) : -ENOMEM;
+		free(m);
+		if (rc < 0) {
+			free(*out);
+			*out = NULL;
+			return rc;
+		}
+		*len = (size_t)rc;
+		return 0;
+	}
+	case JF_OUTPUTSIG: {
+		int fd;
+		uint64_t size;
+		if ((rc = store_blob_open(fs->st, j->output_hash, &fd, &size)) != 0)
+			return rc;
+		output_trusted(j, trusted, sizeof(trusted));
+		*out = malloc(SIG_BUF);
+		rc = *out ? store_sign_fd(fs->st, fd, trusted, *out, SIG_BUF) : -ENOMEM;
+		close(fd);
+		if (rc < 0) {
+			free(*out);
+			*out = NULL;
+			return rc;
+		}
+		*len = (size_t)rc;
+		return 0;
+	}
+	case JF_CTL:
+		return dup_text(out, len, "%s", "");
+	case JF_OUTPUT:
+	case JF_LOG:
+	case JF_COUNT:
+		break;
+	}
+	return -EINVAL;
+}
+
+int jf_size(struct fsctx *fs, const struct job *j, enum job_file f, uint64_t *size)
+{
+	char trusted[SIGN_TRUSTED_MAX + 1], *text;
+	size_t len;
+	int rc;
+
+	switch (f) {
+	case JF_OUTPUT:
+		*size = j->output_size;
+		return 0;
+	case JF_LOG:
+		*size = j->log_size;
+		return 0;
+	case JF_OUTPUTSIG:
+		output_trusted(j, trusted, sizeof(trusted));
+		*size = SIG_TEXT_LEN(strlen(trusted));
+		return 0;
+	case JF_MANIFESTSIG:
+		if ((rc = render_manifest(fs, j, &text, &len)) != 0)
+			return rc;
+		manifest_trusted(j, text, len, trusted, sizeof(trusted));
+		free(text);
+		*size = SIG_TEXT_LEN(strlen(trusted));
+		return 0;
+	default:
+		if ((rc = jf_render(fs, j, f, &text, &len)) != 0)
+			return rc;
+		free(text);
+		*size = len;
+		return 0;
+	}
+}
+
+/* ---- static files ---- */
+
+static int render_readme(struct fsctx *fs, char **out, size_t *len)
+{
+	const struct route_table *t = engine_routes(fs->eng);
+	const struct engine_options *o = engine_options(fs->eng);
+	char *routes = NULL, *text;
+	size_t rl = 0;
+	FILE *m = open_memstream(&routes, &rl);
+	int rc;
+
+	if (!m)
+		return -ENOMEM;
+	for (size_t i = 0; i < t->n; i++)
+		fprintf(m, "  %-28s %-6s %s\n", t->routes[i].path,
+			route_backend_name(t->routes[i].backend), t->routes[i].media_type);
+	fclose(m);
+	rc = asprintf(&text,
+		      "renderfs: image and video generation through files.\n"
+		      "\n"
+		      "Submit a job by writing a JSON request to a route's 'new' file:\n"
+		      "  echo '{\"prompt\": \"a red fox in snow\"}' > video/synth/default/t2v/new\n"
+		      "Read the job id back from the same open file:\n"
+		      "  exec 3<>video/synth/default/t2v/new; echo '{\"prompt\": \"x\"}' >&3; "
+		      "read id <&3\n"
+		      "Each job is a directory <route>/<id>/ with status, progress, position, log,\n"
+		      "error, status.json, request.json, and once complete output.<ext>,\n"
+		      "output.<ext>.minisig and manifest.json. Write 'cancel', 'retry' or\n"
+		      "'priority low|normal|high' to its ctl file; rm -r the directory to delete it.\n"
+		      "jobs/ links every job you can see. Verify an output offline:\n"
+		      "  minisign -Vm output.mp4 -p render.pub\n"
+		      "\n"
+		      "Routes (route, backend, media type; schemas in models.json and each\n"
+		      "route's schema.json):\n"
+		      "%s"
+		      "\n"
+		      "Options in force: store=%s workers=%d queue_max=%llu user_queue_max=%llu\n"
+		      "  rate=%u burst=%u max_request=%llu max_attempts=%u retain=%llus%s\n",
+		      routes ? routes : "", store_dir(fs->st), o->workers,
+		      (unsigned long long)o->queue_max, (unsigned long long)o->user_queue_max,
+		      o->rate, o->burst, (unsigned long long)o->max_request, o->max_attempts,
+		      (unsigned long long)(o->retain_ms / 1000), fs->private_ ? " private" : "");
+	free(routes);
+	if (rc < 0)
+		return -ENOMEM;
+	*out = text;
+	*len = (size_t)rc;
+	return 0;
+}
+
+int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len)
+{
+	const struct route_table *t = engine_routes(fs->eng);
+	struct sign_pubkey pk;
+	char buf[512];
+	int rc;
+
+	switch (n) {
+	case SN_README:
+		return render_readme(fs, out, len);
+	case SN_MODELS:
+		return dup_text(out, len, "%s", t->models_json);
+	case SN_STATS:
+		return engine_stats_text(fs->eng, out, len);
+	case SN_PUB:
+		store_pubkey(fs->st, &pk);
+		if ((rc = sign_pubkey_format(&pk, buf, sizeof(buf))) < 0)
+			return rc;
+		return dup_text(out, len, "%s", buf);
+	default:
+		return -EINVAL;
+	}
+}
+
+/* keys/<KEYID>.pub: the file in the store's keys/ whose key id (16 hex
+ * digits, the key number) ends in low56. */
+int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len, char *name,
+	       size_t namelen)
+{
+	char dir[4200], path[4500], buf[512];
+	struct sign_pubkey pk;
+	struct dirent *de;
+	DIR *d;
+	int rc = STORE_E_NOTFOUND;
+
+	snprintf(dir, sizeof(dir), "%s/keys", store_dir(fs->st));
+	if (!(d = opendir(dir)))
+		return -errno;
+	while ((de = readdir(d)) != NULL) {
+		uint64_t k;
+		if (key_file_id(de->d_name, &k) != 0 || (k & 0xffffffffffffffull) != low56)
+			continue;
+		snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+		if ((rc = sign_pubkey_load(path, &pk)) != 0)
+			break;
+		if ((rc = sign_pubkey_format(&pk, buf, sizeof(buf))) < 0)
+			break;
+		rc = out ? dup_text(out, len, "%s", buf) : 0;
+		if (name)
+			snprintf(name, namelen, "%s", de->d_name);
+		break;
+	}
+	closedir(d);
+	return rc;
+}
+
+int key_file_id(const char *name, uint64_t *id)
+{
+	char *end;
+
+	if (strlen(name) != SIGN_KEYID_LEN + 4 || strcmp(name + SIGN_KEYID_LEN, ".pub") != 0 ||
+	    strspn(name, "0123456789ABCDEF") != SIGN_KEYID_LEN)
+		return -ENOENT;
+	*id = strtoull(name, &end, 16);
+	return 0;
+}
+
+int cassig_render(struct fsctx *fs, const uint8_t hash[32], char **out, size_t *len)
+{
+	char trusted[256], hex[65];
+	uint64_t size;
+	int fd, rc;
+
+	if ((rc = store_blob_open(fs->st, hash, &fd, &size)) != 0)
+		return rc;
+	hex32(hash, hex);
+	snprintf(trusted, sizeof(trusted), "renderfs blake3=%s size=%llu", hex,
+		 (unsigned long long)size);
+	*out = malloc(SIG_BUF);
+	rc = *out ? store_sign_fd(fs->st, fd, trusted, *out, SIG_BUF) : -ENOMEM;
+	close(fd);
+	if (rc < 0) {
+		free(*out);
+		*out = NULL;
+		return rc;
+	}
+	*len = (size_t)rc;
+	return 0;
+}

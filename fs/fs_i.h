@@ -1,0 +1,151 @@
+/*
+ * fs_i.h - shared by the files of fs/: the mount's context and node ids.
+ *
+ * NODE IDS are stateless: the top byte is the kind of object, the rest its
+ * persistent number, so any id resolves after a restart and the daemon
+ * keeps no per-inode memory (lookups and forgets need no table):
+ *
+ *   BITS   63..56  55..48      47..0
+ *   root   1 (FUSE_ROOT_ID)
+ *   STATIC kind    0           which (README, stats, keys/, ...)
+ *   RDIR   kind    depth       48 bits of BLAKE3(route prefix): a directory
+ *                              of the route tree (image/, image/synth/, ...)
+ *   NEW    kind    0           route hash: <route>/new
+ *   SCHEMA kind    0           route hash: <route>/schema.json
+ *   JOB    kind    0           job seq: <route>/<id>/
+ *   JFILE  kind    file        job seq: <route>/<id>/<file>
+ *   JLINK  kind    0           job seq: jobs/<id>
+ *   KEY    kind    low 56 bits of the key number: keys/<KEYID>.pub
+ *   CAS    kind    first 7 bytes of the blob hash: cas/<hex>
+ *   CASSIG kind    the same: cas/<hex>.minisig
+ */
+#ifndef RENDERFS_FS_I_H
+#define RENDERFS_FS_I_H
+
+#include <fuse_lowlevel.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "engine.h"
+#include "store.h"
+
+enum node_kind {
+	NK_ROOT = 0,
+	NK_STATIC = 1,
+	NK_RDIR = 2,
+	NK_NEW = 3,
+	NK_SCHEMA = 4,
+	NK_JOB = 5,
+	NK_JFILE = 6,
+	NK_JLINK = 7,
+	NK_KEY = 8,
+	NK_CAS = 9,
+	NK_CASSIG = 10,
+};
+
+enum static_node {
+	SN_README = 1,
+	SN_MODELS,
+	SN_STATS,
+	SN_PUB,
+	SN_KEYS,
+	SN_JOBS,
+	SN_CAS,
+	SN_COUNT,
+};
+
+/* Files of a job directory, in listing order (bit n of job.hidden). */
+enum job_file {
+	JF_REQUEST,
+	JF_STATUS,
+	JF_PROGRESS,
+	JF_POSITION,
+	JF_LOG,
+	JF_ERROR,
+	JF_STATUSJSON,
+	JF_OUTPUT,
+	JF_OUTPUTSIG,
+	JF_MANIFEST,
+	JF_MANIFESTSIG,
+	JF_CTL,
+	JF_COUNT,
+};
+
+#define INO(kind, sub, low) (((uint64_t)(kind) << 56) | ((uint64_t)(sub) << 48) | (low))
+#define INO_KIND(ino) ((ino) == FUSE_ROOT_ID ? NK_ROOT : (enum node_kind)((ino) >> 56))
+#define INO_SUB(ino) ((unsigned)(((ino) >> 48) & 0xff))
+#define INO_LOW48(ino) ((ino) & 0xffffffffffffull)
+#define INO_LOW56(ino) ((ino) & 0xffffffffffffffull)
+
+/* A directory of the route tree: "image", "image/synth", ...; task
+ * directories (depth 4) are routes. */
+struct rnode {
+	char path[ROUTE_PATH_MAX + 1];
+	const char *name; /* last component, inside path */
+	uint64_t ino;
+	int depth;		  /* 1..4 */
+	const struct route *route; /* depth 4 only */
+	struct rnode *parent;	   /* NULL at depth 1 (parent: root) */
+	unsigned nsubdirs;
+};
+
+struct fsctx {
+	struct store *st;
+	struct index *ix;
+	struct engine *eng;
+	const struct mountopts *mo;
+	bool private_;
+	uid_t owner;	/* the daemon's uid: owns the static nodes */
+	gid_t group;
+	uint64_t mount_ms;	/* times of static nodes */
+	uint64_t generation;	/* from the store id: changes if the store is recreated */
+	uint64_t max_request;
+	struct rnode *rnodes;	/* read-only after fs_init */
+	size_t nrnodes;
+	unsigned top_dirs;	/* directories at depth 1 */
+};
+
+/* ---- fs.c ---- */
+const struct rnode *fs_rnode_by_ino(const struct fsctx *fs, uint64_t ino);
+int fs_init_rnodes(struct fsctx *fs);
+
+/* ---- errmap.c: the only place errors become errno ---- */
+int fs_errno(int rc);
+
+/* ---- content.c: generated file contents ---- */
+
+/* Name of a job file ("output.mp4" for JF_OUTPUT), into buf. */
+const char *jf_name(const struct job *j, enum job_file f, char *buf, size_t len);
+/* Whether the file is in the job's directory now. */
+bool jf_present(const struct job *j, enum job_file f);
+/*
+ * The content of a generated job file (everything but output and log),
+ * malloc'ed into *out. Returns 0 or a negative code.
+ */
+int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out, size_t *len);
+/* Sizes without the cost of the content where a formula exists. */
+int jf_size(struct fsctx *fs, const struct job *j, enum job_file f, uint64_t *size);
+/* README, models.json, stats, render.pub; keys/<ID>.pub. */
+int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len);
+int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len, char *name,
+	       size_t namelen);
+/* The key id of a keys/ file name "<16 HEX>.pub"; -ENOENT for others. */
+int key_file_id(const char *name, uint64_t *id);
+/* cas/<hex>.minisig for a blob. */
+int cassig_render(struct fsctx *fs, const uint8_t hash[32], char **out, size_t *len);
+
+/* ---- newfile.c: the `new` file ---- */
+struct new_file;
+int new_file_open(struct fsctx *fs, const struct route *r, uint32_t uid, uint32_t gid,
+		  struct new_file **out);
+/* Returns the bytes accepted or a negative errno. */
+ssize_t new_file_write(struct new_file *nf, const char *buf, size_t len, uint64_t off);
+/* Response lines for the caller. */
+ssize_t new_file_read(struct new_file *nf, char *buf, size_t len, uint64_t off);
+/* close(): -EINVAL with an incomplete trailing object. */
+int new_file_flush(struct new_file *nf);
+void new_file_release(struct new_file *nf);
+
+extern const struct fuse_lowlevel_ops fs_ops;
+
+#endif

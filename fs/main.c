@@ -1,0 +1,238 @@
+/*
+ * main.c - the renderfs daemon: options, store, engine, FUSE session.
+ *
+ * DESIGN
+ * Set-up runs in order (options, store with recovery, engine, route tree,
+ * session, mount, workers) and is unwound by a reverse-order label ladder,
+ * as libfuse's examples do. Shutdown stops the engine's workers before the
+ * store closes; running jobs go back to the queue and resume at the next
+ * mount. The session loop is multi-threaded: every handler in ops.c may run
+ * concurrently with the others.
+ */
+#include <errno.h>
+#include <fuse_lowlevel.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fs_i.h"
+#include "mountopts.h"
+
+static uint64_t hash48(const char *s)
+{
+	uint8_t h[B3_OUT_LEN];
+	uint64_t v = 0;
+
+	b3_hash(s, strlen(s), h);
+	for (int i = 0; i < 6; i++)
+		v = v << 8 | h[i];
+	return v;
+}
+
+const struct rnode *fs_rnode_by_ino(const struct fsctx *fs, uint64_t ino)
+{
+	for (size_t i = 0; i < fs->nrnodes; i++)
+		if (fs->rnodes[i].ino == ino)
+			return &fs->rnodes[i];
+	return NULL;
+}
+
+/* Every prefix of every route becomes a directory node (at most four per
+ * route). Parents come before children. */
+int fs_init_rnodes(struct fsctx *fs)
+{
+	const struct route_table *t = engine_routes(fs->eng);
+
+	fs->rnodes = calloc(t->n * 4 + 1, sizeof(*fs->rnodes));
+	if (!fs->rnodes)
+		return -ENOMEM;
+	for (int depth = 1; depth <= 4; depth++)
+		for (size_t i = 0; i < t->n; i++) {
+			const char *p = t->routes[i].path;
+			size_t len = 0;
+			int d = 0;
+			struct rnode *rn, *parent = NULL;
+
+			while (d < depth) {
+				len += strcspn(p + len, "/");
+				if (++d < depth)
+					len++;
+			}
+			char prefix[ROUTE_PATH_MAX + 1];
+			snprintf(prefix, sizeof(prefix), "%.*s", (int)len, p);
+			bool seen = false;
+			for (size_t k = 0; k < fs->nrnodes; k++) {
+				if (strcmp(fs->rnodes[k].path, prefix) == 0)
+					seen = true;
+			}
+			if (seen)
+				continue;
+			if (depth > 1) {
+				char pp[ROUTE_PATH_MAX + 1];
+				snprintf(pp, sizeof(pp), "%.*s", (int)(strrchr(prefix, '/') - prefix),
+					 prefix);
+				for (size_t k = 0; k < fs->nrnodes; k++)
+					if (strcmp(fs->rnodes[k].path, pp) == 0)
+						parent = &fs->rnodes[k];
+			}
+			rn = &fs->rnodes[fs->nrnodes++];
+			snprintf(rn->path, sizeof(rn->path), "%s", prefix);
+			rn->name = strrchr(rn->path, '/') ? strrchr(rn->path, '/') + 1 : rn->path;
+			rn->depth = depth;
+			rn->parent = parent;
+			rn->ino = INO(NK_RDIR, depth, hash48(rn->path));
+			rn->route = depth == 4 ? &t->routes[i] : NULL;
+			if (parent)
+				parent->nsubdirs++;
+			else
+				fs->top_dirs++;
+		}
+	return 0;
+}
+
+static int make_dir(const char *path)
+{
+	char buf[4096];
+
+	snprintf(buf, sizeof(buf), "%s", path);
+	for (char *p = buf + 1; *p; p++)
+		if (*p == '/') {
+			*p = '\0';
+			if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+				return -errno;
+			*p = '/';
+		}
+	if (mkdir(buf, 0700) != 0 && errno != EEXIST)
+		return -errno;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+	struct fuse_cmdline_opts cmd;
+	struct fuse_loop_config *loop = NULL;
+	struct fuse_session *se = NULL;
+	struct mountopts mo;
+	struct store_options so = {0};
+	struct store_recovery rec;
+	struct fsctx fs;
+	char err[1024];
+	uint8_t sid[16];
+	int rc, ret = 1;
+
+	memset(&fs, 0, sizeof(fs));
+	memset(&cmd, 0, sizeof(cmd));
+	if (mountopts_parse(&args, &mo, err, sizeof(err)) != 0) {
+		fprintf(stderr, "renderfs: %s\n", err);
+		goto out_opts;
+	}
+	if (mo.show_help) {
+		mountopts_help(stdout, "renderfs");
+		ret = 0;
+		goto out_opts;
+	}
+	if (mo.show_version) {
+		printf("renderfs %s (libfuse %s)\n", RENDERFS_VERSION, fuse_pkgversion());
+		ret = 0;
+		goto out_opts;
+	}
+	if (fuse_parse_cmdline(&args, &cmd) != 0)
+		goto out_opts;
+	if ((rc = make_dir(mo.store_dir)) != 0) {
+		fprintf(stderr, "renderfs: cannot create store '%s': %s\n", mo.store_dir,
+			strerror(-rc));
+		goto out_cmd;
+	}
+	so.max_attempts = mo.engine.max_attempts;
+	so.keyfile = mo.keyfile;
+	if ((rc = store_open(mo.store_dir, &so, &fs.st)) != 0) {
+		fprintf(stderr, "renderfs: cannot open store '%s': %s\n", mo.store_dir,
+			store_lasterr()[0] ? store_lasterr() : store_strerror(rc));
+		goto out_cmd;
+	}
+	store_get_recovery(fs.st, &rec);
+	if (rec.requeued || rec.interrupted || rec.tmp_removed || rec.blobs_collected)
+		fprintf(stderr,
+			"renderfs: recovered '%s': %llu jobs back in the queue, %llu interrupted, "
+			"%llu partial outputs removed, %llu stray blobs collected\n",
+			mo.store_dir, (unsigned long long)rec.requeued,
+			(unsigned long long)rec.interrupted, (unsigned long long)rec.tmp_removed,
+			(unsigned long long)rec.blobs_collected);
+	fs.ix = store_index(fs.st);
+	fs.mo = &mo;
+	fs.private_ = mo.private_;
+	fs.owner = getuid();
+	fs.group = getgid();
+	fs.mount_ms = now_ms();
+	fs.max_request = mo.engine.max_request;
+	if (index_store_id(fs.ix, sid) == 0)
+		for (int i = 0; i < 8; i++)
+			fs.generation = fs.generation << 8 | sid[i];
+	if ((rc = engine_open(fs.st, &mo.engine, &fs.eng, err, sizeof(err))) != 0) {
+		fprintf(stderr, "renderfs: %s\n", rc == -ENOMEM ? "out of memory" : err);
+		goto out_store;
+	}
+	if (fs_init_rnodes(&fs) != 0) {
+		fprintf(stderr, "renderfs: out of memory\n");
+		goto out_engine;
+	}
+	/* default_permissions: the kernel checks modes (SPEC §7). */
+	if (fuse_opt_add_arg(&args, "-odefault_permissions") != 0 ||
+	    fuse_opt_add_arg(&args, "-ofsname=renderfs") != 0 ||
+	    fuse_opt_add_arg(&args, "-osubtype=renderfs") != 0)
+		goto out_rnodes;
+	se = fuse_session_new(&args, &fs_ops, sizeof(fs_ops), &fs);
+	if (!se)
+		goto out_rnodes; /* libfuse said why (an unknown option, ...) */
+	if (fuse_set_signal_handlers(se) != 0)
+		goto out_session;
+	if (fuse_session_mount(se, cmd.mountpoint) != 0)
+		goto out_signals;
+	if (fuse_daemonize(cmd.foreground) != 0)
+		goto out_unmount;
+	if ((rc = engine_start(fs.eng)) != 0) {
+		fprintf(stderr, "renderfs: cannot start the workers: %s\n", strerror(-rc));
+		goto out_unmount;
+	}
+	fprintf(stderr, "renderfs: serving '%s' from store '%s'\n", cmd.mountpoint, mo.store_dir);
+	if (cmd.singlethread) {
+		rc = fuse_session_loop(se);
+	} else {
+		loop = fuse_loop_cfg_create();
+		if (!loop)
+			goto out_engine_stop;
+		fuse_loop_cfg_set_clone_fd(loop, (unsigned)cmd.clone_fd);
+		/* Many writers submit at once: each blocks in write() for the
+		 * group commit, so keep enough threads (default 64). */
+		fuse_loop_cfg_set_max_threads(loop, cmd.max_threads && cmd.max_threads <= 100000
+							    ? cmd.max_threads
+							    : 64);
+		fuse_loop_cfg_set_idle_threads(loop, cmd.max_idle_threads > 16 ? cmd.max_idle_threads
+										 : 16);
+		rc = fuse_session_loop_mt(se, loop);
+		fuse_loop_cfg_destroy(loop);
+	}
+	ret = rc == 0 ? 0 : 1;
+out_engine_stop:
+	engine_stop(fs.eng);
+out_unmount:
+	fuse_session_unmount(se);
+out_signals:
+	fuse_remove_signal_handlers(se);
+out_session:
+	fuse_session_destroy(se);
+out_rnodes:
+	free(fs.rnodes);
+out_engine:
+	engine_close(fs.eng);
+out_store:
+	store_close(fs.st);
+out_cmd:
+	free(cmd.mountpoint);
+out_opts:
+	mountopts_release(&mo);
+	fuse_opt_free_args(&args);
+	return ret;
+}

@@ -1,0 +1,1227 @@
+/*
+ * ops.c - the FUSE low-level handlers.
+ *
+ * DESIGN
+ * Handlers are thin: decode the node id (fs_i.h), ask the index, engine or
+ * content.c, reply once. Nothing here keeps per-inode state: a node id is
+ * resolved from the index each time (jobs by their persistent sequence
+ * number), so memory does not grow with jobs and ids survive restarts.
+ * Open files carry a struct fh: a snapshot of a generated file's content
+ * (served with direct I/O, so sizes never lie to the page cache), a
+ * verified blob descriptor (served zero-copy with the page cache kept), a
+ * job id (log, ctl), or a `new` writer. Directory handles carry a cursor
+ * so that listing a route with 100,000 jobs is one pass over the index.
+ *
+ * Handlers run on the session's worker threads, concurrently; they share
+ * only the read-only struct fsctx and what the store and engine lock.
+ * None of them touches the mountpoint.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include "fs_i.h"
+
+#define ENTRY_TIMEOUT 0.0 /* jobs come and go: never cache names */
+#define STATIC_TIMEOUT 1.0
+
+enum fh_kind { FH_BUF, FH_BLOB, FH_LOG, FH_CTL, FH_NEW };
+
+struct fh {
+	enum fh_kind kind;
+	char *buf;
+	size_t len;
+	int fd;
+	uint8_t id[JOB_ID_LEN];
+	struct new_file *nf;
+};
+
+struct dirh {
+	uint8_t last[JOB_ID_LEN];
+	off_t last_off;
+	bool have_last;
+};
+
+static struct fsctx *ctx(fuse_req_t req)
+{
+	return fuse_req_userdata(req);
+}
+
+static void reply_err(fuse_req_t req, int rc)
+{
+	fuse_reply_err(req, fs_errno(rc));
+}
+
+static bool is_root_caller(fuse_req_t req)
+{
+	return fuse_req_ctx(req)->uid == 0;
+}
+
+static bool job_visible(struct fsctx *fs, fuse_req_t req, const struct job *j)
+{
+	return !fs->private_ || is_root_caller(req) || fuse_req_ctx(req)->uid == j->uid;
+}
+
+/* The name a job goes by: its client-chosen name, or its ULID. */
+static const char *job_visible_id(const struct job *j, char buf[JOB_ID_STR_LEN + 1])
+{
+	if (j->name[0])
+		return j->name;
+	ulid_format(j->id, buf);
+	return buf;
+}
+
+static int job_by_seq(struct fsctx *fs, uint64_t seq, struct job *j)
+{
+	uint8_t id[JOB_ID_LEN];
+	int rc = index_job_by_seq(fs->ix, seq, id);
+
+	return rc ? rc : index_job_get(fs->ix, id, j);
+}
+
+static const struct rnode *route_rnode(struct fsctx *fs, const char *route)
+{
+	for (size_t i = 0; i < fs->nrnodes; i++)
+		if (fs->rnodes[i].depth == 4 && strcmp(fs->rnodes[i].path, route) == 0)
+			return &fs->rnodes[i];
+	return NULL;
+}
+
+/* ---- attributes ---- */
+
+static void ms_to_ts(uint64_t ms, struct timespec *ts)
+{
+	ts->tv_sec = (time_t)(ms / 1000);
+	ts->tv_nsec = (long)(ms % 1000) * 1000000;
+}
+
+static void attr_base(struct fsctx *fs, struct stat *st, uint64_t ino, mode_t mode,
+		      uint64_t ms)
+{
+	memset(st, 0, sizeof(*st));
+	st->st_ino = ino;
+	st->st_mode = mode;
+	st->st_nlink = S_ISDIR(mode) ? 2 : 1;
+	st->st_uid = fs->owner;
+	st->st_gid = fs->group;
+	st->st_blksize = 65536;
+	ms_to_ts(ms, &st->st_mtim);
+	st->st_ctim = st->st_atim = st->st_mtim;
+}
+
+static void size_attr(struct stat *st, uint64_t size)
+{
+	st->st_size = (off_t)size;
+	st->st_blocks = (blkcnt_t)((size + 511) / 512);
+}
+
+static int job_file_attr(struct fsctx *fs, const struct job *j, enum job_file f,
+			 struct stat *st)
+{
+	uint64_t size;
+	mode_t mode = f == JF_CTL ? 0200 : fs->private_ ? 0600 : 0644;
+	uint64_t ms = j->updated_ms;
+	int rc;
+
+	if (f == JF_OUTPUT || f == JF_OUTPUTSIG || f == JF_MANIFEST || f == JF_MANIFESTSIG ||
+	    f == JF_REQUEST)
+		ms = f == JF_REQUEST ? j->created_ms : j->completed_ms;
+	attr_base(fs, st, INO(NK_JFILE, f, j->seq), S_IFREG | mode, ms);
+	st->st_uid = j->uid;
+	st->st_gid = j->gid;
+	if ((rc = jf_size(fs, j, f, &size)) != 0)
+		return rc;
+	size_attr(st, size);
+	return 0;
+}
+
+static void job_dir_attr(struct fsctx *fs, const struct job *j, struct stat *st)
+{
+	attr_base(fs, st, INO(NK_JOB, 0, j->seq), S_IFDIR | (fs->private_ ? 0700 : 0755),
+		  j->updated_ms);
+	st->st_uid = j->uid;
+	st->st_gid = j->gid;
+}
+
+static int rnode_attr(struct fsctx *fs, const struct rnode *rn, struct stat *st)
+{
+	mode_t mode = rn->depth == 4 ? 01777 : 0755;
+
+	attr_base(fs, st, rn->ino, S_IFDIR | mode, fs->mount_ms);
+	st->st_nlink = 2 + rn->nsubdirs;
+	if (rn->depth == 4)
+		st->st_nlink += (nlink_t)engine_route_jobs(fs->eng, rn->path);
+	return 0;
+}
+
+static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
+{
+	const struct rnode *rn;
+	struct job j;
+	char *text;
+	size_t len;
+	int rc;
+
+	switch (INO_KIND(ino)) {
+	case NK_ROOT:
+		attr_base(fs, st, ino, S_IFDIR | 0755, fs->mount_ms);
+		st->st_nlink = 2 + 3 + fs->top_dirs;
+		return 0;
+	case NK_STATIC: {
+		unsigned n = (unsigned)INO_LOW48(ino);
+		if (n == SN_KEYS || n == SN_JOBS || n == SN_CAS) {
+			attr_base(fs, st, ino, S_IFDIR | (n == SN_CAS ? 0711 : 0755), fs->mount_ms);
+			return 0;
+		}
+		if (n == 0 || n >= SN_COUNT)
+			return -ENOENT;
+		if ((rc = static_render(fs, (enum static_node)n, &text, &len)) != 0)
+			return rc;
+		free(text);
+		attr_base(fs, st, ino, S_IFREG | 0444, n == SN_STATS ? now_ms() : fs->mount_ms);
+		size_attr(st, len);
+		return 0;
+	}
+	case NK_RDIR:
+		if (!(rn = fs_rnode_by_ino(fs, ino)))
+			return -ENOENT;
+		return rnode_attr(fs, rn, st);
+	case NK_NEW:
+	case NK_SCHEMA:
+		if (!(rn = fs_rnode_by_ino(fs, INO(NK_RDIR, 4, INO_LOW48(ino)))))
+			return -ENOENT;
+		if (INO_KIND(ino) == NK_NEW) {
+			attr_base(fs, st, ino, S_IFREG | 0666, fs->mount_ms);
+		} else {
+			attr_base(fs, st, ino, S_IFREG | 0444, fs->mount_ms);
+			size_attr(st, strlen(rn->route->schema_text));
+		}
+		return 0;
+	case NK_JOB:
+	case NK_JFILE:
+	case NK_JLINK:
+		if ((rc = job_by_seq(fs, INO_LOW48(ino), &j)) != 0)
+			return rc;
+		if (!job_visible(fs, req, &j)) {
+			rc = -ENOENT;
+		} else if (INO_KIND(ino) == NK_JOB) {
+			job_dir_attr(fs, &j, st);
+		} else if (INO_KIND(ino) == NK_JLINK) {
+			char idbuf[JOB_ID_STR_LEN + 1];
+			attr_base(fs, st, ino, S_IFLNK | 0777, j.created_ms);
+			st->st_uid = j.uid;
+			st->st_gid = j.gid;
+			size_attr(st, strlen("../") + strlen(j.route) + 1 +
+					      strlen(job_visible_id(&j, idbuf)));
+		} else if (INO_SUB(ino) >= JF_COUNT || !jf_present(&j, INO_SUB(ino))) {
+			rc = -ENOENT;
+		} else {
+			rc = job_file_attr(fs, &j, INO_SUB(ino), st);
+		}
+		job_release(&j);
+		return rc;
+	case NK_KEY:
+		if ((rc = key_render(fs, INO_LOW56(ino), &text, &len, NULL, 0)) != 0)
+			return rc;
+		free(text);
+		attr_base(fs, st, ino, S_IFREG | 0444, fs->mount_ms);
+		size_attr(st, len);
+		return 0;
+	case NK_CAS:
+	case NK_CASSIG: {
+		uint8_t prefix[7], hash[32];
+		struct blob_info bi;
+		for (int i = 0; i < 7; i++)
+			prefix[i] = (uint8_t)(ino >> (8 * (6 - i)));
+		if ((rc = index_blob_find_prefix(fs->ix, prefix, 7, hash)) != 0 ||
+		    (rc = index_blob_get(fs->ix, hash, &bi)) != 0)
+			return rc;
+		attr_base(fs, st, ino, S_IFREG | 0444, bi.created_ms);
+		if (INO_KIND(ino) == NK_CAS) {
+			size_attr(st, bi.size);
+		} else {
+			char hex[65], trusted[256];
+			b3_to_hex(hash, hex);
+			size_attr(st, 0);
+			int n = snprintf(trusted, sizeof(trusted), "renderfs blake3=%s size=%llu", hex,
+					 (unsigned long long)bi.size);
+			size_attr(st, 64 + 101 + 17 + (uint64_t)n + 1 + 89);
+		}
+		return 0;
+	}
+	}
+	return -ENOENT;
+}
+
+static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino)
+{
+	struct fuse_entry_param e;
+	int rc;
+
+	memset(&e, 0, sizeof(e));
+	rc = fill_attr(fs, req, ino, &e.attr);
+	if (rc) {
+		reply_err(req, rc);
+		return;
+	}
+	e.ino = ino;
+	e.generation = fs->generation;
+	bool stat_only = INO_KIND(ino) == NK_STATIC || INO_KIND(ino) == NK_RDIR ||
+			 INO_KIND(ino) == NK_ROOT || INO_KIND(ino) == NK_SCHEMA;
+	e.attr_timeout = 0.0;
+	e.entry_timeout = stat_only ? STATIC_TIMEOUT : ENTRY_TIMEOUT;
+	fuse_reply_entry(req, &e);
+}
+
+/* ---- lookup ---- */
+
+static const char *const static_names[SN_COUNT] = {
+	NULL, "README", "models.json", "stats", "render.pub", "keys", "jobs", "cas",
+};
+
+static int lookup_job(struct fsctx *fs, fuse_req_t req, const char *route, const char *name,
+		      struct job *j)
+{
+	uint8_t id[JOB_ID_LEN];
+	int rc;
+
+	if (ulid_parse(name, id) != 0 && index_name_lookup(fs->ix, route, name, id) != 0)
+		return -ENOENT;
+	if ((rc = index_job_get(fs->ix, id, j)) != 0)
+		return rc == STORE_E_NOTFOUND ? -ENOENT : rc;
+	if ((route && strcmp(j->route, route) != 0) || !job_visible(fs, req, j)) {
+		job_release(j);
+		return -ENOENT;
+	}
+	return 0;
+}
+
+static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const char *name,
+		      uint64_t *ino)
+{
+	const struct rnode *pr = NULL;
+	struct job j;
+	int rc;
+
+	switch (INO_KIND(parent)) {
+	case NK_ROOT:
+		for (int n = 1; n < SN_COUNT; n++)
+			if (strcmp(name, static_names[n]) == 0) {
+				*ino = INO(NK_STATIC, 0, n);
+				return 0;
+			}
+		break;
+	case NK_RDIR:
+		if (!(pr = fs_rnode_by_ino(fs, parent)))
+			return -ENOENT;
+		if (pr->depth == 4) {
+			uint64_t h = INO_LOW48(pr->ino);
+			if (strcmp(name, "new") == 0) {
+				*ino = INO(NK_NEW, 0, h);
+				return 0;
+			}
+			if (strcmp(name, "schema.json") == 0) {
+				*ino = INO(NK_SCHEMA, 0, h);
+				return 0;
+			}
+			if ((rc = lookup_job(fs, req, pr->path, name, &j)) != 0)
+				return rc;
+			*ino = INO(NK_JOB, 0, j.seq);
+			job_release(&j);
+			return 0;
+		}
+		break;
+	case NK_STATIC:
+		if (INO_LOW48(parent) == SN_JOBS) {
+			if ((rc = lookup_job(fs, req, NULL, name, &j)) != 0)
+				return rc;
+			*ino = INO(NK_JLINK, 0, j.seq);
+			job_release(&j);
+			return 0;
+		}
+		if (INO_LOW48(parent) == SN_KEYS) {
+			uint64_t k;
+			if (key_file_id(name, &k) != 0)
+				return -ENOENT;
+			*ino = INO(NK_KEY, 0, 0) | (k & 0xffffffffffffffull);
+			return key_render(fs, INO_LOW56(*ino), NULL, NULL, NULL, 0);
+		}
+		if (INO_LOW48(parent) == SN_CAS) {
+			uint8_t hash[32];
+			size_t nl = strlen(name);
+			bool sig = nl == 64 + 8 && strcmp(name + 64, ".minisig") == 0;
+			char hex[65];
+			if ((nl != 64 && !sig) || strspn(name, "0123456789abcdef") < 64)
+				return -ENOENT;
+			memcpy(hex, name, 64);
+			hex[64] = '\0';
+			if (b3_from_hex(hex, hash) != 0)
+				return -ENOENT;
+			struct blob_info bi;
+			if ((rc = index_blob_get(fs->ix, hash, &bi)) != 0)
+				return rc;
+			uint64_t low = 0;
+			for (int i = 0; i < 7; i++)
+				low = low << 8 | hash[i];
+			*ino = INO(sig ? NK_CASSIG : NK_CAS, 0, 0) | low;
+			return 0;
+		}
+		break;
+	case NK_JOB:
+		if ((rc = job_by_seq(fs, INO_LOW48(parent), &j)) != 0)
+			return rc;
+		rc = -ENOENT;
+		if (job_visible(fs, req, &j))
+			for (int f = 0; f < JF_COUNT; f++) {
+				char buf[96];
+				if (jf_present(&j, f) && strcmp(jf_name(&j, f, buf, sizeof(buf)), name) == 0) {
+					*ino = INO(NK_JFILE, f, j.seq);
+					rc = 0;
+					break;
+				}
+			}
+		job_release(&j);
+		return rc;
+	default:
+		return -ENOTDIR;
+	}
+	/* Route tree children. */
+	for (size_t i = 0; i < fs->nrnodes; i++) {
+		const struct rnode *rn = &fs->rnodes[i];
+		if (rn->parent == pr && strcmp(rn->name, name) == 0 &&
+		    (pr || INO_KIND(parent) == NK_ROOT)) {
+			*ino = rn->ino;
+			return 0;
+		}
+	}
+	return -ENOENT;
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	struct fsctx *fs = ctx(req);
+	uint64_t ino;
+	int rc = lookup_ino(fs, req, parent, name, &ino);
+
+	if (rc)
+		reply_err(req, rc);
+	else
+		reply_entry(req, fs, ino);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct fsctx *fs = ctx(req);
+	struct stat st;
+	int rc = fill_attr(fs, req, ino, &st);
+
+	(void)fi;
+	if (rc)
+		reply_err(req, rc);
+	else
+		fuse_reply_attr(req, &st, 0.0);
+}
+
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+		       struct fuse_file_info *fi)
+{
+	int times = FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
+		    FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME;
+
+	/* `echo > new` truncates first: nothing to truncate. Time updates are
+	 * accepted and ignored (times are the job's own). */
+	if ((to_set & FUSE_SET_ATTR_SIZE) && INO_KIND(ino) == NK_NEW && attr->st_size == 0)
+		to_set &= ~FUSE_SET_ATTR_SIZE;
+	if (to_set & ~times) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
+	op_getattr(req, ino, fi);
+}
+
+static void op_readlink(fuse_req_t req, fuse_ino_t ino)
+{
+	struct fsctx *fs = ctx(req);
+	char target[ROUTE_PATH_MAX + 128], idbuf[JOB_ID_STR_LEN + 1];
+	struct job j;
+	int rc;
+
+	if (INO_KIND(ino) != NK_JLINK) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	if ((rc = job_by_seq(fs, INO_LOW48(ino), &j)) != 0) {
+		reply_err(req, rc);
+		return;
+	}
+	snprintf(target, sizeof(target), "../%s/%s", j.route, job_visible_id(&j, idbuf));
+	job_release(&j);
+	fuse_reply_readlink(req, target);
+}
+
+/* ---- directories ---- */
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct dirh *d = calloc(1, sizeof(*d));
+
+	(void)ino;
+	if (!d) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	fi->fh = (uintptr_t)d;
+	fuse_reply_open(req, fi);
+}
+
+static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)ino;
+	free((struct dirh *)(uintptr_t)fi->fh);
+	fuse_reply_err(req, 0);
+}
+
+struct dirbuf {
+	fuse_req_t req;
+	struct fsctx *fs;
+	char *p;
+	size_t size, used;
+	bool plus;
+	bool full;
+};
+
+/* Add one entry whose successor is at next_off; false when the buffer is
+ * full (the entry was not added). */
+static bool dir_add(struct dirbuf *b, const char *name, uint64_t ino, mode_t type,
+		    off_t next_off)
+{
+	size_t n;
+
+	if (b->plus) {
+		struct fuse_entry_param e;
+		memset(&e, 0, sizeof(e));
+		if (strcmp(name, ".") != 0 && strcmp(name, "..") != 0 &&
+		    fill_attr(b->fs, b->req, ino, &e.attr) == 0) {
+			e.ino = ino;
+			e.generation = b->fs->generation;
+		} else {
+			e.attr.st_ino = ino;
+			e.attr.st_mode = type;
+		}
+		n = fuse_add_direntry_plus(b->req, b->p + b->used, b->size - b->used, name, &e,
+					   next_off);
+	} else {
+		struct stat st = {.st_ino = ino, .st_mode = type};
+		n = fuse_add_direntry(b->req, b->p + b->used, b->size - b->used, name, &st,
+				      next_off);
+	}
+	if (n > b->size - b->used) {
+		b->full = true;
+		return false;
+	}
+	b->used += n;
+	return true;
+}
+
+typedef int (*list_fn)(struct index *, const void *key, const uint8_t *after, size_t max,
+		       uint8_t (*ids)[JOB_ID_LEN], size_t *n);
+
+static int list_route(struct index *ix, const void *key, const uint8_t *after, size_t max,
+		      uint8_t (*ids)[JOB_ID_LEN], size_t *n)
+{
+	return index_list_by_route(ix, key, after, max, ids, n);
+}
+
+static int list_all(struct index *ix, const void *key, const uint8_t *after, size_t max,
+		    uint8_t (*ids)[JOB_ID_LEN], size_t *n)
+{
+	(void)key;
+	return index_list_all(ix, after, max, ids, n);
+}
+
+/*
+ * Job entries from ordinal `first` (0-based among visible jobs), each with
+ * offset base + ordinal + 1. The handle's cursor makes the usual
+ * sequential listing one pass; a seek elsewhere rescans.
+ */
+static int dir_jobs(struct dirbuf *b, struct dirh *d, list_fn list, const void *key,
+		    off_t base, off_t first, bool links)
+{
+	uint8_t ids[128][JOB_ID_LEN];
+	uint8_t after[JOB_ID_LEN];
+	bool have_after = false;
+	off_t ord = 0;
+
+	if (d->have_last && d->last_off == base + first) {
+		memcpy(after, d->last, JOB_ID_LEN);
+		have_after = true;
+		ord = first;
+	}
+	for (;;) {
+		size_t n = 0;
+		int rc = list(b->fs->ix, key, have_after ? after : NULL, 128, ids, &n);
+
+		if (rc)
+			return rc;
+		if (n == 0)
+			return 0;
+		for (size_t i = 0; i < n; i++) {
+			struct job j;
+			char idbuf[JOB_ID_STR_LEN + 1];
+
+			memcpy(after, ids[i], JOB_ID_LEN);
+			have_after = true;
+			if (index_job_get(b->fs->ix, ids[i], &j) != 0)
+				continue;
+			if (!job_visible(b->fs, b->req, &j)) {
+				job_release(&j);
+				continue;
+			}
+			if (ord++ < first) {
+				job_release(&j);
+				continue;
+			}
+			bool ok = dir_add(b, job_visible_id(&j, idbuf),
+					  links ? INO(NK_JLINK, 0, j.seq) : INO(NK_JOB, 0, j.seq),
+					  links ? S_IFLNK : S_IFDIR, base + ord);
+			job_release(&j);
+			if (!ok)
+				return 0;
+			memcpy(d->last, ids[i], JOB_ID_LEN);
+			d->have_last = true;
+			d->last_off = base + ord;
+		}
+	}
+}
+
+static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		       struct fuse_file_info *fi, bool plus)
+{
+	struct fsctx *fs = ctx(req);
+	struct dirh *d = (struct dirh *)(uintptr_t)fi->fh;
+	struct dirbuf b = {req, fs, NULL, size, 0, plus, false};
+	const struct rnode *self = NULL;
+	const char *names[64];
+	uint64_t inos[64];
+	mode_t types[64];
+	int nfixed = 0, rc = 0;
+
+	b.p = malloc(size);
+	if (!b.p) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	names[nfixed] = ".";
+	inos[nfixed] = ino;
+	types[nfixed++] = S_IFDIR;
+	names[nfixed] = "..";
+	inos[nfixed] = FUSE_ROOT_ID;
+	types[nfixed++] = S_IFDIR;
+	switch (INO_KIND(ino)) {
+	case NK_ROOT:
+		for (int n = 1; n < SN_COUNT; n++) {
+			names[nfixed] = static_names[n];
+			inos[nfixed] = INO(NK_STATIC, 0, n);
+			types[nfixed++] = n >= SN_KEYS ? S_IFDIR : S_IFREG;
+		}
+		break;
+	case NK_RDIR:
+		if (!(self = fs_rnode_by_ino(fs, ino))) {
+			rc = -ENOENT;
+			goto out;
+		}
+		if (self->parent)
+			inos[1] = self->parent->ino;
+		if (self->depth == 4) {
+			names[nfixed] = "new";
+			inos[nfixed] = INO(NK_NEW, 0, INO_LOW48(ino));
+			types[nfixed++] = S_IFREG;
+			names[nfixed] = "schema.json";
+			inos[nfixed] = INO(NK_SCHEMA, 0, INO_LOW48(ino));
+			types[nfixed++] = S_IFREG;
+		}
+		break;
+	case NK_JOB: {
+		struct job j;
+		if ((rc = job_by_seq(fs, INO_LOW48(ino), &j)) != 0)
+			goto out;
+		const struct rnode *rn = route_rnode(fs, j.route);
+		if (rn)
+			inos[1] = rn->ino;
+		/* Names live in a static table or in buffers below. */
+		static __thread char outname[2][96];
+		for (int f = 0; f < JF_COUNT; f++) {
+			if (!jf_present(&j, f))
+				continue;
+			names[nfixed] = f == JF_OUTPUT || f == JF_OUTPUTSIG
+						? jf_name(&j, f, outname[f == JF_OUTPUTSIG], 96)
+						: jf_name(&j, f, NULL, 0);
+			inos[nfixed] = INO(NK_JFILE, f, j.seq);
+			types[nfixed++] = S_IFREG;
+		}
+		job_release(&j);
+		break;
+	}
+	case NK_STATIC:
+		break;
+	default:
+		rc = -ENOTDIR;
+		goto out;
+	}
+	if (INO_KIND(ino) == NK_ROOT || (self && self->depth < 4)) {
+		for (size_t i = 0; i < fs->nrnodes && nfixed < 64; i++)
+			if (fs->rnodes[i].parent == self) {
+				names[nfixed] = fs->rnodes[i].name;
+				inos[nfixed] = fs->rnodes[i].ino;
+				types[nfixed++] = S_IFDIR;
+			}
+	}
+	for (off_t i = off; i < nfixed; i++)
+		if (!dir_add(&b, names[i], inos[i], types[i], i + 1))
+			goto done;
+	if (self && self->depth == 4) {
+		rc = dir_jobs(&b, d, list_route, self->path, nfixed, off > nfixed ? off - nfixed : 0,
+			      false);
+	} else if (INO_KIND(ino) == NK_STATIC && INO_LOW48(ino) == SN_JOBS) {
+		rc = dir_jobs(&b, d, list_all, NULL, nfixed, off > nfixed ? off - nfixed : 0, true);
+	} else if (INO_KIND(ino) == NK_STATIC && INO_LOW48(ino) == SN_KEYS) {
+		char dir[4200];
+		DIR *dd;
+		struct dirent *de;
+		off_t ord = nfixed;
+		snprintf(dir, sizeof(dir), "%s/keys", store_dir(fs->st));
+		if ((dd = opendir(dir)) != NULL) {
+			while ((de = readdir(dd)) != NULL) {
+				uint64_t k;
+				if (key_file_id(de->d_name, &k) != 0)
+					continue;
+				if (ord++ < off)
+					continue;
+				if (!dir_add(&b, de->d_name, INO(NK_KEY, 0, 0) | (k & 0xffffffffffffffull),
+					     S_IFREG, ord))
+					break;
+			}
+			closedir(dd);
+		}
+	} else if (INO_KIND(ino) == NK_STATIC && INO_LOW48(ino) == SN_CAS) {
+		uint8_t hashes[64][32], after[32];
+		bool have = false;
+		off_t ord = nfixed;
+		for (;;) {
+			size_t n = 0;
+			if ((rc = index_blob_list(fs->ix, have ? after : NULL, 64, hashes, &n)) != 0 ||
+			    n == 0)
+				break;
+			for (size_t i = 0; i < n && !b.full; i++) {
+				char hex[80];
+				uint64_t low = 0;
+				memcpy(after, hashes[i], 32);
+				have = true;
+				for (int k = 0; k < 7; k++)
+					low = low << 8 | hashes[i][k];
+				b3_to_hex(hashes[i], hex);
+				if (ord++ >= off && !dir_add(&b, hex, INO(NK_CAS, 0, 0) | low, S_IFREG, ord))
+					break;
+				snprintf(hex + 64, sizeof(hex) - 64, ".minisig");
+				if (ord++ >= off &&
+				    !dir_add(&b, hex, INO(NK_CASSIG, 0, 0) | low, S_IFREG, ord))
+					break;
+			}
+			if (b.full)
+				break;
+		}
+	}
+done:
+	if (rc == 0) {
+		fuse_reply_buf(req, b.p, b.used);
+		free(b.p);
+		return;
+	}
+out:
+	free(b.p);
+	reply_err(req, rc);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		       struct fuse_file_info *fi)
+{
+	do_readdir(req, ino, size, off, fi, false);
+}
+
+static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+			   struct fuse_file_info *fi)
+{
+	do_readdir(req, ino, size, off, fi, true);
+}
+
+/* ---- files ---- */
+
+static void fh_free(struct fh *h)
+{
+	if (!h)
+		return;
+	free(h->buf);
+	if (h->kind == FH_BLOB && h->fd >= 0)
+		close(h->fd);
+	new_file_release(h->nf);
+	free(h);
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct fsctx *fs = ctx(req);
+	struct fh *h = calloc(1, sizeof(*h));
+	const struct fuse_ctx *c = fuse_req_ctx(req);
+	struct job j;
+	bool have_job = false;
+	int rc = 0;
+
+	if (!h) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	h->fd = -1;
+	h->kind = FH_BUF;
+	fi->direct_io = 1;
+	switch (INO_KIND(ino)) {
+	case NK_NEW: {
+		const struct rnode *rn = fs_rnode_by_ino(fs, INO(NK_RDIR, 4, INO_LOW48(ino)));
+		if (!rn) {
+			rc = -ENOENT;
+			break;
+		}
+		h->kind = FH_NEW;
+		rc = new_file_open(fs, rn->route, c->uid, c->gid, &h->nf);
+		break;
+	}
+	case NK_SCHEMA: {
+		const struct rnode *rn = fs_rnode_by_ino(fs, INO(NK_RDIR, 4, INO_LOW48(ino)));
+		if (!rn)
+			rc = -ENOENT;
+		else if (!(h->buf = strdup(rn->route->schema_text)))
+			rc = -ENOMEM;
+		else
+			h->len = strlen(h->buf);
+		break;
+	}
+	case NK_STATIC:
+		rc = static_render(fs, (enum static_node)INO_LOW48(ino), &h->buf, &h->len);
+		break;
+	case NK_KEY:
+		rc = key_render(fs, INO_LOW56(ino), &h->buf, &h->len, NULL, 0);
+		break;
+	case NK_CAS:
+	case NK_CASSIG: {
+		uint8_t prefix[7], hash[32];
+		uint64_t size;
+		for (int i = 0; i < 7; i++)
+			prefix[i] = (uint8_t)(ino >> (8 * (6 - i)));
+		if ((rc = index_blob_find_prefix(fs->ix, prefix, 7, hash)) != 0)
+			break;
+		if (INO_KIND(ino) == NK_CASSIG) {
+			rc = cassig_render(fs, hash, &h->buf, &h->len);
+			break;
+		}
+		h->kind = FH_BLOB;
+		rc = store_blob_open(fs->st, hash, &h->fd, &size);
+		fi->direct_io = 0;
+		fi->keep_cache = 1;
+		break;
+	}
+	case NK_JFILE: {
+		enum job_file f = INO_SUB(ino);
+		if ((rc = job_by_seq(fs, INO_LOW48(ino), &j)) != 0)
+			break;
+		have_job = true;
+		if (!job_visible(fs, req, &j) || f >= JF_COUNT || !jf_present(&j, f)) {
+			rc = -ENOENT;
+			break;
+		}
+		memcpy(h->id, j.id, JOB_ID_LEN);
+		if (f == JF_CTL) {
+			h->kind = FH_CTL;
+		} else if (f == JF_LOG) {
+			h->kind = FH_LOG;
+		} else if (f == JF_OUTPUT) {
+			uint64_t size;
+			h->kind = FH_BLOB;
+			rc = store_blob_open(fs->st, j.output_hash, &h->fd, &size);
+			if (rc == STORE_E_CORRUPT)
+				fprintf(stderr, "renderfs: refusing to serve %s: %s\n", j.route,
+					store_lasterr());
+			fi->direct_io = 0;
+			fi->keep_cache = 1;
+		} else {
+			rc = jf_render(fs, &j, f, &h->buf, &h->len);
+		}
+		break;
+	}
+	default:
+		rc = -EISDIR;
+		break;
+	}
+	if (have_job)
+		job_release(&j);
+	/* Generated files may be opened for writing (change notification
+	 * opens them so); writes to them fail with EPERM. */
+	if (rc) {
+		fh_free(h);
+		reply_err(req, rc);
+		return;
+	}
+	fi->fh = (uintptr_t)h;
+	if (fuse_reply_open(req, fi) != 0)
+		fh_free(h); /* the open was interrupted */
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		    struct fuse_file_info *fi)
+{
+	struct fsctx *fs = ctx(req);
+	struct fh *h = (struct fh *)(uintptr_t)fi->fh;
+	char *buf;
+	size_t got = 0;
+	int rc;
+
+	(void)ino;
+	switch (h->kind) {
+	case FH_BLOB: {
+		struct fuse_bufvec bv = FUSE_BUFVEC_INIT(size);
+		bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+		bv.buf[0].fd = h->fd;
+		bv.buf[0].pos = off;
+		fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
+		return;
+	}
+	case FH_BUF:
+		if ((size_t)off >= h->len)
+			fuse_reply_buf(req, NULL, 0);
+		else
+			fuse_reply_buf(req, h->buf + off,
+				       h->len - (size_t)off < size ? h->len - (size_t)off : size);
+		return;
+	case FH_CTL:
+		fuse_reply_buf(req, NULL, 0);
+		return;
+	case FH_LOG:
+		if (!(buf = malloc(size))) {
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		rc = index_job_log_read(fs->ix, h->id, (uint64_t)off, buf, size, &got);
+		if (rc)
+			reply_err(req, rc);
+		else
+			fuse_reply_buf(req, buf, got);
+		free(buf);
+		return;
+	case FH_NEW: {
+		if (!(buf = malloc(size))) {
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		ssize_t n = new_file_read(h->nf, buf, size, (uint64_t)off);
+		if (n < 0)
+			fuse_reply_err(req, (int)-n);
+		else
+			fuse_reply_buf(req, buf, (size_t)n);
+		free(buf);
+		return;
+	}
+	}
+	fuse_reply_err(req, EBADF);
+}
+
+/* ctl: one command per line. */
+static int ctl_command(struct fsctx *fs, const uint8_t id[JOB_ID_LEN], const char *line)
+{
+	enum job_priority p;
+
+	if (strcmp(line, "cancel") == 0)
+		return engine_cancel(fs->eng, id);
+	if (strcmp(line, "retry") == 0)
+		return engine_retry(fs->eng, id);
+	if (strncmp(line, "priority ", 9) == 0) {
+		if (job_priority_parse(line + 9, &p) != 0)
+			return -EINVAL;
+		return engine_set_priority(fs->eng, id, p);
+	}
+	return -EINVAL;
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t size, off_t off,
+		     struct fuse_file_info *fi)
+{
+	struct fsctx *fs = ctx(req);
+	struct fh *h = (struct fh *)(uintptr_t)fi->fh;
+
+	(void)ino;
+	if (h->kind == FH_NEW) {
+		ssize_t n = new_file_write(h->nf, data, size, (uint64_t)off);
+		if (n < 0)
+			fuse_reply_err(req, (int)-n);
+		else
+			fuse_reply_write(req, (size_t)n);
+		return;
+	}
+	if (h->kind == FH_CTL) {
+		struct job j;
+		char line[128];
+		size_t i = 0;
+		int rc = index_job_get(fs->ix, h->id, &j);
+
+		if (rc) {
+			reply_err(req, rc);
+			return;
+		}
+		if (fuse_req_ctx(req)->uid != 0 && fuse_req_ctx(req)->uid != j.uid)
+			rc = -EPERM;
+		job_release(&j);
+		while (rc == 0 && i < size) {
+			size_t n = 0;
+			while (i < size && data[i] != '\n' && n < sizeof(line) - 1)
+				line[n++] = data[i++];
+			if (i < size && data[i] != '\n') {
+				rc = -EINVAL; /* a line too long for any command */
+				break;
+			}
+			i++;
+			line[n] = '\0';
+			while (n && (line[n - 1] == ' ' || line[n - 1] == '\r'))
+				line[--n] = '\0';
+			if (n == 0)
+				continue;
+			rc = ctl_command(fs, h->id, line);
+			if (rc)
+				fprintf(stderr, "renderfs: ctl '%s': %s\n", line,
+					rc == -EINVAL ? "unknown command (cancel, retry, priority "
+							"low|normal|high)"
+						      : store_lasterr());
+		}
+		if (rc)
+			reply_err(req, rc);
+		else
+			fuse_reply_write(req, size);
+		return;
+	}
+	fuse_reply_err(req, EPERM);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct fh *h = (struct fh *)(uintptr_t)fi->fh;
+
+	(void)ino;
+	fuse_reply_err(req, h->kind == FH_NEW ? -new_file_flush(h->nf) : 0);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)ino;
+	fh_free((struct fh *)(uintptr_t)fi->fh);
+	fuse_reply_err(req, 0);
+}
+
+/* ---- removal ---- */
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	struct fsctx *fs = ctx(req);
+	struct job j;
+	int rc;
+
+	if (INO_KIND(parent) != NK_JOB) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
+	if ((rc = job_by_seq(fs, INO_LOW48(parent), &j)) != 0) {
+		reply_err(req, rc);
+		return;
+	}
+	rc = -ENOENT;
+	if (!job_visible(fs, req, &j)) {
+		rc = -ENOENT;
+	} else if (fuse_req_ctx(req)->uid != 0 && fuse_req_ctx(req)->uid != j.uid) {
+		rc = -EACCES;
+	} else {
+		for (int f = 0; f < JF_COUNT; f++) {
+			char buf[96];
+			if (!jf_present(&j, f) || strcmp(jf_name(&j, f, buf, sizeof(buf)), name) != 0)
+				continue;
+			/* Unlinking the output releases its blob. */
+			rc = store_job_hide(fs->st, j.id, (uint16_t)(1u << f), f == JF_OUTPUT);
+			break;
+		}
+	}
+	job_release(&j);
+	reply_err(req, rc);
+}
+
+static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	struct fsctx *fs = ctx(req);
+	const struct rnode *rn = fs_rnode_by_ino(fs, parent);
+	struct job j;
+	int rc;
+
+	if (!rn || rn->depth != 4) {
+		fuse_reply_err(req, EPERM);
+		return;
+	}
+	if ((rc = lookup_job(fs, req, rn->path, name, &j)) != 0) {
+		reply_err(req, rc);
+		return;
+	}
+	if (fuse_req_ctx(req)->uid != 0 && fuse_req_ctx(req)->uid != j.uid)
+		rc = -EPERM;
+	else
+		rc = engine_delete(fs->eng, j.id);
+	job_release(&j);
+	reply_err(req, rc);
+}
+
+static void op_eperm_entry(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+	(void)parent;
+	(void)name;
+	(void)mode;
+	fuse_reply_err(req, EPERM);
+}
+
+static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+		     dev_t rdev)
+{
+	(void)rdev;
+	op_eperm_entry(req, parent, name, mode);
+}
+
+static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+		      struct fuse_file_info *fi)
+{
+	(void)fi;
+	op_eperm_entry(req, parent, name, mode);
+}
+
+static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
+{
+	(void)link;
+	op_eperm_entry(req, parent, name, 0);
+}
+
+static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, const char *name)
+{
+	(void)ino;
+	op_eperm_entry(req, parent, name, 0);
+}
+
+static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t np,
+		      const char *nn, unsigned int flags)
+{
+	(void)np;
+	(void)nn;
+	(void)flags;
+	op_eperm_entry(req, parent, name, 0);
+}
+
+/* ---- xattrs, statfs ---- */
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+	(void)ino;
+	(void)name;
+	(void)size;
+	fuse_reply_err(req, ENODATA);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+	(void)ino;
+	if (size == 0)
+		fuse_reply_xattr(req, 0);
+	else
+		fuse_reply_buf(req, NULL, 0);
+}
+
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+			size_t size, int flags)
+{
+	(void)ino;
+	(void)name;
+	(void)value;
+	(void)size;
+	(void)flags;
+	fuse_reply_err(req, ENOTSUP);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
+{
+	(void)ino;
+	(void)name;
+	fuse_reply_err(req, ENODATA);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+	struct fsctx *fs = ctx(req);
+	struct statvfs sv;
+
+	(void)ino;
+	if (statvfs(store_dir(fs->st), &sv) != 0) {
+		fuse_reply_err(req, errno);
+		return;
+	}
+	sv.f_namemax = 255;
+	fuse_reply_statfs(req, &sv);
+}
+
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+	(void)userdata;
+	if (conn->capable & FUSE_CAP_SPLICE_WRITE)
+		conn->want |= FUSE_CAP_SPLICE_WRITE;
+	if (conn->capable & FUSE_CAP_SPLICE_MOVE)
+		conn->want |= FUSE_CAP_SPLICE_MOVE;
+	if (conn->capable & FUSE_CAP_EXPORT_SUPPORT)
+		conn->want |= FUSE_CAP_EXPORT_SUPPORT;
+	if (conn->capable & FUSE_CAP_READDIRPLUS)
+		conn->want |= FUSE_CAP_READDIRPLUS;
+	conn->want &= ~(unsigned)FUSE_CAP_READDIRPLUS_AUTO;
+	/* `new` takes 1 MiB writes where the kernel allows. */
+	conn->max_write = 1 << 20;
+	conn->max_readahead = 1 << 20;
+}
+
+const struct fuse_lowlevel_ops fs_ops = {
+	.init = op_init,
+	.lookup = op_lookup,
+	.getattr = op_getattr,
+	.setattr = op_setattr,
+	.readlink = op_readlink,
+	.mknod = op_mknod,
+	.mkdir = op_eperm_entry,
+	.unlink = op_unlink,
+	.rmdir = op_rmdir,
+	.symlink = op_symlink,
+	.rename = op_rename,
+	.link = op_link,
+	.open = op_open,
+	.read = op_read,
+	.write = op_write,
+	.flush = op_flush,
+	.release = op_release,
+	.opendir = op_opendir,
+	.readdir = op_readdir,
+	.readdirplus = op_readdirplus,
+	.releasedir = op_releasedir,
+	.statfs = op_statfs,
+	.setxattr = op_setxattr,
+	.getxattr = op_getxattr,
+	.listxattr = op_listxattr,
+	.removexattr = op_removexattr,
+	.create = op_create,
+};

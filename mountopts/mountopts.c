@@ -1,0 +1,290 @@
+/*
+ * mountopts.c - the option table, defaults and validation.
+ *
+ * DESIGN
+ * fuse_opt fills raw strings through offsetof (as sshfs does); a second
+ * pass converts and range-checks each one, so every message can name the
+ * option and say what it accepts. Options FUSE does not know are refused
+ * by fuse_session_new() with their name, so typos never pass silently.
+ */
+#include "mountopts.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define OPT(t, p) {t, offsetof(struct mountopts, p), 1}
+
+static const struct fuse_opt table[] = {
+	OPT("store=%s", store),
+	OPT("models=%s", models),
+	OPT("workers=%s", workers),
+	OPT("gpus=%s", gpus),
+	OPT("queue_max=%s", queue_max),
+	OPT("user_queue_max=%s", user_queue_max),
+	OPT("rate=%s", rate),
+	OPT("burst=%s", burst),
+	OPT("max_request=%s", max_request),
+	OPT("max_attempts=%s", max_attempts),
+	OPT("retain=%s", retain),
+	OPT("keyfile=%s", keyfile),
+	OPT("private", private_),
+	OPT("-h", show_help),
+	OPT("--help", show_help),
+	OPT("-V", show_version),
+	OPT("--version", show_version),
+	FUSE_OPT_END,
+};
+
+static int proc(void *data, const char *arg, int key, struct fuse_args *outargs)
+{
+	struct mountopts *mo = data;
+
+	(void)outargs;
+	if (key != FUSE_OPT_KEY_NONOPT)
+		return 1;
+	/* mount.fuse runs "renderfs SOURCE MOUNTPOINT -o ...". */
+	if (!mo->mountpoint) {
+		mo->mountpoint = strdup(arg);
+	} else if (!mo->source) {
+		mo->source = mo->mountpoint;
+		mo->mountpoint = strdup(arg);
+	} else {
+		mo->extra_args++;
+	}
+	return 0;
+}
+
+void mountopts_help(FILE *out, const char *prog)
+{
+	fprintf(out,
+		"usage: %s [options] [SOURCE] MOUNTPOINT\n"
+		"\n"
+		"renderfs options (-o name=value, comma-separated):\n"
+		"    store=DIR            store directory (default $XDG_DATA_HOME/renderfs,\n"
+		"                         ~/.local/share/renderfs, or /var/lib/renderfs for root)\n"
+		"    models=FILE          models file adding or overriding routes (default: none)\n"
+		"    workers=N            CPU worker threads, 0 to run nothing (default: cores)\n"
+		"    gpus=all|none|LIST   CUDA devices to use, e.g. 0,1 (default: all)\n"
+		"    queue_max=N          queued jobs in all (default: 1000000)\n"
+		"    user_queue_max=N     queued jobs per uid (default: 100000)\n"
+		"    rate=N               submissions per second per uid, 0: no limit (default: 1000)\n"
+		"    burst=N              token bucket size per uid (default: 10000)\n"
+		"    max_request=BYTES    largest request object, K/M/G suffixes (default: 16M)\n"
+		"    max_attempts=N       runs before a transient failure is final (default: 3)\n"
+		"    retain=DURATION      delete finished jobs older than this, e.g. 7d, 12h\n"
+		"                         (default: keep)\n"
+		"    private              jobs visible to their owner only; modes 0700/0600\n"
+		"    keyfile=FILE         sign with this minisign secret key (default: the\n"
+		"                         store's own keys/)\n"
+		"\n"
+		"FUSE options: -f (foreground), -d (debug), -s (single thread),\n"
+		"    -o allow_other, -o max_threads=N, and the rest of mount.fuse3(8)\n",
+		prog);
+}
+
+static int num(const char *name, const char *s, uint64_t lo, uint64_t hi, uint64_t *out,
+	       char *err, size_t errlen)
+{
+	char *end;
+	uintmax_t v;
+
+	errno = 0;
+	if (!s || !isdigit((unsigned char)s[0]))
+		goto bad;
+	v = strtoumax(s, &end, 10);
+	if (errno || *end || v < lo || v > hi)
+		goto bad;
+	*out = v;
+	return 0;
+bad:
+	snprintf(err, errlen, "option '%s=%s': must be an integer from %" PRIu64 " to %" PRIu64,
+		 name, s ? s : "", lo, hi);
+	return -EINVAL;
+}
+
+static int with_unit(const char *s, const char *units, const uint64_t *mult, uint64_t *out)
+{
+	char *end;
+	uintmax_t v;
+	const char *u;
+
+	errno = 0;
+	if (!isdigit((unsigned char)s[0]))
+		return -EINVAL;
+	v = strtoumax(s, &end, 10);
+	if (errno)
+		return -EINVAL;
+	if (*end == '\0') {
+		*out = v * mult[0];
+		return 0;
+	}
+	if (end[1] != '\0' || !(u = strchr(units, *end)))
+		return -EINVAL;
+	if (v > UINT64_MAX / mult[u - units + 1])
+		return -EINVAL;
+	*out = v * mult[u - units + 1];
+	return 0;
+}
+
+int mountopts_duration(const char *s, uint64_t *ms)
+{
+	static const uint64_t mult[] = {1000, 1000, 60000, 3600000, 86400000};
+	return with_unit(s, "smhd", mult, ms);
+}
+
+int mountopts_size(const char *s, uint64_t *bytes)
+{
+	static const uint64_t mult[] = {1, 1024, 1024 * 1024, 1024 * 1024 * 1024};
+	return with_unit(s, "KMG", mult, bytes);
+}
+
+static int default_store(char *buf, size_t len)
+{
+	const char *x = getenv("XDG_DATA_HOME"), *home = getenv("HOME");
+
+	if (geteuid() == 0)
+		snprintf(buf, len, "/var/lib/renderfs");
+	else if (x && x[0] == '/')
+		snprintf(buf, len, "%s/renderfs", x);
+	else if (home && home[0] == '/')
+		snprintf(buf, len, "%s/.local/share/renderfs", home);
+	else
+		return -ENOENT;
+	return 0;
+}
+
+int mountopts_parse(struct fuse_args *args, struct mountopts *mo, char *err, size_t errlen)
+{
+	struct engine_options *eo = &mo->engine;
+	uint64_t v;
+	int rc;
+
+	memset(mo, 0, sizeof(*mo));
+	engine_options_default(eo);
+	if (fuse_opt_parse(args, mo, table, proc) != 0) {
+		snprintf(err, errlen, "cannot parse the options");
+		return -EINVAL;
+	}
+	if (mo->show_help || mo->show_version)
+		return 0;
+	if (mo->extra_args) {
+		snprintf(err, errlen, "too many arguments: expected [SOURCE] MOUNTPOINT");
+		return -EINVAL;
+	}
+	if (!mo->mountpoint) {
+		snprintf(err, errlen, "no mountpoint given (see --help)");
+		return -EINVAL;
+	}
+	if (mo->store) {
+		if (mo->store[0] == '\0' || strlen(mo->store) >= sizeof(mo->store_dir) - 128) {
+			snprintf(err, errlen, "option 'store=%s': must be a directory path", mo->store);
+			return -EINVAL;
+		}
+		snprintf(mo->store_dir, sizeof(mo->store_dir), "%s", mo->store);
+	} else if (default_store(mo->store_dir, sizeof(mo->store_dir)) != 0) {
+		snprintf(err, errlen, "no store=DIR given and neither $XDG_DATA_HOME nor $HOME is set");
+		return -EINVAL;
+	}
+	if (mo->workers) {
+		if ((rc = num("workers", mo->workers, 0, 1024, &v, err, errlen)) != 0)
+			return rc;
+		eo->workers = (int)v;
+	}
+	if (mo->gpus) {
+		if (strcmp(mo->gpus, "all") == 0) {
+			eo->gpus_all = true;
+		} else if (strcmp(mo->gpus, "none") == 0) {
+			eo->gpus_all = false;
+			eo->gpu_mask = 0;
+		} else {
+			char *copy = strdup(mo->gpus), *save = NULL;
+			eo->gpus_all = false;
+			eo->gpu_mask = 0;
+			if (!copy)
+				return -ENOMEM;
+			for (char *t = strtok_r(copy, ":+", &save); t; t = strtok_r(NULL, ":+", &save)) {
+				if (num("gpus", t, 0, 63, &v, err, errlen) != 0) {
+					snprintf(err, errlen,
+						 "option 'gpus=%s': must be all, none, or device "
+						 "numbers 0-63 separated by ':' or '+'",
+						 mo->gpus);
+					free(copy);
+					return -EINVAL;
+				}
+				eo->gpu_mask |= 1ull << v;
+			}
+			free(copy);
+		}
+	}
+	if (mo->queue_max &&
+	    (rc = num("queue_max", mo->queue_max, 1, 1ull << 40, &eo->queue_max, err, errlen)))
+		return rc;
+	if (mo->user_queue_max && (rc = num("user_queue_max", mo->user_queue_max, 1, 1ull << 40,
+					    &eo->user_queue_max, err, errlen)))
+		return rc;
+	if (mo->rate) {
+		if ((rc = num("rate", mo->rate, 0, 1000000000, &v, err, errlen)) != 0)
+			return rc;
+		eo->rate = (uint32_t)v;
+	}
+	if (mo->burst) {
+		if ((rc = num("burst", mo->burst, 1, 1000000000, &v, err, errlen)) != 0)
+			return rc;
+		eo->burst = (uint32_t)v;
+	}
+	if (mo->max_request) {
+		if (mountopts_size(mo->max_request, &v) != 0 || v < 1024 || v > (1ull << 30)) {
+			snprintf(err, errlen,
+				 "option 'max_request=%s': must be a size from 1K to 1G (e.g. 16M)",
+				 mo->max_request);
+			return -EINVAL;
+		}
+		eo->max_request = v;
+	}
+	if (mo->max_attempts) {
+		if ((rc = num("max_attempts", mo->max_attempts, 1, 100, &v, err, errlen)) != 0)
+			return rc;
+		eo->max_attempts = (uint32_t)v;
+	}
+	if (mo->retain) {
+		if (mountopts_duration(mo->retain, &v) != 0 || v == 0) {
+			snprintf(err, errlen,
+				 "option 'retain=%s': must be a duration such as 3600, 90s, 30m, "
+				 "12h or 7d",
+				 mo->retain);
+			return -EINVAL;
+		}
+		eo->retain_ms = v;
+	}
+	if (mo->keyfile && access(mo->keyfile, R_OK) != 0) {
+		snprintf(err, errlen, "option 'keyfile=%s': %s", mo->keyfile, strerror(errno));
+		return -EINVAL;
+	}
+	if (mo->models && access(mo->models, R_OK) != 0) {
+		snprintf(err, errlen, "option 'models=%s': %s", mo->models, strerror(errno));
+		return -EINVAL;
+	}
+	eo->models = mo->models;
+	/* FUSE parses the mountpoint itself (with -f, -d, ...). */
+	if (fuse_opt_add_arg(args, mo->mountpoint) != 0)
+		return -ENOMEM;
+	return 0;
+}
+
+void mountopts_release(struct mountopts *mo)
+{
+	char **strs[] = {&mo->store,	    &mo->models,      &mo->workers,	 &mo->gpus,
+			 &mo->queue_max,    &mo->user_queue_max, &mo->rate,	 &mo->burst,
+			 &mo->max_request,  &mo->max_attempts, &mo->retain,	 &mo->keyfile,
+			 &mo->source,	    &mo->mountpoint};
+
+	for (size_t i = 0; i < sizeof(strs) / sizeof(strs[0]); i++) {
+		free(*strs[i]);
+		*strs[i] = NULL;
+	}
+}
