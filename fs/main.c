@@ -209,8 +209,10 @@ int main(int argc, char **argv)
 		fuse_loop_cfg_set_max_threads(loop, cmd.max_threads && cmd.max_threads <= 100000
 							    ? cmd.max_threads
 							    : 64);
-		fuse_loop_cfg_set_idle_threads(loop, cmd.max_idle_threads > 16 ? cmd.max_idle_threads
-										 : 16);
+		fuse_loop_cfg_set_idle_threads(loop, cmd.max_idle_threads >= 16 &&
+							     cmd.max_idle_threads <= 100000
+						     ? cmd.max_idle_threads
+						     : 16);
 		rc = fuse_session_loop_mt(se, loop);
 		fuse_loop_cfg_destroy(loop);
 	}

@@ -290,7 +290,8 @@ static int lookup_job(struct fsctx *fs, fuse_req_t req, const char *route, const
 	uint8_t id[JOB_ID_LEN];
 	int rc;
 
-	if (ulid_parse(name, id) != 0 && index_name_lookup(fs->ix, route, name, id) != 0)
+	/* jobs/ has ULIDs only: names are unique per route, not store-wide. */
+	if (ulid_parse(name, id) != 0 && (!route || index_name_lookup(fs->ix, route, name, id) != 0))
 		return -ENOENT;
 	if ((rc = index_job_get(fs->ix, id, j)) != 0)
 		return rc == STORE_E_NOTFOUND ? -ENOENT : rc;
@@ -586,7 +587,9 @@ static int dir_jobs(struct dirbuf *b, struct dirh *d, list_fn list, const void *
 				job_release(&j);
 				continue;
 			}
-			bool ok = dir_add(b, job_visible_id(&j, idbuf),
+			if (links)
+				ulid_format(j.id, idbuf);
+			bool ok = dir_add(b, links ? idbuf : job_visible_id(&j, idbuf),
 					  links ? INO(NK_JLINK, 0, j.seq) : INO(NK_JOB, 0, j.seq),
 					  links ? S_IFLNK : S_IFDIR, base + ord);
 			job_release(&j);
