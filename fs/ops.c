@@ -791,6 +791,13 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	h->fd = -1;
 	h->kind = FH_BUF;
 	fi->direct_io = 1;
+	/* libfuse asks for atomic O_TRUNC: only `new` (and ctl) accept it. */
+	if ((fi->flags & O_TRUNC) && INO_KIND(ino) != NK_NEW &&
+	    !(INO_KIND(ino) == NK_JFILE && INO_SUB(ino) == JF_CTL)) {
+		free(h);
+		fuse_reply_err(req, EPERM);
+		return;
+	}
 	switch (INO_KIND(ino)) {
 	case NK_NEW: {
 		const struct rnode *rn = fs_rnode_by_ino(fs, INO(NK_RDIR, 4, INO_LOW48(ino)));
