@@ -173,10 +173,11 @@ static int walk_object(json_object *schema, json_object *v, const char *path, in
 		json_object *val = NULL, *ps = NULL, *dflt, *nv = NULL;
 
 		snprintf(sub, sizeof(sub), "%s%s%s", path, path[0] ? "." : "", k);
-		json_object_object_get_ex(v, k, &val);
+		/* A JSON null is a NULL value: present, unlike a missing key. */
+		bool present = json_object_object_get_ex(v, k, &val);
 		if (props)
 			json_object_object_get_ex(props, k, &ps);
-		if (!val) {
+		if (!present) {
 			/* Only schema properties reach here: fill the default. */
 			if (ps && json_object_object_get_ex(ps, "default", &dflt)) {
 				if ((rc = json_object_deep_copy(dflt, &nv, NULL)) != 0) {
@@ -208,11 +209,11 @@ static int walk_object(json_object *schema, json_object *v, const char *path, in
 		}
 		if (rc)
 			break;
-		if (schema_is_secret(k) && !json_object_is_type(nv, json_type_null)) {
+		if (schema_is_secret(k) && nv) {
 			json_object_put(nv);
 			nv = json_object_new_string("***");
 		}
-		if (!nv || json_object_object_add(res, k, nv) != 0) {
+		if ((val && !nv) || json_object_object_add(res, k, nv) != 0) {
 			json_object_put(nv);
 			rc = -ENOMEM;
 		}
@@ -330,6 +331,10 @@ static int walk(json_object *schema, json_object *v, const char *path, int depth
 			}
 		}
 		*out = res;
+		return 0;
+	}
+	if (!v) {
+		*out = NULL; /* null */
 		return 0;
 	}
 	return json_object_deep_copy(v, out, NULL) == 0 ? 0 : -ENOMEM;

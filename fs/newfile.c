@@ -359,6 +359,44 @@ static uint64_t count_keys(json_object *o)
 	return n;
 }
 
+/*
+ * Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above
+ * U+10FFFF. Returns the offset of the first bad byte, or len.
+ */
+static size_t utf8_check(const uint8_t *s, size_t len)
+{
+	size_t i = 0;
+
+	while (i < len) {
+		uint8_t c = s[i];
+		size_t n;
+		uint32_t cp, min;
+
+		if (c < 0x80) {
+			i++;
+			continue;
+		}
+		if ((c & 0xE0) == 0xC0) {
+			n = 1, cp = c & 0x1F, min = 0x80;
+		} else if ((c & 0xF0) == 0xE0) {
+			n = 2, cp = c & 0x0F, min = 0x800;
+		} else if ((c & 0xF8) == 0xF0) {
+			n = 3, cp = c & 0x07, min = 0x10000;
+		} else {
+			return i;
+		}
+		for (size_t k = 1; k <= n; k++) {
+			if (i + k >= len || (s[i + k] & 0xC0) != 0x80)
+				return i;
+			cp = cp << 6 | (s[i + k] & 0x3F);
+		}
+		if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+			return i;
+		i += n + 1;
+	}
+	return len;
+}
+
 /* Parse a completed object; 0 with *out, or -EINVAL with err. */
 static int parse_object(const uint8_t *text, size_t len, uint64_t colons, json_object **out,
 			char *err, size_t errlen)
@@ -367,6 +405,13 @@ static int parse_object(const uint8_t *text, size_t len, uint64_t colons, json_o
 	json_object *o;
 	enum json_tokener_error je;
 
+	size_t bad = utf8_check(text, len);
+
+	if (bad < len) {
+		json_tokener_free(tok);
+		snprintf(err, errlen, "not valid JSON: invalid UTF-8 at byte %zu of the object", bad);
+		return -EINVAL;
+	}
 	if (!tok)
 		return -ENOMEM;
 	json_tokener_set_flags(tok, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
@@ -557,7 +602,7 @@ int new_file_flush(struct new_file *nf)
 	 * object may still be completed through another descriptor, and the
 	 * last close discards it (new_file_release). */
 	pthread_mutex_lock(&nf->mu);
-	if (nf->next > 0 || (nf->depth > 0 && nf->skip == SKIP_NONE)) {
+	if (nf->next > 0 || nf->depth > 0) {
 		fprintf(stderr, "renderfs: uid %u: %s/new: closed with %s; nothing was enqueued "
 				"from it\n",
 			nf->uid, nf->route->path,
