@@ -1,0 +1,113 @@
+"""SPEC §10: options, --help, --version, errors naming the option, mount -t."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import IMAGE, SMALL, tool
+
+
+def run(*args, **kw):
+    return subprocess.run([tool("renderfs"), *map(str, args)], capture_output=True, text=True,
+                          timeout=30, **kw)
+
+
+def test_help_lists_every_option_with_defaults():
+    r = run("--help")
+    assert r.returncode == 0
+    for opt in ("store=DIR", "models=FILE", "workers=N", "gpus=all|none|LIST", "queue_max=N",
+                "user_queue_max=N", "rate=N", "burst=N", "max_request=BYTES",
+                "max_attempts=N", "retain=DURATION", "private", "keyfile=FILE", "default"):
+        assert opt in r.stdout, opt
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("renderfs 0.1.0")
+
+
+@pytest.mark.parametrize("opt,msg", [
+    ("workers=lots", "option 'workers=lots': must be an integer from 0 to 1024"),
+    ("rate=-1", "option 'rate=-1'"),
+    ("max_request=12Q", "option 'max_request=12Q': must be a size"),
+    ("retain=forever", "option 'retain=forever': must be a duration"),
+    ("gpus=0:x", "option 'gpus=0:x'"),
+    ("max_attempts=0", "option 'max_attempts=0'"),
+    ("keyfile=/nonexistent/key", "option 'keyfile=/nonexistent/key'"),
+    ("models=/nonexistent/models.json", "option 'models=/nonexistent/models.json'"),
+    ("frobnicate=1", "frobnicate"),
+])
+def test_bad_option_stops_the_mount(tmp_path, opt, msg):
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    r = run("-f", mnt, "-o", f"store={tmp_path}/s,{opt}")
+    assert r.returncode != 0 and msg in r.stderr, r.stderr
+    assert not os.path.ismount(mnt)
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("{", "not valid JSON"),
+    ('{"routes": {"bad route": {}}}', "route 'bad route'"),
+    ('{"routes": {"image/x/y/z": {"backend": "nope"}}}', "'backend' must be one of"),
+    ('{"routes": {"image/x/y/z": {"backend": "fal", "media_type": "image/png"}}}',
+     "'schema' is required"),
+    ('{"routes": {"image/x/y/z": {"backend": "fal", "media_type": "image/png", '
+     '"schema": {"type": "object", "pattern": "x"}}}}', "unsupported schema keyword 'pattern'"),
+    ('{"routes": {"image/synth/default/t2i": {"timeout_s": -5}}}', "'timeout_s'"),
+])
+def test_bad_models_file_names_file_route_field(tmp_path, content, msg):
+    models = tmp_path / "models.json"
+    models.write_text(content)
+    (tmp_path / "m").mkdir()
+    r = run("-f", tmp_path / "m", "-o", f"store={tmp_path}/s,models={models}")
+    assert r.returncode != 0 and msg in r.stderr and str(models) in r.stderr, r.stderr
+
+
+def test_models_file_overrides_a_builtin_route(mount_factory, tmp_path):
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({"routes": {IMAGE: {"timeout_s": 7}}}))
+    m = mount_factory([f"models={models}"])
+    routes = {r["route"]: r for r in json.loads((m.path / "models.json").read_text())["routes"]}
+    assert routes[IMAGE]["timeout_s"] == 7 and routes[IMAGE]["backend"] == "synth"
+
+
+def test_options_in_force_are_shown(mount_factory):
+    m = mount_factory(["workers=0", "rate=5", "burst=9", "retain=2h"])
+    readme = (m.path / "README").read_text()
+    assert "workers=0" in readme and "rate=5 burst=9" in readme and "retain=7200s" in readme
+
+
+def test_mount_t_fuse_renderfs(tmp_path):
+    """mount(8) runs mount.fuse3, which runs `renderfs SOURCE MOUNTPOINT -o ...`
+    with a standard PATH: renderfs must be installed (cmake --install puts it in
+    /usr/local/bin); the test links the built one there when none is."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    link = "/usr/local/bin/renderfs"
+    made = False
+    if not os.path.exists(link):
+        os.symlink(tool("renderfs"), link)
+        made = True
+    try:
+        r = subprocess.run(["mount", "-t", "fuse.renderfs", "renderfs", str(mnt), "-o",
+                            f"store={tmp_path}/s,workers=1"], capture_output=True, text=True,
+                           timeout=30)
+    finally:
+        if made:
+            os.unlink(link)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert os.path.ismount(mnt)
+        (mnt / IMAGE / "new").write_text(json.dumps({"prompt": "fstab", **SMALL}))
+        jobs = [p for p in os.listdir(mnt / IMAGE) if p not in ("new", "schema.json")]
+        assert len(jobs) == 1
+        deadline = time.monotonic() + 30
+        while (mnt / IMAGE / jobs[0] / "status").read_text() != "complete\n":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.ismount(mnt)

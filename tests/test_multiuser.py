@@ -1,0 +1,87 @@
+"""SPEC §3 and §7: ownership, `private`, and another user's ctl/delete refused.
+The second user is `nobody`, reached with setpriv; the mount has allow_other."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import IMAGE, SMALL, need
+
+NOBODY = 65534
+
+
+def as_nobody(cmd, cwd):
+    return subprocess.run([need("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                           "--clear-groups", "bash", "-c", cmd], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def submit_as_nobody(m, prompt):
+    r = as_nobody("exec 3<>new; echo '%s' >&3; read id <&3; echo $id"
+                  % json.dumps({"prompt": prompt, **SMALL}), m.route(IMAGE))
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    return r.stdout.strip()
+
+
+@pytest.fixture
+def shared(mount_factory, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    return mount_factory(["allow_other"])
+
+
+def test_ownership_and_refusals(shared):
+    m = shared
+    mine = m.submit(IMAGE, {"prompt": "by root", **SMALL})
+    theirs = submit_as_nobody(m, "by nobody")
+    m.wait(IMAGE, mine)
+    m.wait(IMAGE, theirs)
+    st = os.stat(m.job(IMAGE, theirs))
+    assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY) and st.st_mode & 0o777 == 0o755
+    f = os.stat(m.job(IMAGE, theirs) / "status")
+    assert f.st_uid == NOBODY and f.st_mode & 0o777 == 0o644
+    assert os.stat(m.job(IMAGE, theirs) / "ctl").st_mode & 0o777 == 0o200
+    assert m.status(IMAGE, theirs)["owner"] == NOBODY
+    d = m.job(IMAGE, mine)
+    # Relative paths: the second user cannot traverse pytest's 0700 tmp root.
+    r = as_nobody(f"cat {mine}/status {mine}/request.json", m.route(IMAGE))
+    assert r.returncode == 0 and r.stdout.startswith("complete\n"), r.stderr
+    r = as_nobody(f"echo cancel > {mine}/ctl", m.route(IMAGE))
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = as_nobody(f"echo retry > {mine}/ctl", m.route(IMAGE))
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = as_nobody(f"rm -f {mine}/log", m.route(IMAGE))
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = as_nobody(f"rmdir {mine}", m.route(IMAGE))
+    assert r.returncode != 0 and ("Operation not permitted" in r.stderr
+                                  or "Permission denied" in r.stderr), r.stderr
+    r = as_nobody(f"rm -rf {mine}", m.route(IMAGE))
+    assert r.returncode != 0
+    assert d.exists() and (d / "log").exists()
+    # The owner may delete their own job; root may delete anyone's.
+    r = as_nobody(f"rm -r {theirs}", m.route(IMAGE))
+    assert r.returncode == 0, r.stderr
+    assert not m.job(IMAGE, theirs).exists()
+    other = submit_as_nobody(m, "again")
+    m.wait(IMAGE, other)
+    os.rmdir(m.job(IMAGE, other))
+
+
+def test_private_hides_other_users_jobs(mount_factory, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    m = mount_factory(["allow_other", "private"])
+    mine = m.submit(IMAGE, {"prompt": "private root", **SMALL})
+    theirs = submit_as_nobody(m, "private nobody")
+    m.wait(IMAGE, theirs)
+    r = as_nobody("ls; ls ../../../../jobs", m.route(IMAGE))
+    assert r.returncode == 0, r.stderr
+    assert theirs in r.stdout and mine not in r.stdout
+    r = as_nobody(f"cat {mine}/status", m.route(IMAGE))
+    assert r.returncode != 0 and "No such file or directory" in r.stderr
+    names = os.listdir(m.route(IMAGE))
+    assert mine in names and theirs in names  # root sees everything
+    st = os.stat(m.job(IMAGE, theirs))
+    assert st.st_mode & 0o777 == 0o700
+    assert os.stat(m.job(IMAGE, theirs) / "status").st_mode & 0o777 == 0o600
+    r = as_nobody(f"cat {theirs}/status", m.route(IMAGE))
+    assert r.stdout == "complete\n"
