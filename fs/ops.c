@@ -196,7 +196,10 @@ static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat
 		if (!(rn = fs_rnode_by_ino(fs, INO(NK_RDIR, 4, INO_LOW48(ino)))))
 			return -ENOENT;
 		if (INO_KIND(ino) == NK_NEW) {
+			/* Its size is the largest request it takes (see
+			 * reply_open_parallel for why it is not 0). */
 			attr_base(fs, st, ino, S_IFREG | 0666, fs->mount_ms);
+			size_attr(st, fs->max_request);
 		} else {
 			attr_base(fs, st, ino, S_IFREG | 0444, fs->mount_ms);
 			size_attr(st, strlen(rn->route->schema_text));
@@ -775,6 +778,29 @@ static void fh_free(struct fh *h)
 	free(h);
 }
 
+/*
+ * Writers of `new` run in parallel: without FOPEN_PARALLEL_DIRECT_WRITES
+ * the kernel serializes every direct write to an inode, so 16 writers
+ * would wait for each other's durable commit instead of sharing one
+ * (group commit). libfuse 3.14 cannot say it, so the open reply is built
+ * here (struct fuse_open_out of the kernel ABI, <linux/fuse.h>). The
+ * kernel allows parallel writes only below EOF, which is why `new`
+ * reports max_request as its size.
+ */
+#define KERNEL_FOPEN_DIRECT_IO (1u << 0)
+#define KERNEL_FOPEN_PARALLEL_DIRECT_WRITES (1u << 6)
+
+static int reply_open_parallel(fuse_req_t req, struct fuse_file_info *fi)
+{
+	struct {
+		uint64_t fh;
+		uint32_t open_flags;
+		uint32_t padding;
+	} out = {fi->fh, KERNEL_FOPEN_DIRECT_IO | KERNEL_FOPEN_PARALLEL_DIRECT_WRITES, 0};
+
+	return fuse_reply_buf(req, (const char *)&out, sizeof(out));
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct fsctx *fs = ctx(req);
@@ -885,7 +911,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		return;
 	}
 	fi->fh = (uintptr_t)h;
-	if (fuse_reply_open(req, fi) != 0)
+	if ((INO_KIND(ino) == NK_NEW ? reply_open_parallel(req, fi) : fuse_reply_open(req, fi)) != 0)
 		fh_free(h); /* the open was interrupted */
 }
 
