@@ -19,6 +19,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +41,15 @@ struct fh {
 	uint8_t id[JOB_ID_LEN];
 	struct new_file *nf;
 };
+
+/*
+ * The kernel can send RELEASE for a file while a READ on it is still being
+ * answered (seen with direct I/O: AddressSanitizer caught the reply reading
+ * a freed buffer). Handlers that use a struct fh hold fh_lock shared for
+ * as long as they use it; release takes it exclusively to free one, so it
+ * waits for them. Lock order: fh_lock before anything the handler calls.
+ */
+static pthread_rwlock_t fh_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 struct dirh {
 	uint8_t last[JOB_ID_LEN];
@@ -915,7 +925,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		fh_free(h); /* the open was interrupted */
 }
 
-static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+static void op_read_locked(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		    struct fuse_file_info *fi)
 {
 	struct fsctx *fs = ctx(req);
@@ -990,7 +1000,7 @@ static int ctl_command(struct fsctx *fs, const uint8_t id[JOB_ID_LEN], const cha
 	return -EINVAL;
 }
 
-static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t size, off_t off,
+static void op_write_locked(fuse_req_t req, fuse_ino_t ino, const char *data, size_t size, off_t off,
 		     struct fuse_file_info *fi)
 {
 	struct fsctx *fs = ctx(req);
@@ -1048,7 +1058,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t si
 	fuse_reply_err(req, EPERM);
 }
 
-static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+static void op_flush_locked(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct fh *h = (struct fh *)(uintptr_t)fi->fh;
 
@@ -1056,10 +1066,35 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	fuse_reply_err(req, h->kind == FH_NEW ? -new_file_flush(h->nf) : 0);
 }
 
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		    struct fuse_file_info *fi)
+{
+	pthread_rwlock_rdlock(&fh_lock);
+	op_read_locked(req, ino, size, off, fi);
+	pthread_rwlock_unlock(&fh_lock);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t size, off_t off,
+		     struct fuse_file_info *fi)
+{
+	pthread_rwlock_rdlock(&fh_lock);
+	op_write_locked(req, ino, data, size, off, fi);
+	pthread_rwlock_unlock(&fh_lock);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	pthread_rwlock_rdlock(&fh_lock);
+	op_flush_locked(req, ino, fi);
+	pthread_rwlock_unlock(&fh_lock);
+}
+
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	(void)ino;
+	pthread_rwlock_wrlock(&fh_lock);
 	fh_free((struct fh *)(uintptr_t)fi->fh);
+	pthread_rwlock_unlock(&fh_lock);
 	fuse_reply_err(req, 0);
 }
 

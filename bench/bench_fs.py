@@ -1,0 +1,210 @@
+#!/usr/bin/python3
+"""renderfs benchmark through a real mount (figures, not a timed test).
+
+  (a) submission latency p50/p99 and throughput through `new`, 1 and 16
+      writers, each write a durable acknowledgement (bench_submit);
+  (b) end-to-end latency of a 64x64 one-frame synth image, write -> complete;
+  (c) sequential read of a 1 GiB output through the mount, cold and warm,
+      divided by reading the same blob file directly in the same run;
+  (d) `ls -l` of a route with 100,000 jobs, `stat` latency of one job file
+      against an empty store, and the daemon's RSS before and after.
+
+usage: bench/bench_fs.py [BUILD_DIR]   (root: it drops the page cache for (c))
+"""
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+TOP = pathlib.Path(__file__).resolve().parent.parent
+BUILD = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else TOP / "build")
+IMAGE = "image/synth/default/t2i"
+VIDEO = "video/synth/default/t2v"
+
+
+class Mount:
+    def __init__(self, base, name, opts):
+        self.path = base / name
+        self.store = base / (name + "-store")
+        self.path.mkdir()
+        self.log = open(base / (name + ".log"), "wb")
+        self.proc = subprocess.Popen(
+            [str(BUILD / "tools" / "renderfs"), "-f", str(self.path), "-o",
+             ",".join([f"store={self.store}", *opts])], stdout=self.log, stderr=self.log)
+        while not os.path.ismount(self.path):
+            if self.proc.poll() is not None:
+                sys.exit(f"renderfs exited: see {self.log.name}")
+            time.sleep(0.02)
+
+    def rss_mib(self, field="VmRSS"):
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def submit(self, route, obj):
+        fd = os.open(self.path / route / "new", os.O_RDWR)
+        os.write(fd, json.dumps(obj).encode() + b"\n")
+        jid = os.read(fd, 100).decode().strip()
+        os.close(fd)
+        return jid
+
+    def wait(self, route, jid):
+        st = self.path / route / jid / "status"
+        while True:
+            s = st.read_text()
+            if s in ("complete\n", "error\n", "cancelled\n"):
+                return s.strip()
+
+    def close(self):
+        subprocess.run(["fusermount3", "-u", str(self.path)], check=True)
+        self.proc.wait()
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))]
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def read_all(path, bufsize=1 << 20):
+    t0 = time.perf_counter()
+    n = 0
+    fd = os.open(path, os.O_RDONLY)
+    buf = bytearray(bufsize)
+    while True:
+        k = os.readv(fd, [buf])
+        if k == 0:
+            break
+        n += k
+    os.close(fd)
+    return n / (time.perf_counter() - t0) / 2**20
+
+
+def bench_a(base):
+    print("== (a) submission through new: durable acknowledgement per write ==")
+    m = Mount(base, "a", ["workers=0", "rate=0", "user_queue_max=1000000"])
+    try:
+        for writers, per in ((1, 2000), (16, 1000)):
+            out = subprocess.run([str(BUILD / "bench" / "bench_submit"),
+                                  str(m.path / IMAGE / "new"), str(writers), str(per)],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+            print("  " + out)
+        print("  targets (16 writers): p99 < 5 ms, >= 2000 jobs/s")
+    finally:
+        m.close()
+
+
+def bench_b(base):
+    print("== (b) end to end: 64x64 one-frame image, write -> status complete ==")
+    m = Mount(base, "b", [])
+    try:
+        lat = []
+        for i in range(60):
+            t0 = time.perf_counter()
+            jid = m.submit(IMAGE, {"prompt": f"latency {i}", "width": 64, "height": 64})
+            assert m.wait(IMAGE, jid) == "complete"
+            lat.append((time.perf_counter() - t0) * 1e3)
+        lat = lat[10:]  # the first runs warm up the encoder and caches
+        print(f"  p50 {statistics.median(lat):.2f} ms  p99 {pct(lat, 0.99):.2f} ms  "
+              f"(n={len(lat)}; target p50 < 20 ms)")
+    finally:
+        m.close()
+
+
+def bench_c(base):
+    print("== (c) sequential read of a 1 GiB output: mount / direct blob file ==")
+    m = Mount(base, "c", [])
+    try:
+        frames = (1 << 30) // (1920 * 1080 * 3 // 2) + 1
+        t0 = time.perf_counter()
+        jid = m.submit(VIDEO, {"prompt": "a large output", "width": 1920, "height": 1080,
+                               "num_frames": frames, "format": "y4m", "seed": 1})
+        assert m.wait(VIDEO, jid) == "complete"
+        st = json.loads((m.path / VIDEO / jid / "status.json").read_text())
+        h = st["output"]["blake3"]
+        blob = m.store / "blobs" / h[:2] / h
+        print(f"  output {st['output']['size'] / 2**30:.2f} GiB rendered in "
+              f"{time.perf_counter() - t0:.0f} s")
+        out = m.path / VIDEO / jid / "output.y4m"
+        for rnd in range(2):
+            drop_caches()
+            cold_direct = read_all(blob)
+            drop_caches()
+            cold_mount = read_all(out)
+            warm_direct = read_all(blob)
+            warm_mount = read_all(out)
+            print(f"  round {rnd + 1}: cold {cold_mount:.0f} / {cold_direct:.0f} MiB/s = "
+                  f"{cold_mount / cold_direct:.2f}   warm {warm_mount:.0f} / "
+                  f"{warm_direct:.0f} MiB/s = {warm_mount / warm_direct:.2f}")
+        print("  targets: warm >= 0.9, cold >= 0.8")
+    finally:
+        m.close()
+
+
+def stat_latency_us(path, n=2000):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.stat(path)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def bench_d(base):
+    print("== (d) 100,000 jobs on one route: ls -l, stat, daemon RSS ==")
+    m = Mount(base, "d", ["workers=0", "rate=0", "user_queue_max=1000000"])
+    try:
+        first = m.submit(IMAGE, {"prompt": "first", "width": 64, "height": 64})
+        time.sleep(0.2)
+        empty_stat = stat_latency_us(m.path / IMAGE / first / "status")
+        rss0, anon0 = m.rss_mib(), m.rss_mib("RssAnon")
+        batch = "".join(json.dumps({"prompt": f"job {i}", "width": 64, "height": 64}) + "\n"
+                        for i in range(1000))
+        t0 = time.perf_counter()
+        for _ in range(100):
+            with open(m.path / IMAGE / "new", "w") as f:
+                f.write(batch)
+        made = time.perf_counter() - t0
+        rss1, anon1 = m.rss_mib(), m.rss_mib("RssAnon")
+        full_stat = stat_latency_us(m.path / IMAGE / first / "status")
+        t0 = time.perf_counter()
+        r = subprocess.run(["ls", "-l", str(m.path / IMAGE)], capture_output=True, text=True,
+                           check=True)
+        ls_s = time.perf_counter() - t0
+        rss2, anon2 = m.rss_mib(), m.rss_mib("RssAnon")
+        entries = len(r.stdout.splitlines()) - 1
+        print(f"  created 100,000 jobs in {made:.1f} s ({100000 / made:.0f} jobs/s, "
+              f"batches of 1,000)")
+        print(f"  ls -l: {entries} entries in {ls_s:.2f} s")
+        print(f"  stat of a job file: {empty_stat:.1f} us (1 job) vs {full_stat:.1f} us "
+              f"(100,001 jobs): ratio {full_stat / empty_stat:.2f} (target <= 2)")
+        print(f"  daemon RSS: {rss0:.1f} MiB before, {rss1:.1f} MiB after creating, "
+              f"{rss2:.1f} MiB after ls -l: growth {max(rss1, rss2) - rss0:.1f} MiB "
+              f"(target < 50)")
+        print(f"  of which heap and stacks (RssAnon): {anon0:.1f} -> {anon1:.1f} -> "
+              f"{anon2:.1f} MiB; the rest is the LMDB map (file pages, reclaimable)")
+    finally:
+        m.close()
+
+
+def main():
+    if not (BUILD / "tools" / "renderfs").exists():
+        sys.exit(f"{BUILD}/tools/renderfs is not built")
+    which = set(os.environ.get("BENCH", "abcd"))
+    with tempfile.TemporaryDirectory(prefix="renderfs-bench-", dir="/var/tmp") as d:
+        base = pathlib.Path(d)
+        for k, fn in (("a", bench_a), ("b", bench_b), ("c", bench_c), ("d", bench_d)):
+            if k in which:
+                fn(base)
+
+
+if __name__ == "__main__":
+    main()
