@@ -858,8 +858,17 @@ static void *janitor_main(void *arg)
 			memcpy(after, ids[n - 1], JOB_ID_LEN);
 			have_after = true;
 		}
+		/* Every 10 s, or sooner for short retention (a quarter of it). */
+		uint64_t every = e->opt.retain_ms / 4 < 10000 ? e->opt.retain_ms / 4 : 10000;
+		if (every < 250)
+			every = 250;
 		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += 10;
+		ts.tv_sec += (time_t)(every / 1000);
+		ts.tv_nsec += (long)(every % 1000) * 1000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
 		pthread_mutex_lock(&e->mu);
 		if (!e->stop)
 			pthread_cond_timedwait(&e->work, &e->mu, &ts);

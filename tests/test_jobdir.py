@@ -256,3 +256,16 @@ def test_corrupt_blob_reads_eio_and_is_counted(mnt):
         (mnt.job(IMAGE, jid) / "output.png").read_bytes()
     assert ei.value.errno == errno.EIO
     assert "renderfs_integrity_failures_total 1" in (mnt.path / "stats").read_text()
+
+
+def test_retain_collects_finished_jobs(mount_factory):
+    m = mount_factory(["retain=2s"])
+    jid = m.submit(IMAGE, {"prompt": "short-lived", **SMALL})
+    m.wait(IMAGE, jid)
+    blob = m.status(IMAGE, jid)["output"]["blake3"]
+    deadline = time.monotonic() + 15
+    while m.job(IMAGE, jid).exists():
+        assert time.monotonic() < deadline, "retain=2s did not collect the job"
+        time.sleep(0.1)
+    assert not (m.path / "jobs" / jid).exists()
+    assert not list((m.store / "blobs").glob(f"*/{blob}"))
