@@ -31,7 +31,7 @@
 #define ENTRY_TIMEOUT 0.0 /* jobs come and go: never cache names */
 #define STATIC_TIMEOUT 1.0
 
-enum fh_kind { FH_BUF, FH_BLOB, FH_LOG, FH_CTL, FH_NEW };
+enum fh_kind { FH_BUF, FH_BLOB, FH_READER, FH_LOG, FH_CTL, FH_NEW };
 
 struct fh {
 	enum fh_kind kind;
@@ -40,6 +40,7 @@ struct fh {
 	int fd;
 	uint8_t id[JOB_ID_LEN];
 	struct new_file *nf;
+	struct store_reader *reader;
 };
 
 /*
@@ -271,6 +272,19 @@ static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat
 	return -ENOENT;
 }
 
+/*
+ * How long the kernel may keep a node's attributes. Blobs never change:
+ * caching their attributes lets warm reads come straight from the kernel's
+ * page cache (otherwise every read() asks for the size first). Everything
+ * else changes with its job: 0.
+ */
+static double attr_timeout(uint64_t ino)
+{
+	if (INO_KIND(ino) == NK_CAS || (INO_KIND(ino) == NK_JFILE && INO_SUB(ino) == JF_OUTPUT))
+		return 3600.0;
+	return 0.0;
+}
+
 static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino)
 {
 	struct fuse_entry_param e;
@@ -286,7 +300,7 @@ static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino)
 	e.generation = fs->generation;
 	bool stat_only = INO_KIND(ino) == NK_STATIC || INO_KIND(ino) == NK_RDIR ||
 			 INO_KIND(ino) == NK_ROOT || INO_KIND(ino) == NK_SCHEMA;
-	e.attr_timeout = 0.0;
+	e.attr_timeout = attr_timeout(ino);
 	e.entry_timeout = stat_only ? STATIC_TIMEOUT : ENTRY_TIMEOUT;
 	fuse_reply_entry(req, &e);
 }
@@ -438,7 +452,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	if (rc)
 		reply_err(req, rc);
 	else
-		fuse_reply_attr(req, &st, 0.0);
+		fuse_reply_attr(req, &st, attr_timeout(ino));
 }
 
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
@@ -784,6 +798,7 @@ static void fh_free(struct fh *h)
 	free(h->buf);
 	if (h->kind == FH_BLOB && h->fd >= 0)
 		close(h->fd);
+	store_reader_close(h->reader);
 	new_file_release(h->nf);
 	free(h);
 }
@@ -809,6 +824,36 @@ static int reply_open_parallel(fuse_req_t req, struct fuse_file_info *fi)
 	} out = {fi->fh, KERNEL_FOPEN_DIRECT_IO | KERNEL_FOPEN_PARALLEL_DIRECT_WRITES, 0};
 
 	return fuse_reply_buf(req, (const char *)&out, sizeof(out));
+}
+
+/*
+ * An output or cas/ blob: small ones (one group) are verified whole at
+ * open and served zero-copy from the blob file; larger ones through a
+ * store reader that verifies each 1 MiB group it serves, so that opening
+ * a large blob again does not re-read it all. Either way the kernel keeps
+ * the verified pages cached across opens.
+ */
+static int open_blob(struct fsctx *fs, const uint8_t hash[32], struct fh *h,
+		     struct fuse_file_info *fi)
+{
+	struct blob_info bi;
+	uint64_t size;
+	int rc = index_blob_get(fs->ix, hash, &bi);
+
+	if (rc)
+		return rc;
+	fi->direct_io = 0;
+	fi->keep_cache = 1;
+	if (bi.size <= B3_GROUP_LEN) {
+		h->kind = FH_BLOB;
+		rc = store_blob_open(fs->st, hash, &h->fd, &size);
+	} else {
+		h->kind = FH_READER;
+		rc = store_reader_open(fs->st, hash, &h->reader, &size);
+	}
+	if (rc == STORE_E_CORRUPT)
+		fprintf(stderr, "renderfs: refusing to serve a blob: %s\n", store_lasterr());
+	return rc;
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -864,7 +909,6 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	case NK_CAS:
 	case NK_CASSIG: {
 		uint8_t prefix[7], hash[32];
-		uint64_t size;
 		for (int i = 0; i < 7; i++)
 			prefix[i] = (uint8_t)(ino >> (8 * (6 - i)));
 		if ((rc = index_blob_find_prefix(fs->ix, prefix, 7, hash)) != 0)
@@ -873,10 +917,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			rc = cassig_render(fs, hash, &h->buf, &h->len);
 			break;
 		}
-		h->kind = FH_BLOB;
-		rc = store_blob_open(fs->st, hash, &h->fd, &size);
-		fi->direct_io = 0;
-		fi->keep_cache = 1;
+		rc = open_blob(fs, hash, h, fi);
 		break;
 	}
 	case NK_JFILE: {
@@ -894,14 +935,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		} else if (f == JF_LOG) {
 			h->kind = FH_LOG;
 		} else if (f == JF_OUTPUT) {
-			uint64_t size;
-			h->kind = FH_BLOB;
-			rc = store_blob_open(fs->st, j.output_hash, &h->fd, &size);
-			if (rc == STORE_E_CORRUPT)
-				fprintf(stderr, "renderfs: refusing to serve %s: %s\n", j.route,
-					store_lasterr());
-			fi->direct_io = 0;
-			fi->keep_cache = 1;
+			rc = open_blob(fs, j.output_hash, h, fi);
 		} else {
 			rc = jf_render(fs, &j, f, &h->buf, &h->len);
 		}
@@ -942,6 +976,21 @@ static void op_read_locked(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
 		bv.buf[0].fd = h->fd;
 		bv.buf[0].pos = off;
 		fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
+		return;
+	}
+	case FH_READER: {
+		if (!(buf = malloc(size))) {
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		ssize_t n = store_reader_pread(h->reader, buf, size, (uint64_t)off);
+		if (n < 0) {
+			fprintf(stderr, "renderfs: read refused: %s\n", store_lasterr());
+			reply_err(req, (int)n);
+		} else {
+			fuse_reply_buf(req, buf, (size_t)n);
+		}
+		free(buf);
 		return;
 	}
 	case FH_BUF:

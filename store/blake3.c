@@ -439,6 +439,80 @@ static void hash_subtree(struct subtree_job *j)
 	parent_cv(l.cv, r.cv, j->key, j->flags, j->cv);
 }
 
+/* ---- groups: verified reads of large content ---- */
+
+static uint64_t round_down_pow2(uint64_t x);
+
+/* CV of the chunks of in (len > 0 bytes) whose first chunk has index
+ * counter; they form one subtree of the whole tree (see blake3.h). */
+static void range_cv(const uint8_t *in, size_t len, uint64_t counter, unsigned threads,
+		     uint8_t out[32])
+{
+	uint64_t chunks = (len + B3_CHUNK_LEN - 1) / B3_CHUNK_LEN;
+
+	if (chunks <= 1) {
+		struct b3_chunk_state c;
+		struct b3_output o;
+
+		chunk_init(&c, b3_iv, counter, 0);
+		chunk_update(&c, in, len);
+		o = chunk_output(&c);
+		output_cv(&o, out);
+	} else if (len == chunks * B3_CHUNK_LEN && (chunks & (chunks - 1)) == 0) {
+		struct subtree_job j = {in, chunks, counter, b3_iv, 0, threads, {0}};
+
+		hash_subtree(&j);
+		memcpy(out, j.cv, 32);
+	} else {
+		/* BLAKE3's rule: the left subtree holds the largest power of
+		 * two of chunks that leaves at least one for the right. */
+		uint64_t left = round_down_pow2(chunks - 1);
+		uint8_t l[32], r[32];
+
+		range_cv(in, (size_t)left * B3_CHUNK_LEN, counter, threads, l);
+		range_cv(in + left * B3_CHUNK_LEN, len - (size_t)left * B3_CHUNK_LEN,
+			 counter + left, 1, r);
+		parent_cv(l, r, b3_iv, 0, out);
+	}
+}
+
+void b3_group_cv(const void *input, size_t len, uint64_t group, uint8_t cv[B3_OUT_LEN])
+{
+	range_cv(input, len, group * (B3_GROUP_LEN / B3_CHUNK_LEN), 1, cv);
+}
+
+void b3_group_cv_mt(const void *input, size_t len, uint64_t group, unsigned threads,
+		    uint8_t cv[B3_OUT_LEN])
+{
+	range_cv(input, len, group * (B3_GROUP_LEN / B3_CHUNK_LEN), threads ? threads : 1, cv);
+}
+
+static void groups_node(const uint8_t (*cvs)[32], size_t n, bool root, uint8_t out[32])
+{
+	uint64_t left;
+	uint8_t block[64];
+
+	if (n == 1) {
+		memcpy(out, cvs[0], 32);
+		return;
+	}
+	left = round_down_pow2(n - 1);
+	groups_node(cvs, (size_t)left, false, block);
+	groups_node(cvs + left, n - (size_t)left, false, block + 32);
+	if (root) {
+		struct b3_output o = parent_output(block, b3_iv, 0);
+		output_root(&o, out, 32);
+	} else {
+		struct b3_output o = parent_output(block, b3_iv, 0);
+		output_cv(&o, out);
+	}
+}
+
+void b3_root_from_groups(const uint8_t (*cvs)[B3_OUT_LEN], size_t n, uint8_t out[B3_OUT_LEN])
+{
+	groups_node(cvs, n, true, out);
+}
+
 /* ---- the hasher ---- */
 
 static void hasher_init_base(struct b3_hasher *h, const uint32_t key[8], uint8_t flags)

@@ -80,6 +80,22 @@ void b3_hash_mt(const void *input, size_t len, unsigned threads,
  */
 int b3_hash_fd(int fd, unsigned threads, uint8_t out[B3_OUT_LEN], uint64_t *size_out);
 
+/*
+ * Groups: content longer than B3_GROUP_LEN is a sequence of 1 MiB groups,
+ * each a complete subtree of BLAKE3's tree (1024 chunks at an aligned
+ * index; the last may be shorter), so a reader who knows the groups'
+ * chaining values can check any group on its own, and the values
+ * themselves against the hash (as Bao does). b3_group_cv() gives group
+ * number `group` of len bytes (0 < len <= B3_GROUP_LEN); the content's
+ * hash is b3_root_from_groups() of all n >= 2 of them. Content of one
+ * group is hashed as usual (b3_hash).
+ */
+#define B3_GROUP_LEN (1024 * B3_CHUNK_LEN)
+void b3_group_cv(const void *input, size_t len, uint64_t group, uint8_t cv[B3_OUT_LEN]);
+void b3_group_cv_mt(const void *input, size_t len, uint64_t group, unsigned threads,
+		    uint8_t cv[B3_OUT_LEN]);
+void b3_root_from_groups(const uint8_t (*cvs)[B3_OUT_LEN], size_t n, uint8_t out[B3_OUT_LEN]);
+
 /* Lowercase hex of a 32-byte hash; hex must hold B3_HEX_LEN + 1 bytes. */
 void b3_to_hex(const uint8_t hash[B3_OUT_LEN], char hex[B3_HEX_LEN + 1]);
 /* Parse exactly 64 lowercase hex digits. Returns 0 or -EINVAL. */

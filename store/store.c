@@ -118,6 +118,7 @@ int store_open(const char *dir, const struct store_options *opt, struct store **
 		st->opt.hash_threads = 2;
 	st->lock_fd = -1;
 	pthread_mutex_init(&st->blob_mu, NULL);
+	pthread_mutex_init(&st->cv_mu, NULL);
 	pthread_rwlock_init(&st->key_mu, NULL);
 
 	if (!st->opt.read_only) {
@@ -169,6 +170,8 @@ void store_close(struct store *st)
 		close(st->lock_fd);
 	sign_seckey_wipe(&st->sk);
 	pthread_mutex_destroy(&st->blob_mu);
+	cv_cache_release(st);
+	pthread_mutex_destroy(&st->cv_mu);
 	pthread_rwlock_destroy(&st->key_mu);
 	free(st);
 }

@@ -18,7 +18,10 @@
  *
  * READ PATH: store_blob_open() verifies the content against its name
  * before handing out a descriptor; a mismatch (bit rot, tampering) or a
- * missing file is STORE_E_CORRUPT, logged and counted, never data.
+ * missing file is STORE_E_CORRUPT, logged and counted, never data. For
+ * large blobs, store_reader_*() verify each 1 MiB group as it is read
+ * against group chaining values that were checked against the name once
+ * (blake3.h, groups), so reopening a large blob costs no full pass.
  *
  * Thread safety: every function may be called from any thread once
  * store_open() has returned. A struct store_sink belongs to one thread.
@@ -34,6 +37,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/types.h>
 
 #include "blake3.h"
 #include "err.h"
@@ -105,6 +109,22 @@ void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf
  */
 int store_blob_open(struct store *st, const uint8_t hash[B3_OUT_LEN], int *fd_out,
 		    uint64_t *size_out);
+
+/*
+ * Verified reads without a full pass per open (READ PATH): a reader checks
+ * each 1 MiB group it serves against the group values of the blob, which
+ * were checked against its hash once (blake3.h, groups). The first open
+ * of a large blob since the store opened makes that one full pass, unless
+ * the blob was committed since. pread returns the bytes read (0 at the
+ * end) or a negative code: STORE_E_CORRUPT for content that does not
+ * match (logged, counted), never data. A reader may be used by several
+ * threads (reads are serialized); close it with store_reader_close().
+ */
+struct store_reader;
+int store_reader_open(struct store *st, const uint8_t hash[B3_OUT_LEN], struct store_reader **out,
+		      uint64_t *size_out);
+ssize_t store_reader_pread(struct store_reader *r, void *buf, size_t len, uint64_t off);
+void store_reader_close(struct store_reader *r);
 
 /* Delete a job (index_job_delete) and the blob file it was the last user of. */
 int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN]);

@@ -9,6 +9,8 @@
 
 #include "store.h"
 
+#define CV_CACHE 64 /* blobs whose group values are kept */
+
 struct store {
 	char dir[4096];
 	struct index *ix;
@@ -30,7 +32,21 @@ struct store {
 	struct sign_pubkey pk;
 
 	atomic_uint_fast64_t blobs_written, dedup_hits, integrity_failures, bytes_written;
+
+	/* The group cache of blob.c (verified reads). Protected by cv_mu. */
+	pthread_mutex_t cv_mu;
+	struct cv_entry {
+		uint8_t hash[B3_OUT_LEN];
+		uint64_t ino, size, used;
+		uint8_t (*cvs)[B3_OUT_LEN]; /* NULL: a free slot */
+		size_t n;
+	} cv_cache[CV_CACHE];
+	uint64_t cv_clock;
 };
+
+void cv_cache_put(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t ino,
+		  uint64_t size, const uint8_t (*cvs)[B3_OUT_LEN], size_t n);
+void cv_cache_release(struct store *st);
 
 /* blob.c: remove every file in tmp/, counting them. */
 int store_clear_tmp(struct store *st, uint64_t *removed);

@@ -269,3 +269,48 @@ def test_retain_collects_finished_jobs(mount_factory):
         time.sleep(0.1)
     assert not (m.path / "jobs" / jid).exists()
     assert not list((m.store / "blobs").glob(f"*/{blob}"))
+
+
+def test_large_output_reads_verified_by_group(mount_factory):
+    """Outputs over 1 MiB are served group by group, each checked: a damaged
+    group reads as EIO (and is counted) while the others still read; after
+    a restart the first open checks the whole blob and refuses it."""
+    m = mount_factory()
+    req = {"prompt": "large", "width": 640, "height": 360, "num_frames": 12, "format": "y4m"}
+    good = m.submit(VIDEO, {**req, "seed": 5})
+    bad = m.submit(VIDEO, {**req, "seed": 6})
+    assert m.wait(VIDEO, good) == m.wait(VIDEO, bad) == "complete"
+    st = m.status(VIDEO, good)
+    out = m.job(VIDEO, good) / "output.y4m"
+    assert st["output"]["size"] > 3 << 20
+    b3 = subprocess.run([need("b3sum"), "--no-names", str(out)], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    assert b3 == st["output"]["blake3"]
+    assert (m.path / "cas" / b3).read_bytes() == out.read_bytes()
+
+    hb = m.status(VIDEO, bad)["output"]["blake3"]
+    blob = next((m.store / "blobs").glob(f"*/{hb}"))
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.seek((2 << 20) + 12345)
+        c = f.read(1)
+        f.seek((2 << 20) + 12345)
+        f.write(bytes([c[0] ^ 0x40]))
+    fd = os.open(m.job(VIDEO, bad) / "output.y4m", os.O_RDONLY)
+    try:
+        assert len(os.pread(fd, 65536, 0)) == 65536  # group 0 is sound
+        with pytest.raises(OSError) as ei:
+            os.pread(fd, 65536, 2 << 20)
+        assert ei.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert "does not match its hash" in m.log()
+    failures = re.search(r"^renderfs_integrity_failures_total (\d+)$",
+                         (m.path / "stats").read_text(), re.M)
+    assert failures and int(failures.group(1)) >= 1
+    m.stop()
+    m.start()
+    with pytest.raises(OSError) as ei:
+        (m.job(VIDEO, bad) / "output.y4m").read_bytes()
+    assert ei.value.errno == errno.EIO
+    assert (m.job(VIDEO, good) / "output.y4m").stat().st_size == st["output"]["size"]

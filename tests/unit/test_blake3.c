@@ -218,6 +218,42 @@ static void test_hex(void)
 	CHECK(b3_from_hex("abcd", back) == -EINVAL, "short");
 }
 
+/* Group chaining values recombine to the hash, and each group's value
+ * changes when any byte of that group does. */
+static void test_groups(void)
+{
+	static const size_t sizes[] = {B3_GROUP_LEN + 1,	 2 * B3_GROUP_LEN,
+				       3 * B3_GROUP_LEN + 5, 4 * B3_GROUP_LEN + B3_CHUNK_LEN,
+				       5 * B3_GROUP_LEN - 1, 8 * B3_GROUP_LEN,
+				       9 * B3_GROUP_LEN + 777};
+	size_t max = 9 * B3_GROUP_LEN + 777;
+	uint8_t *buf = malloc(max), (*cvs)[32] = malloc(16 * 32), ref[32], out[32];
+
+	REQUIRE(buf && cvs, "out of memory");
+	for (size_t i = 0; i < max; i++)
+		buf[i] = (uint8_t)(i * 2654435761u >> 13);
+	for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) {
+		size_t len = sizes[k], n = (len + B3_GROUP_LEN - 1) / B3_GROUP_LEN;
+
+		b3_hash(buf, len, ref);
+		for (size_t g = 0; g < n; g++) {
+			size_t gl = g + 1 < n ? B3_GROUP_LEN : len - g * B3_GROUP_LEN;
+			b3_group_cv(buf + g * B3_GROUP_LEN, gl, g, cvs[g]);
+		}
+		b3_root_from_groups(cvs, n, out);
+		CHECK(memcmp(ref, out, 32) == 0, "groups of %zu bytes", len);
+		uint8_t before[32];
+		memcpy(before, cvs[n - 1], 32);
+		buf[len - 1] ^= 1;
+		b3_group_cv(buf + (n - 1) * B3_GROUP_LEN, len - (n - 1) * B3_GROUP_LEN, n - 1,
+			    cvs[n - 1]);
+		CHECK(memcmp(before, cvs[n - 1], 32) != 0, "a changed byte changes its group");
+		buf[len - 1] ^= 1;
+	}
+	free(buf);
+	free(cvs);
+}
+
 int main(void)
 {
 	printf("blake3 default backend: %s\n", b3_backend_name(b3_get_backend()));
@@ -225,5 +261,6 @@ int main(void)
 	test_agreement();
 	test_b3sum();
 	test_hex();
+	test_groups();
 	return check_done("test_blake3");
 }
