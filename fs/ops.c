@@ -637,6 +637,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	struct dirbuf b = {req, fs, NULL, size, 0, plus, false};
 	const struct rnode *self = NULL;
 	const char *names[64];
+	char outname[2][96]; /* output.<ext>, output.<ext>.minisig */
 	uint64_t inos[64];
 	mode_t types[64];
 	int nfixed = 0, rc = 0;
@@ -683,8 +684,6 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		const struct rnode *rn = route_rnode(fs, j.route);
 		if (rn)
 			inos[1] = rn->ino;
-		/* Names live in a static table or in buffers below. */
-		static __thread char outname[2][96];
 		for (int f = 0; f < JF_COUNT; f++) {
 			if (!jf_present(&j, f))
 				continue;
