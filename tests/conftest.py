@@ -163,7 +163,11 @@ def mount_factory(tmp_path):
     for m in mounts:
         if m.proc is not None:
             if m.proc.poll() is None:
-                m.stop()
+                try:
+                    m.stop()
+                except BaseException:
+                    m.kill()  # best effort, then report the failure
+                    raise
             else:
                 log = m.log()
                 m.kill()
