@@ -198,14 +198,13 @@ void store_pubkey(struct store *st, struct sign_pubkey *pk)
 	pthread_rwlock_unlock(&st->key_mu);
 }
 
-int store_sign_fd(struct store *st, int fd, const char *trusted, char *buf, size_t bufsz)
+/* Sign content whose BLAKE2b-512 is prehash with the current key. */
+static int sign_prehashed(struct store *st, const uint8_t prehash[SIGN_PREHASH_LEN],
+			  const char *trusted, char *buf, size_t bufsz)
 {
-	uint8_t prehash[SIGN_PREHASH_LEN];
 	char untrusted[64], keyid[SIGN_KEYID_LEN + 1];
-	int rc = sign_prehash_fd(fd, prehash);
+	int rc;
 
-	if (rc)
-		return store_seterr(rc, "cannot read the content to sign: %s", strerror(-rc));
 	pthread_rwlock_rdlock(&st->key_mu);
 	sign_keyid(st->sk.keynum, keyid);
 	snprintf(untrusted, sizeof(untrusted), "signature from renderfs key %s", keyid);
@@ -214,20 +213,23 @@ int store_sign_fd(struct store *st, int fd, const char *trusted, char *buf, size
 	return rc;
 }
 
+int store_sign_fd(struct store *st, int fd, const char *trusted, char *buf, size_t bufsz)
+{
+	uint8_t prehash[SIGN_PREHASH_LEN];
+	int rc = sign_prehash_fd(fd, prehash);
+
+	if (rc)
+		return store_seterr(rc, "cannot read the content to sign: %s", strerror(-rc));
+	return sign_prehashed(st, prehash, trusted, buf, bufsz);
+}
+
 int store_sign_buf(struct store *st, const void *data, size_t len, const char *trusted,
 		   char *buf, size_t bufsz)
 {
 	uint8_t prehash[SIGN_PREHASH_LEN];
-	char untrusted[64], keyid[SIGN_KEYID_LEN + 1];
-	int rc;
 
 	sign_prehash_buf(data, len, prehash);
-	pthread_rwlock_rdlock(&st->key_mu);
-	sign_keyid(st->sk.keynum, keyid);
-	snprintf(untrusted, sizeof(untrusted), "signature from renderfs key %s", keyid);
-	rc = sign_make(&st->sk, prehash, untrusted, trusted, buf, bufsz);
-	pthread_rwlock_unlock(&st->key_mu);
-	return rc;
+	return sign_prehashed(st, prehash, trusted, buf, bufsz);
 }
 
 void store_get_stats(struct store *st, struct store_stats *s)
