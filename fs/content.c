@@ -232,6 +232,35 @@ static int render_manifest(struct fsctx *fs, const struct job *j, char **out, si
 	return json_text(o, out, len);
 }
 
+/* A signature of a blob (verified while read), malloc'ed into *out. */
+static int sign_blob(struct fsctx *fs, const uint8_t hash[32], const char *trusted, char **out,
+		     size_t *len)
+{
+	uint64_t size;
+	int fd, rc;
+
+	if ((rc = store_blob_open(fs->st, hash, &fd, &size)) != 0)
+		return rc;
+	*out = malloc(SIG_BUF);
+	rc = *out ? store_sign_fd(fs->st, fd, trusted, *out, SIG_BUF) : -ENOMEM;
+	close(fd);
+	if (rc < 0) {
+		free(*out);
+		*out = NULL;
+		return rc;
+	}
+	*len = (size_t)rc;
+	return 0;
+}
+
+static void cas_trusted(const uint8_t hash[32], uint64_t size, char *buf, size_t len)
+{
+	char hex[65];
+
+	hex32(hash, hex);
+	snprintf(buf, len, "renderfs blake3=%s size=%llu", hex, (unsigned long long)size);
+}
+
 static void output_trusted(const struct job *j, char *buf, size_t len)
 {
 	char id[JOB_ID_STR_LEN + 1], hex[65];
@@ -305,23 +334,9 @@ int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out
 		*len = (size_t)rc;
 		return 0;
 	}
-	case JF_OUTPUTSIG: {
-		int fd;
-		uint64_t size;
-		if ((rc = store_blob_open(fs->st, j->output_hash, &fd, &size)) != 0)
-			return rc;
+	case JF_OUTPUTSIG:
 		output_trusted(j, trusted, sizeof(trusted));
-		*out = malloc(SIG_BUF);
-		rc = *out ? store_sign_fd(fs->st, fd, trusted, *out, SIG_BUF) : -ENOMEM;
-		close(fd);
-		if (rc < 0) {
-			free(*out);
-			*out = NULL;
-			return rc;
-		}
-		*len = (size_t)rc;
-		return 0;
-	}
+		return sign_blob(fs, j->output_hash, trusted, out, len);
 	case JF_CTL:
 		return dup_text(out, len, "%s", "");
 	case JF_OUTPUT:
@@ -441,8 +456,7 @@ int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len)
 
 /* keys/<KEYID>.pub: the file in the store's keys/ whose key id (16 hex
  * digits, the key number) ends in low56. */
-int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len, char *name,
-	       size_t namelen)
+int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len)
 {
 	char dir[4200], path[4500], buf[512];
 	struct sign_pubkey pk;
@@ -463,8 +477,6 @@ int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len, char *
 		if ((rc = sign_pubkey_format(&pk, buf, sizeof(buf))) < 0)
 			break;
 		rc = out ? dup_text(out, len, "%s", buf) : 0;
-		if (name)
-			snprintf(name, namelen, "%s", de->d_name);
 		break;
 	}
 	closedir(d);
@@ -482,25 +494,19 @@ int key_file_id(const char *name, uint64_t *id)
 	return 0;
 }
 
-int cassig_render(struct fsctx *fs, const uint8_t hash[32], char **out, size_t *len)
+int cassig_render(struct fsctx *fs, const uint8_t hash[32], uint64_t size, char **out,
+		  size_t *len)
 {
-	char trusted[256], hex[65];
-	uint64_t size;
-	int fd, rc;
+	char trusted[256];
 
-	if ((rc = store_blob_open(fs->st, hash, &fd, &size)) != 0)
-		return rc;
-	hex32(hash, hex);
-	snprintf(trusted, sizeof(trusted), "renderfs blake3=%s size=%llu", hex,
-		 (unsigned long long)size);
-	*out = malloc(SIG_BUF);
-	rc = *out ? store_sign_fd(fs->st, fd, trusted, *out, SIG_BUF) : -ENOMEM;
-	close(fd);
-	if (rc < 0) {
-		free(*out);
-		*out = NULL;
-		return rc;
-	}
-	*len = (size_t)rc;
-	return 0;
+	cas_trusted(hash, size, trusted, sizeof(trusted));
+	return sign_blob(fs, hash, trusted, out, len);
+}
+
+uint64_t cassig_size(const uint8_t hash[32], uint64_t size)
+{
+	char trusted[256];
+
+	cas_trusted(hash, size, trusted, sizeof(trusted));
+	return SIG_TEXT_LEN(strlen(trusted));
 }

@@ -127,12 +127,13 @@ int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out
 int jf_size(struct fsctx *fs, const struct job *j, enum job_file f, uint64_t *size);
 /* README, models.json, stats, render.pub; keys/<ID>.pub. */
 int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len);
-int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len, char *name,
-	       size_t namelen);
+int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len);
 /* The key id of a keys/ file name "<16 HEX>.pub"; -ENOENT for others. */
 int key_file_id(const char *name, uint64_t *id);
-/* cas/<hex>.minisig for a blob. */
-int cassig_render(struct fsctx *fs, const uint8_t hash[32], char **out, size_t *len);
+/* cas/<hex>.minisig for a blob of size bytes, and its length. */
+int cassig_render(struct fsctx *fs, const uint8_t hash[32], uint64_t size, char **out,
+		  size_t *len);
+uint64_t cassig_size(const uint8_t hash[32], uint64_t size);
 
 /* ---- newfile.c: the `new` file ---- */
 struct new_file;

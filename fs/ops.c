@@ -103,6 +103,25 @@ static const struct rnode *route_rnode(struct fsctx *fs, const char *route)
 	return NULL;
 }
 
+/* cas/ node ids carry the first 7 bytes of the blob hash (fs_i.h). */
+static uint64_t cas_low(const uint8_t hash[32])
+{
+	uint64_t low = 0;
+
+	for (int i = 0; i < 7; i++)
+		low = low << 8 | hash[i];
+	return low;
+}
+
+static int cas_hash(struct fsctx *fs, uint64_t ino, uint8_t hash[32])
+{
+	uint8_t prefix[7];
+
+	for (int i = 0; i < 7; i++)
+		prefix[i] = (uint8_t)(ino >> (8 * (6 - i)));
+	return index_blob_find_prefix(fs->ix, prefix, 7, hash);
+}
+
 /* ---- attributes ---- */
 
 static void ms_to_ts(uint64_t ms, struct timespec *ts)
@@ -240,7 +259,7 @@ static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat
 		job_release(&j);
 		return rc;
 	case NK_KEY:
-		if ((rc = key_render(fs, INO_LOW56(ino), &text, &len, NULL, 0)) != 0)
+		if ((rc = key_render(fs, INO_LOW56(ino), &text, &len)) != 0)
 			return rc;
 		free(text);
 		attr_base(fs, st, ino, S_IFREG | 0444, fs->mount_ms);
@@ -248,24 +267,12 @@ static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat
 		return 0;
 	case NK_CAS:
 	case NK_CASSIG: {
-		uint8_t prefix[7], hash[32];
+		uint8_t hash[32];
 		struct blob_info bi;
-		for (int i = 0; i < 7; i++)
-			prefix[i] = (uint8_t)(ino >> (8 * (6 - i)));
-		if ((rc = index_blob_find_prefix(fs->ix, prefix, 7, hash)) != 0 ||
-		    (rc = index_blob_get(fs->ix, hash, &bi)) != 0)
+		if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, &bi)) != 0)
 			return rc;
 		attr_base(fs, st, ino, S_IFREG | 0444, bi.created_ms);
-		if (INO_KIND(ino) == NK_CAS) {
-			size_attr(st, bi.size);
-		} else {
-			char hex[65], trusted[256];
-			b3_to_hex(hash, hex);
-			size_attr(st, 0);
-			int n = snprintf(trusted, sizeof(trusted), "renderfs blake3=%s size=%llu", hex,
-					 (unsigned long long)bi.size);
-			size_attr(st, 64 + 101 + 17 + (uint64_t)n + 1 + 89);
-		}
+		size_attr(st, INO_KIND(ino) == NK_CAS ? bi.size : cassig_size(hash, bi.size));
 		return 0;
 	}
 	}
@@ -377,7 +384,7 @@ static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const c
 			if (key_file_id(name, &k) != 0)
 				return -ENOENT;
 			*ino = INO(NK_KEY, 0, 0) | (k & 0xffffffffffffffull);
-			return key_render(fs, INO_LOW56(*ino), NULL, NULL, NULL, 0);
+			return key_render(fs, INO_LOW56(*ino), NULL, NULL);
 		}
 		if (INO_LOW48(parent) == SN_CAS) {
 			uint8_t hash[32];
@@ -393,10 +400,7 @@ static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const c
 			struct blob_info bi;
 			if ((rc = index_blob_get(fs->ix, hash, &bi)) != 0)
 				return rc;
-			uint64_t low = 0;
-			for (int i = 0; i < 7; i++)
-				low = low << 8 | hash[i];
-			*ino = INO(sig ? NK_CASSIG : NK_CAS, 0, 0) | low;
+			*ino = INO(sig ? NK_CASSIG : NK_CAS, 0, 0) | cas_low(hash);
 			return 0;
 		}
 		break;
@@ -748,11 +752,9 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 				break;
 			for (size_t i = 0; i < n && !b.full; i++) {
 				char hex[80];
-				uint64_t low = 0;
+				uint64_t low = cas_low(hashes[i]);
 				memcpy(after, hashes[i], 32);
 				have = true;
-				for (int k = 0; k < 7; k++)
-					low = low << 8 | hashes[i][k];
 				b3_to_hex(hashes[i], hex);
 				if (ord++ >= off && !dir_add(&b, hex, INO(NK_CAS, 0, 0) | low, S_IFREG, ord))
 					break;
@@ -903,17 +905,16 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		rc = static_render(fs, (enum static_node)INO_LOW48(ino), &h->buf, &h->len);
 		break;
 	case NK_KEY:
-		rc = key_render(fs, INO_LOW56(ino), &h->buf, &h->len, NULL, 0);
+		rc = key_render(fs, INO_LOW56(ino), &h->buf, &h->len);
 		break;
 	case NK_CAS:
 	case NK_CASSIG: {
-		uint8_t prefix[7], hash[32];
-		for (int i = 0; i < 7; i++)
-			prefix[i] = (uint8_t)(ino >> (8 * (6 - i)));
-		if ((rc = index_blob_find_prefix(fs->ix, prefix, 7, hash)) != 0)
+		uint8_t hash[32];
+		struct blob_info bi;
+		if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, &bi)) != 0)
 			break;
 		if (INO_KIND(ino) == NK_CASSIG) {
-			rc = cassig_render(fs, hash, &h->buf, &h->len);
+			rc = cassig_render(fs, hash, bi.size, &h->buf, &h->len);
 			break;
 		}
 		rc = open_blob(fs, hash, h, fi);
