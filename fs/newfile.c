@@ -26,6 +26,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -199,6 +200,21 @@ static void skip_object(struct new_file *nf, int rc)
 	nf->skip_rc = rc;
 }
 
+/* The scanner refuses an object (or junk) itself: rc and a message. */
+static void reject(struct pending *p, uint64_t start, uint64_t end, int rc, const char *fmt, ...)
+	__attribute__((format(printf, 5, 6)));
+static void reject(struct pending *p, uint64_t start, uint64_t end, int rc, const char *fmt, ...)
+{
+	va_list ap;
+
+	p->start = start;
+	p->end = end;
+	p->rc = rc;
+	va_start(ap, fmt);
+	vsnprintf(p->err, sizeof(p->err), fmt, ap);
+	va_end(ap);
+}
+
 /*
  * Scan the new contiguous bytes; completed objects (and the scanner's own
  * rejections) go to pend. Stops early when pend is full.
@@ -220,13 +236,9 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
 			if (c == ' ' || c == '\t' || c == '\r' || c == '\n')
 				continue;
 			if (c != '{') {
-				struct pending *p = &pend[np++];
-				p->start = at;
-				p->end = at;
-				p->rc = -EINVAL;
-				snprintf(p->err, sizeof(p->err),
-					 "byte %llu: a request must be a JSON object (starting with '{')",
-					 (unsigned long long)at);
+				reject(&pend[np++], at, at, -EINVAL,
+				       "byte %llu: a request must be a JSON object (starting with '{')",
+				       (unsigned long long)at);
 				nf->skip = SKIP_LINE;
 				if (c == '\n')
 					nf->skip = SKIP_NONE;
@@ -248,14 +260,10 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
 			else if (c == '"')
 				nf->in_str = false;
 			else if (c < 0x20 && nf->skip == SKIP_NONE) {
-				struct pending *p = &pend[np++];
-				p->start = nf->obj_start;
-				p->end = at;
-				p->rc = -EINVAL;
-				snprintf(p->err, sizeof(p->err),
-					 "byte %llu: %s inside a string (control characters must be "
-					 "escaped)",
-					 (unsigned long long)at, c ? "control character" : "NUL byte");
+				reject(&pend[np++], nf->obj_start, at, -EINVAL,
+				       "byte %llu: %s inside a string (control characters must be "
+				       "escaped)",
+				       (unsigned long long)at, c ? "control character" : "NUL byte");
 				skip_object(nf, -EINVAL);
 			}
 			continue;
@@ -270,12 +278,8 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
 		case '{':
 		case '[':
 			if (nf->depth >= MAX_DEPTH && nf->skip == SKIP_NONE) {
-				struct pending *p = &pend[np++];
-				p->start = nf->obj_start;
-				p->end = at;
-				p->rc = -EINVAL;
-				snprintf(p->err, sizeof(p->err),
-					 "nesting deeper than %d levels", MAX_DEPTH);
+				reject(&pend[np++], nf->obj_start, at, -EINVAL,
+				       "nesting deeper than %d levels", MAX_DEPTH);
 				skip_object(nf, -EINVAL);
 			}
 			if (nf->depth < MAX_DEPTH) {
@@ -290,12 +294,9 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
 		case ']': {
 			bool is_array = nf->depth <= MAX_DEPTH && (nf->kinds >> (nf->depth - 1)) & 1;
 			if (nf->skip == SKIP_NONE && is_array != (c == ']')) {
-				struct pending *p = &pend[np++];
-				p->start = nf->obj_start;
-				p->end = at;
-				p->rc = -EINVAL;
-				snprintf(p->err, sizeof(p->err), "byte %llu: '%c' does not close '%c'",
-					 (unsigned long long)at, c, is_array ? '[' : '{');
+				reject(&pend[np++], nf->obj_start, at, -EINVAL,
+				       "byte %llu: '%c' does not close '%c'", (unsigned long long)at, c,
+				       is_array ? '[' : '{');
 				/* The structure is unknown from here: resynchronize
 				 * at the next line. */
 				nf->depth = 0;
@@ -317,12 +318,8 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
 		}
 		default:
 			if (c == 0 && nf->skip == SKIP_NONE) {
-				struct pending *p = &pend[np++];
-				p->start = nf->obj_start;
-				p->end = at;
-				p->rc = -EINVAL;
-				snprintf(p->err, sizeof(p->err), "byte %llu: NUL byte in the request",
-					 (unsigned long long)at);
+				reject(&pend[np++], nf->obj_start, at, -EINVAL,
+				       "byte %llu: NUL byte in the request", (unsigned long long)at);
 				skip_object(nf, -EINVAL);
 			}
 			break;
@@ -331,12 +328,9 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
 	/* An object still open and already too large. */
 	if (nf->depth > 0 && nf->skip == SKIP_NONE && np < maxp &&
 	    nf->scan - nf->obj_start > nf->fs->max_request) {
-		struct pending *p = &pend[np++];
-		p->start = nf->obj_start;
-		p->end = nf->scan;
-		p->rc = -EFBIG;
-		snprintf(p->err, sizeof(p->err), "a request larger than max_request (%llu bytes)",
-			 (unsigned long long)nf->fs->max_request);
+		reject(&pend[np++], nf->obj_start, nf->scan, -EFBIG,
+		       "a request larger than max_request (%llu bytes)",
+		       (unsigned long long)nf->fs->max_request);
 		skip_object(nf, -EFBIG);
 	}
 	return np;
