@@ -382,16 +382,6 @@ static bool rate_take(struct engine *e, uint32_t uid, uint64_t now)
 	return ok;
 }
 
-static uint64_t total_queued(struct engine *e)
-{
-	uint64_t sum = 0, n;
-
-	for (int g = 0; g < GROUP_GPU0 + MAX_GPUS; g++)
-		if (index_queue_depth(e->ix, (uint8_t)g, &n) == 0)
-			sum += n;
-	return sum;
-}
-
 int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gid,
 		  struct engine_submission *subs, size_t n)
 {
@@ -414,11 +404,9 @@ int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gi
 		rc = -ENOENT;
 		goto out;
 	}
-	if (n) {
-		queued = total_queued(e);
-		if ((rc = index_user_queued(e->ix, uid, &mine)) != 0)
-			goto out;
-	}
+	if (n && ((rc = index_queue_total(e->ix, &queued)) != 0 ||
+		  (rc = index_user_queued(e->ix, uid, &mine)) != 0))
+		goto out;
 	for (size_t i = 0; i < n; i++) {
 		struct engine_submission *s = &subs[i];
 

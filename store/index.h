@@ -275,6 +275,8 @@ int index_digest_put(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
 
 /* Number of queued jobs in a group. */
 int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n);
+/* Number of queued jobs in every group, in one read. */
+int index_queue_total(struct index *ix, uint64_t *n);
 /* Number of queued jobs of one owner, in every group. */
 int index_user_queued(struct index *ix, uint32_t uid, uint64_t *n);
 

@@ -621,47 +621,72 @@ int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], bool *freed
 
 /* ---- queue depth, recovery ---- */
 
-struct depth_arg {
-	uint8_t group;
+/* One counter of the fair database (see count_add), read on its own. */
+struct count_arg {
+	const uint8_t *key;
+	size_t len;
 	uint64_t n;
 };
 
-static int depth_fn(struct index *ix, MDB_txn *txn, void *arg)
+static int count_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
-	struct depth_arg *a = arg;
-	return fair_get(ix, txn, &a->group, 1, &a->n);
+	struct count_arg *a = arg;
+	return fair_get(ix, txn, a->key, a->len, &a->n);
+}
+
+static int count_read(struct index *ix, const uint8_t *key, size_t len, uint64_t *n)
+{
+	struct count_arg a = {key, len, 0};
+	int rc = index_read(ix, count_fn, &a);
+
+	*n = a.n;
+	return rc;
 }
 
 int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n)
 {
-	struct depth_arg a = {group, 0};
-	int rc = index_read(ix, depth_fn, &a);
-
-	*n = a.n;
-	return rc;
+	return count_read(ix, &group, 1, n);
 }
 
-struct user_arg {
-	uint32_t uid;
-	uint64_t n;
-};
-
-static int user_fn(struct index *ix, MDB_txn *txn, void *arg)
+/* The one-byte keys of "fair" are the groups' depths: seek from group to
+ * group, so the cost follows the groups in use, not INDEX_GROUPS. */
+static int total_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
-	struct user_arg *a = arg;
-	uint8_t uk[4];
+	uint64_t *sum = arg;
+	MDB_cursor *cur;
+	unsigned g = 0;
+	int rc;
 
-	be32_put(uk, a->uid);
-	return fair_get(ix, txn, uk, 4, &a->n);
+	if ((rc = mdb_cursor_open(txn, ix->fair, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "read queue state");
+	while (g < INDEX_GROUPS) {
+		uint8_t key = (uint8_t)g;
+		MDB_val k = {1, &key}, v;
+
+		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+		if (rc)
+			break;
+		g = ((const uint8_t *)k.mv_data)[0];
+		if (k.mv_size == 1 && v.mv_size == 8)
+			*sum += le64_get(v.mv_data);
+		g++;
+	}
+	mdb_cursor_close(cur);
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "read queue state");
+}
+
+int index_queue_total(struct index *ix, uint64_t *n)
+{
+	*n = 0;
+	return index_read(ix, total_fn, n);
 }
 
 int index_user_queued(struct index *ix, uint32_t uid, uint64_t *n)
 {
-	struct user_arg a = {uid, 0};
-	int rc = index_read(ix, user_fn, &a);
+	uint8_t uk[4];
 
-	*n = a.n;
-	return rc;
+	be32_put(uk, uid);
+	return count_read(ix, uk, 4, n);
 }
 
 struct position_arg {
