@@ -133,8 +133,9 @@ static int apply(struct route *r, json_object *e, const char *file, char *err, s
 				return fail(err, errlen, file, r->path,
 					    "'backend' must be one of synth, fal, openai-images, exec");
 		} else if (strcmp(k, "media_type") == 0 || strcmp(k, "model") == 0) {
-			char *dst = k[0] == 'm' && k[1] == 'e' ? r->media_type : r->model_id;
-			size_t cap = k[1] == 'e' ? sizeof(r->media_type) : sizeof(r->model_id);
+			bool media = strcmp(k, "media_type") == 0;
+			char *dst = media ? r->media_type : r->model_id;
+			size_t cap = media ? sizeof(r->media_type) : sizeof(r->model_id);
 			if (!json_object_is_type(v, json_type_string) ||
 			    (size_t)json_object_get_string_len(v) >= cap ||
 			    json_object_get_string_len(v) == 0) {
