@@ -153,13 +153,15 @@ int main(int argc, char **argv)
 		goto out_cmd;
 	}
 	store_get_recovery(fs.st, &rec);
-	if (rec.requeued || rec.interrupted || rec.tmp_removed || rec.blobs_collected)
+	if (rec.requeued || rec.interrupted || rec.completed || rec.tmp_removed ||
+	    rec.blobs_collected)
 		fprintf(stderr,
 			"renderfs: recovered '%s': %llu jobs back in the queue, %llu interrupted, "
+			"%llu complete (output committed before the crash), "
 			"%llu partial outputs removed, %llu stray blobs collected\n",
 			mo.store_dir, (unsigned long long)rec.requeued,
-			(unsigned long long)rec.interrupted, (unsigned long long)rec.tmp_removed,
-			(unsigned long long)rec.blobs_collected);
+			(unsigned long long)rec.interrupted, (unsigned long long)rec.completed,
+			(unsigned long long)rec.tmp_removed, (unsigned long long)rec.blobs_collected);
 	fs.ix = store_index(fs.st);
 	fs.mo = &mo;
 	fs.private_ = mo.private_;

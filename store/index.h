@@ -312,10 +312,12 @@ int index_blob_list(struct index *ix, const uint8_t *after, size_t max,
 struct index_recovery {
 	uint64_t requeued;    /* running -> queued */
 	uint64_t interrupted; /* running -> error "interrupted" (max attempts) */
+	uint64_t completed;   /* running with its output committed -> complete */
 };
 
 /* After a crash: every running job goes back to the queue, or to error
- * with code "interrupted" once it has started max_attempts times. */
+ * with code "interrupted" once it has started max_attempts times; one
+ * whose output was already committed is complete. */
 int index_recover(struct index *ix, uint32_t max_attempts, struct index_recovery *r);
 
 struct index_stats {

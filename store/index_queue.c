@@ -767,7 +767,16 @@ static int recover_fn(struct index *ix, MDB_txn *txn, void *arg)
 				continue; /* deleted job: the entry was stale */
 			break;
 		}
-		if (j.status == JOB_RUNNING && j.attempts >= a->max_attempts) {
+		if (j.status == JOB_RUNNING && (j.flags & JOB_F_HAS_OUTPUT)) {
+			/* The crash fell between committing the output and
+			 * finishing: the output is durable and the job is done.
+			 * Running it again would try to attach a second output. */
+			j.status = JOB_COMPLETE;
+			j.progress = 1000;
+			j.flags &= (uint8_t)~JOB_F_CANCEL_REQUESTED;
+			j.completed_ms = j.updated_ms = now_ms();
+			a->r->completed++;
+		} else if (j.status == JOB_RUNNING && j.attempts >= a->max_attempts) {
 			j.status = JOB_ERROR;
 			j.completed_ms = j.updated_ms = now_ms();
 			free(j.error_code);

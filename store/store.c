@@ -149,6 +149,7 @@ int store_open(const char *dir, const struct store_options *opt, struct store **
 			goto fail;
 		st->recovery.requeued = ir.requeued;
 		st->recovery.interrupted = ir.interrupted;
+		st->recovery.completed = ir.completed;
 		if ((rc = store_gc(st, &st->recovery.blobs_collected)) != 0)
 			goto fail;
 	}

@@ -56,7 +56,7 @@ struct store_options {
 };
 
 struct store_recovery {
-	uint64_t requeued, interrupted; /* running jobs at the crash */
+	uint64_t requeued, interrupted, completed; /* running jobs at the crash */
 	uint64_t tmp_removed;		/* partial outputs in tmp/ */
 	uint64_t blobs_collected;	/* blob files no index entry refers to */
 };

@@ -61,7 +61,7 @@ def test_kill_9_loses_no_acknowledged_job(mount_factory):
     recovered = re.search(r"recovered .*: (\d+) jobs back in the queue", m.log())
     assert recovered and int(recovered.group(1)) >= 1, m.log()
     for route, jid in acked:
-        assert m.wait(route, jid, timeout=120) == "complete", jid
+        assert m.wait(route, jid, timeout=120) == "complete", (jid, m.status(route, jid), m.log()[-3000:])
         st = m.status(route, jid)
         out = m.job(route, jid) / st["output"]["name"]
         b3 = subprocess.run([need("b3sum"), "--no-names", str(out)], capture_output=True,

@@ -190,6 +190,11 @@ static int check_round(int round, unsigned *deleted_seen)
 			CHECK(0, "round %d: job still running after recovery", round);
 			failures++;
 		}
+		if (j.status == JOB_QUEUED && (j.flags & JOB_F_HAS_OUTPUT)) {
+			CHECK(0, "round %d: job back in the queue with its output committed",
+			      round);
+			failures++;
+		}
 		if (j.status == JOB_COMPLETE) {
 			int fd;
 			uint64_t size;
@@ -220,12 +225,61 @@ static int check_round(int round, unsigned *deleted_seen)
 	return failures;
 }
 
+/* Killed between committing an output and finishing: the job is complete
+ * after recovery, with the same attempt count, not queued to run again. */
+static void test_output_committed_before_crash(void)
+{
+	struct store_options opt = {0};
+	struct job_create jc = {0};
+	struct store_recovery r;
+	struct store_sink *s;
+	struct store *st;
+	uint8_t id[JOB_ID_LEN];
+	struct job j;
+	char cdir[64];
+
+	test_tmpdir(cdir, "recovery-committed");
+	CHECK(store_open(cdir, &opt, &st) == 0, "open: %s", store_lasterr());
+	jc.route = "image/synth/default/t2i";
+	jc.request = "{}";
+	jc.request_len = 2;
+	b3_hash(jc.request, jc.request_len, jc.request_digest);
+	CHECK(index_job_create(store_index(st), &jc, id, NULL) == 0, "create: %s",
+	      store_lasterr());
+	CHECK(index_job_claim(store_index(st), 0, &j) == 0, "claim: %s", store_lasterr());
+	job_release(&j);
+	CHECK(store_sink_open(st, &s) == 0, "sink: %s", store_lasterr());
+	store_sink_write(s, "output", 6);
+	CHECK(store_job_commit_output(st, id, s, "image/png", "cpu", NULL) == 0, "commit: %s",
+	      store_lasterr());
+	store_close(st); /* no finish: the running set still holds the job */
+
+	CHECK(store_open(cdir, &opt, &st) == 0, "reopen: %s", store_lasterr());
+	store_get_recovery(st, &r);
+	CHECK(r.completed == 1 && r.requeued == 0 && r.interrupted == 0,
+	      "recovery counted %llu complete, %llu requeued, %llu interrupted",
+	      (unsigned long long)r.completed, (unsigned long long)r.requeued,
+	      (unsigned long long)r.interrupted);
+	CHECK(index_job_get(store_index(st), id, &j) == 0, "get: %s", store_lasterr());
+	CHECK(j.status == JOB_COMPLETE && j.attempts == 1 && j.progress == 1000 &&
+		      j.output_size == 6 && j.completed_ms != 0,
+	      "after recovery: status %s, attempts %u, progress %u, size %llu",
+	      job_status_name(j.status), j.attempts, j.progress,
+	      (unsigned long long)j.output_size);
+	job_release(&j);
+	CHECK(index_job_claim(store_index(st), 0, &j) == STORE_E_NOTFOUND,
+	      "the complete job is still in the queue");
+	store_close(st);
+	rm_rf(cdir);
+}
+
 int main(void)
 {
 	unsigned seed = (unsigned)time(NULL), deleted = 0;
 	int total_failures = 0;
 	uint64_t acks_total = 0;
 
+	test_output_committed_before_crash();
 	test_tmpdir(dir, "recovery");
 	printf("seed %u\n", seed);
 	srand(seed);
