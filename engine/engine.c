@@ -156,7 +156,7 @@ static void notify(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *r
 		   enum engine_event ev)
 {
 	if (e->observer)
-		e->observer(e->observer_arg, id, route, ev);
+		e->observer(e->observer_arg, id, route, ev, NULL);
 }
 
 static void wake_workers(struct engine *e)
@@ -848,7 +848,7 @@ static void *janitor_main(void *arg)
 				bool done = j.status >= JOB_COMPLETE && j.completed_ms < cutoff;
 				job_release(&j);
 				if (done)
-					engine_delete(e, ids[i]);
+					engine_delete(e, ids[i], false);
 			}
 			memcpy(after, ids[n - 1], JOB_ID_LEN);
 			have_after = true;
@@ -1068,7 +1068,7 @@ int engine_set_priority(struct engine *e, const uint8_t id[JOB_ID_LEN], enum job
 	return rc;
 }
 
-int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN])
+int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN], bool by_rmdir)
 {
 	struct job j;
 	int rc;
@@ -1085,7 +1085,9 @@ int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN])
 			rc = store_job_delete(e->st, id);
 			if (rc == 0) {
 				count_move(e, j.route, (int)j.status, -1);
-				notify(e, id, j.route, EV_DELETED);
+				if (e->observer)
+					e->observer(e->observer_arg, id, j.route,
+						    by_rmdir ? EV_RMDIR : EV_DELETED, &j);
 			}
 			pthread_mutex_unlock(&e->state_mu);
 			job_release(&j);

@@ -43,13 +43,19 @@ enum engine_event {
 	EV_PROGRESS,
 	EV_LOG,
 	EV_OUTPUT,   /* output.<ext> appeared (before EV_STATUS "complete") */
-	EV_DELETED,
+	EV_DELETED,  /* gone from the index (retain, or deleted by the engine) */
+	EV_RMDIR,    /* gone by rmdir of its directory through the mount */
 };
 
-/* Called from engine threads and from the submitting thread after each
- * change; must not block for long (issue a notification and return). */
+/*
+ * Called from engine threads and from FUSE handler threads (submissions,
+ * ctl, rmdir) after each change, sometimes under the engine's state lock:
+ * it must not block (queue a notification and return). For EV_DELETED and
+ * EV_RMDIR, gone is the job as it was (it can no longer be read from the
+ * index); NULL for the others.
+ */
 typedef void (*engine_observer_fn)(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
-				   enum engine_event ev);
+				   enum engine_event ev, const struct job *gone);
 
 struct engine;
 
@@ -93,8 +99,9 @@ int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gi
 int engine_cancel(struct engine *e, const uint8_t id[JOB_ID_LEN]);
 int engine_retry(struct engine *e, const uint8_t id[JOB_ID_LEN]);
 int engine_set_priority(struct engine *e, const uint8_t id[JOB_ID_LEN], enum job_priority p);
-/* Delete a job, cancelling it first if it runs. */
-int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN]);
+/* Delete a job, cancelling it first if it runs. by_rmdir: the caller is an
+ * rmdir of its directory (observers get EV_RMDIR, not EV_DELETED). */
+int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN], bool by_rmdir);
 
 /* ---- reporting ---- */
 

@@ -49,8 +49,10 @@ bool jf_present(const struct job *j, enum job_file f)
 	if (j->hidden & (1u << f))
 		return false;
 	switch (f) {
-	case JF_OUTPUT:
-		return j->status == JOB_COMPLETE && (j->flags & JOB_F_HAS_OUTPUT);
+	case JF_OUTPUT: /* from the commit of the output on, which comes just
+			 * before `complete` (SPEC §3: it exists before status
+			 * says complete) */
+		return (j->flags & JOB_F_HAS_OUTPUT) != 0;
 	case JF_OUTPUTSIG: /* stays listed after the output is unlinked, so that
 			    * `rm -r` finds what it listed */
 	case JF_MANIFEST:

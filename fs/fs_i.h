@@ -103,10 +103,13 @@ struct fsctx {
 	struct rnode *rnodes;	/* read-only after fs_init */
 	size_t nrnodes;
 	unsigned top_dirs;	/* directories at depth 1 */
+	struct notifier *notifier; /* NULL with `nonotify`; set before the loop runs */
 };
 
-/* ---- fs.c ---- */
+/* ---- main.c ---- */
 const struct rnode *fs_rnode_by_ino(const struct fsctx *fs, uint64_t ino);
+/* The task directory of a route path; NULL if the route is not mounted. */
+const struct rnode *fs_route_rnode(const struct fsctx *fs, const char *route);
 int fs_init_rnodes(struct fsctx *fs);
 
 /* ---- errmap.c: the only place errors become errno ---- */
@@ -146,6 +149,41 @@ ssize_t new_file_read(struct new_file *nf, char *buf, size_t len, uint64_t off);
 /* close(): -EINVAL with an incomplete trailing object. */
 int new_file_flush(struct new_file *nf);
 void new_file_release(struct new_file *nf);
+
+/* ---- notify.c: inotify events through the mountpoint (SPEC §4) ---- */
+enum notify_op_kind { NOP_NONE, NOP_MKDIR, NOP_SYMLINK, NOP_CREATE, NOP_RMDIR, NOP_UNLINK };
+
+/* The one operation the notifier thread has in flight. */
+struct notify_op {
+	enum notify_op_kind kind;
+	uint64_t parent;		  /* node id of the directory */
+	char name[INDEX_ROUTE_MAX + 1];	  /* the name it creates or removes */
+	uint64_t ino;			  /* the node that name stands for */
+	uint32_t uid, gid;
+};
+
+struct notify_stats {
+	uint64_t posted, coalesced, dropped, made, failed, queued;
+	uint64_t latency_ns_sum, latency_count, latency_ns_max; /* posting to done */
+};
+
+struct notifier;
+/* Start the thread; mountpoint must be absolute. */
+int notify_start(struct fsctx *fs, const char *mountpoint, struct notifier **out);
+/* Tell it to stop (when the session loop ends)... */
+void notify_stop(struct notifier *n);
+/* ...and join and free it once the session is unmounted. */
+void notify_free(struct notifier *n);
+/* The engine observer (engine_observer_fn): never blocks. */
+void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
+		 enum engine_event ev, const struct job *gone);
+/* Whether req comes from the notifier thread and is its operation in
+ * flight on (parent, name); *op gets a copy. */
+bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const char *name,
+		     struct notify_op *op);
+/* Whether req comes from the notifier thread at all. */
+bool notify_is_self(struct fsctx *fs, fuse_req_t req);
+void notify_get_stats(struct notifier *n, struct notify_stats *s);
 
 extern const struct fuse_lowlevel_ops fs_ops;
 

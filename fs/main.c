@@ -7,9 +7,11 @@
  * as libfuse's examples do. Shutdown stops the engine's workers before the
  * store closes; running jobs go back to the queue and resume at the next
  * mount. The session loop is multi-threaded: every handler in ops.c may run
- * concurrently with the others.
+ * concurrently with the others. The notifier thread (notify.c) starts after
+ * the mount and is joined after the unmount.
  */
 #include <errno.h>
+#include <limits.h>
 #include <fuse_lowlevel.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +36,14 @@ const struct rnode *fs_rnode_by_ino(const struct fsctx *fs, uint64_t ino)
 {
 	for (size_t i = 0; i < fs->nrnodes; i++)
 		if (fs->rnodes[i].ino == ino)
+			return &fs->rnodes[i];
+	return NULL;
+}
+
+const struct rnode *fs_route_rnode(const struct fsctx *fs, const char *route)
+{
+	for (size_t i = 0; i < fs->nrnodes; i++)
+		if (fs->rnodes[i].depth == 4 && strcmp(fs->rnodes[i].path, route) == 0)
 			return &fs->rnodes[i];
 	return NULL;
 }
@@ -194,6 +204,16 @@ int main(int argc, char **argv)
 		goto out_signals;
 	if (fuse_daemonize(cmd.foreground) != 0)
 		goto out_unmount;
+	if (!mo.nonotify) {
+		char mnt[PATH_MAX];
+		if (!realpath(cmd.mountpoint, mnt) ||
+		    (rc = notify_start(&fs, mnt, &fs.notifier)) != 0) {
+			fprintf(stderr, "renderfs: cannot start change notification: %s\n",
+				strerror(errno));
+			goto out_unmount;
+		}
+		engine_set_observer(fs.eng, notify_post, fs.notifier);
+	}
 	if ((rc = engine_start(fs.eng)) != 0) {
 		fprintf(stderr, "renderfs: cannot start the workers: %s\n", strerror(-rc));
 		goto out_unmount;
@@ -220,9 +240,15 @@ int main(int argc, char **argv)
 	}
 	ret = rc == 0 ? 0 : 1;
 out_engine_stop:
+	notify_stop(fs.notifier);
 	engine_stop(fs.eng);
 out_unmount:
+	notify_stop(fs.notifier);
+	/* Unmounting closes the connection, so a notifier syscall still in
+	 * flight fails now; only then can the thread be joined. */
 	fuse_session_unmount(se);
+	notify_free(fs.notifier);
+	fs.notifier = NULL;
 out_signals:
 	fuse_remove_signal_handlers(se);
 out_session:

@@ -95,14 +95,6 @@ static int job_by_seq(struct fsctx *fs, uint64_t seq, struct job *j)
 	return rc ? rc : index_job_get(fs->ix, id, j);
 }
 
-static const struct rnode *route_rnode(struct fsctx *fs, const char *route)
-{
-	for (size_t i = 0; i < fs->nrnodes; i++)
-		if (fs->rnodes[i].depth == 4 && strcmp(fs->rnodes[i].path, route) == 0)
-			return &fs->rnodes[i];
-	return NULL;
-}
-
 /* cas/ node ids carry the first 7 bytes of the blob hash (fs_i.h). */
 static uint64_t cas_low(const uint8_t hash[32])
 {
@@ -434,12 +426,42 @@ static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const c
 	return -ENOENT;
 }
 
+/*
+ * The notifier's own lookup of the name it is about to create or remove
+ * (notify.c): before a create the name is not there yet; before a removal
+ * it is still there, as the node it was.
+ */
+static void notifier_lookup(fuse_req_t req, struct fsctx *fs, const struct notify_op *op)
+{
+	struct fuse_entry_param e;
+
+	if (op->kind == NOP_MKDIR || op->kind == NOP_SYMLINK || op->kind == NOP_CREATE) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	memset(&e, 0, sizeof(e));
+	attr_base(fs, &e.attr, op->ino,
+		  op->kind == NOP_RMDIR ? S_IFDIR | (fs->private_ ? 0700 : 0755) : S_IFLNK | 0777,
+		  now_ms());
+	e.attr.st_uid = op->uid;
+	e.attr.st_gid = op->gid;
+	e.ino = op->ino;
+	e.generation = fs->generation;
+	fuse_reply_entry(req, &e);
+}
+
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
 	struct fsctx *fs = ctx(req);
+	struct notify_op op;
 	uint64_t ino;
-	int rc = lookup_ino(fs, req, parent, name, &ino);
+	int rc;
 
+	if (notify_op_match(fs, req, parent, name, &op)) {
+		notifier_lookup(req, fs, &op);
+		return;
+	}
+	rc = lookup_ino(fs, req, parent, name, &ino);
 	if (rc)
 		reply_err(req, rc);
 	else
@@ -685,7 +707,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		struct job j;
 		if ((rc = job_by_seq(fs, INO_LOW48(ino), &j)) != 0)
 			goto out;
-		const struct rnode *rn = route_rnode(fs, j.route);
+		const struct rnode *rn = fs_route_rnode(fs, j.route);
 		if (rn)
 			inos[1] = rn->ino;
 		for (int f = 0; f < JF_COUNT; f++) {
@@ -934,6 +956,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			h->kind = FH_CTL;
 		} else if (f == JF_LOG) {
 			h->kind = FH_LOG;
+		} else if ((fi->flags & O_ACCMODE) == O_WRONLY) {
+			/* nothing to read (the notifier opens files so) */
 		} else if (f == JF_OUTPUT) {
 			rc = open_blob(fs, j.output_hash, h, fi);
 		} else {
@@ -1152,9 +1176,14 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
 	struct fsctx *fs = ctx(req);
+	struct notify_op op;
 	struct job j;
 	int rc;
 
+	if (notify_op_match(fs, req, parent, name, &op) && op.kind == NOP_UNLINK) {
+		fuse_reply_err(req, 0); /* the job is gone already */
+		return;
+	}
 	if (INO_KIND(parent) != NK_JOB) {
 		fuse_reply_err(req, EPERM);
 		return;
@@ -1186,9 +1215,14 @@ static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
 	struct fsctx *fs = ctx(req);
 	const struct rnode *rn = fs_rnode_by_ino(fs, parent);
+	struct notify_op op;
 	struct job j;
 	int rc;
 
+	if (notify_op_match(fs, req, parent, name, &op) && op.kind == NOP_RMDIR) {
+		fuse_reply_err(req, 0); /* the job is gone already */
+		return;
+	}
 	if (!rn || rn->depth != 4) {
 		fuse_reply_err(req, EPERM);
 		return;
@@ -1200,7 +1234,7 @@ static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 	if (fuse_req_ctx(req)->uid != 0 && fuse_req_ctx(req)->uid != j.uid)
 		rc = -EPERM;
 	else
-		rc = engine_delete(fs->eng, j.id);
+		rc = engine_delete(fs->eng, j.id, true);
 	job_release(&j);
 	reply_err(req, rc);
 }
@@ -1213,6 +1247,18 @@ static void op_eperm_entry(fuse_req_t req, fuse_ino_t parent, const char *name, 
 	fuse_reply_err(req, EPERM);
 }
 
+/* The notifier's mkdir and symlink: the job exists already. */
+static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+	struct fsctx *fs = ctx(req);
+	struct notify_op op;
+
+	if (notify_op_match(fs, req, parent, name, &op) && op.kind == NOP_MKDIR)
+		reply_entry(req, fs, op.ino);
+	else
+		op_eperm_entry(req, parent, name, mode);
+}
+
 static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
 		     dev_t rdev)
 {
@@ -1220,17 +1266,51 @@ static void op_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 	op_eperm_entry(req, parent, name, mode);
 }
 
+/* The notifier's create of output.<ext>: the file exists already. */
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
 		      struct fuse_file_info *fi)
 {
-	(void)fi;
-	op_eperm_entry(req, parent, name, mode);
+	struct fsctx *fs = ctx(req);
+	struct fuse_entry_param e;
+	struct notify_op op;
+	struct fh *h;
+	int rc;
+
+	if (!notify_op_match(fs, req, parent, name, &op) || op.kind != NOP_CREATE) {
+		op_eperm_entry(req, parent, name, mode);
+		return;
+	}
+	memset(&e, 0, sizeof(e));
+	if ((rc = fill_attr(fs, req, op.ino, &e.attr)) != 0) {
+		reply_err(req, rc);
+		return;
+	}
+	if (!(h = calloc(1, sizeof(*h)))) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	h->kind = FH_BUF;
+	h->fd = -1;
+	e.ino = op.ino;
+	e.generation = fs->generation;
+	e.attr_timeout = attr_timeout(op.ino);
+	e.entry_timeout = ENTRY_TIMEOUT;
+	fi->fh = (uintptr_t)h;
+	fi->direct_io = 1;
+	if (fuse_reply_create(req, &e, fi) != 0)
+		fh_free(h);
 }
 
 static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
 {
+	struct fsctx *fs = ctx(req);
+	struct notify_op op;
+
 	(void)link;
-	op_eperm_entry(req, parent, name, 0);
+	if (notify_op_match(fs, req, parent, name, &op) && op.kind == NOP_SYMLINK)
+		reply_entry(req, fs, op.ino);
+	else
+		op_eperm_entry(req, parent, name, 0);
 }
 
 static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t parent, const char *name)
@@ -1323,7 +1403,7 @@ const struct fuse_lowlevel_ops fs_ops = {
 	.setattr = op_setattr,
 	.readlink = op_readlink,
 	.mknod = op_mknod,
-	.mkdir = op_eperm_entry,
+	.mkdir = op_mkdir,
 	.unlink = op_unlink,
 	.rmdir = op_rmdir,
 	.symlink = op_symlink,

@@ -33,6 +33,7 @@ static const struct fuse_opt table[] = {
 	OPT("retain=%s", retain),
 	OPT("keyfile=%s", keyfile),
 	OPT("private", private_),
+	OPT("nonotify", nonotify),
 	OPT("-h", show_help),
 	OPT("--help", show_help),
 	OPT("-V", show_version),
@@ -81,6 +82,8 @@ void mountopts_help(FILE *out, const char *prog)
 		"    private              jobs visible to their owner only; modes 0700/0600\n"
 		"    keyfile=FILE         sign with this minisign secret key (default: the\n"
 		"                         store's own keys/)\n"
+		"    nonotify             make no inotify events for changes made by the\n"
+		"                         daemon (default: make them, SPEC 4)\n"
 		"\n"
 		"FUSE options: -f (foreground), -d (debug), -s (single thread),\n"
 		"    -o allow_other, -o max_threads=N, and the rest of mount.fuse3(8)\n",

@@ -1048,6 +1048,24 @@ static int lookup_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return 0;
 }
 
+static int next_seq_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	MDB_val v;
+	int rc = meta_get(ix, txn, "next_seq", &v);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "read next_seq");
+	if (v.mv_size != 8)
+		return store_seterr(STORE_E_INDEX, "damaged next_seq in '%s'", ix->dir);
+	*(uint64_t *)arg = le64_get(v.mv_data);
+	return 0;
+}
+
+int index_next_seq(struct index *ix, uint64_t *seq)
+{
+	return index_read(ix, next_seq_fn, seq);
+}
+
 int index_job_by_seq(struct index *ix, uint64_t seq, uint8_t id[JOB_ID_LEN])
 {
 	uint8_t key[8];

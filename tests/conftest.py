@@ -52,8 +52,9 @@ SMALL = {"width": 64, "height": 64}
 class Mount:
     """A renderfs daemon in the foreground on a temporary mountpoint."""
 
-    def __init__(self, tmp_path, opts=(), store=None, name="mnt"):
+    def __init__(self, tmp_path, opts=(), store=None, name="mnt", args=()):
         self.path = tmp_path / name
+        self.args = list(args)
         self.store = store or tmp_path / "store"
         self.logpath = tmp_path / f"{name}.log"
         self.opts = ["store=" + str(self.store), *opts]
@@ -63,7 +64,7 @@ class Mount:
     def start(self, env=None):
         self.logfile = open(self.logpath, "ab")
         self.proc = subprocess.Popen(
-            [tool("renderfs"), "-f", str(self.path), "-o", ",".join(self.opts)],
+            [tool("renderfs"), "-f", *self.args, str(self.path), "-o", ",".join(self.opts)],
             stdout=self.logfile, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 20
         while not os.path.ismount(self.path):
@@ -155,8 +156,8 @@ class Mount:
 def mount_factory(tmp_path):
     mounts = []
 
-    def make(opts=(), store=None, name="mnt", env=None, start=True):
-        m = Mount(tmp_path, opts, store, name)
+    def make(opts=(), store=None, name="mnt", env=None, start=True, args=()):
+        m = Mount(tmp_path, opts, store, name, args)
         mounts.append(m)
         return m.start(env) if start else m
     yield make
