@@ -328,6 +328,50 @@ static int lookup_job(struct fsctx *fs, fuse_req_t req, const char *route, const
 	return 0;
 }
 
+/*
+ * "." and ".." of any directory: with export support the kernel asks for
+ * them to turn a file handle (an NFS client's, say) back into a dentry
+ * after it has forgotten the node, or after a restart.
+ */
+static int lookup_dots(struct fsctx *fs, fuse_req_t req, uint64_t dir, const char *name,
+		       uint64_t *ino)
+{
+	const struct rnode *rn;
+	struct stat st;
+	struct job j;
+	int rc;
+
+	if (strcmp(name, ".") == 0) {
+		*ino = dir;
+		return fill_attr(fs, req, dir, &st);
+	}
+	switch (INO_KIND(dir)) {
+	case NK_ROOT:
+	case NK_STATIC:
+		*ino = FUSE_ROOT_ID;
+		return INO_KIND(dir) == NK_ROOT || INO_LOW48(dir) == SN_KEYS ||
+				       INO_LOW48(dir) == SN_JOBS || INO_LOW48(dir) == SN_CAS
+			       ? 0
+			       : -ENOTDIR;
+	case NK_RDIR:
+		if (!(rn = fs_rnode_by_ino(fs, dir)))
+			return -ENOENT;
+		*ino = rn->parent ? rn->parent->ino : FUSE_ROOT_ID;
+		return 0;
+	case NK_JOB:
+		if ((rc = job_by_seq(fs, INO_LOW48(dir), &j)) != 0)
+			return rc;
+		rn = fs_route_rnode(fs, j.route);
+		rc = !job_visible(fs, req, &j) || !rn ? -ENOENT : 0;
+		if (rn)
+			*ino = rn->ino;
+		job_release(&j);
+		return rc;
+	default:
+		return -ENOTDIR;
+	}
+}
+
 static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const char *name,
 		      uint64_t *ino)
 {
@@ -335,6 +379,8 @@ static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const c
 	struct job j;
 	int rc;
 
+	if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+		return lookup_dots(fs, req, parent, name, ino);
 	switch (INO_KIND(parent)) {
 	case NK_ROOT:
 		for (int n = 1; n < SN_COUNT; n++)
@@ -599,28 +645,42 @@ static int list_all(struct index *ix, const void *key, const uint8_t *after, siz
 }
 
 /*
- * Job entries from ordinal `first` (0-based among visible jobs), each with
- * offset base + ordinal + 1. The handle's cursor makes the usual
- * sequential listing one pass; a seek elsewhere rescans.
+ * Job entries, in id order, each with the offset base + 1 + its seq: an
+ * offset names the job listed last, not a position, so it stays valid
+ * across reopen, restart and deletions (NFS clients resume listings with
+ * it). The handle's cursor makes a sequential listing one pass; another
+ * offset resumes after that job, or, if it is gone, at the first job
+ * created after it (seq order is id order).
  */
 static int dir_jobs(struct dirbuf *b, struct dirh *d, list_fn list, const void *key,
-		    off_t base, off_t first, bool links)
+		    off_t base, off_t off, bool links)
 {
 	uint8_t ids[128][JOB_ID_LEN];
 	uint8_t after[JOB_ID_LEN];
 	bool have_after = false;
-	off_t ord = 0;
+	int rc;
 
-	if (d->have_last && d->last_off == base + first) {
-		memcpy(after, d->last, JOB_ID_LEN);
+	if (off > base) {
+		uint64_t seq = (uint64_t)(off - base - 1);
+		if (d->have_last && d->last_off == off) {
+			memcpy(after, d->last, JOB_ID_LEN);
+		} else if (index_job_by_seq(b->fs->ix, seq, after) != 0) {
+			seq++;
+			rc = index_job_seq_at_or_after(b->fs->ix, &seq, after);
+			if (rc == STORE_E_NOTFOUND)
+				return 0;
+			if (rc)
+				return rc;
+			/* just before it, so that the listing includes it */
+			for (int i = JOB_ID_LEN - 1; i >= 0 && after[i]-- == 0; i--)
+				;
+		}
 		have_after = true;
-		ord = first;
 	}
 	for (;;) {
 		size_t n = 0;
-		int rc = list(b->fs->ix, key, have_after ? after : NULL, 128, ids, &n);
 
-		if (rc)
+		if ((rc = list(b->fs->ix, key, have_after ? after : NULL, 128, ids, &n)) != 0)
 			return rc;
 		if (n == 0)
 			return 0;
@@ -636,21 +696,18 @@ static int dir_jobs(struct dirbuf *b, struct dirh *d, list_fn list, const void *
 				job_release(&j);
 				continue;
 			}
-			if (ord++ < first) {
-				job_release(&j);
-				continue;
-			}
 			if (links)
 				ulid_format(j.id, idbuf);
+			off_t next = base + 1 + (off_t)j.seq;
 			bool ok = dir_add(b, links ? idbuf : job_visible_id(&j, idbuf),
 					  links ? INO(NK_JLINK, 0, j.seq) : INO(NK_JOB, 0, j.seq),
-					  links ? S_IFLNK : S_IFDIR, base + ord);
+					  links ? S_IFLNK : S_IFDIR, next);
 			job_release(&j);
 			if (!ok)
 				return 0;
 			memcpy(d->last, ids[i], JOB_ID_LEN);
 			d->have_last = true;
-			d->last_off = base + ord;
+			d->last_off = next;
 		}
 	}
 }
@@ -740,10 +797,9 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		if (!dir_add(&b, names[i], inos[i], types[i], i + 1))
 			goto done;
 	if (self && self->depth == 4) {
-		rc = dir_jobs(&b, d, list_route, self->path, nfixed, off > nfixed ? off - nfixed : 0,
-			      false);
+		rc = dir_jobs(&b, d, list_route, self->path, nfixed, off, false);
 	} else if (INO_KIND(ino) == NK_STATIC && INO_LOW48(ino) == SN_JOBS) {
-		rc = dir_jobs(&b, d, list_all, NULL, nfixed, off > nfixed ? off - nfixed : 0, true);
+		rc = dir_jobs(&b, d, list_all, NULL, nfixed, off, true);
 	} else if (INO_KIND(ino) == NK_STATIC && INO_LOW48(ino) == SN_KEYS) {
 		char dir[4200];
 		DIR *dd;

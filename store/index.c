@@ -1048,6 +1048,43 @@ static int lookup_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return 0;
 }
 
+struct seq_range_arg {
+	uint64_t seq;
+	uint8_t *id;
+};
+
+static int seq_range_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct seq_range_arg *a = arg;
+	uint8_t key[8];
+	MDB_val k = {8, key}, v;
+	MDB_cursor *cur;
+	int rc;
+
+	be64_put(key, a->seq);
+	if ((rc = mdb_cursor_open(txn, ix->byseq, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "seek seq");
+	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	mdb_cursor_close(cur);
+	if (rc)
+		return index_lmdb_err(ix, rc, "seek seq");
+	if (k.mv_size != 8 || v.mv_size != JOB_ID_LEN)
+		return store_seterr(STORE_E_INDEX, "damaged seq entry in '%s/data.mdb'", ix->dir);
+	a->seq = be64_get(k.mv_data);
+	memcpy(a->id, v.mv_data, JOB_ID_LEN);
+	return 0;
+}
+
+int index_job_seq_at_or_after(struct index *ix, uint64_t *seq, uint8_t id[JOB_ID_LEN])
+{
+	struct seq_range_arg a = {*seq, id};
+	int rc = index_read(ix, seq_range_fn, &a);
+
+	if (rc == 0)
+		*seq = a.seq;
+	return rc;
+}
+
 static int next_seq_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	MDB_val v;

@@ -266,6 +266,9 @@ int index_list_all(struct index *ix, const uint8_t *after, size_t max,
 		   uint8_t (*ids)[JOB_ID_LEN], size_t *n);
 
 int index_job_by_seq(struct index *ix, uint64_t seq, uint8_t id[JOB_ID_LEN]);
+/* The job with the lowest seq >= *seq (which it updates); STORE_E_NOTFOUND
+ * past the last. Seq order is creation order, which is also id order. */
+int index_job_seq_at_or_after(struct index *ix, uint64_t *seq, uint8_t id[JOB_ID_LEN]);
 /* The seq the next created job will get: jobs so far have 0 .. *seq - 1. */
 int index_next_seq(struct index *ix, uint64_t *seq);
 int index_name_lookup(struct index *ix, const char *route, const char *name,
