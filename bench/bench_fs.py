@@ -7,12 +7,19 @@
   (c) sequential read of a 1 GiB output through the mount, cold and warm,
       divided by reading the same blob file directly in the same run;
   (d) `ls -l` of a route with 100,000 jobs, `stat` latency of one job file
-      against an empty store, and the daemon's RSS before and after.
+      against an empty store, and the daemon's RSS before and after;
+  (e) change notification: latency from a change to an inotify watcher
+      receiving its event (p50/p99), and jobs/s end to end with
+      notifications on (a watcher on every job directory) and off.
 
 usage: bench/bench_fs.py [BUILD_DIR]   (root: it drops the page cache for (c))
 """
+import ctypes
 import json
 import os
+import select
+import struct
+import threading
 import pathlib
 import statistics
 import subprocess
@@ -195,13 +202,134 @@ def bench_d(base):
         m.close()
 
 
+class Inotify:
+    """inotify(7) through libc, events timestamped as they are read."""
+    CREATE, MODIFY, CLOSE_WRITE, ISDIR = 0x100, 0x2, 0x8, 0x40000000
+
+    def __init__(self):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_CLOEXEC)
+        assert self.fd >= 0
+        self.paths = {}
+
+    def add(self, path, mask):
+        wd = self.libc.inotify_add_watch(self.fd, str(path).encode(), mask)
+        if wd >= 0:
+            self.paths[wd] = path
+        return wd
+
+    def read(self, timeout):
+        """[(time, dir path, mask, name)] or [] after timeout seconds."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return []
+        buf, now, out, i = os.read(self.fd, 1 << 16), time.perf_counter(), [], 0
+        while i < len(buf):
+            wd, mask, _, n = struct.unpack_from("iIII", buf, i)
+            name = buf[i + 16:i + 16 + n].rstrip(b"\0").decode()
+            out.append((now, self.paths.get(wd), mask, name))
+            i += 16 + n
+        return out
+
+    def close(self):
+        os.close(self.fd)
+
+
+def wait_for(ino, pred, timeout=10):
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        for ev in ino.read(0.5):
+            if pred(ev):
+                return ev[0]
+    raise TimeoutError("no event")
+
+
+def jobs_per_second(base, name, opts, n, watch):
+    """Submit n small jobs, wait for all; a watcher on the route and on
+    every job directory it sees appear, reading everything, when watch."""
+    m = Mount(base, name, opts)
+    stop, done = threading.Event(), {}
+    route = m.path / IMAGE
+
+    def watcher():
+        ino = Inotify()
+        ino.add(route, Inotify.CREATE)
+        while not stop.is_set():
+            for _, d, mask, nm in ino.read(0.1):
+                if d == route and mask & Inotify.ISDIR:
+                    ino.add(route / nm, Inotify.MODIFY | Inotify.CLOSE_WRITE | Inotify.CREATE)
+                elif nm == "status" and mask & Inotify.CLOSE_WRITE:
+                    done[d] = True
+        ino.close()
+    t = threading.Thread(target=watcher)
+    try:
+        if watch:
+            t.start()
+            time.sleep(0.2)
+        t0 = time.perf_counter()
+        ids = [m.submit(IMAGE, {"prompt": f"{name} {i}", "width": 64, "height": 64})
+               for i in range(n)]
+        for jid in ids:
+            while (route / jid / "status").read_text() != "complete\n":
+                time.sleep(0.005)
+        took = time.perf_counter() - t0
+    finally:
+        stop.set()
+        if watch:
+            t.join()
+        m.close()
+    return n / took
+
+
+def bench_e(base):
+    print("== (e) change notification ==")
+    m = Mount(base, "e", ["workers=0"])
+    try:
+        ino = Inotify()
+        route = m.path / IMAGE
+        ino.add(route, Inotify.CREATE)
+        created, changed = [], []
+        for i in range(300):
+            t0 = time.perf_counter()
+            jid = m.submit(IMAGE, {"prompt": f"n {i}", "width": 64, "height": 64})
+            t1 = wait_for(ino, lambda ev: ev[3] == jid and ev[2] & Inotify.CREATE)
+            created.append((t1 - t0) * 1e3)
+            ino.add(route / jid, Inotify.MODIFY)
+            t0 = time.perf_counter()
+            with open(route / jid / "ctl", "w") as f:
+                f.write("cancel\n")
+            t1 = wait_for(ino, lambda ev: ev[1] == route / jid and ev[3] == "status")
+            changed.append((t1 - t0) * 1e3)
+        ino.close()
+        stats = (m.path / "stats").read_text()
+    finally:
+        m.close()
+    for what, xs in (("job created (write to new -> IN_CREATE)", created),
+                     ("status changed (write to ctl -> IN_MODIFY)", changed)):
+        xs = xs[20:]
+        print(f"  {what}: p50 {statistics.median(xs):.2f} ms  p99 {pct(xs, 0.99):.2f} ms "
+              f"(n={len(xs)}; from the start of the write that makes the change)")
+    for line in stats.splitlines():
+        if line.startswith("renderfs_notify_") and not line.startswith("# "):
+            print("  " + line)
+    print("  target: p99 < 10 ms")
+    n, on, off = 400, [], []
+    for k in range(2):  # interleaved, to share the machine's drift
+        off.append(jobs_per_second(base, f"off{k}", ["nonotify"], n, False))
+        on.append(jobs_per_second(base, f"on{k}", [], n, True))
+    best_on, best_off = max(on), max(off)
+    print(f"  end to end, {n} 64x64 images, 2 runs each: notifications on "
+          f"{best_on:.0f} jobs/s, off {best_off:.0f} jobs/s: cost "
+          f"{(1 - best_on / best_off) * 100:.1f}% (target < 10%)")
+
+
 def main():
     if not (BUILD / "tools" / "renderfs").exists():
         sys.exit(f"{BUILD}/tools/renderfs is not built")
-    which = set(os.environ.get("BENCH", "abcd"))
+    which = set(os.environ.get("BENCH", "abcde"))
     with tempfile.TemporaryDirectory(prefix="renderfs-bench-", dir="/var/tmp") as d:
         base = pathlib.Path(d)
-        for k, fn in (("a", bench_a), ("b", bench_b), ("c", bench_c), ("d", bench_d)):
+        for k, fn in (("a", bench_a), ("b", bench_b), ("c", bench_c), ("d", bench_d),
+                      ("e", bench_e)):
             if k in which:
                 fn(base)
 

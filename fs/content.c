@@ -432,6 +432,49 @@ static int render_readme(struct fsctx *fs, char **out, size_t *len)
 	return 0;
 }
 
+/* The engine's metrics, then the notifier's (Prometheus text format). */
+static int stats_render(struct fsctx *fs, char **out, size_t *len)
+{
+	struct notify_stats ns;
+	char tail[1024], *p;
+	int rc = engine_stats_text(fs->eng, out, len), n;
+
+	if (rc || !fs->notifier)
+		return rc;
+	notify_get_stats(fs->notifier, &ns);
+	n = snprintf(tail, sizeof(tail),
+		     "# HELP renderfs_notify_events_total Changes posted for inotify, by fate.\n"
+		     "# TYPE renderfs_notify_events_total counter\n"
+		     "renderfs_notify_events_total{fate=\"posted\"} %llu\n"
+		     "renderfs_notify_events_total{fate=\"coalesced\"} %llu\n"
+		     "renderfs_notify_events_total{fate=\"dropped\"} %llu\n"
+		     "# HELP renderfs_notify_ops_total Operations made through the mount.\n"
+		     "# TYPE renderfs_notify_ops_total counter\n"
+		     "renderfs_notify_ops_total{result=\"ok\"} %llu\n"
+		     "renderfs_notify_ops_total{result=\"failed\"} %llu\n"
+		     "# HELP renderfs_notify_queued Events waiting for the notifier.\n"
+		     "# TYPE renderfs_notify_queued gauge\n"
+		     "renderfs_notify_queued %llu\n"
+		     "# HELP renderfs_notify_seconds From posting to the event made.\n"
+		     "# TYPE renderfs_notify_seconds summary\n"
+		     "renderfs_notify_seconds_sum %.6f\n"
+		     "renderfs_notify_seconds_count %llu\n"
+		     "renderfs_notify_seconds_max %.6f\n",
+		     (unsigned long long)ns.posted, (unsigned long long)ns.coalesced,
+		     (unsigned long long)ns.dropped, (unsigned long long)ns.made,
+		     (unsigned long long)ns.failed, (unsigned long long)ns.queued,
+		     (double)ns.latency_ns_sum / 1e9, (unsigned long long)ns.latency_count,
+		     (double)ns.latency_ns_max / 1e9);
+	if (n < 0 || (size_t)n >= sizeof(tail) || !(p = realloc(*out, *len + (size_t)n + 1))) {
+		free(*out);
+		return -ENOMEM;
+	}
+	memcpy(p + *len, tail, (size_t)n + 1);
+	*out = p;
+	*len += (size_t)n;
+	return 0;
+}
+
 int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len)
 {
 	const struct route_table *t = engine_routes(fs->eng);
@@ -445,7 +488,7 @@ int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len)
 	case SN_MODELS:
 		return dup_text(out, len, "%s", t->models_json);
 	case SN_STATS:
-		return engine_stats_text(fs->eng, out, len);
+		return stats_render(fs, out, len);
 	case SN_PUB:
 		store_pubkey(fs->st, &pk);
 		if ((rc = sign_pubkey_format(&pk, buf, sizeof(buf))) < 0)

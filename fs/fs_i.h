@@ -104,6 +104,7 @@ struct fsctx {
 	size_t nrnodes;
 	unsigned top_dirs;	/* directories at depth 1 */
 	struct notifier *notifier; /* NULL with `nonotify`; set before the loop runs */
+	struct fuse_session *se;   /* for the notifier's cache invalidations */
 };
 
 /* ---- main.c ---- */
@@ -178,7 +179,8 @@ void notify_free(struct notifier *n);
 void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
 		 enum engine_event ev, const struct job *gone);
 /* Whether req comes from the notifier thread and is its operation in
- * flight on (parent, name); *op gets a copy. */
+ * flight on (parent, name); *op gets a copy. With req NULL: whether that
+ * operation is in flight, whoever asks. */
 bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const char *name,
 		     struct notify_op *op);
 /* Whether req comes from the notifier thread at all. */

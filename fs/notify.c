@@ -208,8 +208,8 @@ bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const ch
 	struct notifier *n = fs->notifier;
 	bool match;
 
-	if (!n || fuse_req_ctx(req)->pid != atomic_load(&n->tid) ||
-	    fuse_req_ctx(req)->pid == 0)
+	if (!n || (req && (fuse_req_ctx(req)->pid != atomic_load(&n->tid) ||
+			   fuse_req_ctx(req)->pid == 0)))
 		return false;
 	pthread_mutex_lock(&n->op_mu);
 	match = n->op.kind != NOP_NONE && n->op.parent == parent &&
@@ -240,6 +240,13 @@ static void set_op(struct notifier *n, enum notify_op_kind kind, uint64_t parent
 	n->op.uid = uid;
 	n->op.gid = gid;
 	pthread_mutex_unlock(&n->op_mu);
+	/* A name about to be created may be in the kernel's cache already
+	 * (a user looked the job up first): drop it, so that the create
+	 * reaches the filesystem and makes its event. Until the operation is
+	 * done, lookups of the name are not cached (ops.c), so that it cannot
+	 * come back meanwhile. */
+	if (kind == NOP_MKDIR || kind == NOP_SYMLINK || kind == NOP_CREATE)
+		fuse_lowlevel_notify_inval_entry(n->fs->se, parent, name, strlen(name));
 }
 
 static void clear_op(struct notifier *n)
@@ -411,7 +418,11 @@ static void removed(struct notifier *n, const uint8_t id[JOB_ID_LEN], const stru
 	account(n, rc);
 }
 
-/* IN_MODIFY, and IN_CLOSE_WRITE with close_write. */
+/*
+ * IN_MODIFY, and IN_CLOSE_WRITE with close_write. (An O_TRUNC open would
+ * make IN_MODIFY without the SETATTR, but the kernel then asks for
+ * security.capability: no fewer requests.)
+ */
 static void touch(struct notifier *n, const char *file, bool close_write)
 {
 	static const struct timespec now[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
@@ -464,6 +475,9 @@ static void changed(struct notifier *n, const uint8_t id[JOB_ID_LEN], enum engin
 	case EV_STATUS:
 		touch(n, "status", true);
 		touch(n, "status.json", true);
+		/* `error` changes with the status but makes no event: drop
+		 * the attributes the kernel may hold for it (ops.c). */
+		fuse_lowlevel_notify_inval_inode(fs->se, INO(NK_JFILE, JF_ERROR, j.seq), 0, 0);
 		break;
 	case EV_PROGRESS:
 		touch(n, "progress", false);

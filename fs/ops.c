@@ -28,8 +28,32 @@
 
 #include "fs_i.h"
 
-#define ENTRY_TIMEOUT 0.0 /* jobs come and go: never cache names */
+/*
+ * How long the kernel may keep a name. Jobs come and go: with change
+ * notification, the notifier makes every creation and removal through the
+ * mount (and drops the kernel's entry first where one could be cached), so
+ * the kernel's view is kept current and job names may be cached briefly;
+ * without it, never.
+ */
+#define JOB_ENTRY_TIMEOUT 1.0
 #define STATIC_TIMEOUT 1.0
+
+static double entry_timeout(struct fsctx *fs, uint64_t ino)
+{
+	switch (INO_KIND(ino)) {
+	case NK_STATIC:
+	case NK_RDIR:
+	case NK_ROOT:
+	case NK_SCHEMA:
+		return STATIC_TIMEOUT;
+	case NK_JOB:
+	case NK_JFILE:
+	case NK_JLINK:
+		return fs->notifier ? JOB_ENTRY_TIMEOUT : 0.0;
+	default:
+		return 0.0;
+	}
+}
 
 enum fh_kind { FH_BUF, FH_BLOB, FH_READER, FH_LOG, FH_CTL, FH_NEW };
 
@@ -272,19 +296,44 @@ static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat
 }
 
 /*
- * How long the kernel may keep a node's attributes. Blobs never change:
- * caching their attributes lets warm reads come straight from the kernel's
- * page cache (otherwise every read() asks for the size first). Everything
- * else changes with its job: 0.
+ * How long the kernel may keep a node's attributes (with
+ * default_permissions it also checks permissions against them, so 0 costs
+ * a GETATTR per path component). Blobs never change: caching their
+ * attributes lets warm reads come straight from the kernel's page cache.
+ * The route tree and the static files change only with the mount (stats
+ * at every read). Job nodes change with their job: with change
+ * notification, every change of a job file passes through the kernel
+ * (which refreshes or drops the attributes it holds; the notifier drops
+ * `error`'s), so a second is safe; `position` moves with other jobs and
+ * is never cached; without notification nothing is.
  */
-static double attr_timeout(uint64_t ino)
+static double attr_timeout(struct fsctx *fs, uint64_t ino)
 {
-	if (INO_KIND(ino) == NK_CAS || (INO_KIND(ino) == NK_JFILE && INO_SUB(ino) == JF_OUTPUT))
+	switch (INO_KIND(ino)) {
+	case NK_CAS:
 		return 3600.0;
-	return 0.0;
+	case NK_ROOT:
+	case NK_RDIR:
+	case NK_NEW:
+	case NK_SCHEMA:
+	case NK_KEY:
+		return STATIC_TIMEOUT;
+	case NK_STATIC:
+		return INO_LOW48(ino) == SN_STATS ? 0.0 : STATIC_TIMEOUT;
+	case NK_JOB:
+	case NK_JLINK:
+		return fs->notifier ? JOB_ENTRY_TIMEOUT : 0.0;
+	case NK_JFILE:
+		if (INO_SUB(ino) == JF_OUTPUT)
+			return 3600.0;
+		return fs->notifier && INO_SUB(ino) != JF_POSITION ? JOB_ENTRY_TIMEOUT : 0.0;
+	default:
+		return 0.0;
+	}
 }
 
-static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino)
+/* cache: whether the kernel may keep the name (entry_timeout()). */
+static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino, bool cache)
 {
 	struct fuse_entry_param e;
 	int rc;
@@ -297,10 +346,8 @@ static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino)
 	}
 	e.ino = ino;
 	e.generation = fs->generation;
-	bool stat_only = INO_KIND(ino) == NK_STATIC || INO_KIND(ino) == NK_RDIR ||
-			 INO_KIND(ino) == NK_ROOT || INO_KIND(ino) == NK_SCHEMA;
-	e.attr_timeout = attr_timeout(ino);
-	e.entry_timeout = stat_only ? STATIC_TIMEOUT : ENTRY_TIMEOUT;
+	e.attr_timeout = attr_timeout(fs, ino);
+	e.entry_timeout = cache ? entry_timeout(fs, ino) : 0.0;
 	fuse_reply_entry(req, &e);
 }
 
@@ -511,7 +558,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 	if (rc)
 		reply_err(req, rc);
 	else
-		reply_entry(req, fs, ino);
+		reply_entry(req, fs, ino, !notify_op_match(fs, NULL, parent, name, NULL));
 }
 
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -524,7 +571,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	if (rc)
 		reply_err(req, rc);
 	else
-		fuse_reply_attr(req, &st, attr_timeout(ino));
+		fuse_reply_attr(req, &st, attr_timeout(fs, ino));
 }
 
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
@@ -1035,6 +1082,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		return;
 	}
 	fi->fh = (uintptr_t)h;
+	/* Only `new` reports anything at close (an incomplete request). */
+	fi->noflush = h->kind != FH_NEW;
 	if ((INO_KIND(ino) == NK_NEW ? reply_open_parallel(req, fi) : fuse_reply_open(req, fi)) != 0)
 		fh_free(h); /* the open was interrupted */
 }
@@ -1310,7 +1359,7 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 	struct notify_op op;
 
 	if (notify_op_match(fs, req, parent, name, &op) && op.kind == NOP_MKDIR)
-		reply_entry(req, fs, op.ino);
+		reply_entry(req, fs, op.ino, true);
 	else
 		op_eperm_entry(req, parent, name, mode);
 }
@@ -1349,8 +1398,9 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 	h->fd = -1;
 	e.ino = op.ino;
 	e.generation = fs->generation;
-	e.attr_timeout = attr_timeout(op.ino);
-	e.entry_timeout = ENTRY_TIMEOUT;
+	e.attr_timeout = attr_timeout(fs, op.ino);
+	e.entry_timeout = entry_timeout(fs, op.ino);
+	fi->noflush = 1;
 	fi->fh = (uintptr_t)h;
 	fi->direct_io = 1;
 	if (fuse_reply_create(req, &e, fi) != 0)
@@ -1364,7 +1414,7 @@ static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, cons
 
 	(void)link;
 	if (notify_op_match(fs, req, parent, name, &op) && op.kind == NOP_SYMLINK)
-		reply_entry(req, fs, op.ino);
+		reply_entry(req, fs, op.ino, true);
 	else
 		op_eperm_entry(req, parent, name, 0);
 }

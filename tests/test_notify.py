@@ -268,3 +268,33 @@ def test_nonotify_makes_no_events(mount_factory, watches):
     assert m.wait(IMAGE, jid) == "complete"
     time.sleep(0.5)
     assert w.count(jid, "CREATE") == 0
+
+
+def test_names_looked_up_first_are_still_announced(mount_factory, watches):
+    """A reader that finds the output (or the job) before the notifier gets
+    to it must not hide the CREATE from watchers."""
+    m = mount_factory(["workers=1"])
+    for k in range(3):
+        blk = blocker(m)
+        jid = m.submit(VIDEO, {"prompt": f"race {k}", **SMALL, "num_frames": 30})
+        d = m.job(VIDEO, jid)
+        w = watches(d, events=["create"])
+        stop, seen = threading.Event(), []
+
+        def poke():
+            while not stop.is_set():
+                try:
+                    os.stat(d / "output.mp4")
+                    seen.append(time.monotonic())
+                except FileNotFoundError:
+                    pass
+        t = threading.Thread(target=poke)
+        t.start()
+        try:
+            ctl(m, VIDEO, blk, "cancel")
+            assert m.wait(VIDEO, jid) == "complete"
+            w.index("output.mp4", "CREATE")
+        finally:
+            stop.set()
+            t.join()
+        assert seen, "the reader never saw the output"
