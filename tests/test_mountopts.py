@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import IMAGE, SMALL, tool
+from conftest import IMAGE, SMALL, TOP, tool
 
 
 def run(*args, **kw):
@@ -79,21 +79,17 @@ def test_options_in_force_are_shown(mount_factory):
     assert "workers=0" in readme and "rate=5 burst=9" in readme and "retain=7200s" in readme
 
 
-def test_mount_t_fuse_renderfs(tmp_path):
+def mount8_runs_renderfs(tmp_path, mnt, cmd):
     """mount(8) runs mount.fuse3, which runs `renderfs SOURCE MOUNTPOINT -o ...`
     with a standard PATH: renderfs must be installed (cmake --install puts it in
     /usr/local/bin); the test links the built one there when none is."""
-    mnt = tmp_path / "m"
-    mnt.mkdir()
     link = "/usr/local/bin/renderfs"
     made = False
     if not os.path.exists(link):
         os.symlink(tool("renderfs"), link)
         made = True
     try:
-        r = subprocess.run(["mount", "-t", "fuse.renderfs", "renderfs", str(mnt), "-o",
-                            f"store={tmp_path}/s,workers=1"], capture_output=True, text=True,
-                           timeout=30)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     finally:
         if made:
             os.unlink(link)
@@ -111,3 +107,24 @@ def test_mount_t_fuse_renderfs(tmp_path):
         r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(mnt)
+
+
+def test_mount_t_fuse_renderfs(tmp_path):
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    mount8_runs_renderfs(tmp_path, mnt, ["mount", "-t", "fuse.renderfs", "renderfs", str(mnt),
+                                         "-o", f"store={tmp_path}/s,workers=1"])
+
+
+def test_contrib_fstab_line(tmp_path):
+    """contrib/fstab's line, with this test's mountpoint and store, through
+    mount -T (an alternative fstab)."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    lines = [x for x in (TOP / "contrib" / "fstab").read_text().splitlines()
+             if x.strip() and not x.startswith("#")]
+    assert len(lines) == 1 and "/mnt/render" in lines[0] and "/var/lib/renderfs" in lines[0]
+    fstab = tmp_path / "fstab"
+    fstab.write_text(lines[0].replace("/mnt/render", str(mnt))
+                     .replace("/var/lib/renderfs", f"{tmp_path}/s") + "\n")
+    mount8_runs_renderfs(tmp_path, mnt, ["mount", "-T", str(fstab), str(mnt)])
