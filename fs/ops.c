@@ -636,6 +636,7 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 struct dirbuf {
 	fuse_req_t req;
 	struct fsctx *fs;
+	uint64_t dir;
 	char *p;
 	size_t size, used;
 	bool plus;
@@ -656,6 +657,11 @@ static bool dir_add(struct dirbuf *b, const char *name, uint64_t ino, mode_t typ
 		    fill_attr(b->fs, b->req, ino, &e.attr) == 0) {
 			e.ino = ino;
 			e.generation = b->fs->generation;
+			/* as a lookup would (op_lookup) */
+			if (!notify_op_match(b->fs, NULL, b->dir, name, NULL)) {
+				e.entry_timeout = entry_timeout(b->fs, ino);
+				e.attr_timeout = attr_timeout(b->fs, ino);
+			}
 		} else {
 			e.attr.st_ino = ino;
 			e.attr.st_mode = type;
@@ -764,7 +770,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 {
 	struct fsctx *fs = ctx(req);
 	struct dirh *d = (struct dirh *)(uintptr_t)fi->fh;
-	struct dirbuf b = {req, fs, NULL, size, 0, plus, false};
+	struct dirbuf b = {req, fs, ino, NULL, size, 0, plus, false};
 	const struct rnode *self = NULL;
 	const char *names[64];
 	char outname[2][96]; /* output.<ext>, output.<ext>.minisig */
