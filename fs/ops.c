@@ -37,6 +37,7 @@
  */
 #define JOB_ENTRY_TIMEOUT 1.0
 #define STATIC_TIMEOUT 1.0
+#define FIXED_NAME_TIMEOUT 86400.0 /* names fixed for the life of the mount */
 
 static double entry_timeout(struct fsctx *fs, uint64_t ino)
 {
@@ -45,7 +46,8 @@ static double entry_timeout(struct fsctx *fs, uint64_t ino)
 	case NK_RDIR:
 	case NK_ROOT:
 	case NK_SCHEMA:
-		return STATIC_TIMEOUT;
+	case NK_NEW:
+		return FIXED_NAME_TIMEOUT;
 	case NK_JOB:
 	case NK_JFILE:
 	case NK_JLINK:
