@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import select
 import socket
 import subprocess
 import time
@@ -407,10 +408,23 @@ def test_smb_list_submit_get(mount_factory, tmp_path):
 
         listing = smb(f"ls {IMAGE.replace('/', chr(92))}\\*")
         assert re.search(r"^\s+new\s", listing, re.M) and "schema.json" in listing, listing
+        # SMB change notify rides on inotify: a client watching the route
+        # sees the job appear (FILE_ACTION_ADDED, 0001).
+        notify = subprocess.Popen(["stdbuf", "-oL", need("smbclient"), "//127.0.0.1/render", "-p",
+                                   str(port), "-N", "-c", f"notify {IMAGE.replace('/', chr(92))}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1)
         req = tmp_path / "req.json"
         req.write_text(json.dumps({"input": {"prompt": "smb", **SMALL}, "name": "smb-job"}) + "\n")
         smb(f"cd {IMAGE}; put {req} new")
         assert m.wait(IMAGE, "smb-job") == "complete"
+        deadline, seen = time.monotonic() + 20, []
+        while time.monotonic() < deadline and "0001 smb-job" not in seen:
+            if select.select([notify.stdout], [], [], 0.5)[0]:
+                seen.append(notify.stdout.readline().strip())
+        notify.kill()
+        notify.wait()
+        assert "0001 smb-job" in seen, seen
         st = m.status(IMAGE, "smb-job")
         assert st["owner"] == 65534, "the guest account (nobody) owns what it submitted"
         got = tmp_path / "got.png"
