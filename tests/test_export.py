@@ -11,9 +11,9 @@ import json
 import os
 import pathlib
 import re
-import select
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -413,15 +413,17 @@ def test_smb_list_submit_get(mount_factory, tmp_path):
         notify = subprocess.Popen(["stdbuf", "-oL", need("smbclient"), "//127.0.0.1/render", "-p",
                                    str(port), "-N", "-c", f"notify {IMAGE.replace('/', chr(92))}"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        threading.Thread(target=lambda: seen.extend(x.strip() for x in notify.stdout),
+                         daemon=True).start()
         time.sleep(1)
         req = tmp_path / "req.json"
         req.write_text(json.dumps({"input": {"prompt": "smb", **SMALL}, "name": "smb-job"}) + "\n")
         smb(f"cd {IMAGE}; put {req} new")
         assert m.wait(IMAGE, "smb-job") == "complete"
-        deadline, seen = time.monotonic() + 20, []
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline and "0001 smb-job" not in seen:
-            if select.select([notify.stdout], [], [], 0.5)[0]:
-                seen.append(notify.stdout.readline().strip())
+            time.sleep(0.05)
         notify.kill()
         notify.wait()
         assert "0001 smb-job" in seen, seen
