@@ -767,6 +767,68 @@ static int dir_jobs(struct dirbuf *b, struct dirh *d, list_fn list, const void *
 	}
 }
 
+/*
+ * cas/: each blob and its .minisig, in hash order. Like job entries, an
+ * offset names the entry listed last: base + 1 + (the blob's first 7 hash
+ * bytes << 1 | whether it was the .minisig), so listings resume after
+ * reopen and collection (a collected blob's successors follow it).
+ */
+static int dir_cas(struct dirbuf *b, off_t base, off_t off)
+{
+	uint8_t hashes[64][32], after[32];
+	bool have = false, sig_next = false;
+	int rc;
+
+	if (off > base) {
+		uint64_t c = (uint64_t)(off - base - 1), low = c >> 1;
+		uint8_t prefix[7];
+
+		for (int i = 0; i < 7; i++)
+			prefix[i] = (uint8_t)(low >> (8 * (6 - i)));
+		rc = index_blob_find_prefix(b->fs->ix, prefix, 7, after);
+		if (rc == 0) {
+			sig_next = !(c & 1); /* its .minisig has not been listed yet */
+		} else if (rc == STORE_E_NOTFOUND) {
+			memcpy(after, prefix, 7); /* after every hash with that prefix */
+			memset(after + 7, 0xff, sizeof(after) - 7);
+		} else {
+			return rc;
+		}
+		have = true;
+	}
+	for (;;) {
+		size_t n = 0;
+		char hex[80];
+
+		if (sig_next) {
+			uint64_t low = cas_low(after);
+			b3_to_hex(after, hex);
+			snprintf(hex + 64, sizeof(hex) - 64, ".minisig");
+			if (!dir_add(b, hex, INO(NK_CASSIG, 0, 0) | low, S_IFREG,
+				     base + 1 + (off_t)(low << 1 | 1)))
+				return 0;
+			sig_next = false;
+		}
+		if ((rc = index_blob_list(b->fs->ix, have ? after : NULL, 64, hashes, &n)) != 0)
+			return rc;
+		if (n == 0)
+			return 0;
+		for (size_t i = 0; i < n; i++) {
+			uint64_t low = cas_low(hashes[i]);
+			memcpy(after, hashes[i], 32);
+			have = true;
+			b3_to_hex(hashes[i], hex);
+			if (!dir_add(b, hex, INO(NK_CAS, 0, 0) | low, S_IFREG,
+				     base + 1 + (off_t)(low << 1)))
+				return 0;
+			snprintf(hex + 64, sizeof(hex) - 64, ".minisig");
+			if (!dir_add(b, hex, INO(NK_CASSIG, 0, 0) | low, S_IFREG,
+				     base + 1 + (off_t)(low << 1 | 1)))
+				return 0;
+		}
+	}
+}
+
 static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		       struct fuse_file_info *fi, bool plus)
 {
@@ -875,30 +937,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 			closedir(dd);
 		}
 	} else if (INO_KIND(ino) == NK_STATIC && INO_LOW48(ino) == SN_CAS) {
-		uint8_t hashes[64][32], after[32];
-		bool have = false;
-		off_t ord = nfixed;
-		for (;;) {
-			size_t n = 0;
-			if ((rc = index_blob_list(fs->ix, have ? after : NULL, 64, hashes, &n)) != 0 ||
-			    n == 0)
-				break;
-			for (size_t i = 0; i < n && !b.full; i++) {
-				char hex[80];
-				uint64_t low = cas_low(hashes[i]);
-				memcpy(after, hashes[i], 32);
-				have = true;
-				b3_to_hex(hashes[i], hex);
-				if (ord++ >= off && !dir_add(&b, hex, INO(NK_CAS, 0, 0) | low, S_IFREG, ord))
-					break;
-				snprintf(hex + 64, sizeof(hex) - 64, ".minisig");
-				if (ord++ >= off &&
-				    !dir_add(&b, hex, INO(NK_CASSIG, 0, 0) | low, S_IFREG, ord))
-					break;
-			}
-			if (b.full)
-				break;
-		}
+		rc = dir_cas(&b, nfixed, off);
 	}
 done:
 	if (rc == 0) {

@@ -439,3 +439,34 @@ def test_smb_list_submit_get(mount_factory, tmp_path):
     finally:
         smbd.terminate()
         smbd.wait(timeout=30)
+
+
+def test_cas_offsets_survive_restart_and_collection(mount_factory):
+    m = mount_factory(["workers=1"])
+    ids = [m.submit(IMAGE, {"prompt": f"cas {i}", **SMALL}) for i in range(6)]
+    for jid in ids:
+        assert m.wait(IMAGE, jid) == "complete"
+    blob_of = {m.status(IMAGE, jid)["output"]["blake3"]: jid for jid in ids}
+    cas = m.path / "cas"
+    d = Dir(cas)
+    full = [n for n, _ in d.read()][2:]
+    d.close()
+    assert full == [x for h in sorted(blob_of) for x in (h, h + ".minisig")]
+    d = Dir(cas)
+    part = d.read(5)  # ., .., blob 1, its .minisig, blob 2
+    d.close()
+    cookie = part[-1][1]
+
+    def rest():
+        d = Dir(cas)
+        libc.seekdir(d.d, cookie)
+        names = [n for n, _ in d.read()]
+        d.close()
+        return names
+
+    assert rest() == full[3:]
+    restart(m)
+    assert rest() == full[3:]
+    # Collect the blob the cookie names: the listing goes on after it.
+    os.rmdir(m.job(IMAGE, blob_of[full[2]]))
+    assert rest() == full[4:]
