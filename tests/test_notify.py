@@ -108,6 +108,12 @@ def test_created_job_appears_in_route_dir_and_jobs(mount_factory, watches):
     # Nothing was created by the notification: the listing is as before.
     assert sorted(os.listdir(m.route(IMAGE))) == sorted(["new", "schema.json", jid,
                                                          "my-render"])
+    # It counted what it did: four operations, none failed or dropped.
+    stats = (m.path / "stats").read_text()
+    for line in ('renderfs_notify_ops_total{result="ok"} 4',
+                 'renderfs_notify_ops_total{result="failed"} 0',
+                 'renderfs_notify_events_total{fate="dropped"} 0'):
+        assert line in stats.splitlines(), stats
 
 
 def test_status_change_is_modify_then_close_write(mount_factory, watches):
