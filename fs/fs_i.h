@@ -104,7 +104,6 @@ struct fsctx {
 	size_t nrnodes;
 	unsigned top_dirs;	/* directories at depth 1 */
 	struct notifier *notifier; /* NULL with `nonotify`; set before the loop runs */
-	struct fuse_session *se;   /* for the notifier's cache invalidations */
 };
 
 /* ---- main.c ---- */
@@ -183,6 +182,8 @@ void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
  * operation is in flight, whoever asks. */
 bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const char *name,
 		     struct notify_op *op);
+/* Whether the creation of the job with this seq has been announced. */
+bool notify_announced(struct fsctx *fs, uint64_t seq);
 /* Whether req comes from the notifier thread at all. */
 bool notify_is_self(struct fsctx *fs, fuse_req_t req);
 void notify_get_stats(struct notifier *n, struct notify_stats *s);

@@ -34,11 +34,22 @@
  * job's events is kept. A full ring drops the event and counts it (the
  * engine is never made to wait).
  *
- * The thread acts through a detached clone of the mount (open_tree), not
+ * The syscalls themselves are made by a helper process (forked at start,
+ * holding no descriptor of the FUSE connection), not by a thread of the
+ * daemon: a thread waiting for its own daemon's answer cannot be killed
+ * once the request has been read, so a `kill -9` landing then would leave
+ * the daemon unkillable, holding the connection that the waiting thread
+ * needs aborted. A helper only waits; when the daemon dies the connection
+ * closes, its syscall fails, and it reads end-of-file from the daemon and
+ * exits. The notifier thread sends it one operation at a time over a pipe
+ * (a relative path and what to do) and waits for the errno; requests
+ * carry the helper's pid, which is what the handlers recognise.
+ *
+ * The helper acts through a detached clone of the mount (open_tree), not
  * the mountpoint itself: a user's `fusermount -u` never finds the mount
  * busy because of it. The superblock is then held by the clone too, so the
- * thread watches the mount table (/proc/self/mountinfo) and lets go of the
- * clone once no mount of the filesystem is left; the connection then ends
+ * thread watches the mount table (/proc/self/mountinfo) and ends the
+ * helper once no mount of the filesystem is left; the connection then ends
  * as it would have. Without the privilege to clone (a daemon not running
  * as root), it uses the mountpoint's path, and an unmount that races with
  * a notification can fail with EBUSY.
@@ -48,12 +59,12 @@
  * holding the engine's state lock: it only takes mu briefly. mu guards
  * the ring, `created`, `stop` and the counters. op_mu guards `op`, which
  * the notifier thread writes around each syscall and handlers read. The
- * notifier thread is the only one that touches the mountpoint; it starts
- * after the mount, is told to stop (notify_stop) when the session loop
- * ends, and is joined (notify_free) only after the session is unmounted:
- * unmounting closes the connection first, so a syscall it still has in
+ * helper is the only one that touches the mountpoint; it starts after the
+ * mount, the thread is told to stop (notify_stop) when the session loop
+ * ends, and both are joined (notify_free) only after the session is
+ * unmounted: unmounting closes the connection first, so a syscall still in
  * flight then fails instead of waiting for a loop that is gone. Handlers
- * never wait for it, so neither `-s` nor unmount can deadlock on it.
+ * never wait for either, so neither `-s` nor unmount can deadlock on them.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -64,10 +75,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -107,17 +121,226 @@ struct notifier {
 	pthread_mutex_t op_mu;
 	struct notify_op op;
 
+	/* Jobs with a lower seq have been announced (read by handlers). */
+	_Atomic uint64_t announced_pub;
+
 	/* Notifier thread only. */
-	int root;		 /* the detached clone of the mount, or -1: paths */
+	pid_t helper;		 /* the process that makes the syscalls */
+	int cmd_fd, res_fd;	 /* pipes to and from it */
+	bool cloned;		 /* it works through a clone of the mount */
 	int mountinfo;		 /* /proc/self/mountinfo, to see unmounts */
 	dev_t dev;		 /* the filesystem's device number */
-	bool detached;		 /* unmounted: nothing left to notify */
+	bool detached;		 /* unmounted, or the helper is gone */
 	uint64_t checked_ms;
 	uint64_t announced;	 /* next seq to announce */
-	int dirfd;		 /* the job directory of the last event, O_PATH */
-	uint8_t dir_id[JOB_ID_LEN];
-	double lat_sum_ms;	 /* posting to the end of the syscalls */
 };
+
+/* ---- the helper process ---- */
+
+enum helper_op { HOP_MKDIR = 1, HOP_SYMLINK, HOP_RMDIR, HOP_UNLINK, HOP_TOUCH, HOP_TOUCH_CLOSE,
+		 HOP_CREATE };
+
+#define HELPER_PATH 1024
+
+/* One operation; under PIPE_BUF, so written and read whole. */
+struct helper_cmd {
+	uint8_t op;
+	char path[HELPER_PATH];	  /* relative to the mount's root */
+	char target[HELPER_PATH]; /* HOP_SYMLINK */
+};
+
+/* What the helper says first: whether it cloned the mount, and its device. */
+struct helper_hello {
+	int32_t cloned;
+	uint64_t dev;
+};
+
+static bool full_io(int fd, void *buf, size_t len, bool rd)
+{
+	char *p = buf;
+
+	while (len) {
+		ssize_t k = rd ? read(fd, p, len) : write(fd, p, len);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return false;
+		p += k;
+		len -= (size_t)k;
+	}
+	return true;
+}
+
+/*
+ * The helper's life: only syscalls from here on (it is the child of a
+ * threaded process). Paths are relative to the clone of the mount, or to
+ * the mountpoint when it could not clone.
+ */
+static void __attribute__((noreturn)) helper_main(const char *mnt, int cmd_fd, int res_fd)
+{
+	static const struct timespec now[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
+	static struct helper_cmd c;
+	static char abs_path[PATH_MAX];
+	static const int ignored[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGUSR1, SIGUSR2};
+	struct helper_hello hello = {0, 0};
+	struct sigaction sa;
+	struct stat st;
+	size_t ml = strlen(mnt);
+	int base, fd, rc, cfd, rfd;
+
+	/* It keeps its two pipes (as 3 and 4) and nothing else; above all no
+	 * descriptor of the FUSE connection, whose closing must not wait for
+	 * it. Signals meant for the daemon's group are not for it: it ends
+	 * when the daemon's end of the pipe does. */
+	cfd = fcntl(cmd_fd, F_DUPFD, 100);
+	rfd = fcntl(res_fd, F_DUPFD, 100);
+	if (cfd < 0 || rfd < 0 || dup2(cfd, 3) < 0 || dup2(rfd, 4) < 0)
+		_exit(1);
+	close_range(5, ~0u, 0);
+	cmd_fd = 3;
+	res_fd = 4;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = SIG_IGN;
+	for (size_t i = 0; i < sizeof(ignored) / sizeof(ignored[0]); i++)
+		sigaction(ignored[i], &sa, NULL);
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	base = (int)syscall(SYS_open_tree, AT_FDCWD, mnt, OPEN_TREE_CLONE | O_CLOEXEC);
+	if (base >= 0 && fstat(base, &st) == 0) {
+		hello.cloned = 1;
+		hello.dev = st.st_dev;
+	} else {
+		if (base >= 0)
+			close(base);
+		base = AT_FDCWD;
+	}
+	if (!full_io(res_fd, &hello, sizeof(hello), false))
+		_exit(0);
+	while (full_io(cmd_fd, &c, sizeof(c), true)) {
+		const char *path = c.path;
+
+		c.path[HELPER_PATH - 1] = c.target[HELPER_PATH - 1] = '\0';
+		if (base == AT_FDCWD) {
+			size_t pl = strlen(c.path);
+			if (ml + 1 + pl >= sizeof(abs_path)) {
+				rc = ENAMETOOLONG;
+				goto reply;
+			}
+			memcpy(abs_path, mnt, ml);
+			abs_path[ml] = '/';
+			memcpy(abs_path + ml + 1, c.path, pl + 1);
+			path = abs_path;
+		}
+		rc = 0;
+		switch (c.op) {
+		case HOP_MKDIR:
+			rc = mkdirat(base, path, 0755) ? errno : 0;
+			break;
+		case HOP_SYMLINK:
+			rc = symlinkat(c.target, base, path) ? errno : 0;
+			break;
+		case HOP_RMDIR:
+			rc = unlinkat(base, path, AT_REMOVEDIR) ? errno : 0;
+			break;
+		case HOP_UNLINK:
+			rc = unlinkat(base, path, 0) ? errno : 0;
+			break;
+		case HOP_TOUCH:
+			rc = utimensat(base, path, now, 0) ? errno : 0;
+			break;
+		case HOP_TOUCH_CLOSE:
+		case HOP_CREATE:
+			fd = c.op == HOP_CREATE
+				     ? openat(base, path, O_CREAT | O_WRONLY | O_CLOEXEC, 0644)
+				     : openat(base, path, O_WRONLY | O_CLOEXEC);
+			if (fd < 0) {
+				rc = errno;
+				break;
+			}
+			if (c.op == HOP_TOUCH_CLOSE && futimens(fd, now) != 0)
+				rc = errno;
+			if (close(fd) != 0 && rc == 0)
+				rc = errno;
+			break;
+		default:
+			rc = EINVAL;
+		}
+reply:
+		if (!full_io(res_fd, &rc, sizeof(rc), false))
+			break;
+	}
+	_exit(0);
+}
+
+/* Ask the helper to do one operation; its errno, or EPIPE when it is gone. */
+static int helper_run(struct notifier *n, enum helper_op op, const char *path,
+		      const char *target)
+{
+	static struct helper_cmd c; /* notifier thread only */
+	int rc;
+
+	if (n->detached || n->cmd_fd < 0)
+		return EPIPE;
+	memset(&c, 0, sizeof(c));
+	c.op = (uint8_t)op;
+	if (strlen(path) >= sizeof(c.path) || (target && strlen(target) >= sizeof(c.target)))
+		return ENAMETOOLONG;
+	memcpy(c.path, path, strlen(path) + 1);
+	if (target)
+		memcpy(c.target, target, strlen(target) + 1);
+	if (!full_io(n->cmd_fd, &c, sizeof(c), false) ||
+	    !full_io(n->res_fd, &rc, sizeof(rc), true)) {
+		if (!n->detached)
+			fprintf(stderr, "renderfs: the change notification helper is gone; "
+					"no more inotify events\n");
+		n->detached = true;
+		return EPIPE;
+	}
+	return rc;
+}
+
+static int helper_start(struct notifier *n)
+{
+	int to[2], from[2];
+	struct helper_hello hello;
+	pid_t pid;
+
+	if (pipe2(to, O_CLOEXEC) != 0)
+		return -errno;
+	if (pipe2(from, O_CLOEXEC) != 0) {
+		close(to[0]);
+		close(to[1]);
+		return -errno;
+	}
+	pid = fork();
+	if (pid == 0)
+		helper_main(n->mnt, to[0], from[1]);
+	close(to[0]);
+	close(from[1]);
+	if (pid < 0) {
+		close(to[1]);
+		close(from[0]);
+		return -errno;
+	}
+	n->helper = pid;
+	n->cmd_fd = to[1];
+	n->res_fd = from[0];
+	/* Its hello can wait for the session loop (open_tree may ask the
+	 * filesystem), so it is read by the notifier thread. */
+	(void)hello;
+	return 0;
+}
+
+static void helper_stop(struct notifier *n)
+{
+	if (n->cmd_fd >= 0)
+		close(n->cmd_fd);
+	if (n->res_fd >= 0)
+		close(n->res_fd);
+	n->cmd_fd = n->res_fd = -1;
+	if (n->helper > 0)
+		waitpid(n->helper, NULL, 0);
+	n->helper = 0;
+}
 
 static uint64_t mono_ns(void)
 {
@@ -220,6 +443,11 @@ bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const ch
 	return match;
 }
 
+bool notify_announced(struct fsctx *fs, uint64_t seq)
+{
+	return fs->notifier && seq < atomic_load(&fs->notifier->announced_pub);
+}
+
 bool notify_is_self(struct fsctx *fs, fuse_req_t req)
 {
 	struct notifier *n = fs->notifier;
@@ -240,13 +468,6 @@ static void set_op(struct notifier *n, enum notify_op_kind kind, uint64_t parent
 	n->op.uid = uid;
 	n->op.gid = gid;
 	pthread_mutex_unlock(&n->op_mu);
-	/* A name about to be created may be in the kernel's cache already
-	 * (a user looked the job up first): drop it, so that the create
-	 * reaches the filesystem and makes its event. Until the operation is
-	 * done, lookups of the name are not cached (ops.c), so that it cannot
-	 * come back meanwhile. */
-	if (kind == NOP_MKDIR || kind == NOP_SYMLINK || kind == NOP_CREATE)
-		fuse_lowlevel_notify_inval_entry(n->fs->se, parent, name, strlen(name));
 }
 
 static void clear_op(struct notifier *n)
@@ -263,33 +484,17 @@ static void account(struct notifier *n, int rc)
 	pthread_mutex_lock(&n->mu);
 	if (rc == 0)
 		n->stats.made++;
-	else if (rc != ENOENT)
+	else if (rc != ENOENT && !(rc == EPIPE && n->detached))
 		n->stats.failed++;
 	pthread_mutex_unlock(&n->mu);
 }
 
-static void close_dir(struct notifier *n)
-{
-	if (n->dirfd >= 0)
-		close(n->dirfd);
-	n->dirfd = -1;
-}
-
-/* Paths are relative to the clone (at()), or absolute without one. */
-static int at(struct notifier *n)
-{
-	return n->root >= 0 ? n->root : AT_FDCWD;
-}
-
-static const char *base(struct notifier *n)
-{
-	return n->root >= 0 ? "." : n->mnt;
-}
-
-static int job_path(struct notifier *n, const char *route, const char *name, char *buf,
+/* Paths sent to the helper are relative to the mount's root. */
+static int job_path(const char *route, const char *name, const char *file, char *buf,
 		    size_t len)
 {
-	int k = snprintf(buf, len, "%s/%s/%s", base(n), route, name);
+	int k = file ? snprintf(buf, len, "%s/%s/%s", route, name, file)
+		     : snprintf(buf, len, "%s/%s", route, name);
 
 	return k < 0 || (size_t)k >= len ? -ENAMETOOLONG : 0;
 }
@@ -307,7 +512,7 @@ static void check_mounted(struct notifier *n)
 	bool found = false;
 	ssize_t got;
 
-	if (n->root < 0 || n->mountinfo < 0 || now_ms() - n->checked_ms < 100)
+	if (!n->cloned || n->detached || n->mountinfo < 0 || now_ms() - n->checked_ms < 100)
 		return;
 	n->checked_ms = now_ms();
 	if (poll(&p, 1, 0) != 1 || !(p.revents & (POLLPRI | POLLERR)))
@@ -334,9 +539,9 @@ static void check_mounted(struct notifier *n)
 		buf[len] = '\0';
 		found = strstr(buf, key) != NULL;
 		if (!found) {
-			close(n->root);
-			n->root = -1;
+			/* the helper's exit drops the clone */
 			n->detached = true;
+			helper_stop(n);
 		}
 	}
 	free(buf);
@@ -347,32 +552,26 @@ static void announce_job(struct notifier *n, uint64_t seq)
 	struct fsctx *fs = n->fs;
 	const struct rnode *rn;
 	uint8_t id[JOB_ID_LEN];
-	char path[PATH_MAX], target[PATH_MAX], idbuf[JOB_ID_STR_LEN + 1], ulid[JOB_ID_STR_LEN + 1];
+	char path[HELPER_PATH], target[HELPER_PATH], idbuf[JOB_ID_STR_LEN + 1],
+		ulid[JOB_ID_STR_LEN + 1];
 	const char *name;
 	struct job j;
-	int rc;
 
 	if (index_job_by_seq(fs->ix, seq, id) != 0 || index_job_get(fs->ix, id, &j) != 0)
 		return; /* deleted already */
-	if (n->detached) {
-		job_release(&j);
-		return;
-	}
 	rn = fs_route_rnode(fs, j.route);
 	name = j.name[0] ? j.name : (ulid_format(j.id, idbuf), idbuf);
 	ulid_format(j.id, ulid);
-	if (rn && job_path(n, j.route, name, path, sizeof(path)) == 0) {
+	if (rn && job_path(j.route, name, NULL, path, sizeof(path)) == 0) {
 		set_op(n, NOP_MKDIR, rn->ino, name, INO(NK_JOB, 0, j.seq), j.uid, j.gid);
-		rc = mkdirat(at(n), path, 0755) == 0 ? 0 : errno;
+		account(n, helper_run(n, HOP_MKDIR, path, NULL));
 		clear_op(n);
-		account(n, rc);
 		snprintf(target, sizeof(target), "../%s/%s", j.route, name);
-		snprintf(path, sizeof(path), "%s/jobs/%s", base(n), ulid);
+		snprintf(path, sizeof(path), "jobs/%s", ulid);
 		set_op(n, NOP_SYMLINK, INO(NK_STATIC, 0, SN_JOBS), ulid, INO(NK_JLINK, 0, j.seq),
 		       j.uid, j.gid);
-		rc = symlinkat(target, at(n), path) == 0 ? 0 : errno;
+		account(n, helper_run(n, HOP_SYMLINK, path, target));
 		clear_op(n);
-		account(n, rc);
 	}
 	job_release(&j);
 }
@@ -380,14 +579,15 @@ static void announce_job(struct notifier *n, uint64_t seq)
 /* Announce the creation of every job with a seq below limit. */
 static void announce_upto(struct notifier *n, uint64_t limit)
 {
-	while (n->announced < limit) {
+	while (n->announced < limit && !n->detached) {
 		bool stop;
 		pthread_mutex_lock(&n->mu);
 		stop = n->stop;
 		pthread_mutex_unlock(&n->mu);
 		if (stop)
 			return;
-		announce_job(n, n->announced++);
+		announce_job(n, n->announced);
+		atomic_store(&n->announced_pub, ++n->announced);
 	}
 }
 
@@ -395,113 +595,80 @@ static void removed(struct notifier *n, const uint8_t id[JOB_ID_LEN], const stru
 		    bool dir_too)
 {
 	const struct rnode *rn = fs_route_rnode(n->fs, g->route);
-	char path[PATH_MAX], ulid[JOB_ID_STR_LEN + 1];
-	int rc;
+	char path[HELPER_PATH], ulid[JOB_ID_STR_LEN + 1];
 
 	announce_upto(n, g->seq + 1);
-	if (memcmp(n->dir_id, id, JOB_ID_LEN) == 0)
-		close_dir(n);
-	if (n->detached)
-		return;
-	if (dir_too && rn && job_path(n, g->route, g->name, path, sizeof(path)) == 0) {
+	if (dir_too && rn && job_path(g->route, g->name, NULL, path, sizeof(path)) == 0) {
 		set_op(n, NOP_RMDIR, rn->ino, g->name, INO(NK_JOB, 0, g->seq), g->uid, g->gid);
-		rc = unlinkat(at(n), path, AT_REMOVEDIR) == 0 ? 0 : errno;
+		account(n, helper_run(n, HOP_RMDIR, path, NULL));
 		clear_op(n);
-		account(n, rc);
 	}
 	ulid_format(id, ulid);
-	snprintf(path, sizeof(path), "%s/jobs/%s", base(n), ulid);
+	snprintf(path, sizeof(path), "jobs/%s", ulid);
 	set_op(n, NOP_UNLINK, INO(NK_STATIC, 0, SN_JOBS), ulid, INO(NK_JLINK, 0, g->seq), g->uid,
 	       g->gid);
-	rc = unlinkat(at(n), path, 0) == 0 ? 0 : errno;
+	account(n, helper_run(n, HOP_UNLINK, path, NULL));
 	clear_op(n);
-	account(n, rc);
-}
-
-/*
- * IN_MODIFY, and IN_CLOSE_WRITE with close_write. (An O_TRUNC open would
- * make IN_MODIFY without the SETATTR, but the kernel then asks for
- * security.capability: no fewer requests.)
- */
-static void touch(struct notifier *n, const char *file, bool close_write)
-{
-	static const struct timespec now[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
-	int rc = 0, fd;
-
-	if (!close_write) {
-		account(n, utimensat(n->dirfd, file, now, 0) == 0 ? 0 : errno);
-		return;
-	}
-	fd = openat(n->dirfd, file, O_WRONLY | O_CLOEXEC);
-	if (fd < 0) {
-		account(n, errno);
-		return;
-	}
-	if (futimens(fd, now) != 0)
-		rc = errno;
-	if (close(fd) != 0 && rc == 0)
-		rc = errno;
-	account(n, rc);
 }
 
 static void changed(struct notifier *n, const uint8_t id[JOB_ID_LEN], enum engine_event ev)
 {
 	struct fsctx *fs = n->fs;
-	char path[PATH_MAX], idbuf[JOB_ID_STR_LEN + 1], out[96];
+	char path[HELPER_PATH], idbuf[JOB_ID_STR_LEN + 1], out[96];
 	const char *name;
 	struct job j;
-	int rc, fd;
 
 	if (index_job_get(fs->ix, id, &j) != 0)
 		return; /* deleted: its removal event follows */
 	announce_upto(n, j.seq + 1);
-	if (n->detached) {
-		job_release(&j);
-		return;
-	}
-	if (n->dirfd < 0 || memcmp(n->dir_id, id, JOB_ID_LEN) != 0) {
-		close_dir(n);
-		name = j.name[0] ? j.name : (ulid_format(j.id, idbuf), idbuf);
-		errno = 0;
-		if (job_path(n, j.route, name, path, sizeof(path)) != 0 ||
-		    (n->dirfd = openat(at(n), path, O_PATH | O_DIRECTORY | O_CLOEXEC)) < 0) {
-			account(n, errno ? errno : ENAMETOOLONG);
-			job_release(&j);
-			return;
-		}
-		memcpy(n->dir_id, id, JOB_ID_LEN);
-	}
+	name = j.name[0] ? j.name : (ulid_format(j.id, idbuf), idbuf);
 	switch (ev) {
 	case EV_STATUS:
-		touch(n, "status", true);
-		touch(n, "status.json", true);
-		/* `error` changes with the status but makes no event: drop
-		 * the attributes the kernel may hold for it (ops.c). */
-		fuse_lowlevel_notify_inval_inode(fs->se, INO(NK_JFILE, JF_ERROR, j.seq), 0, 0);
+		/* IN_MODIFY then IN_CLOSE_WRITE on each */
+		if (job_path(j.route, name, "status", path, sizeof(path)) == 0)
+			account(n, helper_run(n, HOP_TOUCH_CLOSE, path, NULL));
+		if (job_path(j.route, name, "status.json", path, sizeof(path)) == 0)
+			account(n, helper_run(n, HOP_TOUCH_CLOSE, path, NULL));
 		break;
 	case EV_PROGRESS:
-		touch(n, "progress", false);
-		break;
 	case EV_LOG:
-		touch(n, "log", false);
+		if (job_path(j.route, name, ev == EV_LOG ? "log" : "progress", path,
+			     sizeof(path)) == 0)
+			account(n, helper_run(n, HOP_TOUCH, path, NULL));
 		break;
 	case EV_OUTPUT:
 		if (!jf_present(&j, JF_OUTPUT))
 			break;
 		jf_name(&j, JF_OUTPUT, out, sizeof(out));
+		if (job_path(j.route, name, out, path, sizeof(path)) != 0)
+			break;
 		set_op(n, NOP_CREATE, INO(NK_JOB, 0, j.seq), out, INO(NK_JFILE, JF_OUTPUT, j.seq),
 		       j.uid, j.gid);
-		fd = openat(n->dirfd, out, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
-		rc = fd < 0 ? errno : 0;
+		account(n, helper_run(n, HOP_CREATE, path, NULL));
 		clear_op(n);
-		if (fd >= 0 && close(fd) != 0)
-			rc = errno;
-		account(n, rc);
 		break;
 	default:
 		break;
 	}
 	job_release(&j);
+}
+
+/* The helper's first words: whether it cloned the mount. */
+static void helper_hello(struct notifier *n)
+{
+	struct helper_hello hello;
+
+	atomic_store(&n->tid, (int)n->helper);
+	if (!full_io(n->res_fd, &hello, sizeof(hello), true)) {
+		fprintf(stderr, "renderfs: the change notification helper did not start; "
+				"no inotify events\n");
+		n->detached = true;
+		return;
+	}
+	n->cloned = hello.cloned != 0;
+	n->dev = (dev_t)hello.dev;
+	if (n->cloned)
+		n->mountinfo = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
 }
 
 static void *notifier_main(void *arg)
@@ -510,37 +677,21 @@ static void *notifier_main(void *arg)
 	struct entry e;
 	uint64_t next;
 
-	struct stat st;
-
-	atomic_store(&n->tid, (int)gettid());
-	/* In this thread: the loop may need to serve what this asks. */
-	n->root = (int)syscall(SYS_open_tree, AT_FDCWD, n->mnt, OPEN_TREE_CLONE | O_CLOEXEC);
-	if (n->root >= 0 && fstat(n->root, &st) == 0) {
-		n->dev = st.st_dev;
-		n->mountinfo = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
-	} else if (n->root >= 0) {
-		close(n->root);
-		n->root = -1;
-	}
+	helper_hello(n);
 	pthread_mutex_lock(&n->mu);
 	for (;;) {
-		if (!n->stop && n->count == 0 && !n->created) {
-			pthread_mutex_unlock(&n->mu);
-			close_dir(n); /* hold nothing open on the mount while idle */
-			pthread_mutex_lock(&n->mu);
-			while (!n->stop && n->count == 0 && !n->created) {
-				struct timespec ts;
-				clock_gettime(CLOCK_REALTIME, &ts);
-				ts.tv_nsec += 200 * 1000000;
-				if (ts.tv_nsec >= 1000000000) {
-					ts.tv_sec++;
-					ts.tv_nsec -= 1000000000;
-				}
-				if (pthread_cond_timedwait(&n->cv, &n->mu, &ts) == ETIMEDOUT) {
-					pthread_mutex_unlock(&n->mu);
-					check_mounted(n);
-					pthread_mutex_lock(&n->mu);
-				}
+		while (!n->stop && n->count == 0 && !n->created) {
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_nsec += 200 * 1000000;
+			if (ts.tv_nsec >= 1000000000) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000;
+			}
+			if (pthread_cond_timedwait(&n->cv, &n->mu, &ts) == ETIMEDOUT) {
+				pthread_mutex_unlock(&n->mu);
+				check_mounted(n);
+				pthread_mutex_lock(&n->mu);
 			}
 		}
 		if (n->stop)
@@ -573,12 +724,9 @@ static void *notifier_main(void *arg)
 		}
 	}
 	pthread_mutex_unlock(&n->mu);
-	close_dir(n);
-	if (n->root >= 0)
-		close(n->root);
 	if (n->mountinfo >= 0)
 		close(n->mountinfo);
-	n->root = n->mountinfo = -1;
+	n->mountinfo = -1;
 	return NULL;
 }
 
@@ -595,7 +743,7 @@ int notify_start(struct fsctx *fs, const char *mountpoint, struct notifier **out
 	}
 	snprintf(n->mnt, sizeof(n->mnt), "%s", mountpoint);
 	n->fs = fs;
-	n->dirfd = n->root = n->mountinfo = -1;
+	n->cmd_fd = n->res_fd = n->mountinfo = -1;
 	n->ring = malloc(RING_CAP * sizeof(*n->ring));
 	if (!n->ring) {
 		free(n);
@@ -605,7 +753,9 @@ int notify_start(struct fsctx *fs, const char *mountpoint, struct notifier **out
 	pthread_cond_init(&n->cv, NULL);
 	pthread_mutex_init(&n->op_mu, NULL);
 	/* Jobs that exist before the mount are not news. */
-	if ((rc = index_next_seq(fs->ix, &n->announced)) != 0 ||
+	if ((rc = index_next_seq(fs->ix, &n->announced)) == 0)
+		atomic_store(&n->announced_pub, n->announced);
+	if (rc != 0 || (rc = helper_start(n)) != 0 ||
 	    (rc = -pthread_create(&n->thread, NULL, notifier_main, n)) != 0) {
 		notify_stop(n);
 		notify_free(n);
@@ -632,6 +782,7 @@ void notify_free(struct notifier *n)
 		return;
 	if (n->started)
 		pthread_join(n->thread, NULL);
+	helper_stop(n);
 	for (size_t k = 0; k < n->count; k++)
 		free(n->ring[(n->head + k) % RING_CAP].gone);
 	pthread_mutex_destroy(&n->mu);

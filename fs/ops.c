@@ -31,9 +31,12 @@
 /*
  * How long the kernel may keep a name. Jobs come and go: with change
  * notification, the notifier makes every creation and removal through the
- * mount (and drops the kernel's entry first where one could be cached), so
- * the kernel's view is kept current and job names may be cached briefly;
- * without it, never.
+ * mount, so the kernel's view is kept current and job names may be cached
+ * briefly once announced; without it, never. A name must not be cached
+ * before the notifier has created it (its create would find it and make
+ * no event): a job's until its creation is announced, an output's never.
+ * (Dropping cached names from the daemon instead would make it wait on
+ * the directory's lock, which a dying daemon may never get.)
  */
 #define JOB_ENTRY_TIMEOUT 1.0
 #define STATIC_TIMEOUT 1.0
@@ -49,9 +52,10 @@ static double entry_timeout(struct fsctx *fs, uint64_t ino)
 	case NK_NEW:
 		return FIXED_NAME_TIMEOUT;
 	case NK_JOB:
-	case NK_JFILE:
 	case NK_JLINK:
-		return fs->notifier ? JOB_ENTRY_TIMEOUT : 0.0;
+		return notify_announced(fs, INO_LOW48(ino)) ? JOB_ENTRY_TIMEOUT : 0.0;
+	case NK_JFILE:
+		return fs->notifier && INO_SUB(ino) != JF_OUTPUT ? JOB_ENTRY_TIMEOUT : 0.0;
 	default:
 		return 0.0;
 	}
@@ -304,10 +308,10 @@ static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat
  * attributes lets warm reads come straight from the kernel's page cache.
  * The route tree and the static files change only with the mount (stats
  * at every read). Job nodes change with their job: with change
- * notification, every change of a job file passes through the kernel
- * (which refreshes or drops the attributes it holds; the notifier drops
- * `error`'s), so a second is safe; `position` moves with other jobs and
- * is never cached; without notification nothing is.
+ * notification, every change of a job file that makes an event passes
+ * through the kernel (which refreshes or drops the attributes it holds),
+ * so a second is safe; `position` and `error`, which change without an
+ * event, are never cached; without notification nothing is.
  */
 static double attr_timeout(struct fsctx *fs, uint64_t ino)
 {
@@ -328,7 +332,9 @@ static double attr_timeout(struct fsctx *fs, uint64_t ino)
 	case NK_JFILE:
 		if (INO_SUB(ino) == JF_OUTPUT)
 			return 3600.0;
-		return fs->notifier && INO_SUB(ino) != JF_POSITION ? JOB_ENTRY_TIMEOUT : 0.0;
+		return fs->notifier && INO_SUB(ino) != JF_POSITION && INO_SUB(ino) != JF_ERROR
+			       ? JOB_ENTRY_TIMEOUT
+			       : 0.0;
 	default:
 		return 0.0;
 	}

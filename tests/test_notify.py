@@ -301,3 +301,71 @@ def test_names_looked_up_first_are_still_announced(mount_factory, watches):
             stop.set()
             t.join()
         assert seen, "the reader never saw the output"
+
+
+def children(pid):
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(p))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def alive(pid):
+    """Running (a zombie waiting for init to reap it does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_while_notifying(mount_factory):
+    """The daemon dies at once under SIGKILL even with notifications in
+    flight (a thread of its own waiting on its mount could not be killed),
+    and its helper process follows."""
+    for rnd in range(8):
+        m = mount_factory(["workers=2"], name=f"k{rnd}")
+        helpers = children(m.proc.pid)
+        assert len(helpers) == 1, helpers
+        stop = threading.Event()
+
+        def load():
+            i = 0
+            while not stop.is_set():
+                try:
+                    m.submit(IMAGE, {"prompt": f"k{rnd} {i}", **SMALL})
+                except (OSError, AssertionError):
+                    return
+                i += 1
+        def look():
+            # lookups in the route directory hold its lock while the
+            # daemon answers; the notifier's mkdir there waits for them
+            k = 0
+            while not stop.is_set():
+                try:
+                    os.stat(m.route(IMAGE) / f"01ARZ3NDEKTSV4RRFFQ69G{k % 1000:04d}")
+                except OSError:
+                    pass
+                k += 1
+        ts = [threading.Thread(target=load) for _ in range(3)]
+        ts += [threading.Thread(target=look) for _ in range(3)]
+        for t in ts:
+            t.start()
+        time.sleep(0.3 + 0.07 * rnd)
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait(timeout=10)
+        stop.set()
+        for t in ts:
+            t.join(timeout=30)
+        deadline = time.monotonic() + 10
+        while alive(helpers[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(helpers[0]), "the helper outlived the daemon"
+        subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=True)
+        m.proc = None
