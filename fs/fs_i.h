@@ -153,7 +153,7 @@ void new_file_release(struct new_file *nf);
 /* ---- notify.c: inotify events through the mountpoint (SPEC §4) ---- */
 enum notify_op_kind { NOP_NONE, NOP_MKDIR, NOP_SYMLINK, NOP_CREATE, NOP_RMDIR, NOP_UNLINK };
 
-/* The one operation the notifier thread has in flight. */
+/* The one operation the notifier has in flight. */
 struct notify_op {
 	enum notify_op_kind kind;
 	uint64_t parent;		  /* node id of the directory */
@@ -177,14 +177,14 @@ void notify_free(struct notifier *n);
 /* The engine observer (engine_observer_fn): never blocks. */
 void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
 		 enum engine_event ev, const struct job *gone);
-/* Whether req comes from the notifier thread and is its operation in
- * flight on (parent, name); *op gets a copy. With req NULL: whether that
- * operation is in flight, whoever asks. */
+/* Whether req comes from the notifier (its helper process) and is its
+ * operation in flight on (parent, name); *op gets a copy. With req NULL:
+ * whether that operation is in flight, whoever asks. */
 bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const char *name,
 		     struct notify_op *op);
 /* Whether the creation of the job with this seq has been announced. */
 bool notify_announced(struct fsctx *fs, uint64_t seq);
-/* Whether req comes from the notifier thread at all. */
+/* Whether req comes from the notifier at all. */
 bool notify_is_self(struct fsctx *fs, fuse_req_t req);
 void notify_get_stats(struct notifier *n, struct notify_stats *s);
 

@@ -7,7 +7,7 @@
  * as libfuse's examples do. Shutdown stops the engine's workers before the
  * store closes; running jobs go back to the queue and resume at the next
  * mount. The session loop is multi-threaded: every handler in ops.c may run
- * concurrently with the others. The notifier thread (notify.c) starts after
+ * concurrently with the others. The notifier (notify.c) starts after
  * the mount and is joined after the unmount.
  */
 #include <errno.h>

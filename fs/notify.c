@@ -5,8 +5,8 @@
  * The kernel makes inotify events only for changes that pass through the
  * VFS, so a change made inside the daemon (a job created by a write to
  * `new`, a status set by a worker) is invisible to watchers until somebody
- * performs it through the mount. The notifier thread does exactly that,
- * with the operation whose event the contract names:
+ * performs it through the mount. The notifier does exactly that, with
+ * the operation whose event the contract names:
  *
  *   job created     mkdir <route>/<id>, symlink jobs/<ulid>
  *   status change   open status O_WRONLY, futimens(now), close; the same
@@ -16,9 +16,9 @@
  *                   IN_CLOSE_WRITE)
  *   job deleted     rmdir <route>/<id>, unlink jobs/<ulid>
  *
- * The handlers in ops.c recognize these requests by the requesting
- * thread's id (the FUSE request carries it; a process in another pid
- * namespace is reported as 0) together with the one operation in flight,
+ * The handlers in ops.c recognize these requests by the requester's id
+ * (the FUSE request carries it: the helper's pid, below; a process in
+ * another pid namespace is reported as 0) with the one operation in flight,
  * which names the parent and the name (notify_op_match). For that name
  * only, the notifier's lookups answer as if the change had not happened
  * yet (ENOENT before a create, the old entry before a removal), and the
@@ -33,6 +33,12 @@
  * a slow notifier coalesces instead of falling behind; the order of one
  * job's events is kept. A full ring drops the event and counts it (the
  * engine is never made to wait).
+ *
+ * The kernel must not hold a name the notifier is yet to create (its
+ * create would find it and make no event). Rather than invalidating such
+ * names, which would make the daemon wait on the directory's lock, ops.c
+ * does not let them be cached: a job's until notify_announced() says its
+ * creation has been made, an output's never.
  *
  * The syscalls themselves are made by a helper process (forked at start,
  * holding no descriptor of the FUSE connection), not by a thread of the
@@ -455,7 +461,7 @@ bool notify_is_self(struct fsctx *fs, fuse_req_t req)
 	return n && fuse_req_ctx(req)->pid != 0 && fuse_req_ctx(req)->pid == atomic_load(&n->tid);
 }
 
-/* ---- the notifier thread ---- */
+/* ---- what the notifier thread does for each event ---- */
 
 static void set_op(struct notifier *n, enum notify_op_kind kind, uint64_t parent,
 		   const char *name, uint64_t ino, uint32_t uid, uint32_t gid)
