@@ -25,6 +25,7 @@
  * requests on one open file at once).
  */
 #include <errno.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -429,6 +430,8 @@ static int parse_object(const uint8_t *text, size_t len, uint64_t colons, json_o
 	return 0;
 }
 
+#define TRIM_BATCH 64
+
 /* Parse and submit the pending objects; returns the first failure. */
 static int submit(struct new_file *nf, struct pending *pend, size_t np)
 {
@@ -480,6 +483,11 @@ out:
 	for (size_t i = 0; i < np; i++)
 		json_object_put(subs[i].obj);
 	free(subs);
+	/* A large batch leaves this thread's malloc arena as large as its
+	 * parse trees were; give the free part back rather than keep every
+	 * handler thread's peak. */
+	if (np >= TRIM_BATCH)
+		malloc_trim(0);
 	return rc;
 }
 
