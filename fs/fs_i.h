@@ -184,8 +184,6 @@ bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const ch
 		     struct notify_op *op);
 /* Whether the creation of the job with this seq has been announced. */
 bool notify_announced(struct fsctx *fs, uint64_t seq);
-/* Whether req comes from the notifier at all. */
-bool notify_is_self(struct fsctx *fs, fuse_req_t req);
 void notify_get_stats(struct notifier *n, struct notify_stats *s);
 
 extern const struct fuse_lowlevel_ops fs_ops;

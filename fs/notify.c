@@ -115,7 +115,7 @@ struct notifier {
 	char mnt[PATH_MAX / 2]; /* leaves room for <route>/<name>/<file> */
 	pthread_t thread;
 	bool started;
-	atomic_int tid;
+	atomic_int tid; /* the helper's pid: what its requests carry */
 
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
@@ -452,13 +452,6 @@ bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const ch
 bool notify_announced(struct fsctx *fs, uint64_t seq)
 {
 	return fs->notifier && seq < atomic_load(&fs->notifier->announced_pub);
-}
-
-bool notify_is_self(struct fsctx *fs, fuse_req_t req)
-{
-	struct notifier *n = fs->notifier;
-
-	return n && fuse_req_ctx(req)->pid != 0 && fuse_req_ctx(req)->pid == atomic_load(&n->tid);
 }
 
 /* ---- what the notifier thread does for each event ---- */
