@@ -19,7 +19,6 @@ import json
 import os
 import select
 import struct
-import threading
 import pathlib
 import statistics
 import subprocess
@@ -204,7 +203,7 @@ def bench_d(base):
 
 class Inotify:
     """inotify(7) through libc, events timestamped as they are read."""
-    CREATE, MODIFY, CLOSE_WRITE, ISDIR = 0x100, 0x2, 0x8, 0x40000000
+    CREATE, MODIFY = 0x100, 0x2
 
     def __init__(self):
         self.libc = ctypes.CDLL(None, use_errno=True)

@@ -677,13 +677,6 @@ static void run_job(struct worker *w, struct job *job)
 	run_log(&r, "started attempt %u on %s (%s backend)", job->attempts,
 		w->gpu >= 0 ? "gpu" : w->group == GROUP_REMOTE ? "remote" : "cpu",
 		route_backend_name(r.route->backend));
-	if (job->flags & JOB_F_HAS_OUTPUT) {
-		/* Queued with its output committed (a store recovered by an
-		 * older version): done, not to be rendered twice. */
-		run_log(&r, "output already committed");
-		finish(e, &r, JOB_COMPLETE, NULL, NULL);
-		return;
-	}
 	if (serve_cached(&r)) {
 		finish(e, &r, JOB_COMPLETE, NULL, NULL);
 		return;

@@ -24,9 +24,7 @@
 
 #define PATH_MAX_LEN 256
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...)
+int schema_fail(char *err, size_t errlen, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -111,15 +109,15 @@ static int range_fail(const char *path, json_object *schema, char *err, size_t e
 	if (json_object_object_get_ex(schema, "multipleOf", &mul))
 		snprintf(extra, sizeof(extra), ", a multiple of %s", json_object_get_string(mul));
 	if (has_min && has_max)
-		return fail(err, errlen, "'%s' must be %s %s from %s to %s%s", path, article, type,
+		return schema_fail(err, errlen, "'%s' must be %s %s from %s to %s%s", path, article, type,
 			    json_object_get_string(mn), json_object_get_string(mx), extra);
 	if (has_min)
-		return fail(err, errlen, "'%s' must be %s %s of at least %s%s", path, article, type,
+		return schema_fail(err, errlen, "'%s' must be %s %s of at least %s%s", path, article, type,
 			    json_object_get_string(mn), extra);
 	if (has_max)
-		return fail(err, errlen, "'%s' must be %s %s of at most %s%s", path, article, type,
+		return schema_fail(err, errlen, "'%s' must be %s %s of at most %s%s", path, article, type,
 			    json_object_get_string(mx), extra);
-	return fail(err, errlen, "'%s' must be %s %s%s", path, article, type, extra);
+	return schema_fail(err, errlen, "'%s' must be %s %s%s", path, article, type, extra);
 }
 
 static int walk(json_object *schema, json_object *v, const char *path, int depth,
@@ -146,7 +144,7 @@ static int walk_object(json_object *schema, json_object *v, const char *path, in
 		for (size_t i = 0; i < json_object_array_length(req); i++) {
 			const char *name = json_object_get_string(json_object_array_get_idx(req, i));
 			if (!json_object_object_get_ex(v, name, NULL))
-				return fail(err, errlen, "'%s%s%s' is required", path,
+				return schema_fail(err, errlen, "'%s%s%s' is required", path,
 					    path[0] ? "." : "", name);
 		}
 	}
@@ -187,7 +185,7 @@ static int walk_object(json_object *schema, json_object *v, const char *path, in
 			} else if (strcmp(k, "seed") == 0 && ps) {
 				uint32_t seed;
 				if (getrandom(&seed, sizeof(seed), 0) != sizeof(seed)) {
-					rc = fail(err, errlen, "no randomness for a seed");
+					rc = schema_fail(err, errlen, "no randomness for a seed");
 					break;
 				}
 				nv = json_object_new_int64(seed);
@@ -197,7 +195,7 @@ static int walk_object(json_object *schema, json_object *v, const char *path, in
 		} else if (!ps) {
 			if (addl && json_object_is_type(addl, json_type_boolean) &&
 			    !json_object_get_boolean(addl)) {
-				rc = fail(err, errlen, "unknown field '%s'", sub);
+				rc = schema_fail(err, errlen, "unknown field '%s'", sub);
 				break;
 			}
 			if (addl && json_object_is_type(addl, json_type_object))
@@ -236,35 +234,35 @@ static int walk(json_object *schema, json_object *v, const char *path, int depth
 	double num;
 
 	if (depth > 64)
-		return fail(err, errlen, "'%s' is nested too deeply", path);
+		return schema_fail(err, errlen, "'%s' is nested too deeply", path);
 	if (schema && json_object_object_get_ex(schema, "type", &t))
 		type = json_object_get_string(t);
 	if (type && !type_matches(type, v)) {
 		if (strcmp(type, "integer") == 0 || strcmp(type, "number") == 0)
 			return range_fail(path, schema, err, errlen);
-		return fail(err, errlen, "'%s' must be %s %s, not %s", path,
+		return schema_fail(err, errlen, "'%s' must be %s %s, not %s", path,
 			    strchr("aeiou", type[0]) ? "an" : "a", type, type_of(v));
 	}
 	if (json_object_is_type(v, json_type_string)) {
 		const char *s = json_object_get_string(v);
 		size_t n = (size_t)json_object_get_string_len(v);
 		if (memchr(s, '\0', n))
-			return fail(err, errlen, "'%s' must not contain NUL characters", path);
+			return schema_fail(err, errlen, "'%s' must not contain NUL characters", path);
 		if (schema && json_object_object_get_ex(schema, "maxLength", &x) &&
 		    utf8_length(s, n) > (size_t)json_object_get_int64(x))
-			return fail(err, errlen, "'%s' must be at most %s characters long", path,
+			return schema_fail(err, errlen, "'%s' must be at most %s characters long", path,
 				    json_object_get_string(x));
 	}
 	if (get_number(v, &num) == 0) {
 		if (!isfinite(num))
-			return fail(err, errlen, "'%s' is out of range", path);
+			return schema_fail(err, errlen, "'%s' is out of range", path);
 		/* Integers beyond int64 come back from json-c saturated: refuse
 		 * them rather than clamp what the client asked for. */
 		if (json_object_is_type(v, json_type_int)) {
 			errno = 0;
 			int64_t i = json_object_get_int64(v);
 			if (errno || i == INT64_MAX || i == INT64_MIN)
-				return fail(err, errlen, "'%s' is out of range", path);
+				return schema_fail(err, errlen, "'%s' is out of range", path);
 		}
 		if (schema) {
 			double lim;
@@ -296,7 +294,7 @@ static int walk(json_object *schema, json_object *v, const char *path, int depth
 				used = sizeof(list) - 1;
 		}
 		if (!found)
-			return fail(err, errlen, "'%s' must be one of %s", path, list);
+			return schema_fail(err, errlen, "'%s' must be one of %s", path, list);
 	}
 	if (json_object_is_type(v, json_type_object))
 		return walk_object(schema ? schema : NULL, v, path, depth, out, err, errlen);
@@ -307,7 +305,7 @@ static int walk(json_object *schema, json_object *v, const char *path, int depth
 
 		if (schema && json_object_object_get_ex(schema, "maxItems", &x) &&
 		    n > (size_t)json_object_get_int64(x))
-			return fail(err, errlen, "'%s' must have at most %s items", path,
+			return schema_fail(err, errlen, "'%s' must have at most %s items", path,
 				    json_object_get_string(x));
 		if (schema)
 			json_object_object_get_ex(schema, "items", &items);
@@ -345,7 +343,7 @@ int schema_normalize(json_object *schema, json_object *req, json_object **out, c
 {
 	*out = NULL;
 	if (!json_object_is_type(req, json_type_object))
-		return fail(err, errlen, "a request must be a JSON object");
+		return schema_fail(err, errlen, "a request must be a JSON object");
 	return walk(schema, req, "", 0, out, err, errlen);
 }
 
@@ -362,27 +360,27 @@ static int check(json_object *s, const char *path, int depth, char *err, size_t 
 	char sub[PATH_MAX_LEN];
 
 	if (depth > 16)
-		return fail(err, errlen, "schema nested too deeply at '%s'", path);
+		return schema_fail(err, errlen, "schema nested too deeply at '%s'", path);
 	if (!json_object_is_type(s, json_type_object))
-		return fail(err, errlen, "schema at '%s' must be an object", path);
+		return schema_fail(err, errlen, "schema at '%s' must be an object", path);
 	json_object_object_foreach(s, k, v)
 	{
 		bool ok = false;
 		for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
 			ok |= strcmp(k, known[i]) == 0;
 		if (!ok)
-			return fail(err, errlen, "unsupported schema keyword '%s' at '%s'", k, path);
+			return schema_fail(err, errlen, "unsupported schema keyword '%s' at '%s'", k, path);
 		if (strcmp(k, "type") == 0) {
 			bool t = false;
 			for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
 				t |= json_object_is_type(v, json_type_string) &&
 				     strcmp(json_object_get_string(v), types[i]) == 0;
 			if (!t)
-				return fail(err, errlen, "'type' at '%s' must name one JSON type",
+				return schema_fail(err, errlen, "'type' at '%s' must name one JSON type",
 					    path);
 		} else if (strcmp(k, "properties") == 0) {
 			if (!json_object_is_type(v, json_type_object))
-				return fail(err, errlen, "'properties' at '%s' must be an object",
+				return schema_fail(err, errlen, "'properties' at '%s' must be an object",
 					    path);
 			json_object_object_foreach(v, pk, pv)
 			{
@@ -393,21 +391,21 @@ static int check(json_object *s, const char *path, int depth, char *err, size_t 
 			}
 		} else if (strcmp(k, "required") == 0 || strcmp(k, "enum") == 0) {
 			if (!json_object_is_type(v, json_type_array))
-				return fail(err, errlen, "'%s' at '%s' must be an array", k, path);
+				return schema_fail(err, errlen, "'%s' at '%s' must be an array", k, path);
 			for (size_t i = 0; strcmp(k, "required") == 0 &&
 					   i < json_object_array_length(v); i++)
 				if (!json_object_is_type(json_object_array_get_idx(v, i),
 							 json_type_string))
-					return fail(err, errlen,
+					return schema_fail(err, errlen,
 						    "'required' at '%s' must list strings", path);
 		} else if (strcmp(k, "minimum") == 0 || strcmp(k, "maximum") == 0) {
 			double d;
 			if (get_number(v, &d) != 0)
-				return fail(err, errlen, "'%s' at '%s' must be a number", k, path);
+				return schema_fail(err, errlen, "'%s' at '%s' must be a number", k, path);
 		} else if (strcmp(k, "multipleOf") == 0 || strcmp(k, "maxLength") == 0 ||
 			   strcmp(k, "maxItems") == 0) {
 			if (!json_object_is_type(v, json_type_int) || json_object_get_int64(v) < 0)
-				return fail(err, errlen,
+				return schema_fail(err, errlen,
 					    "'%s' at '%s' must be a non-negative integer", k, path);
 		} else if (strcmp(k, "items") == 0 ||
 			   (strcmp(k, "additionalProperties") == 0 &&

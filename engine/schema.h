@@ -35,4 +35,8 @@ int schema_normalize(json_object *schema, json_object *req, json_object **out, c
 /* Whether a field name is a secret's (see schema_normalize). */
 int schema_is_secret(const char *name);
 
+/* Format a refusal into err and return -EINVAL (for request checkers). */
+int schema_fail(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
 #endif

@@ -15,25 +15,13 @@
 #include <errno.h>
 #include <json-c/json.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 
 #include "kernels.h"
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-	return -EINVAL;
-}
+#include "schema.h"
 
 void synth_request_release(struct synth_request *r)
 {
@@ -46,12 +34,12 @@ static int get_int(json_object *v, const char *name, int64_t lo, int64_t hi, int
 		   char *err, size_t errlen)
 {
 	if (!json_object_is_type(v, json_type_int))
-		return fail(err, errlen, "'%s' must be an integer from %lld to %lld", name,
+		return schema_fail(err, errlen, "'%s' must be an integer from %lld to %lld", name,
 			    (long long)lo, (long long)hi);
 	errno = 0;
 	int64_t x = json_object_get_int64(v);
 	if (errno || x < lo || x > hi)
-		return fail(err, errlen, "'%s' must be an integer from %lld to %lld", name,
+		return schema_fail(err, errlen, "'%s' must be an integer from %lld to %lld", name,
 			    (long long)lo, (long long)hi);
 	*out = x;
 	return 0;
@@ -68,7 +56,7 @@ int synth_parse(const char *route, const char *json, size_t len, struct synth_re
 	if (strcmp(route, SYNTH_ROUTE_VIDEO) == 0)
 		r->video = true;
 	else if (strcmp(route, SYNTH_ROUTE_IMAGE) != 0)
-		return fail(err, errlen, "'%s' is not a synth route (%s, %s)", route,
+		return schema_fail(err, errlen, "'%s' is not a synth route (%s, %s)", route,
 			    SYNTH_ROUTE_IMAGE, SYNTH_ROUTE_VIDEO);
 	r->width = r->video ? 640 : 512;
 	r->height = r->video ? 360 : 512;
@@ -81,17 +69,17 @@ int synth_parse(const char *route, const char *json, size_t len, struct synth_re
 		return -ENOMEM;
 	root = json_tokener_parse_ex(tok, json, (int)len);
 	if (!root || json_tokener_get_error(tok) != json_tokener_success) {
-		rc = fail(err, errlen, "not valid JSON: %s",
+		rc = schema_fail(err, errlen, "not valid JSON: %s",
 			  json_tokener_error_desc(json_tokener_get_error(tok)));
 		goto out;
 	}
 	if (tok->char_offset < (int)len && strspn(json + tok->char_offset, " \t\r\n") !=
 						   len - (size_t)tok->char_offset) {
-		rc = fail(err, errlen, "text after the JSON object");
+		rc = schema_fail(err, errlen, "text after the JSON object");
 		goto out;
 	}
 	if (!json_object_is_type(root, json_type_object)) {
-		rc = fail(err, errlen, "a request must be a JSON object");
+		rc = schema_fail(err, errlen, "a request must be a JSON object");
 		goto out;
 	}
 	json_object_object_foreach(root, key, val)
@@ -100,12 +88,12 @@ int synth_parse(const char *route, const char *json, size_t len, struct synth_re
 
 		if (strcmp(key, "prompt") == 0 || strcmp(key, "negative_prompt") == 0) {
 			if (!json_object_is_type(val, json_type_string)) {
-				rc = fail(err, errlen, "'%s' must be a string", key);
+				rc = schema_fail(err, errlen, "'%s' must be a string", key);
 				goto out;
 			}
 			int n = json_object_get_string_len(val);
 			if (n > SYNTH_PROMPT_MAX) {
-				rc = fail(err, errlen, "'%s' must be at most %d bytes", key,
+				rc = schema_fail(err, errlen, "'%s' must be at most %d bytes", key,
 					  SYNTH_PROMPT_MAX);
 				goto out;
 			}
@@ -120,7 +108,7 @@ int synth_parse(const char *route, const char *json, size_t len, struct synth_re
 			if ((rc = get_int(val, key, 64, max, &x, err, errlen)) != 0)
 				goto out;
 			if (x % 8) {
-				rc = fail(err, errlen, "'%s' must be a multiple of 8 from 64 to %lld",
+				rc = schema_fail(err, errlen, "'%s' must be a multiple of 8 from 64 to %lld",
 					  key, (long long)max);
 				goto out;
 			}
@@ -144,21 +132,21 @@ int synth_parse(const char *route, const char *json, size_t len, struct synth_re
 			if (!json_object_is_type(val, json_type_string) ||
 			    enc_format_parse(json_object_get_string(val), &f) != 0 ||
 			    (f == ENC_PNG) == r->video) {
-				rc = fail(err, errlen, "'format' must be %s", allowed);
+				rc = schema_fail(err, errlen, "'format' must be %s", allowed);
 				goto out;
 			}
 			r->format = f;
 		} else {
-			rc = fail(err, errlen, "unknown field '%s' for %s", key, route);
+			rc = schema_fail(err, errlen, "unknown field '%s' for %s", key, route);
 			goto out;
 		}
 	}
 	if (!r->prompt) {
-		rc = fail(err, errlen, "'prompt' is required");
+		rc = schema_fail(err, errlen, "'prompt' is required");
 		goto out;
 	}
 	if (!r->seed_given && getrandom(&r->seed, sizeof(r->seed), 0) != sizeof(r->seed))
-		rc = fail(err, errlen, "no randomness for a seed");
+		rc = schema_fail(err, errlen, "no randomness for a seed");
 out:
 	if (root)
 		json_object_put(root);

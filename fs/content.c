@@ -130,10 +130,25 @@ static int position_of(struct fsctx *fs, const struct job *j, uint64_t *pos)
 	return index_queue_position(fs->ix, j->id, pos);
 }
 
+/* The "output" object of status.json and manifest.json. */
+static json_object *output_json(const struct job *j)
+{
+	json_object *output = json_object_new_object();
+	char name[96], hex[65];
+
+	hex32(j->output_hash, hex);
+	json_object_object_add(output, "blake3", json_object_new_string(hex));
+	json_object_object_add(output, "media_type", json_object_new_string(j->media_type));
+	json_object_object_add(output, "name",
+			       json_object_new_string(jf_name(j, JF_OUTPUT, name, sizeof(name))));
+	json_object_object_add(output, "size", json_object_new_int64((int64_t)j->output_size));
+	return output;
+}
+
 static int render_status_json(struct fsctx *fs, const struct job *j, char **out, size_t *len)
 {
 	json_object *o = json_object_new_object(), *err = NULL, *output = NULL;
-	char id[JOB_ID_STR_LEN + 1], prog[16], name[96], hex[65];
+	char id[JOB_ID_STR_LEN + 1], prog[16];
 	uint64_t pos;
 
 	if (!o)
@@ -145,15 +160,8 @@ static int render_status_json(struct fsctx *fs, const struct job *j, char **out,
 		json_object_object_add(err, "code", json_object_new_string(j->error_code));
 		json_object_object_add(err, "message", json_object_new_string(j->error_message));
 	}
-	if (j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED)) {
-		output = json_object_new_object();
-		hex32(j->output_hash, hex);
-		json_object_object_add(output, "blake3", json_object_new_string(hex));
-		json_object_object_add(output, "media_type", json_object_new_string(j->media_type));
-		json_object_object_add(output, "name",
-				       json_object_new_string(jf_name(j, JF_OUTPUT, name, sizeof(name))));
-		json_object_object_add(output, "size", json_object_new_int64((int64_t)j->output_size));
-	}
+	if (j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED))
+		output = output_json(j);
 	json_object_object_add(o, "attempts", json_object_new_int64(j->attempts));
 	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
 	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
@@ -179,7 +187,7 @@ static int render_status_json(struct fsctx *fs, const struct job *j, char **out,
 static int render_manifest(struct fsctx *fs, const struct job *j, char **out, size_t *len)
 {
 	json_object *o = json_object_new_object(), *output, *req = NULL, *seed = NULL;
-	char id[JOB_ID_STR_LEN + 1], hex[65], name[96], keyid[SIGN_KEYID_LEN + 1];
+	char id[JOB_ID_STR_LEN + 1], hex[65], keyid[SIGN_KEYID_LEN + 1];
 	uint8_t rh[32];
 	struct sign_pubkey pk;
 	const struct route *r = route_find(engine_routes(fs->eng), j->route);
@@ -209,13 +217,7 @@ static int render_manifest(struct fsctx *fs, const struct job *j, char **out, si
 	ulid_format(j->id, id);
 	store_pubkey(fs->st, &pk);
 	sign_keyid(pk.keynum, keyid);
-	output = json_object_new_object();
-	hex32(j->output_hash, hex);
-	json_object_object_add(output, "blake3", json_object_new_string(hex));
-	json_object_object_add(output, "media_type", json_object_new_string(j->media_type));
-	json_object_object_add(output, "name",
-			       json_object_new_string(jf_name(j, JF_OUTPUT, name, sizeof(name))));
-	json_object_object_add(output, "size", json_object_new_int64((int64_t)j->output_size));
+	output = output_json(j);
 	json_object_object_add(o, "backend",
 			       json_object_new_string(r ? route_backend_name(r->backend) : "unknown"));
 	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));

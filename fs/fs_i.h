@@ -178,8 +178,7 @@ void notify_free(struct notifier *n);
 void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
 		 enum engine_event ev, const struct job *gone);
 /* Whether req comes from the notifier (its helper process) and is its
- * operation in flight on (parent, name); *op gets a copy. With req NULL:
- * whether that operation is in flight, whoever asks. */
+ * operation in flight on (parent, name); *op gets a copy. */
 bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const char *name,
 		     struct notify_op *op);
 /* Whether the creation of the job with this seq has been announced. */

@@ -307,7 +307,6 @@ static int helper_run(struct notifier *n, enum helper_op op, const char *path,
 static int helper_start(struct notifier *n)
 {
 	int to[2], from[2];
-	struct helper_hello hello;
 	pid_t pid;
 
 	if (pipe2(to, O_CLOEXEC) != 0)
@@ -331,8 +330,7 @@ static int helper_start(struct notifier *n)
 	n->cmd_fd = to[1];
 	n->res_fd = from[0];
 	/* Its hello can wait for the session loop (open_tree may ask the
-	 * filesystem), so it is read by the notifier thread. */
-	(void)hello;
+	 * filesystem), so the notifier thread reads it (helper_hello). */
 	return 0;
 }
 
@@ -437,8 +435,7 @@ bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const ch
 	struct notifier *n = fs->notifier;
 	bool match;
 
-	if (!n || (req && (fuse_req_ctx(req)->pid != atomic_load(&n->tid) ||
-			   fuse_req_ctx(req)->pid == 0)))
+	if (!n || fuse_req_ctx(req)->pid != atomic_load(&n->tid) || fuse_req_ctx(req)->pid == 0)
 		return false;
 	pthread_mutex_lock(&n->op_mu);
 	match = n->op.kind != NOP_NONE && n->op.parent == parent &&

@@ -340,8 +340,7 @@ static double attr_timeout(struct fsctx *fs, uint64_t ino)
 	}
 }
 
-/* cache: whether the kernel may keep the name (entry_timeout()). */
-static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino, bool cache)
+static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino)
 {
 	struct fuse_entry_param e;
 	int rc;
@@ -355,7 +354,7 @@ static void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino, bool cac
 	e.ino = ino;
 	e.generation = fs->generation;
 	e.attr_timeout = attr_timeout(fs, ino);
-	e.entry_timeout = cache ? entry_timeout(fs, ino) : 0.0;
+	e.entry_timeout = entry_timeout(fs, ino);
 	fuse_reply_entry(req, &e);
 }
 
@@ -566,7 +565,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 	if (rc)
 		reply_err(req, rc);
 	else
-		reply_entry(req, fs, ino, !notify_op_match(fs, NULL, parent, name, NULL));
+		reply_entry(req, fs, ino);
 }
 
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -644,7 +643,6 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 struct dirbuf {
 	fuse_req_t req;
 	struct fsctx *fs;
-	uint64_t dir;
 	char *p;
 	size_t size, used;
 	bool plus;
@@ -665,11 +663,8 @@ static bool dir_add(struct dirbuf *b, const char *name, uint64_t ino, mode_t typ
 		    fill_attr(b->fs, b->req, ino, &e.attr) == 0) {
 			e.ino = ino;
 			e.generation = b->fs->generation;
-			/* as a lookup would (op_lookup) */
-			if (!notify_op_match(b->fs, NULL, b->dir, name, NULL)) {
-				e.entry_timeout = entry_timeout(b->fs, ino);
-				e.attr_timeout = attr_timeout(b->fs, ino);
-			}
+			e.entry_timeout = entry_timeout(b->fs, ino);
+			e.attr_timeout = attr_timeout(b->fs, ino);
 		} else {
 			e.attr.st_ino = ino;
 			e.attr.st_mode = type;
@@ -840,7 +835,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 {
 	struct fsctx *fs = ctx(req);
 	struct dirh *d = (struct dirh *)(uintptr_t)fi->fh;
-	struct dirbuf b = {req, fs, ino, NULL, size, 0, plus, false};
+	struct dirbuf b = {req, fs, NULL, size, 0, plus, false};
 	const struct rnode *self = NULL;
 	const char *names[64];
 	char outname[2][96]; /* output.<ext>, output.<ext>.minisig */
@@ -1412,7 +1407,7 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 	struct notify_op op;
 
 	if (notify_op_match(fs, req, parent, name, &op) && op.kind == NOP_MKDIR)
-		reply_entry(req, fs, op.ino, true);
+		reply_entry(req, fs, op.ino);
 	else
 		op_eperm_entry(req, parent, name, mode);
 }
@@ -1467,7 +1462,7 @@ static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, cons
 
 	(void)link;
 	if (notify_op_match(fs, req, parent, name, &op) && op.kind == NOP_SYMLINK)
-		reply_entry(req, fs, op.ino, true);
+		reply_entry(req, fs, op.ino);
 	else
 		op_eperm_entry(req, parent, name, 0);
 }
