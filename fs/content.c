@@ -434,39 +434,55 @@ static int render_readme(struct fsctx *fs, char **out, size_t *len)
 	return 0;
 }
 
-/* The engine's metrics, then the notifier's (Prometheus text format). */
+/* The engine's metrics, then the notifier's and passthrough's, when on
+ * (Prometheus text format). */
 static int stats_render(struct fsctx *fs, char **out, size_t *len)
 {
 	struct notify_stats ns;
-	char tail[1024], *p;
-	int rc = engine_stats_text(fs->eng, out, len), n;
+	struct pt_stats ps;
+	char tail[2048], *p;
+	int rc = engine_stats_text(fs->eng, out, len), n = 0;
 
-	if (rc || !fs->notifier)
+	if (rc)
 		return rc;
-	notify_get_stats(fs->notifier, &ns);
-	n = snprintf(tail, sizeof(tail),
-		     "# HELP renderfs_notify_events_total Changes posted for inotify, by fate.\n"
-		     "# TYPE renderfs_notify_events_total counter\n"
-		     "renderfs_notify_events_total{fate=\"posted\"} %llu\n"
-		     "renderfs_notify_events_total{fate=\"coalesced\"} %llu\n"
-		     "renderfs_notify_events_total{fate=\"dropped\"} %llu\n"
-		     "# HELP renderfs_notify_ops_total Operations made through the mount.\n"
-		     "# TYPE renderfs_notify_ops_total counter\n"
-		     "renderfs_notify_ops_total{result=\"ok\"} %llu\n"
-		     "renderfs_notify_ops_total{result=\"failed\"} %llu\n"
-		     "# HELP renderfs_notify_queued Events waiting for the notifier.\n"
-		     "# TYPE renderfs_notify_queued gauge\n"
-		     "renderfs_notify_queued %llu\n"
-		     "# HELP renderfs_notify_seconds From posting to the event made.\n"
-		     "# TYPE renderfs_notify_seconds summary\n"
-		     "renderfs_notify_seconds_sum %.6f\n"
-		     "renderfs_notify_seconds_count %llu\n"
-		     "renderfs_notify_seconds_max %.6f\n",
-		     (unsigned long long)ns.posted, (unsigned long long)ns.coalesced,
-		     (unsigned long long)ns.dropped, (unsigned long long)ns.made,
-		     (unsigned long long)ns.failed, (unsigned long long)ns.queued,
-		     (double)ns.latency_ns_sum / 1e9, (unsigned long long)ns.latency_count,
-		     (double)ns.latency_ns_max / 1e9);
+	if (fs->notifier) {
+		notify_get_stats(fs->notifier, &ns);
+		n = snprintf(tail, sizeof(tail),
+			     "# HELP renderfs_notify_events_total Changes posted for inotify, by fate.\n"
+			     "# TYPE renderfs_notify_events_total counter\n"
+			     "renderfs_notify_events_total{fate=\"posted\"} %llu\n"
+			     "renderfs_notify_events_total{fate=\"coalesced\"} %llu\n"
+			     "renderfs_notify_events_total{fate=\"dropped\"} %llu\n"
+			     "# HELP renderfs_notify_ops_total Operations made through the mount.\n"
+			     "# TYPE renderfs_notify_ops_total counter\n"
+			     "renderfs_notify_ops_total{result=\"ok\"} %llu\n"
+			     "renderfs_notify_ops_total{result=\"failed\"} %llu\n"
+			     "# HELP renderfs_notify_queued Events waiting for the notifier.\n"
+			     "# TYPE renderfs_notify_queued gauge\n"
+			     "renderfs_notify_queued %llu\n"
+			     "# HELP renderfs_notify_seconds From posting to the event made.\n"
+			     "# TYPE renderfs_notify_seconds summary\n"
+			     "renderfs_notify_seconds_sum %.6f\n"
+			     "renderfs_notify_seconds_count %llu\n"
+			     "renderfs_notify_seconds_max %.6f\n",
+			     (unsigned long long)ns.posted, (unsigned long long)ns.coalesced,
+			     (unsigned long long)ns.dropped, (unsigned long long)ns.made,
+			     (unsigned long long)ns.failed, (unsigned long long)ns.queued,
+			     (double)ns.latency_ns_sum / 1e9, (unsigned long long)ns.latency_count,
+			     (double)ns.latency_ns_max / 1e9);
+	}
+	if (fs->pt && n >= 0 && (size_t)n < sizeof(tail)) {
+		pt_get_stats(fs->pt, &ps);
+		int k = snprintf(tail + n, sizeof(tail) - (size_t)n,
+				 "# HELP renderfs_passthrough_opens_total Blob opens, by who reads.\n"
+				 "# TYPE renderfs_passthrough_opens_total counter\n"
+				 "renderfs_passthrough_opens_total{reader=\"kernel\"} %llu\n"
+				 "renderfs_passthrough_opens_total{reader=\"daemon\"} %llu\n",
+				 (unsigned long long)ps.kernel, (unsigned long long)ps.daemon);
+		n = k < 0 ? k : n + k;
+	}
+	if (n == 0)
+		return 0;
 	if (n < 0 || (size_t)n >= sizeof(tail) || !(p = realloc(*out, *len + (size_t)n + 1))) {
 		free(*out);
 		return -ENOMEM;

@@ -104,6 +104,7 @@ struct fsctx {
 	size_t nrnodes;
 	unsigned top_dirs;	/* directories at depth 1 */
 	struct notifier *notifier; /* NULL with `nonotify`; set before the loop runs */
+	struct passthrough *pt;	   /* NULL without `passthrough`; set before the loop runs */
 };
 
 /* ---- main.c ---- */
@@ -111,6 +112,23 @@ const struct rnode *fs_rnode_by_ino(const struct fsctx *fs, uint64_t ino);
 /* The task directory of a route path; NULL if the route is not mounted. */
 const struct rnode *fs_route_rnode(const struct fsctx *fs, const char *route);
 int fs_init_rnodes(struct fsctx *fs);
+
+/* ---- passthrough.c: blobs read by the kernel from their files ---- */
+struct passthrough;
+/* Run the session through passthrough's I/O callbacks; after mounting. */
+int pt_setup(struct fsctx *fs, struct fuse_session *se);
+void pt_free(struct passthrough *pt);
+/* A backing id for an open of FUSE inode ino whose blob file is fd (read
+ * only, verified), or -1: serve this open through the daemon. Each id or
+ * -1 is returned by pt_put(ino) once the open is over. pt may be NULL. */
+int32_t pt_get(struct passthrough *pt, uint64_t ino, int fd);
+void pt_put(struct passthrough *pt, uint64_t ino);
+struct pt_stats {
+	uint64_t kernel, daemon; /* blob opens read by the kernel, by the daemon */
+};
+void pt_get_stats(struct passthrough *pt, struct pt_stats *s);
+/* The open reply for a backing id (fuse_reply_open's, with passthrough). */
+int pt_reply_open(fuse_req_t req, const struct fuse_file_info *fi, int32_t id);
 
 /* ---- errmap.c: the only place errors become errno ---- */
 int fs_errno(int rc);

@@ -202,6 +202,10 @@ int main(int argc, char **argv)
 		goto out_session;
 	if (fuse_session_mount(se, cmd.mountpoint) != 0)
 		goto out_signals;
+	if (mo.passthrough && (rc = pt_setup(&fs, se)) != 0) {
+		fprintf(stderr, "renderfs: option 'passthrough': %s\n", strerror(-rc));
+		goto out_unmount;
+	}
 	if (fuse_daemonize(cmd.foreground) != 0)
 		goto out_unmount;
 	if (!mo.nonotify) {
@@ -253,6 +257,7 @@ out_signals:
 	fuse_remove_signal_handlers(se);
 out_session:
 	fuse_session_destroy(se);
+	pt_free(fs.pt);
 out_rnodes:
 	free(fs.rnodes);
 out_engine:

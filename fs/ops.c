@@ -71,6 +71,9 @@ struct fh {
 	uint8_t id[JOB_ID_LEN];
 	struct new_file *nf;
 	struct store_reader *reader;
+	struct passthrough *pt; /* set: pt_put(pt, pt_ino) at release */
+	uint64_t pt_ino;
+	int32_t pt_id; /* > 0: the kernel reads the blob file itself */
 };
 
 /*
@@ -973,6 +976,7 @@ static void fh_free(struct fh *h)
 	if (h->kind == FH_BLOB && h->fd >= 0)
 		close(h->fd);
 	store_reader_close(h->reader);
+	pt_put(h->pt, h->pt_ino);
 	new_file_release(h->nf);
 	free(h);
 }
@@ -1007,7 +1011,7 @@ static int reply_open_parallel(fuse_req_t req, struct fuse_file_info *fi)
  * a large blob again does not re-read it all. Either way the kernel keeps
  * the verified pages cached across opens.
  */
-static int open_blob(struct fsctx *fs, const uint8_t hash[32], struct fh *h,
+static int open_blob(struct fsctx *fs, uint64_t ino, const uint8_t hash[32], struct fh *h,
 		     struct fuse_file_info *fi)
 {
 	struct blob_info bi;
@@ -1027,6 +1031,13 @@ static int open_blob(struct fsctx *fs, const uint8_t hash[32], struct fh *h,
 	}
 	if (rc == STORE_E_CORRUPT)
 		fprintf(stderr, "renderfs: refusing to serve a blob: %s\n", store_lasterr());
+	if (rc == 0 && fs->pt) {
+		/* Verified just now (or, for a large blob, since the store opened
+		 * and the file last changed): the kernel may read it itself. */
+		h->pt = fs->pt;
+		h->pt_ino = ino;
+		h->pt_id = pt_get(fs->pt, ino, h->kind == FH_BLOB ? h->fd : store_reader_fd(h->reader));
+	}
 	return rc;
 }
 
@@ -1090,7 +1101,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			rc = cassig_render(fs, hash, bi.size, &h->buf, &h->len);
 			break;
 		}
-		rc = open_blob(fs, hash, h, fi);
+		rc = open_blob(fs, ino, hash, h, fi);
 		break;
 	}
 	case NK_JFILE: {
@@ -1110,7 +1121,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		} else if ((fi->flags & O_ACCMODE) == O_WRONLY) {
 			/* nothing to read (the notifier opens files so) */
 		} else if (f == JF_OUTPUT) {
-			rc = open_blob(fs, j.output_hash, h, fi);
+			rc = open_blob(fs, ino, j.output_hash, h, fi);
 		} else {
 			rc = jf_render(fs, &j, f, &h->buf, &h->len);
 		}
@@ -1132,7 +1143,9 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	fi->fh = (uintptr_t)h;
 	/* Only `new` reports anything at close (an incomplete request). */
 	fi->noflush = h->kind != FH_NEW;
-	if ((INO_KIND(ino) == NK_NEW ? reply_open_parallel(req, fi) : fuse_reply_open(req, fi)) != 0)
+	if ((INO_KIND(ino) == NK_NEW ? reply_open_parallel(req, fi)
+	     : h->pt_id > 0	     ? pt_reply_open(req, fi, h->pt_id)
+				     : fuse_reply_open(req, fi)) != 0)
 		fh_free(h); /* the open was interrupted */
 }
 

@@ -34,6 +34,7 @@ static const struct fuse_opt table[] = {
 	OPT("keyfile=%s", keyfile),
 	OPT("private", private_),
 	OPT("nonotify", nonotify),
+	OPT("passthrough", passthrough),
 	OPT("-h", show_help),
 	OPT("--help", show_help),
 	OPT("-V", show_version),
@@ -84,6 +85,10 @@ void mountopts_help(FILE *out, const char *prog)
 		"                         store's own keys/)\n"
 		"    nonotify             make no inotify events for changes made by the\n"
 		"                         daemon (default: make them, SPEC 4)\n"
+		"    passthrough          the kernel reads outputs and cas/ blobs from the\n"
+		"                         blob files itself (Linux 6.9+, root): faster, but\n"
+		"                         blobs are verified at open, not at every read\n"
+		"                         (default: off)\n"
 		"\n"
 		"FUSE options: -f (foreground), -d (debug), -s (single thread),\n"
 		"    -o allow_other, -o max_threads=N, and the rest of mount.fuse3(8)\n",

@@ -16,7 +16,7 @@ struct mountopts {
 	 * mountopts_release()). */
 	char *store, *models, *workers, *gpus, *queue_max, *user_queue_max, *rate, *burst;
 	char *max_request, *max_attempts, *retain, *keyfile;
-	int private_, nonotify;
+	int private_, nonotify, passthrough;
 	int show_help, show_version;
 
 	/* Positional arguments: [SOURCE] MOUNTPOINT (mount.fuse passes a

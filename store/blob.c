@@ -248,8 +248,7 @@ int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
 		if (s->ngroups > 1) {
 			struct stat sb;
 			if (stat(path, &sb) == 0)
-				cv_cache_put(st, hash, (uint64_t)sb.st_ino, s->size, s->cvs,
-					     s->ngroups);
+				cv_cache_put(st, hash, &sb, s->size, s->cvs, s->ngroups);
 		}
 	}
 	/* On failure a renamed file stays unreferenced: store_gc() or the
@@ -321,7 +320,12 @@ int store_blob_open(struct store *st, const uint8_t hash[B3_OUT_LEN], int *fd_ou
  * inode and size, so a blob file replaced behind the store is a miss.
  * Protected by st->cv_mu: cv_cache[], cv_clock.
  */
-void cv_cache_put(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t ino,
+static int64_t ctime_ns(const struct stat *sb)
+{
+	return (int64_t)sb->st_ctim.tv_sec * 1000000000 + sb->st_ctim.tv_nsec;
+}
+
+void cv_cache_put(struct store *st, const uint8_t hash[B3_OUT_LEN], const struct stat *sb,
 		  uint64_t size, const uint8_t (*cvs)[B3_OUT_LEN], size_t n)
 {
 	uint8_t(*copy)[B3_OUT_LEN] = malloc(n * B3_OUT_LEN);
@@ -343,7 +347,8 @@ void cv_cache_put(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t ino
 	}
 	free(victim->cvs);
 	memcpy(victim->hash, hash, B3_OUT_LEN);
-	victim->ino = ino;
+	victim->ino = (uint64_t)sb->st_ino;
+	victim->ctime_ns = ctime_ns(sb);
 	victim->size = size;
 	victim->cvs = copy;
 	victim->n = n;
@@ -352,16 +357,16 @@ void cv_cache_put(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t ino
 }
 
 /* A copy of the cached values, or NULL. */
-static uint8_t (*cv_cache_get(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t ino,
-			      uint64_t size, size_t n))[B3_OUT_LEN]
+static uint8_t (*cv_cache_get(struct store *st, const uint8_t hash[B3_OUT_LEN],
+			      const struct stat *sb, uint64_t size, size_t n))[B3_OUT_LEN]
 {
 	uint8_t(*copy)[B3_OUT_LEN] = NULL;
 
 	pthread_mutex_lock(&st->cv_mu);
 	for (int i = 0; i < CV_CACHE; i++) {
 		struct cv_entry *e = &st->cv_cache[i];
-		if (e->cvs && memcmp(e->hash, hash, B3_OUT_LEN) == 0 && e->ino == ino &&
-		    e->size == size && e->n == n) {
+		if (e->cvs && memcmp(e->hash, hash, B3_OUT_LEN) == 0 && e->ino == (uint64_t)sb->st_ino &&
+		    e->ctime_ns == ctime_ns(sb) && e->size == size && e->n == n) {
 			if ((copy = malloc(n * B3_OUT_LEN)) != NULL)
 				memcpy(copy, e->cvs, n * B3_OUT_LEN);
 			e->used = ++st->cv_clock;
@@ -420,7 +425,7 @@ static int corrupt(struct store_reader *r, const char *what)
 
 /* One pass over the whole file: the groups' values, checked against the
  * hash, into r->cvs (and the cache). */
-static int reader_full_pass(struct store_reader *r, uint64_t ino)
+static int reader_full_pass(struct store_reader *r, const struct stat *sb)
 {
 	uint8_t root[B3_OUT_LEN];
 	int rc;
@@ -437,7 +442,7 @@ static int reader_full_pass(struct store_reader *r, uint64_t ino)
 	b3_root_from_groups(r->cvs, r->n, root);
 	if (memcmp(root, r->hash, B3_OUT_LEN) != 0)
 		return corrupt(r, "full check");
-	cv_cache_put(r->st, r->hash, ino, r->size, r->cvs, r->n);
+	cv_cache_put(r->st, r->hash, sb, r->size, r->cvs, r->n);
 	return 0;
 }
 
@@ -474,8 +479,8 @@ int store_reader_open(struct store *st, const uint8_t hash[B3_OUT_LEN], struct s
 		goto fail;
 	}
 	posix_fadvise(r->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-	if (r->n > 1 && !(r->cvs = cv_cache_get(st, hash, (uint64_t)sb.st_ino, r->size, r->n)) &&
-	    (rc = reader_full_pass(r, (uint64_t)sb.st_ino)) != 0)
+	if (r->n > 1 && !(r->cvs = cv_cache_get(st, hash, &sb, r->size, r->n)) &&
+	    (rc = reader_full_pass(r, &sb)) != 0)
 		goto fail;
 	*out = r;
 	if (size_out)
@@ -484,6 +489,11 @@ int store_reader_open(struct store *st, const uint8_t hash[B3_OUT_LEN], struct s
 fail:
 	store_reader_close(r);
 	return rc;
+}
+
+int store_reader_fd(const struct store_reader *r)
+{
+	return r->fd;
 }
 
 /* With r->mu held: group g into r->buf, verified. */

@@ -115,7 +115,8 @@ int store_blob_open(struct store *st, const uint8_t hash[B3_OUT_LEN], int *fd_ou
  * each 1 MiB group it serves against the group values of the blob, which
  * were checked against its hash once (blake3.h, groups). The first open
  * of a large blob since the store opened makes that one full pass, unless
- * the blob was committed since. pread returns the bytes read (0 at the
+ * the blob was committed since; so does the first open after the file
+ * changed (another inode, or a new ctime). pread returns the bytes read (0 at the
  * end) or a negative code: STORE_E_CORRUPT for content that does not
  * match (logged, counted), never data. A reader may be used by several
  * threads (reads are serialized); close it with store_reader_close().
@@ -125,6 +126,8 @@ int store_reader_open(struct store *st, const uint8_t hash[B3_OUT_LEN], struct s
 		      uint64_t *size_out);
 ssize_t store_reader_pread(struct store_reader *r, void *buf, size_t len, uint64_t off);
 void store_reader_close(struct store_reader *r);
+/* The reader's blob file (read only), for a caller that hands it on. */
+int store_reader_fd(const struct store_reader *r);
 
 /* Delete a job (index_job_delete) and the blob file it was the last user of. */
 int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN]);

@@ -5,6 +5,7 @@
 #define RENDERFS_STORE_I_H
 
 #include <pthread.h>
+#include <sys/stat.h>
 #include <stdatomic.h>
 
 #include "store.h"
@@ -38,13 +39,14 @@ struct store {
 	struct cv_entry {
 		uint8_t hash[B3_OUT_LEN];
 		uint64_t ino, size, used;
+		int64_t ctime_ns; /* with ino: the file checked; a change makes a miss */
 		uint8_t (*cvs)[B3_OUT_LEN]; /* NULL: a free slot */
 		size_t n;
 	} cv_cache[CV_CACHE];
 	uint64_t cv_clock;
 };
 
-void cv_cache_put(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t ino,
+void cv_cache_put(struct store *st, const uint8_t hash[B3_OUT_LEN], const struct stat *sb,
 		  uint64_t size, const uint8_t (*cvs)[B3_OUT_LEN], size_t n);
 void cv_cache_release(struct store *st);
 

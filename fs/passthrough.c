@@ -1,0 +1,289 @@
+/*
+ * passthrough.c - outputs and cas/ blobs read by the kernel straight from
+ * their blob files (FUSE passthrough, Linux 6.9 and later), with the
+ * `passthrough` mount option.
+ *
+ * WHY
+ * Without it, reads of an output fill the FUSE inode's own page cache,
+ * which this kernel fills with 4 KiB pages: a warm read of a large output
+ * runs at about half the speed of reading the blob file, whose ext4 page
+ * cache uses large folios. With passthrough the kernel reads the blob file
+ * itself, cold or warm, and the daemon sees no READ at all.
+ *
+ * WHAT IT COSTS
+ * Reads no longer pass through the daemon, so they are no longer checked
+ * group by group (store_reader_pread). A blob is verified when it is
+ * opened instead: small blobs whole at every open, large ones whole at the
+ * first open since the store was opened (or at their commit), and again
+ * whenever the blob file changed since (inode, size, ctime). Damage on the
+ * disk after that check is not seen by readers until the next full check
+ * (a restart, or `renderctl fsck`). That is weaker than SPEC §5, which is
+ * why the option is off by default.
+ *
+ * HOW
+ * libfuse 3.14 knows nothing of passthrough, so the session runs through
+ * our own I/O callbacks (fuse_session_custom_io): read() notes the
+ * kernel's INIT request and whether it offers FUSE_PASSTHROUGH; writev()
+ * adds the flag, with a stacking depth of 1, to libfuse's INIT reply. An
+ * open registers the blob file with the kernel (FUSE_DEV_IOC_BACKING_OPEN,
+ * which needs CAP_SYS_ADMIN) and answers with FOPEN_PASSTHROUGH and the
+ * backing id. Every open file of one FUSE inode must use the same backing
+ * file, so ids are counted per inode in a small table of the inodes open
+ * now (bounded by open files, not by jobs); the last release closes the id.
+ * When the kernel does not offer passthrough, or registering fails (not
+ * root, a store on a stack too deep), blobs are served as without the
+ * option, and the daemon says so once.
+ *
+ * CONCURRENCY
+ * pt->mu guards the table (tab, n, cap) and the counters. init_unique and offered are
+ * written by the thread that reads INIT, before the kernel sends anything
+ * else, and read by the one that writes its reply; enabled and warned are
+ * atomics. Any handler thread may call pt_get/pt_put.
+ */
+#include "fs_i.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* The kernel ABI (<linux/fuse.h> of Linux 6.9+; Debian 12's headers are
+ * older). */
+#define K_FUSE_INIT 26
+#define K_FUSE_INIT_EXT (1u << 30)
+#define K_FUSE_WRITEBACK_CACHE (1u << 16)
+#define K_FUSE_PASSTHROUGH2 (1u << 5) /* FUSE_PASSTHROUGH (1 << 37), in flags2 */
+#define K_FOPEN_PASSTHROUGH (1u << 7)
+
+struct k_in_header {
+	uint32_t len, opcode;
+	uint64_t unique, nodeid;
+	uint32_t uid, gid, pid;
+	uint16_t total_extlen, padding;
+};
+
+struct k_init_in {
+	uint32_t major, minor, max_readahead, flags, flags2;
+};
+
+struct k_out_header {
+	uint32_t len;
+	int32_t error;
+	uint64_t unique;
+};
+
+struct k_init_out {
+	uint32_t major, minor, max_readahead, flags;
+	uint16_t max_background, congestion_threshold;
+	uint32_t max_write, time_gran;
+	uint16_t max_pages, map_alignment;
+	uint32_t flags2, max_stack_depth;
+};
+
+struct k_backing_map {
+	int32_t fd;
+	uint32_t flags;
+	uint64_t padding;
+};
+
+#define K_FUSE_DEV_IOC_BACKING_OPEN _IOW(229, 1, struct k_backing_map)
+#define K_FUSE_DEV_IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)
+
+struct pt_ino {
+	uint64_t ino;
+	int32_t id; /* backing id, or -1: this inode's open files use the page cache */
+	uint32_t opens;
+};
+
+struct passthrough {
+	int devfd;
+	uint64_t init_unique;
+	bool init_seen, offered;
+	atomic_bool enabled, warned;
+	pthread_mutex_t mu;
+	struct pt_ino *tab;
+	size_t n, cap;
+	uint64_t kernel, daemon; /* opens each way (under mu) */
+};
+
+static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
+{
+	struct passthrough *pt = ((struct fsctx *)userdata)->pt;
+	ssize_t n = read(fd, buf, len);
+	const struct k_in_header *h = buf;
+
+	if (!pt->init_seen && n >= (ssize_t)(sizeof(*h) + sizeof(struct k_init_in)) &&
+	    h->opcode == K_FUSE_INIT) {
+		const struct k_init_in *in = (const void *)(h + 1);
+		pt->init_unique = h->unique;
+		pt->offered = (in->flags & K_FUSE_INIT_EXT) && (in->flags2 & K_FUSE_PASSTHROUGH2);
+		pt->init_seen = true;
+	}
+	return n;
+}
+
+static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+	struct passthrough *pt = ((struct fsctx *)userdata)->pt;
+
+	if (pt->offered && !atomic_load(&pt->enabled) && count == 2 &&
+	    iov[0].iov_len == sizeof(struct k_out_header) &&
+	    iov[1].iov_len >= sizeof(struct k_init_out)) {
+		const struct k_out_header *oh = iov[0].iov_base;
+		struct k_init_out *out = iov[1].iov_base;
+		if (oh->unique == pt->init_unique && oh->error == 0 &&
+		    !(out->flags & K_FUSE_WRITEBACK_CACHE)) {
+			out->flags |= K_FUSE_INIT_EXT;
+			out->flags2 |= K_FUSE_PASSTHROUGH2;
+			out->max_stack_depth = 1;
+			atomic_store(&pt->enabled, true);
+		}
+	}
+	return writev(fd, iov, count);
+}
+
+static ssize_t pt_splice_send(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
+			      unsigned int flags, void *userdata)
+{
+	(void)userdata;
+	return splice(fdin, offin, fdout, offout, len, flags);
+}
+
+int pt_setup(struct fsctx *fs, struct fuse_session *se)
+{
+	static const struct fuse_custom_io io = {
+		.read = pt_read,
+		.writev = pt_writev,
+		.splice_send = pt_splice_send,
+	};
+	struct passthrough *pt = calloc(1, sizeof(*pt));
+	int rc;
+
+	if (!pt)
+		return -ENOMEM;
+	pt->devfd = fuse_session_fd(se);
+	pthread_mutex_init(&pt->mu, NULL);
+	fs->pt = pt;
+	if ((rc = fuse_session_custom_io(se, &io, pt->devfd)) != 0) {
+		fs->pt = NULL;
+		pt_free(pt);
+		return rc;
+	}
+	return 0;
+}
+
+void pt_free(struct passthrough *pt)
+{
+	if (!pt)
+		return;
+	free(pt->tab);
+	pthread_mutex_destroy(&pt->mu);
+	free(pt);
+}
+
+static void pt_warn(struct passthrough *pt, const char *why)
+{
+	if (!atomic_exchange(&pt->warned, true))
+		fprintf(stderr,
+			"renderfs: passthrough unavailable (%s): outputs are served through "
+			"the daemon\n",
+			why);
+}
+
+/* With pt->mu held: the entry of ino, or NULL. */
+static struct pt_ino *pt_find(struct passthrough *pt, uint64_t ino)
+{
+	for (size_t i = 0; i < pt->n; i++)
+		if (pt->tab[i].ino == ino)
+			return &pt->tab[i];
+	return NULL;
+}
+
+int32_t pt_get(struct passthrough *pt, uint64_t ino, int fd)
+{
+	struct pt_ino *e;
+	int32_t id = -1;
+
+	if (!pt)
+		return -1;
+	pthread_mutex_lock(&pt->mu);
+	if (!atomic_load(&pt->enabled)) {
+		pt_warn(pt, "the kernel does not offer FUSE passthrough");
+		goto out;
+	}
+	if ((e = pt_find(pt, ino)) != NULL) {
+		e->opens++;
+		id = e->id;
+		goto out;
+	}
+	if (pt->n == pt->cap) {
+		size_t cap = pt->cap ? pt->cap * 2 : 16;
+		struct pt_ino *t = realloc(pt->tab, cap * sizeof(*t));
+		if (!t)
+			goto out; /* this open is served by the daemon */
+		pt->tab = t;
+		pt->cap = cap;
+	}
+	struct k_backing_map map = {.fd = fd};
+	int r = ioctl(pt->devfd, K_FUSE_DEV_IOC_BACKING_OPEN, &map);
+	if (r > 0) {
+		id = r;
+	} else {
+		char why[128];
+		snprintf(why, sizeof(why), "registering a blob file: %s", strerror(errno));
+		pt_warn(pt, why);
+	}
+	/* Later opens of this inode, while any is open, use the same way. */
+	pt->tab[pt->n++] = (struct pt_ino){ino, id, 1};
+out:
+	if (id > 0)
+		pt->kernel++;
+	else
+		pt->daemon++;
+	pthread_mutex_unlock(&pt->mu);
+	return id;
+}
+
+void pt_get_stats(struct passthrough *pt, struct pt_stats *s)
+{
+	pthread_mutex_lock(&pt->mu);
+	s->kernel = pt->kernel;
+	s->daemon = pt->daemon;
+	pthread_mutex_unlock(&pt->mu);
+}
+
+void pt_put(struct passthrough *pt, uint64_t ino)
+{
+	struct pt_ino *e;
+
+	if (!pt)
+		return;
+	pthread_mutex_lock(&pt->mu);
+	if ((e = pt_find(pt, ino)) != NULL && --e->opens == 0) {
+		if (e->id > 0) {
+			uint32_t id = (uint32_t)e->id;
+			if (ioctl(pt->devfd, K_FUSE_DEV_IOC_BACKING_CLOSE, &id) != 0)
+				fprintf(stderr, "renderfs: closing passthrough id %u: %s\n", id,
+					strerror(errno));
+		}
+		*e = pt->tab[--pt->n];
+	}
+	pthread_mutex_unlock(&pt->mu);
+}
+
+int pt_reply_open(fuse_req_t req, const struct fuse_file_info *fi, int32_t id)
+{
+	struct {
+		uint64_t fh;
+		uint32_t open_flags;
+		int32_t backing_id;
+	} out = {fi->fh, K_FOPEN_PASSTHROUGH | (fi->noflush ? (1u << 5) : 0), id};
+
+	return fuse_reply_buf(req, (const char *)&out, sizeof(out));
+}
