@@ -35,10 +35,11 @@
  * option, and the daemon says so once.
  *
  * CONCURRENCY
- * pt->mu guards the table (tab, n, cap) and the counters. init_unique and offered are
- * written by the thread that reads INIT, before the kernel sends anything
- * else, and read by the one that writes its reply; enabled and warned are
- * atomics. Any handler thread may call pt_get/pt_put.
+ * pt->mu guards the table (tab, n, cap) and the counters. init_unique and
+ * offered are written by the thread that reads INIT, before the kernel
+ * sends anything else, and read by the same thread when libfuse writes the
+ * reply; init_seen, enabled and warned are atomics. Any handler thread
+ * may call pt_get and pt_put.
  */
 #include "fs_i.h"
 
@@ -104,8 +105,8 @@ struct pt_ino {
 struct passthrough {
 	int devfd;
 	uint64_t init_unique;
-	bool init_seen, offered;
-	atomic_bool enabled, warned;
+	bool offered;
+	atomic_bool init_seen, enabled, warned;
 	pthread_mutex_t mu;
 	struct pt_ino *tab;
 	size_t n, cap;
@@ -118,12 +119,13 @@ static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
 	ssize_t n = read(fd, buf, len);
 	const struct k_in_header *h = buf;
 
-	if (!pt->init_seen && n >= (ssize_t)(sizeof(*h) + sizeof(struct k_init_in)) &&
+	if (!atomic_load_explicit(&pt->init_seen, memory_order_acquire) &&
+	    n >= (ssize_t)(sizeof(*h) + sizeof(struct k_init_in)) &&
 	    h->opcode == K_FUSE_INIT) {
 		const struct k_init_in *in = (const void *)(h + 1);
 		pt->init_unique = h->unique;
 		pt->offered = (in->flags & K_FUSE_INIT_EXT) && (in->flags2 & K_FUSE_PASSTHROUGH2);
-		pt->init_seen = true;
+		atomic_store_explicit(&pt->init_seen, true, memory_order_release);
 	}
 	return n;
 }
