@@ -122,6 +122,10 @@ void pt_free(struct passthrough *pt);
  * only, verified), or -1: serve this open through the daemon. Each id or
  * -1 is returned by pt_put(ino) once the open is over. pt may be NULL. */
 int32_t pt_get(struct passthrough *pt, uint64_t ino, int fd);
+/* The backing id of an inode some file has open through the kernel now
+ * (counted: pt_put it), or -1 (nothing to put). For the notifier's
+ * write-only opens, which must match the inode's other open files. */
+int32_t pt_join(struct passthrough *pt, uint64_t ino);
 void pt_put(struct passthrough *pt, uint64_t ino);
 struct pt_stats {
 	uint64_t kernel, daemon; /* blob opens read by the kernel, by the daemon */
@@ -129,6 +133,8 @@ struct pt_stats {
 void pt_get_stats(struct passthrough *pt, struct pt_stats *s);
 /* The open reply for a backing id (fuse_reply_open's, with passthrough). */
 int pt_reply_open(fuse_req_t req, const struct fuse_file_info *fi, int32_t id);
+int pt_reply_create(fuse_req_t req, const struct fuse_entry_param *e,
+		    const struct fuse_file_info *fi, int32_t id);
 
 /* ---- errmap.c: the only place errors become errno ---- */
 int fs_errno(int rc);
@@ -201,6 +207,8 @@ bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const ch
 		     struct notify_op *op);
 /* Whether the creation of the job with this seq has been announced. */
 bool notify_announced(struct fsctx *fs, uint64_t seq);
+/* Whether the request comes from the notifier's helper process. */
+bool notify_is_helper(struct fsctx *fs, fuse_req_t req);
 void notify_get_stats(struct notifier *n, struct notify_stats *s);
 
 extern const struct fuse_lowlevel_ops fs_ops;

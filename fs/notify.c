@@ -429,13 +429,20 @@ drop_unlocked:
 
 /* ---- what the handlers ask ---- */
 
+bool notify_is_helper(struct fsctx *fs, fuse_req_t req)
+{
+	struct notifier *n = fs->notifier;
+
+	return n && fuse_req_ctx(req)->pid != 0 && fuse_req_ctx(req)->pid == atomic_load(&n->tid);
+}
+
 bool notify_op_match(struct fsctx *fs, fuse_req_t req, uint64_t parent, const char *name,
 		     struct notify_op *op)
 {
 	struct notifier *n = fs->notifier;
 	bool match;
 
-	if (!n || fuse_req_ctx(req)->pid != atomic_load(&n->tid) || fuse_req_ctx(req)->pid == 0)
+	if (!notify_is_helper(fs, req))
 		return false;
 	pthread_mutex_lock(&n->op_mu);
 	match = n->op.kind != NOP_NONE && n->op.parent == parent &&

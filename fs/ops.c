@@ -1041,6 +1041,27 @@ static int open_blob(struct fsctx *fs, uint64_t ino, const uint8_t hash[32], str
 	return rc;
 }
 
+/*
+ * Blobs are never written, but the notifier opens an output write-only to
+ * make IN_CLOSE_WRITE, and a user may open one read-write. With
+ * passthrough, every open file of an inode must go the same way, and the
+ * kernel opens the blob file with the open's own flags and the daemon's
+ * credentials: a user's open for writing is refused (it would be a
+ * writable blob file), and the notifier's joins the inode's backing file
+ * when it has one (it writes nothing). Without passthrough such opens are
+ * served as before and their writes fail with EPERM. Called with fs->pt.
+ */
+static int open_blob_for_writing(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct fh *h)
+{
+	if (!notify_is_helper(fs, req))
+		return -EPERM;
+	if ((h->pt_id = pt_join(fs->pt, ino)) > 0) {
+		h->pt = fs->pt;
+		h->pt_ino = ino;
+	}
+	return 0;
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct fsctx *fs = ctx(req);
@@ -1101,7 +1122,10 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			rc = cassig_render(fs, hash, bi.size, &h->buf, &h->len);
 			break;
 		}
-		rc = open_blob(fs, ino, hash, h, fi);
+		if (fs->pt && (fi->flags & O_ACCMODE) != O_RDONLY)
+			rc = open_blob_for_writing(fs, req, ino, h);
+		else
+			rc = open_blob(fs, ino, hash, h, fi);
 		break;
 	}
 	case NK_JFILE: {
@@ -1118,6 +1142,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			h->kind = FH_CTL;
 		} else if (f == JF_LOG) {
 			h->kind = FH_LOG;
+		} else if (f == JF_OUTPUT && fs->pt && (fi->flags & O_ACCMODE) != O_RDONLY) {
+			rc = open_blob_for_writing(fs, req, ino, h);
 		} else if ((fi->flags & O_ACCMODE) == O_WRONLY) {
 			/* nothing to read (the notifier opens files so) */
 		} else if (f == JF_OUTPUT) {
@@ -1464,7 +1490,13 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 	fi->noflush = 1;
 	fi->fh = (uintptr_t)h;
 	fi->direct_io = 1;
-	if (fuse_reply_create(req, &e, fi) != 0)
+	/* A reader may have opened the output already (it is listed from its
+	 * commit): this open must then go the same way (open_blob_for_writing). */
+	if ((h->pt_id = pt_join(fs->pt, op.ino)) > 0) {
+		h->pt = fs->pt;
+		h->pt_ino = op.ino;
+	}
+	if ((h->pt_id > 0 ? pt_reply_create(req, &e, fi, h->pt_id) : fuse_reply_create(req, &e, fi)) != 0)
 		fh_free(h);
 }
 

@@ -52,6 +52,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <linux/fuse.h>
 #include <unistd.h>
 
 /* The kernel ABI (<linux/fuse.h> of Linux 6.9+; Debian 12's headers are
@@ -260,6 +261,22 @@ void pt_get_stats(struct passthrough *pt, struct pt_stats *s)
 	pthread_mutex_unlock(&pt->mu);
 }
 
+int32_t pt_join(struct passthrough *pt, uint64_t ino)
+{
+	struct pt_ino *e;
+	int32_t id = -1;
+
+	if (!pt)
+		return -1;
+	pthread_mutex_lock(&pt->mu);
+	if ((e = pt_find(pt, ino)) != NULL && e->id > 0) {
+		e->opens++;
+		id = e->id;
+	}
+	pthread_mutex_unlock(&pt->mu);
+	return id;
+}
+
 void pt_put(struct passthrough *pt, uint64_t ino)
 {
 	struct pt_ino *e;
@@ -277,6 +294,45 @@ void pt_put(struct passthrough *pt, uint64_t ino)
 		*e = pt->tab[--pt->n];
 	}
 	pthread_mutex_unlock(&pt->mu);
+}
+
+int pt_reply_create(fuse_req_t req, const struct fuse_entry_param *e,
+		    const struct fuse_file_info *fi, int32_t id)
+{
+	struct {
+		struct fuse_entry_out entry;
+		struct fuse_open_out open;
+	} out;
+	const struct stat *st = &e->attr;
+
+	memset(&out, 0, sizeof(out));
+	out.entry.nodeid = e->ino;
+	out.entry.generation = e->generation;
+	out.entry.entry_valid = (uint64_t)e->entry_timeout;
+	out.entry.entry_valid_nsec = (uint32_t)((e->entry_timeout - (double)out.entry.entry_valid) * 1e9);
+	out.entry.attr_valid = (uint64_t)e->attr_timeout;
+	out.entry.attr_valid_nsec = (uint32_t)((e->attr_timeout - (double)out.entry.attr_valid) * 1e9);
+	out.entry.attr = (struct fuse_attr){
+		.ino = st->st_ino,
+		.size = (uint64_t)st->st_size,
+		.blocks = (uint64_t)st->st_blocks,
+		.atime = (uint64_t)st->st_atim.tv_sec,
+		.mtime = (uint64_t)st->st_mtim.tv_sec,
+		.ctime = (uint64_t)st->st_ctim.tv_sec,
+		.atimensec = (uint32_t)st->st_atim.tv_nsec,
+		.mtimensec = (uint32_t)st->st_mtim.tv_nsec,
+		.ctimensec = (uint32_t)st->st_ctim.tv_nsec,
+		.mode = st->st_mode,
+		.nlink = (uint32_t)st->st_nlink,
+		.uid = st->st_uid,
+		.gid = st->st_gid,
+		.rdev = (uint32_t)st->st_rdev,
+		.blksize = (uint32_t)st->st_blksize,
+	};
+	out.open.fh = fi->fh;
+	out.open.open_flags = K_FOPEN_PASSTHROUGH | (fi->noflush ? (1u << 5) : 0);
+	out.open.padding = (uint32_t)id; /* backing_id in Linux 6.9+ */
+	return fuse_reply_buf(req, (const char *)&out, sizeof(out));
 }
 
 int pt_reply_open(fuse_req_t req, const struct fuse_file_info *fi, int32_t id)

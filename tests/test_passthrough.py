@@ -5,8 +5,10 @@ import errno
 import mmap
 import os
 import re
+import select
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -166,3 +168,54 @@ def test_without_the_option_nothing_changes(mnt):
     mnt.wait(IMAGE, jid)
     assert b3(mnt.job(IMAGE, jid) / "output.png") == mnt.status(IMAGE, jid)["output"]["blake3"]
     assert "renderfs_passthrough" not in (mnt.path / "stats").read_text()
+
+
+def test_writers_refused_and_watchers_served(mount_factory):
+    """Every open file of an inode must go the same way: a reader that
+    opens the output as soon as it is listed, before the daemon has made
+    its IN_CREATE and IN_CLOSE_WRITE, does not stop those events. A user's
+    open for writing would reach the blob file itself: refused."""
+    m = mount_factory(["passthrough", "workers=1"])
+    jid = m.submit(VIDEO, {**LARGE, "seed": 7})
+    d = m.job(VIDEO, jid)
+    w = subprocess.Popen([need("inotifywait"), "-m", "-e", "create,close_write", "--format",
+                          "%e %f", str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fds = []
+    try:
+        for line in w.stderr:
+            if b"Watches established" in line:
+                break
+        out = d / "output.y4m"
+        while not fds:
+            try:
+                fds.append(os.open(out, os.O_RDONLY))
+            except FileNotFoundError:
+                pass
+        assert m.wait(VIDEO, jid) == "complete"
+        text, want = "", {"CREATE output.y4m", "CLOSE_WRITE,CLOSE output.y4m"}
+        deadline = time.monotonic() + 20
+        while not want <= set(text.splitlines()):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([w.stdout], [], [], left)[0]:
+                pytest.fail(f"no {want} within 20 s; got {text!r}")
+            text += os.read(w.stdout.fileno(), 4096).decode()
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        w.terminate()
+        w.wait()
+    st = m.status(VIDEO, jid)
+    h = st["output"]["blake3"]
+    for path in (out, m.path / "cas" / h):
+        for flags in (os.O_RDWR, os.O_WRONLY):
+            with pytest.raises(OSError) as ei:
+                os.open(path, flags)
+            assert ei.value.errno == errno.EPERM
+    whole = os.pread(fds[0], st["output"]["size"] + 1, 0)
+    for fd in fds:
+        os.close(fd)
+    assert len(whole) == st["output"]["size"] and b3(out) == h
+    assert re.search(r'^renderfs_notify_ops_total\{result="failed"\} 0$',
+                     (m.path / "stats").read_text(), re.M)
