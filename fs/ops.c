@@ -19,6 +19,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fuse.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -990,16 +991,12 @@ static void fh_free(struct fh *h)
  * kernel allows parallel writes only below EOF, which is why `new`
  * reports max_request as its size.
  */
-#define KERNEL_FOPEN_DIRECT_IO (1u << 0)
-#define KERNEL_FOPEN_PARALLEL_DIRECT_WRITES (1u << 6)
-
 static int reply_open_parallel(fuse_req_t req, struct fuse_file_info *fi)
 {
-	struct {
-		uint64_t fh;
-		uint32_t open_flags;
-		uint32_t padding;
-	} out = {fi->fh, KERNEL_FOPEN_DIRECT_IO | KERNEL_FOPEN_PARALLEL_DIRECT_WRITES, 0};
+	struct fuse_open_out out = {
+		.fh = fi->fh,
+		.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
+	};
 
 	return fuse_reply_buf(req, (const char *)&out, sizeof(out));
 }
@@ -1051,14 +1048,19 @@ static int open_blob(struct fsctx *fs, uint64_t ino, const uint8_t hash[32], str
  * when it has one (it writes nothing). Without passthrough such opens are
  * served as before and their writes fail with EPERM. Called with fs->pt.
  */
-static int open_blob_for_writing(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct fh *h)
+static void fh_join_backing(struct fsctx *fs, struct fh *h, uint64_t ino)
 {
-	if (!notify_is_helper(fs, req))
-		return -EPERM;
 	if ((h->pt_id = pt_join(fs->pt, ino)) > 0) {
 		h->pt = fs->pt;
 		h->pt_ino = ino;
 	}
+}
+
+static int open_blob_for_writing(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct fh *h)
+{
+	if (!notify_is_helper(fs, req))
+		return -EPERM;
+	fh_join_backing(fs, h, ino);
 	return 0;
 }
 
@@ -1492,10 +1494,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 	fi->direct_io = 1;
 	/* A reader may have opened the output already (it is listed from its
 	 * commit): this open must then go the same way (open_blob_for_writing). */
-	if ((h->pt_id = pt_join(fs->pt, op.ino)) > 0) {
-		h->pt = fs->pt;
-		h->pt_ino = op.ino;
-	}
+	fh_join_backing(fs, h, op.ino);
 	if ((h->pt_id > 0 ? pt_reply_create(req, &e, fi, h->pt_id) : fuse_reply_create(req, &e, fi)) != 0)
 		fh_free(h);
 }

@@ -45,6 +45,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fuse.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -52,41 +53,13 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
-#include <linux/fuse.h>
 #include <unistd.h>
 
-/* The kernel ABI (<linux/fuse.h> of Linux 6.9+; Debian 12's headers are
- * older). */
-#define K_FUSE_INIT 26
-#define K_FUSE_INIT_EXT (1u << 30)
-#define K_FUSE_WRITEBACK_CACHE (1u << 16)
+/* What <linux/fuse.h> of Linux 6.9+ adds to Debian 12's (6.1). */
 #define K_FUSE_PASSTHROUGH2 (1u << 5) /* FUSE_PASSTHROUGH (1 << 37), in flags2 */
 #define K_FOPEN_PASSTHROUGH (1u << 7)
-
-struct k_in_header {
-	uint32_t len, opcode;
-	uint64_t unique, nodeid;
-	uint32_t uid, gid, pid;
-	uint16_t total_extlen, padding;
-};
-
-struct k_init_in {
-	uint32_t major, minor, max_readahead, flags, flags2;
-};
-
-struct k_out_header {
-	uint32_t len;
-	int32_t error;
-	uint64_t unique;
-};
-
-struct k_init_out {
-	uint32_t major, minor, max_readahead, flags;
-	uint16_t max_background, congestion_threshold;
-	uint32_t max_write, time_gran;
-	uint16_t max_pages, map_alignment;
-	uint32_t flags2, max_stack_depth;
-};
+/* fuse_init_out.max_stack_depth is unused[0] in the 6.1 header, and
+ * fuse_open_out.backing_id its padding. */
 
 struct k_backing_map {
 	int32_t fd;
@@ -118,14 +91,13 @@ static ssize_t pt_read(int fd, void *buf, size_t len, void *userdata)
 {
 	struct passthrough *pt = ((struct fsctx *)userdata)->pt;
 	ssize_t n = read(fd, buf, len);
-	const struct k_in_header *h = buf;
+	const struct fuse_in_header *h = buf;
 
 	if (!atomic_load_explicit(&pt->init_seen, memory_order_acquire) &&
-	    n >= (ssize_t)(sizeof(*h) + sizeof(struct k_init_in)) &&
-	    h->opcode == K_FUSE_INIT) {
-		const struct k_init_in *in = (const void *)(h + 1);
+	    n >= (ssize_t)(sizeof(*h) + sizeof(struct fuse_init_in)) && h->opcode == FUSE_INIT) {
+		const struct fuse_init_in *in = (const void *)(h + 1);
 		pt->init_unique = h->unique;
-		pt->offered = (in->flags & K_FUSE_INIT_EXT) && (in->flags2 & K_FUSE_PASSTHROUGH2);
+		pt->offered = (in->flags & FUSE_INIT_EXT) && (in->flags2 & K_FUSE_PASSTHROUGH2);
 		atomic_store_explicit(&pt->init_seen, true, memory_order_release);
 	}
 	return n;
@@ -136,15 +108,15 @@ static ssize_t pt_writev(int fd, struct iovec *iov, int count, void *userdata)
 	struct passthrough *pt = ((struct fsctx *)userdata)->pt;
 
 	if (pt->offered && !atomic_load(&pt->enabled) && count == 2 &&
-	    iov[0].iov_len == sizeof(struct k_out_header) &&
-	    iov[1].iov_len >= sizeof(struct k_init_out)) {
-		const struct k_out_header *oh = iov[0].iov_base;
-		struct k_init_out *out = iov[1].iov_base;
+	    iov[0].iov_len == sizeof(struct fuse_out_header) &&
+	    iov[1].iov_len >= sizeof(struct fuse_init_out)) {
+		const struct fuse_out_header *oh = iov[0].iov_base;
+		struct fuse_init_out *out = iov[1].iov_base;
 		if (oh->unique == pt->init_unique && oh->error == 0 &&
-		    !(out->flags & K_FUSE_WRITEBACK_CACHE)) {
-			out->flags |= K_FUSE_INIT_EXT;
+		    !(out->flags & FUSE_WRITEBACK_CACHE)) {
+			out->flags |= FUSE_INIT_EXT;
 			out->flags2 |= K_FUSE_PASSTHROUGH2;
-			out->max_stack_depth = 1;
+			out->unused[0] = 1; /* max_stack_depth */
 			atomic_store(&pt->enabled, true);
 		}
 	}
@@ -296,6 +268,15 @@ void pt_put(struct passthrough *pt, uint64_t ino)
 	pthread_mutex_unlock(&pt->mu);
 }
 
+static struct fuse_open_out open_out(const struct fuse_file_info *fi, int32_t id)
+{
+	return (struct fuse_open_out){
+		.fh = fi->fh,
+		.open_flags = K_FOPEN_PASSTHROUGH | (fi->noflush ? FOPEN_NOFLUSH : 0),
+		.padding = (uint32_t)id, /* backing_id */
+	};
+}
+
 int pt_reply_create(fuse_req_t req, const struct fuse_entry_param *e,
 		    const struct fuse_file_info *fi, int32_t id)
 {
@@ -329,19 +310,13 @@ int pt_reply_create(fuse_req_t req, const struct fuse_entry_param *e,
 		.rdev = (uint32_t)st->st_rdev,
 		.blksize = (uint32_t)st->st_blksize,
 	};
-	out.open.fh = fi->fh;
-	out.open.open_flags = K_FOPEN_PASSTHROUGH | (fi->noflush ? (1u << 5) : 0);
-	out.open.padding = (uint32_t)id; /* backing_id in Linux 6.9+ */
+	out.open = open_out(fi, id);
 	return fuse_reply_buf(req, (const char *)&out, sizeof(out));
 }
 
 int pt_reply_open(fuse_req_t req, const struct fuse_file_info *fi, int32_t id)
 {
-	struct {
-		uint64_t fh;
-		uint32_t open_flags;
-		int32_t backing_id;
-	} out = {fi->fh, K_FOPEN_PASSTHROUGH | (fi->noflush ? (1u << 5) : 0), id};
+	struct fuse_open_out out = open_out(fi, id);
 
 	return fuse_reply_buf(req, (const char *)&out, sizeof(out));
 }
