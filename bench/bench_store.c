@@ -131,7 +131,6 @@ static void *creator(void *p)
 		c.uid = c.gid = 1000 + a->id;
 		c.request = req;
 		c.request_len = strlen(req);
-		b3_hash(req, strlen(req), c.request_digest);
 		if (index_job_create(store_index(a->st), &c, id, NULL) != 0)
 			a->failures++;
 	}

@@ -265,7 +265,6 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 {
 	json_object *obj = s->obj, *input = obj, *norm = NULL;
 	char err[ENGINE_ERR_MAX];
-	struct b3_hasher h;
 	const char *t;
 	int rc;
 
@@ -338,10 +337,6 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 			return sub_fail(s, rc, "%s", err);
 		synth_request_release(&sr);
 	}
-	b3_hasher_init(&h);
-	b3_hasher_update(&h, r->path, strlen(r->path) + 1);
-	b3_hasher_update(&h, c->request, c->request_len);
-	b3_hasher_finalize(&h, c->request_digest, INDEX_HASH_LEN);
 	return 0;
 }
 
@@ -571,7 +566,7 @@ int run_fail(struct run *r, int rc, const char *code, bool transient, const char
 /* ---- workers ---- */
 
 /* Memoization: an earlier complete job with the same normalized request. */
-static bool serve_cached(struct run *r)
+static bool serve_cached(struct run *r, const uint8_t digest[INDEX_HASH_LEN])
 {
 	uint8_t other[JOB_ID_LEN];
 	char oid[JOB_ID_STR_LEN + 1];
@@ -579,7 +574,7 @@ static bool serve_cached(struct run *r)
 	bool ok = false;
 
 	if (!r->route->deterministic ||
-	    index_digest_lookup(r->e->ix, r->job.request_digest, other) != 0)
+	    index_digest_lookup(r->e->ix, digest, other) != 0)
 		return false;
 	if (index_job_get(r->e->ix, other, &o) != 0)
 		return false;
@@ -656,6 +651,7 @@ static void run_job(struct worker *w, struct job *job)
 {
 	struct engine *e = w->e;
 	struct run r;
+	uint8_t digest[INDEX_HASH_LEN];
 	char *req = NULL;
 	size_t reqlen = 0;
 	int rc;
@@ -677,13 +673,15 @@ static void run_job(struct worker *w, struct job *job)
 	run_log(&r, "started attempt %u on %s (%s backend)", job->attempts,
 		w->gpu >= 0 ? "gpu" : w->group == GROUP_REMOTE ? "remote" : "cpu",
 		route_backend_name(r.route->backend));
-	if (serve_cached(&r)) {
-		finish(e, &r, JOB_COMPLETE, NULL, NULL);
-		return;
-	}
 	if ((rc = index_job_request(e->ix, job->id, &req, &reqlen)) != 0) {
 		run_log(&r, "cannot read the request: %s", store_lasterr());
 		finish(e, &r, JOB_ERROR, "store", store_lasterr());
+		return;
+	}
+	index_request_digest(job->route, req, reqlen, digest);
+	if (serve_cached(&r, digest)) {
+		free(req);
+		finish(e, &r, JOB_COMPLETE, NULL, NULL);
 		return;
 	}
 	r.request = req;
@@ -698,7 +696,7 @@ static void run_job(struct worker *w, struct job *job)
 		run_log(&r, "complete");
 		finish(e, &r, JOB_COMPLETE, NULL, NULL);
 		if (r.route->deterministic)
-			index_digest_put(e->ix, job->request_digest, job->id);
+			index_digest_put(e->ix, digest, job->id);
 		return;
 	}
 	switch (run_stopping(&r)) {

@@ -173,6 +173,15 @@ int main(int argc, char **argv)
 			(unsigned long long)rec.interrupted, (unsigned long long)rec.completed,
 			(unsigned long long)rec.tmp_removed, (unsigned long long)rec.blobs_collected);
 	fs.ix = store_index(fs.st);
+	{
+		uint64_t njobs;
+		uint32_t from = index_upgraded(fs.ix, &njobs);
+		if (from)
+			fprintf(stderr,
+				"renderfs: upgraded the index of '%s' from format %u to %d "
+				"(%llu jobs)\n",
+				mo.store_dir, from, INDEX_FORMAT_VERSION, (unsigned long long)njobs);
+	}
 	fs.mo = &mo;
 	fs.private_ = mo.private_;
 	fs.owner = getuid();

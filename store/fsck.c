@@ -116,8 +116,7 @@ static bool key_exists(MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
 static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_t *depth)
 {
 	char id[JOB_ID_STR_LEN + 1];
-	uint8_t key[INDEX_ROUTE_MAX + 1 + JOB_ID_LEN];
-	size_t rl = strlen(j->route);
+	int missing;
 
 	ulid_format(j->id, id);
 	if (j->flags & JOB_F_HAS_OUTPUT) {
@@ -129,12 +128,9 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 	    !(j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED)))
 		problem(f, "job %s is complete but has no output", id);
 	if (j->status == JOB_QUEUED) {
-		uint8_t qk[QUEUE_KEY_LEN];
-		qk[0] = j->group;
-		qk[1] = (uint8_t)(255 - j->priority);
-		be64_put(qk + 2, j->round);
-		memcpy(qk + 10, j->id, JOB_ID_LEN);
-		if (!key_exists(txn, f->ix->queue, qk, sizeof(qk)))
+		uint8_t item[QUEUE_ITEM_LEN];
+		index_queue_item(j, item);
+		if (!index_set_has(txn, f->ix->queue, &j->group, 1, item, sizeof(item)))
 			problem(f, "job %s is queued but not in the queue", id);
 		depth[j->group]++;
 	}
@@ -146,16 +142,12 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 	}
 	if (!key_exists(txn, f->ix->requests, j->id, JOB_ID_LEN))
 		problem(f, "job %s has no stored request", id);
-	memcpy(key, j->route, rl + 1);
-	memcpy(key + rl + 1, j->id, JOB_ID_LEN);
-	if (!key_exists(txn, f->ix->byroute, key, rl + 1 + JOB_ID_LEN))
+	missing = index_job_listed(f->ix, txn, j);
+	if (missing & 1)
 		problem(f, "job %s is missing from the route listing", id);
-	be32_put(key, j->uid);
-	memcpy(key + 4, j->id, JOB_ID_LEN);
-	if (!key_exists(txn, f->ix->byowner, key, 4 + JOB_ID_LEN))
+	if (missing & 2)
 		problem(f, "job %s is missing from its owner's listing", id);
-	be64_put(key, j->seq);
-	if (!key_exists(txn, f->ix->byseq, key, 8))
+	if (missing & 4)
 		problem(f, "job %s is missing from the sequence map", id);
 }
 
@@ -197,12 +189,12 @@ static void check_jobs(struct fsck *f, MDB_txn *txn)
 		struct job j;
 		char id[JOB_ID_STR_LEN + 1];
 
-		if (k.mv_size != QUEUE_KEY_LEN) {
-			problem(f, "a queue key has %zu bytes", k.mv_size);
+		if (k.mv_size != 1 || v.mv_size != QUEUE_ITEM_LEN) {
+			problem(f, "a queue entry has %zu + %zu bytes", k.mv_size, v.mv_size);
 			continue;
 		}
-		ulid_format((uint8_t *)k.mv_data + 10, id);
-		if (index_get_job(f->ix, txn, (uint8_t *)k.mv_data + 10, &j) != 0) {
+		ulid_format((uint8_t *)v.mv_data + 9, id);
+		if (index_get_job(f->ix, txn, (uint8_t *)v.mv_data + 9, &j) != 0) {
 			problem(f, "queue entry for job %s, which does not exist", id);
 			continue;
 		}

@@ -40,7 +40,8 @@
 #include "fileutil.h"
 #include "index_i.h"
 
-#define RECORD_FIXED 160
+#define RECORD_FIXED 128   /* format 2 (RJ2) */
+#define RECORD_FIXED_1 160 /* format 1 (RJ1) */
 #define LOG_LINE_MAX 16384
 #define DEFAULT_MAP_SIZE ((size_t)64 << 30)
 
@@ -199,22 +200,23 @@ static int check_data_file(const char *dir)
 struct dbdef {
 	const char *name;
 	size_t off;
+	unsigned flags;
 };
 
 static const struct dbdef dbdefs[] = {
-	{"meta", offsetof(struct index, meta)},
-	{"jobs", offsetof(struct index, jobs)},
-	{"requests", offsetof(struct index, requests)},
-	{"queue", offsetof(struct index, queue)},
-	{"fair", offsetof(struct index, fair)},
-	{"running", offsetof(struct index, running)},
-	{"byroute", offsetof(struct index, byroute)},
-	{"byowner", offsetof(struct index, byowner)},
-	{"byseq", offsetof(struct index, byseq)},
-	{"names", offsetof(struct index, names)},
-	{"digests", offsetof(struct index, digests)},
-	{"logs", offsetof(struct index, logs)},
-	{"blobs", offsetof(struct index, blobs)},
+	{"meta", offsetof(struct index, meta), 0},
+	{"jobs", offsetof(struct index, jobs), 0},
+	{"requests", offsetof(struct index, requests), 0},
+	{"queue", offsetof(struct index, queue), SET_FLAGS},
+	{"fair", offsetof(struct index, fair), 0},
+	{"running", offsetof(struct index, running), 0},
+	{"byroute", offsetof(struct index, byroute), SET_FLAGS},
+	{"byowner", offsetof(struct index, byowner), SET_FLAGS},
+	{"byseq", offsetof(struct index, byseq), SET_FLAGS},
+	{"names", offsetof(struct index, names), 0},
+	{"digests", offsetof(struct index, digests), 0},
+	{"logs", offsetof(struct index, logs), 0},
+	{"blobs", offsetof(struct index, blobs), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -231,13 +233,108 @@ static int meta_put(struct index *ix, MDB_txn *txn, const char *key, const void 
 	return mdb_put(txn, ix->meta, &k, &v, 0);
 }
 
-/* Open the named databases; create them (and the metadata) on a new index. */
+static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
+		      struct job *j);
+
+/* Open every named database, creating it when create is set. */
+static int open_all(struct index *ix, MDB_txn *txn, bool create)
+{
+	for (size_t i = 0; i < NDBS; i++) {
+		int rc = mdb_dbi_open(txn, dbdefs[i].name, dbdefs[i].flags | (create ? MDB_CREATE : 0),
+				      (MDB_dbi *)((char *)ix + dbdefs[i].off));
+		if (rc == MDB_NOTFOUND || rc == MDB_INCOMPATIBLE)
+			return store_seterr(STORE_E_INDEX,
+					    "'%s/data.mdb' lacks the '%s' database or has it in "
+					    "another layout",
+					    ix->dir, dbdefs[i].name);
+		if (rc)
+			return index_lmdb_err(ix, rc, "open database");
+	}
+	return 0;
+}
+
+/*
+ * Format 1 -> 2, inside the caller's write transaction: the four set
+ * databases are dropped and rebuilt from the job records, which are
+ * rewritten in the new layout (decode_job() reads both). A crash before
+ * the commit leaves the format-1 index untouched.
+ */
+static int upgrade_1(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	static const char *const sets[] = {"queue", "byroute", "byowner", "byseq"};
+	uint8_t last[JOB_ID_LEN], batch[256][JOB_ID_LEN], ver[4];
+	bool started = false;
+	MDB_dbi dbi;
+	int rc;
+
+	*njobs = 0;
+	for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++) {
+		if ((rc = mdb_dbi_open(txn, sets[i], 0, &dbi)) != 0 ||
+		    (rc = mdb_drop(txn, dbi, 1)) != 0)
+			return index_lmdb_err(ix, rc, "upgrade: drop old listing");
+	}
+	if ((rc = open_all(ix, txn, true)) != 0)
+		return rc;
+	/* In batches of ids, so that no cursor is open while records move. */
+	for (;;) {
+		MDB_cursor *cur;
+		MDB_val k = {JOB_ID_LEN, last}, v;
+		size_t n = 0;
+
+		if ((rc = mdb_cursor_open(txn, ix->jobs, &cur)) != 0)
+			return index_lmdb_err(ix, rc, "upgrade: read jobs");
+		rc = started ? mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE)
+			     : mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+		if (rc == 0 && started && memcmp(k.mv_data, last, JOB_ID_LEN) == 0)
+			rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+		for (; rc == 0 && n < 256; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+			if (k.mv_size != JOB_ID_LEN) {
+				mdb_cursor_close(cur);
+				return store_seterr(STORE_E_INDEX, "damaged job key in '%s/data.mdb'",
+						    ix->dir);
+			}
+			memcpy(batch[n++], k.mv_data, JOB_ID_LEN);
+		}
+		mdb_cursor_close(cur);
+		if (rc != 0 && rc != MDB_NOTFOUND)
+			return index_lmdb_err(ix, rc, "upgrade: read jobs");
+		for (size_t i = 0; i < n; i++) {
+			struct job j;
+
+			if ((rc = index_get_job(ix, txn, batch[i], &j)) != 0)
+				return rc;
+			rc = index_put_job(ix, txn, &j);
+			if (!rc)
+				rc = index_job_entries(ix, txn, &j, true);
+			if (!rc && j.status == JOB_QUEUED) {
+				uint8_t item[QUEUE_ITEM_LEN];
+				index_queue_item(&j, item);
+				rc = index_set_add(ix, txn, ix->queue, &j.group, 1, item, sizeof(item));
+			}
+			job_release(&j);
+			if (rc)
+				return rc;
+		}
+		*njobs += n;
+		if (n < 256)
+			break;
+		memcpy(last, batch[n - 1], JOB_ID_LEN);
+		started = true;
+	}
+	le32_put(ver, 2);
+	rc = meta_put(ix, txn, "version", ver, 4);
+	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+}
+
+/* Open the named databases; create them (and the metadata) on a new index,
+ * upgrade an index of an older format. */
 static int open_dbs(struct index *ix)
 {
 	MDB_txn *txn;
 	MDB_dbi main;
 	MDB_stat st;
 	MDB_val v;
+	uint32_t ver;
 	int rc;
 
 	rc = mdb_txn_begin(ix->env, NULL, ix->read_only ? MDB_RDONLY : 0, &txn);
@@ -259,18 +356,15 @@ static int open_dbs(struct index *ix)
 			return store_seterr(STORE_E_INDEX, "'%s' holds no renderfs index",
 					    ix->dir);
 		}
-		uint8_t ver[4], id[16], seq[8];
-		le32_put(ver, INDEX_FORMAT_VERSION);
+		uint8_t verb[4], id[16], seq[8];
+		le32_put(verb, INDEX_FORMAT_VERSION);
 		randombytes_buf(id, sizeof(id));
 		le64_put(seq, 1);
-		for (size_t i = 0; i < NDBS; i++) {
-			rc = mdb_dbi_open(txn, dbdefs[i].name, MDB_CREATE,
-					  (MDB_dbi *)((char *)ix + dbdefs[i].off));
-			if (rc)
-				break;
+		if ((rc = open_all(ix, txn, true)) != 0) {
+			mdb_txn_abort(txn);
+			return rc;
 		}
-		if (!rc)
-			rc = meta_put(ix, txn, "version", ver, 4);
+		rc = meta_put(ix, txn, "version", verb, 4);
 		if (!rc)
 			rc = meta_put(ix, txn, "store_id", id, 16);
 		if (!rc)
@@ -292,20 +386,37 @@ static int open_dbs(struct index *ix)
 		return store_seterr(STORE_E_INDEX, "'%s/data.mdb' has no valid format version",
 				    ix->dir);
 	}
-	if (le32_get(v.mv_data) != INDEX_FORMAT_VERSION) {
-		uint32_t ver = le32_get(v.mv_data);
+	ver = le32_get(v.mv_data);
+	if (ver == 0 || ver > INDEX_FORMAT_VERSION) {
 		mdb_txn_abort(txn);
 		return store_seterr(STORE_E_VERSION,
 				    "'%s/data.mdb' has format version %u; this renderfs reads %d",
 				    ix->dir, ver, INDEX_FORMAT_VERSION);
 	}
-	for (size_t i = 0; i < NDBS; i++) {
-		rc = mdb_dbi_open(txn, dbdefs[i].name, 0, (MDB_dbi *)((char *)ix + dbdefs[i].off));
-		if (rc) {
+	if (ver < INDEX_FORMAT_VERSION) {
+		uint64_t njobs;
+
+		if (ix->read_only) {
 			mdb_txn_abort(txn);
-			return store_seterr(STORE_E_INDEX, "'%s/data.mdb' lacks the '%s' database",
-					    ix->dir, dbdefs[i].name);
+			return store_seterr(STORE_E_VERSION,
+					    "'%s/data.mdb' has format version %u; mounting the "
+					    "store with renderfs upgrades it to %d",
+					    ix->dir, ver, INDEX_FORMAT_VERSION);
 		}
+		if ((rc = upgrade_1(ix, txn, &njobs)) != 0) {
+			mdb_txn_abort(txn);
+			return rc;
+		}
+		rc = mdb_txn_commit(txn);
+		if (rc)
+			return index_lmdb_err(ix, rc, "upgrade index");
+		ix->upgraded_from = ver;
+		ix->upgraded_jobs = njobs;
+		return 0;
+	}
+	if ((rc = open_all(ix, txn, false)) != 0) {
+		mdb_txn_abort(txn);
+		return rc;
 	}
 	/* Committed even when read-only: handles opened in an aborted
 	 * transaction are closed with it. */
@@ -357,6 +468,12 @@ int index_open(const char *dir, const struct index_options *opt, struct index **
 fail:
 	index_close(ix);
 	return rc;
+}
+
+uint32_t index_upgraded(struct index *ix, uint64_t *njobs)
+{
+	*njobs = ix->upgraded_jobs;
+	return ix->upgraded_from;
 }
 
 void index_close(struct index *ix)
@@ -497,21 +614,33 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 
 /* ---- job records ---- */
 
-static char *take_str(const uint8_t **p, const uint8_t *end, int *bad)
+/* A string: its length (u32 in format 1, LEB128 in format 2), then its
+ * bytes. Returns NULL with *bad = 1 when damaged, 2 without memory. */
+static char *take_str(const uint8_t **p, const uint8_t *end, bool v1, int *bad)
 {
 	uint32_t len;
 	char *s;
 
-	if (end - *p < 4) {
-		*bad = 1;
-		return NULL;
+	if (v1) {
+		if (end - *p < 4)
+			goto damaged;
+		len = le32_get(*p);
+		*p += 4;
+	} else {
+		if (end - *p < 1)
+			goto damaged;
+		len = (*p)[0];
+		*p += 1;
+		if (len & 0x80) {
+			/* Two bytes, canonical: the second is 1..127. */
+			if (end - *p < 1 || (*p)[0] == 0 || (*p)[0] & 0x80)
+				goto damaged;
+			len = (len & 0x7f) | (uint32_t)(*p)[0] << 7;
+			*p += 1;
+		}
 	}
-	len = le32_get(*p);
-	*p += 4;
-	if ((size_t)(end - *p) < len || len > INDEX_STR_MAX || memchr(*p, '\0', len)) {
-		*bad = 1;
-		return NULL;
-	}
+	if ((size_t)(end - *p) < len || len > INDEX_STR_MAX || memchr(*p, '\0', len))
+		goto damaged;
 	s = malloc(len + 1);
 	if (!s) {
 		*bad = 2;
@@ -521,24 +650,32 @@ static char *take_str(const uint8_t **p, const uint8_t *end, int *bad)
 	s[len] = '\0';
 	*p += len;
 	return s;
+damaged:
+	*bad = 1;
+	return NULL;
 }
 
+/* Decode a job record of format 2 (RJ2) or 1 (RJ1, read when upgrading). */
 static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
 		      struct job *j)
 {
-	const uint8_t *p = v->mv_data, *end = p + v->mv_size;
+	const uint8_t *p = v->mv_data, *end = p + v->mv_size, *out;
 	char idstr[JOB_ID_STR_LEN + 1];
+	uint8_t sum[RECORD_SUM_LEN];
+	bool v1;
 	int bad = 0;
 
-	uint8_t sum[RECORD_SUM_LEN];
-
 	memset(j, 0, sizeof(*j));
-	if (v->mv_size < RECORD_FIXED + RECORD_SUM_LEN)
+	if (v->mv_size < 4 + RECORD_SUM_LEN)
+		goto damaged;
+	v1 = memcmp(p, "RJ1", 4) == 0;
+	if (!v1 && memcmp(p, "RJ2", 4) != 0)
+		goto damaged;
+	if (v->mv_size < (v1 ? RECORD_FIXED_1 : RECORD_FIXED) + RECORD_SUM_LEN)
 		goto damaged;
 	end -= RECORD_SUM_LEN;
 	index_record_sum(p, v->mv_size - RECORD_SUM_LEN, sum);
-	if (memcmp(sum, end, RECORD_SUM_LEN) != 0 || memcmp(p, "RJ1", 4) != 0 ||
-	    p[4] > JOB_CANCELLED || p[5] > JOB_PRIO_HIGH)
+	if (memcmp(sum, end, RECORD_SUM_LEN) != 0 || p[4] > JOB_CANCELLED || p[5] > JOB_PRIO_HIGH)
 		goto damaged;
 	memcpy(j->id, id, JOB_ID_LEN);
 	j->status = p[4];
@@ -558,23 +695,23 @@ static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_
 	j->timeout_ms = le64_get(p + 64);
 	j->log_size = le64_get(p + 72);
 	j->round = le64_get(p + 80);
-	memcpy(j->request_digest, p + 88, 32);
-	memcpy(j->output_hash, p + 120, 32);
-	j->output_size = le64_get(p + 152);
+	out = p + (v1 ? 120 : 88); /* format 1: the request digest at 88 */
+	memcpy(j->output_hash, out, 32);
+	j->output_size = le64_get(out + 32);
 	if (j->progress > 1000)
 		goto damaged;
-	p += RECORD_FIXED;
-	j->route = take_str(&p, end, &bad);
-	j->name = take_str(&p, end, &bad);
-	j->media_type = take_str(&p, end, &bad);
-	j->device = take_str(&p, end, &bad);
-	j->error_code = take_str(&p, end, &bad);
-	j->error_message = take_str(&p, end, &bad);
+	p += v1 ? RECORD_FIXED_1 : RECORD_FIXED;
+	j->route = take_str(&p, end, v1, &bad);
+	j->name = take_str(&p, end, v1, &bad);
+	j->media_type = take_str(&p, end, v1, &bad);
+	j->device = take_str(&p, end, v1, &bad);
+	j->error_code = take_str(&p, end, v1, &bad);
+	j->error_message = take_str(&p, end, v1, &bad);
 	if (bad == 2) {
 		job_release(j);
 		return -ENOMEM;
 	}
-	if (bad || p != end) {
+	if (bad || p != end || !j->route[0]) {
 		job_release(j);
 		goto damaged;
 	}
@@ -585,16 +722,25 @@ damaged:
 			    ix->dir);
 }
 
-static size_t put_str(uint8_t *p, const char *s)
+static size_t str_len(const char *s)
 {
 	size_t len = s ? strlen(s) : 0;
+	return len > INDEX_STR_MAX ? INDEX_STR_MAX : len; /* bounded: longer ones are cut */
+}
 
-	if (len > INDEX_STR_MAX)
-		len = INDEX_STR_MAX; /* bounded: longer messages are cut */
-	le32_put(p, (uint32_t)len);
+static size_t put_str(uint8_t *p, const char *s)
+{
+	size_t len = str_len(s), n = 0;
+
+	if (len < 0x80) {
+		p[n++] = (uint8_t)len;
+	} else {
+		p[n++] = (uint8_t)(0x80 | (len & 0x7f));
+		p[n++] = (uint8_t)(len >> 7);
+	}
 	if (len)
-		memcpy(p + 4, s, len);
-	return 4 + len;
+		memcpy(p + n, s, len);
+	return n + len;
 }
 
 int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
@@ -607,13 +753,13 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	int rc;
 
 	for (int i = 0; i < 6; i++) {
-		size_t len = strs[i] ? strlen(strs[i]) : 0;
-		total += 4 + (len > INDEX_STR_MAX ? INDEX_STR_MAX : len);
+		size_t len = str_len(strs[i]);
+		total += (len < 0x80 ? 1 : 2) + len;
 	}
 	buf = calloc(1, total);
 	if (!buf)
 		return -ENOMEM;
-	memcpy(buf, "RJ1", 4);
+	memcpy(buf, "RJ2", 4);
 	buf[4] = (uint8_t)j->status;
 	buf[5] = (uint8_t)j->priority;
 	buf[6] = j->group;
@@ -633,9 +779,8 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	le64_put(buf + 64, j->timeout_ms);
 	le64_put(buf + 72, j->log_size);
 	le64_put(buf + 80, j->round);
-	memcpy(buf + 88, j->request_digest, 32);
-	memcpy(buf + 120, j->output_hash, 32);
-	le64_put(buf + 152, j->output_size);
+	memcpy(buf + 88, j->output_hash, 32);
+	le64_put(buf + 120, j->output_size);
 	p = buf + RECORD_FIXED;
 	for (int i = 0; i < 6; i++)
 		p += put_str(p, strs[i]);
@@ -706,15 +851,28 @@ struct create_arg {
 	bool existed;
 };
 
+/* Is the stored request of job id the same as c's? */
+static int same_request(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN],
+			const struct job_create *c, bool *same)
+{
+	MDB_val k = {JOB_ID_LEN, (void *)id}, v;
+	int rc = mdb_get(txn, ix->requests, &k, &v);
+
+	if (rc)
+		return index_lmdb_err(ix, rc, "read request");
+	*same = v.mv_size == c->request_len && memcmp(v.mv_data, c->request, v.mv_size) == 0;
+	return 0;
+}
+
 static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct create_arg *a = arg;
 	const struct job_create *c = a->c;
 	struct job j;
 	MDB_val k, v;
-	uint8_t seqkey[8], ownerkey[4 + JOB_ID_LEN];
-	char *rk = NULL, *nk = NULL;
-	size_t rklen, nklen = 0;
+	uint8_t seqkey[8];
+	char *nk = NULL;
+	size_t nklen = 0;
 	int rc;
 
 	if (c->name && *c->name) {
@@ -725,22 +883,17 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 		k.mv_data = nk;
 		rc = mdb_get(txn, ix->names, &k, &v);
 		if (rc == 0 && v.mv_size == JOB_ID_LEN) {
-			struct job old;
+			bool same = false;
 
 			memcpy(a->id, v.mv_data, JOB_ID_LEN);
-			rc = index_get_job(ix, txn, a->id, &old);
-			if (rc == 0) {
-				bool same = memcmp(old.request_digest, c->request_digest, 32) == 0;
-				job_release(&old);
-				if (same) {
-					a->existed = true;
-				} else {
-					rc = store_seterr(STORE_E_EXISTS,
-							  "name '%s' is already used on '%s' by a "
-							  "different request",
-							  c->name, c->route);
-				}
-			}
+			rc = same_request(ix, txn, a->id, c, &same);
+			if (rc == 0 && same)
+				a->existed = true;
+			else if (rc == 0)
+				rc = store_seterr(STORE_E_EXISTS,
+						  "name '%s' is already used on '%s' by a "
+						  "different request",
+						  c->name, c->route);
 			free(nk);
 			return rc;
 		}
@@ -770,7 +923,6 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 	j.gid = c->gid;
 	j.created_ms = j.updated_ms = now_ms();
 	j.timeout_ms = c->timeout_ms;
-	memcpy(j.request_digest, c->request_digest, 32);
 	j.route = (char *)c->route;
 	j.name = (char *)(c->name ? c->name : "");
 	if ((rc = index_enqueue(ix, txn, &j)) != 0)
@@ -784,33 +936,13 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 	v.mv_data = (void *)c->request;
 	if ((rc = mdb_put(txn, ix->requests, &k, &v, 0)) != 0)
 		goto lmdb;
-	rk = route_key(c->route, (const char *)j.id, JOB_ID_LEN, &rklen);
-	if (!rk) {
-		rc = -ENOMEM;
+	if ((rc = index_job_entries(ix, txn, &j, true)) != 0)
 		goto out;
-	}
-	k.mv_size = rklen;
-	k.mv_data = rk;
-	v.mv_size = 0;
-	v.mv_data = NULL;
-	if ((rc = mdb_put(txn, ix->byroute, &k, &v, 0)) != 0)
-		goto lmdb;
-	be32_put(ownerkey, c->uid);
-	memcpy(ownerkey + 4, j.id, JOB_ID_LEN);
-	k.mv_size = sizeof(ownerkey);
-	k.mv_data = ownerkey;
-	if ((rc = mdb_put(txn, ix->byowner, &k, &v, 0)) != 0)
-		goto lmdb;
-	be64_put(seqkey, j.seq);
-	k.mv_size = 8;
-	k.mv_data = seqkey;
-	v.mv_size = JOB_ID_LEN;
-	v.mv_data = j.id;
-	if ((rc = mdb_put(txn, ix->byseq, &k, &v, 0)) != 0)
-		goto lmdb;
 	if (nk) {
 		k.mv_size = nklen;
 		k.mv_data = nk;
+		v.mv_size = JOB_ID_LEN;
+		v.mv_data = j.id;
 		if ((rc = mdb_put(txn, ix->names, &k, &v, 0)) != 0)
 			goto lmdb;
 	}
@@ -819,7 +951,6 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 lmdb:
 	rc = index_lmdb_err(ix, rc, "create job");
 out:
-	free(rk);
 	free(nk);
 	return rc;
 }
@@ -941,46 +1072,124 @@ int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out
 	return rc;
 }
 
-/* ---- listing ---- */
+/* ---- sets and listing ---- */
+
+int index_set_add(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen,
+		  const void *item, size_t ilen)
+{
+	MDB_val k = {klen, (void *)key}, v = {ilen, (void *)item};
+	/* Items usually come in order (ids and seqs grow): appended, a full
+	 * page is left full instead of split in half. MDB_KEYEXIST: the item
+	 * is not the key's last, so it goes in its place. */
+	int rc = mdb_put(txn, dbi, &k, &v, MDB_APPENDDUP);
+
+	if (rc == MDB_KEYEXIST)
+		rc = mdb_put(txn, dbi, &k, &v, MDB_NODUPDATA);
+	return rc == 0 || rc == MDB_KEYEXIST ? 0 : index_lmdb_err(ix, rc, "write listing");
+}
+
+int index_set_del(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen,
+		  const void *item, size_t ilen)
+{
+	MDB_val k = {klen, (void *)key}, v = {ilen, (void *)item};
+	int rc = mdb_del(txn, dbi, &k, &v);
+
+	if (rc == MDB_NOTFOUND)
+		return STORE_E_NOTFOUND;
+	return rc ? index_lmdb_err(ix, rc, "delete from listing") : 0;
+}
+
+bool index_set_has(MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen, const void *item,
+		   size_t ilen)
+{
+	MDB_val k = {klen, (void *)key}, v = {ilen, (void *)item};
+	MDB_cursor *cur;
+	bool has;
+
+	if (mdb_cursor_open(txn, dbi, &cur) != 0)
+		return false;
+	has = mdb_cursor_get(cur, &k, &v, MDB_GET_BOTH) == 0;
+	mdb_cursor_close(cur);
+	return has;
+}
+
+int index_job_entries(struct index *ix, MDB_txn *txn, const struct job *j, bool add)
+{
+	uint8_t ownerkey[4], seqkey[8], seqitem[SEQ_ITEM_LEN];
+	int (*op)(struct index *, MDB_txn *, MDB_dbi, const void *, size_t, const void *,
+		  size_t) = add ? index_set_add : index_set_del;
+	int rc;
+
+	be32_put(ownerkey, j->uid);
+	seq_entry(j->seq, j->id, seqkey, seqitem);
+	/* Removing: an entry already missing is no reason to keep the rest. */
+	rc = op(ix, txn, ix->byroute, j->route, strlen(j->route), j->id, JOB_ID_LEN);
+	if (rc == 0 || rc == STORE_E_NOTFOUND)
+		rc = op(ix, txn, ix->byowner, ownerkey, 4, j->id, JOB_ID_LEN);
+	if (rc == 0 || rc == STORE_E_NOTFOUND)
+		rc = op(ix, txn, ix->byseq, seqkey, 8, seqitem, SEQ_ITEM_LEN);
+	return rc == STORE_E_NOTFOUND ? 0 : rc;
+}
+
+int index_job_listed(struct index *ix, MDB_txn *txn, const struct job *j)
+{
+	uint8_t ownerkey[4], seqkey[8], seqitem[SEQ_ITEM_LEN];
+	int missing = 0;
+
+	be32_put(ownerkey, j->uid);
+	seq_entry(j->seq, j->id, seqkey, seqitem);
+	if (!index_set_has(txn, ix->byroute, j->route, strlen(j->route), j->id, JOB_ID_LEN))
+		missing |= 1;
+	if (!index_set_has(txn, ix->byowner, ownerkey, 4, j->id, JOB_ID_LEN))
+		missing |= 2;
+	if (!index_set_has(txn, ix->byseq, seqkey, 8, seqitem, SEQ_ITEM_LEN))
+		missing |= 4;
+	return missing;
+}
 
 struct list_arg {
 	MDB_dbi dbi;
-	const uint8_t *prefix;
-	size_t prefix_len;
+	MDB_val key; /* the set's key; mv_size 0: the jobs database itself */
 	const uint8_t *after;
 	size_t max;
 	uint8_t (*ids)[JOB_ID_LEN];
 	size_t n;
 };
 
-/* Keys are prefix || id (16); collect ids > after with that prefix. */
+/* Collect ids > after: the items of a set's key, or the keys of jobs. */
 static int list_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct list_arg *a = arg;
-	uint8_t start[INDEX_ROUTE_MAX + 1 + JOB_ID_LEN];
+	bool set = a->key.mv_size > 0;
 	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
+	MDB_val k = a->key, v = {JOB_ID_LEN, (void *)a->after};
+	MDB_cursor_op first, next = set ? MDB_NEXT_DUP : MDB_NEXT;
+	int rc, err = 0;
 
-	memcpy(start, a->prefix, a->prefix_len);
-	if (a->after)
-		memcpy(start + a->prefix_len, a->after, JOB_ID_LEN);
-	k.mv_size = a->prefix_len + (a->after ? JOB_ID_LEN : 0);
-	k.mv_data = start;
-	if ((rc = mdb_cursor_open(txn, a->dbi, &cur)) != 0)
+	if (set) {
+		first = a->after ? MDB_GET_BOTH_RANGE : MDB_SET_KEY;
+	} else {
+		first = a->after ? MDB_SET_RANGE : MDB_FIRST;
+		k = v; /* jobs: the ids are the keys */
+	}
+	if ((rc = mdb_cursor_open(txn, set ? a->dbi : ix->jobs, &cur)) != 0)
 		return index_lmdb_err(ix, rc, "list");
-	rc = k.mv_size ? mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE)
-		       : mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+	rc = mdb_cursor_get(cur, &k, &v, first);
 	while (rc == 0 && a->n < a->max) {
-		if (k.mv_size != a->prefix_len + JOB_ID_LEN ||
-		    memcmp(k.mv_data, a->prefix, a->prefix_len) != 0)
+		const MDB_val *idv = set ? &v : &k;
+
+		if (idv->mv_size != JOB_ID_LEN) {
+			err = store_seterr(STORE_E_INDEX, "damaged listing entry in '%s/data.mdb'",
+					   ix->dir);
 			break;
-		const uint8_t *id = (const uint8_t *)k.mv_data + a->prefix_len;
-		if (!a->after || memcmp(id, a->after, JOB_ID_LEN) > 0)
-			memcpy(a->ids[a->n++], id, JOB_ID_LEN);
-		rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+		}
+		if (!a->after || memcmp(idv->mv_data, a->after, JOB_ID_LEN) > 0)
+			memcpy(a->ids[a->n++], idv->mv_data, JOB_ID_LEN);
+		rc = mdb_cursor_get(cur, &k, &v, next);
 	}
 	mdb_cursor_close(cur);
+	if (err)
+		return err;
 	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "list");
 }
 
@@ -988,13 +1197,12 @@ int index_list_by_route(struct index *ix, const char *route, const uint8_t *afte
 			uint8_t (*ids)[JOB_ID_LEN], size_t *n)
 {
 	size_t rl = strlen(route);
-	uint8_t prefix[INDEX_ROUTE_MAX + 1];
-	struct list_arg a = {ix->byroute, prefix, rl + 1, after, max, ids, 0};
+	struct list_arg a = {ix->byroute, {rl, (void *)route}, after, max, ids, 0};
 	int rc;
 
-	if (rl > INDEX_ROUTE_MAX)
+	*n = 0;
+	if (rl == 0 || rl > INDEX_ROUTE_MAX)
 		return -EINVAL;
-	memcpy(prefix, route, rl + 1);
 	rc = index_read(ix, list_fn, &a);
 	*n = a.n;
 	return rc;
@@ -1003,11 +1211,11 @@ int index_list_by_route(struct index *ix, const char *route, const uint8_t *afte
 int index_list_by_owner(struct index *ix, uint32_t uid, const uint8_t *after, size_t max,
 			uint8_t (*ids)[JOB_ID_LEN], size_t *n)
 {
-	uint8_t prefix[4];
-	struct list_arg a = {ix->byowner, prefix, 4, after, max, ids, 0};
+	uint8_t key[4];
+	struct list_arg a = {ix->byowner, {4, key}, after, max, ids, 0};
 	int rc;
 
-	be32_put(prefix, uid);
+	be32_put(key, uid);
 	rc = index_read(ix, list_fn, &a);
 	*n = a.n;
 	return rc;
@@ -1016,9 +1224,7 @@ int index_list_by_owner(struct index *ix, uint32_t uid, const uint8_t *after, si
 int index_list_all(struct index *ix, const uint8_t *after, size_t max,
 		   uint8_t (*ids)[JOB_ID_LEN], size_t *n)
 {
-	/* The jobs database's keys are bare ids: an empty prefix. The record
-	 * itself is the value, so list_fn's value is simply ignored. */
-	struct list_arg a = {ix->jobs, (const uint8_t *)"", 0, after, max, ids, 0};
+	struct list_arg a = {ix->jobs, {0, NULL}, after, max, ids, 0};
 	int rc = index_read(ix, list_fn, &a);
 
 	*n = a.n;
@@ -1051,33 +1257,46 @@ static int lookup_fn(struct index *ix, MDB_txn *txn, void *arg)
 struct seq_range_arg {
 	uint64_t seq;
 	uint8_t *id;
+	bool exact; /* index_job_by_seq(): seq itself or STORE_E_NOTFOUND */
 };
 
+/* The first byseq entry at or after a->seq: its seq and id. */
 static int seq_range_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct seq_range_arg *a = arg;
-	uint8_t key[8];
-	MDB_val k = {8, key}, v;
+	uint8_t key[8], item[SEQ_ITEM_LEN];
+	MDB_val k = {8, key}, v = {SEQ_ITEM_LEN, item};
 	MDB_cursor *cur;
 	int rc;
 
-	be64_put(key, a->seq);
+	seq_entry(a->seq, NULL, key, item);
 	if ((rc = mdb_cursor_open(txn, ix->byseq, &cur)) != 0)
 		return index_lmdb_err(ix, rc, "seek seq");
-	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	/* In seq's own key, the first item at or after it; else the first
+	 * item of the next key. */
+	rc = mdb_cursor_get(cur, &k, &v, MDB_GET_BOTH_RANGE);
+	if (rc == MDB_NOTFOUND && !a->exact) {
+		k = (MDB_val){8, key};
+		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+		if (rc == 0 && k.mv_size == 8 && memcmp(k.mv_data, key, 8) == 0)
+			rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT_NODUP);
+	}
 	mdb_cursor_close(cur);
 	if (rc)
 		return index_lmdb_err(ix, rc, "seek seq");
-	if (k.mv_size != 8 || v.mv_size != JOB_ID_LEN)
+	if (k.mv_size != 8 || v.mv_size != SEQ_ITEM_LEN)
 		return store_seterr(STORE_E_INDEX, "damaged seq entry in '%s/data.mdb'", ix->dir);
-	a->seq = be64_get(k.mv_data);
-	memcpy(a->id, v.mv_data, JOB_ID_LEN);
+	uint64_t found = be64_get(k.mv_data) << 16 | be16_get(v.mv_data);
+	if (a->exact && found != a->seq)
+		return index_lmdb_err(ix, MDB_NOTFOUND, "seek seq");
+	a->seq = found;
+	memcpy(a->id, (const uint8_t *)v.mv_data + 2, JOB_ID_LEN);
 	return 0;
 }
 
 int index_job_seq_at_or_after(struct index *ix, uint64_t *seq, uint8_t id[JOB_ID_LEN])
 {
-	struct seq_range_arg a = {*seq, id};
+	struct seq_range_arg a = {*seq, id, false};
 	int rc = index_read(ix, seq_range_fn, &a);
 
 	if (rc == 0)
@@ -1105,11 +1324,8 @@ int index_next_seq(struct index *ix, uint64_t *seq)
 
 int index_job_by_seq(struct index *ix, uint64_t seq, uint8_t id[JOB_ID_LEN])
 {
-	uint8_t key[8];
-	struct lookup_arg a = {ix->byseq, {8, key}, id, JOB_ID_LEN};
-
-	be64_put(key, seq);
-	return index_read(ix, lookup_fn, &a);
+	struct seq_range_arg a = {seq, id, true};
+	return index_read(ix, seq_range_fn, &a);
 }
 
 int index_name_lookup(struct index *ix, const char *route, const char *name,
@@ -1125,6 +1341,17 @@ int index_name_lookup(struct index *ix, const char *route, const char *name,
 	rc = index_read(ix, lookup_fn, &a);
 	free(k);
 	return rc;
+}
+
+void index_request_digest(const char *route, const char *request, size_t len,
+			  uint8_t out[INDEX_HASH_LEN])
+{
+	struct b3_hasher h;
+
+	b3_hasher_init(&h);
+	b3_hasher_update(&h, route, strlen(route) + 1);
+	b3_hasher_update(&h, request, len);
+	b3_hasher_finalize(&h, out, INDEX_HASH_LEN);
 }
 
 int index_digest_lookup(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],

@@ -14,29 +14,35 @@
  * struct job values are copies owned by the caller (job_release()).
  *
  * DATABASES (keys and values; integers big-endian in keys so that byte
- * order is numeric order, little-endian in values):
+ * order is numeric order, little-endian in values). "Sets" are LMDB
+ * MDB_DUPSORT | MDB_DUPFIXED databases: one key, many fixed-size sorted
+ * values, stored packed (no per-entry header), about 16-25 bytes a job:
  *   meta     "version" -> u32 format version (INDEX_FORMAT_VERSION)
  *            "store_id" -> 16 random bytes (inode generation)
  *            "next_seq" -> u64 next job sequence number
  *            "signing_key" -> 8-byte key number of the current key
  *   jobs     id (16) -> job record (below)
  *   requests id (16) -> normalized request JSON
- *   queue    group (1) | 255 - priority (1) | round (8) | id (16) -> empty
+ *   queue    set: group (1) -> 255 - priority (1) | round (8) | id (16)
  *   fair     group (1) -> u64 queued jobs in the group
  *            uid (4) -> u64 queued jobs of the owner, all groups
  *            group (1) | priority (1) -> u64 round of the last claimed job
  *            group (1) | priority (1) | uid (4) -> u64 owner's next round
- *   byroute  route | NUL | id (16) -> empty
- *   byowner  uid (4) | id (16) -> empty
- *   byseq    seq (8) -> id (16)
+ *   running  id (16) -> empty: jobs claimed and not finished
+ *   byroute  set: route -> id (16)
+ *   byowner  set: uid (4) -> id (16)
+ *   byseq    set: seq >> 16 (8) -> seq & 0xffff (2) | id (16)
  *   names    route | NUL | name -> id (16)
  *   digests  request digest (32) -> id (16) of a complete job
  *   logs     id (16) | byte offset of the line (8) -> line bytes
  *   blobs    BLAKE3 (32) -> blob record (below)
  *
+ * The request digest (index_request_digest()) is not stored with the job:
+ * it is computed from the route and the stored request when needed.
+ *
  * JOB RECORD (value in "jobs"):
  *   OFFSET SIZE DESCRIPTION
- *   0      4    magic "RJ1\0"
+ *   0      4    magic "RJ2\0"
  *   4      1    status (enum job_status)
  *   5      1    priority (enum job_priority)
  *   6      1    worker group
@@ -54,12 +60,19 @@
  *   64     8    timeout in milliseconds (0: the route's default)
  *   72     8    log size in bytes
  *   80     8    fair-share round of its queue entry (while queued)
- *   88     32   request digest
- *   120    32   output BLAKE3 (zero without output)
- *   152    8    output size
- *   160    ...  strings, each a u32 length then the bytes, in this order:
+ *   88     32   output BLAKE3 (zero without output)
+ *   120    8    output size
+ *   128    ...  strings, each a length (LEB128: one byte below 128, two
+ *               up to INDEX_STR_MAX) then the bytes, in this order:
  *               route, name, media type, device, error code, error message
  *   end-8  8    checksum: the first 8 bytes of the BLAKE3 of all before it
+ *
+ * FORMAT 1 (renderfs before index format 2) had the same databases with
+ * one entry per job in queue, byroute (route | NUL | id), byowner (uid |
+ * id) and byseq (seq -> id), and job records "RJ1\0" with the request
+ * digest at 88, the output at 120 and 152, strings from 160 with u32
+ * lengths: about 520 bytes a queued job against about 400. A read-write
+ * open upgrades a format-1 index in one transaction (index_open()).
  *
  * BLOB RECORD (value in "blobs"):
  *   0      8    size in bytes
@@ -85,7 +98,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 1
+#define INDEX_FORMAT_VERSION 2
 #define JOB_ID_LEN 16
 #define JOB_ID_STR_LEN 26 /* ULID text, without NUL */
 #define INDEX_HASH_LEN 32
@@ -137,7 +150,6 @@ struct job {
 	uint64_t timeout_ms;
 	uint64_t log_size;
 	uint64_t round;
-	uint8_t request_digest[INDEX_HASH_LEN];
 	uint8_t output_hash[INDEX_HASH_LEN];
 	uint64_t output_size;
 	char *route, *name, *media_type, *device, *error_code, *error_message;
@@ -162,10 +174,15 @@ struct index_options {
 /*
  * Open (creating if needed, unless read_only) the environment in dir.
  * Refuses foreign or damaged files and unknown format versions with a
- * message naming the file. *out is freed with index_close().
+ * message naming the file. An index of an older format is upgraded in one
+ * transaction (a crash leaves it as it was) when opened read-write, and
+ * refused with STORE_E_VERSION when opened read-only. *out is freed with
+ * index_close().
  */
 int index_open(const char *dir, const struct index_options *opt, struct index **out);
 void index_close(struct index *ix);
+/* The format index_open() upgraded from (0: none) and its job count. */
+uint32_t index_upgraded(struct index *ix, uint64_t *njobs);
 
 int index_store_id(struct index *ix, uint8_t out[16]);
 /* Current signing key number: 0, or STORE_E_NOTFOUND if none recorded. */
@@ -183,12 +200,11 @@ struct job_create {
 	uint64_t timeout_ms;
 	const char *request; /* normalized request JSON */
 	size_t request_len;
-	uint8_t request_digest[INDEX_HASH_LEN];
 };
 
 /*
  * Create a queued job, durably. With a name already used on the route:
- * the same request digest returns the existing job with *existed = true;
+ * the same request returns the existing job with *existed = true;
  * a different one fails with STORE_E_EXISTS.
  */
 int index_job_create(struct index *ix, const struct job_create *c, uint8_t id_out[JOB_ID_LEN],
@@ -273,6 +289,9 @@ int index_job_seq_at_or_after(struct index *ix, uint64_t *seq, uint8_t id[JOB_ID
 int index_next_seq(struct index *ix, uint64_t *seq);
 int index_name_lookup(struct index *ix, const char *route, const char *name,
 		      uint8_t id[JOB_ID_LEN]);
+/* The memoization key of a request: BLAKE3 of route, NUL, request. */
+void index_request_digest(const char *route, const char *request, size_t len,
+			  uint8_t out[INDEX_HASH_LEN]);
 int index_digest_lookup(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
 			uint8_t id[JOB_ID_LEN]);
 int index_digest_put(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],

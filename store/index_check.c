@@ -23,6 +23,13 @@
  *           page number; F_SUBDATA: data is a 48-byte database record
  *   database record (48): pad u32, flags u16, depth u16, branch, leaf,
  *                         overflow pages, entries, root (u64 each)
+ *   The set databases (MDB_DUPSORT | MDB_DUPFIXED) keep a key's values
+ *   in its leaf node: F_DUPDATA alone, a sub-page (a page header, then
+ *   the values packed: P_LEAF | P_SUBP | P_LEAF2, value size in pad);
+ *   F_DUPDATA | F_SUBDATA, the record of a sub-database (flags
+ *   MDB_DUPFIXED, value size in pad) whose leaves are P_LEAF2 pages; a
+ *   node without them holds one value. A P_LEAF2 page of n values of
+ *   size s has lower = 16 + 2n and upper = page size - n (s - 2).
  *   meta (at 16 in pages 0 and 1): magic, version, address, map size,
  *        free db (48), main db (48), last page u64, txnid u64
  */
@@ -45,9 +52,15 @@
 #define P_LEAF 0x02
 #define P_OVERFLOW 0x04
 #define P_META 0x08
+#define P_DIRTY 0x10 /* in memory only, but kept in sub-pages */
+#define P_LEAF2 0x20
+#define P_SUBP 0x40
 #define F_BIGDATA 0x01
 #define F_SUBDATA 0x02
 #define F_DUPDATA 0x04
+#define MDB_DUPSORT_F 0x04
+#define MDB_INTEGERKEY_F 0x08
+#define MDB_DUPFIXED_F 0x10
 #define INVALID_PGNO UINT64_MAX
 #define MAX_DEPTH 32
 
@@ -84,26 +97,63 @@ static int claim_pages(struct walk *w, uint64_t pg, uint64_t count)
 	return 0;
 }
 
-static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *leaf_depth);
+/* What the leaves of a tree hold. */
+struct tree_kind {
+	bool is_free; /* the freelist: data are page lists */
+	bool dupsort; /* a set database: nodes may hold values (F_DUPDATA) */
+	unsigned leaf2; /* a set's sub-database: P_LEAF2 leaves, values this size */
+};
 
-static int check_db_record(struct walk *w, const uint8_t *rec, int depth, bool is_free)
+static int walk_tree(struct walk *w, uint64_t pg, int depth, const struct tree_kind *kind,
+		     int *leaf_depth);
+
+/* A database record: a named database's (sub = false) or a set key's
+ * sub-database (sub = true). */
+static int check_db_record(struct walk *w, uint64_t pg, const uint8_t *rec, bool is_free,
+			   bool sub)
 {
 	uint64_t root = le64_get(rec + 40);
 	uint16_t flags = u16(rec + 4), tree_depth = u16(rec + 6);
+	uint32_t pad = (uint32_t)u16(rec) | (uint32_t)u16(rec + 2) << 16;
+	struct tree_kind kind = {is_free, false, 0};
 	int leaf_depth = -1;
 
+	if (sub) {
+		/* Values of a DUPFIXED set: fixed size, at most a key's. */
+		if (flags != MDB_DUPFIXED_F || pad == 0 || pad > 511 || root == INVALID_PGNO)
+			return bad(w, pg, "damaged set record");
+		kind.leaf2 = pad;
+	} else if (flags == (MDB_DUPSORT_F | MDB_DUPFIXED_F)) {
+		kind.dupsort = true;
+	} else if (flags & ~MDB_INTEGERKEY_F) {
+		/* No other kinds are used: their pages have other layouts. */
+		return bad(w, root == INVALID_PGNO ? pg : root, "unexpected database flags");
+	}
 	if (root == INVALID_PGNO)
 		return 0;
-	/* renderfs never uses duplicate-sorted databases (DUPSORT 0x04,
-	 * DUPFIXED 0x10...): their pages have other layouts. */
-	if (flags & ~0x0008u)
-		return bad(w, root, "unexpected database flags");
-	if (walk_tree(w, root, 0, is_free, &leaf_depth) != 0)
+	if (walk_tree(w, root, 0, &kind, &leaf_depth) != 0)
 		return -1;
 	/* LMDB sizes its cursor stacks from the recorded depth. */
 	if (leaf_depth + 1 != tree_depth)
 		return bad(w, root, "database depth does not match its tree");
-	(void)depth;
+	return 0;
+}
+
+/* A P_LEAF2 page of size bytes (a whole page or a sub-page): n values of
+ * ksize bytes packed after the header, with lower and upper as LMDB keeps
+ * them (lower - 16 = 2n, size - upper = n (ksize - 2)). */
+static int check_leaf2(struct walk *w, uint64_t pg, const uint8_t *p, size_t size,
+		       unsigned ksize)
+{
+	uint16_t lower = u16(p + 12), upper = u16(p + 14);
+	size_t n;
+
+	if (ksize < 2 || ksize > 511 || lower < PAGEHDR || (lower - PAGEHDR) % 2 ||
+	    upper > size || lower > upper)
+		return bad(w, pg, "damaged packed page");
+	n = (lower - PAGEHDR) / 2u;
+	if (PAGEHDR + n * ksize > size || size - upper != n * (ksize - 2))
+		return bad(w, pg, "packed page sizes do not add up");
 	return 0;
 }
 
@@ -125,8 +175,10 @@ static unsigned node_size(const uint8_t *node, bool branch)
 /* Pass 1: every node lies inside the page, nodes do not overlap, and they
  * fill the space between upper and the end of the page exactly. */
 static int check_placement(struct walk *w, uint64_t pg, const uint8_t *p, unsigned n,
-			   unsigned upper, bool branch)
+			   unsigned upper, bool branch, bool dupsort)
 {
+	unsigned allowed = dupsort ? F_DUPDATA | F_SUBDATA : F_BIGDATA | F_SUBDATA;
+
 	unsigned total = 0;
 
 	memset(w->used + upper, 0, w->psize - upper);
@@ -135,7 +187,9 @@ static int check_placement(struct walk *w, uint64_t pg, const uint8_t *p, unsign
 
 		if (off < upper || off + NODEHDR > w->psize)
 			return bad(w, pg, "node offset out of range");
-		if (!branch && (u16(p + off + 4) & ~(F_BIGDATA | F_SUBDATA)))
+		if (!branch && (u16(p + off + 4) & ~allowed))
+			return bad(w, pg, "unexpected node flags");
+		if (!branch && dupsort && u16(p + off + 4) == F_SUBDATA)
 			return bad(w, pg, "unexpected node flags");
 		size = node_size(p + off, branch);
 		if (size > w->psize - off)
@@ -151,8 +205,10 @@ static int check_placement(struct walk *w, uint64_t pg, const uint8_t *p, unsign
 }
 
 /* Pass 2 for a leaf node whose placement is checked: what its data names. */
-static int check_leaf_data(struct walk *w, uint64_t pg, const uint8_t *node, bool is_free)
+static int check_leaf_data(struct walk *w, uint64_t pg, const uint8_t *node,
+			   const struct tree_kind *kind)
 {
+	bool is_free = kind->is_free;
 	unsigned ksize = u16(node + 6);
 	uint16_t nflags = u16(node + 4);
 	uint64_t dsize = (uint64_t)u16(node) | (uint64_t)u16(node + 2) << 16;
@@ -175,7 +231,13 @@ static int check_leaf_data(struct walk *w, uint64_t pg, const uint8_t *node, boo
 	if (nflags & F_SUBDATA) {
 		if (dsize != DBREC)
 			return bad(w, pg, "damaged database record");
-		return check_db_record(w, d, 0, false);
+		return check_db_record(w, pg, d, false, (nflags & F_DUPDATA) != 0);
+	}
+	if (nflags & F_DUPDATA) {
+		/* A sub-page of packed values; P_DIRTY may be left set. */
+		if (dsize < PAGEHDR || (u16(d + 10) & ~P_DIRTY) != (P_LEAF | P_SUBP | P_LEAF2))
+			return bad(w, pg, "damaged set sub-page");
+		return check_leaf2(w, pg, d, dsize, u16(d + 8));
 	}
 	if (is_free) {
 		/* A list of free page numbers, led by its count. */
@@ -188,7 +250,8 @@ static int check_leaf_data(struct walk *w, uint64_t pg, const uint8_t *node, boo
 	return 0;
 }
 
-static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *leaf_depth)
+static int walk_tree(struct walk *w, uint64_t pg, int depth, const struct tree_kind *kind,
+		     int *leaf_depth)
 {
 	const uint8_t *p;
 	uint16_t flags, lower, upper;
@@ -205,9 +268,17 @@ static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *
 	flags = u16(p + 10) & 0x7f;
 	lower = u16(p + 12);
 	upper = u16(p + 14);
-	if (flags != P_BRANCH && flags != P_LEAF)
+	if (flags != P_BRANCH && flags != (kind->leaf2 ? P_LEAF | P_LEAF2 : P_LEAF))
 		return bad(w, pg, "not a branch or leaf page");
 	branch = flags == P_BRANCH;
+	if (!branch && kind->leaf2) {
+		if (*leaf_depth >= 0 && *leaf_depth != depth)
+			return bad(w, pg, "leaves at different depths");
+		*leaf_depth = depth;
+		if (u16(p + 8) != kind->leaf2)
+			return bad(w, pg, "packed page of another value size");
+		return check_leaf2(w, pg, p, w->psize, kind->leaf2);
+	}
 	if (lower < PAGEHDR || lower > upper || upper > w->psize || (lower - PAGEHDR) % 2)
 		return bad(w, pg, "page bounds out of range");
 	n = (lower - PAGEHDR) / 2u;
@@ -218,7 +289,7 @@ static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *
 			return bad(w, pg, "leaves at different depths");
 		*leaf_depth = depth;
 	}
-	if (check_placement(w, pg, p, n, upper, branch) != 0)
+	if (check_placement(w, pg, p, n, upper, branch, kind->dupsort) != 0)
 		return -1;
 	for (unsigned i = 0; i < n; i++) {
 		const uint8_t *node = p + u16(p + PAGEHDR + 2 * i);
@@ -226,9 +297,9 @@ static int walk_tree(struct walk *w, uint64_t pg, int depth, bool is_free, int *
 		if (branch) {
 			uint64_t child = (uint64_t)u16(node) | (uint64_t)u16(node + 2) << 16 |
 					 (uint64_t)u16(node + 4) << 32;
-			if (walk_tree(w, child, depth + 1, is_free, leaf_depth) != 0)
+			if (walk_tree(w, child, depth + 1, kind, leaf_depth) != 0)
 				return -1;
-		} else if (check_leaf_data(w, pg, node, is_free) != 0) {
+		} else if (check_leaf_data(w, pg, node, kind) != 0) {
 			return -1;
 		}
 	}
@@ -270,8 +341,8 @@ int index_check_tree(const char *path, unsigned psize, off_t meta_off, uint64_t 
 		return -ENOMEM;
 	}
 	const uint8_t *meta = w.map + meta_off + PAGEHDR;
-	if (check_db_record(&w, meta + 24, 0, true) != 0 ||
-	    check_db_record(&w, meta + 24 + DBREC, 0, false) != 0)
+	if (check_db_record(&w, 0, meta + 24, true, false) != 0 ||
+	    check_db_record(&w, 0, meta + 24 + DBREC, false, false) != 0)
 		rc = store_seterr(STORE_E_INDEX, "'%s' is damaged (%s)", path, w.why);
 	free(w.seen);
 	free(w.used);

@@ -7,10 +7,14 @@
 
 #include <lmdb.h>
 #include <pthread.h>
+#include <string.h>
 
 #include "index.h"
 
-#define QUEUE_KEY_LEN (1 + 1 + 8 + JOB_ID_LEN)
+/* Items of the set databases (index.h). */
+#define QUEUE_ITEM_LEN (1 + 8 + JOB_ID_LEN) /* 255 - priority | round | id */
+#define SEQ_ITEM_LEN (2 + JOB_ID_LEN)	    /* seq & 0xffff | id */
+#define SET_FLAGS (MDB_DUPSORT | MDB_DUPFIXED)
 
 /* One caller's change, run by whichever thread leads the next commit. */
 struct index_wop {
@@ -27,6 +31,8 @@ struct index {
 		digests, logs, blobs;
 	char dir[4096];
 	bool read_only;
+	uint32_t upgraded_from; /* format upgraded at open (0: none); set once */
+	uint64_t upgraded_jobs;
 
 	/*
 	 * Group commit. Protected by wmu: wq_head, wq_tail, wq_len, leader,
@@ -56,6 +62,22 @@ int index_lmdb_err(struct index *ix, int rc, const char *what);
 
 int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], struct job *j);
 int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j);
+
+/* Set databases: add an item under key (present already: 0), remove it
+ * (absent: STORE_E_NOTFOUND), or test for it. */
+int index_set_add(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen,
+		  const void *item, size_t ilen);
+int index_set_del(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen,
+		  const void *item, size_t ilen);
+bool index_set_has(MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen, const void *item,
+		   size_t ilen);
+
+/* A job's entries in byroute, byowner and byseq: add (on create and when
+ * upgrading an index) or remove (on delete). fsck checks them the same
+ * way through index_job_listed(). */
+int index_job_entries(struct index *ix, MDB_txn *txn, const struct job *j, bool add);
+/* Which of byroute (1), byowner (2), byseq (4) lack the job: 0 when none. */
+int index_job_listed(struct index *ix, MDB_txn *txn, const struct job *j);
 
 /* Integer codecs. */
 static inline void be64_put(uint8_t *p, uint64_t v)
@@ -111,7 +133,31 @@ size_t index_blob_encode(const struct blob_info *b, uint8_t out[BLOB_REC_MAX]);
 /* index_check.c: walk the B-tree of an LMDB data file (see there). */
 int index_check_tree(const char *path, unsigned psize, off_t meta_off, uint64_t last_pg);
 
+static inline void be16_put(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+static inline uint16_t be16_get(const uint8_t *p)
+{
+	return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+/* The byseq entry of seq: key seq >> 16, item low 16 bits | id. */
+static inline void seq_entry(uint64_t seq, const uint8_t *id, uint8_t key[8],
+			     uint8_t item[SEQ_ITEM_LEN])
+{
+	be64_put(key, seq >> 16);
+	be16_put(item, (uint16_t)seq);
+	if (id)
+		memcpy(item + 2, id, JOB_ID_LEN);
+	else
+		memset(item + 2, 0, JOB_ID_LEN);
+}
+
 /* index_queue.c */
+/* The queue item of a queued job (key: its group). */
+void index_queue_item(const struct job *j, uint8_t item[QUEUE_ITEM_LEN]);
 int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j);
 int index_dequeue(struct index *ix, MDB_txn *txn, const struct job *j);
 int index_mark_running(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], bool on);

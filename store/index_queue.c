@@ -19,12 +19,11 @@
 #include "index.h"
 #include "index_i.h"
 
-static void queue_key(const struct job *j, uint8_t key[QUEUE_KEY_LEN])
+void index_queue_item(const struct job *j, uint8_t item[QUEUE_ITEM_LEN])
 {
-	key[0] = j->group;
-	key[1] = (uint8_t)(255 - j->priority);
-	be64_put(key + 2, j->round);
-	memcpy(key + 10, j->id, JOB_ID_LEN);
+	item[0] = (uint8_t)(255 - j->priority);
+	be64_put(item + 1, j->round);
+	memcpy(item + 9, j->id, JOB_ID_LEN);
 }
 
 static int fair_get(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len,
@@ -83,9 +82,8 @@ static int depth_add(struct index *ix, MDB_txn *txn, const struct job *j, int de
 
 int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j)
 {
-	uint8_t cur_key[2] = {j->group, (uint8_t)j->priority}, own_key[6], qk[QUEUE_KEY_LEN];
+	uint8_t cur_key[2] = {j->group, (uint8_t)j->priority}, own_key[6], item[QUEUE_ITEM_LEN];
 	uint64_t cur, next;
-	MDB_val k = {QUEUE_KEY_LEN, qk}, v = {0, NULL};
 	int rc;
 
 	memcpy(own_key, cur_key, 2);
@@ -96,26 +94,23 @@ int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j)
 	j->round = cur > next ? cur : next;
 	if ((rc = fair_put(ix, txn, own_key, 6, j->round + 1)) != 0)
 		return rc;
-	queue_key(j, qk);
-	if ((rc = mdb_put(txn, ix->queue, &k, &v, 0)) != 0)
-		return index_lmdb_err(ix, rc, "enqueue");
+	index_queue_item(j, item);
+	if ((rc = index_set_add(ix, txn, ix->queue, &j->group, 1, item, sizeof(item))) != 0)
+		return rc;
 	return depth_add(ix, txn, j, 1);
 }
 
 int index_dequeue(struct index *ix, MDB_txn *txn, const struct job *j)
 {
-	uint8_t qk[QUEUE_KEY_LEN];
-	MDB_val k = {QUEUE_KEY_LEN, qk};
+	uint8_t item[QUEUE_ITEM_LEN];
 	int rc;
 
-	queue_key(j, qk);
-	rc = mdb_del(txn, ix->queue, &k, NULL);
-	if (rc == MDB_NOTFOUND)
+	index_queue_item(j, item);
+	rc = index_set_del(ix, txn, ix->queue, &j->group, 1, item, sizeof(item));
+	if (rc == STORE_E_NOTFOUND)
 		return store_seterr(STORE_E_INDEX, "queued job missing from the queue in '%s'",
 				    ix->dir);
-	if (rc)
-		return index_lmdb_err(ix, rc, "dequeue");
-	return depth_add(ix, txn, j, -1);
+	return rc ? rc : depth_add(ix, txn, j, -1);
 }
 
 int index_mark_running(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], bool on)
@@ -145,17 +140,16 @@ static int claim_fn(struct index *ix, MDB_txn *txn, void *arg)
 	struct job j;
 	int rc;
 
+	/* The group's first item: the smallest. */
 	if ((rc = mdb_cursor_open(txn, ix->queue, &cur)) != 0)
 		return index_lmdb_err(ix, rc, "claim");
-	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-	if (rc == 0 && (k.mv_size != QUEUE_KEY_LEN || ((uint8_t *)k.mv_data)[0] != a->group))
-		rc = MDB_NOTFOUND;
-	if (rc) {
-		mdb_cursor_close(cur);
-		return rc == MDB_NOTFOUND ? STORE_E_NOTFOUND : index_lmdb_err(ix, rc, "claim");
-	}
-	memcpy(id, (uint8_t *)k.mv_data + 10, JOB_ID_LEN);
+	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY);
 	mdb_cursor_close(cur);
+	if (rc)
+		return rc == MDB_NOTFOUND ? STORE_E_NOTFOUND : index_lmdb_err(ix, rc, "claim");
+	if (v.mv_size != QUEUE_ITEM_LEN)
+		return store_seterr(STORE_E_INDEX, "damaged queue entry in '%s/data.mdb'", ix->dir);
+	memcpy(id, (uint8_t *)v.mv_data + 9, JOB_ID_LEN);
 	if ((rc = index_get_job(ix, txn, id, &j)) != 0)
 		return rc;
 	if (j.status != JOB_QUEUED) {
@@ -532,8 +526,7 @@ static int del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key,
 static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct delete_arg *a = arg;
-	uint8_t key[INDEX_ROUTE_MAX + 1 + INDEX_NAME_MAX + JOB_ID_LEN];
-	size_t rl;
+	uint8_t key[INDEX_ROUTE_MAX + 1 + INDEX_NAME_MAX];
 	struct job j;
 	MDB_cursor *cur;
 	MDB_val k, v;
@@ -547,34 +540,35 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	}
 	if (j.status == JOB_QUEUED && (rc = index_dequeue(ix, txn, &j)) != 0)
 		goto out;
-	if ((rc = del_key(ix, txn, ix->jobs, j.id, JOB_ID_LEN)) != 0 ||
-	    (rc = del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0)
+	/* The digest entry, if it names this job, would memoize a deleted job:
+	 * the digest is computed from the request before it goes. */
+	k.mv_size = JOB_ID_LEN;
+	k.mv_data = j.id;
+	if ((rc = mdb_get(txn, ix->requests, &k, &v)) == 0) {
+		uint8_t digest[INDEX_HASH_LEN];
+
+		index_request_digest(j.route, v.mv_data, v.mv_size, digest);
+		k.mv_size = INDEX_HASH_LEN;
+		k.mv_data = digest;
+		if (mdb_get(txn, ix->digests, &k, &v) == 0 && v.mv_size == JOB_ID_LEN &&
+		    memcmp(v.mv_data, j.id, JOB_ID_LEN) == 0 &&
+		    (rc = del_key(ix, txn, ix->digests, digest, INDEX_HASH_LEN)) != 0)
+			goto out;
+	} else if (rc != MDB_NOTFOUND) {
+		rc = index_lmdb_err(ix, rc, "delete");
 		goto out;
-	rl = strlen(j.route);
-	memcpy(key, j.route, rl + 1);
-	memcpy(key + rl + 1, j.id, JOB_ID_LEN);
-	if ((rc = del_key(ix, txn, ix->byroute, key, rl + 1 + JOB_ID_LEN)) != 0)
+	}
+	if ((rc = del_key(ix, txn, ix->jobs, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = index_job_entries(ix, txn, &j, false)) != 0)
 		goto out;
 	if (j.name[0]) {
-		size_t nl = strlen(j.name);
+		size_t rl = strlen(j.route), nl = strlen(j.name);
+		memcpy(key, j.route, rl + 1);
 		memcpy(key + rl + 1, j.name, nl);
 		if ((rc = del_key(ix, txn, ix->names, key, rl + 1 + nl)) != 0)
 			goto out;
 	}
-	be32_put(key, j.uid);
-	memcpy(key + 4, j.id, JOB_ID_LEN);
-	if ((rc = del_key(ix, txn, ix->byowner, key, 4 + JOB_ID_LEN)) != 0)
-		goto out;
-	be64_put(key, j.seq);
-	if ((rc = del_key(ix, txn, ix->byseq, key, 8)) != 0)
-		goto out;
-	/* The digest entry, if it names this job, would memoize a deleted job. */
-	k.mv_size = INDEX_HASH_LEN;
-	k.mv_data = j.request_digest;
-	if (mdb_get(txn, ix->digests, &k, &v) == 0 && v.mv_size == JOB_ID_LEN &&
-	    memcmp(v.mv_data, j.id, JOB_ID_LEN) == 0 &&
-	    (rc = del_key(ix, txn, ix->digests, j.request_digest, INDEX_HASH_LEN)) != 0)
-		goto out;
 	/* Log lines: every key with the job id as prefix. */
 	if ((rc = mdb_cursor_open(txn, ix->logs, &cur)) != 0) {
 		rc = index_lmdb_err(ix, rc, "delete log");
@@ -697,7 +691,7 @@ struct position_arg {
 static int position_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct position_arg *a = arg;
-	uint8_t qk[QUEUE_KEY_LEN];
+	uint8_t item[QUEUE_ITEM_LEN], group;
 	MDB_cursor *cur;
 	MDB_val k, v;
 	struct job j;
@@ -710,15 +704,17 @@ static int position_fn(struct index *ix, MDB_txn *txn, void *arg)
 		job_release(&j);
 		return rc;
 	}
-	queue_key(&j, qk);
+	index_queue_item(&j, item);
+	group = j.group;
 	job_release(&j);
 	if ((rc = mdb_cursor_open(txn, ix->queue, &cur)) != 0)
 		return index_lmdb_err(ix, rc, "queue position");
 	k.mv_size = 1;
-	k.mv_data = qk; /* the group byte: the group's first entry */
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		if (k.mv_size != QUEUE_KEY_LEN || memcmp(k.mv_data, qk, QUEUE_KEY_LEN) >= 0)
+	k.mv_data = &group;
+	/* The items before the job's own, in its group. */
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT_DUP)) {
+		if (v.mv_size != QUEUE_ITEM_LEN || memcmp(v.mv_data, item, QUEUE_ITEM_LEN) >= 0)
 			break;
 		a->pos++;
 	}

@@ -39,7 +39,6 @@ static void make_pristine(void)
 		c.uid = c.gid = 1000;
 		c.request = req;
 		c.request_len = strlen(req);
-		b3_hash(req, strlen(req), c.request_digest);
 		index_job_create(store_index(st), &c, id, NULL);
 		index_job_log(store_index(st), id, "created", 7);
 	}
@@ -258,20 +257,18 @@ static void test_record_flip(void)
 	snprintf(dir, sizeof(dir), "%s/record", base);
 	snprintf(data, sizeof(data), "%s/index/data.mdb", dir);
 	copy_store(dir);
-	/* Job 7's record, found by its request digest (at offset 88). LMDB
-	 * is copy-on-write: freed pages may hold stale copies, so every copy
-	 * is damaged, the live one among them. */
-	const char *req7 = "{\"prompt\":\"job 7\"}";
-	uint8_t digest[32];
+	/* Job 7's record, found by its magic and its seq (8: seqs start at 1,
+	 * at offset 24). LMDB is copy-on-write: freed pages may hold stale
+	 * copies, so every copy is damaged, the live one among them. */
+	const uint8_t seq8[8] = {8, 0, 0, 0, 0, 0, 0, 0};
 	int copies = 0;
-	b3_hash(req7, strlen(req7), digest);
 	REQUIRE(file_read_small(data, 1 << 26, &bytes, &len) == 0, "read");
 	int fd = open(data, O_RDWR);
-	for (char *q = bytes; (q = memmem(q, len - (size_t)(q - bytes), digest, 32)) != NULL;
+	for (char *q = bytes; (q = memmem(q, len - (size_t)(q - bytes), "RJ2\0", 4)) != NULL;
 	     q++) {
-		if (q - bytes < 88 || memcmp(q - 88, "RJ1\0", 4) != 0)
+		if ((size_t)(q - bytes) + 32 > len || memcmp(q + 24, seq8, 8) != 0)
 			continue;
-		off_t off = (q - 88 - bytes) + 36; /* inside created_at */
+		off_t off = (q - bytes) + 36; /* inside created_at */
 		uint8_t b = (uint8_t)bytes[off] ^ 0x01;
 		REQUIRE(pwrite(fd, &b, 1, off) == 1, "write");
 		copies++;
@@ -302,6 +299,47 @@ static void test_record_flip(void)
 	CHECK(damaged == 1 && good == 299, "damaged %zu good %zu", damaged, good);
 	CHECK(fsck_run(dir, out, sizeof(out)) == 1 && strstr(out, "damaged record"),
 	      "fsck: %s", out);
+}
+
+/* The set databases' packed pages (P_LEAF2, index_check.c): a count or a
+ * value size that does not fit is refused before LMDB reads the page. A
+ * compacted copy of the index holds live pages only. */
+static void test_set_pages(void)
+{
+	char dir[128], idx[160], cidx[170], data[200], *bytes;
+	const char *what[] = {"one value more than the page holds", "another value size"};
+	const off_t field[] = {12, 8}; /* lower; pad (the value size) */
+	MDB_env *env;
+	size_t len;
+	off_t page = -1;
+
+	snprintf(dir, sizeof(dir), "%s/sets", base);
+	snprintf(idx, sizeof(idx), "%s/index", dir);
+	snprintf(cidx, sizeof(cidx), "%s/compact", dir);
+	snprintf(data, sizeof(data), "%s/data.mdb", idx);
+	for (int v = 0; v < 2; v++) {
+		copy_store(dir);
+		REQUIRE(mkdir(cidx, 0700) == 0, "mkdir");
+		REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 32) == 0 &&
+				mdb_env_open(env, idx, MDB_RDONLY, 0600) == 0 &&
+				mdb_env_copy2(env, cidx, MDB_CP_COMPACT) == 0,
+			"compact copy");
+		mdb_env_close(env);
+		run_cmd("rm -rf '%s' && mv '%s' '%s'", idx, cidx, idx);
+		REQUIRE(file_read_small(data, 1 << 26, &bytes, &len) == 0, "read");
+		for (size_t off = 2 * 4096; page < 0 && off + 4096 <= len; off += 4096)
+			if ((uint8_t)bytes[off + 10] == 0x22 && bytes[off + 11] == 0)
+				page = (off_t)off;
+		free(bytes);
+		REQUIRE(page > 0, "no packed page in the index");
+		uint8_t b;
+		int fd = open(data, O_RDWR);
+		REQUIRE(pread(fd, &b, 1, page + field[v]) == 1, "read");
+		b = (uint8_t)(b + 2);
+		REQUIRE(pwrite(fd, &b, 1, page + field[v]) == 1, "write");
+		close(fd);
+		expect_open_error(dir, STORE_E_INDEX, "packed page", what[v]);
+	}
 }
 
 static void test_keys(void)
@@ -348,6 +386,7 @@ int main(void)
 	test_meta_flips();
 	test_random_flips();
 	test_record_flip();
+	test_set_pages();
 	test_keys();
 	rm_rf(base);
 	return check_done("test_badinput");

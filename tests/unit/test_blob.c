@@ -36,7 +36,6 @@ static int new_job(uint8_t id[JOB_ID_LEN], const char *req)
 	c.priority = JOB_PRIO_NORMAL;
 	c.request = req;
 	c.request_len = strlen(req);
-	b3_hash(req, strlen(req), c.request_digest);
 	if ((rc = index_job_create(store_index(st), &c, id, NULL)) != 0)
 		return rc;
 	/* claim it so that it may receive an output */

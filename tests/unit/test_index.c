@@ -26,7 +26,6 @@ static struct job_create mk(const char *route, uint32_t uid, enum job_priority p
 	c.priority = p;
 	c.request = request;
 	c.request_len = strlen(request);
-	b3_hash(request, strlen(request), c.request_digest);
 	return c;
 }
 
@@ -225,10 +224,16 @@ static void test_names(void)
 	bad = c;
 	bad.priority = (enum job_priority)7;
 	CHECK(index_job_create(ix, &bad, b, NULL) == -EINVAL, "bad priority");
-	/* digests */
-	CHECK(index_digest_put(ix, c.request_digest, a) == 0, "digest put");
-	CHECK(index_digest_lookup(ix, c.request_digest, b) == 0 && memcmp(a, b, 16) == 0,
-	      "digest lookup");
+	/* digests: of route and request; deleting the job one names removes it */
+	uint8_t dg[32], dg2[32];
+	index_request_digest(c.route, c.request, c.request_len, dg);
+	index_request_digest("video/synth/default/t2v", c.request, c.request_len, dg2);
+	CHECK(memcmp(dg, dg2, 32) != 0, "digest depends on the route");
+	CHECK(index_job_create(ix, &c, a, NULL) == 0, "create for digest");
+	CHECK(index_digest_put(ix, dg, a) == 0, "digest put");
+	CHECK(index_digest_lookup(ix, dg, b) == 0 && memcmp(a, b, 16) == 0, "digest lookup");
+	CHECK(index_job_delete(ix, a, &freed, fh) == 0, "delete digest job");
+	CHECK(index_digest_lookup(ix, dg, b) == STORE_E_NOTFOUND, "digest removed with its job");
 	/* drain the queue for the next tests */
 	struct job j;
 	while (index_job_claim(ix, 0, &j) == 0) {

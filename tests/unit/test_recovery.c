@@ -66,7 +66,6 @@ static void *creator(void *arg)
 		jc.priority = (enum job_priority)(rand_r(&seed) % 3);
 		jc.request = req;
 		jc.request_len = strlen(req);
-		b3_hash(req, strlen(req), jc.request_digest);
 		if (index_job_create(store_index(c->st), &jc, id, NULL) == 0)
 			report(c, 'A', id);
 	}
@@ -243,7 +242,6 @@ static void test_output_committed_before_crash(void)
 	jc.route = "image/synth/default/t2i";
 	jc.request = "{}";
 	jc.request_len = 2;
-	b3_hash(jc.request, jc.request_len, jc.request_digest);
 	CHECK(index_job_create(store_index(st), &jc, id, NULL) == 0, "create: %s",
 	      store_lasterr());
 	CHECK(index_job_claim(store_index(st), 0, &j) == 0, "claim: %s", store_lasterr());

@@ -1,0 +1,83 @@
+"""A store written with index format 1 (tests/data/make-store-format1.sh)
+is upgraded when it is mounted: every job reads as before, with the same
+inode numbers, the queue keeps its order, names and memoization still
+work, and fsck is clean. Read-only tools refuse it with a message."""
+import json
+import os
+import subprocess
+import tarfile
+
+from conftest import IMAGE, TOP, WAN, need
+
+DATA = TOP / "tests" / "data"
+
+
+def unpack(tmp_path):
+    with tarfile.open(DATA / "store-format1.tar.gz") as t:
+        t.extractall(tmp_path)
+    return tmp_path / "store", json.loads((DATA / "store-format1.json").read_text())
+
+
+def test_format1_store_is_upgraded(tmp_path, mount_factory, renderctl):
+    store, expected = unpack(tmp_path)
+
+    r = renderctl("fsck", store, check=1)
+    assert "format version 1; mounting the store with renderfs upgrades it to 2" in r.stdout
+
+    m = mount_factory(["workers=0"], store=store)
+    assert f"upgraded the index of '{store}' from format 1 to 2 (8 jobs)" in m.log()
+    listed = {e for route in (IMAGE, WAN) for e in os.listdir(m.route(route))
+              if (m.route(route) / e).is_dir()}
+    assert listed == set(expected)
+    queued = {}
+    for name, want in expected.items():
+        d = m.job(want["route"], name)
+        got = json.loads((d / "status.json").read_text())
+        got.pop("progress")
+        got["log"] = (d / "log").read_text()
+        got["request"] = json.loads((d / "request.json").read_text())
+        got["ino"] = os.stat(d).st_ino
+        got["status_ino"] = os.stat(d / "status").st_ino
+        assert got == want, name
+        if want["status"] == "queued":
+            queued[want["request"]["prompt"]] = name
+        if want["status"] == "complete":
+            out = d / want["output"]["name"]
+            b3 = subprocess.run([need("b3sum"), "--no-names", str(out)], capture_output=True,
+                                text=True, check=True).stdout.split()[0]
+            assert b3 == want["output"]["blake3"]
+    # The owner's listing (jobs/) has every job by id.
+    assert sorted(os.listdir(m.path / "jobs")) == sorted(v["id"] for v in expected.values())
+    # Queue order survived: high, normal, low.
+    assert [m.status(IMAGE, queued[p])["position"] for p in ("q high", "q normal", "q low")] \
+        == [0, 1, 2]
+    m.stop()
+    r = renderctl("fsck", store, check=0)
+    assert "0 problems" in r.stdout
+
+    # Running again: the queue drains in order; names and memoization still
+    # find the upgraded jobs.
+    m = mount_factory(["workers=1"], store=store, name="mnt2")
+    assert "upgraded the index" not in m.log()
+    done = {p: m.wait(IMAGE, queued[p]) for p in queued}
+    assert set(done.values()) == {"complete"}
+    started = [m.status(IMAGE, queued[p])["started_at"] for p in ("q high", "q normal", "q low")]
+    assert started == sorted(started)
+    owl = expected["owl"]
+    assert m.submit(IMAGE, {"input": owl["request"], "name": "owl"}) == "owl"
+    err, line = m.submit_err(IMAGE, json.dumps(
+        {"input": dict(owl["request"], seed=99), "name": "owl"}).encode() + b"\n")
+    assert err == 17 and "owl" in line, (err, line)  # EEXIST
+    fox = next(v for v in expected.values() if v["request"].get("prompt") == "red fox"
+               and not v["cached"])
+    again = m.submit(IMAGE, fox["request"])
+    assert m.wait(IMAGE, again) == "complete"
+    st = m.status(IMAGE, again)
+    assert st["cached"] and st["output"]["blake3"] == fox["output"]["blake3"]
+    # Deleting an upgraded job removes it from every listing.
+    subprocess.run(["rm", "-r", str(m.job(IMAGE, fox["id"]))], check=True)
+    assert fox["id"] not in os.listdir(m.route(IMAGE))
+    assert fox["id"] not in os.listdir(m.path / "jobs")
+    m.stop()
+    r = renderctl("fsck", store, check=0)
+    assert "0 problems" in r.stdout
