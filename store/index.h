@@ -84,7 +84,7 @@
  * LMDB has no checksums of its own: the record checksums turn a damaged
  * value into an error (STORE_E_INDEX) instead of wrong data.
  *
- * SCHEDULING: claims take the smallest queue key of a group: highest
+ * SCHEDULING: claims take the smallest queue item of a group: highest
  * priority first, then the smallest fair-share round, then the oldest id.
  * A job enqueued by uid u gets round max(last claimed round, u's next
  * round) and advances u's next round, so owners alternate round-robin:
