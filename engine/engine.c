@@ -232,6 +232,18 @@ static bool name_ok(const char *s)
 	return strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == n;
 }
 
+/*
+ * Names a job may not take: those of the route directory's own files, and
+ * those that read as a job id (a route directory lists jobs by name or id,
+ * so either would hide another entry).
+ */
+static bool name_reserved(const char *s)
+{
+	uint8_t id[JOB_ID_LEN];
+
+	return strcmp(s, "new") == 0 || strcmp(s, "schema.json") == 0 || ulid_parse(s, id) == 0;
+}
+
 static int sub_fail(struct engine_submission *s, int rc, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 static int sub_fail(struct engine_submission *s, int rc, const char *fmt, ...)
@@ -287,6 +299,11 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 				    !name_ok(json_object_get_string(val)))
 					return sub_fail(s, -EINVAL,
 							"'name' must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}");
+				if (name_reserved(json_object_get_string(val)))
+					return sub_fail(s, -EINVAL,
+							"'name': '%s' is reserved (the route directory's "
+							"own files, or a name that reads as a job id)",
+							json_object_get_string(val));
 				c->name = json_object_get_string(val);
 			} else if (strcmp(k, "priority") == 0) {
 				if (!json_object_is_type(val, json_type_string) ||
@@ -410,12 +427,12 @@ int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gi
 		s->id[0] = '\0';
 		s->existed = false;
 		if (prepare(e, r, s, uid, gid, &c[m], &texts[m]) != 0)
-			continue;
+			goto refused;
 		if (queued + m >= e->opt.queue_max) {
 			sub_fail(s, -EAGAIN, "the queue is full (%llu jobs, queue_max=%llu)",
 				 (unsigned long long)(queued + m),
 				 (unsigned long long)e->opt.queue_max);
-			continue;
+			goto refused;
 		}
 		if (mine + m >= e->opt.user_queue_max) {
 			sub_fail(s, -EAGAIN,
@@ -423,21 +440,30 @@ int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gi
 				 "to finish",
 				 uid, (unsigned long long)(mine + m),
 				 (unsigned long long)e->opt.user_queue_max);
-			continue;
+			goto refused;
 		}
 		if (!rate_take(e, uid, now)) {
 			sub_fail(s, -EAGAIN,
 				 "uid %u submits faster than rate=%u per second (burst=%u); slow "
 				 "down",
 				 uid, e->opt.rate, e->opt.burst);
-			continue;
+			goto refused;
 		}
 		map[m++] = i;
+		continue;
+refused:
+		/* The first refusal ends the batch (engine.h). */
+		for (size_t k = i + 1; k < n; k++)
+			sub_fail(&subs[k], -ECANCELED, "not tried");
+		break;
 	}
 	if (m && (rc = index_job_create_batch(e->ix, m, c, ids, existed, rcs)) != 0) {
-		for (size_t k = 0; k < m; k++)
-			sub_fail(&subs[map[k]], -store_errno(rc), "cannot store the job: %s",
-				 store_lasterr());
+		/* Nothing was stored: the first is refused, the rest not tried.
+		 * The commit ran on another thread: its message is not ours. */
+		sub_fail(&subs[map[0]], -store_errno(rc), "cannot store the job: %s",
+			 store_strerror(rc));
+		for (size_t k = 1; k < m; k++)
+			sub_fail(&subs[map[k]], -ECANCELED, "not tried");
 		rc = 0;
 		m = 0;
 	}
@@ -447,6 +473,10 @@ int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gi
 		if (rcs[k] == STORE_E_EXISTS) {
 			sub_fail(s, -EEXIST, "name '%s' is taken by a different request on %s",
 				 c[k].name, r->path);
+			continue;
+		}
+		if (rcs[k] == -ECANCELED) {
+			sub_fail(s, -ECANCELED, "not tried");
 			continue;
 		}
 		if (rcs[k]) {
@@ -466,12 +496,9 @@ int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gi
 		}
 	}
 	pthread_mutex_lock(&e->stats_mu);
-	for (size_t i = 0; i < n; i++) {
-		if (subs[i].rc)
-			e->rejected++;
-		else
+	for (size_t i = 0; i < n; i++)
+		if (subs[i].rc == 0)
 			e->submitted++;
-	}
 	pthread_mutex_unlock(&e->stats_mu);
 	if (m)
 		wake_workers(e);
@@ -485,6 +512,13 @@ out:
 	free(existed);
 	free(rcs);
 	return rc;
+}
+
+void engine_count_rejected(struct engine *e, uint64_t n)
+{
+	pthread_mutex_lock(&e->stats_mu);
+	e->rejected += n;
+	pthread_mutex_unlock(&e->stats_mu);
 }
 
 /* ---- the runner context ---- */

@@ -87,11 +87,17 @@ struct engine_submission {
 
 /*
  * Validate, normalize and durably create n jobs on route for uid/gid, in
- * one commit. Each submission succeeds or fails on its own (rc, err).
- * Returns 0, or a negative code when nothing could be attempted.
+ * one commit, in order up to the first that fails: that one gets its rc
+ * and err, the ones after it rc -ECANCELED (not tried: no job, no rate
+ * token). Returns 0, or a negative code when nothing could be attempted.
+ * The caller counts what it refuses, the engine's refusals included, with
+ * engine_count_rejected().
  */
 int engine_submit(struct engine *e, const char *route, uint32_t uid, uint32_t gid,
 		  struct engine_submission *subs, size_t n);
+
+/* Count n refused request objects in renderfs_submissions_rejected_total. */
+void engine_count_rejected(struct engine *e, uint64_t n);
 
 /* ---- control (SPEC §3 ctl, rm) ---- */
 

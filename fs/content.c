@@ -440,7 +440,7 @@ static int stats_render(struct fsctx *fs, char **out, size_t *len)
 {
 	struct notify_stats ns;
 	struct pt_stats ps;
-	char tail[2048], *p;
+	char tail[4096], *p;
 	int rc = engine_stats_text(fs->eng, out, len), n = 0;
 
 	if (rc)
@@ -470,6 +470,28 @@ static int stats_render(struct fsctx *fs, char **out, size_t *len)
 			     (unsigned long long)ns.failed, (unsigned long long)ns.queued,
 			     (double)ns.latency_ns_sum / 1e9, (unsigned long long)ns.latency_count,
 			     (double)ns.latency_ns_max / 1e9);
+	}
+	if (fs->limits && n >= 0 && (size_t)n < sizeof(tail)) {
+		struct new_limits_stats ls;
+		new_limits_get_stats(fs->limits, &ls);
+		int k = snprintf(tail + n, sizeof(tail) - (size_t)n,
+				 "# HELP renderfs_new_buffered_bytes Unfinished requests held for "
+				 "writers of new.\n"
+				 "# TYPE renderfs_new_buffered_bytes gauge\n"
+				 "renderfs_new_buffered_bytes %llu\n"
+				 "# HELP renderfs_new_buffer_refused_total Writes to new refused by a "
+				 "buffer budget.\n"
+				 "# TYPE renderfs_new_buffer_refused_total counter\n"
+				 "renderfs_new_buffer_refused_total{budget=\"user_buffer_max\"} %llu\n"
+				 "renderfs_new_buffer_refused_total{budget=\"buffer_max\"} %llu\n"
+				 "# HELP renderfs_log_suppressed_total Daemon log lines about rejected "
+				 "requests not written (per-uid rate limit).\n"
+				 "# TYPE renderfs_log_suppressed_total counter\n"
+				 "renderfs_log_suppressed_total %llu\n",
+				 (unsigned long long)ls.held, (unsigned long long)ls.refused_user,
+				 (unsigned long long)ls.refused_total,
+				 (unsigned long long)ls.log_suppressed);
+		n = k < 0 ? k : n + k;
 	}
 	if (fs->pt && n >= 0 && (size_t)n < sizeof(tail)) {
 		pt_get_stats(fs->pt, &ps);

@@ -105,6 +105,7 @@ struct fsctx {
 	unsigned top_dirs;	/* directories at depth 1 */
 	struct notifier *notifier; /* NULL with `nonotify`; set before the loop runs */
 	struct passthrough *pt;	   /* NULL without `passthrough`; set before the loop runs */
+	struct new_limits *limits; /* budgets of the `new` files (newfile.c) */
 };
 
 /* ---- main.c ---- */
@@ -163,10 +164,25 @@ int cassig_render(struct fsctx *fs, const uint8_t hash[32], uint64_t size, char 
 uint64_t cassig_size(const uint8_t hash[32], uint64_t size);
 
 /* ---- newfile.c: the `new` file ---- */
+struct new_limits;
+/* Budgets of every `new` file of the mount: max bytes buffered in all,
+ * user_max per uid. */
+int new_limits_create(uint64_t max, uint64_t user_max, struct new_limits **out);
+void new_limits_free(struct new_limits *l);
+struct new_limits_stats {
+	uint64_t held;			/* bytes buffered now */
+	uint64_t refused_user, refused_total; /* writes refused by each budget */
+	uint64_t log_suppressed;	/* daemon log lines not written (rate limit) */
+};
+void new_limits_get_stats(struct new_limits *l, struct new_limits_stats *s);
+
 struct new_file;
+/* append: opened O_APPEND (each write comes after the last, whatever its
+ * offset). */
 int new_file_open(struct fsctx *fs, const struct route *r, uint32_t uid, uint32_t gid,
-		  struct new_file **out);
-/* Returns the bytes accepted or a negative errno. */
+		  bool append, struct new_file **out);
+/* Returns the bytes taken (those of the objects enqueued, and an incomplete
+ * tail buffered) or a negative errno (the write starts at a bad object). */
 ssize_t new_file_write(struct new_file *nf, const char *buf, size_t len, uint64_t off);
 /* Response lines for the caller. */
 ssize_t new_file_read(struct new_file *nf, char *buf, size_t len, uint64_t off);

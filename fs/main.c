@@ -195,7 +195,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "renderfs: %s\n", rc == -ENOMEM ? "out of memory" : err);
 		goto out_store;
 	}
-	if (fs_init_rnodes(&fs) != 0) {
+	if (new_limits_create(mo.buffer_max, mo.user_buffer_max, &fs.limits) != 0 ||
+	    fs_init_rnodes(&fs) != 0) {
 		fprintf(stderr, "renderfs: out of memory\n");
 		goto out_engine;
 	}
@@ -269,6 +270,7 @@ out_session:
 	pt_free(fs.pt);
 out_rnodes:
 	free(fs.rnodes);
+	new_limits_free(fs.limits);
 out_engine:
 	engine_close(fs.eng);
 out_store:

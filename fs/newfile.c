@@ -11,10 +11,25 @@
  * by one write are parsed with json-c (strict, UTF-8 checked, depth 64),
  * checked for duplicate keys (json-c keeps the last one silently, so the
  * scanner counts key separators and the parse tree must have as many
- * keys), and submitted in one batch: one durable commit for the lot,
- * inside the write() call, whose result is the first failure's errno.
+ * keys), and for what json-c would silently change (a NUL escape that
+ * truncates a string, a lone surrogate it replaces), and submitted in one
+ * batch: one durable commit for the lot, inside the write() call.
+ *
+ * What a write() reports is what it did (SPEC §2): its count is exactly
+ * the bytes of the objects it enqueued plus an incomplete tail it
+ * buffered. Objects are taken in order up to the first bad one. A write
+ * that reaches a bad object after some of its own bytes returns the count
+ * of the bytes before it and consumes nothing after; the writer's retry
+ * then starts at the bad object, and a write that starts at (or inside) a
+ * bad object fails with that object's errno, consuming the bad object
+ * alone (its error line is readable). So a writer that retries the rest
+ * of a short write neither loses nor duplicates an object.
+ *
  * Consumed bytes are dropped, so the window holds at most one object plus
- * what arrived out of order, bounded by max_request.
+ * what arrived out of order, bounded by max_request + 1 MiB, and by the
+ * per-uid and total budgets of struct new_limits (user_buffer_max=,
+ * buffer_max=), which also rate-limit what rejected requests write to
+ * the daemon log.
  *
  * Reads return the response lines (an id or "error: ..." per object) as a
  * stream. `read` in a shell reads ahead and seeks back over what it did
@@ -22,7 +37,8 @@
  * no write in between) therefore rewinds the stream by the difference.
  *
  * Protected by nf->mu: everything in struct new_file (FUSE may run two
- * requests on one open file at once).
+ * requests on one open file at once). struct new_limits has its own mutex,
+ * taken inside nf->mu, never the other way round.
  */
 #include <errno.h>
 #include <malloc.h>
@@ -49,11 +65,169 @@ enum skip_mode {
 	SKIP_LINE,   /* junk between objects: drop up to the next newline */
 };
 
+/*
+ * Budgets shared by every open `new` file of the mount: bytes of window
+ * memory held per uid and in all, and a token bucket per uid for lines
+ * about rejected requests in the daemon log. Fixed-size tables: nothing
+ * here grows with the number of users or files.
+ */
+#define LIMIT_SLOTS 1024
+#define LOG_SLOTS 64
+#define LOG_RATE 5   /* lines per second per uid... */
+#define LOG_BURST 20 /* ...after a burst of this many */
+
+struct new_limits {
+	pthread_mutex_t mu;
+	uint64_t max, user_max;	 /* read-only after new_limits_create */
+	/* Protected by mu: */
+	uint64_t total;
+	struct {
+		uint32_t uid;
+		uint64_t bytes; /* 0: a free slot */
+	} held[LIMIT_SLOTS];
+	struct {
+		uint32_t uid;
+		bool used;
+		uint64_t last_ms;   /* last refill, also the slot's age */
+		double tokens;
+		uint64_t suppressed; /* lines not written since the last one */
+	} logb[LOG_SLOTS];
+	uint64_t refused_user, refused_total, log_suppressed;
+};
+
+int new_limits_create(uint64_t max, uint64_t user_max, struct new_limits **out)
+{
+	struct new_limits *l = calloc(1, sizeof(*l));
+
+	if (!l)
+		return -ENOMEM;
+	pthread_mutex_init(&l->mu, NULL);
+	l->max = max;
+	l->user_max = user_max;
+	*out = l;
+	return 0;
+}
+
+void new_limits_free(struct new_limits *l)
+{
+	if (!l)
+		return;
+	pthread_mutex_destroy(&l->mu);
+	free(l);
+}
+
+void new_limits_get_stats(struct new_limits *l, struct new_limits_stats *s)
+{
+	pthread_mutex_lock(&l->mu);
+	s->held = l->total;
+	s->refused_user = l->refused_user;
+	s->refused_total = l->refused_total;
+	s->log_suppressed = l->log_suppressed;
+	pthread_mutex_unlock(&l->mu);
+}
+
+/* Take delta more bytes for uid: 0, -EAGAIN past the uid's budget, -ENOMEM
+ * past the mount's (or with every slot taken by other uids). */
+static int limits_take(struct new_limits *l, uint32_t uid, uint64_t delta)
+{
+	int mine = -1, free_slot = -1, rc = 0;
+	uint64_t cur;
+
+	pthread_mutex_lock(&l->mu);
+	for (int i = 0; i < LIMIT_SLOTS && mine < 0; i++) {
+		if (l->held[i].bytes && l->held[i].uid == uid)
+			mine = i;
+		else if (free_slot < 0 && l->held[i].bytes == 0)
+			free_slot = i;
+	}
+	cur = mine >= 0 ? l->held[mine].bytes : 0;
+	if (cur + delta > l->user_max) {
+		l->refused_user++;
+		rc = -EAGAIN;
+	} else if (l->total + delta > l->max || (mine < 0 && free_slot < 0)) {
+		l->refused_total++;
+		rc = -ENOMEM;
+	} else {
+		if (mine < 0) {
+			mine = free_slot;
+			l->held[mine].uid = uid;
+		}
+		l->held[mine].bytes += delta;
+		l->total += delta;
+	}
+	pthread_mutex_unlock(&l->mu);
+	return rc;
+}
+
+static void limits_give(struct new_limits *l, uint32_t uid, uint64_t delta)
+{
+	if (delta == 0)
+		return;
+	pthread_mutex_lock(&l->mu);
+	for (int i = 0; i < LIMIT_SLOTS; i++)
+		if (l->held[i].bytes && l->held[i].uid == uid) {
+			l->held[i].bytes -= delta < l->held[i].bytes ? delta : l->held[i].bytes;
+			break;
+		}
+	l->total -= delta < l->total ? delta : l->total;
+	pthread_mutex_unlock(&l->mu);
+}
+
+/* Whether uid may write one more line to the daemon log now; *suppressed
+ * gets how many of its lines were not written since its last one. */
+static bool limits_log(struct new_limits *l, uint32_t uid, uint64_t *suppressed)
+{
+	uint64_t now = now_ms();
+	int slot = -1;
+	bool ok;
+
+	pthread_mutex_lock(&l->mu);
+	for (int i = 0; i < LOG_SLOTS && slot < 0; i++)
+		if (l->logb[i].used && l->logb[i].uid == uid)
+			slot = i;
+	if (slot < 0) {
+		/* A new uid takes a free slot, else the least recently used. */
+		slot = 0;
+		for (int i = 0; i < LOG_SLOTS; i++) {
+			if (!l->logb[i].used) {
+				slot = i;
+				break;
+			}
+			if (l->logb[i].last_ms < l->logb[slot].last_ms)
+				slot = i;
+		}
+		l->logb[slot].used = true;
+		l->logb[slot].uid = uid;
+		l->logb[slot].tokens = LOG_BURST;
+		l->logb[slot].suppressed = 0;
+		l->logb[slot].last_ms = now;
+	}
+	if (now > l->logb[slot].last_ms)
+		l->logb[slot].tokens += (double)(now - l->logb[slot].last_ms) * LOG_RATE / 1000.0;
+	if (l->logb[slot].tokens > LOG_BURST)
+		l->logb[slot].tokens = LOG_BURST;
+	l->logb[slot].last_ms = now;
+	ok = l->logb[slot].tokens >= 1.0;
+	if (ok) {
+		l->logb[slot].tokens -= 1.0;
+		*suppressed = l->logb[slot].suppressed;
+		l->logb[slot].suppressed = 0;
+	} else {
+		l->logb[slot].suppressed++;
+		l->log_suppressed++;
+	}
+	pthread_mutex_unlock(&l->mu);
+	return ok;
+}
+
 struct new_file {
 	pthread_mutex_t mu;
 	struct fsctx *fs;
 	const struct route *route;
 	uint32_t uid, gid;
+	bool append;	/* opened O_APPEND: every write comes next, whatever its offset */
+	uint64_t held;	/* bytes of buf taken from fs->limits */
+	char err[ENGINE_ERR_MAX]; /* the message for the bad object submit() found */
 
 	/* Input window: buf[0] is file offset base; buf holds [base, base+len). */
 	uint8_t *buf;
@@ -91,7 +265,7 @@ struct pending {
 };
 
 int new_file_open(struct fsctx *fs, const struct route *r, uint32_t uid, uint32_t gid,
-		  struct new_file **out)
+		  bool append, struct new_file **out)
 {
 	struct new_file *nf = calloc(1, sizeof(*nf));
 
@@ -102,8 +276,19 @@ int new_file_open(struct fsctx *fs, const struct route *r, uint32_t uid, uint32_
 	nf->route = r;
 	nf->uid = uid;
 	nf->gid = gid;
+	nf->append = append;
 	*out = nf;
 	return 0;
+}
+
+/* Free the window's memory and give its bytes back to the budgets. */
+static void window_free(struct new_file *nf)
+{
+	free(nf->buf);
+	nf->buf = NULL;
+	nf->cap = 0;
+	limits_give(nf->fs->limits, nf->uid, nf->held);
+	nf->held = 0;
 }
 
 void new_file_release(struct new_file *nf)
@@ -111,7 +296,7 @@ void new_file_release(struct new_file *nf)
 	if (!nf)
 		return;
 	pthread_mutex_destroy(&nf->mu);
-	free(nf->buf);
+	window_free(nf);
 	free(nf->resp);
 	free(nf);
 }
@@ -141,12 +326,23 @@ static void respond(struct new_file *nf, const char *line)
 	nf->resp_len += n + 1;
 }
 
+/* A refused object: its line for the reader, the count in stats, and a
+ * line in the daemon log unless this uid has written too many lately. */
 static void respond_error(struct new_file *nf, int rc, const char *msg)
 {
 	char line[ENGINE_ERR_MAX + 16];
+	uint64_t suppressed = 0;
 
 	snprintf(line, sizeof(line), "error: %s", msg);
 	respond(nf, line);
+	engine_count_rejected(nf->fs->eng, 1);
+	if (!limits_log(nf->fs->limits, nf->uid, &suppressed))
+		return;
+	if (suppressed)
+		fprintf(stderr,
+			"renderfs: uid %u: %llu rejected requests not logged (more than %d a "
+			"second)\n",
+			nf->uid, (unsigned long long)suppressed, LOG_RATE);
 	fprintf(stderr, "renderfs: uid %u: %s/new: rejected (%s): %s\n", nf->uid, nf->route->path,
 		strerror(-rc), msg);
 }
@@ -160,11 +356,19 @@ static int place(struct new_file *nf, const char *data, size_t len, uint64_t off
 		return -EFBIG;
 	if (end - nf->base > nf->cap) {
 		size_t cap = nf->cap ? nf->cap : 65536;
+		int rc;
 		while (cap < end - nf->base)
 			cap *= 2;
+		if (cap > limit)
+			cap = limit;
+		if ((rc = limits_take(nf->fs->limits, nf->uid, cap - nf->cap)) != 0)
+			return rc;
 		uint8_t *p = realloc(nf->buf, cap);
-		if (!p)
+		if (!p) {
+			limits_give(nf->fs->limits, nf->uid, cap - nf->cap);
 			return -ENOMEM;
+		}
+		nf->held += cap - nf->cap;
 		nf->buf = p;
 		nf->cap = cap;
 	}
@@ -217,14 +421,18 @@ static void reject(struct pending *p, uint64_t start, uint64_t end, int rc, cons
 }
 
 /*
- * Scan the new contiguous bytes; completed objects (and the scanner's own
- * rejections) go to pend. Stops early when pend is full.
+ * Scan the new contiguous bytes; completed objects go to pend, and so
+ * does the scanner's own rejection of an object (or junk), which ends the
+ * scan right after the byte that decided it. Stops early when pend is
+ * full. skip_only: scan only while the rest of a refused object (or junk
+ * line) is being dropped, and stop where it ends.
  */
-static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
+static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp, bool skip_only)
 {
 	size_t np = 0;
 
-	while (nf->scan < nf->contig && np < maxp) {
+	while (nf->scan < nf->contig && np < maxp && !(np && pend[np - 1].rc) &&
+	       !(skip_only && nf->skip == SKIP_NONE)) {
 		uint8_t c = nf->buf[nf->scan - nf->base];
 		uint64_t at = nf->scan++;
 
@@ -307,6 +515,10 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
 			if (--nf->depth == 0) {
 				if (nf->skip == SKIP_OBJECT) {
 					nf->skip = SKIP_NONE;
+				} else if (at + 1 - nf->obj_start > nf->fs->max_request) {
+					reject(&pend[np++], nf->obj_start, at + 1, -EFBIG,
+					       "a request larger than max_request (%llu bytes)",
+					       (unsigned long long)nf->fs->max_request);
 				} else {
 					struct pending *p = &pend[np++];
 					p->start = nf->obj_start;
@@ -327,7 +539,7 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp)
 		}
 	}
 	/* An object still open and already too large. */
-	if (nf->depth > 0 && nf->skip == SKIP_NONE && np < maxp &&
+	if (nf->depth > 0 && nf->skip == SKIP_NONE && np < maxp && !(np && pend[np - 1].rc) &&
 	    nf->scan - nf->obj_start > nf->fs->max_request) {
 		reject(&pend[np++], nf->obj_start, nf->scan, -EFBIG,
 		       "a request larger than max_request (%llu bytes)",
@@ -392,6 +604,134 @@ static size_t utf8_check(const uint8_t *s, size_t len)
 	return len;
 }
 
+static int hex4(const uint8_t *p)
+{
+	int v = 0;
+
+	for (int i = 0; i < 4; i++) {
+		int c = p[i], d = c >= '0' && c <= '9'	 ? c - '0'
+				  : c >= 'a' && c <= 'f' ? c - 'a' + 10
+				  : c >= 'A' && c <= 'F' ? c - 'A' + 10
+							 : -1;
+		if (d < 0)
+			return -1;
+		v = v << 4 | d;
+	}
+	return v;
+}
+
+/*
+ * What json-c would accept and change: "\u0000" (its strings are C strings
+ * to most callers, so a name or priority is silently cut there) and lone
+ * surrogate escapes (replaced with U+FFFD). Runs on text json-c parsed
+ * strictly, so its structure is valid JSON. Returns 0, or -EINVAL with
+ * err naming the field by its path ('input.name', 'loras[2]').
+ */
+static int escape_check(const uint8_t *t, size_t len, char *err, size_t errlen)
+{
+	struct level {
+		bool obj, expect_key;
+		size_t key_off, key_len; /* the key whose value is being read */
+		size_t index;		 /* arrays: the element being read */
+	} lv[MAX_DEPTH + 2];
+	int d = 0;
+
+	memset(&lv[0], 0, sizeof(lv[0]));
+
+	if (!memmem(t, len, "\\u", 2))
+		return 0;
+	for (size_t i = 0; i < len; i++) {
+		uint8_t c = t[i];
+
+		if (c == '"') {
+			size_t start = ++i;
+			bool is_key = d > 0 && lv[d].obj && lv[d].expect_key;
+			const char *what = NULL;
+
+			for (; i < len && t[i] != '"'; i++) {
+				if (t[i] != '\\')
+					continue;
+				if (++i + 4 >= len || t[i] != 'u')
+					continue;
+				int u = hex4(t + i + 1), v;
+				i += 4;
+				if (u == 0) {
+					what = "NUL characters (\\u0000)";
+				} else if (u >= 0xD800 && u <= 0xDBFF) {
+					if (i + 6 < len && t[i + 1] == '\\' && t[i + 2] == 'u' &&
+					    (v = hex4(t + i + 3)) >= 0xDC00 && v <= 0xDFFF)
+						i += 6;
+					else
+						what = "a lone surrogate escape";
+				} else if (u >= 0xDC00 && u <= 0xDFFF) {
+					what = "a lone surrogate escape";
+				}
+				if (what)
+					break;
+			}
+			if (what) {
+				char path[256];
+				size_t n = 0;
+				for (int k = 1; k <= d && n < sizeof(path); k++) {
+					int w;
+					if (lv[k].obj && (k < d || !is_key) && lv[k].key_len)
+						w = snprintf(path + n, sizeof(path) - n, "%s%.*s",
+							     n ? "." : "", (int)(lv[k].key_len > 64 ? 64 : lv[k].key_len),
+							     (const char *)t + lv[k].key_off);
+					else if (!lv[k].obj)
+						w = snprintf(path + n, sizeof(path) - n, "[%zu]",
+							     lv[k].index);
+					else
+						w = 0;
+					if (w < 0)
+						break;
+					n += (size_t)w;
+				}
+				if (n >= sizeof(path))
+					n = sizeof(path) - 1;
+				path[n] = '\0';
+				if (is_key)
+					snprintf(err, errlen, "a key in '%s' must not contain %s",
+						 n ? path : "the request", what);
+				else
+					snprintf(err, errlen, "'%s' must not contain %s",
+						 n ? path : "the request", what);
+				return -EINVAL;
+			}
+			if (is_key) {
+				lv[d].key_off = start;
+				lv[d].key_len = i - start;
+			}
+			continue;
+		}
+		switch (c) {
+		case '{':
+		case '[':
+			if (d >= MAX_DEPTH + 1)
+				return 0; /* the scanner refused deeper ones already */
+			d++;
+			lv[d].obj = c == '{';
+			lv[d].expect_key = true;
+			lv[d].key_len = 0;
+			lv[d].index = 0;
+			break;
+		case '}':
+		case ']':
+			if (d > 0)
+				d--;
+			break;
+		case ',':
+			lv[d].expect_key = true;
+			lv[d].index++;
+			break;
+		case ':':
+			lv[d].expect_key = false;
+			break;
+		}
+	}
+	return 0;
+}
+
 /* Parse a completed object; 0 with *out, or -EINVAL with err. */
 static int parse_object(const uint8_t *text, size_t len, uint64_t colons, json_object **out,
 			char *err, size_t errlen)
@@ -426,61 +766,56 @@ static int parse_object(const uint8_t *text, size_t len, uint64_t colons, json_o
 		json_object_put(o);
 		return -EINVAL;
 	}
+	if (escape_check(text, len, err, errlen) != 0) {
+		json_object_put(o);
+		return -EINVAL;
+	}
 	*out = o;
 	return 0;
 }
 
 #define TRIM_BATCH 64
 
-/* Parse and submit the pending objects; returns the first failure. */
-static int submit(struct new_file *nf, struct pending *pend, size_t np)
+/*
+ * Parse and submit the pending objects, in order, up to the first bad one
+ * (refused by the scanner, the parser or the engine): the ones before it
+ * are enqueued and answered. Returns the index of the bad one, or np;
+ * its errno is in pend[bad].rc and its message in nf->err.
+ */
+static size_t submit(struct new_file *nf, struct pending *pend, size_t np)
 {
-	struct engine_submission *subs = calloc(np, sizeof(*subs));
-	int first = 0, rc;
+	struct engine_submission *subs = calloc(np ? np : 1, sizeof(*subs));
+	size_t n = 0, bad;
+	int rc;
 
-	if (!subs)
-		return -ENOMEM;
-	for (size_t i = 0; i < np; i++) {
-		struct pending *p = &pend[i];
-		if (p->rc == 0)
-			p->rc = parse_object(nf->buf + (p->start - nf->base), p->end - p->start,
-					     p->colons, &subs[i].obj, p->err, sizeof(p->err));
+	if (!subs) {
+		pend[0].rc = -ENOMEM;
+		snprintf(nf->err, sizeof(nf->err), "out of memory");
+		return 0;
 	}
-	/* One batch of the parsed ones, in order. */
-	{
-		struct engine_submission *ok = calloc(np, sizeof(*ok));
-		size_t n = 0;
-		if (!ok) {
-			rc = -ENOMEM;
-			goto out;
-		}
-		for (size_t i = 0; i < np; i++)
-			if (pend[i].rc == 0)
-				ok[n++].obj = subs[i].obj;
-		rc = n ? engine_submit(nf->fs->eng, nf->route->path, nf->uid, nf->gid, ok, n) : 0;
-		if (rc) {
-			free(ok);
-			goto out;
-		}
-		n = 0;
-		for (size_t i = 0; i < np; i++)
-			if (pend[i].rc == 0)
-				subs[i] = ok[n++];
-		free(ok);
-	}
-	for (size_t i = 0; i < np; i++) {
-		int r = pend[i].rc ? pend[i].rc : subs[i].rc;
-		if (r) {
-			respond_error(nf, r, pend[i].rc ? pend[i].err : subs[i].err);
-			if (!first)
-				first = r;
-		} else {
+	while (n < np && pend[n].rc == 0 &&
+	       (pend[n].rc = parse_object(nf->buf + (pend[n].start - nf->base),
+					  pend[n].end - pend[n].start, pend[n].colons, &subs[n].obj,
+					  pend[n].err, sizeof(pend[n].err))) == 0)
+		n++;
+	bad = n;
+	rc = n ? engine_submit(nf->fs->eng, nf->route->path, nf->uid, nf->gid, subs, n) : 0;
+	for (size_t i = 0; i < n; i++) {
+		int r = rc ? rc : subs[i].rc;
+		if (r == 0) {
 			respond(nf, subs[i].id);
+			continue;
 		}
+		/* The engine refused this one (or all, rc): it is the bad one. */
+		bad = i;
+		pend[i].rc = r;
+		snprintf(nf->err, sizeof(nf->err), "%s",
+			 rc ? (rc == -ENOMEM ? "out of memory" : strerror(-rc)) : subs[i].err);
+		break;
 	}
-	rc = first;
-out:
-	for (size_t i = 0; i < np; i++)
+	if (bad == n && bad < np)
+		snprintf(nf->err, sizeof(nf->err), "%s", pend[bad].err);
+	for (size_t i = 0; i < n; i++)
 		json_object_put(subs[i].obj);
 	free(subs);
 	/* A large batch leaves this thread's malloc arena as large as its
@@ -488,7 +823,7 @@ out:
 	 * handler thread's peak. */
 	if (np >= TRIM_BATCH)
 		malloc_trim(0);
-	return rc;
+	return bad;
 }
 
 /* Drop input bytes nothing needs any more. */
@@ -503,19 +838,44 @@ static void compact(struct new_file *nf)
 	nf->len -= drop;
 	nf->base = keep;
 	/* A large window that emptied gives its memory back. */
-	if (nf->len == 0 && nf->cap > (1 << 20)) {
-		free(nf->buf);
-		nf->buf = NULL;
-		nf->cap = 0;
+	if (nf->len == 0 && nf->cap > (1 << 20))
+		window_free(nf);
+}
+
+/*
+ * Forget the input from `at` on, as if this write had ended there: `at`
+ * is where a top-level object starts or a refused one ended, so the
+ * scanner resumes there at depth 0. Extents that arrived out of order
+ * before this write (saved) are kept where they lie beyond `at`.
+ */
+static void truncate_at(struct new_file *nf, uint64_t at, const struct extent *saved, int nsaved)
+{
+	uint64_t end = at;
+
+	nf->scan = nf->contig = at;
+	nf->depth = 0;
+	nf->in_str = nf->esc = false;
+	nf->skip = SKIP_NONE;
+	nf->next = 0;
+	for (int i = 0; i < nsaved; i++) {
+		if (saved[i].end <= at)
+			continue;
+		nf->ext[nf->next].off = saved[i].off > at ? saved[i].off : at;
+		nf->ext[nf->next].end = saved[i].end;
+		if (saved[i].end > end)
+			end = saved[i].end;
+		nf->next++;
 	}
+	nf->len = end - nf->base;
 }
 
 ssize_t new_file_write(struct new_file *nf, const char *data, size_t len, uint64_t off)
 {
 	struct pending *pend = NULL;
-	size_t whole = len;
-	int first = 0, rc;
-	bool was_skipping;
+	struct extent saved[MAX_EXTENTS];
+	int nsaved, rc = 0;
+	uint64_t w0;
+	ssize_t ret = (ssize_t)len;
 
 	pthread_mutex_lock(&nf->mu);
 	/*
@@ -524,15 +884,22 @@ ssize_t new_file_write(struct new_file *nf, const char *data, size_t len, uint64
 	 * write leaves it where it was although its bytes were consumed. A
 	 * write at the offset where the last read ended means "next", so the
 	 * input offset is the file offset minus a shift kept from then on.
+	 * With O_APPEND the kernel writes at the size `new` reports, and
+	 * every write is simply the next.
 	 */
-	if (nf->resp_pos > 0 && !nf->wrote_since_read && off == nf->last_read_end)
-		nf->shift = (int64_t)off - (int64_t)nf->contig;
-	if ((int64_t)off >= nf->shift)
-		off = (uint64_t)((int64_t)off - nf->shift);
+	if (nf->append) {
+		off = nf->contig;
+	} else {
+		if (nf->resp_pos > 0 && !nf->wrote_since_read && off == nf->last_read_end)
+			nf->shift = (int64_t)off - (int64_t)nf->contig;
+		if ((int64_t)off >= nf->shift)
+			off = (uint64_t)((int64_t)off - nf->shift);
+	}
 	nf->wrote_since_read = true;
+	w0 = off; /* the input offset of data[0] */
 	if (off + len <= nf->contig) { /* already here (a resend) */
 		pthread_mutex_unlock(&nf->mu);
-		return (ssize_t)whole;
+		return (ssize_t)len;
 	}
 	if (off < nf->contig) {
 		size_t skip = nf->contig - off;
@@ -540,38 +907,79 @@ ssize_t new_file_write(struct new_file *nf, const char *data, size_t len, uint64
 		len -= skip;
 		off = nf->contig;
 	}
-	was_skipping = nf->skip == SKIP_OBJECT;
-	if ((rc = place(nf, data, len, off)) != 0) {
-		if (rc == -EFBIG)
-			respond_error(nf, rc, "a request larger than max_request, or too much data "
-					      "written out of order");
-		pthread_mutex_unlock(&nf->mu);
-		return rc;
-	}
-	pend = malloc(BATCH_MAX * sizeof(*pend));
-	if (!pend) {
+	nsaved = nf->next;
+	memcpy(saved, nf->ext, sizeof(saved[0]) * (size_t)nsaved);
+	if (!(pend = malloc(BATCH_MAX * sizeof(*pend)))) {
 		pthread_mutex_unlock(&nf->mu);
 		return -ENOMEM;
 	}
+	if ((rc = place(nf, data, len, off)) != 0) {
+		/* Nothing of this write was taken. */
+		if (rc == -EFBIG)
+			respond_error(nf, rc, "a request larger than max_request, or too much data "
+					      "written out of order");
+		else
+			respond_error(nf, rc, rc == -EAGAIN ? "this user's unfinished requests "
+							      "hold user_buffer_max bytes; "
+							      "finish or close some first"
+							    : "unfinished requests hold buffer_max bytes");
+		free(pend);
+		pthread_mutex_unlock(&nf->mu);
+		return rc;
+	}
+	/* The rest of an object (or junk line) refused by an earlier write:
+	 * this write starts inside a bad object. */
+	if (nf->skip != SKIP_NONE) {
+		rc = nf->skip == SKIP_OBJECT ? nf->skip_rc : -EINVAL;
+		scan(nf, pend, BATCH_MAX, true);
+		if (nf->scan < nf->contig)
+			truncate_at(nf, nf->scan, saved, nsaved);
+		compact(nf);
+		goto out;
+	}
 	while (nf->scan < nf->contig) {
-		size_t np = scan(nf, pend, BATCH_MAX);
+		size_t np = scan(nf, pend, BATCH_MAX, false), bad;
+		struct pending *p;
+
 		if (np == 0)
 			break;
-		rc = submit(nf, pend, np);
-		if (rc && !first)
-			first = rc;
+		bad = submit(nf, pend, np);
+		if (bad == np) {
+			compact(nf);
+			continue;
+		}
+		p = &pend[bad];
+		if (p->start > w0) {
+			/* Report the bytes before the bad object; it is taken
+			 * (and refused) when the writer sends it again. */
+			truncate_at(nf, p->start, saved, nsaved);
+			ret = (ssize_t)(p->start - w0);
+		} else {
+			/* This write starts at the bad object: it fails, and
+			 * takes the bad object alone. */
+			rc = p->rc;
+			respond_error(nf, rc, nf->err);
+			if (nf->skip != SKIP_NONE) /* refused by the scanner */
+				scan(nf, pend, BATCH_MAX, true);
+			else
+				nf->scan = p->end;
+			if (nf->scan < nf->contig || nf->skip == SKIP_NONE)
+				truncate_at(nf, nf->scan, saved, nsaved);
+		}
 		compact(nf);
+		break;
 	}
-	compact(nf);
-	/* Bytes of an object already refused (too large) keep failing. */
-	if (!first && was_skipping && nf->skip == SKIP_OBJECT)
-		first = nf->skip_rc;
+out:
 	free(pend);
-	/* A failed write leaves the writer's offset where it was. */
-	if (first)
-		nf->shift -= (int64_t)whole;
+	if (rc) {
+		/* A failed write leaves the writer's offset where it was; what it
+		 * consumed (up to nf->contig) is behind the input offset. */
+		if (!nf->append)
+			nf->shift -= (int64_t)(nf->contig - w0);
+		ret = rc;
+	}
 	pthread_mutex_unlock(&nf->mu);
-	return first ? first : (ssize_t)whole;
+	return ret;
 }
 
 ssize_t new_file_read(struct new_file *nf, char *buf, size_t len, uint64_t off)
@@ -587,7 +995,8 @@ ssize_t new_file_read(struct new_file *nf, char *buf, size_t len, uint64_t off)
 	n = nf->resp_len - nf->resp_pos;
 	if (n > len)
 		n = len;
-	memcpy(buf, nf->resp + nf->resp_pos, n);
+	if (n) /* nothing answered yet: resp may be NULL */
+		memcpy(buf, nf->resp + nf->resp_pos, n);
 	nf->resp_pos += n;
 	nf->last_read_end = off + n;
 	nf->wrote_since_read = false;

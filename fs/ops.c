@@ -1095,7 +1095,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			break;
 		}
 		h->kind = FH_NEW;
-		rc = new_file_open(fs, rn->route, c->uid, c->gid, &h->nf);
+		rc = new_file_open(fs, rn->route, c->uid, c->gid, (fi->flags & O_APPEND) != 0,
+				   &h->nf);
 		break;
 	}
 	case NK_SCHEMA: {

@@ -30,6 +30,8 @@ static const struct fuse_opt table[] = {
 	OPT("burst=%s", burst),
 	OPT("max_request=%s", max_request),
 	OPT("max_attempts=%s", max_attempts),
+	OPT("buffer_max=%s", buffer_max_s),
+	OPT("user_buffer_max=%s", user_buffer_max_s),
 	OPT("retain=%s", retain),
 	OPT("keyfile=%s", keyfile),
 	OPT("private", private_),
@@ -78,6 +80,11 @@ void mountopts_help(FILE *out, const char *prog)
 		"    burst=N              token bucket size per uid (default: 10000)\n"
 		"    max_request=BYTES    largest request object, K/M/G suffixes (default: 16M)\n"
 		"    max_attempts=N       runs before a transient failure is final (default: 3)\n"
+		"    buffer_max=BYTES     unfinished requests held for writers of new, in all;\n"
+		"                         beyond it writes fail ENOMEM (default: 512M, at\n"
+		"                         least user_buffer_max)\n"
+		"    user_buffer_max=BYTES  the same per uid; beyond it writes fail EAGAIN\n"
+		"                         (default: 64M, at least max_request + 1M)\n"
 		"    retain=DURATION      delete finished jobs older than this, e.g. 7d, 12h\n"
 		"                         (default: keep)\n"
 		"    private              jobs visible to their owner only; modes 0700/0600\n"
@@ -163,6 +170,39 @@ static int default_store(char *buf, size_t len)
 		snprintf(buf, len, "%s/.local/share/renderfs", home);
 	else
 		return -ENOENT;
+	return 0;
+}
+
+/*
+ * Unfinished requests buffered for writers of `new` (newfile.c): a window
+ * holds at most max_request + 1M, so one uid must be allowed that much.
+ */
+static int buffer_limits(struct mountopts *mo, char *err, size_t errlen)
+{
+	uint64_t window = mo->engine.max_request + (1u << 20);
+
+	mo->user_buffer_max = window > (64ull << 20) ? window : 64ull << 20;
+	if (mo->user_buffer_max_s) {
+		if (mountopts_size(mo->user_buffer_max_s, &mo->user_buffer_max) != 0 ||
+		    mo->user_buffer_max < window || mo->user_buffer_max > (1ull << 40)) {
+			snprintf(err, errlen,
+				 "option 'user_buffer_max=%s': must be a size of at least "
+				 "max_request + 1M (%llu bytes)",
+				 mo->user_buffer_max_s, (unsigned long long)window);
+			return -EINVAL;
+		}
+	}
+	mo->buffer_max = mo->user_buffer_max > (512ull << 20) ? mo->user_buffer_max : 512ull << 20;
+	if (mo->buffer_max_s) {
+		if (mountopts_size(mo->buffer_max_s, &mo->buffer_max) != 0 ||
+		    mo->buffer_max < mo->user_buffer_max || mo->buffer_max > (1ull << 40)) {
+			snprintf(err, errlen,
+				 "option 'buffer_max=%s': must be a size of at least "
+				 "user_buffer_max (%llu bytes)",
+				 mo->buffer_max_s, (unsigned long long)mo->user_buffer_max);
+			return -EINVAL;
+		}
+	}
 	return 0;
 }
 
@@ -254,6 +294,8 @@ int mountopts_parse(struct fuse_args *args, struct mountopts *mo, char *err, siz
 		}
 		eo->max_request = v;
 	}
+	if ((rc = buffer_limits(mo, err, errlen)) != 0)
+		return rc;
 	if (mo->max_attempts) {
 		if ((rc = num("max_attempts", mo->max_attempts, 1, 100, &v, err, errlen)) != 0)
 			return rc;
@@ -289,6 +331,7 @@ void mountopts_release(struct mountopts *mo)
 	char **strs[] = {&mo->store,	    &mo->models,      &mo->workers,	 &mo->gpus,
 			 &mo->queue_max,    &mo->user_queue_max, &mo->rate,	 &mo->burst,
 			 &mo->max_request,  &mo->max_attempts, &mo->retain,	 &mo->keyfile,
+			 &mo->buffer_max_s, &mo->user_buffer_max_s,
 			 &mo->source,	    &mo->mountpoint};
 
 	for (size_t i = 0; i < sizeof(strs) / sizeof(strs[0]); i++) {

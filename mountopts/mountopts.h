@@ -8,6 +8,7 @@
 #include <fuse_opt.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "engine.h"
 
@@ -16,6 +17,7 @@ struct mountopts {
 	 * mountopts_release()). */
 	char *store, *models, *workers, *gpus, *queue_max, *user_queue_max, *rate, *burst;
 	char *max_request, *max_attempts, *retain, *keyfile;
+	char *buffer_max_s, *user_buffer_max_s;
 	int private_, nonotify, passthrough;
 	int show_help, show_version;
 
@@ -27,6 +29,9 @@ struct mountopts {
 	/* Validated results (mountopts_parse). */
 	char store_dir[4096];
 	struct engine_options engine;
+	/* Bytes of unfinished requests held for writers of `new`: in all, and
+	 * per uid (newfile.c). */
+	uint64_t buffer_max, user_buffer_max;
 };
 
 /*

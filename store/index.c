@@ -985,15 +985,19 @@ static int batch_fn(struct index *ix, MDB_txn *txn, void *arg)
 		MDB_txn *child;
 		int rc;
 
-		if (a->rcs[i] != 0)
-			continue; /* refused by create_check() */
-		rc = mdb_txn_begin(ix->env, txn, 0, &child);
-		if (rc)
-			return index_lmdb_err(ix, rc, "begin nested");
-		a->rcs[i] = create_fn(ix, child, &ca);
+		if (a->rcs[i] == 0) {
+			rc = mdb_txn_begin(ix->env, txn, 0, &child);
+			if (rc)
+				return index_lmdb_err(ix, rc, "begin nested");
+			a->rcs[i] = create_fn(ix, child, &ca);
+			if (a->rcs[i])
+				mdb_txn_abort(child);
+		}
 		if (a->rcs[i]) {
-			mdb_txn_abort(child);
-			continue;
+			/* The first refusal ends the batch: the rest is not tried. */
+			for (size_t k = i + 1; k < a->n; k++)
+				a->rcs[k] = -ECANCELED;
+			return 0;
 		}
 		if ((rc = mdb_txn_commit(child)) != 0)
 			return index_lmdb_err(ix, rc, "commit nested");

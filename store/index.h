@@ -211,10 +211,11 @@ int index_job_create(struct index *ix, const struct job_create *c, uint8_t id_ou
 		     bool *existed);
 
 /*
- * Create n jobs in one durable commit (a batch submission). Each job
- * succeeds or fails on its own: rcs[i] gets its result, ids[i] its id and
- * existed[i] (may be NULL) whether a named job was found. Returns 0 when
- * the commit itself succeeded, whatever the rcs.
+ * Create n jobs in one durable commit (a batch submission), in order, up
+ * to the first that is refused: rcs[i] gets each result (those after the
+ * first refusal -ECANCELED: not tried), ids[i] its id and existed[i] (may
+ * be NULL) whether a named job was found. Returns 0 when the commit itself
+ * succeeded, whatever the rcs.
  */
 int index_job_create_batch(struct index *ix, size_t n, const struct job_create *c,
 			   uint8_t (*ids)[JOB_ID_LEN], bool *existed, int *rcs);
