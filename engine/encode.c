@@ -199,6 +199,22 @@ int enc_open(enum enc_format fmt, const char *path, int width, int height, int f
 	return 0;
 }
 
+/* The errno of a failed write: ENOSPC and EDQUOT matter (the job is
+ * retried when space returns); others are EIO. */
+static int write_errno(int err)
+{
+	return err == ENOSPC || err == EDQUOT ? -ENOSPC : -EIO;
+}
+
+/* The same for libavformat's writes (the muxer's I/O context keeps the
+ * error of the write that failed). */
+static int mux_errno(struct enc *e, int averr)
+{
+	if (e->oc && e->oc->pb && e->oc->pb->error < 0)
+		averr = e->oc->pb->error;
+	return averr == AVERROR(ENOSPC) || averr == AVERROR(EDQUOT) ? -ENOSPC : -EIO;
+}
+
 /* Send a frame (or NULL to flush) and write every packet that comes out. */
 static int drain(struct enc *e, AVFrame *f)
 {
@@ -213,12 +229,14 @@ static int drain(struct enc *e, AVFrame *f)
 		if (rc < 0)
 			return -EIO;
 		if (e->fmt == ENC_PNG) {
+			errno = 0;
 			size_t n = fwrite(e->pkt->data, 1, (size_t)e->pkt->size, e->file);
-			rc = n == (size_t)e->pkt->size ? 0 : -EIO;
+			rc = n == (size_t)e->pkt->size ? 0 : write_errno(errno);
 		} else {
 			av_packet_rescale_ts(e->pkt, e->cc->time_base, e->st->time_base);
 			e->pkt->stream_index = e->st->index;
-			rc = av_interleaved_write_frame(e->oc, e->pkt) < 0 ? -EIO : 0;
+			rc = av_interleaved_write_frame(e->oc, e->pkt);
+			rc = rc < 0 ? mux_errno(e, rc) : 0;
 		}
 		av_packet_unref(e->pkt);
 		if (rc)
@@ -252,9 +270,10 @@ int enc_put_yuv(struct enc *e, const uint8_t *y, const uint8_t *u, const uint8_t
 	int rc;
 
 	if (e->fmt == ENC_Y4M) {
+		errno = 0;
 		if (fputs("FRAME\n", e->file) < 0 || fwrite(y, 1, ysz, e->file) != ysz ||
 		    fwrite(u, 1, csz, e->file) != csz || fwrite(v, 1, csz, e->file) != csz)
-			return -EIO;
+			return write_errno(errno);
 		return 0;
 	}
 	if (e->fmt != ENC_MP4)
@@ -274,11 +293,12 @@ int enc_close(struct enc *e)
 	int rc = 0;
 
 	if (e->fmt != ENC_MP4) {
-		rc = fflush(e->file) == 0 && fsync(fileno(e->file)) == 0 ? 0 : -EIO;
+		errno = 0;
+		rc = fflush(e->file) == 0 && fsync(fileno(e->file)) == 0 ? 0 : write_errno(errno);
 	} else {
 		rc = drain(e, NULL);
-		if (rc == 0 && av_write_trailer(e->oc) < 0)
-			rc = -EIO;
+		if (rc == 0 && (rc = av_write_trailer(e->oc)) < 0)
+			rc = mux_errno(e, rc);
 	}
 	if (rc) {
 		enc_abort(e);

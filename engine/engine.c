@@ -461,7 +461,7 @@ refused:
 		/* Nothing was stored: the first is refused, the rest not tried.
 		 * The commit ran on another thread: its message is not ours. */
 		sub_fail(&subs[map[0]], -store_errno(rc), "cannot store the job: %s",
-			 store_strerror(rc));
+			 rc == -ENOSPC ? "no space left on device" : store_strerror(rc));
 		for (size_t k = 1; k < m; k++)
 			sub_fail(&subs[map[k]], -ECANCELED, "not tried");
 		rc = 0;

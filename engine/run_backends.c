@@ -59,6 +59,9 @@ int run_synth(struct run *r)
 		synth_request_release(&sr);
 		if (rc == -ECANCELED && run_stopping(r) != STOP_NONE)
 			return -ECANCELED;
+		/* A full disk is the store's, and passes: retried later. */
+		if (rc == -ENOSPC)
+			return run_fail(r, rc, "store", true, "no space left on device (%s)", err);
 		return run_fail(r, rc, "render_failed", false, "%s", err);
 	}
 	if ((rc = store_sink_adopt_file(sink)) != 0) {

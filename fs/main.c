@@ -168,7 +168,7 @@ int main(int argc, char **argv)
 		fprintf(stderr,
 			"renderfs: recovered '%s': %llu jobs back in the queue, %llu interrupted, "
 			"%llu complete (output committed before the crash), "
-			"%llu partial outputs removed, %llu stray blobs collected\n",
+			"%llu partial outputs removed, %llu stray blob files moved to lost+found\n",
 			mo.store_dir, (unsigned long long)rec.requeued,
 			(unsigned long long)rec.interrupted, (unsigned long long)rec.completed,
 			(unsigned long long)rec.tmp_removed, (unsigned long long)rec.blobs_collected);

@@ -265,6 +265,16 @@ fail:
 	return rc;
 }
 
+/* A blob file that is missing, or not a regular file (a FIFO, a device, a
+ * symlink put in its place), is damage to the store: STORE_E_CORRUPT (EIO). */
+static int blob_open_err(const char *path, int rc)
+{
+	if (rc == -ENOENT || rc == -ELOOP || rc == -EINVAL)
+		return store_seterr(STORE_E_CORRUPT, "blob file '%s' %s", path,
+				    rc == -ENOENT ? "is missing" : "is not a regular file");
+	return store_seterr(rc, "blob file '%s' cannot be opened: %s", path, strerror(-rc));
+}
+
 int store_blob_open(struct store *st, const uint8_t hash[B3_OUT_LEN], int *fd_out,
 		    uint64_t *size_out)
 {
@@ -278,13 +288,11 @@ int store_blob_open(struct store *st, const uint8_t hash[B3_OUT_LEN], int *fd_ou
 	if ((rc = index_blob_get(st->ix, hash, &bi)) != 0)
 		return rc;
 	store_blob_path(st, hash, path, sizeof(path));
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
+	if ((rc = file_open_regular(path, &fd, &sb)) != 0) {
 		st->integrity_failures++;
-		return store_seterr(errno == ENOENT ? STORE_E_CORRUPT : -errno,
-				    "blob file '%s' cannot be opened: %s", path, strerror(errno));
+		return blob_open_err(path, rc);
 	}
-	if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || (uint64_t)sb.st_size != bi.size) {
+	if ((uint64_t)sb.st_size != bi.size) {
 		close(fd);
 		st->integrity_failures++;
 		return store_seterr(STORE_E_CORRUPT, "blob file '%s' has %lld bytes, not %llu",
@@ -467,14 +475,13 @@ int store_reader_open(struct store *st, const uint8_t hash[B3_OUT_LEN], struct s
 	r->n = bi.size ? (size_t)((bi.size + B3_GROUP_LEN - 1) / B3_GROUP_LEN) : 1;
 	memcpy(r->hash, hash, B3_OUT_LEN);
 	store_blob_path(st, hash, r->path, sizeof(r->path));
-	r->fd = open(r->path, O_RDONLY | O_CLOEXEC);
-	if (r->fd < 0) {
+	r->fd = -1;
+	if ((rc = file_open_regular(r->path, &r->fd, &sb)) != 0) {
 		st->integrity_failures++;
-		rc = store_seterr(errno == ENOENT ? STORE_E_CORRUPT : -errno,
-				  "blob file '%s' cannot be opened: %s", r->path, strerror(errno));
+		rc = blob_open_err(r->path, rc);
 		goto fail;
 	}
-	if (fstat(r->fd, &sb) != 0 || !S_ISREG(sb.st_mode) || (uint64_t)sb.st_size != bi.size) {
+	if ((uint64_t)sb.st_size != bi.size) {
 		rc = corrupt(r, "wrong size");
 		goto fail;
 	}
@@ -599,6 +606,20 @@ int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN])
 	return rc;
 }
 
+/* opendir() that never follows a symlink (the store's folders were
+ * checked at open; this keeps it so for a folder swapped since). */
+static DIR *dir_open_nofollow(int at, const char *path)
+{
+	int fd = openat(at, path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	DIR *d;
+
+	if (fd < 0)
+		return NULL;
+	if (!(d = fdopendir(fd)))
+		close(fd);
+	return d;
+}
+
 int store_clear_tmp(struct store *st, uint64_t *removed)
 {
 	char path[4200];
@@ -606,12 +627,13 @@ int store_clear_tmp(struct store *st, uint64_t *removed)
 	DIR *d;
 
 	snprintf(path, sizeof(path), "%s/tmp", st->dir);
-	d = opendir(path);
+	d = dir_open_nofollow(AT_FDCWD, path);
 	if (!d)
 		return store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
 	while ((de = readdir(d)) != NULL) {
 		if (de->d_name[0] == '.')
 			continue;
+		/* unlinkat removes a symlink itself, never what it names. */
 		if (unlinkat(dirfd(d), de->d_name, 0) == 0)
 			(*removed)++;
 	}
@@ -619,20 +641,54 @@ int store_clear_tmp(struct store *st, uint64_t *removed)
 	return 0;
 }
 
-static int gc_dir(struct store *st, const char *sub, uint64_t *collected)
+/*
+ * Move a stray file into lost+found/ (never delete it: an index that lost
+ * an entry may still have a job naming it; `renderctl fsck --adopt` puts
+ * back what jobs name). A name already there gets a suffix.
+ */
+static int to_lost_found(struct store *st, int from, const char *name)
 {
-	char path[4200];
+	char path[4200], dst[300];
+	int lf, rc = 0;
+
+	snprintf(path, sizeof(path), "%s/" STORE_LOST_FOUND, st->dir);
+	if (mkdir(path, 0700) != 0 && errno != EEXIST)
+		return store_seterr(-errno, "cannot create '%s': %s", path, strerror(errno));
+	lf = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (lf < 0)
+		return store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
+	for (int i = 0;; i++) {
+		if (i == 0)
+			snprintf(dst, sizeof(dst), "%s", name);
+		else
+			snprintf(dst, sizeof(dst), "%s.%d", name, i);
+		if (renameat2(from, name, lf, dst, RENAME_NOREPLACE) == 0)
+			break;
+		if (errno != EEXIST || i == 1000) {
+			rc = store_seterr(-errno, "cannot move '%s' into '%s': %s", name, path,
+					  strerror(errno));
+			break;
+		}
+	}
+	if (rc == 0 && fsync(lf) != 0)
+		rc = store_seterr(-errno, "cannot fsync '%s': %s", path, strerror(errno));
+	close(lf);
+	return rc;
+}
+
+static int gc_dir(struct store *st, int blobs, const char *sub, uint64_t *collected)
+{
 	struct dirent *de;
 	DIR *d;
+	int rc = 0;
 
-	snprintf(path, sizeof(path), "%s/blobs/%s", st->dir, sub);
-	d = opendir(path);
+	d = dir_open_nofollow(blobs, sub);
 	if (!d)
-		return store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
-	while ((de = readdir(d)) != NULL) {
+		return store_seterr(-errno, "cannot open '%s/blobs/%s': %s", st->dir, sub,
+				    strerror(errno));
+	while (rc == 0 && (de = readdir(d)) != NULL) {
 		uint8_t hash[B3_OUT_LEN];
 		struct blob_info bi;
-		int rc;
 
 		if (de->d_name[0] == '.')
 			continue;
@@ -642,16 +698,17 @@ static int gc_dir(struct store *st, const char *sub, uint64_t *collected)
 			rc = index_blob_get(st->ix, hash, &bi);
 			if (rc == 0)
 				continue;
-			if (rc != STORE_E_NOTFOUND) {
-				closedir(d);
-				return rc;
-			}
+			if (rc != STORE_E_NOTFOUND)
+				break;
 		}
-		if (unlinkat(dirfd(d), de->d_name, 0) == 0)
+		if ((rc = to_lost_found(st, dirfd(d), de->d_name)) == 0)
 			(*collected)++;
 	}
+	if (rc == 0 && *collected && fsync(dirfd(d)) != 0)
+		rc = store_seterr(-errno, "cannot fsync '%s/blobs/%s': %s", st->dir, sub,
+				  strerror(errno));
 	closedir(d);
-	return 0;
+	return rc;
 }
 
 int store_gc(struct store *st, uint64_t *collected)
@@ -663,14 +720,14 @@ int store_gc(struct store *st, uint64_t *collected)
 
 	*collected = 0;
 	snprintf(path, sizeof(path), "%s/blobs", st->dir);
-	d = opendir(path);
+	d = dir_open_nofollow(AT_FDCWD, path);
 	if (!d)
 		return store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
 	pthread_mutex_lock(&st->blob_mu);
 	while ((de = readdir(d)) != NULL && rc == 0) {
 		if (de->d_name[0] == '.' || de->d_type != DT_DIR || strlen(de->d_name) != 2)
 			continue;
-		rc = gc_dir(st, de->d_name, collected);
+		rc = gc_dir(st, dirfd(d), de->d_name, collected);
 	}
 	pthread_mutex_unlock(&st->blob_mu);
 	closedir(d);

@@ -151,3 +151,25 @@ int file_write_durable(const char *path, const void *data, size_t len, mode_t mo
 		return store_seterr(rc, "cannot create '%s': %s", path, strerror(-rc));
 	return dir_fsync(dir);
 }
+
+int file_open_regular(const char *path, int *fd_out, struct stat *sb)
+{
+	/* O_NONBLOCK: a FIFO put in a file's place must not block the open
+	 * (nor, as a reader of it, every later reader); O_NOFOLLOW: nor may
+	 * a symlink lead out of the store. */
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOFOLLOW);
+
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, sb) != 0) {
+		int rc = -errno;
+		close(fd);
+		return rc;
+	}
+	if (!S_ISREG(sb->st_mode) || fcntl(fd, F_SETFL, 0) != 0) {
+		close(fd);
+		return -EINVAL;
+	}
+	*fd_out = fd;
+	return 0;
+}

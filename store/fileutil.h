@@ -5,6 +5,7 @@
 #define RENDERFS_FILEUTIL_H
 
 #include <stddef.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 /*
@@ -30,5 +31,13 @@ int dir_ensure(const char *path, mode_t mode);
 
 /* write() all of buf, retrying on EINTR and short writes. */
 int write_all(int fd, const void *buf, size_t len);
+
+/*
+ * Open path read-only if it is a regular file, never following a symlink
+ * and never blocking (a FIFO or device in its place): 0 with *fd_out and
+ * *sb, -ELOOP for a symlink, -EINVAL for any other kind of file, or
+ * another -errno.
+ */
+int file_open_regular(const char *path, int *fd_out, struct stat *sb);
 
 #endif

@@ -223,16 +223,16 @@ static void check_blob_file(struct fsck *f, const uint8_t *hash, const struct bl
 	uint8_t got[B3_OUT_LEN];
 	uint64_t size;
 	struct stat sb;
-	int fd;
+	int fd, rc;
 
 	b3_to_hex(hash, hex);
 	snprintf(path, sizeof(path), "%s/blobs/%.2s/%s", f->dir, hex, hex);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		problem(f, "blob %s: cannot open '%s': %s", hex, path, strerror(errno));
+	if ((rc = file_open_regular(path, &fd, &sb)) != 0) {
+		problem(f, "blob %s: cannot open '%s': %s", hex, path,
+			rc == -EINVAL || rc == -ELOOP ? "not a regular file" : strerror(-rc));
 		return;
 	}
-	if (fstat(fd, &sb) == 0 && (sb.st_mode & 0222))
+	if (sb.st_mode & 0222)
 		problem(f, "blob file '%s' is writable (mode %04o); blobs are 0444", path,
 			(unsigned)(sb.st_mode & 07777));
 	if (b3_hash_fd(fd, 2, got, &size) != 0)
@@ -315,11 +315,12 @@ static void check_blob_files(struct fsck *f, MDB_txn *txn)
 				continue;
 			if (b3_from_hex(fe->d_name, hash) != 0 ||
 			    strncmp(fe->d_name, de->d_name, 2) != 0)
-				note(f, "'%s/%s' is not a blob name; it is removed at the next open",
+				note(f, "'%s/%s' is not a blob name; it is moved to lost+found at the "
+					"next open",
 				     path, fe->d_name);
 			else if (!key_exists(txn, f->ix->blobs, hash, B3_OUT_LEN))
-				note(f, "blob file '%s/%s' is not referenced; it is collected at the "
-					"next open",
+				note(f, "blob file '%s/%s' is not referenced; it is moved to "
+					"lost+found at the next open",
 				     path, fe->d_name);
 		}
 		closedir(sd);
@@ -333,6 +334,26 @@ static void check_blob_files(struct fsck *f, MDB_txn *txn)
 				     de->d_name);
 		closedir(d);
 	}
+}
+
+/* lost+found/ holds what the daemon would not delete: say so. */
+static void check_lost_found(struct fsck *f)
+{
+	char path[4200];
+	struct dirent *de;
+	uint64_t n = 0;
+	DIR *d;
+
+	snprintf(path, sizeof(path), "%s/" STORE_LOST_FOUND, f->dir);
+	if (!(d = opendir(path)))
+		return;
+	while ((de = readdir(d)) != NULL)
+		n += de->d_name[0] != '.';
+	closedir(d);
+	if (n)
+		note(f, "%llu file(s) in '%s': stray blob files moved aside at open; "
+			"'renderctl fsck --adopt' puts back those a job names",
+		     (unsigned long long)n, path);
 }
 
 static void check_keys(struct fsck *f, MDB_txn *txn)
@@ -375,6 +396,141 @@ static void check_keys(struct fsck *f, MDB_txn *txn)
 	closedir(d);
 }
 
+/* ---- adopting files of lost+found/ ---- */
+
+struct adopt_arg {
+	const uint8_t *hash;
+	struct blob_info bi;
+	bool present; /* out: the index had it already */
+};
+
+static int adopt_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct adopt_arg *a = arg;
+	uint8_t rec[BLOB_REC_MAX];
+	MDB_val k = {B3_OUT_LEN, (void *)a->hash}, v;
+	int rc;
+
+	if (mdb_get(txn, ix->blobs, &k, &v) == 0) {
+		a->present = true;
+		return 0;
+	}
+	v.mv_size = index_blob_encode(&a->bi, rec);
+	v.mv_data = rec;
+	if ((rc = mdb_put(txn, ix->blobs, &k, &v, 0)) != 0)
+		return index_lmdb_err(ix, rc, "adopt blob");
+	return 0;
+}
+
+/* Count, per output hash, the jobs that name it (the media type of one). */
+static int count_outputs(struct fsck *f, struct index *ix)
+{
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn)) != 0)
+		return index_lmdb_err(ix, rc, "read");
+	if ((rc = mdb_cursor_open(txn, ix->jobs, &cur)) != 0) {
+		mdb_txn_abort(txn);
+		return index_lmdb_err(ix, rc, "read jobs");
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct job j;
+		if (k.mv_size != JOB_ID_LEN || index_get_job(ix, txn, k.mv_data, &j) != 0)
+			continue; /* fsck reports it */
+		if (j.flags & JOB_F_HAS_OUTPUT) {
+			struct refcount_entry *e = tab_find(f, j.output_hash, true);
+			if (!e) {
+				job_release(&j);
+				rc = -ENOMEM;
+				break;
+			}
+			e->count++;
+		}
+		job_release(&j);
+	}
+	mdb_cursor_close(cur);
+	mdb_txn_abort(txn);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+int store_adopt(struct store *st, FILE *out, uint64_t *adopted)
+{
+	struct fsck f = {store_dir(st), out, store_index(st), 0, NULL, 0, 0};
+	char lfpath[4200], path[4600], dst[4600];
+	struct dirent *de;
+	DIR *d;
+	int rc, lf;
+
+	*adopted = 0;
+	snprintf(lfpath, sizeof(lfpath), "%s/" STORE_LOST_FOUND, f.dir);
+	lf = open(lfpath, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (lf < 0)
+		return errno == ENOENT ? 0
+				       : store_seterr(-errno, "cannot open '%s': %s", lfpath,
+						      strerror(errno));
+	if (!(d = fdopendir(lf))) {
+		close(lf);
+		return store_seterr(-errno, "cannot read '%s': %s", lfpath, strerror(errno));
+	}
+	if ((rc = count_outputs(&f, f.ix)) != 0)
+		goto out;
+	while ((de = readdir(d)) != NULL) {
+		struct adopt_arg a = {0};
+		struct refcount_entry *e;
+		uint8_t hash[B3_OUT_LEN], got[B3_OUT_LEN];
+		char hex[B3_HEX_LEN + 1];
+		uint64_t size;
+		struct stat sb;
+		int fd;
+
+		if (b3_from_hex(de->d_name, hash) != 0 || !(e = tab_find(&f, hash, false)))
+			continue; /* no job names it: it stays */
+		snprintf(path, sizeof(path), "%s/%s", lfpath, de->d_name);
+		if (file_open_regular(path, &fd, &sb) != 0)
+			continue;
+		rc = b3_hash_fd(fd, 2, got, &size);
+		close(fd);
+		if (rc || memcmp(got, hash, B3_OUT_LEN) != 0) {
+			fprintf(out, "note: '%s' does not match its name; left where it is\n", path);
+			rc = 0;
+			continue;
+		}
+		b3_to_hex(hash, hex);
+		snprintf(dst, sizeof(dst), "%s/blobs/%.2s", f.dir, hex);
+		if (mkdir(dst, 0755) != 0 && errno != EEXIST) {
+			rc = store_seterr(-errno, "cannot create '%s': %s", dst, strerror(errno));
+			break;
+		}
+		snprintf(dst, sizeof(dst), "%s/blobs/%.2s/%s", f.dir, hex, hex);
+		if (renameat2(AT_FDCWD, path, AT_FDCWD, dst, RENAME_NOREPLACE) != 0) {
+			fprintf(out, "note: cannot put '%s' back as '%s': %s\n", path, dst,
+				strerror(errno));
+			continue;
+		}
+		snprintf(path, sizeof(path), "%s/blobs/%.2s", f.dir, hex);
+		if ((rc = dir_fsync(path)) != 0)
+			break;
+		a.hash = hash;
+		a.bi.size = size;
+		a.bi.refcount = e->count;
+		a.bi.created_ms = (uint64_t)sb.st_mtime * 1000;
+		if ((rc = index_write(f.ix, adopt_fn, &a)) != 0)
+			break;
+		fprintf(out, "adopted blob %s (%llu bytes, named by %llu job%s)%s\n", hex,
+			(unsigned long long)size, (unsigned long long)e->count,
+			e->count == 1 ? "" : "s", a.present ? "; the index had it already" : "");
+		(*adopted)++;
+	}
+out:
+	closedir(d);
+	free(f.tab);
+	return rc;
+}
+
 long store_fsck(const char *dir, FILE *out)
 {
 	struct index_options opt = {0, true};
@@ -396,6 +552,7 @@ long store_fsck(const char *dir, FILE *out)
 	check_jobs(&f, txn);
 	check_blobs(&f, txn);
 	check_blob_files(&f, txn);
+	check_lost_found(&f);
 	check_keys(&f, txn);
 	mdb_txn_abort(txn);
 	index_close(f.ix);

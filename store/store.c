@@ -13,7 +13,9 @@
  * writes a new pair, then switches the index to it; public keys are never
  * removed, so every signature ever made still verifies.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,6 +82,124 @@ int store_key_rotate(struct store *st)
 	return 0;
 }
 
+/*
+ * What a daemon that may run as root trusts in a store (as ssh's
+ * StrictModes does for ~/.ssh): the store directory and every folder above
+ * it must be owned by root or by the daemon's user and writable by nobody
+ * else (a folder above may be writable by others if it is sticky, as /tmp
+ * is); the store's own folders and files must be real ones (no symlinks),
+ * owned by the daemon's user, and writable by nobody else. Then nobody
+ * else can put a symlink, a FIFO or another file where the store looks,
+ * so the paths the store opens lead where they say.
+ */
+static int strict_err(const char *path, const char *why)
+{
+	return store_seterr(-EPERM,
+			    "refusing store: '%s' %s (a store and the folders above it must "
+			    "be owned by root or the daemon's user and writable by no one else)",
+			    path, why);
+}
+
+static int check_node(const char *path, uid_t uid, bool want_dir, bool above)
+{
+	char why[128];
+	struct stat sb;
+
+	if (lstat(path, &sb) != 0) {
+		if (errno == ENOENT && !want_dir)
+			return 0; /* a file not made yet */
+		return store_seterr(-errno, "cannot stat '%s': %s", path, strerror(errno));
+	}
+	if (S_ISLNK(sb.st_mode))
+		return strict_err(path, "is a symbolic link");
+	if (want_dir ? !S_ISDIR(sb.st_mode) : !S_ISREG(sb.st_mode))
+		return strict_err(path, want_dir ? "is not a directory" : "is not a regular file");
+	if (sb.st_uid != uid && !(above && sb.st_uid == 0)) {
+		snprintf(why, sizeof(why), "is owned by uid %u, not by uid %u that runs renderfs",
+			 (unsigned)sb.st_uid, (unsigned)uid);
+		return strict_err(path, why);
+	}
+	if ((sb.st_mode & 022) && !(above && (sb.st_mode & S_ISVTX))) {
+		snprintf(why, sizeof(why), "is writable by %s (mode %04o)",
+			 sb.st_mode & 002 ? "others" : "its group", (unsigned)(sb.st_mode & 07777));
+		return strict_err(path, why);
+	}
+	return 0;
+}
+
+static int check_layout(const char *dir)
+{
+	static const char *dirs[] = {"index", "blobs", "tmp", "keys"};
+	static const char *files[] = {"lock", "index/data.mdb", "index/lock.mdb"};
+	char real[PATH_MAX], path[PATH_MAX + 512];
+	uid_t uid = geteuid();
+	struct dirent *de;
+	DIR *d;
+	int rc, fd;
+
+	if (!realpath(dir, real))
+		return store_seterr(-errno, "cannot resolve '%s': %s", dir, strerror(errno));
+	/* The folders above, from / down, then the store itself. */
+	for (char *slash = real + 1;; slash++) {
+		char c;
+		slash = strchr(slash, '/');
+		if (!slash)
+			break;
+		c = *slash;
+		*slash = '\0';
+		rc = check_node(real, uid, true, true);
+		*slash = c;
+		if (rc)
+			return rc;
+	}
+	if ((rc = check_node("/", uid, true, true)) != 0 ||
+	    (rc = check_node(real, uid, true, false)) != 0)
+		return rc;
+	for (size_t i = 0; i < sizeof(dirs) / sizeof(dirs[0]); i++) {
+		snprintf(path, sizeof(path), "%s/%s", real, dirs[i]);
+		if ((rc = check_node(path, uid, true, false)) != 0)
+			return rc;
+	}
+	for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+		snprintf(path, sizeof(path), "%s/%s", real, files[i]);
+		if ((rc = check_node(path, uid, false, false)) != 0)
+			return rc;
+	}
+	/* Keys, and the blob folders (their files are opened O_NOFOLLOW and
+	 * checked to be regular files when read). */
+	snprintf(path, sizeof(path), "%s/keys", real);
+	fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 || !(d = fdopendir(fd))) {
+		rc = store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return rc;
+	}
+	while (rc == 0 && (de = readdir(d)) != NULL)
+		if (de->d_name[0] != '.') {
+			snprintf(path, sizeof(path), "%s/keys/%s", real, de->d_name);
+			rc = check_node(path, uid, false, false);
+		}
+	closedir(d);
+	if (rc)
+		return rc;
+	snprintf(path, sizeof(path), "%s/blobs", real);
+	fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 || !(d = fdopendir(fd))) {
+		rc = store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return rc;
+	}
+	while (rc == 0 && (de = readdir(d)) != NULL)
+		if (de->d_name[0] != '.') {
+			snprintf(path, sizeof(path), "%s/blobs/%s", real, de->d_name);
+			rc = check_node(path, uid, true, false);
+		}
+	closedir(d);
+	return rc;
+}
+
 static int make_layout(const char *dir)
 {
 	static const char *subs[] = {"index", "blobs", "tmp", "keys"};
@@ -122,7 +242,7 @@ int store_open(const char *dir, const struct store_options *opt, struct store **
 	pthread_rwlock_init(&st->key_mu, NULL);
 
 	if (!st->opt.read_only) {
-		if ((rc = make_layout(dir)) != 0)
+		if ((rc = make_layout(dir)) != 0 || (rc = check_layout(dir)) != 0)
 			goto fail;
 		/* Recovery assumes nobody else is running jobs from this store. */
 		snprintf(path, sizeof(path), "%s/lock", dir);

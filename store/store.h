@@ -58,7 +58,8 @@ struct store_options {
 struct store_recovery {
 	uint64_t requeued, interrupted, completed; /* running jobs at the crash */
 	uint64_t tmp_removed;		/* partial outputs in tmp/ */
-	uint64_t blobs_collected;	/* blob files no index entry refers to */
+	uint64_t blobs_collected;	/* blob files no index entry refers to,
+					   moved to lost+found/ */
 };
 
 /*
@@ -136,8 +137,22 @@ int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN]);
 int store_job_hide(struct store *st, const uint8_t job[JOB_ID_LEN], uint16_t mask,
 		   bool release_output);
 
-/* Remove blob files that no index entry refers to. */
+/* Where stray files of blobs/ go: never deleted, since a damaged index
+ * may have lost the entry of a blob a job still names. */
+#define STORE_LOST_FOUND "lost+found"
+
+/* Move blob files that no index entry refers to (and anything else in
+ * blobs/ that is not a blob) into <store>/lost+found/. */
 int store_gc(struct store *st, uint64_t *collected);
+
+/*
+ * Put back into blobs/ the files of lost+found/ that are named by the
+ * hash of their content and by the output of at least one job, entering
+ * them in the index with the number of jobs naming them as their
+ * reference count (for `renderctl fsck --adopt`, store not mounted).
+ * *adopted counts them; each is reported on out.
+ */
+int store_adopt(struct store *st, FILE *out, uint64_t *adopted);
 
 /* ---- signatures ---- */
 

@@ -109,17 +109,20 @@ def test_fsck_and_gc(renderctl, tmp_path):
     r = renderctl("fsck", store, check=1)
     assert str(store) in r.stdout
     r = renderctl("gc", store, check=0)          # creates and recovers the store
-    assert "collected 0" in r.stdout
+    assert "moved 0" in r.stdout
     r = renderctl("fsck", store, check=0)
     assert "0 problems" in r.stdout
-    # A stray file in blobs/ is garbage, not a problem; gc removes it.
+    # A stray file in blobs/ is garbage, not a problem; gc moves it aside
+    # (never deletes: a damaged index may have lost a blob a job names).
     stray = store / "blobs" / "ab" / ("ab" + "0" * 62)
     stray.parent.mkdir()
     stray.write_text("orphan")
     r = renderctl("fsck", store, check=0)
     assert "not referenced" in r.stdout
-    assert "collected 1" in renderctl("gc", store, check=0).stdout
+    assert "moved 1" in renderctl("gc", store, check=0).stdout
     assert not stray.exists()
+    assert (store / "lost+found" / stray.name).read_text() == "orphan"
+    assert "1 file(s) in" in renderctl("fsck", store, check=0).stdout
     # Rotation keeps the old public key.
     keys_before = sorted(p.name for p in (store / "keys").glob("*.pub"))
     r = renderctl("keygen", "--store", store, check=0)
@@ -151,4 +154,4 @@ def test_key_permissions_reported(renderctl, tmp_path):
 def test_usage(renderctl):
     assert renderctl(check=2).stderr.startswith("usage:")
     assert "unknown command" in renderctl("frobnicate", check=2).stderr
-    assert "fsck STORE" in renderctl("--help", check=0).stdout
+    assert "fsck [--adopt] STORE" in renderctl("--help", check=0).stdout

@@ -33,15 +33,18 @@ static int usage(FILE *to, int code)
 		"usage: %s COMMAND [ARGS]\n"
 		"\n"
 		"commands:\n"
-		"  fsck STORE                      rehash blobs and cross-check the index;\n"
-		"                                  exit 1 and name every problem found\n"
+		"  fsck [--adopt] STORE            rehash blobs and cross-check the index;\n"
+		"                                  exit 1 and name every problem found; with\n"
+		"                                  --adopt (store not mounted), first put back\n"
+		"                                  the blobs of lost+found/ that jobs name\n"
 		"  keygen [DIR]                    make a minisign key pair DIR/<KEYID>.key/.pub\n"
 		"  keygen --store STORE            rotate STORE's signing key (old public keys stay)\n"
 		"  verify FILE [--sig SIG] [--pub PUB]\n"
 		"                                  check FILE's signature (default FILE.minisig;\n"
 		"                                  key: PUB, else render.pub or keys/<KEYID>.pub\n"
 		"                                  found in FILE's folder or above)\n"
-		"  gc STORE                        remove blob files nothing refers to\n"
+		"  gc STORE                        move blob files nothing refers to into\n"
+		"                                  STORE/lost+found/\n"
 		"  render ROUTE REQUEST.json|- -o OUT [--threads N] [--cpu]\n"
 		"                                  run a built-in route (%s, %s)\n"
 		"                                  here, without a mount\n",
@@ -49,11 +52,39 @@ static int usage(FILE *to, int code)
 	return code;
 }
 
+/* Open the store read-write (it must not be mounted) and put back what
+ * lost+found/ holds that jobs name. */
+static int fsck_adopt(const char *dir)
+{
+	struct store_options opt = {0};
+	struct store *st;
+	uint64_t n = 0;
+	int rc;
+
+	if ((rc = store_open(dir, &opt, &st)) != 0) {
+		fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+		return 1;
+	}
+	rc = store_adopt(st, stdout, &n);
+	if (rc)
+		fprintf(stderr, "%s: %s\n", prog, store_lasterr());
+	else
+		printf("adopted %llu blob file(s) from lost+found\n", (unsigned long long)n);
+	store_close(st);
+	return rc ? 1 : 0;
+}
+
 static int cmd_fsck(int argc, char **argv)
 {
 	int status;
 	pid_t pid;
 
+	if (argc == 3 && strcmp(argv[1], "--adopt") == 0) {
+		if (fsck_adopt(argv[2]) != 0)
+			return 1;
+		argc--;
+		argv++;
+	}
 	if (argc != 2)
 		return usage(stderr, 2);
 	fflush(stdout);
@@ -306,7 +337,7 @@ static int cmd_gc(int argc, char **argv)
 	if (rc)
 		fprintf(stderr, "%s: %s\n", prog, store_lasterr());
 	else
-		printf("collected %llu blob file(s)\n",
+		printf("moved %llu blob file(s) to lost+found\n",
 		       (unsigned long long)(n + r.blobs_collected));
 	store_close(st);
 	return rc ? 1 : 0;

@@ -149,7 +149,7 @@ static void test_dedup_gc(void)
 	CHECK(index_blob_get(store_index(st), h1, &bi) == STORE_E_NOTFOUND, "record released");
 	CHECK(access(path, F_OK) != 0, "file collected with its last reference");
 
-	/* GC: unreferenced files and strays go; referenced ones stay. */
+	/* GC: unreferenced files and strays go to lost+found; referenced ones stay. */
 	uint64_t n;
 	char stray[4300], orphan[4300];
 	uint8_t oh[32];
@@ -162,6 +162,8 @@ static void test_dedup_gc(void)
 	CHECK(store_gc(st, &n) == 0 && n == 2, "gc collected %llu", (unsigned long long)n);
 	CHECK(count_files("blobs") == before - 2, "gc left referenced blobs");
 	CHECK(access(orphan, F_OK) != 0, "orphan removed");
+	snprintf(stray, sizeof(stray), "%s/lost+found/%s", dir, strrchr(orphan, '/') + 1);
+	CHECK(access(stray, F_OK) == 0, "orphan kept in lost+found");
 }
 
 static void test_corruption(void)
