@@ -260,8 +260,7 @@ struct new_file {
 struct pending {
 	uint64_t start, end; /* file offsets */
 	uint64_t colons;
-	int rc;		     /* scanner's verdict: 0 or -errno */
-	char err[160];
+	int rc;		     /* scanner's verdict: 0 or -errno (its message: nf->err) */
 };
 
 int new_file_open(struct fsctx *fs, const struct route *r, uint32_t uid, uint32_t gid,
@@ -406,9 +405,10 @@ static void skip_object(struct new_file *nf, int rc)
 }
 
 /* The scanner refuses an object (or junk) itself: rc and a message. */
-static void reject(struct pending *p, uint64_t start, uint64_t end, int rc, const char *fmt, ...)
-	__attribute__((format(printf, 5, 6)));
-static void reject(struct pending *p, uint64_t start, uint64_t end, int rc, const char *fmt, ...)
+static void reject(struct new_file *nf, struct pending *p, uint64_t start, uint64_t end, int rc,
+		   const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+static void reject(struct new_file *nf, struct pending *p, uint64_t start, uint64_t end, int rc,
+		   const char *fmt, ...)
 {
 	va_list ap;
 
@@ -416,7 +416,7 @@ static void reject(struct pending *p, uint64_t start, uint64_t end, int rc, cons
 	p->end = end;
 	p->rc = rc;
 	va_start(ap, fmt);
-	vsnprintf(p->err, sizeof(p->err), fmt, ap);
+	vsnprintf(nf->err, sizeof(nf->err), fmt, ap);
 	va_end(ap);
 }
 
@@ -445,7 +445,7 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp, bool 
 			if (c == ' ' || c == '\t' || c == '\r' || c == '\n')
 				continue;
 			if (c != '{') {
-				reject(&pend[np++], at, at, -EINVAL,
+				reject(nf, &pend[np++], at, at, -EINVAL,
 				       "byte %llu: a request must be a JSON object (starting with '{')",
 				       (unsigned long long)at);
 				nf->skip = SKIP_LINE;
@@ -469,7 +469,7 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp, bool 
 			else if (c == '"')
 				nf->in_str = false;
 			else if (c < 0x20 && nf->skip == SKIP_NONE) {
-				reject(&pend[np++], nf->obj_start, at, -EINVAL,
+				reject(nf, &pend[np++], nf->obj_start, at, -EINVAL,
 				       "byte %llu: %s inside a string (control characters must be "
 				       "escaped)",
 				       (unsigned long long)at, c ? "control character" : "NUL byte");
@@ -487,7 +487,7 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp, bool 
 		case '{':
 		case '[':
 			if (nf->depth >= MAX_DEPTH && nf->skip == SKIP_NONE) {
-				reject(&pend[np++], nf->obj_start, at, -EINVAL,
+				reject(nf, &pend[np++], nf->obj_start, at, -EINVAL,
 				       "nesting deeper than %d levels", MAX_DEPTH);
 				skip_object(nf, -EINVAL);
 			}
@@ -503,7 +503,7 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp, bool 
 		case ']': {
 			bool is_array = nf->depth <= MAX_DEPTH && (nf->kinds >> (nf->depth - 1)) & 1;
 			if (nf->skip == SKIP_NONE && is_array != (c == ']')) {
-				reject(&pend[np++], nf->obj_start, at, -EINVAL,
+				reject(nf, &pend[np++], nf->obj_start, at, -EINVAL,
 				       "byte %llu: '%c' does not close '%c'", (unsigned long long)at, c,
 				       is_array ? '[' : '{');
 				/* The structure is unknown from here: resynchronize
@@ -516,7 +516,7 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp, bool 
 				if (nf->skip == SKIP_OBJECT) {
 					nf->skip = SKIP_NONE;
 				} else if (at + 1 - nf->obj_start > nf->fs->max_request) {
-					reject(&pend[np++], nf->obj_start, at + 1, -EFBIG,
+					reject(nf, &pend[np++], nf->obj_start, at + 1, -EFBIG,
 					       "a request larger than max_request (%llu bytes)",
 					       (unsigned long long)nf->fs->max_request);
 				} else {
@@ -531,7 +531,7 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp, bool 
 		}
 		default:
 			if (c == 0 && nf->skip == SKIP_NONE) {
-				reject(&pend[np++], nf->obj_start, at, -EINVAL,
+				reject(nf, &pend[np++], nf->obj_start, at, -EINVAL,
 				       "byte %llu: NUL byte in the request", (unsigned long long)at);
 				skip_object(nf, -EINVAL);
 			}
@@ -541,7 +541,7 @@ static size_t scan(struct new_file *nf, struct pending *pend, size_t maxp, bool 
 	/* An object still open and already too large. */
 	if (nf->depth > 0 && nf->skip == SKIP_NONE && np < maxp && !(np && pend[np - 1].rc) &&
 	    nf->scan - nf->obj_start > nf->fs->max_request) {
-		reject(&pend[np++], nf->obj_start, nf->scan, -EFBIG,
+		reject(nf, &pend[np++], nf->obj_start, nf->scan, -EFBIG,
 		       "a request larger than max_request (%llu bytes)",
 		       (unsigned long long)nf->fs->max_request);
 		skip_object(nf, -EFBIG);
@@ -796,7 +796,7 @@ static size_t submit(struct new_file *nf, struct pending *pend, size_t np)
 	while (n < np && pend[n].rc == 0 &&
 	       (pend[n].rc = parse_object(nf->buf + (pend[n].start - nf->base),
 					  pend[n].end - pend[n].start, pend[n].colons, &subs[n].obj,
-					  pend[n].err, sizeof(pend[n].err))) == 0)
+					  nf->err, sizeof(nf->err))) == 0)
 		n++;
 	bad = n;
 	rc = n ? engine_submit(nf->fs->eng, nf->route->path, nf->uid, nf->gid, subs, n) : 0;
@@ -813,8 +813,6 @@ static size_t submit(struct new_file *nf, struct pending *pend, size_t np)
 			 rc ? (rc == -ENOMEM ? "out of memory" : strerror(-rc)) : subs[i].err);
 		break;
 	}
-	if (bad == n && bad < np)
-		snprintf(nf->err, sizeof(nf->err), "%s", pend[bad].err);
 	for (size_t i = 0; i < n; i++)
 		json_object_put(subs[i].obj);
 	free(subs);
