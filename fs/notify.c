@@ -27,12 +27,17 @@
  *
  * Creations need no queue: job sequence numbers are given in commit
  * order, so the thread announces every seq from the last one announced up
- * to the index's next seq. Other events go through a bounded ring. An
- * event is dropped if it repeats the newest queued event of the same job
- * for the same file (the watcher will read the newer content anyway), so
- * a slow notifier coalesces instead of falling behind; the order of one
- * job's events is kept. A full ring drops the event and counts it (the
- * engine is never made to wait).
+ * to the index's next seq. Other changes are kept per job, never dropped:
+ * a queue of jobs with something to announce, in the order of their first
+ * unannounced change, each with a mask of the files that changed (and,
+ * for a deleted job, what its removal needs). A change of a job already
+ * waiting only sets its bit: the watcher reads the newest content anyway,
+ * so the last change of every file, above all a final status, is always
+ * announced, however large the burst, and memory is one entry per job
+ * with changes waiting (nothing for idle jobs; the queue gives its memory
+ * back when it empties). A job's events are made in the order the
+ * contract needs (progress, log, output, then status: the output exists
+ * before `complete` is announced).
  *
  * The kernel must not hold a name the notifier is yet to create (its
  * create would find it and make no event). Rather than invalidating such
@@ -62,8 +67,9 @@
  *
  * THREADS AND LOCKS
  * notify_post() runs on engine workers and FUSE handler threads, some
- * holding the engine's state lock: it only takes mu briefly. mu guards
- * the ring, `created`, `stop` and the counters. op_mu guards `op`, which
+ * holding the engine's state lock: it only takes mu briefly (a queue that
+ * must grow reallocates under it). mu guards the queue of pending jobs
+ * and its index, `created`, `stop` and the counters. op_mu guards `op`, which
  * the notifier thread writes around each syscall and handlers read. The
  * helper is the only one that touches the mountpoint; it starts after the
  * mount, the thread is told to stop (notify_stop) when the session loop
@@ -93,8 +99,7 @@
 
 #include "fs_i.h"
 
-#define RING_CAP 16384
-#define COALESCE_SCAN 32 /* how far back to look for the job's newest event */
+#define PEND_MIN 256 /* entries the queue starts with, and shrinks back to */
 
 struct gone {
 	uint64_t seq;
@@ -103,13 +108,31 @@ struct gone {
 	char name[INDEX_NAME_MAX + 1]; /* the directory's name: its name or ULID */
 };
 
-struct entry {
+/* Bits of struct pend.mask, in the order their events are made. */
+enum pend_bit { PB_PROGRESS = 1, PB_LOG = 2, PB_OUTPUT = 4, PB_STATUS = 8 };
+
+/* A job with changes not announced yet. */
+struct pend {
 	uint8_t id[JOB_ID_LEN];
-	uint8_t ev;
-	uint64_t posted_ns;
-	struct gone *gone; /* EV_DELETED, EV_RMDIR */
+	uint8_t mask;	    /* enum pend_bit */
+	uint64_t posted_ns; /* its oldest change not announced */
+	struct gone *gone;  /* deleted: its removal (its changes are moot then) */
+	bool by_rmdir;	    /* removed by rmdir through the mount: the
+			       directory is gone already */
 };
 
+/*
+ * The queue: a ring of struct pend by absolute position (pos % cap), and
+ * an open-addressing index from job id to position (linear probing,
+ * backward-shift deletion) so that a job already waiting is found at once.
+ * Both grow by doubling and shrink back when the queue empties.
+ */
+struct pendq {
+	struct pend *ring;
+	uint64_t head, count, cap;  /* positions [head, head + count) */
+	uint64_t *slot;		    /* position + 1; 0: empty */
+	uint64_t nslots;
+};
 struct notifier {
 	struct fsctx *fs;
 	char mnt[PATH_MAX / 2]; /* leaves room for <route>/<name>/<file> */
@@ -119,9 +142,8 @@ struct notifier {
 
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
-	struct entry *ring;
-	size_t head, count;
-	bool created, stop, warned;
+	struct pendq q;
+	bool created, stop;
 	struct notify_stats stats;
 
 	pthread_mutex_t op_mu;
@@ -354,6 +376,101 @@ static uint64_t mono_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* ---- the queue of jobs with changes (mu held) ---- */
+
+static uint64_t id_hash(const uint8_t id[JOB_ID_LEN])
+{
+	uint64_t h = 0;
+
+	/* A ULID's last 10 bytes are random; the first 6 a time. */
+	memcpy(&h, id + JOB_ID_LEN - 8, 8);
+	return h * 0x9E3779B97F4A7C15ull;
+}
+
+static struct pend *q_at(struct pendq *q, uint64_t pos)
+{
+	return &q->ring[pos % q->cap];
+}
+
+/* The index slot of the job's entry, or of the empty slot where it goes. */
+static uint64_t q_slot(struct pendq *q, const uint8_t id[JOB_ID_LEN])
+{
+	uint64_t i = id_hash(id) & (q->nslots - 1);
+
+	while (q->slot[i] && memcmp(q_at(q, q->slot[i] - 1)->id, id, JOB_ID_LEN) != 0)
+		i = (i + 1) & (q->nslots - 1);
+	return i;
+}
+
+/* Make the ring and index cap entries big (a power of two, >= count). */
+static int q_resize(struct pendq *q, uint64_t cap)
+{
+	struct pend *ring = malloc(cap * sizeof(*ring));
+	uint64_t *slot = calloc(cap * 2, sizeof(*slot));
+
+	if (!ring || !slot) {
+		free(ring);
+		free(slot);
+		return -ENOMEM;
+	}
+	for (uint64_t k = 0; k < q->count; k++)
+		ring[(q->head + k) % cap] = *q_at(q, q->head + k);
+	free(q->ring);
+	free(q->slot);
+	q->ring = ring;
+	q->cap = cap;
+	q->slot = slot;
+	q->nslots = cap * 2;
+	for (uint64_t k = 0; k < q->count; k++)
+		q->slot[q_slot(q, q_at(q, q->head + k)->id)] = q->head + k + 1;
+	return 0;
+}
+
+/* The waiting entry of a job, made (at the tail) if there is none; NULL
+ * without memory. */
+static struct pend *q_get(struct pendq *q, const uint8_t id[JOB_ID_LEN], uint64_t now)
+{
+	uint64_t i, pos;
+	struct pend *p;
+
+	if (q->count == q->cap && q_resize(q, q->cap * 2) != 0)
+		return NULL;
+	i = q_slot(q, id);
+	if (q->slot[i])
+		return q_at(q, q->slot[i] - 1);
+	pos = q->head + q->count++;
+	q->slot[i] = pos + 1;
+	p = q_at(q, pos);
+	memset(p, 0, sizeof(*p));
+	memcpy(p->id, id, JOB_ID_LEN);
+	p->posted_ns = now;
+	return p;
+}
+
+/* Take the oldest entry off the queue into *out. */
+static void q_pop(struct pendq *q, struct pend *out)
+{
+	uint64_t i = q_slot(q, q_at(q, q->head)->id), j;
+
+	*out = *q_at(q, q->head);
+	q->head++;
+	q->count--;
+	/* Backward-shift deletion keeps every probe sequence unbroken. */
+	q->slot[i] = 0;
+	for (j = (i + 1) & (q->nslots - 1); q->slot[j]; j = (j + 1) & (q->nslots - 1)) {
+		uint64_t home = id_hash(q_at(q, q->slot[j] - 1)->id) & (q->nslots - 1);
+		if (((j - home) & (q->nslots - 1)) >= ((j - i) & (q->nslots - 1))) {
+			q->slot[i] = q->slot[j];
+			q->slot[j] = 0;
+			i = j;
+		}
+	}
+	if (q->count == 0 && q->cap > PEND_MIN) {
+		q->head = 0;
+		q_resize(q, PEND_MIN); /* on failure it keeps the larger one */
+	}
+}
+
 /* ---- posting (any thread) ---- */
 
 void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
@@ -361,13 +478,14 @@ void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
 {
 	struct notifier *n = arg;
 	struct gone *g = NULL;
-	struct entry *e;
+	struct pend *p;
 	char idbuf[JOB_ID_STR_LEN + 1];
+	uint8_t bit;
 
 	(void)route;
 	if (gone) {
 		if (!(g = malloc(sizeof(*g))))
-			goto drop_unlocked;
+			goto nomem;
 		g->seq = gone->seq;
 		g->uid = gone->uid;
 		g->gid = gone->gid;
@@ -379,6 +497,11 @@ void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
 			snprintf(g->name, sizeof(g->name), "%s", idbuf);
 		}
 	}
+	bit = ev == EV_PROGRESS ? PB_PROGRESS
+	      : ev == EV_LOG	? PB_LOG
+	      : ev == EV_OUTPUT ? PB_OUTPUT
+	      : ev == EV_STATUS ? PB_STATUS
+				: 0;
 	pthread_mutex_lock(&n->mu);
 	n->stats.posted++;
 	if (ev == EV_CREATED) {
@@ -387,44 +510,34 @@ void notify_post(void *arg, const uint8_t id[JOB_ID_LEN], const char *route,
 		pthread_mutex_unlock(&n->mu);
 		return;
 	}
-	if (ev == EV_STATUS || ev == EV_PROGRESS || ev == EV_LOG) {
-		for (size_t k = 0; k < n->count && k < COALESCE_SCAN; k++) {
-			e = &n->ring[(n->head + n->count - 1 - k) % RING_CAP];
-			if (memcmp(e->id, id, JOB_ID_LEN) != 0)
-				continue;
-			if (e->ev == ev) {
-				n->stats.coalesced++;
-				pthread_mutex_unlock(&n->mu);
-				return;
-			}
-			break; /* the job's newest event is another kind: keep order */
-		}
-	}
-	if (n->count == RING_CAP || n->stop) {
-		bool warn = !n->warned && !n->stop;
-		n->stats.dropped++;
-		n->warned = true;
+	if (n->stop) {
 		pthread_mutex_unlock(&n->mu);
 		free(g);
-		if (warn)
-			fprintf(stderr, "renderfs: change notification is %d events behind; "
-					"further events are dropped until it catches up (see "
-					"renderfs_notify_dropped_total in stats)\n",
-				RING_CAP);
 		return;
 	}
-	e = &n->ring[(n->head + n->count++) % RING_CAP];
-	memcpy(e->id, id, JOB_ID_LEN);
-	e->ev = (uint8_t)ev;
-	e->posted_ns = mono_ns();
-	e->gone = g;
+	if (!(p = q_get(&n->q, id, mono_ns()))) {
+		pthread_mutex_unlock(&n->mu);
+		free(g);
+		goto nomem;
+	}
+	if ((p->mask & bit) || (p->gone && g))
+		n->stats.coalesced++;
+	p->mask |= bit;
+	if (g) {
+		free(p->gone);
+		p->gone = g;
+		p->by_rmdir = ev == EV_RMDIR;
+	}
 	pthread_cond_signal(&n->cv);
 	pthread_mutex_unlock(&n->mu);
 	return;
-drop_unlocked:
+nomem:
+	/* Only without memory is a change not announced: counted, and said. */
 	pthread_mutex_lock(&n->mu);
 	n->stats.dropped++;
 	pthread_mutex_unlock(&n->mu);
+	fprintf(stderr, "renderfs: out of memory: a change of a job is not announced to "
+			"inotify watchers\n");
 }
 
 /* ---- what the handlers ask ---- */
@@ -677,13 +790,13 @@ static void helper_hello(struct notifier *n)
 static void *notifier_main(void *arg)
 {
 	struct notifier *n = arg;
-	struct entry e;
+	struct pend e;
 	uint64_t next;
 
 	helper_hello(n);
 	pthread_mutex_lock(&n->mu);
 	for (;;) {
-		while (!n->stop && n->count == 0 && !n->created) {
+		while (!n->stop && n->q.count == 0 && !n->created) {
 			struct timespec ts;
 			clock_gettime(CLOCK_REALTIME, &ts);
 			ts.tv_nsec += 200 * 1000000;
@@ -702,15 +815,18 @@ static void *notifier_main(void *arg)
 		pthread_mutex_unlock(&n->mu);
 		check_mounted(n);
 		pthread_mutex_lock(&n->mu);
-		if (n->count) {
-			e = n->ring[n->head];
-			n->head = (n->head + 1) % RING_CAP;
-			n->count--;
+		if (n->q.count) {
+			q_pop(&n->q, &e);
 			pthread_mutex_unlock(&n->mu);
-			if (e.gone)
-				removed(n, e.id, e.gone, e.ev == EV_DELETED);
-			else
-				changed(n, e.id, (enum engine_event)e.ev);
+			if (e.gone) {
+				removed(n, e.id, e.gone, !e.by_rmdir);
+			} else {
+				static const enum engine_event order[] = {EV_PROGRESS, EV_LOG,
+									   EV_OUTPUT, EV_STATUS};
+				for (size_t k = 0; k < 4; k++)
+					if (e.mask & (1u << k))
+						changed(n, e.id, order[k]);
+			}
 			free(e.gone);
 			uint64_t lat = mono_ns() - e.posted_ns;
 			pthread_mutex_lock(&n->mu);
@@ -747,8 +863,7 @@ int notify_start(struct fsctx *fs, const char *mountpoint, struct notifier **out
 	snprintf(n->mnt, sizeof(n->mnt), "%s", mountpoint);
 	n->fs = fs;
 	n->cmd_fd = n->res_fd = n->mountinfo = -1;
-	n->ring = malloc(RING_CAP * sizeof(*n->ring));
-	if (!n->ring) {
+	if (q_resize(&n->q, PEND_MIN) != 0) {
 		free(n);
 		return -ENOMEM;
 	}
@@ -786,12 +901,13 @@ void notify_free(struct notifier *n)
 	if (n->started)
 		pthread_join(n->thread, NULL);
 	helper_stop(n);
-	for (size_t k = 0; k < n->count; k++)
-		free(n->ring[(n->head + k) % RING_CAP].gone);
+	for (uint64_t k = 0; k < n->q.count; k++)
+		free(q_at(&n->q, n->q.head + k)->gone);
 	pthread_mutex_destroy(&n->mu);
 	pthread_cond_destroy(&n->cv);
 	pthread_mutex_destroy(&n->op_mu);
-	free(n->ring);
+	free(n->q.ring);
+	free(n->q.slot);
 	free(n);
 }
 
@@ -802,6 +918,6 @@ void notify_get_stats(struct notifier *n, struct notify_stats *s)
 		return;
 	pthread_mutex_lock(&n->mu);
 	*s = n->stats;
-	s->queued = n->count;
+	s->queued = n->q.count;
 	pthread_mutex_unlock(&n->mu);
 }

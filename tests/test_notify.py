@@ -369,3 +369,57 @@ def test_kill_9_while_notifying(mount_factory):
         assert not alive(helpers[0]), "the helper outlived the daemon"
         subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=True)
         m.proc = None
+
+
+def test_final_status_is_announced_under_a_flood(mount_factory):
+    """However many changes a burst makes, the last change of every file (a
+    final status above all) is announced: a script that reads `status` at
+    each event never waits forever. 16 writers flood a route with tiny jobs
+    while 8 longer jobs are watched from creation to completion, the way a
+    shell script does: read status at every event, done at `complete`."""
+    m = mount_factory(["workers=2", "rate=0", "user_queue_max=1000000"])
+    batch = b"".join(json.dumps({"prompt": f"flood {i}", **SMALL}).encode() + b"\n"
+                     for i in range(200))
+
+    def flood():
+        fd = os.open(m.route(IMAGE) / "new", os.O_WRONLY)
+        try:
+            end = time.monotonic() + 12
+            while time.monotonic() < end:
+                os.write(fd, batch)
+        finally:
+            os.close(fd)
+    writers = [threading.Thread(target=flood, daemon=True) for _ in range(16)]
+    for t in writers:
+        t.start()
+    time.sleep(3)  # the notifier is well behind by now
+    watched = {str(m.job(VIDEO, j)): j for j in (
+        m.submit(VIDEO, {"input": {"prompt": f"watched {i}", "width": 320, "height": 240,
+                                   "num_frames": 40}, "priority": "high"}) for i in range(8))}
+    proc = subprocess.Popen([need("inotifywait"), "-m", "-q", "-e", "close_write", "--format",
+                             "%w%f", *watched], stdout=subprocess.PIPE, text=True)
+    seen_complete = set()
+
+    def script():
+        for line in proc.stdout:
+            path = line.rstrip("\n")
+            if path.endswith("/status") and open(path).read() == "complete\n":
+                seen_complete.add(os.path.dirname(path))
+    reader = threading.Thread(target=script, daemon=True)
+    reader.start()
+    try:
+        for t in writers:
+            t.join()
+        deadline = time.monotonic() + 180
+        while len(seen_complete) < len(watched):
+            states = [open(os.path.join(d, "status")).read().strip() for d in watched]
+            if time.monotonic() > deadline:
+                pytest.fail(f"a status event after `complete` never came: states {states}, "
+                            f"seen complete {len(seen_complete)} of {len(watched)}\n"
+                            + (m.path / "stats").read_text())
+            time.sleep(0.2)
+        stats = (m.path / "stats").read_text()
+        assert 'renderfs_notify_events_total{fate="dropped"} 0' in stats
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
