@@ -16,6 +16,11 @@
  *                   IN_CLOSE_WRITE)
  *   job deleted     rmdir <route>/<id>, unlink jobs/<ulid>
  *
+ * With `private`, creations and deletions are not announced: they would be
+ * events in the route directory and jobs/, which every user may watch.
+ * The owner has the id from `new` and watches the job's directory, whose
+ * events (0700) only the owner and root can see.
+ *
  * The handlers in ops.c recognize these requests by the requester's id
  * (the FUSE request carries it: the helper's pid, below; a process in
  * another pid namespace is reported as 0) with the one operation in flight,
@@ -678,7 +683,9 @@ static void announce_job(struct notifier *n, uint64_t seq)
 	rn = fs_route_rnode(fs, j.route);
 	name = j.name[0] ? j.name : (ulid_format(j.id, idbuf), idbuf);
 	ulid_format(j.id, ulid);
-	if (rn && job_path(j.route, name, NULL, path, sizeof(path)) == 0) {
+	/* `private`: any user may watch a route directory or jobs/, so a
+	 * creation there is not announced (see the README). */
+	if (rn && !fs->private_ && job_path(j.route, name, NULL, path, sizeof(path)) == 0) {
 		set_op(n, NOP_MKDIR, rn->ino, name, INO(NK_JOB, 0, j.seq), j.uid, j.gid);
 		account(n, helper_run(n, HOP_MKDIR, path, NULL));
 		clear_op(n);
@@ -714,6 +721,8 @@ static void removed(struct notifier *n, const uint8_t id[JOB_ID_LEN], const stru
 	char path[HELPER_PATH], ulid[JOB_ID_STR_LEN + 1];
 
 	announce_upto(n, g->seq + 1);
+	if (n->fs->private_)
+		return; /* as for creations (announce_job) */
 	if (dir_too && rn && job_path(g->route, g->name, NULL, path, sizeof(path)) == 0) {
 		set_op(n, NOP_RMDIR, rn->ino, g->name, INO(NK_JOB, 0, g->seq), g->uid, g->gid);
 		account(n, helper_run(n, HOP_RMDIR, path, NULL));

@@ -54,6 +54,10 @@ static double entry_timeout(struct fsctx *fs, uint64_t ino)
 		return FIXED_NAME_TIMEOUT;
 	case NK_JOB:
 	case NK_JLINK:
+		/* `private`: the kernel must ask every caller (a name cached for
+		 * its owner would answer another user's stat). */
+		if (fs->private_)
+			return 0.0;
 		return notify_announced(fs, INO_LOW48(ino)) ? JOB_ENTRY_TIMEOUT : 0.0;
 	case NK_JFILE:
 		return fs->notifier && INO_SUB(ino) != JF_OUTPUT ? JOB_ENTRY_TIMEOUT : 0.0;
@@ -332,7 +336,7 @@ static double attr_timeout(struct fsctx *fs, uint64_t ino)
 		return INO_LOW48(ino) == SN_STATS ? 0.0 : STATIC_TIMEOUT;
 	case NK_JOB:
 	case NK_JLINK:
-		return fs->notifier ? JOB_ENTRY_TIMEOUT : 0.0;
+		return fs->notifier && !fs->private_ ? JOB_ENTRY_TIMEOUT : 0.0;
 	case NK_JFILE:
 		if (INO_SUB(ino) == JF_OUTPUT)
 			return 3600.0;

@@ -3,6 +3,7 @@ The second user is `nobody`, reached with setpriv; the mount has allow_other."""
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -85,3 +86,35 @@ def test_private_hides_other_users_jobs(mount_factory, tmp_path):
     assert os.stat(m.job(IMAGE, theirs) / "status").st_mode & 0o777 == 0o600
     r = as_nobody(f"cat {theirs}/status", m.route(IMAGE))
     assert r.stdout == "complete\n"
+
+
+def test_private_jobs_leave_no_trace_for_other_users(mount_factory, tmp_path):
+    """With `private`, another user learns nothing about a job: no inotify
+    event in the route directory or jobs/ names it, and a name the owner
+    just looked up (so the kernel has it) is still unknown to others."""
+    os.chmod(tmp_path, 0o755)
+    m = mount_factory(["allow_other", "private"])
+    route, jobs = m.route(IMAGE), m.path / "jobs"
+    watcher = subprocess.Popen(
+        [need("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         need("inotifywait"), "-m", "--format", "%w|%e|%f", str(route), str(jobs)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in watcher.stderr:
+        if "Watches established" in line:
+            break
+    ids = [m.submit(IMAGE, {"prompt": f"secret {i}", **SMALL}) for i in range(20)]
+    for jid in ids:
+        os.stat(m.job(IMAGE, jid))
+        os.stat(jobs / jid)
+    # Right away (the kernel would have cached these names for a second).
+    r = as_nobody("for id in %s; do stat -c %%n $id ../../../../jobs/$id 2>/dev/null; done; "
+                  "echo done" % " ".join(ids), route)
+    assert r.stdout == "done\n", r.stdout
+    for jid in ids:
+        assert m.wait(IMAGE, jid) == "complete"
+    mine = m.submit(IMAGE, {"prompt": "seen by its owner", **SMALL})
+    assert m.wait(IMAGE, mine) == "complete"
+    time.sleep(1)
+    watcher.terminate()
+    out, _ = watcher.communicate(timeout=10)
+    assert not any(jid in out for jid in ids + [mine]), out
