@@ -231,3 +231,42 @@ def test_rejections_are_rate_limited_in_the_log(mnt):
     assert re.search(r"uid 0: \d+ rejected requests not logged", log), log[-2000:]
     assert stat_value(mnt, "renderfs_log_suppressed_total") > 1900
     assert stat_value(mnt, "renderfs_submissions_rejected_total") == 2001
+
+
+# ---- 16. ls -l of a large route ----
+
+def daemon_requests(m, action):
+    """How many FUSE requests the daemon reads while action() runs (its
+    reads of /dev/fuse, counted by strace)."""
+    out = m.path.parent / "strace.txt"
+    tracer = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=read,readv,splice",
+                               "-o", str(out), "-p", str(m.proc.pid)],
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(1)  # attached to every thread
+    action()
+    tracer.send_signal(2)
+    tracer.wait(timeout=30)
+    calls = 0
+    for line in out.read_text().splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[-1] in ("read", "readv", "splice"):
+            calls += int(f[3])
+    return calls
+
+
+def test_ls_l_asks_no_xattr_per_file(mount_factory):
+    m = mount_factory(["workers=0", "rate=0"])
+    batch = b"".join(obj(prompt=f"many {i}") + b"\n" for i in range(500))
+    with open(m.route(IMAGE) / "new", "wb") as f:
+        f.write(batch)
+    time.sleep(1.5)  # announced; cached names expired
+    subprocess.run(["ls", "-l", str(m.route(IMAGE))], check=True, capture_output=True)
+    time.sleep(1.5)
+    n = daemon_requests(m, lambda: subprocess.run(["ls", "-l", str(m.route(IMAGE))],
+                                                  check=True, capture_output=True))
+    # A readdirplus pass and a lookup or getattr per entry at most; three
+    # getxattr per entry (SELinux label, two ACLs) before.
+    assert n < 2 * 500, n
+    with pytest.raises(OSError) as ei:
+        os.getxattr(m.route(IMAGE) / "new", "security.selinux")
+    assert ei.value.errno == errno.ENOTSUP
