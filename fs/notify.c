@@ -925,8 +925,13 @@ void notify_get_stats(struct notifier *n, struct notify_stats *s)
 	memset(s, 0, sizeof(*s));
 	if (!n)
 		return;
+	uint64_t next = 0, announced = atomic_load(&n->announced_pub);
+
 	pthread_mutex_lock(&n->mu);
 	*s = n->stats;
 	s->queued = n->q.count;
 	pthread_mutex_unlock(&n->mu);
+	/* Creations wait too: every seq not announced yet. */
+	if (index_next_seq(n->fs->ix, &next) == 0 && next > announced && !n->fs->private_)
+		s->queued += next - announced;
 }
