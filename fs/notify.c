@@ -164,6 +164,7 @@ struct notifier {
 	int mountinfo;		 /* /proc/self/mountinfo, to see unmounts */
 	dev_t dev;		 /* the filesystem's device number */
 	bool detached;		 /* unmounted, or the helper is gone */
+	bool mount_seen;	 /* mountinfo read once since it was opened */
 	uint64_t checked_ms;
 	uint64_t announced;	 /* next seq to announce */
 };
@@ -636,8 +637,11 @@ static void check_mounted(struct notifier *n)
 	if (!n->cloned || n->detached || n->mountinfo < 0 || now_ms() - n->checked_ms < 100)
 		return;
 	n->checked_ms = now_ms();
-	if (poll(&p, 1, 0) != 1 || !(p.revents & (POLLPRI | POLLERR)))
+	/* The first look reads the table whatever poll says: an unmount
+	 * before mountinfo was opened is no change to it. */
+	if (n->mount_seen && (poll(&p, 1, 0) != 1 || !(p.revents & (POLLPRI | POLLERR))))
 		return;
+	n->mount_seen = true;
 	snprintf(key, sizeof(key), " %u:%u ", major(n->dev), minor(n->dev));
 	if (lseek(n->mountinfo, 0, SEEK_SET) != 0)
 		return;

@@ -200,7 +200,11 @@ def test_unfinished_requests_are_bounded_per_uid(mount_factory):
                 os.close(fd)
             except OSError:
                 pass
-    assert stat_value(m, "renderfs_new_buffered_bytes") == 0
+    # The kernel sends RELEASE after close() returns: wait for it.
+    deadline = time.monotonic() + 10
+    while stat_value(m, "renderfs_new_buffered_bytes") != 0:
+        assert time.monotonic() < deadline, "the budget was not given back"
+        time.sleep(0.05)
     assert m.wait(IMAGE, m.submit(IMAGE, OK)) == "complete"
 
 
