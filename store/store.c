@@ -127,15 +127,38 @@ static int check_node(const char *path, uid_t uid, bool want_dir, bool above)
 	return 0;
 }
 
+/* Every entry of <real>/<sub>: a directory (want_dir) or a regular file. */
+static int check_entries(const char *real, const char *sub, uid_t uid, bool want_dir)
+{
+	char path[PATH_MAX + 512];
+	struct dirent *de;
+	DIR *d;
+	int rc = 0, fd;
+
+	snprintf(path, sizeof(path), "%s/%s", real, sub);
+	fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 || !(d = fdopendir(fd))) {
+		rc = store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return rc;
+	}
+	while (rc == 0 && (de = readdir(d)) != NULL)
+		if (de->d_name[0] != '.') {
+			snprintf(path, sizeof(path), "%s/%s/%s", real, sub, de->d_name);
+			rc = check_node(path, uid, want_dir, false);
+		}
+	closedir(d);
+	return rc;
+}
+
 static int check_layout(const char *dir)
 {
 	static const char *dirs[] = {"index", "blobs", "tmp", "keys"};
 	static const char *files[] = {"lock", "index/data.mdb", "index/lock.mdb"};
 	char real[PATH_MAX], path[PATH_MAX + 512];
 	uid_t uid = geteuid();
-	struct dirent *de;
-	DIR *d;
-	int rc, fd;
+	int rc;
 
 	if (!realpath(dir, real))
 		return store_seterr(-errno, "cannot resolve '%s': %s", dir, strerror(errno));
@@ -167,37 +190,9 @@ static int check_layout(const char *dir)
 	}
 	/* Keys, and the blob folders (their files are opened O_NOFOLLOW and
 	 * checked to be regular files when read). */
-	snprintf(path, sizeof(path), "%s/keys", real);
-	fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (fd < 0 || !(d = fdopendir(fd))) {
-		rc = store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
-		if (fd >= 0)
-			close(fd);
+	if ((rc = check_entries(real, "keys", uid, false)) != 0)
 		return rc;
-	}
-	while (rc == 0 && (de = readdir(d)) != NULL)
-		if (de->d_name[0] != '.') {
-			snprintf(path, sizeof(path), "%s/keys/%s", real, de->d_name);
-			rc = check_node(path, uid, false, false);
-		}
-	closedir(d);
-	if (rc)
-		return rc;
-	snprintf(path, sizeof(path), "%s/blobs", real);
-	fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (fd < 0 || !(d = fdopendir(fd))) {
-		rc = store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
-		if (fd >= 0)
-			close(fd);
-		return rc;
-	}
-	while (rc == 0 && (de = readdir(d)) != NULL)
-		if (de->d_name[0] != '.') {
-			snprintf(path, sizeof(path), "%s/blobs/%s", real, de->d_name);
-			rc = check_node(path, uid, true, false);
-		}
-	closedir(d);
-	return rc;
+	return check_entries(real, "blobs", uid, true);
 }
 
 static int make_layout(const char *dir)
