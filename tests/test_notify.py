@@ -374,25 +374,29 @@ def test_kill_9_while_notifying(mount_factory):
 def test_final_status_is_announced_under_a_flood(mount_factory):
     """However many changes a burst makes, the last change of every file (a
     final status above all) is announced: a script that reads `status` at
-    each event never waits forever. 16 writers flood a route with tiny jobs
-    while 8 longer jobs are watched from creation to completion, the way a
-    shell script does: read status at every event, done at `complete`."""
+    each event never waits forever. 16 writers flood a route with 80,000
+    tiny jobs; halfway, 8 longer jobs are watched from creation to
+    completion, the way a shell script does: read status at every event,
+    done at `complete`. Nothing is dropped (the old ring dropped here)."""
     m = mount_factory(["workers=2", "rate=0", "user_queue_max=1000000"])
     batch = b"".join(json.dumps({"prompt": f"flood {i}", **SMALL}).encode() + b"\n"
                      for i in range(200))
 
+    half = threading.Barrier(17)
+
     def flood():
         fd = os.open(m.route(IMAGE) / "new", os.O_WRONLY)
         try:
-            end = time.monotonic() + 12
-            while time.monotonic() < end:
+            for i in range(25):  # 80,000 jobs in all
+                if i == 10:
+                    half.wait()
                 os.write(fd, batch)
         finally:
             os.close(fd)
     writers = [threading.Thread(target=flood, daemon=True) for _ in range(16)]
     for t in writers:
         t.start()
-    time.sleep(3)  # the notifier is well behind by now
+    half.wait()  # 32,000 jobs in: the notifier is well behind
     watched = {str(m.job(VIDEO, j)): j for j in (
         m.submit(VIDEO, {"input": {"prompt": f"watched {i}", "width": 320, "height": 240,
                                    "num_frames": 40}, "priority": "high"}) for i in range(8))}
