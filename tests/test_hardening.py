@@ -108,15 +108,8 @@ def test_engine_refusal_mid_batch_stops_the_count(mount_factory):
 def test_object_just_over_max_request_is_efbig_and_counted(mount_factory):
     m = mount_factory(["max_request=64K"])
     before = stat_value(m, "renderfs_submissions_rejected_total")
-    big = b'{"prompt": "' + b"y" * (100 << 10) + b'"}\n'
-    fd = os.open(m.route(IMAGE) / "new", os.O_RDWR)
-    try:
-        with pytest.raises(OSError) as ei:
-            os.write(fd, big)
-        line = os.read(fd, 4096).decode()
-    finally:
-        os.close(fd)
-    assert ei.value.errno == errno.EFBIG, line
+    e, line = m.submit_err(IMAGE, b'{"prompt": "' + b"y" * (100 << 10) + b'"}\n')
+    assert e == errno.EFBIG, line
     assert "larger than max_request" in line
     # Just over: the object completes in the write that crosses the limit.
     just = b'{"prompt": "' + b"z" * ((64 << 10) - 12) + b'"}'
