@@ -152,6 +152,46 @@ static int cas_hash(struct fsctx *fs, uint64_t ino, uint8_t hash[32])
 	return index_blob_find_prefix(fs->ix, prefix, 7, hash);
 }
 
+/*
+ * `private`: a blob is known to a caller only if the caller owns a job
+ * whose output it is (root: every blob); to anyone else it does not exist
+ * (ENOENT: not even that). NEEDSWORK: this walks the caller's jobs, so it
+ * costs time in proportion to them; a (blob, uid) reference set kept in
+ * the index with the reference counts would make it one lookup (it needs
+ * an index format with its upgrade).
+ */
+static int cas_visible(struct fsctx *fs, fuse_req_t req, const uint8_t hash[32])
+{
+	uint32_t uid = fuse_req_ctx(req)->uid;
+	uint8_t(*ids)[JOB_ID_LEN], last[JOB_ID_LEN];
+	const uint8_t *after = NULL;
+	size_t n;
+	int rc;
+
+	if (!fs->private_ || uid == 0)
+		return 0;
+	if (!(ids = malloc(256 * JOB_ID_LEN)))
+		return -ENOMEM;
+	while ((rc = index_list_by_owner(fs->ix, uid, after, 256, ids, &n)) == 0 && n > 0) {
+		for (size_t i = 0; i < n; i++) {
+			struct job j;
+			bool hit;
+			if (index_job_get(fs->ix, ids[i], &j) != 0)
+				continue;
+			hit = (j.flags & JOB_F_HAS_OUTPUT) && memcmp(j.output_hash, hash, 32) == 0;
+			job_release(&j);
+			if (hit) {
+				free(ids);
+				return 0;
+			}
+		}
+		memcpy(last, ids[n - 1], JOB_ID_LEN);
+		after = last;
+	}
+	free(ids);
+	return rc ? rc : -ENOENT;
+}
+
 /* ---- attributes ---- */
 
 static void ms_to_ts(uint64_t ms, struct timespec *ts)
@@ -299,7 +339,8 @@ static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat
 	case NK_CASSIG: {
 		uint8_t hash[32];
 		struct blob_info bi;
-		if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, &bi)) != 0)
+		if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, &bi)) != 0 ||
+		    (rc = cas_visible(fs, req, hash)) != 0)
 			return rc;
 		attr_base(fs, st, ino, S_IFREG | 0444, bi.created_ms);
 		size_attr(st, INO_KIND(ino) == NK_CAS ? bi.size : cassig_size(hash, bi.size));
@@ -325,7 +366,8 @@ static double attr_timeout(struct fsctx *fs, uint64_t ino)
 {
 	switch (INO_KIND(ino)) {
 	case NK_CAS:
-		return 3600.0;
+		/* `private`: every caller's access is the daemon's to decide. */
+		return fs->private_ ? 0.0 : 3600.0;
 	case NK_ROOT:
 	case NK_RDIR:
 	case NK_NEW:
@@ -498,7 +540,8 @@ static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const c
 			if (b3_from_hex(hex, hash) != 0)
 				return -ENOENT;
 			struct blob_info bi;
-			if ((rc = index_blob_get(fs->ix, hash, &bi)) != 0)
+			if ((rc = index_blob_get(fs->ix, hash, &bi)) != 0 ||
+			    (rc = cas_visible(fs, req, hash)) != 0)
 				return rc;
 			*ino = INO(sig ? NK_CASSIG : NK_CAS, 0, 0) | cas_low(hash);
 			return 0;
@@ -787,6 +830,10 @@ static int dir_cas(struct dirbuf *b, off_t base, off_t off)
 	uint8_t hashes[64][32], after[32];
 	bool have = false, sig_next = false;
 	int rc;
+
+	/* `private`: blobs are listed to root only (cas_visible). */
+	if (b->fs->private_ && fuse_req_ctx(b->req)->uid != 0)
+		return 0;
 
 	if (off > base) {
 		uint64_t c = (uint64_t)(off - base - 1), low = c >> 1;
@@ -1123,7 +1170,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	case NK_CASSIG: {
 		uint8_t hash[32];
 		struct blob_info bi;
-		if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, &bi)) != 0)
+		if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, &bi)) != 0 ||
+		    (rc = cas_visible(fs, req, hash)) != 0)
 			break;
 		if (INO_KIND(ino) == NK_CASSIG) {
 			rc = cassig_render(fs, hash, bi.size, &h->buf, &h->len);

@@ -118,3 +118,26 @@ def test_private_jobs_leave_no_trace_for_other_users(mount_factory, tmp_path):
     watcher.terminate()
     out, _ = watcher.communicate(timeout=10)
     assert not any(jid in out for jid in ids + [mine]), out
+
+
+def test_private_outputs_by_hash_only_to_their_owners(mount_factory, tmp_path):
+    """With `private`, cas/<hex> of an output is there for root and for
+    uids that own a job whose output it is; for anyone else it does not
+    exist, even when they know the hash."""
+    os.chmod(tmp_path, 0o755)
+    m = mount_factory(["allow_other", "private"])
+    mine = m.submit(IMAGE, {"prompt": "a secret of root", **SMALL})
+    theirs = submit_as_nobody(m, "made by nobody")
+    m.wait(IMAGE, mine)
+    m.wait(IMAGE, theirs)
+    h_mine = m.status(IMAGE, mine)["output"]["blake3"]
+    h_theirs = m.status(IMAGE, theirs)["output"]["blake3"]
+    cas = m.path / "cas"
+    for _ in range(2):  # the second time with the names in the kernel's cache
+        assert os.stat(cas / h_mine).st_size > 0 and os.stat(cas / h_theirs).st_size > 0
+        r = as_nobody(f"cat {h_mine} >/dev/null; echo $?; stat -c %s {h_mine}.minisig; "
+                      f"cat {h_theirs} | b3sum --no-names; ls | wc -l", cas)
+        lines = r.stdout.split("\n")
+        assert lines[0] == "1" and "No such file or directory" in r.stderr, r
+        assert lines[1] == h_theirs and lines[2] == "0", r.stdout
+    assert h_mine in os.listdir(cas) and h_theirs in os.listdir(cas)
