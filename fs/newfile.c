@@ -926,8 +926,9 @@ ssize_t new_file_write(struct new_file *nf, const char *data, size_t len, uint64
 		return rc;
 	}
 	/* The rest of an object (or junk line) refused by an earlier write:
-	 * this write starts inside a bad object. */
-	if (nf->skip != SKIP_NONE) {
+	 * this write starts inside a bad object (unless it only lands beyond
+	 * a hole, taken as it is). */
+	if (nf->skip != SKIP_NONE && nf->contig > off) {
 		rc = nf->skip == SKIP_OBJECT ? nf->skip_rc : -EINVAL;
 		scan(nf, pend, BATCH_MAX, true);
 		if (nf->scan < nf->contig)

@@ -267,3 +267,21 @@ def test_ls_l_asks_no_xattr_per_file(mount_factory):
     with pytest.raises(OSError) as ei:
         os.getxattr(m.route(IMAGE) / "new", "security.selinux")
     assert ei.value.errno == errno.ENOTSUP
+
+
+def test_write_beyond_a_hole_while_a_refused_object_is_dropped(mnt):
+    """A write that lands beyond a hole (NFS, dd seek=) is buffered as it is,
+    even while the rest of a refused object is still being dropped: it does
+    not start inside the bad object, so it does not fail."""
+    fd = os.open(mnt.route(IMAGE) / "new", os.O_RDWR)
+    bad = b'{"prompt": "a\x00'
+    with pytest.raises(OSError) as ei:
+        os.pwrite(fd, bad, 0)
+    assert ei.value.errno == errno.EINVAL
+    later = b'"}\n' + obj(prompt="after the hole") + b"\n"
+    assert os.pwrite(fd, later, 1 << 20) == len(later)
+    assert os.read(fd, 4096).decode().startswith("error: ")
+    with pytest.raises(OSError) as ei:
+        os.close(fd)  # the hole was never filled
+    assert ei.value.errno == errno.EINVAL
+    assert jobs(mnt) == []
