@@ -867,6 +867,19 @@ static void truncate_at(struct new_file *nf, uint64_t at, const struct extent *s
 	nf->len = end - nf->base;
 }
 
+/*
+ * The scanner is inside a refused object (or junk line): drop it up to
+ * its end, and forget what this write brought after that. If it does not
+ * end in what has arrived, all of it is dropped and the skip goes on.
+ */
+static void drop_refused(struct new_file *nf, struct pending *pend, const struct extent *saved,
+			 int nsaved)
+{
+	scan(nf, pend, BATCH_MAX, true);
+	if (nf->scan < nf->contig || nf->skip == SKIP_NONE)
+		truncate_at(nf, nf->scan, saved, nsaved);
+}
+
 ssize_t new_file_write(struct new_file *nf, const char *data, size_t len, uint64_t off)
 {
 	struct pending *pend = NULL;
@@ -930,9 +943,7 @@ ssize_t new_file_write(struct new_file *nf, const char *data, size_t len, uint64
 	 * a hole, taken as it is). */
 	if (nf->skip != SKIP_NONE && nf->contig > off) {
 		rc = nf->skip == SKIP_OBJECT ? nf->skip_rc : -EINVAL;
-		scan(nf, pend, BATCH_MAX, true);
-		if (nf->scan < nf->contig)
-			truncate_at(nf, nf->scan, saved, nsaved);
+		drop_refused(nf, pend, saved, nsaved);
 		compact(nf);
 		goto out;
 	}
@@ -959,11 +970,9 @@ ssize_t new_file_write(struct new_file *nf, const char *data, size_t len, uint64
 			rc = p->rc;
 			respond_error(nf, rc, nf->err);
 			if (nf->skip != SKIP_NONE) /* refused by the scanner */
-				scan(nf, pend, BATCH_MAX, true);
-			else
-				nf->scan = p->end;
-			if (nf->scan < nf->contig || nf->skip == SKIP_NONE)
-				truncate_at(nf, nf->scan, saved, nsaved);
+				drop_refused(nf, pend, saved, nsaved);
+			else /* by the parser or the engine: it ended at p->end */
+				truncate_at(nf, p->end, saved, nsaved);
 		}
 		compact(nf);
 		break;
