@@ -123,10 +123,11 @@ void pt_free(struct passthrough *pt);
  * only, verified), or -1: serve this open through the daemon. Each id or
  * -1 is returned by pt_put(ino) once the open is over. pt may be NULL. */
 int32_t pt_get(struct passthrough *pt, uint64_t ino, int fd);
-/* The backing id of an inode some file has open through the kernel now
- * (counted: pt_put it), or -1 (nothing to put). For the notifier's
- * write-only opens, which must match the inode's other open files. */
-int32_t pt_join(struct passthrough *pt, uint64_t ino);
+/* For the notifier's write-only opens, which must go the way of the
+ * inode's other open files: *id is the backing id they use, or -1 (served
+ * by the daemon; with no file open, the inode is kept so until this open
+ * ends). 0 (pt_put it, pt set) or -ENOMEM. pt may be NULL. */
+int pt_join(struct passthrough *pt, uint64_t ino, int32_t *id);
 void pt_put(struct passthrough *pt, uint64_t ino);
 struct pt_stats {
 	uint64_t kernel, daemon; /* blob opens read by the kernel, by the daemon */

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "fs_i.h"
@@ -118,6 +119,24 @@ static int make_dir(const char *path)
 	return 0;
 }
 
+/*
+ * Every open file of the mount holds a descriptor of the daemon until the
+ * kernel's RELEASE for it is handled, which is after the user's close():
+ * the soft limit many service managers give (1024) is reached by a few
+ * readers, and then every commit fails. Take what the hard limit allows.
+ */
+static void raise_nofile(void)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+			fprintf(stderr, "renderfs: raising the open file limit: %s\n",
+				strerror(errno));
+	}
+}
+
 int main(int argc, char **argv)
 {
 	struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
@@ -150,6 +169,7 @@ int main(int argc, char **argv)
 	}
 	if (fuse_parse_cmdline(&args, &cmd) != 0)
 		goto out_opts;
+	raise_nofile();
 	if ((rc = make_dir(mo.store_dir)) != 0) {
 		fprintf(stderr, "renderfs: cannot create store '%s': %s\n", mo.store_dir,
 			strerror(-rc));

@@ -1095,24 +1095,29 @@ static int open_blob(struct fsctx *fs, uint64_t ino, const uint8_t hash[32], str
  * passthrough, every open file of an inode must go the same way, and the
  * kernel opens the blob file with the open's own flags and the daemon's
  * credentials: a user's open for writing is refused (it would be a
- * writable blob file), and the notifier's joins the inode's backing file
- * when it has one (it writes nothing). Without passthrough such opens are
- * served as before and their writes fail with EPERM. Called with fs->pt.
+ * writable blob file), and the notifier's goes the way of the inode's
+ * other open files (it writes nothing); with none open, it keeps readers
+ * that open meanwhile on the daemon's way until it is closed, since which
+ * of two racing opens the kernel takes first is not ours to choose.
+ * Without passthrough such opens are served as before and their writes
+ * fail with EPERM. Called with fs->pt.
  */
-static void fh_join_backing(struct fsctx *fs, struct fh *h, uint64_t ino)
+static int fh_join_backing(struct fsctx *fs, struct fh *h, uint64_t ino)
 {
-	if ((h->pt_id = pt_join(fs->pt, ino)) > 0) {
+	int rc = pt_join(fs->pt, ino, &h->pt_id);
+
+	if (rc == 0) {
 		h->pt = fs->pt;
 		h->pt_ino = ino;
 	}
+	return rc;
 }
 
 static int open_blob_for_writing(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct fh *h)
 {
 	if (!notify_is_helper(fs, req))
 		return -EPERM;
-	fh_join_backing(fs, h, ino);
-	return 0;
+	return fh_join_backing(fs, h, ino);
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -1546,8 +1551,13 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 	fi->fh = (uintptr_t)h;
 	fi->direct_io = 1;
 	/* A reader may have opened the output already (it is listed from its
-	 * commit): this open must then go the same way (open_blob_for_writing). */
-	fh_join_backing(fs, h, op.ino);
+	 * commit), or be opening it now: this open must go the same way as
+	 * theirs (open_blob_for_writing). */
+	if ((rc = fh_join_backing(fs, h, op.ino)) != 0) {
+		fh_free(h);
+		reply_err(req, rc);
+		return;
+	}
 	if ((h->pt_id > 0 ? pt_reply_create(req, &e, fi, h->pt_id) : fuse_reply_create(req, &e, fi)) != 0)
 		fh_free(h);
 }
@@ -1652,6 +1662,13 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 	/* `new` takes 1 MiB writes where the kernel allows. */
 	conn->max_write = 1 << 20;
 	conn->max_readahead = 1 << 20;
+	/* A RELEASE is a background request: with the kernel's 12 at a time
+	 * they queue behind every reader's next open, each holding one of the
+	 * daemon's descriptors, and a few hundred readers opening and closing
+	 * in a loop exhaust them in seconds (test_hardening.py). The kernel
+	 * caps this for unprivileged mounts (max_user_bgreq). */
+	conn->max_background = 1024;
+	conn->congestion_threshold = 768;
 }
 
 const struct fuse_lowlevel_ops fs_ops = {

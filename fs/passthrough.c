@@ -180,6 +180,22 @@ static struct pt_ino *pt_find(struct passthrough *pt, uint64_t ino)
 	return NULL;
 }
 
+/* With pt->mu held: room for one more entry, or -ENOMEM. */
+static int pt_grow(struct passthrough *pt)
+{
+	size_t cap;
+	struct pt_ino *t;
+
+	if (pt->n < pt->cap)
+		return 0;
+	cap = pt->cap ? pt->cap * 2 : 16;
+	if (!(t = realloc(pt->tab, cap * sizeof(*t))))
+		return -ENOMEM;
+	pt->tab = t;
+	pt->cap = cap;
+	return 0;
+}
+
 int32_t pt_get(struct passthrough *pt, uint64_t ino, int fd)
 {
 	struct pt_ino *e;
@@ -197,14 +213,8 @@ int32_t pt_get(struct passthrough *pt, uint64_t ino, int fd)
 		id = e->id;
 		goto out;
 	}
-	if (pt->n == pt->cap) {
-		size_t cap = pt->cap ? pt->cap * 2 : 16;
-		struct pt_ino *t = realloc(pt->tab, cap * sizeof(*t));
-		if (!t)
-			goto out; /* this open is served by the daemon */
-		pt->tab = t;
-		pt->cap = cap;
-	}
+	if (pt_grow(pt) != 0)
+		goto out; /* this open is served by the daemon */
 	struct k_backing_map map = {.fd = fd};
 	int r = ioctl(pt->devfd, K_FUSE_DEV_IOC_BACKING_OPEN, &map);
 	if (r > 0) {
@@ -233,20 +243,28 @@ void pt_get_stats(struct passthrough *pt, struct pt_stats *s)
 	pthread_mutex_unlock(&pt->mu);
 }
 
-int32_t pt_join(struct passthrough *pt, uint64_t ino)
+int pt_join(struct passthrough *pt, uint64_t ino, int32_t *id)
 {
 	struct pt_ino *e;
-	int32_t id = -1;
+	int rc = 0;
 
-	if (!pt)
-		return -1;
+	*id = -1;
+	if (!pt || !atomic_load(&pt->enabled))
+		return 0; /* no open goes through the kernel */
 	pthread_mutex_lock(&pt->mu);
-	if ((e = pt_find(pt, ino)) != NULL && e->id > 0) {
+	if ((e = pt_find(pt, ino)) != NULL) {
 		e->opens++;
-		id = e->id;
+		*id = e->id;
+	} else if (pt_grow(pt) == 0) {
+		/* No file has it open: it is served by the daemon until this
+		 * open ends, so a reader's open racing with it goes the same way
+		 * (the kernel refuses an open that differs from one it holds). */
+		pt->tab[pt->n++] = (struct pt_ino){ino, -1, 1};
+	} else {
+		rc = -ENOMEM;
 	}
 	pthread_mutex_unlock(&pt->mu);
-	return id;
+	return rc;
 }
 
 void pt_put(struct passthrough *pt, uint64_t ino)

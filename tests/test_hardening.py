@@ -5,7 +5,9 @@ import errno
 import json
 import os
 import re
+import resource
 import subprocess
+import threading
 import time
 
 import pytest
@@ -285,3 +287,51 @@ def test_write_beyond_a_hole_while_a_refused_object_is_dropped(mnt):
         os.close(fd)  # the hole was never filled
     assert ei.value.errno == errno.EINVAL
     assert jobs(mnt) == []
+
+
+def test_readers_opening_and_closing_in_a_loop_do_not_exhaust_descriptors(mount_factory):
+    """Each open file holds one of the daemon's descriptors until the
+    kernel's RELEASE for it is handled, after the user's close(). With the
+    kernel's default of 12 background requests at a time, 200 threads of
+    one user opening and closing outputs in a loop queued some 20,000
+    releases within seconds: the daemon ran out of descriptors and every
+    open (and commit) failed with EMFILE. The daemon also starts under the
+    low soft limit service managers give, and takes the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        m = mount_factory()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = open(f"/proc/{m.proc.pid}/limits").read()
+    assert re.search(rf"^Max open files\s+{hard}\s+{hard}\s", limits, re.M), limits
+    jids = [m.submit(IMAGE, {"prompt": "fds", **SMALL, "seed": i}) for i in range(20)]
+    paths = []
+    for j in jids:
+        assert m.wait(IMAGE, j) == "complete"
+        paths.append(m.job(IMAGE, j) / "output.png")
+    stop, errs = threading.Event(), []
+
+    def loop(path):
+        while not stop.is_set():
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+            except OSError as e:
+                errs.append(e.errno)
+                return
+
+    threads = [threading.Thread(target=loop, args=(paths[i % 20],)) for i in range(200)]
+    for t in threads:
+        t.start()
+    peak, deadline = 0, time.monotonic() + 4
+    try:
+        while time.monotonic() < deadline and not errs:
+            peak = max(peak, len(os.listdir(f"/proc/{m.proc.pid}/fd")))
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errs, f"{len(errs)} opens failed: {sorted(set(map(errno.errorcode.get, errs)))}"
+    assert peak < 1000, f"the daemon held {peak} descriptors"
+    (m.job(IMAGE, jids[0]) / "output.png").read_bytes()
