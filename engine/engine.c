@@ -613,6 +613,7 @@ static bool serve_cached(struct run *r, const uint8_t digest[INDEX_HASH_LEN])
 	if (index_job_get(r->e->ix, other, &o) != 0)
 		return false;
 	if (o.status == JOB_COMPLETE && (o.flags & JOB_F_HAS_OUTPUT) &&
+	    (!r->e->opt.memo_per_owner || o.uid == r->job.uid) &&
 	    index_job_attach_output(r->e->ix, r->job.id, o.output_hash, o.output_size,
 				    o.media_type, o.device, true) == 0) {
 		ulid_format(other, oid);
@@ -712,7 +713,8 @@ static void run_job(struct worker *w, struct job *job)
 		finish(e, &r, JOB_ERROR, "store", store_lasterr());
 		return;
 	}
-	index_request_digest(job->route, req, reqlen, digest);
+	index_request_digest(job->route, req, reqlen,
+			     e->opt.memo_per_owner ? job->uid : INDEX_ANY_OWNER, digest);
 	if (serve_cached(&r, digest)) {
 		free(req);
 		finish(e, &r, JOB_COMPLETE, NULL, NULL);

@@ -33,6 +33,9 @@ struct engine_options {
 	uint32_t max_attempts;	 /* runs of a job before a transient failure is final */
 	uint64_t retain_ms;	 /* finished jobs older than this are deleted; 0: never */
 	const char *models;	 /* models file, or NULL */
+	bool memo_per_owner;	 /* reuse only outputs of the same uid's jobs
+				    (`private`: a hit would tell of another
+				    user's job) */
 };
 
 void engine_options_default(struct engine_options *o);

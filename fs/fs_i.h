@@ -114,6 +114,11 @@ const struct rnode *fs_rnode_by_ino(const struct fsctx *fs, uint64_t ino);
 const struct rnode *fs_route_rnode(const struct fsctx *fs, const char *route);
 int fs_init_rnodes(struct fsctx *fs);
 
+/* The name job j's directory goes by for a caller of uid (ops.c): its
+ * name when that name leads to it for the caller, else its ULID. */
+const char *job_dir_name(struct fsctx *fs, uint32_t uid, const struct job *j,
+			 char buf[JOB_ID_STR_LEN + 1]);
+
 /* ---- passthrough.c: blobs read by the kernel from their files ---- */
 struct passthrough;
 /* Run the session through passthrough's I/O callbacks; after mounting. */

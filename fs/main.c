@@ -193,6 +193,10 @@ int main(int argc, char **argv)
 			(unsigned long long)rec.interrupted, (unsigned long long)rec.completed,
 			(unsigned long long)rec.tmp_removed, (unsigned long long)rec.blobs_collected);
 	fs.ix = store_index(fs.st);
+	/* `private`: names per owner, so that a name tells nobody else
+	 * anything (SPEC §7). Before any other thread uses the index. */
+	index_set_names_per_owner(fs.ix, mo.private_);
+	mo.engine.memo_per_owner = mo.private_;
 	{
 		uint64_t njobs;
 		uint32_t from = index_upgraded(fs.ix, &njobs);

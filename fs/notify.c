@@ -685,7 +685,7 @@ static void announce_job(struct notifier *n, uint64_t seq)
 	if (index_job_by_seq(fs->ix, seq, id) != 0 || index_job_get(fs->ix, id, &j) != 0)
 		return; /* deleted already */
 	rn = fs_route_rnode(fs, j.route);
-	name = j.name[0] ? j.name : (ulid_format(j.id, idbuf), idbuf);
+	name = job_dir_name(fs, 0, &j, idbuf); /* as the helper (root) finds it */
 	ulid_format(j.id, ulid);
 	/* `private`: any user may watch a route directory or jobs/, so a
 	 * creation there is not announced (see the README). */
@@ -750,7 +750,7 @@ static void changed(struct notifier *n, const uint8_t id[JOB_ID_LEN], enum engin
 	if (index_job_get(fs->ix, id, &j) != 0)
 		return; /* deleted: its removal event follows */
 	announce_upto(n, j.seq + 1);
-	name = j.name[0] ? j.name : (ulid_format(j.id, idbuf), idbuf);
+	name = job_dir_name(fs, 0, &j, idbuf); /* as the helper (root) finds it */
 	switch (ev) {
 	case EV_STATUS:
 		/* IN_MODIFY then IN_CLOSE_WRITE on each */

@@ -116,13 +116,25 @@ static bool job_visible(struct fsctx *fs, fuse_req_t req, const struct job *j)
 	return !fs->private_ || is_root_caller(req) || fuse_req_ctx(req)->uid == j->uid;
 }
 
-/* The name a job goes by: its client-chosen name, or its ULID. */
-static const char *job_visible_id(const struct job *j, char buf[JOB_ID_STR_LEN + 1])
+const char *job_dir_name(struct fsctx *fs, uint32_t uid, const struct job *j,
+			 char buf[JOB_ID_STR_LEN + 1])
 {
-	if (j->name[0])
+	uint8_t id[JOB_ID_LEN];
+
+	/* Only a name held by several owners (per owner, or shared after a
+	 * per-owner mount) can lead elsewhere: then the ULID. */
+	if (j->name[0] && index_name_lookup(fs->ix, j->route, j->name, uid, id) == 0 &&
+	    memcmp(id, j->id, JOB_ID_LEN) == 0)
 		return j->name;
 	ulid_format(j->id, buf);
 	return buf;
+}
+
+/* The name a job goes by for the caller of req (job_dir_name). */
+static const char *job_visible_id(struct fsctx *fs, fuse_req_t req, const struct job *j,
+				  char buf[JOB_ID_STR_LEN + 1])
+{
+	return job_dir_name(fs, fuse_req_ctx(req)->uid, j, buf);
 }
 
 static int job_by_seq(struct fsctx *fs, uint64_t seq, struct job *j)
@@ -155,41 +167,17 @@ static int cas_hash(struct fsctx *fs, uint64_t ino, uint8_t hash[32])
 /*
  * `private`: a blob is known to a caller only if the caller owns a job
  * whose output it is (root: every blob); to anyone else it does not exist
- * (ENOENT: not even that). NEEDSWORK: this walks the caller's jobs, so it
- * costs time in proportion to them; a (blob, uid) reference set kept in
- * the index with the reference counts would make it one lookup (it needs
- * an index format with its upgrade).
+ * (ENOENT: not even that). One lookup in the index's blobusers.
  */
 static int cas_visible(struct fsctx *fs, fuse_req_t req, const uint8_t hash[32])
 {
 	uint32_t uid = fuse_req_ctx(req)->uid;
-	uint8_t(*ids)[JOB_ID_LEN], last[JOB_ID_LEN];
-	const uint8_t *after = NULL;
-	size_t n;
 	int rc;
 
 	if (!fs->private_ || uid == 0)
 		return 0;
-	if (!(ids = malloc(256 * JOB_ID_LEN)))
-		return -ENOMEM;
-	while ((rc = index_list_by_owner(fs->ix, uid, after, 256, ids, &n)) == 0 && n > 0) {
-		for (size_t i = 0; i < n; i++) {
-			struct job j;
-			bool hit;
-			if (index_job_get(fs->ix, ids[i], &j) != 0)
-				continue;
-			hit = (j.flags & JOB_F_HAS_OUTPUT) && memcmp(j.output_hash, hash, 32) == 0;
-			job_release(&j);
-			if (hit) {
-				free(ids);
-				return 0;
-			}
-		}
-		memcpy(last, ids[n - 1], JOB_ID_LEN);
-		after = last;
-	}
-	free(ids);
-	return rc ? rc : -ENOENT;
+	rc = index_blob_used_by(fs->ix, hash, uid);
+	return rc == STORE_E_NOTFOUND ? -ENOENT : rc;
 }
 
 /* ---- attributes ---- */
@@ -320,7 +308,7 @@ static int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat
 			st->st_uid = j.uid;
 			st->st_gid = j.gid;
 			size_attr(st, strlen("../") + strlen(j.route) + 1 +
-					      strlen(job_visible_id(&j, idbuf)));
+					      strlen(job_visible_id(fs, req, &j, idbuf)));
 		} else if (INO_SUB(ino) >= JF_COUNT || !jf_present(&j, INO_SUB(ino))) {
 			rc = -ENOENT;
 		} else {
@@ -421,7 +409,8 @@ static int lookup_job(struct fsctx *fs, fuse_req_t req, const char *route, const
 	int rc;
 
 	/* jobs/ has ULIDs only: names are unique per route, not store-wide. */
-	if (ulid_parse(name, id) != 0 && (!route || index_name_lookup(fs->ix, route, name, id) != 0))
+	if (ulid_parse(name, id) != 0 &&
+	    (!route || index_name_lookup(fs->ix, route, name, fuse_req_ctx(req)->uid, id) != 0))
 		return -ENOENT;
 	if ((rc = index_job_get(fs->ix, id, j)) != 0)
 		return rc == STORE_E_NOTFOUND ? -ENOENT : rc;
@@ -664,7 +653,7 @@ static void op_readlink(fuse_req_t req, fuse_ino_t ino)
 		reply_err(req, rc);
 		return;
 	}
-	snprintf(target, sizeof(target), "../%s/%s", j.route, job_visible_id(&j, idbuf));
+	snprintf(target, sizeof(target), "../%s/%s", j.route, job_visible_id(fs, req, &j, idbuf));
 	job_release(&j);
 	fuse_reply_readlink(req, target);
 }
@@ -806,7 +795,7 @@ static int dir_jobs(struct dirbuf *b, struct dirh *d, list_fn list, const void *
 			if (links)
 				ulid_format(j.id, idbuf);
 			off_t next = base + 1 + (off_t)j.seq;
-			bool ok = dir_add(b, links ? idbuf : job_visible_id(&j, idbuf),
+			bool ok = dir_add(b, links ? idbuf : job_visible_id(b->fs, b->req, &j, idbuf),
 					  links ? INO(NK_JLINK, 0, j.seq) : INO(NK_JOB, 0, j.seq),
 					  links ? S_IFLNK : S_IFDIR, next);
 			job_release(&j);

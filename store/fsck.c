@@ -28,8 +28,12 @@
 #include "index_i.h"
 #include "store.h"
 
+/* Keyed by hash | uid (big-endian): a blob's jobs with uid NO_UID, one
+ * owner's jobs with that owner's uid. */
+#define REF_KEY_LEN (B3_OUT_LEN + 4)
+#define NO_UID UINT32_MAX
 struct refcount_entry {
-	uint8_t hash[B3_OUT_LEN];
+	uint8_t key[REF_KEY_LEN];
 	uint64_t count;
 	bool used;
 };
@@ -73,7 +77,7 @@ static void note(struct fsck *f, const char *fmt, ...)
 	va_end(ap);
 }
 
-static struct refcount_entry *tab_find(struct fsck *f, const uint8_t *hash, bool insert)
+static struct refcount_entry *tab_find_key(struct fsck *f, const uint8_t *key, bool insert)
 {
 	if (insert && (f->len + 1) * 2 > f->cap) {
 		size_t ncap = f->cap ? f->cap * 2 : 1024;
@@ -86,25 +90,40 @@ static struct refcount_entry *tab_find(struct fsck *f, const uint8_t *hash, bool
 		f->len = 0;
 		for (size_t i = 0; old && i < ncap / 2; i++)
 			if (old[i].used) {
-				struct refcount_entry *e = tab_find(f, old[i].hash, true);
+				struct refcount_entry *e = tab_find_key(f, old[i].key, true);
 				*e = old[i];
 			}
 		free(old);
 	}
 	if (!f->cap)
 		return NULL;
-	size_t i = (size_t)le64_get(hash) & (f->cap - 1);
+	size_t i = (size_t)(le64_get(key) ^ le32_get(key + B3_OUT_LEN)) & (f->cap - 1);
 	while (f->tab[i].used) {
-		if (memcmp(f->tab[i].hash, hash, B3_OUT_LEN) == 0)
+		if (memcmp(f->tab[i].key, key, REF_KEY_LEN) == 0)
 			return &f->tab[i];
 		i = (i + 1) & (f->cap - 1);
 	}
 	if (!insert)
 		return NULL;
 	f->tab[i].used = true;
-	memcpy(f->tab[i].hash, hash, B3_OUT_LEN);
+	memcpy(f->tab[i].key, key, REF_KEY_LEN);
 	f->len++;
 	return &f->tab[i];
+}
+
+static struct refcount_entry *tab_find_user(struct fsck *f, const uint8_t *hash, uint32_t uid,
+					    bool insert)
+{
+	uint8_t key[REF_KEY_LEN];
+
+	memcpy(key, hash, B3_OUT_LEN);
+	be32_put(key + B3_OUT_LEN, uid);
+	return tab_find_key(f, key, insert);
+}
+
+static struct refcount_entry *tab_find(struct fsck *f, const uint8_t *hash, bool insert)
+{
+	return tab_find_user(f, hash, NO_UID, insert);
 }
 
 static bool key_exists(MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
@@ -123,6 +142,17 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 		struct refcount_entry *e = tab_find(f, j->output_hash, true);
 		if (e)
 			e->count++;
+		if ((e = tab_find_user(f, j->output_hash, j->uid, true)) != NULL)
+			e->count++;
+	}
+	if (j->name[0]) {
+		uint8_t key[INDEX_NAME_KEY_MAX];
+		size_t kl = index_name_key(j->route, j->name, j->uid, key);
+		MDB_val k = {kl, key}, v;
+		if (!kl || mdb_get(txn, f->ix->names, &k, &v) != 0 || v.mv_size != JOB_ID_LEN ||
+		    memcmp(v.mv_data, j->id, JOB_ID_LEN) != 0)
+			problem(f, "job %s is named '%s' but the name does not lead to it", id,
+				j->name);
 	}
 	if (j->status == JOB_COMPLETE &&
 	    !(j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED)))
@@ -280,12 +310,45 @@ static void check_blobs(struct fsck *f, MDB_txn *txn)
 		check_blob_file(f, k.mv_data, &bi);
 	}
 	mdb_cursor_close(cur);
+	/* Each owner's count of jobs using a blob (private mounts' access). */
+	if (mdb_cursor_open(txn, f->ix->blobusers, &cur) != 0) {
+		problem(f, "cannot read the blobusers database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct refcount_entry *e;
+		char hex[B3_HEX_LEN + 1];
+		uint64_t n;
+
+		if (k.mv_size != REF_KEY_LEN || v.mv_size != 8) {
+			problem(f, "a blobusers entry has %zu + %zu bytes", k.mv_size, v.mv_size);
+			continue;
+		}
+		b3_to_hex(k.mv_data, hex);
+		n = le64_get(v.mv_data);
+		e = tab_find_key(f, k.mv_data, false);
+		if (!e || e->count != n)
+			problem(f, "blob %s is recorded as used by %llu job(s) of uid %u but %llu are",
+				hex, (unsigned long long)n,
+				(unsigned)be32_get((const uint8_t *)k.mv_data + B3_OUT_LEN),
+				(unsigned long long)(e ? e->count : 0));
+		if (e)
+			e->count = UINT64_MAX;
+	}
+	mdb_cursor_close(cur);
 	for (size_t i = 0; i < f->cap; i++)
 		if (f->tab[i].used && f->tab[i].count != UINT64_MAX) {
 			char hex[B3_HEX_LEN + 1];
-			b3_to_hex(f->tab[i].hash, hex);
-			problem(f, "%llu job(s) have output %s, which is not in the index",
-				(unsigned long long)f->tab[i].count, hex);
+			uint32_t uid = be32_get(f->tab[i].key + B3_OUT_LEN);
+			b3_to_hex(f->tab[i].key, hex);
+			if (uid == NO_UID)
+				problem(f, "%llu job(s) have output %s, which is not in the index",
+					(unsigned long long)f->tab[i].count, hex);
+			else
+				problem(f, "%llu job(s) of uid %u have output %s, which blobusers "
+					   "does not record",
+					(unsigned long long)f->tab[i].count, (unsigned)uid, hex);
 		}
 }
 

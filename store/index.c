@@ -217,6 +217,7 @@ static const struct dbdef dbdefs[] = {
 	{"digests", offsetof(struct index, digests), 0},
 	{"logs", offsetof(struct index, logs), 0},
 	{"blobs", offsetof(struct index, blobs), 0},
+	{"blobusers", offsetof(struct index, blobusers), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -254,28 +255,19 @@ static int open_all(struct index *ix, MDB_txn *txn, bool create)
 }
 
 /*
- * Format 1 -> 2, inside the caller's write transaction: the four set
- * databases are dropped and rebuilt from the job records, which are
- * rewritten in the new layout (decode_job() reads both). A crash before
- * the commit leaves the format-1 index untouched.
+ * fn(ix, txn, job, arg) for every job, inside the caller's write
+ * transaction, in batches of ids so that no cursor is open while fn
+ * moves records. *njobs: how many.
  */
-static int upgrade_1(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+static int each_job(struct index *ix, MDB_txn *txn,
+		    int (*fn)(struct index *, MDB_txn *, struct job *, void *), void *arg,
+		    uint64_t *njobs)
 {
-	static const char *const sets[] = {"queue", "byroute", "byowner", "byseq"};
-	uint8_t last[JOB_ID_LEN], batch[256][JOB_ID_LEN], ver[4];
+	uint8_t last[JOB_ID_LEN], batch[256][JOB_ID_LEN];
 	bool started = false;
-	MDB_dbi dbi;
 	int rc;
 
 	*njobs = 0;
-	for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++) {
-		if ((rc = mdb_dbi_open(txn, sets[i], 0, &dbi)) != 0 ||
-		    (rc = mdb_drop(txn, dbi, 1)) != 0)
-			return index_lmdb_err(ix, rc, "upgrade: drop old listing");
-	}
-	if ((rc = open_all(ix, txn, true)) != 0)
-		return rc;
-	/* In batches of ids, so that no cursor is open while records move. */
 	for (;;) {
 		MDB_cursor *cur;
 		MDB_val k = {JOB_ID_LEN, last}, v;
@@ -303,25 +295,98 @@ static int upgrade_1(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 
 			if ((rc = index_get_job(ix, txn, batch[i], &j)) != 0)
 				return rc;
-			rc = index_put_job(ix, txn, &j);
-			if (!rc)
-				rc = index_job_entries(ix, txn, &j, true);
-			if (!rc && j.status == JOB_QUEUED) {
-				uint8_t item[QUEUE_ITEM_LEN];
-				index_queue_item(&j, item);
-				rc = index_set_add(ix, txn, ix->queue, &j.group, 1, item, sizeof(item));
-			}
+			rc = fn(ix, txn, &j, arg);
 			job_release(&j);
 			if (rc)
 				return rc;
 		}
 		*njobs += n;
 		if (n < 256)
-			break;
+			return 0;
 		memcpy(last, batch[n - 1], JOB_ID_LEN);
 		started = true;
 	}
+}
+
+static int upgrade_1_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	int rc = index_put_job(ix, txn, j);
+
+	(void)arg;
+	if (!rc)
+		rc = index_job_entries(ix, txn, j, true);
+	if (!rc && j->status == JOB_QUEUED) {
+		uint8_t item[QUEUE_ITEM_LEN];
+		index_queue_item(j, item);
+		rc = index_set_add(ix, txn, ix->queue, &j->group, 1, item, sizeof(item));
+	}
+	return rc;
+}
+
+/*
+ * Format 1 -> 2, inside the caller's write transaction: the four set
+ * databases are dropped and rebuilt from the job records, which are
+ * rewritten in the new layout (decode_job() reads both). A crash before
+ * the commit leaves the format-1 index untouched.
+ */
+static int upgrade_1(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	static const char *const sets[] = {"queue", "byroute", "byowner", "byseq"};
+	uint8_t ver[4];
+	MDB_dbi dbi;
+	int rc;
+
+	for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++) {
+		if ((rc = mdb_dbi_open(txn, sets[i], 0, &dbi)) != 0 ||
+		    (rc = mdb_drop(txn, dbi, 1)) != 0)
+			return index_lmdb_err(ix, rc, "upgrade: drop old listing");
+	}
+	if ((rc = open_all(ix, txn, true)) != 0)
+		return rc;
+	if ((rc = each_job(ix, txn, upgrade_1_job, NULL, njobs)) != 0)
+		return rc;
 	le32_put(ver, 2);
+	rc = meta_put(ix, txn, "version", ver, 4);
+	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+}
+
+static int upgrade_2_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	uint8_t key[INDEX_NAME_KEY_MAX];
+	MDB_val k, v = {JOB_ID_LEN, j->id};
+	int rc;
+
+	(void)arg;
+	if (j->name[0]) {
+		if (!(k.mv_size = index_name_key(j->route, j->name, j->uid, key)))
+			return store_seterr(STORE_E_INDEX, "damaged job name in '%s/data.mdb'",
+					    ix->dir);
+		k.mv_data = key;
+		if ((rc = mdb_put(txn, ix->names, &k, &v, 0)) != 0)
+			return index_lmdb_err(ix, rc, "upgrade: write name");
+	}
+	if (j->flags & JOB_F_HAS_OUTPUT)
+		return index_blob_user(ix, txn, j->output_hash, j->uid, 1);
+	return 0;
+}
+
+/*
+ * Format 2 -> 3, inside the caller's write transaction: names are keyed
+ * by owner too, and blobusers is new; both are rebuilt from the job
+ * records. A crash before the commit leaves the format-2 index untouched.
+ */
+static int upgrade_2(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	uint8_t ver[4];
+	int rc;
+
+	if ((rc = open_all(ix, txn, true)) != 0)
+		return rc;
+	if ((rc = mdb_drop(txn, ix->names, 0)) != 0 || (rc = mdb_drop(txn, ix->blobusers, 0)) != 0)
+		return index_lmdb_err(ix, rc, "upgrade: empty names");
+	if ((rc = each_job(ix, txn, upgrade_2_job, NULL, njobs)) != 0)
+		return rc;
+	le32_put(ver, 3);
 	rc = meta_put(ix, txn, "version", ver, 4);
 	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
 }
@@ -403,7 +468,8 @@ static int open_dbs(struct index *ix)
 					    "store with renderfs upgrades it to %d",
 					    ix->dir, ver, INDEX_FORMAT_VERSION);
 		}
-		if ((rc = upgrade_1(ix, txn, &njobs)) != 0) {
+		if ((ver == 1 && (rc = upgrade_1(ix, txn, &njobs)) != 0) ||
+		    (rc = upgrade_2(ix, txn, &njobs)) != 0) {
 			mdb_txn_abort(txn);
 			return rc;
 		}
@@ -831,18 +897,53 @@ int index_job_get(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job *ou
 	return index_read(ix, get_fn, &a);
 }
 
-static char *route_key(const char *route, const char *tail, size_t tail_len, size_t *len)
+size_t index_name_key(const char *route, const char *name, uint32_t uid,
+		      uint8_t buf[INDEX_NAME_KEY_MAX])
 {
-	size_t rl = strlen(route);
-	char *k = malloc(rl + 1 + tail_len);
+	size_t rl = strlen(route), nl = strlen(name);
 
-	if (!k)
-		return NULL;
-	memcpy(k, route, rl);
-	k[rl] = '\0';
-	memcpy(k + rl + 1, tail, tail_len);
-	*len = rl + 1 + tail_len;
-	return k;
+	if (rl > INDEX_ROUTE_MAX || nl > INDEX_NAME_MAX)
+		return 0;
+	memcpy(buf, route, rl + 1);
+	memcpy(buf + rl + 1, name, nl + 1);
+	be32_put(buf + rl + 1 + nl + 1, uid);
+	return rl + 1 + nl + 1 + 4;
+}
+
+/*
+ * The job named (route, name): uid's own, or with any_owner the lowest
+ * uid's (the first key after the prefix). STORE_E_NOTFOUND if none.
+ */
+static int name_find(struct index *ix, MDB_txn *txn, const char *route, const char *name,
+		     uint32_t uid, bool any_owner, uint8_t id[JOB_ID_LEN])
+{
+	uint8_t key[INDEX_NAME_KEY_MAX];
+	size_t len = index_name_key(route, name, uid, key);
+	MDB_cursor *cur;
+	MDB_val k = {len, key}, v;
+	int rc;
+
+	if (!len)
+		return STORE_E_NOTFOUND; /* no such name can be stored */
+	if (!any_owner) {
+		rc = mdb_get(txn, ix->names, &k, &v);
+	} else {
+		be32_put(key + len - 4, 0);
+		if ((rc = mdb_cursor_open(txn, ix->names, &cur)) != 0)
+			return index_lmdb_err(ix, rc, "read name");
+		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+		mdb_cursor_close(cur);
+		if (rc == 0 && (k.mv_size != len || memcmp(k.mv_data, key, len - 4) != 0))
+			rc = MDB_NOTFOUND;
+	}
+	if (rc == MDB_NOTFOUND)
+		return STORE_E_NOTFOUND;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read name");
+	if (v.mv_size != JOB_ID_LEN)
+		return store_seterr(STORE_E_INDEX, "damaged name entry in '%s/data.mdb'", ix->dir);
+	memcpy(id, v.mv_data, JOB_ID_LEN);
+	return 0;
 }
 
 struct create_arg {
@@ -870,22 +971,20 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 	const struct job_create *c = a->c;
 	struct job j;
 	MDB_val k, v;
-	uint8_t seqkey[8];
-	char *nk = NULL;
+	uint8_t seqkey[8], nk[INDEX_NAME_KEY_MAX];
 	size_t nklen = 0;
 	int rc;
 
 	if (c->name && *c->name) {
-		nk = route_key(c->route, c->name, strlen(c->name), &nklen);
-		if (!nk)
-			return -ENOMEM;
-		k.mv_size = nklen;
-		k.mv_data = nk;
-		rc = mdb_get(txn, ix->names, &k, &v);
-		if (rc == 0 && v.mv_size == JOB_ID_LEN) {
+		if (!(nklen = index_name_key(c->route, c->name, c->uid, nk)))
+			return store_seterr(-EINVAL, "name too long");
+		/* Per owner: only the caller's own name counts (another
+		 * owner's is not even seen). Per route: anyone's. */
+		rc = name_find(ix, txn, c->route, c->name, c->uid, !ix->names_per_owner,
+			       a->id);
+		if (rc == 0) {
 			bool same = false;
 
-			memcpy(a->id, v.mv_data, JOB_ID_LEN);
 			rc = same_request(ix, txn, a->id, c, &same);
 			if (rc == 0 && same)
 				a->existed = true;
@@ -894,13 +993,10 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 						  "name '%s' is already used on '%s' by a "
 						  "different request",
 						  c->name, c->route);
-			free(nk);
 			return rc;
 		}
-		if (rc != MDB_NOTFOUND) {
-			free(nk);
-			return index_lmdb_err(ix, rc, "read name");
-		}
+		if (rc != STORE_E_NOTFOUND)
+			return rc;
 	}
 
 	memset(&j, 0, sizeof(j));
@@ -938,7 +1034,7 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 		goto lmdb;
 	if ((rc = index_job_entries(ix, txn, &j, true)) != 0)
 		goto out;
-	if (nk) {
+	if (nklen) {
 		k.mv_size = nklen;
 		k.mv_data = nk;
 		v.mv_size = JOB_ID_LEN;
@@ -951,7 +1047,6 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 lmdb:
 	rc = index_lmdb_err(ix, rc, "create job");
 out:
-	free(nk);
 	return rc;
 }
 
@@ -1332,29 +1427,103 @@ int index_job_by_seq(struct index *ix, uint64_t seq, uint8_t id[JOB_ID_LEN])
 	return index_read(ix, seq_range_fn, &a);
 }
 
-int index_name_lookup(struct index *ix, const char *route, const char *name,
-		      uint8_t id[JOB_ID_LEN])
+void index_set_names_per_owner(struct index *ix, bool per_owner)
 {
-	size_t len;
-	char *k = route_key(route, name, strlen(name), &len);
-	struct lookup_arg a = {ix->names, {len, k}, id, JOB_ID_LEN};
+	ix->names_per_owner = per_owner;
+}
+
+struct name_arg {
+	const char *route, *name;
+	uint32_t uid;
+	uint8_t *id;
+};
+
+static int name_lookup_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct name_arg *a = arg;
 	int rc;
 
-	if (!k)
-		return -ENOMEM;
-	rc = index_read(ix, lookup_fn, &a);
-	free(k);
+	if (!ix->names_per_owner)
+		return name_find(ix, txn, a->route, a->name, 0, true, a->id);
+	rc = name_find(ix, txn, a->route, a->name, a->uid, false, a->id);
+	if (rc == STORE_E_NOTFOUND && a->uid == 0)
+		rc = name_find(ix, txn, a->route, a->name, 0, true, a->id);
 	return rc;
 }
 
-void index_request_digest(const char *route, const char *request, size_t len,
+int index_name_lookup(struct index *ix, const char *route, const char *name, uint32_t uid,
+		      uint8_t id[JOB_ID_LEN])
+{
+	struct name_arg a = {route, name, uid, id};
+	return index_read(ix, name_lookup_fn, &a);
+}
+
+int index_blob_user(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint32_t uid,
+		    int delta)
+{
+	uint8_t key[INDEX_HASH_LEN + 4], val[8];
+	MDB_val k = {sizeof(key), key}, v;
+	uint64_t n = 0;
+	int rc;
+
+	memcpy(key, hash, INDEX_HASH_LEN);
+	be32_put(key + INDEX_HASH_LEN, uid);
+	rc = mdb_get(txn, ix->blobusers, &k, &v);
+	if (rc && rc != MDB_NOTFOUND)
+		return index_lmdb_err(ix, rc, "read blob users");
+	if (rc == 0) {
+		if (v.mv_size != 8)
+			return store_seterr(STORE_E_INDEX, "damaged blob user entry in '%s/data.mdb'",
+					    ix->dir);
+		n = le64_get(v.mv_data);
+	}
+	if (delta < 0 && n == 0)
+		return store_seterr(STORE_E_INDEX, "blob user count underflow in '%s'", ix->dir);
+	n += (uint64_t)(int64_t)delta;
+	if (n == 0) {
+		rc = mdb_del(txn, ix->blobusers, &k, NULL);
+		return rc ? index_lmdb_err(ix, rc, "write blob users") : 0;
+	}
+	le64_put(val, n);
+	v.mv_size = 8;
+	v.mv_data = val;
+	rc = mdb_put(txn, ix->blobusers, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "write blob users") : 0;
+}
+
+static int used_by_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	const uint8_t *key = arg;
+	MDB_val k = {INDEX_HASH_LEN + 4, (void *)key}, v;
+	int rc = mdb_get(txn, ix->blobusers, &k, &v);
+
+	if (rc == MDB_NOTFOUND)
+		return STORE_E_NOTFOUND;
+	return rc ? index_lmdb_err(ix, rc, "read blob users") : 0;
+}
+
+int index_blob_used_by(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], uint32_t uid)
+{
+	uint8_t key[INDEX_HASH_LEN + 4];
+
+	memcpy(key, hash, INDEX_HASH_LEN);
+	be32_put(key + INDEX_HASH_LEN, uid);
+	return index_read(ix, used_by_fn, key);
+}
+
+void index_request_digest(const char *route, const char *request, size_t len, uint32_t owner,
 			  uint8_t out[INDEX_HASH_LEN])
 {
 	struct b3_hasher h;
+	uint8_t tail[5] = {0};
 
 	b3_hasher_init(&h);
 	b3_hasher_update(&h, route, strlen(route) + 1);
 	b3_hasher_update(&h, request, len);
+	if (owner != INDEX_ANY_OWNER) {
+		be32_put(tail + 1, owner);
+		b3_hasher_update(&h, tail, sizeof(tail));
+	}
 	b3_hasher_finalize(&h, out, INDEX_HASH_LEN);
 }
 

@@ -32,13 +32,17 @@
  *   byroute  set: route -> id (16)
  *   byowner  set: uid (4) -> id (16)
  *   byseq    set: seq >> 16 (8) -> seq & 0xffff (2) | id (16)
- *   names    route | NUL | name -> id (16)
+ *   names    route | NUL | name | NUL | owner uid (4) -> id (16)
+ *   blobusers BLAKE3 (32) | uid (4) -> u64 jobs of that owner whose
+ *            output it is (lets `private` mounts answer "may this user
+ *            read this blob" without walking the user's jobs)
  *   digests  request digest (32) -> id (16) of a complete job
  *   logs     id (16) | byte offset of the line (8) -> line bytes
  *   blobs    BLAKE3 (32) -> blob record (below)
  *
  * The request digest (index_request_digest()) is not stored with the job:
- * it is computed from the route and the stored request when needed.
+ * it is computed from the route and the stored request (and the owner,
+ * with memoization per owner) when needed.
  *
  * JOB RECORD (value in "jobs"):
  *   OFFSET SIZE DESCRIPTION
@@ -66,6 +70,16 @@
  *               up to INDEX_STR_MAX) then the bytes, in this order:
  *               route, name, media type, device, error code, error message
  *   end-8  8    checksum: the first 8 bytes of the BLAKE3 of all before it
+ *
+ * NAMES: a job's name is unique per route, or per route and owner when
+ * the index is told so (index_set_names_per_owner(), `private` mounts);
+ * the owner in the key serves both, so one store may be mounted either
+ * way. Mounted shared after a private mount, a name several owners hold
+ * resolves to the lowest uid's job (index_name_lookup()).
+ *
+ * FORMAT 2 (renderfs before index format 3) keyed names by route and
+ * name only and had no blobusers; a read-write open rebuilds both from
+ * the job records in one transaction.
  *
  * FORMAT 1 (renderfs before index format 2) had the same databases with
  * one entry per job in queue, byroute (route | NUL | id), byowner (uid |
@@ -98,7 +112,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 2
+#define INDEX_FORMAT_VERSION 3
 #define JOB_ID_LEN 16
 #define JOB_ID_STR_LEN 26 /* ULID text, without NUL */
 #define INDEX_HASH_LEN 32
@@ -288,10 +302,24 @@ int index_job_by_seq(struct index *ix, uint64_t seq, uint8_t id[JOB_ID_LEN]);
 int index_job_seq_at_or_after(struct index *ix, uint64_t *seq, uint8_t id[JOB_ID_LEN]);
 /* The seq the next created job will get: jobs so far have 0 .. *seq - 1. */
 int index_next_seq(struct index *ix, uint64_t *seq);
-int index_name_lookup(struct index *ix, const char *route, const char *name,
+/*
+ * Names per route and owner (true) or per route (false, the default). Set
+ * once after index_open(), before any other thread uses the index.
+ */
+void index_set_names_per_owner(struct index *ix, bool per_owner);
+/*
+ * The job named `name` on `route` for a caller of uid `uid`: with names
+ * per owner, the caller's own, or for root (uid 0) without one of its
+ * own, the lowest uid's; with names per route, the lowest uid's (the
+ * only one unless a per-owner mount made more).
+ */
+int index_name_lookup(struct index *ix, const char *route, const char *name, uint32_t uid,
 		      uint8_t id[JOB_ID_LEN]);
-/* The memoization key of a request: BLAKE3 of route, NUL, request. */
-void index_request_digest(const char *route, const char *request, size_t len,
+/* The memoization key of a request: BLAKE3 of route, NUL, request; with
+ * owner other than INDEX_ANY_OWNER (memoization per owner, `private`),
+ * then NUL and the owner's uid (4 bytes, big-endian). */
+#define INDEX_ANY_OWNER UINT32_MAX
+void index_request_digest(const char *route, const char *request, size_t len, uint32_t owner,
 			  uint8_t out[INDEX_HASH_LEN]);
 int index_digest_lookup(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
 			uint8_t id[JOB_ID_LEN]);
@@ -328,6 +356,8 @@ int index_job_hide(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t mask
 int index_blob_find_prefix(struct index *ix, const uint8_t *prefix, size_t plen,
 			   uint8_t hash[INDEX_HASH_LEN]);
 int index_blob_get(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], struct blob_info *out);
+/* 0 if a job of uid's has the blob as its output, else STORE_E_NOTFOUND. */
+int index_blob_used_by(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], uint32_t uid);
 /* Iterate blobs in hash order after `after` (NULL: from the start). */
 int index_blob_list(struct index *ix, const uint8_t *after, size_t max,
 		    uint8_t (*hashes)[INDEX_HASH_LEN], size_t *n);

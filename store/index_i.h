@@ -28,9 +28,10 @@ struct index_wop {
 struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
-		digests, logs, blobs;
+		digests, logs, blobs, blobusers;
 	char dir[4096];
 	bool read_only;
+	bool names_per_owner; /* set before other threads use the index */
 	uint32_t upgraded_from; /* format upgraded at open (0: none); set once */
 	uint64_t upgraded_jobs;
 
@@ -97,6 +98,10 @@ static inline void be32_put(uint8_t *p, uint32_t v)
 	for (int i = 3; i >= 0; i--, v >>= 8)
 		p[i] = (uint8_t)v;
 }
+static inline uint32_t be32_get(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
 static inline void le64_put(uint8_t *p, uint64_t v)
 {
 	for (int i = 0; i < 8; i++, v >>= 8)
@@ -128,6 +133,13 @@ void index_record_sum(const void *data, size_t len, uint8_t out[RECORD_SUM_LEN])
 
 /* Blob records (index.h): decode checks length and checksum. */
 int index_blob_decode(struct index *ix, const MDB_val *v, struct blob_info *out);
+/* Add delta (+1 or -1) to the count of uid's jobs whose output is hash. */
+int index_blob_user(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint32_t uid,
+		    int delta);
+/* The names key of (route, name, uid) in buf; its length, or 0 if too long. */
+#define INDEX_NAME_KEY_MAX (INDEX_ROUTE_MAX + 1 + INDEX_NAME_MAX + 1 + 4)
+size_t index_name_key(const char *route, const char *name, uint32_t uid,
+		      uint8_t buf[INDEX_NAME_KEY_MAX]);
 size_t index_blob_encode(const struct blob_info *b, uint8_t out[BLOB_REC_MAX]);
 
 /* index_check.c: walk the B-tree of an LMDB data file (see there). */

@@ -256,8 +256,9 @@ struct attach_arg {
 	bool cached;
 };
 
+/* The blob's reference count and its owner's count (blobusers) move together. */
 static int blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
-		    const char *media_type, int delta, bool *freed)
+		    const char *media_type, uint32_t uid, int delta, bool *freed)
 {
 	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v;
 	uint8_t rec[BLOB_REC_MAX];
@@ -287,6 +288,8 @@ static int blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_
 		return store_seterr(STORE_E_INDEX, "blob reference count underflow in '%s'",
 				    ix->dir);
 	b.refcount += (uint64_t)(int64_t)delta;
+	if ((rc = index_blob_user(ix, txn, hash, uid, delta)) != 0)
+		return rc;
 	if (b.refcount == 0) {
 		*freed = true;
 		rc = mdb_del(txn, ix->blobs, &k, NULL);
@@ -308,7 +311,7 @@ static int attach_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 		return state_err(j, "attach an output to");
 	if (j->flags & JOB_F_HAS_OUTPUT)
 		return state_err(j, "attach a second output to");
-	if ((rc = blob_ref(ix, txn, a->hash, a->size, a->media_type, 1, &freed)) != 0)
+	if ((rc = blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0)
 		return rc;
 	memcpy(j->output_hash, a->hash, INDEX_HASH_LEN);
 	j->output_size = a->size;
@@ -484,7 +487,7 @@ static int hide_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 	if (a->release && (j->flags & JOB_F_HAS_OUTPUT)) {
 		if (j->status != JOB_COMPLETE)
 			return state_err(j, "release the output of");
-		rc = blob_ref(ix, txn, j->output_hash, j->output_size, "", -1, &a->freed);
+		rc = blob_ref(ix, txn, j->output_hash, j->output_size, "", j->uid, -1, &a->freed);
 		if (rc)
 			return rc;
 		if (a->freed)
@@ -526,7 +529,7 @@ static int del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key,
 static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct delete_arg *a = arg;
-	uint8_t key[INDEX_ROUTE_MAX + 1 + INDEX_NAME_MAX];
+	uint8_t key[INDEX_NAME_KEY_MAX];
 	struct job j;
 	MDB_cursor *cur;
 	MDB_val k, v;
@@ -545,15 +548,20 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	k.mv_size = JOB_ID_LEN;
 	k.mv_data = j.id;
 	if ((rc = mdb_get(txn, ix->requests, &k, &v)) == 0) {
-		uint8_t digest[INDEX_HASH_LEN];
+		uint8_t digest[2][INDEX_HASH_LEN];
+		MDB_val dv;
 
-		index_request_digest(j.route, v.mv_data, v.mv_size, digest);
-		k.mv_size = INDEX_HASH_LEN;
-		k.mv_data = digest;
-		if (mdb_get(txn, ix->digests, &k, &v) == 0 && v.mv_size == JOB_ID_LEN &&
-		    memcmp(v.mv_data, j.id, JOB_ID_LEN) == 0 &&
-		    (rc = del_key(ix, txn, ix->digests, digest, INDEX_HASH_LEN)) != 0)
-			goto out;
+		/* Either form (memoization per owner or not, as mounted). */
+		index_request_digest(j.route, v.mv_data, v.mv_size, INDEX_ANY_OWNER, digest[0]);
+		index_request_digest(j.route, v.mv_data, v.mv_size, j.uid, digest[1]);
+		for (int i = 0; i < 2; i++) {
+			k.mv_size = INDEX_HASH_LEN;
+			k.mv_data = digest[i];
+			if (mdb_get(txn, ix->digests, &k, &dv) == 0 && dv.mv_size == JOB_ID_LEN &&
+			    memcmp(dv.mv_data, j.id, JOB_ID_LEN) == 0 &&
+			    (rc = del_key(ix, txn, ix->digests, digest[i], INDEX_HASH_LEN)) != 0)
+				goto out;
+		}
 	} else if (rc != MDB_NOTFOUND) {
 		rc = index_lmdb_err(ix, rc, "delete");
 		goto out;
@@ -563,10 +571,8 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	    (rc = index_job_entries(ix, txn, &j, false)) != 0)
 		goto out;
 	if (j.name[0]) {
-		size_t rl = strlen(j.route), nl = strlen(j.name);
-		memcpy(key, j.route, rl + 1);
-		memcpy(key + rl + 1, j.name, nl);
-		if ((rc = del_key(ix, txn, ix->names, key, rl + 1 + nl)) != 0)
+		size_t kl = index_name_key(j.route, j.name, j.uid, key);
+		if (kl && (rc = del_key(ix, txn, ix->names, key, kl)) != 0)
 			goto out;
 	}
 	/* Log lines: every key with the job id as prefix. */
@@ -592,7 +598,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	}
 	rc = 0;
 	if (j.flags & JOB_F_HAS_OUTPUT) {
-		rc = blob_ref(ix, txn, j.output_hash, j.output_size, "", -1, &a->freed);
+		rc = blob_ref(ix, txn, j.output_hash, j.output_size, "", j.uid, -1, &a->freed);
 		if (rc == 0 && a->freed)
 			memcpy(a->freed_hash, j.output_hash, INDEX_HASH_LEN);
 	}

@@ -1,5 +1,6 @@
 """SPEC §3 and §7: ownership, `private`, and another user's ctl/delete refused.
 The second user is `nobody`, reached with setpriv; the mount has allow_other."""
+import errno
 import json
 import os
 import subprocess
@@ -18,11 +19,15 @@ def as_nobody(cmd, cwd):
                           capture_output=True, text=True, timeout=60)
 
 
-def submit_as_nobody(m, prompt):
-    r = as_nobody("exec 3<>new; echo '%s' >&3; read id <&3; echo $id"
-                  % json.dumps({"prompt": prompt, **SMALL}), m.route(IMAGE))
+def submit_as_nobody_req(m, req):
+    r = as_nobody("exec 3<>new; echo '%s' >&3; read id <&3; echo $id" % json.dumps(req),
+                  m.route(IMAGE))
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     return r.stdout.strip()
+
+
+def submit_as_nobody(m, prompt):
+    return submit_as_nobody_req(m, {"prompt": prompt, **SMALL})
 
 
 @pytest.fixture
@@ -141,3 +146,61 @@ def test_private_outputs_by_hash_only_to_their_owners(mount_factory, tmp_path):
         assert lines[0] == "1" and "No such file or directory" in r.stderr, r
         assert lines[1] == h_theirs and lines[2] == "0", r.stdout
     assert h_mine in os.listdir(cas) and h_theirs in os.listdir(cas)
+
+
+def test_private_names_are_per_owner(mount_factory, tmp_path):
+    """With `private`, a name is the owner's own: another user may use the
+    same name on the same route (before, EEXIST told them it was taken),
+    each finds their own job by it, and nobody else's. Mounted shared
+    later, the name leads to one job and the other is listed by id."""
+    os.chmod(tmp_path, 0o755)
+    m = mount_factory(["allow_other", "private"])
+    mine = m.submit(IMAGE, {"input": {"prompt": "root's shot", **SMALL}, "name": "shot"})
+    assert mine == "shot"
+    req = json.dumps({"input": {"prompt": "the shot of nobody", "seed": 5, **SMALL}, "name": "shot"})
+    r = as_nobody("exec 3<>new; echo '%s' >&3; read id <&3; echo $id; "
+                  "exec 4<>new; echo '%s' >&4; read id <&4; echo $id" % (req, req),
+                  m.route(IMAGE))
+    assert r.returncode == 0 and r.stdout == "shot\nshot\n", (r.stdout, r.stderr)
+    assert m.wait(IMAGE, "shot") == "complete"
+    r = as_nobody("for i in $(seq 100); do [ \"$(cat shot/status)\" = complete ] && break; "
+                  "sleep 0.1; done; cat shot/status.json", m.route(IMAGE))
+    theirs = json.loads(r.stdout)
+    assert theirs["status"] == "complete", r
+    assert as_nobody("ls", m.route(IMAGE)).stdout == "new\nschema.json\nshot\n"
+    root_view = m.status(IMAGE, "shot")
+    assert root_view["id"] != theirs["id"]
+    assert theirs["output"]["blake3"] != root_view["output"]["blake3"]
+    # root sees both: its own by name, nobody's by id
+    assert sorted(os.listdir(m.route(IMAGE))) == sorted(["new", "schema.json", "shot",
+                                                         theirs["id"]])
+    assert os.stat(m.job(IMAGE, theirs["id"])).st_uid == NOBODY
+    m.stop()
+    m2 = mount_factory(["allow_other"], store=m.store, name="mnt2")
+    assert sorted(os.listdir(m2.route(IMAGE))) == sorted(["new", "schema.json", "shot",
+                                                          theirs["id"]])
+    assert m2.status(IMAGE, "shot")["id"] == root_view["id"]
+    r = as_nobody("cat shot/status.json", m2.route(IMAGE))
+    assert json.loads(r.stdout)["id"] == root_view["id"]
+    err, line = m2.submit_err(IMAGE, json.dumps(
+        {"input": {"prompt": "another", **SMALL}, "name": "shot"}).encode() + b"\n")
+    assert err == errno.EEXIST and "shot" in line
+
+
+def test_private_memoization_stays_within_one_owner(mount_factory, tmp_path):
+    """With `private`, a request another user already made is rendered
+    again, not served from their job: a cache hit would tell that they made
+    it, and the log named their job. The owner's own repeat still hits."""
+    os.chmod(tmp_path, 0o755)
+    m = mount_factory(["allow_other", "private"])
+    req = {"prompt": "asked twice", "seed": 11, **SMALL}
+    first = m.submit(IMAGE, req)
+    assert m.wait(IMAGE, first) == "complete"
+    theirs = submit_as_nobody_req(m, req)
+    assert m.wait(IMAGE, theirs) == "complete"
+    st = m.status(IMAGE, theirs)
+    assert st["cached"] is False
+    assert first not in (m.job(IMAGE, theirs) / "log").read_text()
+    assert st["output"]["blake3"] == m.status(IMAGE, first)["output"]["blake3"]
+    again = m.submit(IMAGE, req)
+    assert m.wait(IMAGE, again) == "complete" and m.status(IMAGE, again)["cached"] is True

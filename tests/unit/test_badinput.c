@@ -377,6 +377,56 @@ static void test_keys(void)
 	store_close(st);
 }
 
+/* A named job with an output: fsck checks its names and blobusers entries,
+ * which `private` mounts rely on (names per owner, cas/ access). */
+static void test_owner_records(void)
+{
+	struct store_options opt = {0};
+	struct job_create jc = {0};
+	struct store_sink *s;
+	struct store *st;
+	uint8_t id[JOB_ID_LEN];
+	struct job j;
+	char dir[128], idx[200], out[8192];
+	MDB_env *env;
+	MDB_txn *txn;
+	MDB_dbi dbi;
+
+	snprintf(dir, sizeof(dir), "%s/owners", base);
+	REQUIRE(store_open(dir, &opt, &st) == 0, "open: %s", store_lasterr());
+	jc.route = "image/synth/default/t2i";
+	jc.request = "{}";
+	jc.request_len = 2;
+	jc.uid = jc.gid = 1234;
+	jc.name = "kept";
+	REQUIRE(index_job_create(store_index(st), &jc, id, NULL) == 0, "create: %s",
+		store_lasterr());
+	REQUIRE(index_job_claim(store_index(st), 0, &j) == 0, "claim");
+	job_release(&j);
+	REQUIRE(store_sink_open(st, &s) == 0, "sink");
+	store_sink_write(s, "output", 6);
+	REQUIRE(store_job_commit_output(st, id, s, "image/png", "cpu", NULL) == 0, "commit: %s",
+		store_lasterr());
+	REQUIRE(index_job_finish(store_index(st), id, JOB_COMPLETE, NULL, NULL) == 0, "finish");
+	store_close(st);
+	CHECK(fsck_run(dir, out, sizeof(out)) == 0, "fsck of a sound store: %s", out);
+
+	snprintf(idx, sizeof(idx), "%s/index", dir);
+	REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 32) == 0 &&
+			mdb_env_open(env, idx, 0, 0600) == 0,
+		"lmdb");
+	mdb_txn_begin(env, NULL, 0, &txn);
+	REQUIRE(mdb_dbi_open(txn, "names", 0, &dbi) == 0 && mdb_drop(txn, dbi, 0) == 0, "names");
+	REQUIRE(mdb_dbi_open(txn, "blobusers", 0, &dbi) == 0 && mdb_drop(txn, dbi, 0) == 0,
+		"blobusers");
+	REQUIRE(mdb_txn_commit(txn) == 0, "commit");
+	mdb_env_close(env);
+	CHECK(fsck_run(dir, out, sizeof(out)) == 1 &&
+		      strstr(out, "is named 'kept' but the name does not lead to it") &&
+		      strstr(out, "job(s) of uid 1234 have output"),
+	      "fsck without the owner records: %s", out);
+}
+
 int main(void)
 {
 	test_tmpdir(base, "badinput");
@@ -388,6 +438,7 @@ int main(void)
 	test_record_flip();
 	test_set_pages();
 	test_keys();
+	test_owner_records();
 	rm_rf(base);
 	return check_done("test_badinput");
 }

@@ -209,14 +209,47 @@ static void test_names(void)
 	      "same name, other request: %s", store_lasterr());
 	d.route = "image/synth/default/other";
 	CHECK(index_job_create(ix, &d, b, &existed) == 0 && !existed, "name on another route");
-	CHECK(index_name_lookup(ix, "image/synth/default/t2i", "my-render", b) == 0 &&
+	CHECK(index_name_lookup(ix, "image/synth/default/t2i", "my-render", 5, b) == 0 &&
 		      memcmp(a, b, 16) == 0,
 	      "lookup");
 	bool freed;
 	uint8_t fh[32];
 	CHECK(index_job_delete(ix, a, &freed, fh) == 0, "delete named");
-	CHECK(index_name_lookup(ix, "image/synth/default/t2i", "my-render", b) == STORE_E_NOTFOUND,
+	CHECK(index_name_lookup(ix, "image/synth/default/t2i", "my-render", 5, b) == STORE_E_NOTFOUND,
 	      "name freed");
+	/* names per owner (`private`): two owners, one name, two jobs */
+	{
+		struct job_create p5 = mk("image/synth/default/po", 5, JOB_PRIO_NORMAL, "{\"p\":5}");
+		struct job_create p6 = mk("image/synth/default/po", 6, JOB_PRIO_NORMAL, "{\"p\":6}");
+		uint8_t i5[16], i6[16], got[16];
+
+		p5.name = p6.name = "mine";
+		index_set_names_per_owner(ix, true);
+		CHECK(index_job_create(ix, &p6, i6, &existed) == 0 && !existed, "owner 6 names");
+		CHECK(index_job_create(ix, &p5, i5, &existed) == 0 && !existed &&
+			      memcmp(i5, i6, 16) != 0,
+		      "owner 5, same name: its own job (%s)", store_lasterr());
+		CHECK(index_name_lookup(ix, p5.route, "mine", 5, got) == 0 && !memcmp(got, i5, 16),
+		      "owner 5 finds its own");
+		CHECK(index_name_lookup(ix, p5.route, "mine", 6, got) == 0 && !memcmp(got, i6, 16),
+		      "owner 6 finds its own");
+		CHECK(index_name_lookup(ix, p5.route, "mine", 7, got) == STORE_E_NOTFOUND,
+		      "another owner finds none");
+		CHECK(index_name_lookup(ix, p5.route, "mine", 0, got) == 0 && !memcmp(got, i5, 16),
+		      "root, without one of its own: the lowest uid's");
+		index_set_names_per_owner(ix, false);
+		CHECK(index_name_lookup(ix, p5.route, "mine", 6, got) == 0 && !memcmp(got, i5, 16),
+		      "shared: the lowest uid's");
+		struct job_create p7 = mk("image/synth/default/po", 7, JOB_PRIO_NORMAL, "{\"p\":7}");
+		p7.name = "mine";
+		CHECK(index_job_create(ix, &p7, got, &existed) == STORE_E_EXISTS, "shared: taken");
+		CHECK(index_job_delete(ix, i5, &freed, fh) == 0, "delete owner 5's");
+		CHECK(index_name_lookup(ix, p5.route, "mine", 5, got) == 0 && !memcmp(got, i6, 16),
+		      "shared: the other owner's now");
+		CHECK(index_job_delete(ix, i6, &freed, fh) == 0, "delete owner 6's");
+		CHECK(index_name_lookup(ix, p5.route, "mine", 0, got) == STORE_E_NOTFOUND,
+		      "both names freed");
+	}
 	c.name = NULL;
 	struct job_create bad = c;
 	bad.route = "";
@@ -226,14 +259,22 @@ static void test_names(void)
 	CHECK(index_job_create(ix, &bad, b, NULL) == -EINVAL, "bad priority");
 	/* digests: of route and request; deleting the job one names removes it */
 	uint8_t dg[32], dg2[32];
-	index_request_digest(c.route, c.request, c.request_len, dg);
-	index_request_digest("video/synth/default/t2v", c.request, c.request_len, dg2);
+	index_request_digest(c.route, c.request, c.request_len, INDEX_ANY_OWNER, dg);
+	index_request_digest("video/synth/default/t2v", c.request, c.request_len, INDEX_ANY_OWNER,
+			     dg2);
 	CHECK(memcmp(dg, dg2, 32) != 0, "digest depends on the route");
+	index_request_digest(c.route, c.request, c.request_len, c.uid, dg2);
+	CHECK(memcmp(dg, dg2, 32) != 0, "per owner: another digest");
 	CHECK(index_job_create(ix, &c, a, NULL) == 0, "create for digest");
 	CHECK(index_digest_put(ix, dg, a) == 0, "digest put");
 	CHECK(index_digest_lookup(ix, dg, b) == 0 && memcmp(a, b, 16) == 0, "digest lookup");
 	CHECK(index_job_delete(ix, a, &freed, fh) == 0, "delete digest job");
 	CHECK(index_digest_lookup(ix, dg, b) == STORE_E_NOTFOUND, "digest removed with its job");
+	CHECK(index_job_create(ix, &c, a, NULL) == 0, "create for an owner's digest");
+	CHECK(index_digest_put(ix, dg2, a) == 0, "owner's digest put");
+	CHECK(index_job_delete(ix, a, &freed, fh) == 0, "delete owner's digest job");
+	CHECK(index_digest_lookup(ix, dg2, b) == STORE_E_NOTFOUND,
+	      "an owner's digest removed with its job");
 	/* drain the queue for the next tests */
 	struct job j;
 	while (index_job_claim(ix, 0, &j) == 0) {
