@@ -20,7 +20,8 @@
  *   mu        guards stop, the worker slots' job ids and busy counts,
  *             and `work` waits.
  *   rate_mu   guards buckets[].
- *   stats_mu  guards counts[][] and the histograms.
+ *   stats_mu  guards the histograms and the counters beside them (job counts
+ *             per route and status live in the index).
  *   A worker slot's `stop` is atomic: set under mu, read by its runner.
  */
 #include "engine.h"
@@ -48,7 +49,6 @@
 #define REMOTE_WORKERS 8
 #define RATE_SLOTS 1024
 #define NBUCKETS 16
-#define MAX_ROUTES_COUNTED 64
 
 static const double bucket_le[NBUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 					   2.5,	  5,	10,    30,   60,  120,	300, 600};
@@ -103,7 +103,6 @@ struct engine {
 	struct bucket buckets[RATE_SLOTS];
 
 	pthread_mutex_t stats_mu;
-	uint64_t counts[MAX_ROUTES_COUNTED][5]; /* route index x job_status */
 	struct histogram h_wait, h_run, h_e2e;
 	uint64_t submitted, rejected, memo_hits, retries;
 };
@@ -168,37 +167,15 @@ static void wake_workers(struct engine *e)
 
 /* ---- counters ---- */
 
-static size_t route_index(struct engine *e, const char *route)
-{
-	for (size_t i = 0; i < e->routes.n && i < MAX_ROUTES_COUNTED - 1; i++)
-		if (strcmp(e->routes.routes[i].path, route) == 0)
-			return i;
-	return MAX_ROUTES_COUNTED - 1; /* routes no longer configured */
-}
-
-static void count_move(struct engine *e, const char *route, int from, int to)
-{
-	size_t ri = route_index(e, route);
-
-	pthread_mutex_lock(&e->stats_mu);
-	if (from >= 0 && e->counts[ri][from] > 0)
-		e->counts[ri][from]--;
-	if (to >= 0)
-		e->counts[ri][to]++;
-	pthread_mutex_unlock(&e->stats_mu);
-}
-
+/* Counted in the index with every status change (index_route_counts). */
 uint64_t engine_route_jobs(struct engine *e, const char *route)
 {
-	size_t ri = route_index(e, route);
-	uint64_t n = 0;
+	uint64_t c[INDEX_STATUSES], n = 0;
 
-	if (ri == MAX_ROUTES_COUNTED - 1)
+	if (index_route_counts(e->ix, route, c) != 0)
 		return 0;
-	pthread_mutex_lock(&e->stats_mu);
-	for (int s = 0; s < 5; s++)
-		n += e->counts[ri][s];
-	pthread_mutex_unlock(&e->stats_mu);
+	for (int s = 0; s < INDEX_STATUSES; s++)
+		n += c[s];
 	return n;
 }
 
@@ -211,14 +188,6 @@ static void observe(struct histogram *h, double seconds)
 	h->buckets[i]++;
 	h->sum += seconds;
 	h->count++;
-}
-
-static int count_job(void *arg, const struct job *j)
-{
-	struct engine *e = arg;
-
-	e->counts[route_index(e, j->route)][j->status]++;
-	return 0;
 }
 
 /* ---- submission ---- */
@@ -491,7 +460,6 @@ refused:
 			ulid_format(ids[k], s->id);
 		s->existed = existed[k];
 		if (!existed[k]) {
-			count_move(e, r->path, -1, JOB_QUEUED);
 			notify(e, ids[k], r->path, EV_CREATED);
 		}
 	}
@@ -670,7 +638,6 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 		fprintf(stderr, "renderfs: cannot finish job: %s\n", store_lasterr());
 		return;
 	}
-	count_move(e, r->job.route, JOB_RUNNING, st);
 	if (index_job_get(e->ix, r->job.id, &j) == 0) {
 		pthread_mutex_lock(&e->stats_mu);
 		observe(&e->h_wait, (double)(j.started_ms - j.created_ms) / 1000);
@@ -750,7 +717,6 @@ static void run_job(struct worker *w, struct job *job)
 	case STOP_SHUTDOWN:
 		run_log(&r, "interrupted by shutdown; back in the queue");
 		if (index_job_requeue(e->ix, job->id) == 0) {
-			count_move(e, job->route, JOB_RUNNING, JOB_QUEUED);
 			notify(e, job->id, job->route, EV_STATUS);
 		}
 		return;
@@ -767,7 +733,6 @@ static void run_job(struct worker *w, struct job *job)
 			return;
 		}
 		if (index_job_requeue(e->ix, job->id) == 0) {
-			count_move(e, job->route, JOB_RUNNING, JOB_QUEUED);
 			pthread_mutex_lock(&e->stats_mu);
 			e->retries++;
 			pthread_mutex_unlock(&e->stats_mu);
@@ -814,7 +779,6 @@ static void *worker_main(void *arg)
 		for (size_t i = 0; i < ng && rc == STORE_E_NOTFOUND; i++)
 			rc = index_job_claim(e->ix, groups[i], &job);
 		if (rc == 0) {
-			count_move(e, job.route, JOB_QUEUED, JOB_RUNNING);
 			pthread_mutex_lock(&e->mu);
 			w->busy = true;
 			memcpy(w->job, job.id, JOB_ID_LEN);
@@ -966,7 +930,6 @@ int engine_open(struct store *st, const struct engine_options *opt, struct engin
 			w->group = (uint8_t)g;
 			w->gpu = g >= GROUP_GPU0 ? g - GROUP_GPU0 : -1;
 		}
-	index_foreach_job(e->ix, count_job, e);
 	*out = e;
 	return 0;
 }
@@ -1053,7 +1016,6 @@ int engine_cancel(struct engine *e, const uint8_t id[JOB_ID_LEN])
 	if (rc == 0) {
 		rc = index_job_cancel(e->ix, id);
 		if (rc == 0 && j.status == JOB_QUEUED) {
-			count_move(e, j.route, JOB_QUEUED, JOB_CANCELLED);
 			notify(e, id, j.route, EV_STATUS);
 		} else if (rc == 0) {
 			signal_worker(e, id, STOP_CANCEL);
@@ -1074,7 +1036,6 @@ int engine_retry(struct engine *e, const uint8_t id[JOB_ID_LEN])
 	if (rc == 0) {
 		rc = index_job_retry(e->ix, id);
 		if (rc == 0) {
-			count_move(e, j.route, (int)j.status, JOB_QUEUED);
 			notify(e, id, j.route, EV_STATUS);
 		}
 		job_release(&j);
@@ -1111,7 +1072,6 @@ int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN], bool by_rmdir)
 		if (j.status != JOB_RUNNING) {
 			rc = store_job_delete(e->st, id);
 			if (rc == 0) {
-				count_move(e, j.route, (int)j.status, -1);
 				if (e->observer)
 					e->observer(e->observer_arg, id, j.route,
 						    by_rmdir ? EV_RMDIR : EV_DELETED, &j);
@@ -1191,14 +1151,12 @@ int engine_stats_text(struct engine *e, char **out, size_t *len)
 	struct textbuf b = {malloc(4096), 0, 4096, false};
 	struct store_stats ss;
 	struct index_stats is;
-	uint64_t counts[MAX_ROUTES_COUNTED][5];
 	struct histogram hw, hr, he;
 	uint64_t submitted, rejected, retries, memo;
 
 	if (!b.p)
 		return -ENOMEM;
 	pthread_mutex_lock(&e->stats_mu);
-	memcpy(counts, e->counts, sizeof(counts));
 	hw = e->h_wait;
 	hr = e->h_run;
 	he = e->h_e2e;
@@ -1210,11 +1168,15 @@ int engine_stats_text(struct engine *e, char **out, size_t *len)
 
 	tb_printf(&b, "# HELP renderfs_jobs Jobs in the store by route and status.\n"
 		      "# TYPE renderfs_jobs gauge\n");
-	for (size_t i = 0; i < e->routes.n && i < MAX_ROUTES_COUNTED - 1; i++)
-		for (int s = 0; s < 5; s++)
+	for (size_t i = 0; i < e->routes.n; i++) {
+		uint64_t c[INDEX_STATUSES];
+		if (index_route_counts(e->ix, e->routes.routes[i].path, c) != 0)
+			memset(c, 0, sizeof(c));
+		for (int s = 0; s < INDEX_STATUSES; s++)
 			tb_printf(&b, "renderfs_jobs{route=\"%s\",status=\"%s\"} %llu\n",
 				  e->routes.routes[i].path, job_status_name((enum job_status)s),
-				  (unsigned long long)counts[i][s]);
+				  (unsigned long long)c[s]);
+	}
 	tb_printf(&b, "# HELP renderfs_queue_depth Queued jobs per worker group.\n"
 		      "# TYPE renderfs_queue_depth gauge\n");
 	for (int g = 0; g < GROUP_GPU0 + MAX_GPUS; g++) {

@@ -38,6 +38,13 @@ struct refcount_entry {
 	bool used;
 };
 
+/* Jobs per route and status, counted from the records (routes are few). */
+struct route_count {
+	char route[INDEX_ROUTE_MAX + 1];
+	uint64_t n[INDEX_STATUSES];
+	bool seen;
+};
+
 struct fsck {
 	const char *dir;
 	FILE *out;
@@ -45,7 +52,26 @@ struct fsck {
 	long problems;
 	struct refcount_entry *tab;
 	size_t cap, len;
+	struct route_count *routes;
+	size_t nroutes;
 };
+
+static struct route_count *route_count(struct fsck *f, const char *route, bool insert)
+{
+	struct route_count *r;
+
+	for (size_t i = 0; i < f->nroutes; i++)
+		if (strcmp(f->routes[i].route, route) == 0)
+			return &f->routes[i];
+	if (!insert || strlen(route) > INDEX_ROUTE_MAX ||
+	    !(r = realloc(f->routes, (f->nroutes + 1) * sizeof(*r))))
+		return NULL;
+	f->routes = r;
+	r = &f->routes[f->nroutes++];
+	memset(r, 0, sizeof(*r));
+	memcpy(r->route, route, strlen(route) + 1);
+	return r;
+}
 
 static void vreport(struct fsck *f, const char *kind, const char *fmt, va_list ap)
 {
@@ -138,6 +164,9 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 	int missing;
 
 	ulid_format(j->id, id);
+	struct route_count *rc = route_count(f, j->route, true);
+	if (rc && (unsigned)j->status < INDEX_STATUSES)
+		rc->n[j->status]++;
 	if (j->flags & JOB_F_HAS_OUTPUT) {
 		struct refcount_entry *e = tab_find(f, j->output_hash, true);
 		if (e)
@@ -245,6 +274,39 @@ static void check_jobs(struct fsck *f, MDB_txn *txn)
 			problem(f, "group %d queue depth is recorded as %llu but %llu jobs are queued",
 				g, (unsigned long long)recorded, (unsigned long long)depth[g]);
 	}
+
+	/* Jobs per route and status, as counted in the records. */
+	if (mdb_cursor_open(txn, f->ix->counts, &cur) != 0) {
+		problem(f, "cannot read the counts database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		char route[INDEX_ROUTE_MAX + 1];
+		struct route_count *r;
+
+		if (k.mv_size == 0 || k.mv_size > INDEX_ROUTE_MAX ||
+		    v.mv_size != INDEX_STATUSES * 8) {
+			problem(f, "a counts entry has %zu + %zu bytes", k.mv_size, v.mv_size);
+			continue;
+		}
+		memcpy(route, k.mv_data, k.mv_size);
+		route[k.mv_size] = '\0';
+		r = route_count(f, route, false);
+		for (int s = 0; s < INDEX_STATUSES; s++) {
+			uint64_t n = le64_get((const uint8_t *)v.mv_data + 8 * s);
+			if (n != (r ? r->n[s] : 0))
+				problem(f, "route %s has %llu %s jobs counted but %llu recorded", route,
+					(unsigned long long)n, job_status_name((enum job_status)s),
+					(unsigned long long)(r ? r->n[s] : 0));
+		}
+		if (r)
+			r->seen = true;
+	}
+	mdb_cursor_close(cur);
+	for (size_t i = 0; i < f->nroutes; i++)
+		if (!f->routes[i].seen)
+			problem(f, "route %s has jobs but no counts", f->routes[i].route);
 }
 
 static void check_blob_file(struct fsck *f, const uint8_t *hash, const struct blob_info *bi)
@@ -620,5 +682,6 @@ long store_fsck(const char *dir, FILE *out)
 	mdb_txn_abort(txn);
 	index_close(f.ix);
 	free(f.tab);
+	free(f.routes);
 	return f.problems;
 }

@@ -218,6 +218,7 @@ static const struct dbdef dbdefs[] = {
 	{"logs", offsetof(struct index, logs), 0},
 	{"blobs", offsetof(struct index, blobs), 0},
 	{"blobusers", offsetof(struct index, blobusers), 0},
+	{"counts", offsetof(struct index, counts), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -391,6 +392,49 @@ static int upgrade_2(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
 }
 
+static int upgrade_3_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	(void)arg;
+	return index_count_move(ix, txn, j->route, -1, (int)j->status);
+}
+
+/*
+ * Format 3 -> 4: jobs per route and status (counts) are kept with every
+ * status change; counted once here from the job records, so that no
+ * mount scans them again.
+ */
+static int upgrade_3(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	uint8_t ver[4];
+	int rc;
+
+	if ((rc = open_all(ix, txn, true)) != 0)
+		return rc;
+	if ((rc = mdb_drop(txn, ix->counts, 0)) != 0)
+		return index_lmdb_err(ix, rc, "upgrade: empty counts");
+	if ((rc = each_job(ix, txn, upgrade_3_job, NULL, njobs)) != 0)
+		return rc;
+	le32_put(ver, 4);
+	rc = meta_put(ix, txn, "version", ver, 4);
+	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+}
+
+/*
+ * Each step takes an index of format `from` to from + 1 inside the
+ * caller's write transaction; an open runs every step from the index's
+ * format on, all in one transaction (a crash leaves the old index).
+ */
+static const struct migration {
+	uint32_t from;
+	int (*step)(struct index *ix, MDB_txn *txn, uint64_t *njobs);
+} migrations[] = {
+	{1, upgrade_1},
+	{2, upgrade_2},
+	{3, upgrade_3},
+};
+_Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
+	       "one migration step per format");
+
 /* Open the named databases; create them (and the metadata) on a new index,
  * upgrade an index of an older format. */
 static int open_dbs(struct index *ix)
@@ -468,10 +512,13 @@ static int open_dbs(struct index *ix)
 					    "store with renderfs upgrades it to %d",
 					    ix->dir, ver, INDEX_FORMAT_VERSION);
 		}
-		if ((ver == 1 && (rc = upgrade_1(ix, txn, &njobs)) != 0) ||
-		    (rc = upgrade_2(ix, txn, &njobs)) != 0) {
-			mdb_txn_abort(txn);
-			return rc;
+		for (size_t i = 0; i < sizeof(migrations) / sizeof(migrations[0]); i++) {
+			if (migrations[i].from < ver)
+				continue;
+			if ((rc = migrations[i].step(ix, txn, &njobs)) != 0) {
+				mdb_txn_abort(txn);
+				return rc;
+			}
 		}
 		rc = mdb_txn_commit(txn);
 		if (rc)
@@ -851,11 +898,65 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	for (int i = 0; i < 6; i++)
 		p += put_str(p, strs[i]);
 	index_record_sum(buf, total - RECORD_SUM_LEN, p);
+	/* The status it had, for the counts (a new job had none). */
+	rc = mdb_get(txn, ix->jobs, &k, &v);
+	if (rc && rc != MDB_NOTFOUND) {
+		free(buf);
+		return index_lmdb_err(ix, rc, "read job");
+	}
+	int old = rc == 0 && v.mv_size > 4 ? ((const uint8_t *)v.mv_data)[4] : -1;
 	v.mv_size = total;
 	v.mv_data = buf;
 	rc = mdb_put(txn, ix->jobs, &k, &v, 0);
 	free(buf);
-	return rc ? index_lmdb_err(ix, rc, "write job") : 0;
+	if (rc)
+		return index_lmdb_err(ix, rc, "write job");
+	return old == (int)j->status ? 0 : index_count_move(ix, txn, j->route, old, (int)j->status);
+}
+
+/* The counts value: one u64 per status (LE), INDEX_STATUSES of them. */
+int index_count_move(struct index *ix, MDB_txn *txn, const char *route, int from, int to)
+{
+	uint8_t val[INDEX_STATUSES * 8];
+	MDB_val k = {strlen(route), (void *)route}, v;
+	uint64_t n[INDEX_STATUSES] = {0};
+	bool any = false;
+	int rc;
+
+	if (k.mv_size == 0 || k.mv_size > INDEX_ROUTE_MAX)
+		return store_seterr(STORE_E_INDEX, "damaged route in '%s/data.mdb'", ix->dir);
+	rc = mdb_get(txn, ix->counts, &k, &v);
+	if (rc && rc != MDB_NOTFOUND)
+		return index_lmdb_err(ix, rc, "read counts");
+	if (rc == 0) {
+		if (v.mv_size != sizeof(val))
+			return store_seterr(STORE_E_INDEX, "damaged counts of '%s' in '%s/data.mdb'",
+					    route, ix->dir);
+		for (int i = 0; i < INDEX_STATUSES; i++)
+			n[i] = le64_get((const uint8_t *)v.mv_data + 8 * i);
+	}
+	if (from >= INDEX_STATUSES || to >= INDEX_STATUSES)
+		return store_seterr(STORE_E_INDEX, "job status %d out of range", from > to ? from : to);
+	if (from >= 0) {
+		if (n[from] == 0)
+			return store_seterr(STORE_E_INDEX, "job count underflow for '%s' in '%s'",
+					    route, ix->dir);
+		n[from]--;
+	}
+	if (to >= 0)
+		n[to]++;
+	for (int i = 0; i < INDEX_STATUSES; i++) {
+		le64_put(val + 8 * i, n[i]);
+		any |= n[i] != 0;
+	}
+	if (!any) {
+		rc = mdb_del(txn, ix->counts, &k, NULL);
+		return rc && rc != MDB_NOTFOUND ? index_lmdb_err(ix, rc, "write counts") : 0;
+	}
+	v.mv_size = sizeof(val);
+	v.mv_data = val;
+	rc = mdb_put(txn, ix->counts, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "write counts") : 0;
 }
 
 int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], struct job *j)
@@ -1491,6 +1592,36 @@ int index_blob_user(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint32_
 	return rc ? index_lmdb_err(ix, rc, "write blob users") : 0;
 }
 
+struct counts_arg {
+	const char *route;
+	uint64_t *out;
+};
+
+static int counts_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct counts_arg *a = arg;
+	MDB_val k = {strlen(a->route), (void *)a->route}, v;
+	int rc = mdb_get(txn, ix->counts, &k, &v);
+
+	memset(a->out, 0, INDEX_STATUSES * sizeof(uint64_t));
+	if (rc == MDB_NOTFOUND)
+		return 0;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read counts");
+	if (v.mv_size != INDEX_STATUSES * 8)
+		return store_seterr(STORE_E_INDEX, "damaged counts of '%s' in '%s/data.mdb'",
+				    a->route, ix->dir);
+	for (int i = 0; i < INDEX_STATUSES; i++)
+		a->out[i] = le64_get((const uint8_t *)v.mv_data + 8 * i);
+	return 0;
+}
+
+int index_route_counts(struct index *ix, const char *route, uint64_t out[INDEX_STATUSES])
+{
+	struct counts_arg a = {route, out};
+	return index_read(ix, counts_fn, &a);
+}
+
 static int used_by_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	const uint8_t *key = arg;
@@ -1873,47 +2004,4 @@ int index_stats(struct index *ix, struct index_stats *s)
 	s->writes = ix->writes;
 	pthread_mutex_unlock(&ix->wmu);
 	return index_read(ix, stats_fn, s);
-}
-
-struct foreach_arg {
-	index_job_visit_fn fn;
-	void *arg;
-};
-
-static int foreach_fn(struct index *ix, MDB_txn *txn, void *arg)
-{
-	struct foreach_arg *a = arg;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc, ret = 0;
-
-	if ((rc = mdb_cursor_open(txn, ix->jobs, &cur)) != 0)
-		return index_lmdb_err(ix, rc, "iterate jobs");
-	rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
-	while (rc == 0 && ret == 0) {
-		struct job j;
-
-		if (k.mv_size != JOB_ID_LEN) {
-			ret = store_seterr(STORE_E_INDEX, "damaged job key in '%s/data.mdb'",
-					   ix->dir);
-			break;
-		}
-		ret = decode_job(ix, k.mv_data, &v, &j);
-		if (ret == 0) {
-			ret = a->fn(a->arg, &j);
-			job_release(&j);
-		}
-		if (ret == 0)
-			rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
-	}
-	mdb_cursor_close(cur);
-	if (ret)
-		return ret;
-	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "iterate jobs");
-}
-
-int index_foreach_job(struct index *ix, index_job_visit_fn fn, void *arg)
-{
-	struct foreach_arg a = {fn, arg};
-	return index_read(ix, foreach_fn, &a);
 }

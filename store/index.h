@@ -36,6 +36,9 @@
  *   blobusers BLAKE3 (32) | uid (4) -> u64 jobs of that owner whose
  *            output it is (lets `private` mounts answer "may this user
  *            read this blob" without walking the user's jobs)
+ *   counts   route -> INDEX_STATUSES u64: its jobs in each status, kept by
+ *            every write of a job record (index_put_job) and its delete,
+ *            so that no mount counts jobs (start-up is not O(jobs))
  *   digests  request digest (32) -> id (16) of a complete job
  *   logs     id (16) | byte offset of the line (8) -> line bytes
  *   blobs    BLAKE3 (32) -> blob record (below)
@@ -77,9 +80,11 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 2 (renderfs before index format 3) keyed names by route and
- * name only and had no blobusers; a read-write open rebuilds both from
- * the job records in one transaction.
+ * FORMAT 3 had no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * names by route and name only and had no blobusers. A read-write open
+ * runs the migration steps from the index's format on (index.c,
+ * migrations[]), each rebuilding what it adds from the job records, all
+ * in one transaction.
  *
  * FORMAT 1 (renderfs before index format 2) had the same databases with
  * one entry per job in queue, byroute (route | NUL | id), byowner (uid |
@@ -112,7 +117,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 3
+#define INDEX_FORMAT_VERSION 4
+#define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
 #define JOB_ID_STR_LEN 26 /* ULID text, without NUL */
 #define INDEX_HASH_LEN 32
@@ -356,6 +362,8 @@ int index_job_hide(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t mask
 int index_blob_find_prefix(struct index *ix, const uint8_t *prefix, size_t plen,
 			   uint8_t hash[INDEX_HASH_LEN]);
 int index_blob_get(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], struct blob_info *out);
+/* Jobs of route in each status (zeros for a route without jobs). */
+int index_route_counts(struct index *ix, const char *route, uint64_t out[INDEX_STATUSES]);
 /* 0 if a job of uid's has the blob as its output, else STORE_E_NOTFOUND. */
 int index_blob_used_by(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], uint32_t uid);
 /* Iterate blobs in hash order after `after` (NULL: from the start). */
@@ -392,10 +400,5 @@ void ulid_format(const uint8_t id[JOB_ID_LEN], char out[JOB_ID_STR_LEN + 1]);
 int ulid_parse(const char *s, uint8_t id[JOB_ID_LEN]);
 uint64_t ulid_time_ms(const uint8_t id[JOB_ID_LEN]);
 uint64_t now_ms(void);
-
-/* For fsck and tests. */
-typedef int (*index_job_visit_fn)(void *arg, const struct job *j);
-/* Call fn for every job record, in id order; stops at fn's first non-zero. */
-int index_foreach_job(struct index *ix, index_job_visit_fn fn, void *arg);
 
 #endif

@@ -28,7 +28,7 @@ struct index_wop {
 struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
-		digests, logs, blobs, blobusers;
+		digests, logs, blobs, blobusers, counts;
 	char dir[4096];
 	bool read_only;
 	bool names_per_owner; /* set before other threads use the index */
@@ -133,6 +133,8 @@ void index_record_sum(const void *data, size_t len, uint8_t out[RECORD_SUM_LEN])
 
 /* Blob records (index.h): decode checks length and checksum. */
 int index_blob_decode(struct index *ix, const MDB_val *v, struct blob_info *out);
+/* Move one job of route from status `from` to `to` in counts (-1: none). */
+int index_count_move(struct index *ix, MDB_txn *txn, const char *route, int from, int to);
 /* Add delta (+1 or -1) to the count of uid's jobs whose output is hash. */
 int index_blob_user(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint32_t uid,
 		    int delta);

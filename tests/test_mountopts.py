@@ -128,3 +128,28 @@ def test_contrib_fstab_line(tmp_path):
     fstab.write_text(lines[0].replace("/mnt/render", str(mnt))
                      .replace("/var/lib/renderfs", f"{tmp_path}/s") + "\n")
     mount8_runs_renderfs(tmp_path, mnt, ["mount", "-T", str(fstab), str(mnt)])
+
+
+def test_seventy_routes_are_all_counted(mount_factory, tmp_path):
+    """Jobs are counted per route in the index: a models file with 70
+    routes gives every route directory its link count (2 + its jobs) and
+    every route its line in `stats` (a 64-slot table reported 0 for the
+    routes past it), and a remount counts nothing to know them."""
+    m = mount_factory(name="first")
+    schema = json.loads((m.route(IMAGE) / "schema.json").read_text())
+    m.stop()
+    routes = [f"image/fal/r{i:02d}/t2i" for i in range(70)]
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({"routes": {
+        r: {"backend": "fal", "media_type": "image/png", "schema": schema} for r in routes}}))
+    m = mount_factory([f"models={models}"], store=tmp_path / "s70")
+    empty = os.stat(m.route(routes[0])).st_nlink
+    jids = {r: m.submit(r, {"prompt": r, **SMALL}) for r in routes}
+    ends = {r: m.wait(r, j) for r, j in jids.items()}  # no key: each ends at once
+    stats = (m.path / "stats").read_text()
+    for r in routes:
+        assert os.stat(m.route(r)).st_nlink == empty + 1, r
+        assert f'renderfs_jobs{{route="{r}",status="{ends[r]}"}} 1\n' in stats, r
+    m.stop()
+    m = mount_factory([f"models={models}"], store=m.store, name="again")
+    assert all(os.stat(m.route(r)).st_nlink == empty + 1 for r in routes)

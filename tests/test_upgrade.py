@@ -1,8 +1,9 @@
 """A store written with index format 1 (tests/data/make-store-format1.sh)
-is upgraded (to format 3, through 2) when it is mounted: every job reads as
-before, with the same inode numbers, the queue keeps its order, names and
-memoization still work, and fsck is clean (it checks the names and blob
-users that format 3 rebuilds). Read-only tools refuse it with a message."""
+is upgraded (to format 4, one step at a time) when it is mounted: every
+job reads as before, with the same inode numbers, the queue keeps its
+order, names and memoization still work, and fsck is clean (it checks the
+names, blob users and job counts that formats 3 and 4 add). Read-only
+tools refuse it with a message."""
 import json
 import os
 import subprocess
@@ -23,10 +24,10 @@ def test_format1_store_is_upgraded(tmp_path, mount_factory, renderctl):
     store, expected = unpack(tmp_path)
 
     r = renderctl("fsck", store, check=1)
-    assert "format version 1; mounting the store with renderfs upgrades it to 3" in r.stdout
+    assert "format version 1; mounting the store with renderfs upgrades it to 4" in r.stdout
 
     m = mount_factory(["workers=0"], store=store)
-    assert f"upgraded the index of '{store}' from format 1 to 3 (8 jobs)" in m.log()
+    assert f"upgraded the index of '{store}' from format 1 to 4 (8 jobs)" in m.log()
     listed = {e for route in (IMAGE, WAN) for e in os.listdir(m.route(route))
               if (m.route(route) / e).is_dir()}
     assert listed == set(expected)

@@ -378,7 +378,8 @@ static void test_keys(void)
 }
 
 /* A named job with an output: fsck checks its names and blobusers entries,
- * which `private` mounts rely on (names per owner, cas/ access). */
+ * which `private` mounts rely on (names per owner, cas/ access), and the
+ * jobs counted per route and status. */
 static void test_owner_records(void)
 {
 	struct store_options opt = {0};
@@ -419,12 +420,14 @@ static void test_owner_records(void)
 	REQUIRE(mdb_dbi_open(txn, "names", 0, &dbi) == 0 && mdb_drop(txn, dbi, 0) == 0, "names");
 	REQUIRE(mdb_dbi_open(txn, "blobusers", 0, &dbi) == 0 && mdb_drop(txn, dbi, 0) == 0,
 		"blobusers");
+	REQUIRE(mdb_dbi_open(txn, "counts", 0, &dbi) == 0 && mdb_drop(txn, dbi, 0) == 0, "counts");
 	REQUIRE(mdb_txn_commit(txn) == 0, "commit");
 	mdb_env_close(env);
 	CHECK(fsck_run(dir, out, sizeof(out)) == 1 &&
 		      strstr(out, "is named 'kept' but the name does not lead to it") &&
-		      strstr(out, "job(s) of uid 1234 have output"),
-	      "fsck without the owner records: %s", out);
+		      strstr(out, "job(s) of uid 1234 have output") &&
+		      strstr(out, "route image/synth/default/t2i has jobs but no counts"),
+	      "fsck without the owner records and counts: %s", out);
 }
 
 int main(void)
