@@ -26,6 +26,8 @@
  */
 #include "engine.h"
 
+#include "backend.h"
+
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -228,7 +230,7 @@ static int sub_fail(struct engine_submission *s, int rc, const char *fmt, ...)
 
 static uint8_t route_group(struct engine *e, const struct route *r)
 {
-	if (r->backend != BACKEND_SYNTH)
+	if (r->backend->remote)
 		return GROUP_REMOTE;
 	/* Spread over the GPU groups that have workers; else the CPU. */
 	for (int g = 0; g < e->ngpus; g++)
@@ -314,15 +316,11 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 	json_object_put(norm);
 	c->request = *text;
 	c->request_len = strlen(*text);
-	if (r->backend == BACKEND_SYNTH) {
-		/* The backend's own checks too, so that a job never fails on a
-		 * request it could have refused here. */
-		struct synth_request sr;
-		rc = synth_parse(r->path, c->request, c->request_len, &sr, err, sizeof(err));
-		if (rc)
-			return sub_fail(s, rc, "%s", err);
-		synth_request_release(&sr);
-	}
+	/* The backend's own checks too, so that a job never fails on a
+	 * request it could have refused here. */
+	if (r->backend->check &&
+	    (rc = r->backend->check(r, c->request, c->request_len, err, sizeof(err))) != 0)
+		return sub_fail(s, rc, "%s", err);
 	return 0;
 }
 
@@ -674,7 +672,7 @@ static void run_job(struct worker *w, struct job *job)
 	r.deadline_ms = job->started_ms + (job->timeout_ms ? job->timeout_ms : r.route->timeout_ms);
 	run_log(&r, "started attempt %u on %s (%s backend)", job->attempts,
 		w->gpu >= 0 ? "gpu" : w->group == GROUP_REMOTE ? "remote" : "cpu",
-		route_backend_name(r.route->backend));
+		r.route->backend->name);
 	if ((rc = index_job_request(e->ix, job->id, &req, &reqlen)) != 0) {
 		run_log(&r, "cannot read the request: %s", store_lasterr());
 		finish(e, &r, JOB_ERROR, "store", store_lasterr());
@@ -689,11 +687,7 @@ static void run_job(struct worker *w, struct job *job)
 	}
 	r.request = req;
 	r.request_len = reqlen;
-	rc = r.route->backend == BACKEND_SYNTH ? run_synth(&r)
-	     : r.route->backend == BACKEND_FAL ? run_fal(&r)
-					       : run_fail(&r, -ENOTSUP, "backend_not_configured",
-							  false, "backend %s is not available",
-							  route_backend_name(r.route->backend));
+	rc = r.route->backend->run(&r);
 	free(req);
 	if (rc == 0) {
 		run_log(&r, "complete");
@@ -888,18 +882,6 @@ int engine_open(struct store *st, const struct engine_options *opt, struct engin
 	if (rc) {
 		free(e);
 		return rc;
-	}
-	for (size_t i = 0; i < e->routes.n; i++) {
-		const struct route *r = &e->routes.routes[i];
-		if (r->backend == BACKEND_OPENAI_IMAGES || r->backend == BACKEND_EXEC) {
-			snprintf(err, errlen,
-				 "%s: route '%s': backend '%s' is not available in this version",
-				 opt->models ? opt->models : "built-in routes", r->path,
-				 route_backend_name(r->backend));
-			route_table_release(&e->routes);
-			free(e);
-			return -EINVAL;
-		}
 	}
 	e->ngpus = k_cuda_device_count();
 	if (e->ngpus > MAX_GPUS)

@@ -1,5 +1,5 @@
 /*
- * engine_i.h - what the engine shares with its runners (run_*.c).
+ * engine_i.h - what the engine shares with its backends (backend_*.c).
  *
  * A runner implements SPEC §8's run(job context): it reads the normalized
  * request, reports progress and log lines as work is done, checks
@@ -50,9 +50,8 @@ int run_commit_output(struct run *r, struct store_sink *sink, const char *media_
 int run_fail(struct run *r, int rc, const char *code, bool transient, const char *fmt, ...)
 	__attribute__((format(printf, 5, 6)));
 
-/* Runners: 0 when the output is committed, otherwise a negative code with
- * r->error_* set (or -ECANCELED when run_stopping() said so). */
-int run_synth(struct run *r);
-int run_fal(struct run *r);
+/* A backend's run() (backend.h): 0 when the output is committed, otherwise
+ * a negative code with r->error_* set (or -ECANCELED when run_stopping()
+ * said so). */
 
 #endif

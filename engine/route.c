@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "schema.h"
 
 static const char builtin[] =
@@ -63,14 +64,6 @@ static const char builtin[] =
 	" \"default\": \"16:9\"},"
 	" \"seed\": {\"type\": \"integer\", \"minimum\": 0, \"maximum\": 4294967295}}}}"
 	"}}";
-
-static const char *const backend_names[] = {"synth", "fal", "openai-images", "exec"};
-
-const char *route_backend_name(enum route_backend b)
-{
-	return (unsigned)b < sizeof(backend_names) / sizeof(backend_names[0]) ? backend_names[b]
-									      : "unknown";
-}
 
 const char *route_media_ext(const char *media_type)
 {
@@ -119,19 +112,24 @@ static int apply(struct route *r, json_object *e, const char *file, char *err, s
 
 	if (!json_object_is_type(e, json_type_object))
 		return fail(err, errlen, file, r->path, "the entry must be an object");
+	r->origin = file;
 	json_object_object_foreach(e, k, v)
 	{
 		if (strcmp(k, "backend") == 0) {
-			bool ok = false;
-			for (size_t i = 0; i < sizeof(backend_names) / sizeof(backend_names[0]); i++)
-				if (json_object_is_type(v, json_type_string) &&
-				    strcmp(json_object_get_string(v), backend_names[i]) == 0) {
-					r->backend = (enum route_backend)i;
-					ok = true;
-				}
-			if (!ok)
-				return fail(err, errlen, file, r->path,
-					    "'backend' must be one of synth, fal, openai-images, exec");
+			const struct backend *b = json_object_is_type(v, json_type_string)
+							  ? backend_find(json_object_get_string(v))
+							  : NULL;
+			if (!b) {
+				snprintf(msg, sizeof(msg), "'backend' must be one of %s",
+					 backend_names());
+				return fail(err, errlen, file, r->path, msg);
+			}
+			if (b != r->backend) {
+				/* Another backend: the old one's settings mean nothing. */
+				json_object_put(r->settings);
+				r->settings = NULL;
+			}
+			r->backend = b;
 		} else if (strcmp(k, "media_type") == 0 || strcmp(k, "model") == 0) {
 			bool media = strcmp(k, "media_type") == 0;
 			char *dst = media ? r->media_type : r->model_id;
@@ -169,8 +167,8 @@ static int apply(struct route *r, json_object *e, const char *file, char *err, s
 			json_object_put(r->schema);
 			r->schema = json_object_get(v);
 		} else {
-			/* Backend settings (base_url, key, key_env, command, ...):
-			 * kept for the backend, which checks its own. */
+			/* The backend's own settings (base_url, key, key_env, ...):
+			 * its configure() checks them once the table is built. */
 			if (!r->settings && !(r->settings = json_object_new_object()))
 				return -ENOMEM;
 			json_object_object_add(r->settings, k, json_object_get(v));
@@ -223,11 +221,11 @@ static int load_text(struct route_table *t, const char *text, size_t len, const 
 			snprintf(r->path, sizeof(r->path), "%s", path);
 			r->max_attempts = max_attempts;
 			r->timeout_ms = 3600 * 1000;
-			r->backend = (enum route_backend)-1;
+			r->backend = NULL;
 		}
 		if ((rc = apply(r, entry, file, err, errlen)) != 0)
 			goto out;
-		if ((int)r->backend < 0) {
+		if (!r->backend) {
 			rc = fail(err, errlen, file, path, "'backend' is required for a new route");
 			goto out;
 		}
@@ -267,8 +265,7 @@ static int render_texts(struct route_table *t)
 			goto nomem;
 		}
 		json_object_object_add(o, "route", json_object_new_string(r->path));
-		json_object_object_add(o, "backend",
-				       json_object_new_string(route_backend_name(r->backend)));
+		json_object_object_add(o, "backend", json_object_new_string(r->backend->name));
 		if (r->model_id[0])
 			json_object_object_add(o, "model", json_object_new_string(r->model_id));
 		json_object_object_add(o, "media_type", json_object_new_string(r->media_type));
@@ -297,14 +294,15 @@ static int cmp_route(const void *a, const void *b)
 	return strcmp(((const struct route *)a)->path, ((const struct route *)b)->path);
 }
 
+static const char builtin_file[] = "built-in routes";
+
 int route_table_load(struct route_table *t, const char *models_path, uint32_t max_attempts,
 		     char *err, size_t errlen)
 {
 	int rc;
 
 	memset(t, 0, sizeof(*t));
-	rc = load_text(t, builtin, sizeof(builtin) - 1, "built-in routes", max_attempts, err,
-		       errlen);
+	rc = load_text(t, builtin, sizeof(builtin) - 1, builtin_file, max_attempts, err, errlen);
 	if (rc == 0 && models_path) {
 		FILE *f = fopen(models_path, "re");
 		char *text = NULL;
@@ -328,6 +326,16 @@ int route_table_load(struct route_table *t, const char *models_path, uint32_t ma
 			fclose(f);
 		}
 	}
+	for (size_t i = 0; rc == 0 && i < t->n; i++) {
+		struct route *r = &t->routes[i];
+		char msg[512];
+
+		rc = r->backend->configure(r, r->settings, &r->backend_state, msg, sizeof(msg));
+		if (rc == -EINVAL)
+			fail(err, errlen, r->origin, r->path, msg);
+		else if (rc)
+			snprintf(err, errlen, "route '%s': %s", r->path, strerror(-rc));
+	}
 	if (rc == 0) {
 		qsort(t->routes, t->n, sizeof(*t->routes), cmp_route);
 		rc = render_texts(t);
@@ -340,6 +348,9 @@ int route_table_load(struct route_table *t, const char *models_path, uint32_t ma
 void route_table_release(struct route_table *t)
 {
 	for (size_t i = 0; i < t->n; i++) {
+		const struct backend *b = t->routes[i].backend;
+		if (b && b->release && t->routes[i].backend_state)
+			b->release(t->routes[i].backend_state);
 		json_object_put(t->routes[i].schema);
 		json_object_put(t->routes[i].settings);
 		free(t->routes[i].schema_text);

@@ -15,25 +15,20 @@
 
 #define ROUTE_PATH_MAX 255
 
-enum route_backend {
-	BACKEND_SYNTH,
-	BACKEND_FAL,
-	BACKEND_OPENAI_IMAGES,
-	BACKEND_EXEC,
-};
-
-const char *route_backend_name(enum route_backend b);
+struct backend;
 
 struct route {
 	char path[ROUTE_PATH_MAX + 1]; /* modality/family/model/task */
-	enum route_backend backend;
+	const struct backend *backend; /* backend.h */
+	void *backend_state;	    /* what its configure() kept */
+	const char *origin;	    /* the file that last set the route, for messages */
 	char media_type[64];	    /* of outputs, e.g. "video/mp4" */
 	bool deterministic;	    /* same normalized request, same bytes */
 	uint64_t timeout_ms;	    /* default run deadline */
 	uint32_t max_attempts;	    /* runs before a transient failure is final */
 	json_object *schema;	    /* JSON Schema of requests (schema.h subset) */
 	char *schema_text;	    /* schema, pretty-printed, newline-terminated */
-	json_object *settings;	    /* backend settings from the models file, or NULL */
+	json_object *settings;	    /* the backend's own settings, or NULL */
 	char model_id[128];	    /* remote model name (fal: "fal-ai/wan-t2v") */
 };
 
@@ -46,8 +41,9 @@ struct route_table {
 
 /*
  * Build the table: built-in routes, then the models file at path (NULL:
- * none). max_attempts is the mount's default. Errors name the file, the
- * route and the field in err. Returns 0, -EINVAL or -errno.
+ * none), then each route's backend configures it. max_attempts is the
+ * mount's default. Errors name the file, the route and the field in err.
+ * Returns 0, -EINVAL or -errno.
  */
 int route_table_load(struct route_table *t, const char *models_path, uint32_t max_attempts,
 		     char *err, size_t errlen);

@@ -20,6 +20,8 @@
 #include <unistd.h>
 
 #include "fs_i.h"
+
+#include "backend.h"
 #include "mountopts.h"
 
 /* "untrusted comment: signature from renderfs key <16 hex>\n" (64), the
@@ -219,7 +221,7 @@ static int render_manifest(struct fsctx *fs, const struct job *j, char **out, si
 	sign_keyid(pk.keynum, keyid);
 	output = output_json(j);
 	json_object_object_add(o, "backend",
-			       json_object_new_string(r ? route_backend_name(r->backend) : "unknown"));
+			       json_object_new_string(r ? r->backend->name : "unknown"));
 	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
 	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
 	json_object_object_add(o, "created_at", time_or_null(j->created_ms));
@@ -399,7 +401,7 @@ static int render_readme(struct fsctx *fs, char **out, size_t *len)
 		return -ENOMEM;
 	for (size_t i = 0; i < t->n; i++)
 		fprintf(m, "  %-28s %-6s %s\n", t->routes[i].path,
-			route_backend_name(t->routes[i].backend), t->routes[i].media_type);
+			t->routes[i].backend->name, t->routes[i].media_type);
 	fclose(m);
 	rc = asprintf(&text,
 		      "renderfs: image and video generation through files.\n"

@@ -56,6 +56,20 @@ def test_bad_option_stops_the_mount(tmp_path, opt, msg):
     ('{"routes": {"image/x/y/z": {"backend": "fal", "media_type": "image/png", '
      '"schema": {"type": "object", "pattern": "x"}}}}', "unsupported schema keyword 'pattern'"),
     ('{"routes": {"image/synth/default/t2i": {"timeout_s": -5}}}', "'timeout_s'"),
+    # the backend checks its own settings at mount
+    ('{"routes": {"image/x/y/z": {"backend": "fal", "model": "m", "media_type": "image/png", '
+     '"schema": {"type": "object"}, "kee": "x"}}}',
+     "route 'image/x/y/z': unknown setting 'kee' for the fal backend (it takes base_url, key, "
+     "key_env)"),
+    ('{"routes": {"image/x/y/z": {"backend": "fal", "model": "m", "media_type": "image/png", '
+     '"schema": {"type": "object"}, "key_env": 5}}}',
+     "route 'image/x/y/z': 'key_env' must be a string"),
+    ('{"routes": {"image/x/y/z": {"backend": "fal", "media_type": "image/png", '
+     '"schema": {"type": "object"}}}}', "route 'image/x/y/z': 'model' is required"),
+    ('{"routes": {"image/synth/default/t2i": {"base_url": "http://x"}}}',
+     "route 'image/synth/default/t2i': unknown setting 'base_url' for the synth backend"),
+    ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png"}}}',
+     "'backend' must be one of synth, fal"),
 ])
 def test_bad_models_file_names_file_route_field(tmp_path, content, msg):
     models = tmp_path / "models.json"
@@ -141,7 +155,8 @@ def test_seventy_routes_are_all_counted(mount_factory, tmp_path):
     routes = [f"image/fal/r{i:02d}/t2i" for i in range(70)]
     models = tmp_path / "models.json"
     models.write_text(json.dumps({"routes": {
-        r: {"backend": "fal", "media_type": "image/png", "schema": schema} for r in routes}}))
+        r: {"backend": "fal", "model": f"fal-ai/{r}", "media_type": "image/png",
+            "schema": schema} for r in routes}}))
     m = mount_factory([f"models={models}"], store=tmp_path / "s70")
     empty = os.stat(m.route(routes[0])).st_nlink
     jids = {r: m.submit(r, {"prompt": r, **SMALL}) for r in routes}

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "backend.h"
 #include "route.h"
 #include "schema.h"
 
@@ -112,16 +113,18 @@ static void test_routes(void)
 
 	REQUIRE(route_table_load(&t, NULL, 3, err, sizeof(err)) == 0, "built-in: %s", err);
 	r = route_find(&t, "video/wan/default/t2v");
-	CHECK(r && r->backend == BACKEND_FAL && strcmp(r->model_id, "fal-ai/wan-t2v") == 0,
+	CHECK(r && r->backend == backend_find("fal") && strcmp(r->model_id, "fal-ai/wan-t2v") == 0,
 	      "wan -> fal");
 	r = route_find(&t, "image/synth/default/t2i");
-	CHECK(r && r->backend == BACKEND_SYNTH && r->deterministic && r->max_attempts == 3,
+	CHECK(r && r->backend == backend_find("synth") && r->deterministic && r->max_attempts == 3,
 	      "synth image");
 	CHECK(strcmp(route_media_ext("video/mp4"), "mp4") == 0 &&
 		      strcmp(route_media_ext("x/unknown"), "bin") == 0,
 	      "extensions");
 	CHECK(strstr(t.models_json, "\"routes\"") != NULL, "models.json text");
 	route_table_release(&t);
+	CHECK(backend_find("nope") == NULL && strcmp(backend_names(), "synth, fal") == 0,
+	      "registry: %s", backend_names());
 }
 
 int main(void)

@@ -1,5 +1,6 @@
 /*
- * run_backends.c - the runners: synth (built in, kernels/) and fal.
+ * backend_synth.c - the procedural renderer (kernels/) as a backend: its
+ * two built-in routes, images and video, deterministic, no settings.
  *
  * DESIGN
  * synth renders into the sink's own file (MP4 with +faststart rewrites
@@ -8,17 +9,17 @@
  * once and never copied. Progress is reported per encoded frame, which is
  * also where cancellation and deadlines are checked, so a running job
  * stops within one frame's time.
- *
- * fal is registered for video/wan/default/t2v but its queue protocol is
- * not implemented yet: its jobs end with backend_not_configured and a
- * message that says what is missing, never silently.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "engine_i.h"
+#include "route.h"
+
+extern const struct backend backend_synth;
 #include "synth.h"
 
 static int synth_progress(void *arg, int32_t done, int32_t total)
@@ -29,7 +30,7 @@ static int synth_progress(void *arg, int32_t done, int32_t total)
 	return run_stopping(r) != STOP_NONE;
 }
 
-int run_synth(struct run *r)
+static int synth_run(struct run *r)
 {
 	struct synth_request sr;
 	struct synth_options so = {0};
@@ -74,31 +75,30 @@ int run_synth(struct run *r)
 	return rc;
 }
 
-int run_fal(struct run *r)
+static int synth_configure(const struct route *rt, json_object *settings, void **state,
+			   char *err, size_t errlen)
 {
-	json_object *v;
-	const char *env = "FAL_KEY";
-	bool have_key = false;
-
-	if (r->route->settings) {
-		if (json_object_object_get_ex(r->route->settings, "key_env", &v) &&
-		    json_object_is_type(v, json_type_string))
-			env = json_object_get_string(v);
-		have_key = json_object_object_get_ex(r->route->settings, "key", &v);
-	}
-	if (!have_key) {
-		const char *k = getenv(env);
-		have_key = k && *k;
-	}
-	if (!have_key)
-		return run_fail(r, -ENOTCONN, "backend_not_configured", false,
-				"route %s needs the fal backend with an API key: set %s in the "
-				"daemon's environment or \"key\" for this route in a models file "
-				"(models=FILE)",
-				r->route->path, env);
-	return run_fail(r, -ENOTSUP, "backend_not_configured", false,
-			"route %s uses the fal backend (model %s), which this version of "
-			"renderfs cannot run yet; use image/synth/default/t2i or "
-			"video/synth/default/t2v",
-			r->route->path, r->route->model_id[0] ? r->route->model_id : "unset");
+	(void)rt;
+	*state = NULL;
+	return backend_settings_check(&backend_synth, settings, NULL, 0, err, errlen);
 }
+
+/* The renderer's own checks (route, sizes the schema cannot say). */
+static int synth_check(const struct route *rt, const char *request, size_t len, char *err,
+		       size_t errlen)
+{
+	struct synth_request sr;
+	int rc = synth_parse(rt->path, request, len, &sr, err, errlen);
+
+	if (rc == 0)
+		synth_request_release(&sr);
+	return rc;
+}
+
+const struct backend backend_synth = {
+	.name = "synth",
+	.remote = false,
+	.configure = synth_configure,
+	.check = synth_check,
+	.run = synth_run,
+};
