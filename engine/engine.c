@@ -95,6 +95,10 @@ struct engine {
 	pthread_mutex_t mu;
 	pthread_cond_t work;
 	bool stop;
+	/* When the first delayed retry is due (ms; 0: none). Any thread may
+	 * lower it (a retry delayed); workers promote what is due and reset
+	 * it to the next time. */
+	_Atomic uint64_t next_due;
 	struct worker *workers;
 	size_t nworkers;
 	unsigned busy[GROUP_GPU0 + MAX_GPUS], total[GROUP_GPU0 + MAX_GPUS];
@@ -604,26 +608,6 @@ static uint64_t backoff_ms(uint32_t attempt)
 	return base / 2 + jitter % (base / 2 + 1);
 }
 
-/* Sleep up to ms, returning early when the worker is told to stop. */
-static void nap(struct worker *w, uint64_t ms)
-{
-	struct engine *e = w->e;
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	ts.tv_sec += (time_t)(ms / 1000);
-	ts.tv_nsec += (long)(ms % 1000) * 1000000;
-	if (ts.tv_nsec >= 1000000000) {
-		ts.tv_sec++;
-		ts.tv_nsec -= 1000000000;
-	}
-	pthread_mutex_lock(&e->mu);
-	while (!e->stop && atomic_load(&w->stop) == STOP_NONE &&
-	       pthread_cond_timedwait(&e->work, &e->mu, &ts) == 0)
-		;
-	pthread_mutex_unlock(&e->mu);
-}
-
 static void finish(struct engine *e, struct run *r, enum job_status st, const char *code,
 		   const char *msg)
 {
@@ -718,25 +702,52 @@ static void run_job(struct worker *w, struct job *job)
 		break;
 	}
 	if (r.transient && job->attempts < r.route->max_attempts) {
-		uint64_t ms = backoff_ms(job->attempts);
+		/* Back to the queue, claimable after the backoff: no worker
+		 * waits for it (index_job_requeue_at). */
+		uint64_t ms = backoff_ms(job->attempts), due = now_ms() + ms;
 		run_log(&r, "attempt %u failed (%s: %s); retrying in %llu ms", job->attempts,
 			r.error_code, r.error_message, (unsigned long long)ms);
-		nap(w, ms);
-		if (atomic_load(&w->stop) == STOP_CANCEL) {
-			finish(e, &r, JOB_CANCELLED, NULL, NULL);
+		if (index_job_requeue_at(e->ix, job->id, due) != 0) {
+			run_log(&r, "error: cannot requeue: %s", store_lasterr());
+			finish(e, &r, JOB_ERROR, "store", store_lasterr());
 			return;
 		}
-		if (index_job_requeue(e->ix, job->id) == 0) {
-			pthread_mutex_lock(&e->stats_mu);
-			e->retries++;
-			pthread_mutex_unlock(&e->stats_mu);
-			notify(e, job->id, job->route, EV_STATUS);
-			wake_workers(e);
-		}
+		uint64_t cur = atomic_load(&e->next_due);
+		while ((cur == 0 || due < cur) &&
+		       !atomic_compare_exchange_weak(&e->next_due, &cur, due))
+			;
+		pthread_mutex_lock(&e->stats_mu);
+		e->retries++;
+		pthread_mutex_unlock(&e->stats_mu);
+		notify(e, job->id, job->route, EV_STATUS);
+		wake_workers(e); /* a sleeping worker times its wait by next_due */
 		return;
 	}
 	run_log(&r, "error: %s: %s", r.error_code, r.error_message);
 	finish(e, &r, JOB_ERROR, r.error_code, r.error_message);
+}
+
+/* Move the delayed retries that are due into the queue (any worker). */
+static void promote_due(struct engine *e)
+{
+	uint64_t due = atomic_load(&e->next_due), next;
+
+	if (!due || due > now_ms())
+		return;
+	/* Claim the promotion: others see 0 and go on claiming. */
+	if (!atomic_compare_exchange_strong(&e->next_due, &due, 0))
+		return;
+	if (index_promote_due(e->ix, now_ms(), &next) != 0) {
+		fprintf(stderr, "renderfs: cannot move due retries into the queue: %s\n",
+			store_lasterr());
+		next = now_ms() + 1000; /* try again in a second */
+	}
+	/* A retry delayed meanwhile may have set an earlier time. */
+	uint64_t cur = 0;
+	while (next && !atomic_compare_exchange_weak(&e->next_due, &cur, next) &&
+	       (cur == 0 || next < cur))
+		;
+	wake_workers(e);
 }
 
 /* The groups a worker takes jobs from, in order. */
@@ -769,6 +780,7 @@ static void *worker_main(void *arg)
 		pthread_mutex_unlock(&e->mu);
 		if (stop)
 			break;
+		promote_due(e);
 		pthread_mutex_lock(&e->state_mu);
 		for (size_t i = 0; i < ng && rc == STORE_E_NOTFOUND; i++)
 			rc = index_job_claim(e->ix, groups[i], &job);
@@ -792,10 +804,21 @@ static void *worker_main(void *arg)
 		}
 		if (rc != STORE_E_NOTFOUND)
 			fprintf(stderr, "renderfs: cannot claim a job: %s\n", store_lasterr());
-		/* Nothing to do: wait for a submission (or a second). */
+		/* Nothing to do: wait for a submission, the first delayed retry
+		 * or a second, whichever comes first. */
 		struct timespec ts;
+		uint64_t due = atomic_load(&e->next_due), now = now_ms(), wait_ms = 1000;
+		if (due && due <= now)
+			continue;
+		if (due && due - now < wait_ms)
+			wait_ms = due - now;
 		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += 1;
+		ts.tv_sec += (time_t)(wait_ms / 1000);
+		ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
 		pthread_mutex_lock(&e->mu);
 		if (!e->stop)
 			pthread_cond_timedwait(&e->work, &e->mu, &ts);
@@ -918,6 +941,11 @@ int engine_open(struct store *st, const struct engine_options *opt, struct engin
 
 int engine_start(struct engine *e)
 {
+	uint64_t next = 0;
+
+	/* Retries delayed before a restart keep their times. */
+	if (index_delayed_next(e->ix, &next) == 0)
+		atomic_store(&e->next_due, next);
 	for (size_t i = 0; i < e->nworkers; i++) {
 		if (pthread_create(&e->workers[i].tid, NULL, worker_main, &e->workers[i]) != 0) {
 			engine_stop(e);

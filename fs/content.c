@@ -127,8 +127,8 @@ static void hex32(const uint8_t h[32], char out[65])
 
 static int position_of(struct fsctx *fs, const struct job *j, uint64_t *pos)
 {
-	if (j->status != JOB_QUEUED)
-		return STORE_E_STATE;
+	if (j->status != JOB_QUEUED || (j->flags & JOB_F_DELAYED))
+		return STORE_E_STATE; /* a delayed retry is in no queue yet */
 	return index_queue_position(fs->ix, j->id, pos);
 }
 
@@ -180,6 +180,10 @@ static int render_status_json(struct fsctx *fs, const struct job *j, char **out,
 						     : NULL);
 	json_object_object_add(o, "priority", json_object_new_string(job_priority_name(j->priority)));
 	json_object_object_add(o, "progress", json_object_new_double_s(j->progress / 1000.0, prog));
+	json_object_object_add(o, "retry_at",
+			       time_or_null(j->status == JOB_QUEUED && (j->flags & JOB_F_DELAYED)
+						    ? j->round
+						    : 0));
 	json_object_object_add(o, "route", json_object_new_string(j->route));
 	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
 	json_object_object_add(o, "status", json_object_new_string(job_status_name(j->status)));

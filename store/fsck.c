@@ -186,7 +186,13 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 	if (j->status == JOB_COMPLETE &&
 	    !(j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED)))
 		problem(f, "job %s is complete but has no output", id);
-	if (j->status == JOB_QUEUED) {
+	if (j->status == JOB_QUEUED && (j->flags & JOB_F_DELAYED)) {
+		uint8_t key[8 + JOB_ID_LEN];
+		be64_put(key, j->round);
+		memcpy(key + 8, j->id, JOB_ID_LEN);
+		if (!key_exists(txn, f->ix->delayed, key, sizeof(key)))
+			problem(f, "job %s is delayed but not in the delayed set", id);
+	} else if (j->status == JOB_QUEUED) {
 		uint8_t item[QUEUE_ITEM_LEN];
 		index_queue_item(j, item);
 		if (!index_set_has(txn, f->ix->queue, &j->group, 1, item, sizeof(item)))
@@ -274,6 +280,34 @@ static void check_jobs(struct fsck *f, MDB_txn *txn)
 			problem(f, "group %d queue depth is recorded as %llu but %llu jobs are queued",
 				g, (unsigned long long)recorded, (unsigned long long)depth[g]);
 	}
+
+	/* Every delayed entry names a delayed job, at its time. */
+	if (mdb_cursor_open(txn, f->ix->delayed, &cur) != 0) {
+		problem(f, "cannot read the delayed set");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct job j;
+		char id[JOB_ID_STR_LEN + 1];
+
+		if (k.mv_size != 8 + JOB_ID_LEN) {
+			problem(f, "a delayed entry has %zu bytes", k.mv_size);
+			continue;
+		}
+		ulid_format((uint8_t *)k.mv_data + 8, id);
+		if (index_get_job(f->ix, txn, (uint8_t *)k.mv_data + 8, &j) != 0) {
+			problem(f, "delayed entry for job %s, which does not exist", id);
+			continue;
+		}
+		if (j.status != JOB_QUEUED || !(j.flags & JOB_F_DELAYED) ||
+		    j.round != be64_get(k.mv_data))
+			problem(f, "delayed entry for job %s, which is %s%s", id,
+				job_status_name(j.status),
+				j.flags & JOB_F_DELAYED ? " (delayed to another time)" : "");
+		job_release(&j);
+	}
+	mdb_cursor_close(cur);
 
 	/* Jobs per route and status, as counted in the records. */
 	if (mdb_cursor_open(txn, f->ix->counts, &cur) != 0) {

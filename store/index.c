@@ -219,6 +219,7 @@ static const struct dbdef dbdefs[] = {
 	{"blobs", offsetof(struct index, blobs), 0},
 	{"blobusers", offsetof(struct index, blobusers), 0},
 	{"counts", offsetof(struct index, counts), 0},
+	{"delayed", offsetof(struct index, delayed), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -419,6 +420,20 @@ static int upgrade_3(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
 }
 
+/* Format 4 -> 5: the delayed set (retries wait there, not in a worker). */
+static int upgrade_4(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	uint8_t ver[4];
+	int rc;
+
+	*njobs = 0;
+	if ((rc = open_all(ix, txn, true)) != 0)
+		return rc;
+	le32_put(ver, 5);
+	rc = meta_put(ix, txn, "version", ver, 4);
+	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+}
+
 /*
  * Each step takes an index of format `from` to from + 1 inside the
  * caller's write transaction; an open runs every step from the index's
@@ -431,6 +446,7 @@ static const struct migration {
 	{1, upgrade_1},
 	{2, upgrade_2},
 	{3, upgrade_3},
+	{4, upgrade_4},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");
@@ -512,13 +528,18 @@ static int open_dbs(struct index *ix)
 					    "store with renderfs upgrades it to %d",
 					    ix->dir, ver, INDEX_FORMAT_VERSION);
 		}
+		njobs = 0;
 		for (size_t i = 0; i < sizeof(migrations) / sizeof(migrations[0]); i++) {
+			uint64_t n = 0;
+
 			if (migrations[i].from < ver)
 				continue;
-			if ((rc = migrations[i].step(ix, txn, &njobs)) != 0) {
+			if ((rc = migrations[i].step(ix, txn, &n)) != 0) {
 				mdb_txn_abort(txn);
 				return rc;
 			}
+			if (n > njobs)
+				njobs = n; /* the steps that read every job count them */
 		}
 		rc = mdb_txn_commit(txn);
 		if (rc)

@@ -36,6 +36,8 @@
  *   blobusers BLAKE3 (32) | uid (4) -> u64 jobs of that owner whose
  *            output it is (lets `private` mounts answer "may this user
  *            read this blob" without walking the user's jobs)
+ *   delayed  not_before ms (8) | id (16) -> empty: queued jobs that may
+ *            not run before that time (retries after transient failures)
  *   counts   route -> INDEX_STATUSES u64: its jobs in each status, kept by
  *            every write of a job record (index_put_job) and its delete,
  *            so that no mount counts jobs (start-up is not O(jobs))
@@ -66,7 +68,8 @@
  *   56     8    updated_at: last change of status, progress or log
  *   64     8    timeout in milliseconds (0: the route's default)
  *   72     8    log size in bytes
- *   80     8    fair-share round of its queue entry (while queued)
+ *   80     8    fair-share round of its queue entry (while queued), or
+ *               with JOB_F_DELAYED the time it may run from (ms)
  *   88     32   output BLAKE3 (zero without output)
  *   120    8    output size
  *   128    ...  strings, each a length (LEB128: one byte below 128, two
@@ -80,7 +83,7 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 3 had no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -117,7 +120,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 4
+#define INDEX_FORMAT_VERSION 5
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
 #define JOB_ID_STR_LEN 26 /* ULID text, without NUL */
@@ -146,6 +149,7 @@ enum {
 	JOB_F_HAS_OUTPUT = 2,
 	JOB_F_CANCEL_REQUESTED = 4, /* a running job was asked to stop */
 	JOB_F_OUTPUT_RELEASED = 8,  /* complete, but its owner released the output */
+	JOB_F_DELAYED = 16,	   /* queued, waiting in "delayed" until `round` (ms) */
 };
 
 const char *job_status_name(enum job_status s);
@@ -272,6 +276,19 @@ int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_st
 
 /* running -> queued again (automatic retry): keeps attempts. */
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN]);
+/*
+ * running -> queued, but claimable only from not_before_ms on (a retry
+ * after a transient failure): the job waits in "delayed", not in the
+ * queue, until index_promote_due() moves it there. It is `queued` to
+ * every reader, with JOB_F_DELAYED and its time in `round`; cancel,
+ * delete and priority changes work on it as on any queued job.
+ */
+int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms);
+/* Move every delayed job due at now_ms into the queue; *next_ms: the time
+ * of the next one still waiting (0: none). */
+int index_promote_due(struct index *ix, uint64_t now_ms, uint64_t *next_ms);
+/* The time of the first delayed job (0: none). */
+int index_delayed_next(struct index *ix, uint64_t *next_ms);
 
 /* queued -> cancelled at once; running -> JOB_F_CANCEL_REQUESTED for the
  * worker to see. STORE_E_STATE for finished jobs. */

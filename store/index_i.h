@@ -28,7 +28,7 @@ struct index_wop {
 struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
-		digests, logs, blobs, blobusers, counts;
+		digests, logs, blobs, blobusers, counts, delayed;
 	char dir[4096];
 	bool read_only;
 	bool names_per_owner; /* set before other threads use the index */
@@ -173,7 +173,7 @@ static inline void seq_entry(uint64_t seq, const uint8_t *id, uint8_t key[8],
 /* The queue item of a queued job (key: its group). */
 void index_queue_item(const struct job *j, uint8_t item[QUEUE_ITEM_LEN]);
 int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j);
-int index_dequeue(struct index *ix, MDB_txn *txn, const struct job *j);
+int index_dequeue(struct index *ix, MDB_txn *txn, struct job *j);
 int index_mark_running(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], bool on);
 
 #endif

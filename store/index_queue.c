@@ -100,11 +100,33 @@ int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j)
 	return depth_add(ix, txn, j, 1);
 }
 
-int index_dequeue(struct index *ix, MDB_txn *txn, const struct job *j)
+static void delayed_key(const struct job *j, uint8_t key[8 + JOB_ID_LEN])
+{
+	be64_put(key, j->round);
+	memcpy(key + 8, j->id, JOB_ID_LEN);
+}
+
+int index_dequeue(struct index *ix, MDB_txn *txn, struct job *j)
 {
 	uint8_t item[QUEUE_ITEM_LEN];
 	int rc;
 
+	if (j->flags & JOB_F_DELAYED) {
+		uint8_t key[8 + JOB_ID_LEN];
+		MDB_val k = {sizeof(key), key};
+
+		delayed_key(j, key);
+		rc = mdb_del(txn, ix->delayed, &k, NULL);
+		if (rc == MDB_NOTFOUND)
+			return store_seterr(STORE_E_INDEX,
+					    "delayed job missing from the delayed set in '%s'",
+					    ix->dir);
+		if (rc)
+			return index_lmdb_err(ix, rc, "dequeue");
+		j->flags &= (uint8_t)~JOB_F_DELAYED;
+		j->round = 0;
+		return 0;
+	}
 	index_queue_item(j, item);
 	rc = index_set_del(ix, txn, ix->queue, &j->group, 1, item, sizeof(item));
 	if (rc == STORE_E_NOTFOUND)
@@ -404,6 +426,102 @@ int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN])
 	return change_job(ix, id, requeue_change, NULL);
 }
 
+static int requeue_at_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	uint8_t key[8 + JOB_ID_LEN];
+	MDB_val k = {sizeof(key), key}, v = {0, NULL};
+	int rc;
+
+	if (j->status != JOB_RUNNING)
+		return state_err(j, "requeue");
+	if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
+		return rc;
+	j->status = JOB_QUEUED;
+	j->progress = 0;
+	j->updated_ms = now_ms();
+	j->flags |= JOB_F_DELAYED;
+	j->round = *(const uint64_t *)arg;
+	delayed_key(j, key);
+	rc = mdb_put(txn, ix->delayed, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "delay") : 0;
+}
+
+int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms)
+{
+	return change_job(ix, id, requeue_at_change, &not_before_ms);
+}
+
+struct promote_arg {
+	uint64_t now, next;
+	bool write;
+};
+
+/* Up to 256 due jobs per transaction (the caller loops while any remain). */
+static int promote_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct promote_arg *a = arg;
+	int rc = 0;
+
+	a->next = 0;
+	for (int n = 0; n < 256; n++) {
+		MDB_cursor *cur;
+		MDB_val k, v;
+		uint8_t id[JOB_ID_LEN];
+		struct job j;
+
+		if ((rc = mdb_cursor_open(txn, ix->delayed, &cur)) != 0)
+			return index_lmdb_err(ix, rc, "read delayed");
+		rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+		mdb_cursor_close(cur);
+		if (rc == MDB_NOTFOUND)
+			return 0;
+		if (rc)
+			return index_lmdb_err(ix, rc, "read delayed");
+		if (k.mv_size != 8 + JOB_ID_LEN)
+			return store_seterr(STORE_E_INDEX, "damaged delayed entry in '%s/data.mdb'",
+					    ix->dir);
+		if (be64_get(k.mv_data) > a->now || !a->write) {
+			a->next = be64_get(k.mv_data);
+			return 0;
+		}
+		memcpy(id, (uint8_t *)k.mv_data + 8, JOB_ID_LEN);
+		if ((rc = index_get_job(ix, txn, id, &j)) != 0)
+			return rc;
+		if (j.status != JOB_QUEUED || !(j.flags & JOB_F_DELAYED)) {
+			job_release(&j);
+			return store_seterr(STORE_E_INDEX, "delayed entry for a job that is not delayed");
+		}
+		if ((rc = index_dequeue(ix, txn, &j)) == 0 && (rc = index_enqueue(ix, txn, &j)) == 0)
+			rc = index_put_job(ix, txn, &j);
+		job_release(&j);
+		if (rc)
+			return rc;
+	}
+	a->next = a->now; /* more are due */
+	return 0;
+}
+
+int index_promote_due(struct index *ix, uint64_t now, uint64_t *next_ms)
+{
+	struct promote_arg a = {now, 0, true};
+	int rc;
+
+	do
+		rc = index_write(ix, promote_fn, &a);
+	while (rc == 0 && a.next == now);
+	*next_ms = rc ? 0 : a.next;
+	return rc;
+}
+
+int index_delayed_next(struct index *ix, uint64_t *next_ms)
+{
+	struct promote_arg a = {0, 0, false};
+	int rc = index_read(ix, promote_fn, &a);
+
+	*next_ms = rc ? 0 : a.next;
+	return rc;
+}
+
 static int cancel_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
 	int rc;
@@ -454,8 +572,8 @@ static int priority_change(struct index *ix, MDB_txn *txn, struct job *j, void *
 	enum job_priority p = *(enum job_priority *)arg;
 	int rc;
 
-	if (j->status != JOB_QUEUED) {
-		j->priority = p;
+	if (j->status != JOB_QUEUED || (j->flags & JOB_F_DELAYED)) {
+		j->priority = p; /* a delayed job enters the queue with it */
 		return 0;
 	}
 	if ((rc = index_dequeue(ix, txn, j)) != 0)
@@ -706,7 +824,7 @@ static int position_fn(struct index *ix, MDB_txn *txn, void *arg)
 
 	if (rc)
 		return rc;
-	if (j.status != JOB_QUEUED) {
+	if (j.status != JOB_QUEUED || (j.flags & JOB_F_DELAYED)) {
 		rc = state_err(&j, "give the queue position of");
 		job_release(&j);
 		return rc;

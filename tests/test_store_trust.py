@@ -1,6 +1,7 @@
 """The store trusts nothing it did not make (SPEC §5, §6): folders another
 user can write, symlinks and FIFOs where blobs should be, a damaged index,
 a full disk."""
+import datetime
 import errno
 import json
 import os
@@ -199,3 +200,30 @@ def test_disk_full_at_submit_says_so(mount_factory, small_fs):
     assert refused[1].rstrip().endswith("no space left on device"), refused
     os.unlink(small_fs / "filler")
     m.submit(IMAGE, OK)
+
+
+def test_a_retry_waiting_for_its_time_holds_no_worker(mount_factory, small_fs):
+    """A job that failed transiently goes back to the queue with a time
+    (status.json `retry_at`); no worker sleeps through the backoff, so with
+    one worker another job runs meanwhile. Before, the worker slept with
+    the failed job until its retry."""
+    m = mount_factory(["max_attempts=10", "workers=1"], store=small_fs / "store")
+    fill(small_fs, 1 << 20)
+    big = m.submit(VIDEO, {"prompt": "a big one", "width": 320, "height": 240,
+                           "num_frames": 60, "format": "y4m"})
+    log = m.job(VIDEO, big) / "log"
+    deadline = time.monotonic() + 60
+    while "retrying" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.01)
+    small = m.submit(IMAGE, {"prompt": "small", "width": 64, "height": 64})
+    assert m.wait(IMAGE, small) == "complete"
+    st = m.status(VIDEO, big)
+    assert st["status"] == "queued" and st["attempts"] == 1, st
+    retry_at = datetime.datetime.fromisoformat(st["retry_at"].replace("Z", "+00:00"))
+    assert retry_at > datetime.datetime.now(datetime.timezone.utc), st
+    assert st["position"] is None and (m.job(VIDEO, big) / "position").read_text() == ""
+    os.unlink(small_fs / "filler")
+    assert m.wait(VIDEO, big, timeout=120) == "complete", log.read_text()
+    st = m.status(VIDEO, big)
+    assert st["attempts"] >= 2 and st["retry_at"] is None

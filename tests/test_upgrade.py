@@ -1,5 +1,5 @@
 """A store written with index format 1 (tests/data/make-store-format1.sh)
-is upgraded (to format 4, one step at a time) when it is mounted: every
+is upgraded (to format 5, one step at a time) when it is mounted: every
 job reads as before, with the same inode numbers, the queue keeps its
 order, names and memoization still work, and fsck is clean (it checks the
 names, blob users and job counts that formats 3 and 4 add). Read-only
@@ -24,10 +24,10 @@ def test_format1_store_is_upgraded(tmp_path, mount_factory, renderctl):
     store, expected = unpack(tmp_path)
 
     r = renderctl("fsck", store, check=1)
-    assert "format version 1; mounting the store with renderfs upgrades it to 4" in r.stdout
+    assert "format version 1; mounting the store with renderfs upgrades it to 5" in r.stdout
 
     m = mount_factory(["workers=0"], store=store)
-    assert f"upgraded the index of '{store}' from format 1 to 4 (8 jobs)" in m.log()
+    assert f"upgraded the index of '{store}' from format 1 to 5 (8 jobs)" in m.log()
     listed = {e for route in (IMAGE, WAN) for e in os.listdir(m.route(route))
               if (m.route(route) / e).is_dir()}
     assert listed == set(expected)
@@ -36,6 +36,7 @@ def test_format1_store_is_upgraded(tmp_path, mount_factory, renderctl):
         d = m.job(want["route"], name)
         got = json.loads((d / "status.json").read_text())
         got.pop("progress")
+        assert got.pop("retry_at") is None  # added after format 1
         got["log"] = (d / "log").read_text()
         got["request"] = json.loads((d / "request.json").read_text())
         got["ino"] = os.stat(d).st_ino

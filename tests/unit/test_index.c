@@ -188,7 +188,29 @@ static void test_states(void)
 	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim");
 	CHECK(j.attempts == 2, "attempts %u", j.attempts);
 	job_release(&j);
-	CHECK(index_job_finish(ix, id, JOB_CANCELLED, NULL, NULL) == 0, "cancelled");
+	/* requeue at a time: not claimable before it, queued all along */
+	uint64_t t = now_ms() + 3600 * 1000, next = 0;
+	CHECK(index_job_requeue_at(ix, id, t) == 0, "requeue at: %s", store_lasterr());
+	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
+	CHECK(j.status == JOB_QUEUED && (j.flags & JOB_F_DELAYED) && j.round == t, "delayed");
+	job_release(&j);
+	uint64_t pos;
+	CHECK(index_queue_position(ix, id, &pos) == STORE_E_STATE, "a delayed job has no position");
+	CHECK(index_job_claim(ix, 0, &j) == STORE_E_NOTFOUND, "not claimable before its time");
+	CHECK(index_delayed_next(ix, &next) == 0 && next == t, "next due");
+	CHECK(index_promote_due(ix, t - 1, &next) == 0 && next == t, "nothing due yet");
+	CHECK(index_job_claim(ix, 0, &j) == STORE_E_NOTFOUND, "still not claimable");
+	CHECK(index_promote_due(ix, t, &next) == 0 && next == 0, "due: promoted");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claimable at its time");
+	CHECK(j.attempts == 3 && !(j.flags & JOB_F_DELAYED), "attempts %u", j.attempts);
+	job_release(&j);
+	/* a delayed job cancelled: out of the delayed set */
+	CHECK(index_job_requeue_at(ix, id, t) == 0, "requeue at again");
+	CHECK(index_job_cancel(ix, id) == 0, "cancel delayed");
+	CHECK(index_delayed_next(ix, &next) == 0 && next == 0, "cancel empties the delayed set");
+	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
+	CHECK(j.status == JOB_CANCELLED && !(j.flags & JOB_F_DELAYED), "cancelled, not delayed");
+	job_release(&j);
 	CHECK(index_job_delete(ix, id, &freed, fh) == 0 && !freed, "delete");
 }
 
