@@ -70,12 +70,12 @@ static int fal_run(struct run *r)
 		have_key = k && *k;
 	}
 	if (!have_key)
-		return run_fail(r, -ENOTCONN, "backend_not_configured", false,
+		return run_fail(r, -ENOTCONN, "backend_not_configured",
 				"route %s needs the fal backend with an API key: set %s in the "
 				"daemon's environment or \"key\" for this route in a models file "
 				"(models=FILE)",
 				r->route->path, env);
-	return run_fail(r, -ENOTSUP, "backend_not_configured", false,
+	return run_fail(r, -ENOTSUP, "backend_not_configured",
 			"route %s uses the fal backend (model %s), which this version of "
 			"renderfs cannot run yet; use image/synth/default/t2i or "
 			"video/synth/default/t2v",

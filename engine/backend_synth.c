@@ -40,11 +40,11 @@ static int synth_run(struct run *r)
 
 	rc = synth_parse(r->route->path, r->request, r->request_len, &sr, err, sizeof(err));
 	if (rc)
-		return run_fail(r, rc, "invalid_request", false, "%s", err);
+		return run_fail(r, rc, "invalid_request", "%s", err);
 	rc = store_sink_open(engine_store(r->e), &sink);
 	if (rc) {
 		synth_request_release(&sr);
-		return run_fail(r, rc, "store", true, "%s", store_lasterr());
+		return run_fail(r, rc, "store", "%s", store_lasterr());
 	}
 	so.threads = r->threads;
 	so.allow_gpu = r->gpu >= 0;
@@ -62,13 +62,13 @@ static int synth_run(struct run *r)
 			return -ECANCELED;
 		/* A full disk is the store's, and passes: retried later. */
 		if (rc == -ENOSPC)
-			return run_fail(r, rc, "store", true, "no space left on device (%s)", err);
-		return run_fail(r, rc, "render_failed", false, "%s", err);
+			return run_fail(r, rc, "store", "no space left on device (%s)", err);
+		return run_fail(r, rc, "render_failed", "%s", err);
 	}
 	if ((rc = store_sink_adopt_file(sink)) != 0) {
 		store_sink_abort(sink);
 		synth_request_release(&sr);
-		return run_fail(r, rc, "store", true, "%s", store_lasterr());
+		return run_fail(r, rc, "store", "%s", store_lasterr());
 	}
 	rc = run_commit_output(r, sink, enc_media_type(sr.format), device);
 	synth_request_release(&sr);

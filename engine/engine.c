@@ -27,6 +27,7 @@
 #include "engine.h"
 
 #include "backend.h"
+#include "errors.h"
 
 #include <errno.h>
 #include <math.h>
@@ -549,21 +550,26 @@ int run_commit_output(struct run *r, struct store_sink *sink, const char *media_
 	int rc = store_job_commit_output(r->e->st, r->job.id, sink, media_type, device, NULL);
 
 	if (rc)
-		return run_fail(r, rc, "store", true, "cannot store the output: %s",
+		return run_fail(r, rc, "store", "cannot store the output: %s",
 				store_lasterr());
 	notify(r->e, r->job.id, r->job.route, EV_OUTPUT);
 	return 0;
 }
 
-int run_fail(struct run *r, int rc, const char *code, bool transient, const char *fmt, ...)
+int run_fail(struct run *r, int rc, const char *code, const char *fmt, ...)
 {
+	const struct error_def *d = error_find(code);
 	va_list ap;
 
-	snprintf(r->error_code, sizeof(r->error_code), "%s", code);
+	if (!d) { /* a backend's mistake: said, and not retried */
+		fprintf(stderr, "renderfs: error code '%s' is not in the catalog\n", code);
+		d = error_find("backend_failed");
+	}
+	snprintf(r->error_code, sizeof(r->error_code), "%s", d->code);
 	va_start(ap, fmt);
 	vsnprintf(r->error_message, sizeof(r->error_message), fmt, ap);
 	va_end(ap);
-	r->transient = transient;
+	r->transient = d->retried;
 	return rc ? rc : -EIO;
 }
 
@@ -650,7 +656,8 @@ static void run_job(struct worker *w, struct job *job)
 	notify(e, job->id, job->route, EV_STATUS);
 	if (!r.route) {
 		run_log(&r, "route %s is not configured on this mount", job->route);
-		finish(e, &r, JOB_ERROR, "no_such_route", "the route is not configured");
+		finish(e, &r, JOB_ERROR, "backend_not_configured",
+		       "the route is no longer configured (models file)");
 		return;
 	}
 	r.deadline_ms = job->started_ms + (job->timeout_ms ? job->timeout_ms : r.route->timeout_ms);

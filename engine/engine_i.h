@@ -46,9 +46,10 @@ enum stop_reason run_stopping(struct run *r);
 /* Commit sink as the job's output (the sink is consumed). */
 int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
 		      const char *device);
-/* Set r's error and return rc. */
-int run_fail(struct run *r, int rc, const char *code, bool transient, const char *fmt, ...)
-	__attribute__((format(printf, 5, 6)));
+/* Set r's error (a code of the catalog, errors.h, which says whether it
+ * is retried) and return rc. */
+int run_fail(struct run *r, int rc, const char *code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
 
 /* A backend's run() (backend.h): 0 when the output is committed, otherwise
  * a negative code with r->error_* set (or -ECANCELED when run_stopping()

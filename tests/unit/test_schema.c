@@ -8,6 +8,7 @@
 
 #include "check.h"
 #include "backend.h"
+#include "errors.h"
 #include "route.h"
 #include "schema.h"
 
@@ -127,8 +128,40 @@ static void test_routes(void)
 	      "registry: %s", backend_names());
 }
 
+/* Each code of the catalog has its row in the README's table, retried or
+ * not as the catalog says, and the table has no other code. */
+static void test_error_catalog(void)
+{
+	FILE *f = fopen(RENDERFS_README, "r");
+	char line[1024];
+	size_t n, rows = 0;
+	const struct error_def *cat = error_catalog(&n);
+
+	for (size_t i = 0; i < n; i++)
+		CHECK(error_find(cat[i].code) == &cat[i], "catalog entry %s", cat[i].code);
+
+	REQUIRE(f != NULL, "open %s", RENDERFS_README);
+	while (fgets(line, sizeof(line), f)) {
+		char code[64], retried[8];
+		const struct error_def *d;
+
+		if (sscanf(line, " | `%63[a-z_]` | %7[a-z] |", code, retried) != 2)
+			continue;
+		rows++;
+		d = error_find(code);
+		CHECK(d != NULL, "README lists '%s', which is not in the catalog", code);
+		if (d)
+			CHECK(d->retried == (strcmp(retried, "yes") == 0),
+			      "README says '%s' is%s retried", code, d->retried ? " not" : "");
+	}
+	fclose(f);
+	CHECK(rows == n, "README's table has %zu codes, the catalog %zu", rows, n);
+	CHECK(error_find("nope") == NULL, "unknown code");
+}
+
 int main(void)
 {
+	test_error_catalog();
 	test_normalize();
 	test_schema_check();
 	test_routes();
