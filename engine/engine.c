@@ -664,8 +664,12 @@ static void run_job(struct worker *w, struct job *job)
 	run_log(&r, "started attempt %u on %s (%s backend)", job->attempts,
 		w->gpu >= 0 ? "gpu" : w->group == GROUP_REMOTE ? "remote" : "cpu",
 		r.route->backend->name);
-	if ((rc = index_job_request(e->ix, job->id, &req, &reqlen)) != 0) {
-		run_log(&r, "cannot read the request: %s", store_lasterr());
+	/* What runs it goes in its record now: manifest.json says so later,
+	 * whatever the models file says then. */
+	if ((rc = index_job_set_provenance(e->ix, job->id, r.route->backend->name,
+					   r.route->model_id)) != 0 ||
+	    (rc = index_job_request(e->ix, job->id, &req, &reqlen)) != 0) {
+		run_log(&r, "cannot read or record the job: %s", store_lasterr());
 		finish(e, &r, JOB_ERROR, "store", store_lasterr());
 		return;
 	}

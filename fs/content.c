@@ -224,8 +224,14 @@ static int render_manifest(struct fsctx *fs, const struct job *j, char **out, si
 	store_pubkey(fs->st, &pk);
 	sign_keyid(pk.keynum, keyid);
 	output = output_json(j);
+	/* As recorded when it ran (jobs run before index format 6 recorded
+	 * nothing: their route's backend now). */
 	json_object_object_add(o, "backend",
-			       json_object_new_string(r ? r->backend->name : "unknown"));
+			       json_object_new_string(j->backend && j->backend[0] ? j->backend
+						      : r			    ? r->backend->name
+										    : "unknown"));
+	if (j->model && j->model[0])
+		json_object_object_add(o, "model", json_object_new_string(j->model));
 	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
 	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
 	json_object_object_add(o, "created_at", time_or_null(j->created_ms));

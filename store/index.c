@@ -40,7 +40,7 @@
 #include "fileutil.h"
 #include "index_i.h"
 
-#define RECORD_FIXED 128   /* format 2 (RJ2) */
+#define RECORD_FIXED 128   /* RJ2 and RJ3 */
 #define RECORD_FIXED_1 160 /* format 1 (RJ1) */
 #define LOG_LINE_MAX 16384
 #define DEFAULT_MAP_SIZE ((size_t)64 << 30)
@@ -76,8 +76,10 @@ void job_release(struct job *j)
 	free(j->device);
 	free(j->error_code);
 	free(j->error_message);
+	free(j->backend);
+	free(j->model);
 	j->route = j->name = j->media_type = j->device = j->error_code = j->error_message =
-		NULL;
+		j->backend = j->model = NULL;
 }
 
 int index_lmdb_err(struct index *ix, int rc, const char *what)
@@ -434,6 +436,21 @@ static int upgrade_4(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
 }
 
+/* Format 5 -> 6: job records may be RJ3 (with backend and model), which a
+ * format-5 renderfs cannot read; nothing to rewrite (RJ2 is read as is). */
+static int upgrade_5(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	uint8_t ver[4];
+	int rc;
+
+	*njobs = 0;
+	if ((rc = open_all(ix, txn, true)) != 0)
+		return rc;
+	le32_put(ver, 6);
+	rc = meta_put(ix, txn, "version", ver, 4);
+	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+}
+
 /*
  * Each step takes an index of format `from` to from + 1 inside the
  * caller's write transaction; an open runs every step from the index's
@@ -447,6 +464,7 @@ static const struct migration {
 	{2, upgrade_2},
 	{3, upgrade_3},
 	{4, upgrade_4},
+	{5, upgrade_5},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");
@@ -789,21 +807,23 @@ damaged:
 	return NULL;
 }
 
-/* Decode a job record of format 2 (RJ2) or 1 (RJ1, read when upgrading). */
+/* Decode a job record: RJ3, RJ2 (without backend and model), or RJ1
+ * (read when upgrading). */
 static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
 		      struct job *j)
 {
 	const uint8_t *p = v->mv_data, *end = p + v->mv_size, *out;
 	char idstr[JOB_ID_STR_LEN + 1];
 	uint8_t sum[RECORD_SUM_LEN];
-	bool v1;
+	bool v1, v3;
 	int bad = 0;
 
 	memset(j, 0, sizeof(*j));
 	if (v->mv_size < 4 + RECORD_SUM_LEN)
 		goto damaged;
 	v1 = memcmp(p, "RJ1", 4) == 0;
-	if (!v1 && memcmp(p, "RJ2", 4) != 0)
+	v3 = memcmp(p, "RJ3", 4) == 0;
+	if (!v1 && !v3 && memcmp(p, "RJ2", 4) != 0)
 		goto damaged;
 	if (v->mv_size < (v1 ? RECORD_FIXED_1 : RECORD_FIXED) + RECORD_SUM_LEN)
 		goto damaged;
@@ -841,6 +861,12 @@ static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_
 	j->device = take_str(&p, end, v1, &bad);
 	j->error_code = take_str(&p, end, v1, &bad);
 	j->error_message = take_str(&p, end, v1, &bad);
+	if (v3) {
+		j->backend = take_str(&p, end, false, &bad);
+		j->model = take_str(&p, end, false, &bad);
+	} else if (!(j->backend = strdup("")) || !(j->model = strdup(""))) {
+		bad = 2;
+	}
 	if (bad == 2) {
 		job_release(j);
 		return -ENOMEM;
@@ -879,21 +905,21 @@ static size_t put_str(uint8_t *p, const char *s)
 
 int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 {
-	const char *strs[6] = {j->route, j->name, j->media_type, j->device, j->error_code,
-			       j->error_message};
+	const char *strs[8] = {j->route,      j->name,	       j->media_type, j->device,
+			       j->error_code, j->error_message, j->backend,    j->model};
 	size_t total = RECORD_FIXED + RECORD_SUM_LEN;
 	uint8_t *buf, *p;
 	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
 	int rc;
 
-	for (int i = 0; i < 6; i++) {
+	for (int i = 0; i < 8; i++) {
 		size_t len = str_len(strs[i]);
 		total += (len < 0x80 ? 1 : 2) + len;
 	}
 	buf = calloc(1, total);
 	if (!buf)
 		return -ENOMEM;
-	memcpy(buf, "RJ2", 4);
+	memcpy(buf, "RJ3", 4);
 	buf[4] = (uint8_t)j->status;
 	buf[5] = (uint8_t)j->priority;
 	buf[6] = j->group;
@@ -916,7 +942,7 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	memcpy(buf + 88, j->output_hash, 32);
 	le64_put(buf + 120, j->output_size);
 	p = buf + RECORD_FIXED;
-	for (int i = 0; i < 6; i++)
+	for (int i = 0; i < 8; i++)
 		p += put_str(p, strs[i]);
 	index_record_sum(buf, total - RECORD_SUM_LEN, p);
 	/* The status it had, for the counts (a new job had none). */

@@ -51,7 +51,7 @@
  *
  * JOB RECORD (value in "jobs"):
  *   OFFSET SIZE DESCRIPTION
- *   0      4    magic "RJ2\0"
+ *   0      4    magic "RJ3\0"
  *   4      1    status (enum job_status)
  *   5      1    priority (enum job_priority)
  *   6      1    worker group
@@ -74,8 +74,13 @@
  *   120    8    output size
  *   128    ...  strings, each a length (LEB128: one byte below 128, two
  *               up to INDEX_STR_MAX) then the bytes, in this order:
- *               route, name, media type, device, error code, error message
+ *               route, name, media type, device, error code, error message,
+ *               backend, model
  *   end-8  8    checksum: the first 8 bytes of the BLAKE3 of all before it
+ *
+ * Records are "RJ3\0" since index format 6; "RJ2\0" (format 2 to 5) has
+ * the same layout without the last two strings and is read as is (they
+ * are then empty); a record is rewritten as RJ3 when next written.
  *
  * NAMES: a job's name is unique per route, or per route and owner when
  * the index is told so (index_set_names_per_owner(), `private` mounts);
@@ -83,7 +88,7 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -120,7 +125,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 5
+#define INDEX_FORMAT_VERSION 6
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
 #define JOB_ID_STR_LEN 26 /* ULID text, without NUL */
@@ -177,6 +182,9 @@ struct job {
 	uint8_t output_hash[INDEX_HASH_LEN];
 	uint64_t output_size;
 	char *route, *name, *media_type, *device, *error_code, *error_message;
+	/* What ran it, recorded when it started (empty before, and for jobs
+	 * run by a renderfs before index format 6). */
+	char *backend, *model;
 };
 
 void job_release(struct job *j);
@@ -273,6 +281,10 @@ int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
  * error_message are used for JOB_ERROR and may be NULL otherwise. */
 int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
 		     const char *error_code, const char *error_message);
+
+/* Record what runs a running job (backend name, model; "" for none). */
+int index_job_set_provenance(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *backend,
+			     const char *model);
 
 /* running -> queued again (automatic retry): keeps attempts. */
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN]);

@@ -318,3 +318,24 @@ def test_large_output_reads_verified_by_group(mount_factory):
         (m.job(VIDEO, bad) / "output.y4m").read_bytes()
     assert ei.value.errno == errno.EIO
     assert (m.job(VIDEO, good) / "output.y4m").stat().st_size == st["output"]["size"]
+
+
+def test_manifest_is_what_ran_whatever_the_models_file_says_later(mount_factory, tmp_path):
+    """manifest.json names the backend and model recorded when the job ran:
+    byte for byte the same after the models file moves the route to
+    another backend and the store is mounted again (it named the route's
+    backend of the moment)."""
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({"routes": {IMAGE: {"model": "procedural-v1"}}}))
+    m = mount_factory([f"models={models}"])
+    jid = m.submit(IMAGE, {"prompt": "provenance", "width": 64, "height": 64, "seed": 3})
+    assert m.wait(IMAGE, jid) == "complete"
+    before = (m.job(IMAGE, jid) / "manifest.json").read_bytes()
+    man = json.loads(before)
+    assert man["backend"] == "synth" and man["model"] == "procedural-v1"
+    m.stop()
+    models.write_text(json.dumps({"routes": {IMAGE: {"backend": "fal", "model": "fal-ai/x"}}}))
+    m = mount_factory([f"models={models}"], store=m.store, name="again")
+    routes = json.loads((m.path / "models.json").read_text())["routes"]
+    assert [r["backend"] for r in routes if r["route"] == IMAGE] == ["fal"]
+    assert (m.job(IMAGE, jid) / "manifest.json").read_bytes() == before

@@ -264,7 +264,7 @@ static void test_record_flip(void)
 	int copies = 0;
 	REQUIRE(file_read_small(data, 1 << 26, &bytes, &len) == 0, "read");
 	int fd = open(data, O_RDWR);
-	for (char *q = bytes; (q = memmem(q, len - (size_t)(q - bytes), "RJ2\0", 4)) != NULL;
+	for (char *q = bytes; (q = memmem(q, len - (size_t)(q - bytes), "RJ3\0", 4)) != NULL;
 	     q++) {
 		if ((size_t)(q - bytes) + 32 > len || memcmp(q + 24, seq8, 8) != 0)
 			continue;

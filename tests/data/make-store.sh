@@ -1,13 +1,14 @@
 #!/bin/bash
-# Makes store-format1.tar.gz and store-format1.json: a store written by a
-# renderfs of index format 1 (the last one: commit 0eab162), for
-# tests/test_upgrade.py. Run as root with that build's renderfs:
-#   RENDERFS=/path/to/old/build/tools/renderfs tests/data/make-store-format1.sh
+# Makes store-formatN.tar.gz and store-formatN.json: a store written by a
+# renderfs of index format N, for tests/test_upgrade.py. Run as root with
+# that build's renderfs (format 1: commit 0eab162; format 2: 56a31db):
+#   RENDERFS=/path/to/old/build/tools/renderfs tests/data/make-store.sh N
 # Jobs: complete (one named "owl", one served from the cache), error
 # (the wan route has no backend), three queued of each priority, one
 # cancelled, one deleted.
 set -e
-B=${RENDERFS:?set RENDERFS to a format-1 renderfs}
+N=${1:?give the index format the renderfs writes}
+B=${RENDERFS:?set RENDERFS to a renderfs of that format}
 OUT=$(cd "$(dirname "$0")" && pwd)
 W=$(mktemp -d)
 S=$W/store M=$W/mnt I=image/synth/default/t2i
@@ -50,7 +51,7 @@ submit $I '{"input":{"prompt":"q low","width":64,"height":64},"priority":"low"}'
 	'{"prompt":"q cancel","width":64,"height":64}' >"$W/q"
 echo cancel >"$M/$I/$(tail -1 "$W/q")/ctl"
 # What the test expects to find: each job as it reads now.
-/usr/bin/python3 - "$M" "$OUT/store-format1.json" <<'PY'
+/usr/bin/python3 - "$M" "$OUT/store-format$N.json" <<'PY'
 import json, os, sys
 m, out, jobs = sys.argv[1], sys.argv[2], {}
 for route in ["image/synth/default/t2i", "video/wan/default/t2v"]:
@@ -69,5 +70,5 @@ json.dump(jobs, open(out, "w"), indent=1, sort_keys=True)
 PY
 um
 rm -f "$S/lock"
-tar czf "$OUT/store-format1.tar.gz" -C "$W" store
+tar czf "$OUT/store-format$N.tar.gz" -C "$W" store
 rm -rf "$W"
