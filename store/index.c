@@ -1,6 +1,8 @@
 /*
  * index.c - the LMDB environment of the store: opening and validating it,
- * group commit, job records, listing, logs, blobs and metadata.
+ * group commit, job creation, listing, lookups, logs, blobs and metadata.
+ * Record layouts are in index_record.c, format migrations in
+ * index_migrate.c, the queue and state changes in index_queue.c.
  *
  * DESIGN
  * Durability: LMDB commits with a full sync (no MDB_NOSYNC, which can
@@ -40,8 +42,6 @@
 #include "fileutil.h"
 #include "index_i.h"
 
-#define RECORD_FIXED 128   /* RJ2 and RJ3 */
-#define RECORD_FIXED_1 160 /* format 1 (RJ1) */
 #define LOG_LINE_MAX 16384
 #define DEFAULT_MAP_SIZE ((size_t)64 << 30)
 
@@ -225,24 +225,21 @@ static const struct dbdef dbdefs[] = {
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
-static int meta_get(struct index *ix, MDB_txn *txn, const char *key, MDB_val *v)
+int index_meta_get(struct index *ix, MDB_txn *txn, const char *key, MDB_val *v)
 {
 	MDB_val k = {strlen(key), (void *)key};
 	return mdb_get(txn, ix->meta, &k, v);
 }
 
-static int meta_put(struct index *ix, MDB_txn *txn, const char *key, const void *data,
-		    size_t len)
+int index_meta_put(struct index *ix, MDB_txn *txn, const char *key, const void *data,
+		   size_t len)
 {
 	MDB_val k = {strlen(key), (void *)key}, v = {len, (void *)data};
 	return mdb_put(txn, ix->meta, &k, &v, 0);
 }
 
-static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
-		      struct job *j);
-
 /* Open every named database, creating it when create is set. */
-static int open_all(struct index *ix, MDB_txn *txn, bool create)
+int index_open_all(struct index *ix, MDB_txn *txn, bool create)
 {
 	for (size_t i = 0; i < NDBS; i++) {
 		int rc = mdb_dbi_open(txn, dbdefs[i].name, dbdefs[i].flags | (create ? MDB_CREATE : 0),
@@ -257,217 +254,6 @@ static int open_all(struct index *ix, MDB_txn *txn, bool create)
 	}
 	return 0;
 }
-
-/*
- * fn(ix, txn, job, arg) for every job, inside the caller's write
- * transaction, in batches of ids so that no cursor is open while fn
- * moves records. *njobs: how many.
- */
-static int each_job(struct index *ix, MDB_txn *txn,
-		    int (*fn)(struct index *, MDB_txn *, struct job *, void *), void *arg,
-		    uint64_t *njobs)
-{
-	uint8_t last[JOB_ID_LEN], batch[256][JOB_ID_LEN];
-	bool started = false;
-	int rc;
-
-	*njobs = 0;
-	for (;;) {
-		MDB_cursor *cur;
-		MDB_val k = {JOB_ID_LEN, last}, v;
-		size_t n = 0;
-
-		if ((rc = mdb_cursor_open(txn, ix->jobs, &cur)) != 0)
-			return index_lmdb_err(ix, rc, "upgrade: read jobs");
-		rc = started ? mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE)
-			     : mdb_cursor_get(cur, &k, &v, MDB_FIRST);
-		if (rc == 0 && started && memcmp(k.mv_data, last, JOB_ID_LEN) == 0)
-			rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
-		for (; rc == 0 && n < 256; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-			if (k.mv_size != JOB_ID_LEN) {
-				mdb_cursor_close(cur);
-				return store_seterr(STORE_E_INDEX, "damaged job key in '%s/data.mdb'",
-						    ix->dir);
-			}
-			memcpy(batch[n++], k.mv_data, JOB_ID_LEN);
-		}
-		mdb_cursor_close(cur);
-		if (rc != 0 && rc != MDB_NOTFOUND)
-			return index_lmdb_err(ix, rc, "upgrade: read jobs");
-		for (size_t i = 0; i < n; i++) {
-			struct job j;
-
-			if ((rc = index_get_job(ix, txn, batch[i], &j)) != 0)
-				return rc;
-			rc = fn(ix, txn, &j, arg);
-			job_release(&j);
-			if (rc)
-				return rc;
-		}
-		*njobs += n;
-		if (n < 256)
-			return 0;
-		memcpy(last, batch[n - 1], JOB_ID_LEN);
-		started = true;
-	}
-}
-
-static int upgrade_1_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
-{
-	int rc = index_put_job(ix, txn, j);
-
-	(void)arg;
-	if (!rc)
-		rc = index_job_entries(ix, txn, j, true);
-	if (!rc && j->status == JOB_QUEUED) {
-		uint8_t item[QUEUE_ITEM_LEN];
-		index_queue_item(j, item);
-		rc = index_set_add(ix, txn, ix->queue, &j->group, 1, item, sizeof(item));
-	}
-	return rc;
-}
-
-/*
- * Format 1 -> 2, inside the caller's write transaction: the four set
- * databases are dropped and rebuilt from the job records, which are
- * rewritten in the new layout (decode_job() reads both). A crash before
- * the commit leaves the format-1 index untouched.
- */
-static int upgrade_1(struct index *ix, MDB_txn *txn, uint64_t *njobs)
-{
-	static const char *const sets[] = {"queue", "byroute", "byowner", "byseq"};
-	uint8_t ver[4];
-	MDB_dbi dbi;
-	int rc;
-
-	for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++) {
-		if ((rc = mdb_dbi_open(txn, sets[i], 0, &dbi)) != 0 ||
-		    (rc = mdb_drop(txn, dbi, 1)) != 0)
-			return index_lmdb_err(ix, rc, "upgrade: drop old listing");
-	}
-	if ((rc = open_all(ix, txn, true)) != 0)
-		return rc;
-	if ((rc = each_job(ix, txn, upgrade_1_job, NULL, njobs)) != 0)
-		return rc;
-	le32_put(ver, 2);
-	rc = meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
-}
-
-static int upgrade_2_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
-{
-	uint8_t key[INDEX_NAME_KEY_MAX];
-	MDB_val k, v = {JOB_ID_LEN, j->id};
-	int rc;
-
-	(void)arg;
-	if (j->name[0]) {
-		if (!(k.mv_size = index_name_key(j->route, j->name, j->uid, key)))
-			return store_seterr(STORE_E_INDEX, "damaged job name in '%s/data.mdb'",
-					    ix->dir);
-		k.mv_data = key;
-		if ((rc = mdb_put(txn, ix->names, &k, &v, 0)) != 0)
-			return index_lmdb_err(ix, rc, "upgrade: write name");
-	}
-	if (j->flags & JOB_F_HAS_OUTPUT)
-		return index_blob_user(ix, txn, j->output_hash, j->uid, 1);
-	return 0;
-}
-
-/*
- * Format 2 -> 3, inside the caller's write transaction: names are keyed
- * by owner too, and blobusers is new; both are rebuilt from the job
- * records. A crash before the commit leaves the format-2 index untouched.
- */
-static int upgrade_2(struct index *ix, MDB_txn *txn, uint64_t *njobs)
-{
-	uint8_t ver[4];
-	int rc;
-
-	if ((rc = open_all(ix, txn, true)) != 0)
-		return rc;
-	if ((rc = mdb_drop(txn, ix->names, 0)) != 0 || (rc = mdb_drop(txn, ix->blobusers, 0)) != 0)
-		return index_lmdb_err(ix, rc, "upgrade: empty names");
-	if ((rc = each_job(ix, txn, upgrade_2_job, NULL, njobs)) != 0)
-		return rc;
-	le32_put(ver, 3);
-	rc = meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
-}
-
-static int upgrade_3_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
-{
-	(void)arg;
-	return index_count_move(ix, txn, j->route, -1, (int)j->status);
-}
-
-/*
- * Format 3 -> 4: jobs per route and status (counts) are kept with every
- * status change; counted once here from the job records, so that no
- * mount scans them again.
- */
-static int upgrade_3(struct index *ix, MDB_txn *txn, uint64_t *njobs)
-{
-	uint8_t ver[4];
-	int rc;
-
-	if ((rc = open_all(ix, txn, true)) != 0)
-		return rc;
-	if ((rc = mdb_drop(txn, ix->counts, 0)) != 0)
-		return index_lmdb_err(ix, rc, "upgrade: empty counts");
-	if ((rc = each_job(ix, txn, upgrade_3_job, NULL, njobs)) != 0)
-		return rc;
-	le32_put(ver, 4);
-	rc = meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
-}
-
-/* Format 4 -> 5: the delayed set (retries wait there, not in a worker). */
-static int upgrade_4(struct index *ix, MDB_txn *txn, uint64_t *njobs)
-{
-	uint8_t ver[4];
-	int rc;
-
-	*njobs = 0;
-	if ((rc = open_all(ix, txn, true)) != 0)
-		return rc;
-	le32_put(ver, 5);
-	rc = meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
-}
-
-/* Format 5 -> 6: job records may be RJ3 (with backend and model), which a
- * format-5 renderfs cannot read; nothing to rewrite (RJ2 is read as is). */
-static int upgrade_5(struct index *ix, MDB_txn *txn, uint64_t *njobs)
-{
-	uint8_t ver[4];
-	int rc;
-
-	*njobs = 0;
-	if ((rc = open_all(ix, txn, true)) != 0)
-		return rc;
-	le32_put(ver, 6);
-	rc = meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
-}
-
-/*
- * Each step takes an index of format `from` to from + 1 inside the
- * caller's write transaction; an open runs every step from the index's
- * format on, all in one transaction (a crash leaves the old index).
- */
-static const struct migration {
-	uint32_t from;
-	int (*step)(struct index *ix, MDB_txn *txn, uint64_t *njobs);
-} migrations[] = {
-	{1, upgrade_1},
-	{2, upgrade_2},
-	{3, upgrade_3},
-	{4, upgrade_4},
-	{5, upgrade_5},
-};
-_Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
-	       "one migration step per format");
 
 /* Open the named databases; create them (and the metadata) on a new index,
  * upgrade an index of an older format. */
@@ -503,15 +289,15 @@ static int open_dbs(struct index *ix)
 		le32_put(verb, INDEX_FORMAT_VERSION);
 		randombytes_buf(id, sizeof(id));
 		le64_put(seq, 1);
-		if ((rc = open_all(ix, txn, true)) != 0) {
+		if ((rc = index_open_all(ix, txn, true)) != 0) {
 			mdb_txn_abort(txn);
 			return rc;
 		}
-		rc = meta_put(ix, txn, "version", verb, 4);
+		rc = index_meta_put(ix, txn, "version", verb, 4);
 		if (!rc)
-			rc = meta_put(ix, txn, "store_id", id, 16);
+			rc = index_meta_put(ix, txn, "store_id", id, 16);
 		if (!rc)
-			rc = meta_put(ix, txn, "next_seq", seq, 8);
+			rc = index_meta_put(ix, txn, "next_seq", seq, 8);
 		if (rc) {
 			mdb_txn_abort(txn);
 			return index_lmdb_err(ix, rc, "create index");
@@ -523,7 +309,7 @@ static int open_dbs(struct index *ix)
 		mdb_txn_abort(txn);
 		return index_lmdb_err(ix, rc, "open index");
 	}
-	rc = meta_get(ix, txn, "version", &v);
+	rc = index_meta_get(ix, txn, "version", &v);
 	if (rc || v.mv_size != 4) {
 		mdb_txn_abort(txn);
 		return store_seterr(STORE_E_INDEX, "'%s/data.mdb' has no valid format version",
@@ -546,18 +332,9 @@ static int open_dbs(struct index *ix)
 					    "store with renderfs upgrades it to %d",
 					    ix->dir, ver, INDEX_FORMAT_VERSION);
 		}
-		njobs = 0;
-		for (size_t i = 0; i < sizeof(migrations) / sizeof(migrations[0]); i++) {
-			uint64_t n = 0;
-
-			if (migrations[i].from < ver)
-				continue;
-			if ((rc = migrations[i].step(ix, txn, &n)) != 0) {
-				mdb_txn_abort(txn);
-				return rc;
-			}
-			if (n > njobs)
-				njobs = n; /* the steps that read every job count them */
+		if ((rc = index_migrate(ix, txn, ver, &njobs)) != 0) {
+			mdb_txn_abort(txn);
+			return rc;
 		}
 		rc = mdb_txn_commit(txn);
 		if (rc)
@@ -566,7 +343,7 @@ static int open_dbs(struct index *ix)
 		ix->upgraded_jobs = njobs;
 		return 0;
 	}
-	if ((rc = open_all(ix, txn, false)) != 0) {
+	if ((rc = index_open_all(ix, txn, false)) != 0) {
 		mdb_txn_abort(txn);
 		return rc;
 	}
@@ -764,258 +541,6 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 	return op.rc;
 }
 
-/* ---- job records ---- */
-
-/* A string: its length (u32 in format 1, LEB128 in format 2), then its
- * bytes. Returns NULL with *bad = 1 when damaged, 2 without memory. */
-static char *take_str(const uint8_t **p, const uint8_t *end, bool v1, int *bad)
-{
-	uint32_t len;
-	char *s;
-
-	if (v1) {
-		if (end - *p < 4)
-			goto damaged;
-		len = le32_get(*p);
-		*p += 4;
-	} else {
-		if (end - *p < 1)
-			goto damaged;
-		len = (*p)[0];
-		*p += 1;
-		if (len & 0x80) {
-			/* Two bytes, canonical: the second is 1..127. */
-			if (end - *p < 1 || (*p)[0] == 0 || (*p)[0] & 0x80)
-				goto damaged;
-			len = (len & 0x7f) | (uint32_t)(*p)[0] << 7;
-			*p += 1;
-		}
-	}
-	if ((size_t)(end - *p) < len || len > INDEX_STR_MAX || memchr(*p, '\0', len))
-		goto damaged;
-	s = malloc(len + 1);
-	if (!s) {
-		*bad = 2;
-		return NULL;
-	}
-	memcpy(s, *p, len);
-	s[len] = '\0';
-	*p += len;
-	return s;
-damaged:
-	*bad = 1;
-	return NULL;
-}
-
-/* Decode a job record: RJ3, RJ2 (without backend and model), or RJ1
- * (read when upgrading). */
-static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
-		      struct job *j)
-{
-	const uint8_t *p = v->mv_data, *end = p + v->mv_size, *out;
-	char idstr[JOB_ID_STR_LEN + 1];
-	uint8_t sum[RECORD_SUM_LEN];
-	bool v1, v3;
-	int bad = 0;
-
-	memset(j, 0, sizeof(*j));
-	if (v->mv_size < 4 + RECORD_SUM_LEN)
-		goto damaged;
-	v1 = memcmp(p, "RJ1", 4) == 0;
-	v3 = memcmp(p, "RJ3", 4) == 0;
-	if (!v1 && !v3 && memcmp(p, "RJ2", 4) != 0)
-		goto damaged;
-	if (v->mv_size < (v1 ? RECORD_FIXED_1 : RECORD_FIXED) + RECORD_SUM_LEN)
-		goto damaged;
-	end -= RECORD_SUM_LEN;
-	index_record_sum(p, v->mv_size - RECORD_SUM_LEN, sum);
-	if (memcmp(sum, end, RECORD_SUM_LEN) != 0 || p[4] > JOB_CANCELLED || p[5] > JOB_PRIO_HIGH)
-		goto damaged;
-	memcpy(j->id, id, JOB_ID_LEN);
-	j->status = p[4];
-	j->priority = p[5];
-	j->group = p[6];
-	j->flags = p[7];
-	j->uid = le32_get(p + 8);
-	j->gid = le32_get(p + 12);
-	j->attempts = le32_get(p + 16);
-	j->progress = (uint16_t)(p[20] | p[21] << 8);
-	j->hidden = (uint16_t)(p[22] | p[23] << 8);
-	j->seq = le64_get(p + 24);
-	j->created_ms = le64_get(p + 32);
-	j->started_ms = le64_get(p + 40);
-	j->completed_ms = le64_get(p + 48);
-	j->updated_ms = le64_get(p + 56);
-	j->timeout_ms = le64_get(p + 64);
-	j->log_size = le64_get(p + 72);
-	j->round = le64_get(p + 80);
-	out = p + (v1 ? 120 : 88); /* format 1: the request digest at 88 */
-	memcpy(j->output_hash, out, 32);
-	j->output_size = le64_get(out + 32);
-	if (j->progress > 1000)
-		goto damaged;
-	p += v1 ? RECORD_FIXED_1 : RECORD_FIXED;
-	j->route = take_str(&p, end, v1, &bad);
-	j->name = take_str(&p, end, v1, &bad);
-	j->media_type = take_str(&p, end, v1, &bad);
-	j->device = take_str(&p, end, v1, &bad);
-	j->error_code = take_str(&p, end, v1, &bad);
-	j->error_message = take_str(&p, end, v1, &bad);
-	if (v3) {
-		j->backend = take_str(&p, end, false, &bad);
-		j->model = take_str(&p, end, false, &bad);
-	} else if (!(j->backend = strdup("")) || !(j->model = strdup(""))) {
-		bad = 2;
-	}
-	if (bad == 2) {
-		job_release(j);
-		return -ENOMEM;
-	}
-	if (bad || p != end || !j->route[0]) {
-		job_release(j);
-		goto damaged;
-	}
-	return 0;
-damaged:
-	ulid_format(id, idstr);
-	return store_seterr(STORE_E_INDEX, "job %s has a damaged record in '%s/data.mdb'", idstr,
-			    ix->dir);
-}
-
-static size_t str_len(const char *s)
-{
-	size_t len = s ? strlen(s) : 0;
-	return len > INDEX_STR_MAX ? INDEX_STR_MAX : len; /* bounded: longer ones are cut */
-}
-
-static size_t put_str(uint8_t *p, const char *s)
-{
-	size_t len = str_len(s), n = 0;
-
-	if (len < 0x80) {
-		p[n++] = (uint8_t)len;
-	} else {
-		p[n++] = (uint8_t)(0x80 | (len & 0x7f));
-		p[n++] = (uint8_t)(len >> 7);
-	}
-	if (len)
-		memcpy(p + n, s, len);
-	return n + len;
-}
-
-int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
-{
-	const char *strs[8] = {j->route,      j->name,	       j->media_type, j->device,
-			       j->error_code, j->error_message, j->backend,    j->model};
-	size_t total = RECORD_FIXED + RECORD_SUM_LEN;
-	uint8_t *buf, *p;
-	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
-	int rc;
-
-	for (int i = 0; i < 8; i++) {
-		size_t len = str_len(strs[i]);
-		total += (len < 0x80 ? 1 : 2) + len;
-	}
-	buf = calloc(1, total);
-	if (!buf)
-		return -ENOMEM;
-	memcpy(buf, "RJ3", 4);
-	buf[4] = (uint8_t)j->status;
-	buf[5] = (uint8_t)j->priority;
-	buf[6] = j->group;
-	buf[7] = j->flags;
-	le32_put(buf + 8, j->uid);
-	le32_put(buf + 12, j->gid);
-	le32_put(buf + 16, j->attempts);
-	buf[20] = (uint8_t)j->progress;
-	buf[21] = (uint8_t)(j->progress >> 8);
-	buf[22] = (uint8_t)j->hidden;
-	buf[23] = (uint8_t)(j->hidden >> 8);
-	le64_put(buf + 24, j->seq);
-	le64_put(buf + 32, j->created_ms);
-	le64_put(buf + 40, j->started_ms);
-	le64_put(buf + 48, j->completed_ms);
-	le64_put(buf + 56, j->updated_ms);
-	le64_put(buf + 64, j->timeout_ms);
-	le64_put(buf + 72, j->log_size);
-	le64_put(buf + 80, j->round);
-	memcpy(buf + 88, j->output_hash, 32);
-	le64_put(buf + 120, j->output_size);
-	p = buf + RECORD_FIXED;
-	for (int i = 0; i < 8; i++)
-		p += put_str(p, strs[i]);
-	index_record_sum(buf, total - RECORD_SUM_LEN, p);
-	/* The status it had, for the counts (a new job had none). */
-	rc = mdb_get(txn, ix->jobs, &k, &v);
-	if (rc && rc != MDB_NOTFOUND) {
-		free(buf);
-		return index_lmdb_err(ix, rc, "read job");
-	}
-	int old = rc == 0 && v.mv_size > 4 ? ((const uint8_t *)v.mv_data)[4] : -1;
-	v.mv_size = total;
-	v.mv_data = buf;
-	rc = mdb_put(txn, ix->jobs, &k, &v, 0);
-	free(buf);
-	if (rc)
-		return index_lmdb_err(ix, rc, "write job");
-	return old == (int)j->status ? 0 : index_count_move(ix, txn, j->route, old, (int)j->status);
-}
-
-/* The counts value: one u64 per status (LE), INDEX_STATUSES of them. */
-int index_count_move(struct index *ix, MDB_txn *txn, const char *route, int from, int to)
-{
-	uint8_t val[INDEX_STATUSES * 8];
-	MDB_val k = {strlen(route), (void *)route}, v;
-	uint64_t n[INDEX_STATUSES] = {0};
-	bool any = false;
-	int rc;
-
-	if (k.mv_size == 0 || k.mv_size > INDEX_ROUTE_MAX)
-		return store_seterr(STORE_E_INDEX, "damaged route in '%s/data.mdb'", ix->dir);
-	rc = mdb_get(txn, ix->counts, &k, &v);
-	if (rc && rc != MDB_NOTFOUND)
-		return index_lmdb_err(ix, rc, "read counts");
-	if (rc == 0) {
-		if (v.mv_size != sizeof(val))
-			return store_seterr(STORE_E_INDEX, "damaged counts of '%s' in '%s/data.mdb'",
-					    route, ix->dir);
-		for (int i = 0; i < INDEX_STATUSES; i++)
-			n[i] = le64_get((const uint8_t *)v.mv_data + 8 * i);
-	}
-	if (from >= INDEX_STATUSES || to >= INDEX_STATUSES)
-		return store_seterr(STORE_E_INDEX, "job status %d out of range", from > to ? from : to);
-	if (from >= 0) {
-		if (n[from] == 0)
-			return store_seterr(STORE_E_INDEX, "job count underflow for '%s' in '%s'",
-					    route, ix->dir);
-		n[from]--;
-	}
-	if (to >= 0)
-		n[to]++;
-	for (int i = 0; i < INDEX_STATUSES; i++) {
-		le64_put(val + 8 * i, n[i]);
-		any |= n[i] != 0;
-	}
-	if (!any) {
-		rc = mdb_del(txn, ix->counts, &k, NULL);
-		return rc && rc != MDB_NOTFOUND ? index_lmdb_err(ix, rc, "write counts") : 0;
-	}
-	v.mv_size = sizeof(val);
-	v.mv_data = val;
-	rc = mdb_put(txn, ix->counts, &k, &v, 0);
-	return rc ? index_lmdb_err(ix, rc, "write counts") : 0;
-}
-
-int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], struct job *j)
-{
-	MDB_val k = {JOB_ID_LEN, (void *)id}, v;
-	int rc = mdb_get(txn, ix->jobs, &k, &v);
-
-	if (rc)
-		return index_lmdb_err(ix, rc, "read job");
-	return decode_job(ix, id, &v, j);
-}
-
 int index_read(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
 {
 	MDB_txn *txn;
@@ -1150,7 +675,7 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 	memset(&j, 0, sizeof(j));
 	ulid_new(j.id);
 	memcpy(a->id, j.id, JOB_ID_LEN);
-	rc = meta_get(ix, txn, "next_seq", &v);
+	rc = index_meta_get(ix, txn, "next_seq", &v);
 	if (rc || v.mv_size != 8) {
 		rc = rc ? index_lmdb_err(ix, rc, "read next_seq")
 			: store_seterr(STORE_E_INDEX, "damaged next_seq in '%s'", ix->dir);
@@ -1158,7 +683,7 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 	}
 	j.seq = le64_get(v.mv_data);
 	le64_put(seqkey, j.seq + 1);
-	if ((rc = meta_put(ix, txn, "next_seq", seqkey, 8)) != 0)
+	if ((rc = index_meta_put(ix, txn, "next_seq", seqkey, 8)) != 0)
 		goto lmdb;
 	j.status = JOB_QUEUED;
 	j.priority = c->priority;
@@ -1554,7 +1079,7 @@ int index_job_seq_at_or_after(struct index *ix, uint64_t *seq, uint8_t id[JOB_ID
 static int next_seq_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	MDB_val v;
-	int rc = meta_get(ix, txn, "next_seq", &v);
+	int rc = index_meta_get(ix, txn, "next_seq", &v);
 
 	if (rc)
 		return index_lmdb_err(ix, rc, "read next_seq");
@@ -1846,49 +1371,6 @@ struct blobget_arg {
 	struct blob_info *out;
 };
 
-void index_record_sum(const void *data, size_t len, uint8_t out[RECORD_SUM_LEN])
-{
-	uint8_t h[B3_OUT_LEN];
-
-	b3_hash(data, len, h);
-	memcpy(out, h, RECORD_SUM_LEN);
-}
-
-int index_blob_decode(struct index *ix, const MDB_val *v, struct blob_info *out)
-{
-	const uint8_t *p = v->mv_data;
-	uint8_t sum[RECORD_SUM_LEN];
-	size_t mlen;
-
-	if (v->mv_size < 24 + RECORD_SUM_LEN || v->mv_size > BLOB_REC_MAX)
-		goto damaged;
-	mlen = v->mv_size - 24 - RECORD_SUM_LEN;
-	index_record_sum(p, v->mv_size - RECORD_SUM_LEN, sum);
-	if (memcmp(sum, p + v->mv_size - RECORD_SUM_LEN, RECORD_SUM_LEN) != 0 ||
-	    memchr(p + 24, '\0', mlen))
-		goto damaged;
-	out->size = le64_get(p);
-	out->refcount = le64_get(p + 8);
-	out->created_ms = le64_get(p + 16);
-	memcpy(out->media_type, p + 24, mlen);
-	out->media_type[mlen] = '\0';
-	return 0;
-damaged:
-	return store_seterr(STORE_E_INDEX, "damaged blob record in '%s/data.mdb'", ix->dir);
-}
-
-size_t index_blob_encode(const struct blob_info *b, uint8_t out[BLOB_REC_MAX])
-{
-	size_t mlen = strnlen(b->media_type, 127);
-
-	le64_put(out, b->size);
-	le64_put(out + 8, b->refcount);
-	le64_put(out + 16, b->created_ms);
-	memcpy(out + 24, b->media_type, mlen);
-	index_record_sum(out, 24 + mlen, out + 24 + mlen);
-	return 24 + mlen + RECORD_SUM_LEN;
-}
-
 static int blobget_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct blobget_arg *a = arg;
@@ -1991,7 +1473,7 @@ static int metaget_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct meta_arg *a = arg;
 	MDB_val v;
-	int rc = meta_get(ix, txn, a->key, &v);
+	int rc = index_meta_get(ix, txn, a->key, &v);
 
 	if (rc)
 		return index_lmdb_err(ix, rc, "read metadata");
@@ -2005,7 +1487,7 @@ static int metaget_fn(struct index *ix, MDB_txn *txn, void *arg)
 static int metaput_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct meta_arg *a = arg;
-	int rc = meta_put(ix, txn, a->key, a->buf, a->len);
+	int rc = index_meta_put(ix, txn, a->key, a->buf, a->len);
 
 	return rc ? index_lmdb_err(ix, rc, "write metadata") : 0;
 }

@@ -55,6 +55,17 @@ struct index {
  * callers. Returns fn's result, or the commit's error. */
 int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg);
 
+/* index.c: the metadata database and the named databases. */
+int index_meta_get(struct index *ix, MDB_txn *txn, const char *key, MDB_val *v);
+int index_meta_put(struct index *ix, MDB_txn *txn, const char *key, const void *data,
+		   size_t len);
+/* Open every named database, creating it when create is set. */
+int index_open_all(struct index *ix, MDB_txn *txn, bool create);
+
+/* index_migrate.c: run the steps from format `from` to the current one in
+ * txn; *njobs: the jobs the steps that read every record read. */
+int index_migrate(struct index *ix, MDB_txn *txn, uint32_t from, uint64_t *njobs);
+
 /* Run fn(ix, txn, arg) in a read-only transaction; returns fn's result. */
 int index_read(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg);
 
