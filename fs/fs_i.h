@@ -108,7 +108,7 @@ struct fsctx {
 	struct new_limits *limits; /* budgets of the `new` files (newfile.c) */
 };
 
-/* ---- main.c ---- */
+/* ---- routes.c: the route tree ---- */
 const struct rnode *fs_rnode_by_ino(const struct fsctx *fs, uint64_t ino);
 /* The task directory of a route path; NULL if the route is not mounted. */
 const struct rnode *fs_route_rnode(const struct fsctx *fs, const char *route);
