@@ -71,6 +71,16 @@ static int each_job(struct index *ix, MDB_txn *txn,
 	}
 }
 
+static int write_version(struct index *ix, MDB_txn *txn, uint32_t version)
+{
+	uint8_t ver[4];
+	int rc;
+
+	le32_put(ver, version);
+	rc = index_meta_put(ix, txn, "version", ver, 4);
+	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+}
+
 static int upgrade_1_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
 	int rc = index_put_job(ix, txn, j);
@@ -95,7 +105,6 @@ static int upgrade_1_job(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 static int upgrade_1(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 {
 	static const char *const sets[] = {"queue", "byroute", "byowner", "byseq"};
-	uint8_t ver[4];
 	MDB_dbi dbi;
 	int rc;
 
@@ -108,9 +117,7 @@ static int upgrade_1(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 		return rc;
 	if ((rc = each_job(ix, txn, upgrade_1_job, NULL, njobs)) != 0)
 		return rc;
-	le32_put(ver, 2);
-	rc = index_meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+	return write_version(ix, txn, 2);
 }
 
 static int upgrade_2_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
@@ -140,7 +147,6 @@ static int upgrade_2_job(struct index *ix, MDB_txn *txn, struct job *j, void *ar
  */
 static int upgrade_2(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 {
-	uint8_t ver[4];
 	int rc;
 
 	if ((rc = index_open_all(ix, txn, true)) != 0)
@@ -149,9 +155,7 @@ static int upgrade_2(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 		return index_lmdb_err(ix, rc, "upgrade: empty names");
 	if ((rc = each_job(ix, txn, upgrade_2_job, NULL, njobs)) != 0)
 		return rc;
-	le32_put(ver, 3);
-	rc = index_meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+	return write_version(ix, txn, 3);
 }
 
 static int upgrade_3_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
@@ -167,7 +171,6 @@ static int upgrade_3_job(struct index *ix, MDB_txn *txn, struct job *j, void *ar
  */
 static int upgrade_3(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 {
-	uint8_t ver[4];
 	int rc;
 
 	if ((rc = index_open_all(ix, txn, true)) != 0)
@@ -176,38 +179,32 @@ static int upgrade_3(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 		return index_lmdb_err(ix, rc, "upgrade: empty counts");
 	if ((rc = each_job(ix, txn, upgrade_3_job, NULL, njobs)) != 0)
 		return rc;
-	le32_put(ver, 4);
-	rc = index_meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+	return write_version(ix, txn, 4);
 }
 
-/* Format 4 -> 5: the delayed set (retries wait there, not in a worker). */
-static int upgrade_4(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+/* A step that only adds empty databases (or a record layout that older
+ * renderfs cannot read): create what is missing, say the new format. */
+static int add_only(struct index *ix, MDB_txn *txn, uint64_t *njobs, uint32_t version)
 {
-	uint8_t ver[4];
 	int rc;
 
 	*njobs = 0;
 	if ((rc = index_open_all(ix, txn, true)) != 0)
 		return rc;
-	le32_put(ver, 5);
-	rc = index_meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+	return write_version(ix, txn, version);
+}
+
+/* Format 4 -> 5: the delayed set (retries wait there, not in a worker). */
+static int upgrade_4(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	return add_only(ix, txn, njobs, 5);
 }
 
 /* Format 5 -> 6: job records may be RJ3 (with backend and model), which a
  * format-5 renderfs cannot read; nothing to rewrite (RJ2 is read as is). */
 static int upgrade_5(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 {
-	uint8_t ver[4];
-	int rc;
-
-	*njobs = 0;
-	if ((rc = index_open_all(ix, txn, true)) != 0)
-		return rc;
-	le32_put(ver, 6);
-	rc = index_meta_put(ix, txn, "version", ver, 4);
-	return rc ? index_lmdb_err(ix, rc, "upgrade: write version") : 0;
+	return add_only(ix, txn, njobs, 6);
 }
 
 /*

@@ -406,11 +406,14 @@ int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_st
 	return change_job(ix, id, finish_change, &a);
 }
 
+/* running -> queued: into the queue, or with arg (a time in ms) into the
+ * delayed set until then. */
 static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
+	uint8_t key[8 + JOB_ID_LEN];
+	MDB_val k = {sizeof(key), key}, v = {0, NULL};
 	int rc;
 
-	(void)arg;
 	if (j->status != JOB_RUNNING)
 		return state_err(j, "requeue");
 	if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
@@ -418,7 +421,13 @@ static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *a
 	j->status = JOB_QUEUED;
 	j->progress = 0;
 	j->updated_ms = now_ms();
-	return index_enqueue(ix, txn, j);
+	if (!arg)
+		return index_enqueue(ix, txn, j);
+	j->flags |= JOB_F_DELAYED;
+	j->round = *(const uint64_t *)arg;
+	delayed_key(j, key);
+	rc = mdb_put(txn, ix->delayed, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "delay") : 0;
 }
 
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN])
@@ -457,29 +466,9 @@ int index_job_set_provenance(struct index *ix, const uint8_t id[JOB_ID_LEN], con
 	return change_job(ix, id, provenance_change, &a);
 }
 
-static int requeue_at_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
-{
-	uint8_t key[8 + JOB_ID_LEN];
-	MDB_val k = {sizeof(key), key}, v = {0, NULL};
-	int rc;
-
-	if (j->status != JOB_RUNNING)
-		return state_err(j, "requeue");
-	if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
-		return rc;
-	j->status = JOB_QUEUED;
-	j->progress = 0;
-	j->updated_ms = now_ms();
-	j->flags |= JOB_F_DELAYED;
-	j->round = *(const uint64_t *)arg;
-	delayed_key(j, key);
-	rc = mdb_put(txn, ix->delayed, &k, &v, 0);
-	return rc ? index_lmdb_err(ix, rc, "delay") : 0;
-}
-
 int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms)
 {
-	return change_job(ix, id, requeue_at_change, &not_before_ms);
+	return change_job(ix, id, requeue_change, &not_before_ms);
 }
 
 struct promote_arg {

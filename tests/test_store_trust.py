@@ -163,7 +163,9 @@ def fill(path, leave):
         os.fsync(f.fileno())
 
 
-def test_disk_full_while_rendering_is_a_transient_store_error(mount_factory, small_fs):
+def failing_on_a_full_disk(mount_factory, small_fs):
+    """A mount with one worker on a nearly full store, and a job too big
+    for it that has just failed its first attempt: (mount, job id, log)."""
     m = mount_factory(["max_attempts=10", "workers=1"], store=small_fs / "store")
     fill(small_fs, 1 << 20)
     jid = m.submit(VIDEO, {"prompt": "a big one", "width": 320, "height": 240,
@@ -172,7 +174,12 @@ def test_disk_full_while_rendering_is_a_transient_store_error(mount_factory, sma
     deadline = time.monotonic() + 60
     while "retrying" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
+        time.sleep(0.01)
+    return m, jid, log
+
+
+def test_disk_full_while_rendering_is_a_transient_store_error(mount_factory, small_fs):
+    m, jid, log = failing_on_a_full_disk(mount_factory, small_fs)
     text = log.read_text()
     assert "(store: no space left on device" in text, text
     os.unlink(small_fs / "filler")
@@ -207,15 +214,7 @@ def test_a_retry_waiting_for_its_time_holds_no_worker(mount_factory, small_fs):
     (status.json `retry_at`); no worker sleeps through the backoff, so with
     one worker another job runs meanwhile. Before, the worker slept with
     the failed job until its retry."""
-    m = mount_factory(["max_attempts=10", "workers=1"], store=small_fs / "store")
-    fill(small_fs, 1 << 20)
-    big = m.submit(VIDEO, {"prompt": "a big one", "width": 320, "height": 240,
-                           "num_frames": 60, "format": "y4m"})
-    log = m.job(VIDEO, big) / "log"
-    deadline = time.monotonic() + 60
-    while "retrying" not in log.read_text():
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.01)
+    m, big, log = failing_on_a_full_disk(mount_factory, small_fs)
     small = m.submit(IMAGE, {"prompt": "small", "width": 64, "height": 64})
     assert m.wait(IMAGE, small) == "complete"
     st = m.status(VIDEO, big)
