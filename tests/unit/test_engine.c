@@ -1,0 +1,241 @@
+/*
+ * test_engine.c - the engine through its API, on a store of its own:
+ * submission in order up to the first refusal, quotas, fair share between
+ * owners at claim time, job counts kept in the index across a reopen,
+ * control (cancel, retry, priority, delete), memoization per owner, and a
+ * retry delayed to a time (promoted by a worker once due, never before).
+ */
+#include <errno.h>
+#include <json-c/json.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "engine.h"
+#include "store.h"
+
+#define IMAGE "image/synth/default/t2i"
+
+static char dir[64];
+
+static json_object *req(const char *prompt, int seed)
+{
+	json_object *o = json_object_new_object();
+
+	json_object_object_add(o, "prompt", json_object_new_string(prompt));
+	json_object_object_add(o, "width", json_object_new_int(64));
+	json_object_object_add(o, "height", json_object_new_int(64));
+	json_object_object_add(o, "seed", json_object_new_int(seed));
+	return o;
+}
+
+/* Submit one request for uid; its rc, and its id in id (ULID bytes). */
+static int submit(struct engine *e, uint32_t uid, const char *prompt, int seed,
+		  uint8_t id[JOB_ID_LEN])
+{
+	struct engine_submission s = {0};
+	int rc;
+
+	s.obj = req(prompt, seed);
+	rc = engine_submit(e, IMAGE, uid, uid, &s, 1);
+	json_object_put(s.obj);
+	if (rc)
+		return rc;
+	if (s.rc == 0 && id)
+		ulid_parse(s.id, id);
+	return s.rc;
+}
+
+static enum job_status status_of(struct engine *e, const uint8_t id[JOB_ID_LEN])
+{
+	struct job j;
+	enum job_status s;
+
+	if (index_job_get(store_index(engine_store(e)), id, &j) != 0)
+		return (enum job_status)-1;
+	s = j.status;
+	job_release(&j);
+	return s;
+}
+
+/* Wait up to 30 s for a final status. */
+static enum job_status wait_final(struct engine *e, const uint8_t id[JOB_ID_LEN])
+{
+	for (int i = 0; i < 3000; i++) {
+		enum job_status s = status_of(e, id);
+		if (s == JOB_COMPLETE || s == JOB_ERROR || s == JOB_CANCELLED)
+			return s;
+		usleep(10000);
+	}
+	return status_of(e, id);
+}
+
+static struct engine *open_engine(struct store *st, int workers, uint64_t user_queue_max,
+				  bool per_owner)
+{
+	struct engine_options o;
+	struct engine *e = NULL;
+	char err[512];
+
+	engine_options_default(&o);
+	o.workers = workers;
+	o.rate = 0;
+	if (user_queue_max)
+		o.user_queue_max = user_queue_max;
+	o.memo_per_owner = per_owner;
+	if (engine_open(st, &o, &e, err, sizeof(err)) != 0) {
+		fprintf(stderr, "engine_open: %s\n", err);
+		exit(1);
+	}
+	return e;
+}
+
+/* A batch stops at its first refusal; the quota per owner holds. */
+static void test_submission(struct store *st)
+{
+	struct engine *e = open_engine(st, 0, 3, false);
+	struct engine_submission s[4] = {{0}};
+	uint8_t id[JOB_ID_LEN];
+
+	s[0].obj = req("one", 1);
+	s[1].obj = json_object_new_string("not an object");
+	s[2].obj = req("three", 3);
+	CHECK(engine_submit(e, IMAGE, 100, 100, s, 3) == 0, "batch");
+	CHECK(s[0].rc == 0 && s[1].rc == -EINVAL && s[2].rc == -ECANCELED,
+	      "in order up to the first refusal: %d %d %d", s[0].rc, s[1].rc, s[2].rc);
+	for (int i = 0; i < 3; i++)
+		json_object_put(s[i].obj);
+	CHECK(engine_route_jobs(e, IMAGE) == 1, "one job made");
+	CHECK(submit(e, 100, "two", 2, id) == 0 && submit(e, 100, "three", 3, id) == 0,
+	      "up to the quota");
+	CHECK(submit(e, 100, "four", 4, id) == -EAGAIN, "over the owner's quota: EAGAIN");
+	CHECK(submit(e, 101, "other", 5, id) == 0, "another owner is not held by it");
+	CHECK(engine_route_jobs(e, IMAGE) == 4, "four jobs");
+	engine_close(e);
+}
+
+/* Owners alternate at claim time whatever the order of submission; the
+ * counts follow every change and survive a reopen. */
+static void test_fair_share_and_counts(struct store *st)
+{
+	struct engine *e = open_engine(st, 0, 0, false);
+	struct index *ix = store_index(st);
+	uint8_t a[5][JOB_ID_LEN], b[JOB_ID_LEN];
+	uint64_t c[INDEX_STATUSES];
+	struct job j;
+
+	/* Drain what test_submission left. */
+	while (index_job_claim(ix, 0, &j) == 0) {
+		index_job_finish(ix, j.id, JOB_CANCELLED, NULL, NULL);
+		job_release(&j);
+	}
+	for (int i = 0; i < 5; i++)
+		REQUIRE(submit(e, 200, "many", 10 + i, a[i]) == 0, "owner 200, job %d", i);
+	REQUIRE(submit(e, 201, "one", 20, b) == 0, "owner 201");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim 1");
+	CHECK(memcmp(j.id, a[0], JOB_ID_LEN) == 0, "the first job first");
+	job_release(&j);
+	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim 2");
+	CHECK(memcmp(j.id, b, JOB_ID_LEN) == 0, "then the other owner's, not 200's second");
+	job_release(&j);
+	CHECK(index_route_counts(ix, IMAGE, c) == 0 && c[JOB_QUEUED] == 4 && c[JOB_RUNNING] == 2,
+	      "counts: %llu queued, %llu running", (unsigned long long)c[JOB_QUEUED],
+	      (unsigned long long)c[JOB_RUNNING]);
+	CHECK(engine_cancel(e, a[4]) == 0 && status_of(e, a[4]) == JOB_CANCELLED, "cancel");
+	CHECK(engine_retry(e, a[4]) == 0 && status_of(e, a[4]) == JOB_QUEUED, "retry");
+	CHECK(engine_set_priority(e, a[3], JOB_PRIO_HIGH) == 0, "priority");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim 3");
+	CHECK(memcmp(j.id, a[3], JOB_ID_LEN) == 0, "the high-priority job next");
+	job_release(&j);
+	CHECK(engine_delete(e, a[2], false) == 0 && status_of(e, a[2]) == (enum job_status)-1,
+	      "delete");
+	engine_close(e);
+	/* Counts are the index's: a new engine reads them, counts nothing. */
+	e = open_engine(st, 0, 0, false);
+	CHECK(index_route_counts(ix, IMAGE, c) == 0 && c[JOB_QUEUED] == 2 && c[JOB_RUNNING] == 3,
+	      "after reopen: %llu queued, %llu running", (unsigned long long)c[JOB_QUEUED],
+	      (unsigned long long)c[JOB_RUNNING]);
+	engine_close(e);
+	while (index_job_claim(ix, 0, &j) == 0) {
+		index_job_finish(ix, j.id, JOB_CANCELLED, NULL, NULL);
+		job_release(&j);
+	}
+}
+
+/* A retry delayed to a time is not run before it, and is run after it by
+ * a worker that was waiting for nothing else. */
+static void test_delayed_retry(struct store *st)
+{
+	struct index *ix = store_index(st);
+	struct engine *e = open_engine(st, 0, 0, false);
+	uint8_t id[JOB_ID_LEN];
+	struct job j;
+	int n = 0;
+
+	REQUIRE(submit(e, 300, "later", 30, id) == 0, "submit");
+	engine_close(e);
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, id, JOB_ID_LEN) == 0, "claim");
+	job_release(&j);
+	/* As the engine does after a transient failure: due in 700 ms. */
+	uint64_t due = now_ms() + 700;
+	REQUIRE(index_job_requeue_at(ix, id, due) == 0, "requeue at");
+	e = open_engine(st, 1, 0, false);
+	REQUIRE(engine_start(e) == 0, "start");
+	while (now_ms() + 100 < due) {
+		CHECK(status_of(e, id) == JOB_QUEUED, "not run before its time");
+		usleep(50000);
+		n++;
+	}
+	CHECK(n > 0, "looked before its time");
+	CHECK(wait_final(e, id) == JOB_COMPLETE, "run after its time");
+	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
+	CHECK(j.started_ms >= due && j.attempts == 2 && !(j.flags & JOB_F_DELAYED),
+	      "started %lld ms after its time, attempt %u", (long long)(j.started_ms - due),
+	      j.attempts);
+	job_release(&j);
+	engine_stop(e);
+	engine_close(e);
+}
+
+/* Memoization per owner: another owner's identical request renders again;
+ * the owner's own repeat is served from the first. */
+static void test_memo_per_owner(struct store *st)
+{
+	struct engine *e = open_engine(st, 1, 0, true);
+	uint8_t a[JOB_ID_LEN], b[JOB_ID_LEN], c[JOB_ID_LEN];
+	struct job j;
+
+	REQUIRE(engine_start(e) == 0, "start");
+	REQUIRE(submit(e, 400, "same", 40, a) == 0 && wait_final(e, a) == JOB_COMPLETE, "first");
+	REQUIRE(submit(e, 401, "same", 40, b) == 0 && wait_final(e, b) == JOB_COMPLETE, "other");
+	REQUIRE(submit(e, 400, "same", 40, c) == 0 && wait_final(e, c) == JOB_COMPLETE, "repeat");
+	REQUIRE(index_job_get(store_index(st), b, &j) == 0, "get other");
+	CHECK(!(j.flags & JOB_F_CACHED), "another owner's request is not served from the first");
+	job_release(&j);
+	REQUIRE(index_job_get(store_index(st), c, &j) == 0, "get repeat");
+	CHECK(j.flags & JOB_F_CACHED, "the owner's own repeat is");
+	job_release(&j);
+	engine_stop(e);
+	engine_close(e);
+}
+
+int main(void)
+{
+	struct store_options so = {0};
+	struct store *st;
+
+	test_tmpdir(dir, "engine");
+	if (store_open(dir, &so, &st) != 0) {
+		fprintf(stderr, "store_open: %s\n", store_lasterr());
+		return 1;
+	}
+	test_submission(st);
+	test_fair_share_and_counts(st);
+	test_delayed_retry(st);
+	test_memo_per_owner(st);
+	store_close(st);
+	rm_rf(dir);
+	return check_done("test_engine");
+}
