@@ -22,6 +22,7 @@
 #include "fs_i.h"
 
 #include "backend.h"
+#include "jobview.h"
 #include "mountopts.h"
 
 /* "untrusted comment: signature from renderfs key <16 hex>\n" (64), the
@@ -37,12 +38,10 @@ static const char *const jf_names[JF_COUNT] = {
 
 const char *jf_name(const struct job *j, enum job_file f, char *buf, size_t len)
 {
-	const char *ext;
-
 	if (f != JF_OUTPUT && f != JF_OUTPUTSIG)
 		return jf_names[f];
-	ext = route_media_ext(j->media_type);
-	snprintf(buf, len, "output.%s%s", ext, f == JF_OUTPUTSIG ? ".minisig" : "");
+	snprintf(buf, len, "output.%s%s", route_media_ext(j->media_type),
+		 f == JF_OUTPUTSIG ? ".minisig" : "");
 	return buf;
 }
 
@@ -84,168 +83,9 @@ static int dup_text(char **out, size_t *len, const char *fmt, ...)
 	return 0;
 }
 
-static int json_text(json_object *o, char **out, size_t *len)
-{
-	const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
-								  JSON_C_TO_STRING_SPACED |
-								  JSON_C_TO_STRING_NOSLASHESCAPE);
-	int rc = s ? dup_text(out, len, "%s\n", s) : -ENOMEM;
-
-	json_object_put(o);
-	return rc;
-}
-
-static json_object *time_or_null(uint64_t ms)
-{
-	char ts[32];
-
-	if (!ms)
-		return NULL;
-	engine_time_format(ms, ts);
-	return json_object_new_string(ts);
-}
-
-static void progress_text(uint16_t t, char *buf, size_t len)
-{
-	if (t >= 1000) {
-		snprintf(buf, len, "1");
-		return;
-	}
-	if (t == 0) {
-		snprintf(buf, len, "0");
-		return;
-	}
-	snprintf(buf, len, "0.%03u", t);
-	for (size_t n = strlen(buf); buf[n - 1] == '0'; n--)
-		buf[n - 1] = '\0';
-}
-
 static void hex32(const uint8_t h[32], char out[65])
 {
 	b3_to_hex(h, out);
-}
-
-static int position_of(struct fsctx *fs, const struct job *j, uint64_t *pos)
-{
-	if (j->status != JOB_QUEUED || (j->flags & JOB_F_DELAYED))
-		return STORE_E_STATE; /* a delayed retry is in no queue yet */
-	return index_queue_position(fs->ix, j->id, pos);
-}
-
-/* The "output" object of status.json and manifest.json. */
-static json_object *output_json(const struct job *j)
-{
-	json_object *output = json_object_new_object();
-	char name[96], hex[65];
-
-	hex32(j->output_hash, hex);
-	json_object_object_add(output, "blake3", json_object_new_string(hex));
-	json_object_object_add(output, "media_type", json_object_new_string(j->media_type));
-	json_object_object_add(output, "name",
-			       json_object_new_string(jf_name(j, JF_OUTPUT, name, sizeof(name))));
-	json_object_object_add(output, "size", json_object_new_int64((int64_t)j->output_size));
-	return output;
-}
-
-static int render_status_json(struct fsctx *fs, const struct job *j, char **out, size_t *len)
-{
-	json_object *o = json_object_new_object(), *err = NULL, *output = NULL;
-	char id[JOB_ID_STR_LEN + 1], prog[16];
-	uint64_t pos;
-
-	if (!o)
-		return -ENOMEM;
-	ulid_format(j->id, id);
-	progress_text(j->progress, prog, sizeof(prog));
-	if (j->status == JOB_ERROR) {
-		err = json_object_new_object();
-		json_object_object_add(err, "code", json_object_new_string(j->error_code));
-		json_object_object_add(err, "message", json_object_new_string(j->error_message));
-	}
-	if (j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED))
-		output = output_json(j);
-	json_object_object_add(o, "attempts", json_object_new_int64(j->attempts));
-	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
-	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
-	json_object_object_add(o, "created_at", time_or_null(j->created_ms));
-	json_object_object_add(o, "device", j->device[0] ? json_object_new_string(j->device) : NULL);
-	json_object_object_add(o, "error", err);
-	json_object_object_add(o, "id", json_object_new_string(id));
-	if (j->name[0])
-		json_object_object_add(o, "name", json_object_new_string(j->name));
-	json_object_object_add(o, "output", output);
-	json_object_object_add(o, "owner", json_object_new_int64(j->uid));
-	json_object_object_add(o, "position", position_of(fs, j, &pos) == 0
-						     ? json_object_new_int64((int64_t)pos)
-						     : NULL);
-	json_object_object_add(o, "priority", json_object_new_string(job_priority_name(j->priority)));
-	json_object_object_add(o, "progress", json_object_new_double_s(j->progress / 1000.0, prog));
-	json_object_object_add(o, "retry_at",
-			       time_or_null(j->status == JOB_QUEUED && (j->flags & JOB_F_DELAYED)
-						    ? j->round
-						    : 0));
-	json_object_object_add(o, "route", json_object_new_string(j->route));
-	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
-	json_object_object_add(o, "status", json_object_new_string(job_status_name(j->status)));
-	return json_text(o, out, len);
-}
-
-static int render_manifest(struct fsctx *fs, const struct job *j, char **out, size_t *len)
-{
-	json_object *o = json_object_new_object(), *output, *req = NULL, *seed = NULL;
-	char id[JOB_ID_STR_LEN + 1], hex[65], keyid[SIGN_KEYID_LEN + 1];
-	uint8_t rh[32];
-	struct sign_pubkey pk;
-	const struct route *r = route_find(engine_routes(fs->eng), j->route);
-	char *text = NULL;
-	size_t tlen = 0;
-	int rc;
-
-	if (!o)
-		return -ENOMEM;
-	if ((rc = index_job_request(fs->ix, j->id, &text, &tlen)) != 0) {
-		json_object_put(o);
-		return rc;
-	}
-	/* The hash of request.json as served (with its newline). */
-	{
-		struct b3_hasher h;
-		b3_hasher_init(&h);
-		b3_hasher_update(&h, text, tlen);
-		b3_hasher_update(&h, "\n", 1);
-		b3_hasher_finalize(&h, rh, sizeof(rh));
-	}
-	req = json_tokener_parse(text);
-	free(text);
-	if (req && json_object_object_get_ex(req, "seed", &seed))
-		json_object_get(seed);
-	json_object_put(req);
-	ulid_format(j->id, id);
-	store_pubkey(fs->st, &pk);
-	sign_keyid(pk.keynum, keyid);
-	output = output_json(j);
-	/* As recorded when it ran (jobs run before index format 6 recorded
-	 * nothing: their route's backend now). */
-	json_object_object_add(o, "backend",
-			       json_object_new_string(j->backend && j->backend[0] ? j->backend
-						      : r			    ? r->backend->name
-										    : "unknown"));
-	if (j->model && j->model[0])
-		json_object_object_add(o, "model", json_object_new_string(j->model));
-	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
-	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
-	json_object_object_add(o, "created_at", time_or_null(j->created_ms));
-	json_object_object_add(o, "device", json_object_new_string(j->device));
-	json_object_object_add(o, "engine", json_object_new_string(ENGINE_VERSION));
-	json_object_object_add(o, "job", json_object_new_string(id));
-	json_object_object_add(o, "key_id", json_object_new_string(keyid));
-	json_object_object_add(o, "output", output);
-	hex32(rh, hex);
-	json_object_object_add(o, "request_blake3", json_object_new_string(hex));
-	json_object_object_add(o, "route", json_object_new_string(j->route));
-	json_object_object_add(o, "seed", seed);
-	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
-	return json_text(o, out, len);
 }
 
 /* A signature of a blob (verified while read), malloc'ed into *out. */
@@ -319,10 +159,10 @@ int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out
 	case JF_STATUS:
 		return dup_text(out, len, "%s\n", job_status_name(j->status));
 	case JF_PROGRESS:
-		progress_text(j->progress, prog, sizeof(prog));
+		jobview_progress_text(j->progress, prog, sizeof(prog));
 		return dup_text(out, len, "%s\n", prog);
 	case JF_POSITION:
-		if (position_of(fs, j, &pos) == 0)
+		if (jobview_position(fs->eng, j, &pos) == 0)
 			return dup_text(out, len, "%llu\n", (unsigned long long)pos);
 		return dup_text(out, len, "%s", "");
 	case JF_ERROR:
@@ -330,13 +170,13 @@ int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out
 			return dup_text(out, len, "%s\n", j->error_message);
 		return dup_text(out, len, "%s", "");
 	case JF_STATUSJSON:
-		return render_status_json(fs, j, out, len);
+		return jobview_status_json(fs->eng, j, out, len);
 	case JF_MANIFEST:
-		return render_manifest(fs, j, out, len);
+		return jobview_manifest_json(fs->eng, j, out, len);
 	case JF_MANIFESTSIG: {
 		char *m;
 		size_t ml;
-		if ((rc = render_manifest(fs, j, &m, &ml)) != 0)
+		if ((rc = jobview_manifest_json(fs->eng, j, &m, &ml)) != 0)
 			return rc;
 		manifest_trusted(j, m, ml, trusted, sizeof(trusted));
 		*out = malloc(SIG_BUF);
@@ -381,7 +221,7 @@ int jf_size(struct fsctx *fs, const struct job *j, enum job_file f, uint64_t *si
 		*size = SIG_TEXT_LEN(strlen(trusted));
 		return 0;
 	case JF_MANIFESTSIG:
-		if ((rc = render_manifest(fs, j, &text, &len)) != 0)
+		if ((rc = jobview_manifest_json(fs->eng, j, &text, &len)) != 0)
 			return rc;
 		manifest_trusted(j, text, len, trusted, sizeof(trusted));
 		free(text);

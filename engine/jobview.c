@@ -1,0 +1,200 @@
+/*
+ * jobview.c - what a job looks like from outside: status.json and
+ * manifest.json, built from the job's record (and its stored request), so
+ * that the files under the mount and, later, webhooks say the same thing,
+ * and a finished job's manifest does not change with the configuration.
+ *
+ * Threads: any (reads the index in its own transactions).
+ */
+#include "jobview.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "blake3.h"
+#include "err.h"
+#include "route.h"
+#include "sign.h"
+#include "store.h"
+
+static int dup_text(char **out, size_t *len, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static int dup_text(char **out, size_t *len, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vasprintf(out, fmt, ap);
+	va_end(ap);
+	if (n < 0) {
+		*out = NULL;
+		return -ENOMEM;
+	}
+	*len = (size_t)n;
+	return 0;
+}
+
+static int json_text(json_object *o, char **out, size_t *len)
+{
+	const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
+								  JSON_C_TO_STRING_SPACED |
+								  JSON_C_TO_STRING_NOSLASHESCAPE);
+	int rc = s ? dup_text(out, len, "%s\n", s) : -ENOMEM;
+
+	json_object_put(o);
+	return rc;
+}
+
+static json_object *time_or_null(uint64_t ms)
+{
+	char ts[32];
+
+	if (!ms)
+		return NULL;
+	engine_time_format(ms, ts);
+	return json_object_new_string(ts);
+}
+
+void jobview_progress_text(uint16_t t, char *buf, size_t len)
+{
+	if (t >= 1000) {
+		snprintf(buf, len, "1");
+		return;
+	}
+	if (t == 0) {
+		snprintf(buf, len, "0");
+		return;
+	}
+	snprintf(buf, len, "0.%03u", t);
+	for (size_t n = strlen(buf); buf[n - 1] == '0'; n--)
+		buf[n - 1] = '\0';
+}
+
+int jobview_position(struct engine *e, const struct job *j, uint64_t *pos)
+{
+	if (j->status != JOB_QUEUED || (j->flags & JOB_F_DELAYED))
+		return STORE_E_STATE; /* a delayed retry is in no queue yet */
+	return index_queue_position(store_index(engine_store(e)), j->id, pos);
+}
+
+/* The "output" object of status.json and manifest.json. */
+static json_object *output_json(const struct job *j)
+{
+	json_object *output = json_object_new_object();
+	char name[96], hex[65];
+
+	b3_to_hex(j->output_hash, hex);
+	snprintf(name, sizeof(name), "output.%s", route_media_ext(j->media_type));
+	json_object_object_add(output, "blake3", json_object_new_string(hex));
+	json_object_object_add(output, "media_type", json_object_new_string(j->media_type));
+	json_object_object_add(output, "name", json_object_new_string(name));
+	json_object_object_add(output, "size", json_object_new_int64((int64_t)j->output_size));
+	return output;
+}
+
+int jobview_status_json(struct engine *e, const struct job *j, char **out, size_t *len)
+{
+	json_object *o = json_object_new_object(), *err = NULL, *output = NULL;
+	char id[JOB_ID_STR_LEN + 1], prog[16];
+	uint64_t pos;
+
+	if (!o)
+		return -ENOMEM;
+	ulid_format(j->id, id);
+	jobview_progress_text(j->progress, prog, sizeof(prog));
+	if (j->status == JOB_ERROR) {
+		err = json_object_new_object();
+		json_object_object_add(err, "code", json_object_new_string(j->error_code));
+		json_object_object_add(err, "message", json_object_new_string(j->error_message));
+	}
+	if (j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED))
+		output = output_json(j);
+	json_object_object_add(o, "attempts", json_object_new_int64(j->attempts));
+	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
+	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
+	json_object_object_add(o, "created_at", time_or_null(j->created_ms));
+	json_object_object_add(o, "device", j->device[0] ? json_object_new_string(j->device) : NULL);
+	json_object_object_add(o, "error", err);
+	json_object_object_add(o, "id", json_object_new_string(id));
+	if (j->name[0])
+		json_object_object_add(o, "name", json_object_new_string(j->name));
+	json_object_object_add(o, "output", output);
+	json_object_object_add(o, "owner", json_object_new_int64(j->uid));
+	json_object_object_add(o, "position", jobview_position(e, j, &pos) == 0
+						     ? json_object_new_int64((int64_t)pos)
+						     : NULL);
+	json_object_object_add(o, "priority", json_object_new_string(job_priority_name(j->priority)));
+	json_object_object_add(o, "progress", json_object_new_double_s(j->progress / 1000.0, prog));
+	json_object_object_add(o, "retry_at",
+			       time_or_null(j->status == JOB_QUEUED && (j->flags & JOB_F_DELAYED)
+						    ? j->round
+						    : 0));
+	json_object_object_add(o, "route", json_object_new_string(j->route));
+	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
+	json_object_object_add(o, "status", json_object_new_string(job_status_name(j->status)));
+	return json_text(o, out, len);
+}
+
+int jobview_manifest_json(struct engine *e, const struct job *j, char **out, size_t *len)
+{
+	json_object *o = json_object_new_object(), *output, *req = NULL, *seed = NULL;
+	char id[JOB_ID_STR_LEN + 1], hex[65], keyid[SIGN_KEYID_LEN + 1];
+	uint8_t rh[32];
+	struct sign_pubkey pk;
+	const struct route *r = route_find(engine_routes(e), j->route);
+	struct store *st = engine_store(e);
+	char *text = NULL;
+	size_t tlen = 0;
+	int rc;
+
+	if (!o)
+		return -ENOMEM;
+	if ((rc = index_job_request(store_index(st), j->id, &text, &tlen)) != 0) {
+		json_object_put(o);
+		return rc;
+	}
+	/* The hash of request.json as served (with its newline). */
+	{
+		struct b3_hasher h;
+		b3_hasher_init(&h);
+		b3_hasher_update(&h, text, tlen);
+		b3_hasher_update(&h, "\n", 1);
+		b3_hasher_finalize(&h, rh, sizeof(rh));
+	}
+	req = json_tokener_parse(text);
+	free(text);
+	if (req && json_object_object_get_ex(req, "seed", &seed))
+		json_object_get(seed);
+	json_object_put(req);
+	ulid_format(j->id, id);
+	store_pubkey(st, &pk);
+	sign_keyid(pk.keynum, keyid);
+	output = output_json(j);
+	/* As recorded when it ran (jobs run before index format 6 recorded
+	 * nothing: their route's backend now). */
+	json_object_object_add(o, "backend",
+			       json_object_new_string(j->backend && j->backend[0] ? j->backend
+						      : r			    ? r->backend->name
+										    : "unknown"));
+	if (j->model && j->model[0])
+		json_object_object_add(o, "model", json_object_new_string(j->model));
+	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
+	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
+	json_object_object_add(o, "created_at", time_or_null(j->created_ms));
+	json_object_object_add(o, "device", json_object_new_string(j->device));
+	json_object_object_add(o, "engine", json_object_new_string(ENGINE_VERSION));
+	json_object_object_add(o, "job", json_object_new_string(id));
+	json_object_object_add(o, "key_id", json_object_new_string(keyid));
+	json_object_object_add(o, "output", output);
+	b3_to_hex(rh, hex);
+	json_object_object_add(o, "request_blake3", json_object_new_string(hex));
+	json_object_object_add(o, "route", json_object_new_string(j->route));
+	json_object_object_add(o, "seed", seed);
+	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
+	return json_text(o, out, len);
+}

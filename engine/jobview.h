@@ -1,0 +1,22 @@
+/*
+ * jobview.h - a job as status.json and manifest.json say it (SPEC §3),
+ * built from its record in the index. Each render returns a malloc'ed,
+ * newline-terminated text in *out.
+ */
+#ifndef RENDERFS_JOBVIEW_H
+#define RENDERFS_JOBVIEW_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine.h"
+
+int jobview_status_json(struct engine *e, const struct job *j, char **out, size_t *len);
+int jobview_manifest_json(struct engine *e, const struct job *j, char **out, size_t *len);
+/* The job's place in its queue (0: next); STORE_E_STATE unless it is
+ * queued (a delayed retry has none until its time). */
+int jobview_position(struct engine *e, const struct job *j, uint64_t *pos);
+/* Progress in thousandths as the `progress` file says it: "0", "0.25", "1". */
+void jobview_progress_text(uint16_t thousandths, char *buf, size_t len);
+
+#endif
