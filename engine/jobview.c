@@ -21,9 +21,7 @@
 #include "sign.h"
 #include "store.h"
 
-static int dup_text(char **out, size_t *len, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-static int dup_text(char **out, size_t *len, const char *fmt, ...)
+int dup_text(char **out, size_t *len, const char *fmt, ...)
 {
 	va_list ap;
 	int n;

@@ -13,7 +13,6 @@
  */
 #include <dirent.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,24 +62,6 @@ bool jf_present(const struct job *j, enum job_file f)
 	default:
 		return true;
 	}
-}
-
-static int dup_text(char **out, size_t *len, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-static int dup_text(char **out, size_t *len, const char *fmt, ...)
-{
-	va_list ap;
-	int n;
-
-	va_start(ap, fmt);
-	n = vasprintf(out, fmt, ap);
-	va_end(ap);
-	if (n < 0) {
-		*out = NULL;
-		return -ENOMEM;
-	}
-	*len = (size_t)n;
-	return 0;
 }
 
 static void hex32(const uint8_t h[32], char out[65])
