@@ -556,6 +556,16 @@ int run_commit_output(struct run *r, struct store_sink *sink, const char *media_
 	return 0;
 }
 
+int run_handle_put(struct run *r, const void *data, size_t len)
+{
+	return index_job_handle_put(r->e->ix, r->job.id, data, len);
+}
+
+int run_handle_get(struct run *r, void **out, size_t *len)
+{
+	return index_job_handle_get(r->e->ix, r->job.id, out, len);
+}
+
 int run_fail(struct run *r, int rc, const char *code, const char *fmt, ...)
 {
 	const struct error_def *d = error_find(code);

@@ -46,6 +46,15 @@ enum stop_reason run_stopping(struct run *r);
 /* Commit sink as the job's output (the sink is consumed). */
 int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
 		      const char *device);
+/*
+ * The job's durable handle (index_job_handle_put/get): a remote backend
+ * puts what finds its work again (a request id, status URLs) before it
+ * acts on the service's answer, and on a later attempt (after a restart)
+ * gets it back and follows the work instead of submitting it again.
+ * get: *out malloc'ed, STORE_E_NOTFOUND when the job has none.
+ */
+int run_handle_put(struct run *r, const void *data, size_t len);
+int run_handle_get(struct run *r, void **out, size_t *len);
 /* Set r's error (a code of the catalog, errors.h, which says whether it
  * is retried) and return rc. */
 int run_fail(struct run *r, int rc, const char *code, const char *fmt, ...)

@@ -222,6 +222,7 @@ static const struct dbdef dbdefs[] = {
 	{"blobusers", offsetof(struct index, blobusers), 0},
 	{"counts", offsetof(struct index, counts), 0},
 	{"delayed", offsetof(struct index, delayed), 0},
+	{"handles", offsetof(struct index, handles), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -830,6 +831,69 @@ static int request_fn(struct index *ix, MDB_txn *txn, void *arg)
 	a->out[v.mv_size] = '\0';
 	a->len = v.mv_size;
 	return 0;
+}
+
+struct handle_arg {
+	const uint8_t *id;
+	const void *data;
+	size_t len;
+	void **out;
+	size_t *outlen;
+};
+
+static int handle_put_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct handle_arg *a = arg;
+	MDB_val k = {JOB_ID_LEN, (void *)a->id}, v = {a->len, (void *)a->data};
+	int rc = mdb_get(txn, ix->jobs, &k, &v);
+
+	if (rc == MDB_NOTFOUND)
+		return STORE_E_NOTFOUND;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read job");
+	v.mv_size = a->len;
+	v.mv_data = (void *)a->data;
+	rc = mdb_put(txn, ix->handles, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "write handle") : 0;
+}
+
+int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
+			 size_t len)
+{
+	struct handle_arg a = {id, data, len, NULL, NULL};
+
+	if (len > INDEX_HANDLE_MAX)
+		return store_seterr(-EFBIG, "a job handle of %zu bytes is over %d", len,
+				    INDEX_HANDLE_MAX);
+	return index_write(ix, handle_put_fn, &a);
+}
+
+static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct handle_arg *a = arg;
+	MDB_val k = {JOB_ID_LEN, (void *)a->id}, v;
+	int rc = mdb_get(txn, ix->handles, &k, &v);
+
+	if (rc == MDB_NOTFOUND)
+		return STORE_E_NOTFOUND;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read handle");
+	if (v.mv_size > INDEX_HANDLE_MAX)
+		return store_seterr(STORE_E_INDEX, "damaged job handle in '%s/data.mdb'", ix->dir);
+	if (!(*a->out = malloc(v.mv_size ? v.mv_size : 1)))
+		return -ENOMEM;
+	memcpy(*a->out, v.mv_data, v.mv_size);
+	*a->outlen = v.mv_size;
+	return 0;
+}
+
+int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
+{
+	struct handle_arg a = {id, NULL, 0, out, len};
+
+	*out = NULL;
+	*len = 0;
+	return index_read(ix, handle_get_fn, &a);
 }
 
 int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out, size_t *len)

@@ -36,6 +36,9 @@
  *   blobusers BLAKE3 (32) | uid (4) -> u64 jobs of that owner whose
  *            output it is (lets `private` mounts answer "may this user
  *            read this blob" without walking the user's jobs)
+ *   handles  id (16) -> a backend's durable handle for the job (what it
+ *            needs to find its remote work again after a restart: a
+ *            request id, status URLs), at most INDEX_HANDLE_MAX bytes
  *   delayed  not_before ms (8) | id (16) -> empty: queued jobs that may
  *            not run before that time (retries after transient failures)
  *   counts   route -> INDEX_STATUSES u64: its jobs in each status, kept by
@@ -88,7 +91,7 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -125,7 +128,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 6
+#define INDEX_FORMAT_VERSION 7
+#define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
 #define JOB_ID_STR_LEN 26 /* ULID text, without NUL */
@@ -255,6 +259,17 @@ int index_job_create_batch(struct index *ix, size_t n, const struct job_create *
 int index_job_get(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job *out);
 /* The stored request: *out is malloc'ed, NUL-terminated, freed by the caller. */
 int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out, size_t *len);
+
+/*
+ * A backend's durable handle for a job: put before acting on it (a remote
+ * submission), so that after a restart the job is followed, never
+ * submitted again. Replaces the previous one; kept until the job is
+ * deleted. get: *out malloc'ed (freed by the caller), STORE_E_NOTFOUND if
+ * none.
+ */
+int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
+			 size_t len);
+int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len);
 
 /* Take the next job of the group (queued -> running, attempts + 1,
  * started_at set). STORE_E_NOTFOUND when the group's queue is empty. */

@@ -207,6 +207,12 @@ static int upgrade_5(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return add_only(ix, txn, njobs, 6);
 }
 
+/* Format 6 -> 7: the handles database (backends' durable handles). */
+static int upgrade_6(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	return add_only(ix, txn, njobs, 7);
+}
+
 /*
  * Each step takes an index of format `from` to from + 1 inside the
  * caller's write transaction; an open runs every step from the index's
@@ -221,6 +227,7 @@ static const struct migration {
 	{3, upgrade_3},
 	{4, upgrade_4},
 	{5, upgrade_5},
+	{6, upgrade_6},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

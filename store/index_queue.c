@@ -707,6 +707,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	if ((rc = index_count_move(ix, txn, j.route, (int)j.status, -1)) != 0 ||
 	    (rc = del_key(ix, txn, ix->jobs, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = del_key(ix, txn, ix->handles, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = index_job_entries(ix, txn, &j, false)) != 0)
 		goto out;
 	if (j.name[0]) {

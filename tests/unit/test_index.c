@@ -211,7 +211,22 @@ static void test_states(void)
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
 	CHECK(j.status == JOB_CANCELLED && !(j.flags & JOB_F_DELAYED), "cancelled, not delayed");
 	job_release(&j);
+	/* a durable handle: put, replaced, bounded, gone with its job */
+	void *hd;
+	size_t hl;
+	CHECK(index_job_handle_get(ix, id, &hd, &hl) == STORE_E_NOTFOUND, "no handle yet");
+	CHECK(index_job_handle_put(ix, id, "req-1", 5) == 0 &&
+		      index_job_handle_put(ix, id, "req-22", 6) == 0,
+	      "handle put twice");
+	CHECK(index_job_handle_get(ix, id, &hd, &hl) == 0 && hl == 6 && memcmp(hd, "req-22", 6) == 0,
+	      "the last handle");
+	free(hd);
+	static char huge[INDEX_HANDLE_MAX + 1];
+	CHECK(index_job_handle_put(ix, id, huge, sizeof(huge)) == -EFBIG, "handle bounded");
+	uint8_t nobody[JOB_ID_LEN] = {1};
+	CHECK(index_job_handle_put(ix, nobody, "x", 1) == STORE_E_NOTFOUND, "no handle without a job");
 	CHECK(index_job_delete(ix, id, &freed, fh) == 0 && !freed, "delete");
+	CHECK(index_job_handle_get(ix, id, &hd, &hl) == STORE_E_NOTFOUND, "handle gone with its job");
 }
 
 static void test_names(void)
