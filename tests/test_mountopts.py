@@ -161,7 +161,12 @@ def test_seventy_routes_are_all_counted(mount_factory, tmp_path):
     empty = os.stat(m.route(routes[0])).st_nlink
     jids = {r: m.submit(r, {"prompt": r, **SMALL}) for r in routes}
     ends = {r: m.wait(r, j) for r, j in jids.items()}  # no key: each ends at once
-    stats = (m.path / "stats").read_text()
+    # A route directory's attributes may be cached for a second, until the
+    # notifier's announcement of a creation in it refreshes them.
+    deadline = time.monotonic() + 20
+    while "renderfs_notify_queued 0\n" not in (stats := (m.path / "stats").read_text()):
+        assert time.monotonic() < deadline, "the notifier did not become idle"
+        time.sleep(0.05)
     for r in routes:
         assert os.stat(m.route(r)).st_nlink == empty + 1, r
         assert f'renderfs_jobs{{route="{r}",status="{ends[r]}"}} 1\n' in stats, r
