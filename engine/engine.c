@@ -172,6 +172,15 @@ static void wake_workers(struct engine *e)
 	pthread_mutex_unlock(&e->mu);
 }
 
+/* next_due = the earlier of itself and t (0: none; t 0 changes nothing). */
+static void lower_next_due(struct engine *e, uint64_t t)
+{
+	uint64_t cur = atomic_load(&e->next_due);
+
+	while (t && (cur == 0 || t < cur) && !atomic_compare_exchange_weak(&e->next_due, &cur, t))
+		;
+}
+
 /* ---- counters ---- */
 
 /* Counted in the index with every status change (index_route_counts). */
@@ -494,23 +503,48 @@ void engine_count_rejected(struct engine *e, uint64_t n)
 
 /* ---- the runner context ---- */
 
-void run_log(struct run *r, const char *fmt, ...)
+/* A timestamped log line; with backend, the attempt's first, recording
+ * what runs the job in the same write. */
+static int run_vlog(struct run *r, const struct backend *backend, const char *fmt, va_list ap)
 {
 	char line[ENGINE_ERR_MAX + 64], ts[32];
-	va_list ap;
-	int n;
+	int n, rc;
 
 	engine_time_format(now_ms(), ts);
 	n = snprintf(line, sizeof(line), "%s ", ts);
-	va_start(ap, fmt);
 	vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
-	va_end(ap);
 	/* One line per event: a message never splits the log. */
 	for (char *p = line; *p; p++)
 		if (*p == '\n' || *p == '\r')
 			*p = ' ';
-	if (index_job_log(r->e->ix, r->job.id, line, strlen(line)) == 0)
+	rc = index_job_log_start(r->e->ix, r->job.id, line, strlen(line),
+				 backend ? backend->name : NULL, r->route ? r->route->model_id : NULL);
+	if (rc == 0)
 		notify(r->e, r->job.id, r->job.route, EV_LOG);
+	return rc;
+}
+
+void run_log(struct run *r, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	run_vlog(r, NULL, fmt, ap);
+	va_end(ap);
+}
+
+/* The attempt's first line; what runs the job goes in its record with it
+ * (manifest.json says so later, whatever the models file says then). */
+static int run_log_start(struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int run_log_start(struct run *r, const char *fmt, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	rc = run_vlog(r, r->route->backend, fmt, ap);
+	va_end(ap);
+	return rc;
 }
 
 void run_progress(struct run *r, double fraction)
@@ -671,13 +705,11 @@ static void run_job(struct worker *w, struct job *job)
 		return;
 	}
 	r.deadline_ms = job->started_ms + (job->timeout_ms ? job->timeout_ms : r.route->timeout_ms);
-	run_log(&r, "started attempt %u on %s (%s backend)", job->attempts,
-		w->gpu >= 0 ? "gpu" : w->group == GROUP_REMOTE ? "remote" : "cpu",
-		r.route->backend->name);
-	/* What runs it goes in its record now: manifest.json says so later,
-	 * whatever the models file says then. */
-	if ((rc = index_job_set_provenance(e->ix, job->id, r.route->backend->name,
-					   r.route->model_id)) != 0 ||
+	if ((rc = run_log_start(&r, "started attempt %u on %s (%s backend)", job->attempts,
+				w->gpu >= 0			? "gpu"
+				: w->group == GROUP_REMOTE	? "remote"
+								: "cpu",
+				r.route->backend->name)) != 0 ||
 	    (rc = index_job_request(e->ix, job->id, &req, &reqlen)) != 0) {
 		run_log(&r, "cannot read or record the job: %s", store_lasterr());
 		finish(e, &r, JOB_ERROR, "store", store_lasterr());
@@ -733,10 +765,7 @@ static void run_job(struct worker *w, struct job *job)
 			finish(e, &r, JOB_ERROR, "store", store_lasterr());
 			return;
 		}
-		uint64_t cur = atomic_load(&e->next_due);
-		while ((cur == 0 || due < cur) &&
-		       !atomic_compare_exchange_weak(&e->next_due, &cur, due))
-			;
+		lower_next_due(e, due);
 		pthread_mutex_lock(&e->stats_mu);
 		e->retries++;
 		pthread_mutex_unlock(&e->stats_mu);
@@ -763,11 +792,7 @@ static void promote_due(struct engine *e)
 			store_lasterr());
 		next = now_ms() + 1000; /* try again in a second */
 	}
-	/* A retry delayed meanwhile may have set an earlier time. */
-	uint64_t cur = 0;
-	while (next && !atomic_compare_exchange_weak(&e->next_due, &cur, next) &&
-	       (cur == 0 || next < cur))
-		;
+	lower_next_due(e, next); /* a retry delayed meanwhile may be earlier */
 	wake_workers(e);
 }
 

@@ -1327,6 +1327,7 @@ struct log_arg {
 	const uint8_t *id;
 	const char *line;
 	size_t len;
+	const char *backend, *model; /* non-NULL: record them (a start) */
 };
 
 static int log_fn(struct index *ix, MDB_txn *txn, void *arg)
@@ -1359,19 +1360,38 @@ static int log_fn(struct index *ix, MDB_txn *txn, void *arg)
 	}
 	j.log_size += a->len + 1;
 	j.updated_ms = now_ms();
+	if (a->backend) {
+		char *b = strdup(a->backend), *m = strdup(a->model ? a->model : "");
+		if (!b || !m) {
+			free(b);
+			free(m);
+			job_release(&j);
+			return -ENOMEM;
+		}
+		free(j.backend);
+		free(j.model);
+		j.backend = b;
+		j.model = m;
+	}
 	rc = index_put_job(ix, txn, &j);
 	job_release(&j);
 	return rc;
 }
 
-int index_job_log(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *line, size_t len)
+int index_job_log_start(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *line,
+			size_t len, const char *backend, const char *model)
 {
-	struct log_arg a = {id, line, len};
+	struct log_arg a = {id, line, len, backend, model};
 
 	if (len > LOG_LINE_MAX || memchr(line, '\n', len) || memchr(line, '\0', len))
 		return store_seterr(-EINVAL, "a log line is at most %d bytes, without newline or "
 					     "NUL", LOG_LINE_MAX);
 	return index_write(ix, log_fn, &a);
+}
+
+int index_job_log(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *line, size_t len)
+{
+	return index_job_log_start(ix, id, line, len, NULL, NULL);
 }
 
 struct logread_arg {

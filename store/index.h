@@ -280,6 +280,10 @@ int index_job_progress(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t 
 /* Append one line (a newline is added) to the job's log. */
 int index_job_log(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *line,
 		  size_t len);
+/* The same, for the line that starts an attempt, recording in the same
+ * write what runs the job (backend name, model; "" for none). */
+int index_job_log_start(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *line,
+			size_t len, const char *backend, const char *model);
 /* Read log bytes [off, off + len) into buf; *got receives the count. */
 int index_job_log_read(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t off,
 		       void *buf, size_t len, size_t *got);
@@ -296,10 +300,6 @@ int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
  * error_message are used for JOB_ERROR and may be NULL otherwise. */
 int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
 		     const char *error_code, const char *error_message);
-
-/* Record what runs a running job (backend name, model; "" for none). */
-int index_job_set_provenance(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *backend,
-			     const char *model);
 
 /* running -> queued again (automatic retry): keeps attempts. */
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN]);

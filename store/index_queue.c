@@ -435,37 +435,6 @@ int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN])
 	return change_job(ix, id, requeue_change, NULL);
 }
 
-struct provenance_arg {
-	const char *backend, *model;
-};
-
-static int provenance_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
-{
-	struct provenance_arg *a = arg;
-	char *b, *m;
-
-	(void)ix;
-	(void)txn;
-	if (j->status != JOB_RUNNING)
-		return state_err(j, "record what runs");
-	if (!(b = strdup(a->backend ? a->backend : "")) || !(m = strdup(a->model ? a->model : ""))) {
-		free(b);
-		return -ENOMEM;
-	}
-	free(j->backend);
-	free(j->model);
-	j->backend = b;
-	j->model = m;
-	return 0;
-}
-
-int index_job_set_provenance(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *backend,
-			     const char *model)
-{
-	struct provenance_arg a = {backend, model};
-	return change_job(ix, id, provenance_change, &a);
-}
-
 int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms)
 {
 	return change_job(ix, id, requeue_change, &not_before_ms);
