@@ -1,25 +1,75 @@
 /*
- * backend_fal.c - fal's queue API (SPEC §8) as a backend.
+ * backend_fal.c - fal's queue API (SPEC §8, PROTOCOLS.md "fal.ai queue") as
+ * a remote backend: submit, follow the status (queue position, logs),
+ * fetch the result, download its file into the store; cancel at fal.
  *
- * NOT BUILT YET: the queue protocol (submit, status, result, cancel). The
- * settings are checked at mount; a job ends with backend_not_configured
- * and a message that says what is missing (a key) or that this version
- * cannot run it, never silently.
+ * A run is a series of steps (backend.h) on the engine's HTTP loop:
+ *
+ *   START     the durable handle says where the job is: nothing (submit),
+ *             "submitting" (a submission whose answer never came: it may
+ *             be at fal, so it is not sent again: the job ends
+ *             `interrupted`), or a request id (follow it: a restart).
+ *   SUBMIT    POST {base}/{model} with the normalized request. Before it
+ *             the handle says "submitting"; after a 2xx the request id and
+ *             the URLs fal gave are durable before anything else happens.
+ *             An answer that is not 2xx, or no connection at all, means
+ *             nothing was queued: the handle is cleared and the catalog
+ *             decides whether to retry.
+ *   STATUS    GET status_url?logs=1 every poll (200 ms, growing to 2 s):
+ *             IN_QUEUE (a changed queue_position is logged), IN_PROGRESS
+ *             (new log lines appended, each once: the count seen is in the
+ *             handle), COMPLETED. A busy status endpoint is asked again up
+ *             to 5 times before the attempt fails (and the next attempt
+ *             follows the same request).
+ *   RESULT    GET response_url: the output object; its first file (an
+ *             object with a "url") is the job's output.
+ *   DOWNLOAD  GET the file into a store sink, hashed as it arrives,
+ *             bounded by the route's max_output; its media type must be
+ *             the route's (or say nothing more precise).
+ *
+ * Settings (models file): model (required), base_url, key or key_env.
+ * The key goes in the Authorization header only; every message is
+ * redacted of it (http.c).
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "backend.h"
 #include "engine_i.h"
+#include "http.h"
 #include "route.h"
 
 extern const struct backend backend_fal;
 
+#define FAL_URL_MAX 1024
+#define FAL_POLL_FIRST_MS 200
+#define FAL_POLL_MAX_MS 2000
+#define FAL_POLL_FAILS 5
+
 struct fal_conf {
-	char key_env[128]; /* where the key is, without "key" */
-	bool have_key;	   /* "key" given in the models file */
+	char base[512];		  /* without a trailing slash */
+	char key_env[128];	  /* where the key is, without "key" */
+	char *key;		  /* "key" from the models file, or NULL */
+};
+
+enum fal_phase { F_SUBMIT, F_STATUS, F_RESULT, F_DOWNLOAD, F_CANCEL };
+
+struct fal_run {
+	enum fal_phase phase;
+	const char *key;
+	char auth[600];
+	char request_id[128];
+	char status_url[FAL_URL_MAX], response_url[FAL_URL_MAX], cancel_url[FAL_URL_MAX];
+	char file_url[FAL_URL_MAX * 2];
+	char file_type[128];
+	unsigned logs_seen;
+	long position;
+	unsigned poll_fails;
+	uint64_t poll_ms;
+	struct store_sink *sink;
 };
 
 static const struct backend_setting fal_takes[] = {
@@ -28,8 +78,26 @@ static const struct backend_setting fal_takes[] = {
 	{"key_env", json_type_string},
 };
 
-static int fal_configure(const struct route *rt, json_object *settings, void **state,
-			 char *err, size_t errlen)
+static bool url_ok(const char *u, size_t len)
+{
+	return len < FAL_URL_MAX &&
+	       (strncmp(u, "https://", 8) == 0 || strncmp(u, "http://", 7) == 0) &&
+	       !strpbrk(u, " \t\r\n\"");
+}
+
+static void fal_release(void *state)
+{
+	struct fal_conf *c = state;
+
+	if (c && c->key) {
+		explicit_bzero(c->key, strlen(c->key));
+		free(c->key);
+	}
+	free(c);
+}
+
+static int fal_configure(struct route *rt, json_object *settings, void **state, char *err,
+			 size_t errlen)
 {
 	struct fal_conf *c;
 	json_object *v;
@@ -42,50 +110,592 @@ static int fal_configure(const struct route *rt, json_object *settings, void **s
 		snprintf(err, errlen, "'model' is required for the fal backend (e.g. fal-ai/wan-t2v)");
 		return -EINVAL;
 	}
+	if (rt->model_id[0] == '/' || strstr(rt->model_id, "..") || strpbrk(rt->model_id, "?#% ")) {
+		snprintf(err, errlen, "'model' must be a fal model id such as fal-ai/wan-t2v");
+		return -EINVAL;
+	}
 	if (!(c = calloc(1, sizeof(*c))))
 		return -ENOMEM;
+	snprintf(c->base, sizeof(c->base), "https://queue.fal.run");
 	snprintf(c->key_env, sizeof(c->key_env), "FAL_KEY");
+	if (settings && json_object_object_get_ex(settings, "base_url", &v)) {
+		const char *u = json_object_get_string(v);
+		size_t n = (size_t)json_object_get_string_len(v);
+		if (!url_ok(u, n) || n >= sizeof(c->base)) {
+			fal_release(c);
+			snprintf(err, errlen,
+				 "'base_url' must be an http:// or https:// URL of at most %zu bytes",
+				 sizeof(c->base) - 1);
+			return -EINVAL;
+		}
+		while (n && u[n - 1] == '/')
+			n--;
+		snprintf(c->base, sizeof(c->base), "%.*s", (int)n, u);
+	}
 	if (settings && json_object_object_get_ex(settings, "key_env", &v)) {
 		if (json_object_get_string_len(v) == 0 ||
 		    (size_t)json_object_get_string_len(v) >= sizeof(c->key_env)) {
-			free(c);
+			fal_release(c);
 			snprintf(err, errlen, "'key_env' must name an environment variable");
 			return -EINVAL;
 		}
 		snprintf(c->key_env, sizeof(c->key_env), "%s", json_object_get_string(v));
 	}
-	c->have_key = settings && json_object_object_get_ex(settings, "key", NULL);
+	if (settings && json_object_object_get_ex(settings, "key", &v)) {
+		if (json_object_get_string_len(v) == 0 || json_object_get_string_len(v) > 512 ||
+		    strpbrk(json_object_get_string(v), "\r\n")) {
+			fal_release(c);
+			snprintf(err, errlen, "'key' must be a fal key on one line");
+			return -EINVAL;
+		}
+		if (!(c->key = strdup(json_object_get_string(v)))) {
+			fal_release(c);
+			return -ENOMEM;
+		}
+	}
+	snprintf(rt->target, sizeof(rt->target), "%s/%s", c->base, rt->model_id);
 	*state = c;
 	return 0;
 }
 
-static int fal_run(struct run *r)
-{
-	const struct fal_conf *c = r->route->backend_state;
-	const char *env = c->key_env;
-	bool have_key = c->have_key;
+/* ---- the handle: where the job is at fal ---- */
 
-	if (!have_key) {
-		const char *k = getenv(env);
-		have_key = k && *k;
+static int handle_put(struct run *r, const struct fal_run *f, bool submitting)
+{
+	json_object *o = json_object_new_object();
+	const char *text;
+	int rc;
+
+	if (!o)
+		return -ENOMEM;
+	if (submitting) {
+		json_object_object_add(o, "state", json_object_new_string("submitting"));
+	} else {
+		json_object_object_add(o, "request_id", json_object_new_string(f->request_id));
+		json_object_object_add(o, "status_url", json_object_new_string(f->status_url));
+		json_object_object_add(o, "response_url", json_object_new_string(f->response_url));
+		json_object_object_add(o, "cancel_url", json_object_new_string(f->cancel_url));
+		json_object_object_add(o, "logs", json_object_new_int64(f->logs_seen));
 	}
-	if (!have_key)
-		return run_fail(r, -ENOTCONN, "backend_not_configured",
-				"route %s needs the fal backend with an API key: set %s in the "
-				"daemon's environment or \"key\" for this route in a models file "
-				"(models=FILE)",
-				r->route->path, env);
-	return run_fail(r, -ENOTSUP, "backend_not_configured",
-			"route %s uses the fal backend (model %s), which this version of "
-			"renderfs cannot run yet; use image/synth/default/t2i or "
-			"video/synth/default/t2v",
-			r->route->path, r->route->model_id[0] ? r->route->model_id : "unset");
+	text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
+	rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
+	json_object_put(o);
+	return rc;
+}
+
+static const char *jstr(json_object *o, const char *k)
+{
+	json_object *v;
+
+	return json_object_object_get_ex(o, k, &v) && json_object_is_type(v, json_type_string)
+		       ? json_object_get_string(v)
+		       : NULL;
+}
+
+/* A service's JSON: bounded depth, an object, or NULL. */
+static json_object *parse_json(const char *text, size_t len)
+{
+	json_tokener *tok = json_tokener_new_ex(32);
+	json_object *o = NULL;
+
+	if (!tok)
+		return NULL;
+	o = json_tokener_parse_ex(tok, text, (int)len);
+	if (o && (json_tokener_get_error(tok) != json_tokener_success ||
+		  !json_object_is_type(o, json_type_object))) {
+		json_object_put(o);
+		o = NULL;
+	}
+	json_tokener_free(tok);
+	return o;
+}
+
+/* 1: resume (f filled), 0: nothing, -EALREADY: a submission of unknown
+ * fate, <0: error. */
+static int handle_get(struct run *r, struct fal_run *f)
+{
+	void *data = NULL;
+	size_t len = 0;
+	json_object *o;
+	const char *id, *su, *ru, *cu;
+	json_object *v;
+	int rc = run_handle_get(r, &data, &len);
+
+	if (rc == STORE_E_NOTFOUND || (rc == 0 && len == 0)) {
+		free(data);
+		return 0;
+	}
+	if (rc)
+		return rc;
+	o = parse_json(data, len);
+	free(data);
+	if (!o)
+		return -EBADMSG;
+	if ((id = jstr(o, "state")) && strcmp(id, "submitting") == 0) {
+		json_object_put(o);
+		return -EALREADY;
+	}
+	id = jstr(o, "request_id");
+	su = jstr(o, "status_url");
+	ru = jstr(o, "response_url");
+	cu = jstr(o, "cancel_url");
+	if (!id || !su || !ru || !cu || strlen(id) >= sizeof(f->request_id) ||
+	    !url_ok(su, strlen(su)) || !url_ok(ru, strlen(ru)) || !url_ok(cu, strlen(cu))) {
+		json_object_put(o);
+		return -EBADMSG;
+	}
+	snprintf(f->request_id, sizeof(f->request_id), "%s", id);
+	snprintf(f->status_url, sizeof(f->status_url), "%s", su);
+	snprintf(f->response_url, sizeof(f->response_url), "%s", ru);
+	snprintf(f->cancel_url, sizeof(f->cancel_url), "%s", cu);
+	if (json_object_object_get_ex(o, "logs", &v) && json_object_is_type(v, json_type_int))
+		f->logs_seen = (unsigned)json_object_get_int64(v);
+	json_object_put(o);
+	return 1;
+}
+
+/* ---- requests ---- */
+
+static int request(struct run *r, struct fal_run *f, const char *method, const char *url,
+		   const char *body, uint64_t timeout_ms)
+{
+	const char *hdrs[] = {f->auth, "Content-Type: application/json",
+			      "Accept: application/json"};
+	const char *secrets[] = {f->key};
+	struct http_request rq = {
+		.method = method,
+		.url = url,
+		.headers = hdrs,
+		.nheaders = 3,
+		.body = body,
+		.body_len = body ? strlen(body) : 0,
+		.timeout_ms = timeout_ms,
+		.secrets = secrets,
+		.nsecrets = 1,
+	};
+
+	return run_http(r, &rq);
+}
+
+static int sink_write(void *arg, const void *data, size_t len, char *err, size_t errlen)
+{
+	struct fal_run *f = arg;
+	int rc = store_sink_write(f->sink, data, len);
+
+	if (rc)
+		snprintf(err, errlen, "cannot store the download: %s", store_lasterr());
+	return rc;
+}
+
+static int download(struct run *r, struct fal_run *f)
+{
+	/* File URLs are the service's CDN: no key goes there. */
+	const char *secrets[] = {f->key};
+	uint64_t left = r->deadline_ms > now_ms() ? r->deadline_ms - now_ms() : 1000;
+	struct http_request rq = {
+		.method = "GET",
+		.url = f->file_url,
+		.timeout_ms = left,
+		.max_body = (size_t)r->route->max_output,
+		.secrets = secrets,
+		.nsecrets = 1,
+		.sink = sink_write,
+		.sink_arg = f,
+	};
+	int rc = store_sink_open(engine_store(r->e), &f->sink);
+
+	if (rc)
+		return run_fail(r, rc, "store", "cannot store the output: %s", store_lasterr());
+	f->phase = F_DOWNLOAD;
+	return run_http(r, &rq);
+}
+
+static int poll_status(struct run *r, struct fal_run *f)
+{
+	char url[FAL_URL_MAX + 16];
+
+	snprintf(url, sizeof(url), "%s%slogs=1", f->status_url,
+		 strchr(f->status_url, '?') ? "&" : "?");
+	f->phase = F_STATUS;
+	return request(r, f, "GET", url, NULL, 30000);
+}
+
+/* A failed answer: its catalog code (http.c), with fal's own `detail`. */
+static int answer_fail(struct run *r, const struct http_response *h, const char *what)
+{
+	json_object *o = h->len ? parse_json(h->body, h->len) : NULL;
+	json_object *d;
+	const char *detail = NULL;
+	char buf[300] = "";
+
+	if (o && json_object_object_get_ex(o, "detail", &d)) {
+		if (json_object_is_type(d, json_type_string)) {
+			detail = json_object_get_string(d);
+		} else if (json_object_is_type(d, json_type_array) &&
+			   json_object_array_length(d) > 0) {
+			json_object *e0 = json_object_array_get_idx(d, 0), *loc;
+			const char *msg = jstr(e0, "msg");
+			const char *field = NULL;
+			if (json_object_object_get_ex(e0, "loc", &loc) &&
+			    json_object_is_type(loc, json_type_array) &&
+			    json_object_array_length(loc) > 0)
+				field = json_object_get_string(json_object_array_get_idx(
+					loc, json_object_array_length(loc) - 1));
+			snprintf(buf, sizeof(buf), "%s%s%s", field ? field : "", field ? ": " : "",
+				 msg ? msg : "invalid");
+			detail = buf;
+		}
+	}
+	r->retry_after_ms = h->retry_after_ms;
+	if (detail && h->status)
+		run_fail(r, -EIO, h->error_code, "%s: fal answered HTTP %ld: %.300s", what,
+			 h->status, detail);
+	else
+		run_fail(r, -EIO, h->error_code, "%s: %s", what, h->message);
+	json_object_put(o);
+	return -EIO;
+}
+
+/* The first file object (one with a string "url") in the output. */
+static json_object *first_file(json_object *o, int depth)
+{
+	if (depth > 8)
+		return NULL;
+	if (json_object_is_type(o, json_type_object)) {
+		if (jstr(o, "url"))
+			return o;
+		json_object_object_foreach(o, k, v)
+		{
+			json_object *f;
+			(void)k;
+			if ((f = first_file(v, depth + 1)))
+				return f;
+		}
+	} else if (json_object_is_type(o, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(o); i++) {
+			json_object *f = first_file(json_object_array_get_idx(o, i), depth + 1);
+			if (f)
+				return f;
+		}
+	}
+	return NULL;
+}
+
+/* Whether a media type someone gave (maybe with parameters) fits the
+ * route's: the same, or one that says nothing precise. */
+static bool type_fits(const char *given, const char *want)
+{
+	size_t n = strcspn(given, "; ");
+
+	if (n == 0 || (n == 24 && strncasecmp(given, "application/octet-stream", 24) == 0) ||
+	    (n == 19 && strncasecmp(given, "binary/octet-stream", 19) == 0))
+		return true;
+	return strlen(want) == n && strncasecmp(given, want, n) == 0;
+}
+
+static int on_submitted(struct run *r, struct fal_run *f, const struct http_response *h)
+{
+	json_object *o = parse_json(h->body, h->len);
+	const char *id = o ? jstr(o, "request_id") : NULL;
+	const char *su, *ru, *cu;
+	char model[128];
+	int rc;
+
+	if (!id || !*id || strlen(id) >= sizeof(f->request_id) || strpbrk(id, "/?#% \r\n")) {
+		json_object_put(o);
+		/* Accepted, but unusable: it is not sent again. */
+		return run_fail(r, -EBADMSG, "backend_failed",
+				"fal accepted the request but its answer has no usable request_id");
+	}
+	snprintf(f->request_id, sizeof(f->request_id), "%s", id);
+	/* The URLs fal gives; else built the way fal-js does: the first two
+	 * segments of the model id (PROTOCOLS.md). */
+	snprintf(model, sizeof(model), "%s", r->route->model_id);
+	char *slash = strchr(model, '/');
+	if (slash && (slash = strchr(slash + 1, '/')))
+		*slash = '\0';
+	const struct fal_conf *c = r->route->backend_state;
+	su = jstr(o, "status_url");
+	ru = jstr(o, "response_url");
+	cu = jstr(o, "cancel_url");
+	if (su && url_ok(su, strlen(su)))
+		snprintf(f->status_url, sizeof(f->status_url), "%s", su);
+	else
+		snprintf(f->status_url, sizeof(f->status_url), "%s/%s/requests/%s/status", c->base,
+			 model, f->request_id);
+	if (ru && url_ok(ru, strlen(ru)))
+		snprintf(f->response_url, sizeof(f->response_url), "%s", ru);
+	else
+		snprintf(f->response_url, sizeof(f->response_url), "%s/%s/requests/%s", c->base,
+			 model, f->request_id);
+	if (cu && url_ok(cu, strlen(cu)))
+		snprintf(f->cancel_url, sizeof(f->cancel_url), "%s", cu);
+	else
+		snprintf(f->cancel_url, sizeof(f->cancel_url), "%s/%s/requests/%s/cancel", c->base,
+			 model, f->request_id);
+	json_object_put(o);
+	if ((rc = handle_put(r, f, false)) != 0)
+		/* Paid work we cannot find again after a restart: say so. */
+		return run_fail(r, rc, "store",
+				"fal request %s was queued but cannot be recorded: %s",
+				f->request_id, store_lasterr());
+	run_log(r, "fal: queued as request %s", f->request_id);
+	f->poll_ms = FAL_POLL_FIRST_MS;
+	f->phase = F_STATUS;
+	return run_after(r, f->poll_ms);
+}
+
+static int on_status(struct run *r, struct fal_run *f, const struct http_response *h)
+{
+	json_object *o, *v;
+	const char *st;
+	unsigned seen = f->logs_seen;
+
+	if (h->error_code) {
+		if (strcmp(h->error_code, "backend_unavailable") == 0 &&
+		    ++f->poll_fails < FAL_POLL_FAILS) {
+			run_log(r, "fal: status not available (%s); asking again", h->message);
+			return run_after(r, h->retry_after_ms > f->poll_ms ? h->retry_after_ms
+									   : f->poll_ms * 2);
+		}
+		return answer_fail(r, h, "fal status");
+	}
+	f->poll_fails = 0;
+	if (!(o = parse_json(h->body, h->len)) || !(st = jstr(o, "status"))) {
+		json_object_put(o);
+		return run_fail(r, -EBADMSG, "backend_failed",
+				"fal's status answer for request %s is not a status object",
+				f->request_id);
+	}
+	if (json_object_object_get_ex(o, "logs", &v) && json_object_is_type(v, json_type_array)) {
+		size_t n = json_object_array_length(v);
+		for (size_t i = f->logs_seen; i < n; i++) {
+			const char *msg = jstr(json_object_array_get_idx(v, i), "message");
+			if (msg)
+				run_log(r, "fal: %.400s", msg);
+		}
+		if (n > f->logs_seen)
+			f->logs_seen = (unsigned)n;
+	}
+	if (f->logs_seen != seen)
+		handle_put(r, f, false); /* each line once, across restarts too */
+	if (strcmp(st, "IN_QUEUE") == 0) {
+		if (json_object_object_get_ex(o, "queue_position", &v) &&
+		    json_object_is_type(v, json_type_int) &&
+		    json_object_get_int64(v) != f->position) {
+			f->position = (long)json_object_get_int64(v);
+			run_log(r, "fal: in its queue at position %ld", f->position);
+		}
+	} else if (strcmp(st, "COMPLETED") == 0) {
+		json_object_put(o);
+		f->phase = F_RESULT;
+		return request(r, f, "GET", f->response_url, NULL, 60000);
+	} else if (strcmp(st, "FAILED") == 0 || strcmp(st, "ERROR") == 0) {
+		const char *why = jstr(o, "error");
+		run_fail(r, -EIO, "backend_failed", "fal request %s failed: %.300s", f->request_id,
+			 why ? why : st);
+		json_object_put(o);
+		return -EIO;
+	} else if (strcmp(st, "CANCELED") == 0 || strcmp(st, "CANCELLED") == 0) {
+		json_object_put(o);
+		return run_fail(r, -EIO, "cancelled_remotely", "fal cancelled request %s",
+				f->request_id);
+	}
+	json_object_put(o);
+	if (f->poll_ms < FAL_POLL_MAX_MS)
+		f->poll_ms = f->poll_ms * 3 / 2 < FAL_POLL_MAX_MS ? f->poll_ms * 3 / 2 : FAL_POLL_MAX_MS;
+	return run_after(r, f->poll_ms);
+}
+
+static int on_result(struct run *r, struct fal_run *f, const struct http_response *h)
+{
+	json_object *o, *file;
+	const char *url, *ct;
+
+	if (h->error_code) {
+		/* A COMPLETED request that failed answers with an error and a
+		 * `detail` (PROTOCOLS.md): the service ran it and it failed. */
+		answer_fail(r, h, "fal result");
+		if (strcmp(h->error_code, "backend_rejected") == 0) {
+			char msg[ENGINE_ERR_MAX];
+			snprintf(msg, sizeof(msg), "%s", r->error_message);
+			return run_fail(r, -EIO, "backend_failed", "%s", msg);
+		}
+		return -EIO;
+	}
+	if (!(o = parse_json(h->body, h->len)))
+		return run_fail(r, -EBADMSG, "output_invalid",
+				"fal's result for request %s is not a JSON object", f->request_id);
+	if (!(file = first_file(o, 0)) || !(url = jstr(file, "url"))) {
+		json_object_put(o);
+		return run_fail(r, -EIO, "output_invalid",
+				"fal's result for request %s names no file", f->request_id);
+	}
+	if (strlen(url) >= sizeof(f->file_url) ||
+	    (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0)) {
+		json_object_put(o);
+		return run_fail(r, -EIO, "output_invalid",
+				"fal's result for request %s names a file that is not an http(s) "
+				"URL of at most %zu bytes",
+				f->request_id, sizeof(f->file_url) - 1);
+	}
+	snprintf(f->file_url, sizeof(f->file_url), "%s", url);
+	ct = jstr(file, "content_type");
+	snprintf(f->file_type, sizeof(f->file_type), "%s", ct ? ct : "");
+	json_object_put(o);
+	if (f->file_type[0] && !type_fits(f->file_type, r->route->media_type))
+		return run_fail(r, -EIO, "output_invalid",
+				"fal's result is %.100s, not %s as the route says", f->file_type,
+				r->route->media_type);
+	run_log(r, "fal: request %s completed; downloading its output", f->request_id);
+	return download(r, f);
+}
+
+static int on_download(struct run *r, struct fal_run *f, const struct http_response *h)
+{
+	struct store_sink *sink = f->sink;
+
+	f->sink = NULL;
+	if (h->error_code) {
+		store_sink_abort(sink);
+		return answer_fail(r, h, "fal output download");
+	}
+	if (h->streamed == 0) {
+		store_sink_abort(sink);
+		return run_fail(r, -EIO, "output_invalid", "fal's output file is empty");
+	}
+	if (h->content_type[0] && !type_fits(h->content_type, r->route->media_type)) {
+		store_sink_abort(sink);
+		return run_fail(r, -EIO, "output_invalid",
+				"fal's output file is %.100s, not %s as the route says",
+				h->content_type, r->route->media_type);
+	}
+	run_progress(r, 1);
+	return run_commit_output(r, sink, r->route->media_type, "fal");
+}
+
+static int fal_step(struct run *r)
+{
+	struct fal_run *f = r->bstate;
+	const struct http_response *h = r->http;
+	int rc;
+
+	if (!f) {
+		const struct fal_conf *c = r->route->backend_state;
+		const char *key = c->key;
+
+		if (!(f = calloc(1, sizeof(*f))))
+			return run_fail(r, -ENOMEM, "store", "out of memory");
+		r->bstate = f;
+		f->position = -1;
+		if (!key || !*key)
+			key = getenv(c->key_env);
+		if (!key || !*key)
+			return run_fail(r, -ENOTCONN, "backend_not_configured",
+					"route %s needs the fal backend with an API key: set %s in "
+					"the daemon's environment or \"key\" for this route in a "
+					"models file (models=FILE)",
+					r->route->path, c->key_env);
+		f->key = key;
+		snprintf(f->auth, sizeof(f->auth), "Authorization: Key %s", key);
+		rc = handle_get(r, f);
+		if (rc == -EALREADY)
+			return run_fail(r, -EIO, "interrupted",
+					"a submission to fal was under way when the daemon stopped; "
+					"whether fal queued it is unknown, so it is not sent again "
+					"(ctl retry sends it anew)");
+		if (rc < 0 && rc != -EBADMSG)
+			return run_fail(r, rc, "store", "cannot read the job's handle: %s",
+					store_lasterr());
+		if (rc == 1) {
+			run_log(r, "fal: following request %s (queued before a restart)",
+				f->request_id);
+			f->poll_ms = FAL_POLL_FIRST_MS;
+			return poll_status(r, f);
+		}
+		if (rc == -EBADMSG)
+			return run_fail(r, -EIO, "interrupted",
+					"the job's record of its fal request is damaged; it is not "
+					"sent again (ctl retry sends it anew)");
+		if ((rc = handle_put(r, f, true)) != 0)
+			return run_fail(r, rc, "store", "cannot record the submission: %s",
+					store_lasterr());
+		char url[FAL_URL_MAX + 160];
+		snprintf(url, sizeof(url), "%s/%s", c->base, r->route->model_id);
+		f->phase = F_SUBMIT;
+		return request(r, f, "POST", url, r->request, 60000);
+	}
+	if (!h)
+		return f->phase == F_STATUS ? poll_status(r, f)
+					    : run_fail(r, -EIO, "backend_failed", "nothing to wait for");
+	switch (f->phase) {
+	case F_SUBMIT:
+		if (h->error_code) {
+			if (h->status == 0 && h->maybe_sent)
+				return run_fail(r, -EIO, "interrupted",
+						"the submission to fal got no answer (%s); whether "
+						"fal queued it is unknown, so it is not sent again "
+						"(ctl retry sends it anew)",
+						h->message);
+			/* Nothing was queued: a later attempt may submit. */
+			if (run_handle_put(r, "", 0) != 0)
+				return run_fail(r, -EIO, "store", "cannot record the job: %s",
+						store_lasterr());
+			return answer_fail(r, h, "fal submit");
+		}
+		return on_submitted(r, f, h);
+	case F_STATUS:
+		return on_status(r, f, h);
+	case F_RESULT:
+		return on_result(r, f, h);
+	case F_DOWNLOAD:
+		return on_download(r, f, h);
+	case F_CANCEL:
+		break;
+	}
+	return run_fail(r, -EIO, "backend_failed", "the fal run is in no known phase");
+}
+
+static int fal_cancel(struct run *r)
+{
+	struct fal_run *f = r->bstate;
+
+	if (!f || !f->request_id[0])
+		return 0; /* nothing queued at fal (or its fate unknown: said) */
+	if (!r->http) {
+		f->phase = F_CANCEL;
+		return request(r, f, "PUT", f->cancel_url, NULL, 10000);
+	}
+	if (r->http->error_code) {
+		run_log(r, "fal: cancelling request %s failed: %s", f->request_id,
+			r->http->message);
+	} else {
+		json_object *o = parse_json(r->http->body, r->http->len);
+		const char *st = o ? jstr(o, "status") : NULL;
+		run_log(r, "fal: cancel of request %s: %.64s", f->request_id, st ? st : "sent");
+		json_object_put(o);
+	}
+	return 0;
+}
+
+static void fal_run_free(struct run *r)
+{
+	struct fal_run *f = r->bstate;
+
+	if (!f)
+		return;
+	if (f->sink)
+		store_sink_abort(f->sink);
+	explicit_bzero(f->auth, sizeof(f->auth));
+	free(f);
 }
 
 const struct backend backend_fal = {
 	.name = "fal",
 	.remote = true,
 	.configure = fal_configure,
-	.run = fal_run,
-	.release = free,
+	.step = fal_step,
+	.cancel = fal_cancel,
+	.run_free = fal_run_free,
+	.release = fal_release,
 };

@@ -75,7 +75,7 @@ static int synth_run(struct run *r)
 	return rc;
 }
 
-static int synth_configure(const struct route *rt, json_object *settings, void **state,
+static int synth_configure(struct route *rt, json_object *settings, void **state,
 			   char *err, size_t errlen)
 {
 	(void)rt;

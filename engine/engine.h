@@ -33,12 +33,19 @@ struct engine_options {
 	uint32_t max_attempts;	 /* runs of a job before a transient failure is final */
 	uint64_t retain_ms;	 /* finished jobs older than this are deleted; 0: never */
 	const char *models;	 /* models file, or NULL */
+	const char *deny_net;	 /* CIDR,... no service connection goes to (NULL:
+				    HTTP_DENY_DEFAULT, "": none) */
 	bool memo_per_owner;	 /* reuse only outputs of the same uid's jobs
 				    (`private`: a hit would tell of another
 				    user's job) */
 };
 
 void engine_options_default(struct engine_options *o);
+
+struct engine;
+/* What a queued job of route waits for beyond its turn (a circuit breaker
+ * open, the route's concurrency), in words, or "" (status.json). */
+void engine_waiting_for(struct engine *e, const char *route, char *buf, size_t len);
 
 enum engine_event {
 	EV_CREATED,

@@ -36,7 +36,27 @@ struct run {
 	char error_code[48];
 	char error_message[ENGINE_ERR_MAX];
 	bool transient;		/* worth another attempt */
+	uint64_t retry_after_ms; /* the service asked to wait this long (Retry-After) */
+
+	/* Remote runs (backend.h: step, cancel, run_free). */
+	void *bstate;			  /* the backend's state for this run */
+	const struct http_response *http; /* during step/cancel: the answer to
+					     the last run_http, else NULL */
 };
+
+struct http_request;
+struct http_response;
+
+/* What step and cancel return after arranging their next call. */
+#define RUN_WAIT 1
+/*
+ * Start one HTTP transfer (http.h; everything in rq is copied) on the
+ * engine's HTTP loop; the run's next step gets its answer in r->http.
+ * deny_net= applies. Returns RUN_WAIT, or a failure set with run_fail.
+ */
+int run_http(struct run *r, const struct http_request *rq);
+/* Call the next step after ms (0: at once); returns RUN_WAIT. */
+int run_after(struct run *r, uint64_t ms);
 
 /* Report progress (0..1, at most 10 durable writes per second are made). */
 void run_progress(struct run *r, double fraction);

@@ -19,7 +19,8 @@ static const struct error_def catalog[] = {
 	{"backend_failed", false, "the service ran the job and it failed"},
 	{"output_invalid", false, "the output is missing, empty, too large or not the media type"},
 	{"timeout", false, "the job ran past its deadline"},
-	{"interrupted", false, "the daemon stopped during every attempt"},
+	{"interrupted", false, "the daemon stopped during every attempt, or while a "
+				"service had not yet answered a submission (never sent twice)"},
 	{"cancelled_remotely", false, "the service cancelled the job"},
 	{"store", true, "the store could not take the output (a full disk, say)"},
 	{"render_failed", false, "the built-in renderer failed"},

@@ -58,7 +58,7 @@ int http_deny_parse(const char *spec, struct http_deny **out, char *err, size_t 
 		free(copy);
 		return -ENOMEM;
 	}
-	for (tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+	for (tok = strtok_r(copy, ",+", &save); tok; tok = strtok_r(NULL, ",+", &save)) {
 		struct http_deny_range r = {0};
 		char *slash = strchr(tok, '/'), *end = NULL;
 		unsigned long bits;
@@ -154,7 +154,11 @@ struct xfer {
 	void *req_body;
 	char *body;
 	size_t len, cap, max;
-	bool too_big, denied;
+	bool too_big, denied, sink_failed;
+	int (*sink)(void *arg, const void *data, size_t len, char *err, size_t errlen);
+	void *sink_arg;
+	uint64_t streamed;
+	char sink_err[256];
 	char denied_addr[INET6_ADDRSTRLEN];
 	uint64_t retry_after_ms;
 	char **secrets;
@@ -201,7 +205,25 @@ static size_t on_body(char *p, size_t size, size_t n, void *arg)
 	struct xfer *x = arg;
 	size_t len = size * n;
 
-	if (x->len + len > x->max) {
+	if (x->sink) {
+		long status = 0;
+
+		curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
+		if (status >= 200 && status < 300) {
+			if (x->streamed + len > x->max) {
+				x->too_big = true;
+				return 0;
+			}
+			if (x->sink(x->sink_arg, p, len, x->sink_err, sizeof(x->sink_err)) != 0) {
+				x->sink_failed = true;
+				return 0;
+			}
+			x->streamed += len;
+			return len;
+		}
+		if (x->len + len > 65536)
+			return len; /* an error's text: its start is enough */
+	} else if (x->len + len > x->max) {
 		x->too_big = true;
 		return 0; /* fails the transfer: a cut answer is no answer */
 	}
@@ -327,19 +349,35 @@ static void respond(struct xfer *x, CURLcode cc, bool cancelled)
 	r.body = x->body ? x->body : "";
 	r.len = x->body ? x->len : 0;
 	r.retry_after_ms = x->retry_after_ms;
+	r.streamed = x->streamed;
+	r.maybe_sent = !cancelled || x->added;
+	if (x->easy) {
+		char *ct = NULL;
+		if (curl_easy_getinfo(x->easy, CURLINFO_CONTENT_TYPE, &ct) == CURLE_OK && ct)
+			snprintf(r.content_type, sizeof(r.content_type), "%s", ct);
+	}
 	if (cancelled) {
 		r.cancelled = true;
 		snprintf(r.message, sizeof(r.message), "%s %s: cancelled", x->method, x->shown);
 	} else if (x->denied) {
+		r.maybe_sent = false;
 		r.error_code = "backend_rejected";
 		snprintf(r.message, sizeof(r.message),
 			 "%s %s: refused to connect to %s, which deny_net= excludes", x->method,
 			 x->shown, x->denied_addr);
 	} else if (x->too_big || cc == CURLE_FILESIZE_EXCEEDED) {
-		r.error_code = "backend_failed";
+		r.error_code = x->sink ? "output_invalid" : "backend_failed";
 		snprintf(r.message, sizeof(r.message), "%s %s: the answer is over %zu bytes",
 			 x->method, x->shown, x->max);
+	} else if (x->sink_failed) {
+		r.error_code = "store";
+		snprintf(r.message, sizeof(r.message), "%s %s: %s", x->method, x->shown,
+			 x->sink_err[0] ? x->sink_err : "cannot keep the answer");
 	} else if (cc != CURLE_OK) {
+		if (cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST ||
+		    cc == CURLE_COULDNT_RESOLVE_PROXY || cc == CURLE_UNSUPPORTED_PROTOCOL ||
+		    cc == CURLE_URL_MALFORMAT || cc == CURLE_SSL_CONNECT_ERROR)
+			r.maybe_sent = false;
 		r.error_code = cc == CURLE_UNSUPPORTED_PROTOCOL || cc == CURLE_URL_MALFORMAT
 				       ? "backend_rejected"
 				       : "backend_unavailable";
@@ -423,6 +461,8 @@ int http_submit(struct http_loop *l, const struct http_request *rq, http_done_fn
 	x->done = done;
 	x->arg = arg;
 	x->max = rq->max_body ? rq->max_body : 1 << 20;
+	x->sink = rq->sink;
+	x->sink_arg = rq->sink_arg;
 	if (!(x->method = strdup(rq->method ? rq->method : "GET")) ||
 	    !(x->shown = url_shown(rq->url)) || !(x->easy = curl_easy_init()) ||
 	    (rq->nsecrets && !(x->secrets = calloc(rq->nsecrets, sizeof(char *)))))

@@ -21,7 +21,8 @@
 /* ---- deny_net= ---- */
 
 struct http_deny;
-/* Parse "CIDR,CIDR,..." (IPv4 and IPv6; "" for none). 0 or -EINVAL with
+/* Parse "CIDR,CIDR,..." or "CIDR+CIDR" (a mount option cannot hold a bare
+ * comma) (IPv4 and IPv6; "" for none). 0 or -EINVAL with
  * err naming the bad entry. */
 int http_deny_parse(const char *spec, struct http_deny **out, char *err, size_t errlen);
 /* Whether an address falls in one of the ranges. */
@@ -43,6 +44,14 @@ struct http_request {
 	size_t max_body;		/* answer bytes kept at most; 0: 1 MiB */
 	const char *const *secrets;	/* never in a message: replaced by *** */
 	size_t nsecrets;
+	/*
+	 * With sink: a 2xx answer's body goes to sink as it arrives (on the
+	 * loop's thread; a non-zero return fails the transfer with that
+	 * message), bounded by max_body, instead of being kept; any other
+	 * answer is kept (64 KiB at most) for the message.
+	 */
+	int (*sink)(void *arg, const void *data, size_t len, char *err, size_t errlen);
+	void *sink_arg;
 };
 
 struct http_response {
@@ -52,6 +61,10 @@ struct http_response {
 	uint64_t retry_after_ms;   /* from Retry-After (seconds or a date); 0: none */
 	const char *error_code;	   /* NULL for a 2xx answer, else the catalog's code */
 	bool cancelled;		   /* http_cancel() or the loop's stop */
+	bool maybe_sent;	   /* the service may have the request (false: it
+				      never left: no connection, refused, denied) */
+	uint64_t streamed;	   /* bytes given to the sink */
+	char content_type[128];	   /* of the answer ("" if none) */
 	char message[512];	   /* what went wrong, for the job's log (no secrets) */
 };
 

@@ -98,7 +98,7 @@ static json_object *output_json(const struct job *j)
 int jobview_status_json(struct engine *e, const struct job *j, char **out, size_t *len)
 {
 	json_object *o = json_object_new_object(), *err = NULL, *output = NULL;
-	char id[JOB_ID_STR_LEN + 1], prog[16];
+	char id[JOB_ID_STR_LEN + 1], prog[16], wait[512] = "";
 	uint64_t pos;
 
 	if (!o)
@@ -135,6 +135,9 @@ int jobview_status_json(struct engine *e, const struct job *j, char **out, size_
 	json_object_object_add(o, "route", json_object_new_string(j->route));
 	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
 	json_object_object_add(o, "status", json_object_new_string(job_status_name(j->status)));
+	if (j->status == JOB_QUEUED)
+		engine_waiting_for(e, j->route, wait, sizeof(wait));
+	json_object_object_add(o, "waiting_for", wait[0] ? json_object_new_string(wait) : NULL);
 	return json_text(o, out, len);
 }
 

@@ -11,6 +11,7 @@
  *   {"routes": {"video/wan/default/t2v": {"backend": "fal",
  *     "model": "fal-ai/wan-t2v", "key_env": "FAL_KEY", "media_type": "video/mp4",
  *     "deterministic": false, "timeout_s": 600, "max_attempts": 3,
+ *     "concurrency": 64, "breaker": 5, "breaker_s": 30, "max_output": 4294967296,
  *     "schema": {...}}}}
  */
 #include "route.h"
@@ -158,6 +159,29 @@ static int apply(struct route *r, json_object *e, const char *file, char *err, s
 				r->timeout_ms = (uint64_t)x * 1000;
 			else
 				r->max_attempts = (uint32_t)x;
+		} else if (strcmp(k, "concurrency") == 0 || strcmp(k, "breaker") == 0 ||
+			   strcmp(k, "breaker_s") == 0) {
+			int64_t x = json_object_get_int64(v);
+			if (!json_object_is_type(v, json_type_int) || x < 1 || x > 100000) {
+				snprintf(msg, sizeof(msg), "'%s' must be an integer from 1 to 100000",
+					 k);
+				return fail(err, errlen, file, r->path, msg);
+			}
+			if (k[0] == 'c')
+				r->concurrency = (uint32_t)x;
+			else if (strcmp(k, "breaker") == 0)
+				r->breaker = (uint32_t)x;
+			else
+				r->breaker_s = (uint32_t)x;
+		} else if (strcmp(k, "max_output") == 0) {
+			int64_t x = json_object_get_int64(v);
+			if (!json_object_is_type(v, json_type_int) || x < 1 ||
+			    x > (int64_t)(1ull << 40)) {
+				snprintf(msg, sizeof(msg),
+					 "'max_output' must be a number of bytes from 1 to 2^40");
+				return fail(err, errlen, file, r->path, msg);
+			}
+			r->max_output = (uint64_t)x;
 		} else if (strcmp(k, "schema") == 0) {
 			char serr[256];
 			if (schema_check(v, serr, sizeof(serr)) != 0) {
@@ -221,6 +245,10 @@ static int load_text(struct route_table *t, const char *text, size_t len, const 
 			snprintf(r->path, sizeof(r->path), "%s", path);
 			r->max_attempts = max_attempts;
 			r->timeout_ms = 3600 * 1000;
+			r->concurrency = ROUTE_CONCURRENCY_DEFAULT;
+			r->breaker = ROUTE_BREAKER_DEFAULT;
+			r->breaker_s = ROUTE_BREAKER_S_DEFAULT;
+			r->max_output = ROUTE_MAX_OUTPUT_DEFAULT;
 			r->backend = NULL;
 		}
 		if ((rc = apply(r, entry, file, err, errlen)) != 0)
@@ -274,6 +302,13 @@ static int render_texts(struct route_table *t)
 		json_object_object_add(o, "timeout_s",
 				       json_object_new_int64((int64_t)(r->timeout_ms / 1000)));
 		json_object_object_add(o, "max_attempts", json_object_new_int64(r->max_attempts));
+		if (r->backend->remote) {
+			json_object_object_add(o, "concurrency",
+					       json_object_new_int64(r->concurrency));
+			json_object_object_add(o, "breaker", json_object_new_int64(r->breaker));
+			json_object_object_add(o, "breaker_s", json_object_new_int64(r->breaker_s));
+		}
+		json_object_object_add(o, "max_output", json_object_new_int64((int64_t)r->max_output));
 		json_object_object_add(o, "schema", json_object_get(r->schema));
 		json_object_array_add(routes, o);
 	}

@@ -30,7 +30,20 @@ struct route {
 	char *schema_text;	    /* schema, pretty-printed, newline-terminated */
 	json_object *settings;	    /* the backend's own settings, or NULL */
 	char model_id[128];	    /* remote model name (fal: "fal-ai/wan-t2v") */
+	uint32_t concurrency;	    /* jobs in flight at most (remote; 0: default 64) */
+	uint32_t breaker;	    /* consecutive service failures that open its breaker */
+	uint32_t breaker_s;	    /* first open period, doubling up to 10 minutes */
+	uint64_t max_output;	    /* bytes of one output at most */
+	/* The backend instance (a remote backend's configure sets it: base
+	 * URL and model); routes with the same target share one circuit
+	 * breaker. "" for local backends. */
+	char target[768];
 };
+
+#define ROUTE_CONCURRENCY_DEFAULT 64
+#define ROUTE_BREAKER_DEFAULT 5
+#define ROUTE_BREAKER_S_DEFAULT 30
+#define ROUTE_MAX_OUTPUT_DEFAULT (4ull << 30)
 
 struct route_table {
 	struct route *routes;

@@ -9,6 +9,8 @@
  */
 #include "mountopts.h"
 
+#include "http.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -34,6 +36,7 @@ static const struct fuse_opt table[] = {
 	OPT("user_buffer_max=%s", user_buffer_max_s),
 	OPT("retain=%s", retain),
 	OPT("keyfile=%s", keyfile),
+	OPT("deny_net=%s", deny_net),
 	OPT("private", private_),
 	OPT("nonotify", nonotify),
 	OPT("passthrough", passthrough),
@@ -87,6 +90,9 @@ void mountopts_help(FILE *out, const char *prog)
 		"                         (default: 64M, at least max_request + 1M)\n"
 		"    retain=DURATION      delete finished jobs older than this, e.g. 7d, 12h\n"
 		"                         (default: keep)\n"
+		"    deny_net=CIDR+CIDR   addresses no service request or download may go to,\n"
+		"                         '+'-separated, empty for none (default:\n"
+		"                         169.254.0.0/16+fe80::/10: link-local, cloud metadata)\n"
 		"    private              jobs visible to their owner only; modes 0700/0600\n"
 		"    keyfile=FILE         sign with this minisign secret key (default: the\n"
 		"                         store's own keys/)\n"
@@ -320,6 +326,16 @@ int mountopts_parse(struct fuse_args *args, struct mountopts *mo, char *err, siz
 		return -EINVAL;
 	}
 	eo->models = mo->models;
+	if (mo->deny_net) {
+		struct http_deny *d = NULL;
+		char why[256];
+		if (http_deny_parse(mo->deny_net, &d, why, sizeof(why)) != 0) {
+			snprintf(err, errlen, "option 'deny_net=%s': %s", mo->deny_net, why);
+			return -EINVAL;
+		}
+		http_deny_free(d);
+		eo->deny_net = mo->deny_net;
+	}
 	/* FUSE parses the mountpoint itself (with -f, -d, ...). */
 	if (fuse_opt_add_arg(args, mo->mountpoint) != 0)
 		return -ENOMEM;
@@ -330,7 +346,7 @@ void mountopts_release(struct mountopts *mo)
 {
 	char **strs[] = {&mo->store,	    &mo->models,      &mo->workers,	 &mo->gpus,
 			 &mo->queue_max,    &mo->user_queue_max, &mo->rate,	 &mo->burst,
-			 &mo->max_request,  &mo->max_attempts, &mo->retain,	 &mo->keyfile,
+			 &mo->max_request,  &mo->max_attempts, &mo->retain,	 &mo->keyfile, &mo->deny_net,
 			 &mo->buffer_max_s, &mo->user_buffer_max_s,
 			 &mo->source,	    &mo->mountpoint};
 

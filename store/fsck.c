@@ -328,6 +328,29 @@ static void check_jobs(struct fsck *f, MDB_txn *txn)
 	}
 	mdb_cursor_close(cur);
 
+	/* Remote routes' queue groups: a route each, no group twice. */
+	if (mdb_cursor_open(txn, f->ix->rgroups, &cur) != 0) {
+		problem(f, "cannot read the route groups database");
+		return;
+	}
+	{
+		bool given[INDEX_GROUPS] = {false};
+		for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+		     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+			uint8_t g;
+			if (k.mv_size == 0 || k.mv_size > INDEX_ROUTE_MAX || v.mv_size != 1) {
+				problem(f, "a route group entry has %zu + %zu bytes", k.mv_size,
+					v.mv_size);
+				continue;
+			}
+			g = *(const uint8_t *)v.mv_data;
+			if (given[g])
+				problem(f, "queue group %u is given to two routes", g);
+			given[g] = true;
+		}
+	}
+	mdb_cursor_close(cur);
+
 	/* Jobs per route and status, as counted in the records. */
 	if (mdb_cursor_open(txn, f->ix->counts, &cur) != 0) {
 		problem(f, "cannot read the counts database");

@@ -223,6 +223,7 @@ static const struct dbdef dbdefs[] = {
 	{"counts", offsetof(struct index, counts), 0},
 	{"delayed", offsetof(struct index, delayed), 0},
 	{"handles", offsetof(struct index, handles), 0},
+	{"rgroups", offsetof(struct index, rgroups), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 

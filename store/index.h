@@ -38,7 +38,11 @@
  *            read this blob" without walking the user's jobs)
  *   handles  id (16) -> a backend's durable handle for the job (what it
  *            needs to find its remote work again after a restart: a
- *            request id, status URLs), at most INDEX_HANDLE_MAX bytes
+ *            request id, status URLs), at most INDEX_HANDLE_MAX bytes;
+ *            dropped when the job reaches a final state
+ *   rgroups  route -> group (1): the queue group of a remote route, given
+ *            once and kept, so that each remote route has its own queue
+ *            (its concurrency and circuit breaker hold back only its jobs)
  *   delayed  not_before ms (8) | id (16) -> empty: queued jobs that may
  *            not run before that time (retries after transient failures)
  *   counts   route -> INDEX_STATUSES u64: its jobs in each status, kept by
@@ -91,7 +95,7 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -128,7 +132,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 7
+#define INDEX_FORMAT_VERSION 8
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
@@ -311,6 +315,30 @@ int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN]);
  * delete and priority changes work on it as on any queued job.
  */
 int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms);
+/*
+ * running -> queued with the attempt not counted (attempts - 1): the run
+ * was held back before it reached the service (a circuit breaker opened
+ * while it waited), so it costs the job nothing.
+ */
+int index_job_return(struct index *ix, const uint8_t id[JOB_ID_LEN]);
+
+/*
+ * The queue group of each of n remote routes (rgroups): the one it was
+ * given before, else the lowest group from `first` on that no route has,
+ * else one whose route is not among these and whose queue is empty.
+ * -ENOSPC when none is left.
+ */
+int index_route_groups(struct index *ix, const char *const *routes, size_t n, uint8_t first,
+		       uint8_t *groups);
+/*
+ * Move the queued and delayed jobs of every group for which stale(group)
+ * says so into group_of(route) (a mount whose routes changed backend, or
+ * jobs from a format that shared one remote group). Costs what is moved
+ * and the delayed set, not the jobs. *moved: how many.
+ */
+int index_regroup(struct index *ix, bool (*stale)(uint8_t group, void *arg),
+		  uint8_t (*group_of)(const char *route, void *arg), void *arg, uint64_t *moved);
+
 /* Move every delayed job due at now_ms into the queue; *next_ms: the time
  * of the next one still waiting (0: none). */
 int index_promote_due(struct index *ix, uint64_t now_ms, uint64_t *next_ms);
@@ -380,6 +408,8 @@ int index_digest_put(struct index *ix, const uint8_t digest[INDEX_HASH_LEN],
 int index_queue_depth(struct index *ix, uint8_t group, uint64_t *n);
 /* Number of queued jobs in every group, in one read. */
 int index_queue_total(struct index *ix, uint64_t *n);
+/* Queued jobs of each group (INDEX_GROUPS), in one read. */
+int index_queue_depths(struct index *ix, uint64_t *depth);
 /* Number of queued jobs of one owner, in every group. */
 int index_user_queued(struct index *ix, uint32_t uid, uint64_t *n);
 

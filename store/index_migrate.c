@@ -213,6 +213,14 @@ static int upgrade_6(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return add_only(ix, txn, njobs, 7);
 }
 
+/* Format 7 -> 8: rgroups (the queue group of each remote route); their
+ * jobs move from the shared remote group when a mount names the routes
+ * (index_route_groups, index_regroup). */
+static int upgrade_7(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	return add_only(ix, txn, njobs, 8);
+}
+
 /*
  * Each step takes an index of format `from` to from + 1 inside the
  * caller's write transaction; an open runs every step from the index's
@@ -228,6 +236,7 @@ static const struct migration {
 	{4, upgrade_4},
 	{5, upgrade_5},
 	{6, upgrade_6},
+	{7, upgrade_7},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

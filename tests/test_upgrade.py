@@ -45,6 +45,7 @@ def test_old_store_is_upgraded(tmp_path, mount_factory, renderctl, fmt):
         got = json.loads((d / "status.json").read_text())
         got.pop("progress")
         assert got.pop("retry_at") is None  # added in format 5
+        assert got.pop("waiting_for") is None  # added in format 8
         got["log"] = (d / "log").read_text()
         got["request"] = json.loads((d / "request.json").read_text())
         got["ino"] = os.stat(d).st_ino

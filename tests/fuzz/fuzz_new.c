@@ -30,7 +30,7 @@
 
 /* The registry's backends, without their runners (nothing runs here):
  * the built-in routes configure as in the daemon. */
-static int accept_settings(const struct route *rt, json_object *settings, void **state,
+static int accept_settings(struct route *rt, json_object *settings, void **state,
 			   char *err, size_t errlen)
 {
 	(void)rt, (void)settings, (void)err, (void)errlen;

@@ -3,7 +3,9 @@
  * submission in order up to the first refusal, quotas, fair share between
  * owners at claim time, job counts kept in the index across a reopen,
  * control (cancel, retry, priority, delete), memoization per owner, and a
- * retry delayed to a time (promoted by a worker once due, never before).
+ * retry delayed to a time (promoted by a worker once due, never before),
+ * the circuit breaker's transitions, and each remote route's own queue
+ * group (given once, kept across opens, jobs moved out of stale groups).
  */
 #include <errno.h>
 #include <json-c/json.h>
@@ -14,6 +16,7 @@
 
 #include "check.h"
 #include "engine.h"
+#include "engine_p.h"
 #include "store.h"
 
 #define IMAGE "image/synth/default/t2i"
@@ -221,6 +224,103 @@ static void test_memo_per_owner(struct store *st)
 	engine_close(e);
 }
 
+/* closed -> open after `threshold` failures -> half open after the period
+ * (one probe) -> open again, doubled, on failure -> closed on an answer. */
+static void test_breaker(void)
+{
+	struct breaker b;
+	uint64_t t = 1000000;
+
+	breaker_init(&b, "fal", "http://h\"x/m", 2, 1000);
+	CHECK(strcmp(b.target, "http://h_x/m") == 0, "breaker and groups"); /* a label: no quote */
+	CHECK(breaker_may_claim(&b, t) && !breaker_claimed(&b), "breaker and groups");
+	CHECK(breaker_result(&b, false, BREAKER_FAILED, t) == BREAKER_CLOSED, "breaker and groups");
+	CHECK(breaker_result(&b, false, BREAKER_ANSWERED, t) == BREAKER_CLOSED, "breaker and groups");
+	CHECK(breaker_result(&b, false, BREAKER_FAILED, t) == BREAKER_CLOSED, "breaker and groups");
+	CHECK(breaker_result(&b, false, BREAKER_FAILED, t) == BREAKER_OPEN, "breaker and groups");
+	CHECK(b.until_ms == t + 1000 && b.opened == 1, "breaker and groups");
+	CHECK(!breaker_may_claim(&b, t + 999), "breaker and groups");
+	CHECK(breaker_may_claim(&b, t + 1000) && b.state == BREAKER_HALF_OPEN, "breaker and groups");
+	CHECK(breaker_claimed(&b), "breaker and groups");		    /* the probe */
+	CHECK(!breaker_may_claim(&b, t + 1001), "breaker and groups");    /* one at a time */
+	/* A run from before that fails now changes nothing while probing. */
+	CHECK(breaker_result(&b, false, BREAKER_FAILED, t + 1001) == BREAKER_HALF_OPEN, "breaker and groups");
+	CHECK(breaker_result(&b, true, BREAKER_FAILED, t + 1002) == BREAKER_OPEN, "breaker and groups");
+	CHECK(b.until_ms == t + 1002 + 2000, "breaker and groups"); /* doubled */
+	CHECK(breaker_may_claim(&b, t + 3002) && breaker_claimed(&b), "breaker and groups");
+	/* A probe that ends without a word (cancelled) lets another go. */
+	CHECK(breaker_result(&b, true, BREAKER_NONE, t + 3003) == BREAKER_HALF_OPEN, "breaker and groups");
+	CHECK(breaker_may_claim(&b, t + 3003) && breaker_claimed(&b), "breaker and groups");
+	CHECK(breaker_result(&b, true, BREAKER_ANSWERED, t + 3004) == BREAKER_CLOSED, "breaker and groups");
+	CHECK(b.open_ms == 1000 && b.failures == 0, "breaker and groups");
+	for (int i = 0; i < 20; i++) { /* the period stops doubling at 10 min */
+		breaker_result(&b, false, BREAKER_FAILED, t);
+		breaker_result(&b, false, BREAKER_FAILED, t);
+		breaker_may_claim(&b, b.until_ms);
+		breaker_claimed(&b);
+		breaker_result(&b, true, BREAKER_FAILED, t);
+	}
+	CHECK(b.open_ms == BREAKER_MAX_MS, "breaker and groups");
+}
+
+static uint8_t stale_group;
+static bool is_stale(uint8_t g, void *arg)
+{
+	(void)arg;
+	return g == stale_group;
+}
+static uint8_t to_cpu(const char *route, void *arg)
+{
+	(void)route, (void)arg;
+	return 0;
+}
+
+/* A remote route's jobs queue in a group of its own, the same one after a
+ * reopen; index_regroup moves the jobs of a group no route has. */
+static void test_route_groups(struct store *st)
+{
+	struct index *ix = store_index(st);
+	const char *a[] = {"image/a/default/t2i", "image/b/default/t2i"};
+	const char *b[] = {"image/c/default/t2i", "image/a/default/t2i"};
+	uint8_t g1[2], g2[2], id[JOB_ID_LEN];
+	char path[128], err[512];
+	struct engine_options o;
+	struct engine_submission s = {0};
+	struct engine *e = NULL;
+	uint64_t n = 0, moved = 0;
+	FILE *f;
+
+	CHECK(index_route_groups(ix, a, 2, GROUP_ROUTE0, g1) == 0, "breaker and groups");
+	CHECK(g1[0] >= GROUP_ROUTE0 && g1[1] >= GROUP_ROUTE0 && g1[0] != g1[1], "breaker and groups");
+	CHECK(index_route_groups(ix, b, 2, GROUP_ROUTE0, g2) == 0, "breaker and groups");
+	CHECK(g2[1] == g1[0] && g2[0] != g1[0] && g2[0] != g1[1], "breaker and groups");
+
+	snprintf(path, sizeof(path), "%s/models.json", dir);
+	CHECK((f = fopen(path, "w")) != NULL, "breaker and groups");
+	fputs("{\"routes\": {\"image/a/default/t2i\": {\"backend\": \"fal\", \"model\": "
+	      "\"fal-ai/x\", \"base_url\": \"http://127.0.0.1:9\", \"media_type\": "
+	      "\"image/png\", \"schema\": {\"type\": \"object\"}}}}",
+	      f);
+	fclose(f);
+	engine_options_default(&o);
+	o.workers = 0;
+	o.rate = 0;
+	o.models = path;
+	CHECK(engine_open(st, &o, &e, err, sizeof(err)) == 0, "breaker and groups");
+	s.obj = json_object_new_object();
+	CHECK(engine_submit(e, "image/a/default/t2i", 1, 1, &s, 1) == 0 && s.rc == 0, "breaker and groups");
+	json_object_put(s.obj);
+	ulid_parse(s.id, id);
+	CHECK(index_queue_depth(ix, g1[0], &n) == 0 && n == 1, "breaker and groups");
+	engine_close(e);
+
+	stale_group = g1[0];
+	CHECK(index_regroup(ix, is_stale, to_cpu, NULL, &moved) == 0 && moved == 1, "breaker and groups");
+	CHECK(index_queue_depth(ix, g1[0], &n) == 0 && n == 0, "breaker and groups");
+	CHECK(index_queue_depth(ix, 0, &n) == 0 && n >= 1, "breaker and groups");
+	CHECK(index_job_cancel(ix, id) == 0, "breaker and groups");
+}
+
 int main(void)
 {
 	struct store_options so = {0};
@@ -235,6 +335,8 @@ int main(void)
 	test_fair_share_and_counts(st);
 	test_delayed_retry(st);
 	test_memo_per_owner(st);
+	test_breaker();
+	test_route_groups(st);
 	store_close(st);
 	rm_rf(dir);
 	return check_done("test_engine");

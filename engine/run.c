@@ -1,0 +1,479 @@
+/*
+ * run.c - running a job: the runner context backends use (engine_i.h),
+ * the start and end every run shares (engine_run_begin, engine_run_end),
+ * the worker threads that claim and run local jobs, and the janitor that
+ * deletes finished jobs past retain=.
+ *
+ * Threads: workers and the janitor are this file's; engine_run_begin and
+ * engine_run_end also run on remote threads (remote.c). See engine_p.h
+ * for the locks.
+ */
+#include "backend.h"
+#include "engine_p.h"
+#include "errors.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- the runner context ---- */
+
+/* A timestamped log line; with backend, the attempt's first, recording
+ * what runs the job in the same write. */
+static int run_vlog(struct run *r, const struct backend *backend, const char *fmt, va_list ap)
+{
+	char line[ENGINE_ERR_MAX + 64], ts[32];
+	int n, rc;
+
+	engine_time_format(now_ms(), ts);
+	n = snprintf(line, sizeof(line), "%s ", ts);
+	vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
+	/* One line per event: a message never splits the log. */
+	for (char *p = line; *p; p++)
+		if (*p == '\n' || *p == '\r')
+			*p = ' ';
+	rc = index_job_log_start(r->e->ix, r->job.id, line, strlen(line),
+				 backend ? backend->name : NULL, r->route ? r->route->model_id : NULL);
+	if (rc == 0)
+		engine_notify(r->e, r->job.id, r->job.route, EV_LOG);
+	return rc;
+}
+
+void run_log(struct run *r, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	run_vlog(r, NULL, fmt, ap);
+	va_end(ap);
+}
+
+/* The attempt's first line; what runs the job goes in its record with it
+ * (manifest.json says so later, whatever the models file says then). */
+static int run_log_start(struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int run_log_start(struct run *r, const char *fmt, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	rc = run_vlog(r, r->route->backend, fmt, ap);
+	va_end(ap);
+	return rc;
+}
+
+void run_progress(struct run *r, double fraction)
+{
+	uint64_t now = now_ms();
+	uint16_t t;
+
+	if (fraction < 0)
+		fraction = 0;
+	if (fraction > 1)
+		fraction = 1;
+	t = (uint16_t)lround(fraction * 1000);
+	/* At most ten durable writes a second; the final value always. */
+	if (t < 1000 && now - r->last_progress_ms < 100)
+		return;
+	r->last_progress_ms = now;
+	if (index_job_progress(r->e->ix, r->job.id, t) == 0)
+		engine_notify(r->e, r->job.id, r->job.route, EV_PROGRESS);
+}
+
+enum stop_reason run_stopping(struct run *r)
+{
+	int s = atomic_load(r->stop);
+
+	if (s != STOP_NONE)
+		return (enum stop_reason)s;
+	if (r->deadline_ms && now_ms() >= r->deadline_ms) {
+		atomic_store(r->stop, STOP_TIMEOUT);
+		return STOP_TIMEOUT;
+	}
+	return STOP_NONE;
+}
+
+int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
+		      const char *device)
+{
+	int rc = store_job_commit_output(r->e->st, r->job.id, sink, media_type, device, NULL);
+
+	if (rc)
+		return run_fail(r, rc, "store", "cannot store the output: %s",
+				store_lasterr());
+	engine_notify(r->e, r->job.id, r->job.route, EV_OUTPUT);
+	return 0;
+}
+
+int run_handle_put(struct run *r, const void *data, size_t len)
+{
+	return index_job_handle_put(r->e->ix, r->job.id, data, len);
+}
+
+int run_handle_get(struct run *r, void **out, size_t *len)
+{
+	return index_job_handle_get(r->e->ix, r->job.id, out, len);
+}
+
+int run_fail(struct run *r, int rc, const char *code, const char *fmt, ...)
+{
+	const struct error_def *d = error_find(code);
+	va_list ap;
+
+	if (!d) { /* a backend's mistake: said, and not retried */
+		fprintf(stderr, "renderfs: error code '%s' is not in the catalog\n", code);
+		d = error_find("backend_failed");
+	}
+	snprintf(r->error_code, sizeof(r->error_code), "%s", d->code);
+	va_start(ap, fmt);
+	vsnprintf(r->error_message, sizeof(r->error_message), fmt, ap);
+	va_end(ap);
+	r->transient = d->retried;
+	return rc ? rc : -EIO;
+}
+
+/* ---- workers ---- */
+
+/* Memoization: an earlier complete job with the same normalized request. */
+static bool serve_cached(struct run *r, const uint8_t digest[INDEX_HASH_LEN])
+{
+	uint8_t other[JOB_ID_LEN];
+	char oid[JOB_ID_STR_LEN + 1];
+	struct job o;
+	bool ok = false;
+
+	if (!r->route->deterministic ||
+	    index_digest_lookup(r->e->ix, digest, other) != 0)
+		return false;
+	if (index_job_get(r->e->ix, other, &o) != 0)
+		return false;
+	if (o.status == JOB_COMPLETE && (o.flags & JOB_F_HAS_OUTPUT) &&
+	    (!r->e->opt.memo_per_owner || o.uid == r->job.uid) &&
+	    index_job_attach_output(r->e->ix, r->job.id, o.output_hash, o.output_size,
+				    o.media_type, o.device, true) == 0) {
+		ulid_format(other, oid);
+		run_log(r, "same request as job %s: its output is reused (cached)", oid);
+		pthread_mutex_lock(&r->e->stats_mu);
+		r->e->memo_hits++;
+		pthread_mutex_unlock(&r->e->stats_mu);
+		engine_notify(r->e, r->job.id, r->job.route, EV_OUTPUT);
+		ok = true;
+	}
+	job_release(&o);
+	return ok;
+}
+
+static uint64_t backoff_ms(uint32_t attempt)
+{
+	uint64_t base = 1000ull << (attempt < 6 ? attempt : 6);
+	uint32_t jitter;
+
+	if (getrandom(&jitter, sizeof(jitter), 0) != sizeof(jitter))
+		jitter = 0;
+	return base / 2 + jitter % (base / 2 + 1);
+}
+
+static void finish(struct engine *e, struct run *r, enum job_status st, const char *code,
+		   const char *msg)
+{
+	struct job j;
+	int rc = index_job_finish(e->ix, r->job.id, st, code, msg);
+
+	if (rc) {
+		/* The index refused: the job stays running until recovery puts
+		 * it back in the queue; say so loudly. */
+		fprintf(stderr, "renderfs: cannot finish job: %s\n", store_lasterr());
+		return;
+	}
+	if (index_job_get(e->ix, r->job.id, &j) == 0) {
+		pthread_mutex_lock(&e->stats_mu);
+		engine_observe(&e->h_wait, (double)(j.started_ms - j.created_ms) / 1000);
+		engine_observe(&e->h_run, (double)(j.completed_ms - j.started_ms) / 1000);
+		engine_observe(&e->h_e2e, (double)(j.completed_ms - j.created_ms) / 1000);
+		pthread_mutex_unlock(&e->stats_mu);
+		job_release(&j);
+	}
+	engine_notify(e, r->job.id, r->job.route, EV_STATUS);
+}
+
+bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HASH_LEN])
+{
+	struct engine *e = r->e;
+	const struct job *job = &r->job;
+	char *req = NULL;
+	size_t reqlen = 0;
+	int rc;
+
+	r->threads = e->cpus;
+	r->route = route_find(&e->routes, job->route);
+	engine_notify(e, job->id, job->route, EV_STATUS);
+	if (!r->route) {
+		run_log(r, "route %s is not configured on this mount", job->route);
+		finish(e, r, JOB_ERROR, "backend_not_configured",
+		       "the route is no longer configured (models file)");
+		return false;
+	}
+	r->deadline_ms =
+		job->started_ms + (job->timeout_ms ? job->timeout_ms : r->route->timeout_ms);
+	if ((rc = run_log_start(r, "started attempt %u on %s (%s backend)", job->attempts, where,
+				r->route->backend->name)) != 0 ||
+	    (rc = index_job_request(e->ix, job->id, &req, &reqlen)) != 0) {
+		run_log(r, "cannot read or record the job: %s", store_lasterr());
+		finish(e, r, JOB_ERROR, "store", store_lasterr());
+		return false;
+	}
+	index_request_digest(job->route, req, reqlen,
+			     e->opt.memo_per_owner ? job->uid : INDEX_ANY_OWNER, digest);
+	if (serve_cached(r, digest)) {
+		free(req);
+		finish(e, r, JOB_COMPLETE, NULL, NULL);
+		return false;
+	}
+	r->request = req;
+	r->request_len = reqlen;
+	return true;
+}
+
+void engine_run_end(struct run *r, int rc, const uint8_t digest[INDEX_HASH_LEN])
+{
+	struct engine *e = r->e;
+	const struct job *job = &r->job;
+
+	free((char *)r->request);
+	r->request = NULL;
+	if (rc == 0) {
+		run_log(r, "complete");
+		finish(e, r, JOB_COMPLETE, NULL, NULL);
+		if (r->route->deterministic)
+			index_digest_put(e->ix, digest, job->id);
+		return;
+	}
+	switch (run_stopping(r)) {
+	case STOP_CANCEL:
+		run_log(r, "cancelled");
+		finish(e, r, JOB_CANCELLED, NULL, NULL);
+		return;
+	case STOP_TIMEOUT:
+		snprintf(r->error_message, sizeof(r->error_message),
+			 "the job ran past its deadline of %llu s",
+			 (unsigned long long)((r->deadline_ms - job->started_ms) / 1000));
+		run_log(r, "error: %s", r->error_message);
+		finish(e, r, JOB_ERROR, "timeout", r->error_message);
+		return;
+	case STOP_SHUTDOWN:
+		run_log(r, "interrupted by shutdown; back in the queue");
+		if (index_job_requeue(e->ix, job->id) == 0)
+			engine_notify(e, job->id, job->route, EV_STATUS);
+		return;
+	case STOP_NONE:
+		break;
+	}
+	if (r->transient && job->attempts < r->route->max_attempts) {
+		/* Back to the queue, claimable after the backoff (or when the
+		 * service says, Retry-After): no thread waits for it. */
+		uint64_t ms = backoff_ms(job->attempts), due;
+		if (r->retry_after_ms > ms)
+			ms = r->retry_after_ms;
+		due = now_ms() + ms;
+		run_log(r, "attempt %u failed (%s: %s); retrying in %llu ms", job->attempts,
+			r->error_code, r->error_message, (unsigned long long)ms);
+		if (index_job_requeue_at(e->ix, job->id, due) != 0) {
+			run_log(r, "error: cannot requeue: %s", store_lasterr());
+			finish(e, r, JOB_ERROR, "store", store_lasterr());
+			return;
+		}
+		engine_lower_next_due(e, due);
+		pthread_mutex_lock(&e->stats_mu);
+		e->retries++;
+		pthread_mutex_unlock(&e->stats_mu);
+		engine_notify(e, job->id, job->route, EV_STATUS);
+		engine_wake(e); /* a sleeping worker times its wait by next_due */
+		return;
+	}
+	run_log(r, "error: %s: %s", r->error_code, r->error_message);
+	finish(e, r, JOB_ERROR, r->error_code, r->error_message);
+}
+
+static void run_job(struct worker *w, struct job *job)
+{
+	struct run r;
+	uint8_t digest[INDEX_HASH_LEN];
+
+	memset(&r, 0, sizeof(r));
+	r.e = w->e;
+	r.job = *job;
+	r.stop = &w->stop;
+	r.gpu = w->gpu;
+	if (engine_run_begin(&r, w->gpu >= 0 ? "gpu" : "cpu", digest))
+		engine_run_end(&r, r.route->backend->run(&r), digest);
+}
+
+/* Move the delayed retries that are due into the queue (any worker). */
+void engine_promote_due(struct engine *e)
+{
+	uint64_t due = atomic_load(&e->next_due), next;
+
+	if (!due || due > now_ms())
+		return;
+	/* Claim the promotion: others see 0 and go on claiming. */
+	if (!atomic_compare_exchange_strong(&e->next_due, &due, 0))
+		return;
+	if (index_promote_due(e->ix, now_ms(), &next) != 0) {
+		fprintf(stderr, "renderfs: cannot move due retries into the queue: %s\n",
+			store_lasterr());
+		next = now_ms() + 1000; /* try again in a second */
+	}
+	engine_lower_next_due(e, next); /* a retry delayed meanwhile may be earlier */
+	engine_wake(e);
+}
+
+/* The groups a worker takes jobs from, in order. */
+static size_t worker_groups(struct worker *w, uint8_t *groups)
+{
+	struct engine *e = w->e;
+	size_t n = 0;
+
+	groups[n++] = w->group;
+	if (w->group == GROUP_CPU)
+		for (int g = 0; g < MAX_GPUS; g++)
+			if (e->total[GROUP_GPU0 + g] == 0)
+				groups[n++] = (uint8_t)(GROUP_GPU0 + g);
+	return n;
+}
+
+void *engine_worker_main(void *arg)
+{
+	struct worker *w = arg;
+	struct engine *e = w->e;
+	uint8_t groups[1 + MAX_GPUS];
+	size_t ng = worker_groups(w, groups);
+
+	for (;;) {
+		struct job job;
+		int rc = STORE_E_NOTFOUND;
+
+		pthread_mutex_lock(&e->mu);
+		bool stop = e->stop;
+		pthread_mutex_unlock(&e->mu);
+		if (stop)
+			break;
+		engine_promote_due(e);
+		pthread_mutex_lock(&e->state_mu);
+		for (size_t i = 0; i < ng && rc == STORE_E_NOTFOUND; i++)
+			rc = index_job_claim(e->ix, groups[i], &job);
+		if (rc == 0) {
+			const struct route *rt = route_find(&e->routes, job.route);
+			if (rt && rt->backend->step) {
+				/* Queued before its route became remote: the remote
+				 * threads run it (or, with no room, it goes back). */
+				pthread_mutex_unlock(&e->state_mu);
+				if (!remote_adopt(e, &job)) {
+					index_job_return(e->ix, job.id);
+					job_release(&job);
+				}
+				continue;
+			}
+			pthread_mutex_lock(&e->mu);
+			w->busy = true;
+			memcpy(w->job, job.id, JOB_ID_LEN);
+			atomic_store(&w->stop, e->stop ? STOP_SHUTDOWN : STOP_NONE);
+			e->busy[w->group]++;
+			pthread_mutex_unlock(&e->mu);
+		}
+		pthread_mutex_unlock(&e->state_mu);
+		if (rc == 0) {
+			run_job(w, &job);
+			job_release(&job);
+			pthread_mutex_lock(&e->mu);
+			w->busy = false;
+			e->busy[w->group]--;
+			pthread_mutex_unlock(&e->mu);
+			continue;
+		}
+		if (rc != STORE_E_NOTFOUND)
+			fprintf(stderr, "renderfs: cannot claim a job: %s\n", store_lasterr());
+		/* Nothing to do: wait for a submission, the first delayed retry
+		 * or a second, whichever comes first. */
+		struct timespec ts;
+		uint64_t due = atomic_load(&e->next_due), now = now_ms(), wait_ms = 1000;
+		if (due && due <= now)
+			continue;
+		if (due && due - now < wait_ms)
+			wait_ms = due - now;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += (time_t)(wait_ms / 1000);
+		ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_mutex_lock(&e->mu);
+		if (!e->stop)
+			pthread_cond_timedwait(&e->work, &e->mu, &ts);
+		pthread_mutex_unlock(&e->mu);
+	}
+	return NULL;
+}
+
+/* Finished jobs older than retain= are deleted, oldest first. Ids are
+ * ULIDs, so id order is age order and the scan stops at the first young
+ * job. */
+void *engine_janitor_main(void *arg)
+{
+	struct engine *e = arg;
+
+	for (;;) {
+		uint8_t ids[256][JOB_ID_LEN], after[JOB_ID_LEN];
+		bool have_after = false, young = false;
+		struct timespec ts;
+
+		while (!young) {
+			size_t n = 0;
+			uint64_t cutoff = now_ms() - e->opt.retain_ms;
+
+			if (index_list_all(e->ix, have_after ? after : NULL, 256, ids, &n) != 0 || n == 0)
+				break;
+			for (size_t i = 0; i < n && !young; i++) {
+				struct job j;
+				if (ulid_time_ms(ids[i]) >= cutoff) {
+					young = true;
+					break;
+				}
+				if (index_job_get(e->ix, ids[i], &j) != 0)
+					continue;
+				bool done = j.status >= JOB_COMPLETE && j.completed_ms < cutoff;
+				job_release(&j);
+				if (done)
+					engine_delete(e, ids[i], false);
+			}
+			memcpy(after, ids[n - 1], JOB_ID_LEN);
+			have_after = true;
+		}
+		/* Every 10 s, or sooner for short retention (a quarter of it). */
+		uint64_t every = e->opt.retain_ms / 4 < 10000 ? e->opt.retain_ms / 4 : 10000;
+		if (every < 250)
+			every = 250;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += (time_t)(every / 1000);
+		ts.tv_nsec += (long)(every % 1000) * 1000000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_mutex_lock(&e->mu);
+		if (!e->stop)
+			pthread_cond_timedwait(&e->work, &e->mu, &ts);
+		bool stop = e->stop;
+		pthread_mutex_unlock(&e->mu);
+		if (stop)
+			break;
+	}
+	return NULL;
+}

@@ -1,0 +1,173 @@
+"""A fal queue service on 127.0.0.1, written from fal's documentation
+(PROTOCOLS.md "fal.ai queue"): submit, status with logs, result, cancel,
+and the result's files, with switches a test turns to make it fail, hold
+or misbehave. It records what it was asked."""
+
+import json
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def png(seed):
+    """A real 2x2 RGB PNG whose pixels depend on seed."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    px = bytes((seed * 37 + i * 11) & 0xFF for i in range(12))
+    raw = b"\x00" + px[:6] + b"\x00" + px[6:]
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+class FakeFal:
+    KEY = "fal-test-key-0123456789"
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.fail = None          # an HTTP status every request gets
+        self.fail_submit = None   # the same for submissions only
+        self.reject = None        # a 422 detail for submissions
+        self.hold = False         # requests stay IN_PROGRESS
+        self.submit_delay = 0     # seconds a submission's answer takes
+        self.file_type = "image/png"
+        self.submissions = []     # (request id, body object, headers)
+        self.cancels = []
+        self.requests = {}        # id -> {"polls", "cancelled", "done"}
+        self.outstanding = 0      # submitted, result not yet fetched
+        self.max_outstanding = 0
+        self.auth_seen = set()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def route(self, model="fal-ai/fake/image", **extra):
+        entry = {"backend": "fal", "model": model, "base_url": self.base, "key": self.KEY,
+                 "media_type": "image/png", "deterministic": False, "timeout_s": 60,
+                 "schema": {"type": "object", "required": ["prompt"], "properties": {
+                     "prompt": {"type": "string"}, "seed": {"type": "integer"}}}}
+        entry.update(extra)
+        return entry
+
+    def output(self, rid):
+        return png(int(rid.split("-")[-1]))
+
+    def _handler(fake):
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def answer(self, code, obj=None, body=None, ctype="application/json"):
+                data = body if body is not None else json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def body(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def authorized(self):
+                auth = self.headers.get("Authorization", "")
+                with fake.lock:
+                    fake.auth_seen.add(auth)
+                if auth != "Key " + FakeFal.KEY:
+                    self.answer(401, {"detail": "Invalid key"})
+                    return False
+                return True
+
+            def do_POST(self):
+                data = self.body()
+                if fake.fail or fake.fail_submit:
+                    return self.answer(fake.fail or fake.fail_submit,
+                                       {"detail": "service unavailable"})
+                if not self.authorized():
+                    return
+                if fake.reject:
+                    return self.answer(422, {"detail": [{"loc": ["body", "prompt"],
+                                                         "msg": fake.reject,
+                                                         "type": "value_error"}]})
+                model = self.path.strip("/")
+                with fake.lock:
+                    rid = f"req-{len(fake.submissions) + 1}"
+                    fake.submissions.append((rid, json.loads(data), dict(self.headers)))
+                    fake.requests[rid] = {"polls": 0, "cancelled": False, "done": False}
+                    fake.outstanding += 1
+                    fake.max_outstanding = max(fake.max_outstanding, fake.outstanding)
+                if fake.submit_delay:
+                    time.sleep(fake.submit_delay)
+                app = "/".join(model.split("/")[:2])
+                base = f"{fake.base}/{app}/requests/{rid}"
+                self.answer(200, {"request_id": rid, "status": "IN_QUEUE",
+                                  "queue_position": 1, "status_url": base + "/status",
+                                  "response_url": base, "cancel_url": base + "/cancel"})
+
+            def do_PUT(self):
+                self.body()
+                if not self.authorized():
+                    return
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) < 2 or parts[-1] != "cancel":
+                    return self.answer(404, {"detail": "Not found"})
+                rid = parts[-2]
+                with fake.lock:
+                    fake.cancels.append(rid)
+                    req = fake.requests.get(rid)
+                    if req:
+                        req["cancelled"] = True
+                        if not req["done"]:
+                            req["done"] = True
+                            fake.outstanding -= 1
+                self.answer(202 if req else 404,
+                            {"status": "CANCELLATION_REQUESTED" if req else "NOT_FOUND"})
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                if path.startswith("/files/"):
+                    rid = path.split("/")[-1].split(".")[0]
+                    return self.answer(200, body=fake.output(rid), ctype=fake.file_type)
+                if fake.fail:
+                    return self.answer(fake.fail, {"detail": "service unavailable"})
+                if not self.authorized():
+                    return
+                parts = path.strip("/").split("/")
+                if "requests" not in parts:
+                    return self.answer(404, {"detail": "Not found"})
+                rid = parts[parts.index("requests") + 1]
+                with fake.lock:
+                    req = fake.requests.get(rid)
+                    if req is None:
+                        return self.answer(404, {"detail": "Request not found"})
+                    if parts[-1] == "status":
+                        req["polls"] += 1
+                        polls = req["polls"]
+                if parts[-1] == "status":
+                    logs = [{"message": "loading model", "level": "INFO"}]
+                    if polls == 1:
+                        return self.answer(202, {"status": "IN_QUEUE", "queue_position": 0})
+                    if polls == 2 or fake.hold or req["cancelled"]:
+                        return self.answer(202, {"status": "IN_PROGRESS", "logs": logs})
+                    logs.append({"message": "step 2 of 2", "level": "INFO"})
+                    return self.answer(200, {"status": "COMPLETED", "logs": logs})
+                with fake.lock:
+                    if not req["done"]:
+                        req["done"] = True
+                        fake.outstanding -= 1
+                ext = "png" if fake.file_type == "image/png" else "html"
+                return self.answer(200, {
+                    "images": [{"url": f"{fake.base}/files/{rid}.{ext}",
+                                "content_type": fake.file_type, "width": 2, "height": 2}],
+                    "seed": 42, "has_nsfw_concepts": [False]})
+        return H

@@ -1,0 +1,196 @@
+"""Remote jobs (SPEC §8) against a fake fal queue service (fakefal.py):
+the protocol end to end, concurrency, retries that hold no worker, the
+circuit breaker, cancellation at the service, and paid work resumed (never
+sent twice) after a restart."""
+
+import json
+import re
+import time
+
+import pytest
+
+from fakefal import FakeFal
+
+ROUTE = "image/fake/default/t2i"
+SYNTH = "image/synth/default/t2i"
+
+
+@pytest.fixture
+def fal():
+    f = FakeFal()
+    yield f
+    f.close()
+
+
+def models(tmp_path, fal, **extra):
+    p = tmp_path / "models.json"
+    p.write_text(json.dumps({"routes": {ROUTE: fal.route(**extra)}}))
+    return f"models={p}"
+
+
+def until(cond, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def stats(m):
+    return (m.path / "stats").read_text()
+
+
+def test_fal_job_end_to_end(mount_factory, tmp_path, fal):
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "a lighthouse", "seed": 7})
+    assert m.wait(ROUTE, jid) == "complete", (m.job(ROUTE, jid) / "log").read_text()
+    rid, body, headers = fal.submissions[0]
+    assert len(fal.submissions) == 1
+    assert body == {"prompt": "a lighthouse", "seed": 7}
+    assert headers["Authorization"] == "Key " + FakeFal.KEY
+    assert (m.job(ROUTE, jid) / "output.png").read_bytes() == fal.output(rid)
+    log = (m.job(ROUTE, jid) / "log").read_text()
+    assert f"queued as request {rid}" in log
+    # fal sends its whole log list each time: each line is appended once.
+    assert log.count("fal: loading model") == 1 and log.count("fal: step 2 of 2") == 1
+    manifest = json.loads((m.job(ROUTE, jid) / "manifest.json").read_text())
+    assert manifest["backend"] == "fal" and manifest["model"] == "fal-ai/fake/image"
+    for text in (log, (m.job(ROUTE, jid) / "status.json").read_text(), stats(m), m.log(),
+                 (m.path / "models.json").read_text()):
+        assert FakeFal.KEY not in text
+
+
+def test_rejected_request_is_not_retried(mount_factory, tmp_path, fal):
+    fal.reject = "prompt is too dull"
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid) == "error"
+    st = m.status(ROUTE, jid)
+    assert st["error"]["code"] == "backend_rejected" and st["attempts"] == 1
+    assert "prompt: prompt is too dull" in st["error"]["message"]
+
+
+def test_output_of_another_media_type_is_refused(mount_factory, tmp_path, fal):
+    fal.file_type = "text/html"
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid) == "error"
+    st = m.status(ROUTE, jid)
+    assert st["error"]["code"] == "output_invalid" and "text/html" in st["error"]["message"]
+    assert not (m.job(ROUTE, jid) / "output.png").exists()
+
+
+def test_concurrency_bounds_jobs_in_flight(mount_factory, tmp_path, fal):
+    fal.hold = True
+    m = mount_factory([models(tmp_path, fal, concurrency=2), "workers=1"])
+    ids = [m.submit(ROUTE, {"prompt": f"p{i}"}) for i in range(6)]
+    until(lambda: len(fal.submissions) == 2, "two submissions")
+    time.sleep(0.5)  # room for a third, were the bound not kept
+    assert len(fal.submissions) == 2
+    st = m.status(ROUTE, ids[-1])
+    assert st["status"] == "queued" and "concurrency" in st["waiting_for"], st
+    assert 'renderfs_remote_in_flight{route="%s"} 2' % ROUTE in stats(m)
+    fal.hold = False
+    for jid in ids:
+        assert m.wait(ROUTE, jid) == "complete"
+    assert fal.max_outstanding == 2 and len(fal.submissions) == 6
+
+
+def test_failing_service_holds_no_worker(mount_factory, tmp_path, fal):
+    """With workers=1, a synth job completes while a remote job waits
+    between attempts (a retry is a time in the queue, not a thread)."""
+    fal.fail_submit = 503
+    m = mount_factory([models(tmp_path, fal, breaker=100), "workers=1", "max_attempts=10"])
+    rj = m.submit(ROUTE, {"prompt": "x"})
+    until(lambda: m.status(ROUTE, rj)["retry_at"] is not None, "a delayed retry")
+    sj = m.submit(SYNTH, {"prompt": "meanwhile", "width": 64, "height": 64})
+    assert m.wait(SYNTH, sj, timeout=30) == "complete"
+    st = m.status(ROUTE, rj)
+    assert st["status"] in ("queued", "running") and st["error"] is None
+    fal.fail_submit = None
+    assert m.wait(ROUTE, rj, timeout=60) == "complete"
+    assert len(fal.submissions) == 1  # the refused ones were never queued
+
+
+def breaker_state(m):
+    g = re.search(r'renderfs_breaker_state\{backend="fal",target="[^"]*"\} (\d)', stats(m))
+    return int(g.group(1))
+
+
+def test_breaker_opens_holds_jobs_and_closes(mount_factory, tmp_path, fal):
+    fal.fail = 503
+    m = mount_factory([models(tmp_path, fal, breaker=2, breaker_s=1), "max_attempts=2"])
+    ids = [m.submit(ROUTE, {"prompt": f"p{i}"}) for i in range(4)]
+    until(lambda: breaker_state(m) == 1, "the breaker open")
+    assert f'target="{fal.base}/fal-ai/fake/image"' in stats(m)
+    queued = [m.status(ROUTE, j) for j in ids]
+    assert all(s["status"] in ("queued", "running") for s in queued), queued
+    assert any(s["status"] == "queued" and s["waiting_for"]
+               and "circuit breaker" in s["waiting_for"] for s in queued), queued
+    # It stays open and probes: jobs wait, none fails, however long.
+    time.sleep(3)
+    assert all(m.status(ROUTE, j)["status"] in ("queued", "running") for j in ids)
+    logs = "".join((m.job(ROUTE, j) / "log").read_text() for j in ids)
+    assert "circuit breaker is open until" in logs
+    fal.fail = None
+    for jid in ids:
+        assert m.wait(ROUTE, jid, timeout=60) == "complete"
+    assert breaker_state(m) == 0
+    assert len(fal.submissions) == 4
+
+
+def test_cancel_reaches_the_service(mount_factory, tmp_path, fal):
+    fal.hold = True
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    until(lambda: "fal: loading model" in (m.job(ROUTE, jid) / "log").read_text(),
+          "the job in progress at the service")
+    (m.job(ROUTE, jid) / "ctl").write_text("cancel\n")
+    assert m.wait(ROUTE, jid) == "cancelled"
+    assert fal.cancels == [fal.submissions[0][0]]
+    assert "cancel of request req-1: CANCELLATION_REQUESTED" in (
+        m.job(ROUTE, jid) / "log").read_text()
+
+
+def test_deadline_cancels_at_the_service(mount_factory, tmp_path, fal):
+    fal.hold = True
+    m = mount_factory([models(tmp_path, fal, timeout_s=1)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid) == "error"
+    assert m.status(ROUTE, jid)["error"]["code"] == "timeout"
+    assert fal.cancels == ["req-1"]
+
+
+def test_restart_follows_the_request_and_never_resubmits(mount_factory, tmp_path, fal):
+    fal.hold = True
+    opts = [models(tmp_path, fal)]
+    m = mount_factory(opts)
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    until(lambda: "fal: loading model" in (m.job(ROUTE, jid) / "log").read_text(),
+          "the job in progress at the service")
+    m.stop()
+    fal.hold = False
+    m2 = mount_factory(opts, store=m.store, name="mnt2")
+    assert m2.wait(ROUTE, jid) == "complete"
+    assert len(fal.submissions) == 1 and fal.cancels == []
+    log = (m2.job(ROUTE, jid) / "log").read_text()
+    assert "following request req-1" in log
+    assert log.count("fal: loading model") == 1  # seen before the restart: not again
+    assert (m2.job(ROUTE, jid) / "output.png").read_bytes() == fal.output("req-1")
+
+
+def test_submission_of_unknown_fate_is_not_sent_again(mount_factory, tmp_path, fal):
+    """The daemon dies after sending a submission and before fal's answer:
+    whether fal queued it is unknown, so the job ends `interrupted` and
+    nothing is sent again."""
+    fal.submit_delay = 3
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    until(lambda: len(fal.submissions) == 1, "the submission at the service")
+    m.kill()
+    fal.submit_delay = 0
+    m2 = mount_factory([models(tmp_path, fal)], store=m.store, name="mnt2")
+    assert m2.wait(ROUTE, jid) == "error"
+    st = m2.status(ROUTE, jid)
+    assert st["error"]["code"] == "interrupted" and "not sent again" in st["error"]["message"]
+    assert len(fal.submissions) == 1
