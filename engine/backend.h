@@ -52,6 +52,9 @@ struct run;
 struct backend {
 	const char *name; /* as a models file's "backend" says it */
 	bool remote;	  /* a service does the work: the remote worker group */
+	/* The envelope "credentials" names it takes (NULL-terminated; NULL:
+	 * none), given to it through run_credential (SPEC §7). */
+	const char *const *credentials;
 	int (*configure)(struct route *rt, json_object *settings, void **state, char *err,
 			 size_t errlen);
 	int (*check)(const struct route *rt, const char *request, size_t len, char *err,

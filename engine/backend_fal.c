@@ -50,9 +50,9 @@ extern const struct backend backend_fal;
 #define FAL_POLL_FAILS 5
 
 struct fal_conf {
-	char base[512];		  /* without a trailing slash */
-	char key_env[128];	  /* where the key is, without "key" */
-	char *key;		  /* "key" from the models file, or NULL */
+	char base[512];    /* without a trailing slash */
+	char key_env[128]; /* where the key is, without "key" */
+	char *key;         /* "key" from the models file, or NULL */
 };
 
 enum fal_phase { F_SUBMIT, F_STATUS, F_RESULT, F_DOWNLOAD, F_CANCEL };
@@ -60,7 +60,8 @@ enum fal_phase { F_SUBMIT, F_STATUS, F_RESULT, F_DOWNLOAD, F_CANCEL };
 struct fal_run {
 	enum fal_phase phase;
 	const char *key;
-	char auth[600];
+	uint8_t *job_key; /* the job's own (envelope credentials), unsealed */
+	char auth[4200];
 	char request_id[128];
 	char status_url[FAL_URL_MAX], response_url[FAL_URL_MAX], cancel_url[FAL_URL_MAX];
 	char file_url[FAL_URL_MAX * 2];
@@ -73,9 +74,9 @@ struct fal_run {
 };
 
 static const struct backend_setting fal_takes[] = {
-	{"base_url", json_type_string},
-	{"key", json_type_string},
-	{"key_env", json_type_string},
+    {"base_url", json_type_string},
+    {"key", json_type_string},
+    {"key_env", json_type_string},
 };
 
 static bool url_ok(const char *u, size_t len)
@@ -97,17 +98,18 @@ static void fal_release(void *state)
 }
 
 static int fal_configure(struct route *rt, json_object *settings, void **state, char *err,
-			 size_t errlen)
+                         size_t errlen)
 {
 	struct fal_conf *c;
 	json_object *v;
 	int rc = backend_settings_check(&backend_fal, settings, fal_takes,
-					sizeof(fal_takes) / sizeof(fal_takes[0]), err, errlen);
+	                                sizeof(fal_takes) / sizeof(fal_takes[0]), err, errlen);
 
 	if (rc)
 		return rc;
 	if (!rt->model_id[0]) {
-		snprintf(err, errlen, "'model' is required for the fal backend (e.g. fal-ai/wan-t2v)");
+		snprintf(err, errlen,
+		         "'model' is required for the fal backend (e.g. fal-ai/wan-t2v)");
 		return -EINVAL;
 	}
 	if (rt->model_id[0] == '/' || strstr(rt->model_id, "..") || strpbrk(rt->model_id, "?#% ")) {
@@ -123,9 +125,10 @@ static int fal_configure(struct route *rt, json_object *settings, void **state, 
 		size_t n = (size_t)json_object_get_string_len(v);
 		if (!url_ok(u, n) || n >= sizeof(c->base)) {
 			fal_release(c);
-			snprintf(err, errlen,
-				 "'base_url' must be an http:// or https:// URL of at most %zu bytes",
-				 sizeof(c->base) - 1);
+			snprintf(
+			    err, errlen,
+			    "'base_url' must be an http:// or https:// URL of at most %zu bytes",
+			    sizeof(c->base) - 1);
 			return -EINVAL;
 		}
 		while (n && u[n - 1] == '/')
@@ -188,8 +191,8 @@ static const char *jstr(json_object *o, const char *k)
 	json_object *v;
 
 	return json_object_object_get_ex(o, k, &v) && json_object_is_type(v, json_type_string)
-		       ? json_object_get_string(v)
-		       : NULL;
+	           ? json_object_get_string(v)
+	           : NULL;
 }
 
 /* A service's JSON: bounded depth, an object, or NULL. */
@@ -202,7 +205,7 @@ static json_object *parse_json(const char *text, size_t len)
 		return NULL;
 	o = json_tokener_parse_ex(tok, text, (int)len);
 	if (o && (json_tokener_get_error(tok) != json_tokener_success ||
-		  !json_object_is_type(o, json_type_object))) {
+	          !json_object_is_type(o, json_type_object))) {
 		json_object_put(o);
 		o = NULL;
 	}
@@ -257,21 +260,21 @@ static int handle_get(struct run *r, struct fal_run *f)
 /* ---- requests ---- */
 
 static int request(struct run *r, struct fal_run *f, const char *method, const char *url,
-		   const char *body, uint64_t timeout_ms)
+                   const char *body, uint64_t timeout_ms)
 {
 	const char *hdrs[] = {f->auth, "Content-Type: application/json",
-			      "Accept: application/json"};
+	                      "Accept: application/json"};
 	const char *secrets[] = {f->key};
 	struct http_request rq = {
-		.method = method,
-		.url = url,
-		.headers = hdrs,
-		.nheaders = 3,
-		.body = body,
-		.body_len = body ? strlen(body) : 0,
-		.timeout_ms = timeout_ms,
-		.secrets = secrets,
-		.nsecrets = 1,
+	    .method = method,
+	    .url = url,
+	    .headers = hdrs,
+	    .nheaders = 3,
+	    .body = body,
+	    .body_len = body ? strlen(body) : 0,
+	    .timeout_ms = timeout_ms,
+	    .secrets = secrets,
+	    .nsecrets = 1,
 	};
 
 	return run_http(r, &rq);
@@ -293,14 +296,14 @@ static int download(struct run *r, struct fal_run *f)
 	const char *secrets[] = {f->key};
 	uint64_t left = r->deadline_ms > now_ms() ? r->deadline_ms - now_ms() : 1000;
 	struct http_request rq = {
-		.method = "GET",
-		.url = f->file_url,
-		.timeout_ms = left,
-		.max_body = (size_t)r->route->max_output,
-		.secrets = secrets,
-		.nsecrets = 1,
-		.sink = sink_write,
-		.sink_arg = f,
+	    .method = "GET",
+	    .url = f->file_url,
+	    .timeout_ms = left,
+	    .max_body = (size_t)r->route->max_output,
+	    .secrets = secrets,
+	    .nsecrets = 1,
+	    .sink = sink_write,
+	    .sink_arg = f,
 	};
 	int rc = store_sink_open(engine_store(r->e), &f->sink);
 
@@ -315,7 +318,7 @@ static int poll_status(struct run *r, struct fal_run *f)
 	char url[FAL_URL_MAX + 16];
 
 	snprintf(url, sizeof(url), "%s%slogs=1", f->status_url,
-		 strchr(f->status_url, '?') ? "&" : "?");
+	         strchr(f->status_url, '?') ? "&" : "?");
 	f->phase = F_STATUS;
 	return request(r, f, "GET", url, NULL, 30000);
 }
@@ -332,7 +335,7 @@ static int answer_fail(struct run *r, const struct http_response *h, const char 
 		if (json_object_is_type(d, json_type_string)) {
 			detail = json_object_get_string(d);
 		} else if (json_object_is_type(d, json_type_array) &&
-			   json_object_array_length(d) > 0) {
+		           json_object_array_length(d) > 0) {
 			json_object *e0 = json_object_array_get_idx(d, 0), *loc;
 			const char *msg = jstr(e0, "msg");
 			const char *field = NULL;
@@ -340,16 +343,16 @@ static int answer_fail(struct run *r, const struct http_response *h, const char 
 			    json_object_is_type(loc, json_type_array) &&
 			    json_object_array_length(loc) > 0)
 				field = json_object_get_string(json_object_array_get_idx(
-					loc, json_object_array_length(loc) - 1));
+				    loc, json_object_array_length(loc) - 1));
 			snprintf(buf, sizeof(buf), "%s%s%s", field ? field : "", field ? ": " : "",
-				 msg ? msg : "invalid");
+			         msg ? msg : "invalid");
 			detail = buf;
 		}
 	}
 	r->retry_after_ms = h->retry_after_ms;
 	if (detail && h->status)
 		run_fail(r, -EIO, h->error_code, "%s: fal answered HTTP %ld: %.300s", what,
-			 h->status, detail);
+		         h->status, detail);
 	else
 		run_fail(r, -EIO, h->error_code, "%s: %s", what, h->message);
 	json_object_put(o);
@@ -405,7 +408,7 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 		json_object_put(o);
 		/* Accepted, but unusable: it is not sent again. */
 		return run_fail(r, -EBADMSG, "backend_failed",
-				"fal accepted the request but its answer has no usable request_id");
+		                "fal accepted the request but its answer has no usable request_id");
 	}
 	snprintf(f->request_id, sizeof(f->request_id), "%s", id);
 	/* The URLs fal gives; else built the way fal-js does: the first two
@@ -422,23 +425,23 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 		snprintf(f->status_url, sizeof(f->status_url), "%s", su);
 	else
 		snprintf(f->status_url, sizeof(f->status_url), "%s/%s/requests/%s/status", c->base,
-			 model, f->request_id);
+		         model, f->request_id);
 	if (ru && url_ok(ru, strlen(ru)))
 		snprintf(f->response_url, sizeof(f->response_url), "%s", ru);
 	else
 		snprintf(f->response_url, sizeof(f->response_url), "%s/%s/requests/%s", c->base,
-			 model, f->request_id);
+		         model, f->request_id);
 	if (cu && url_ok(cu, strlen(cu)))
 		snprintf(f->cancel_url, sizeof(f->cancel_url), "%s", cu);
 	else
 		snprintf(f->cancel_url, sizeof(f->cancel_url), "%s/%s/requests/%s/cancel", c->base,
-			 model, f->request_id);
+		         model, f->request_id);
 	json_object_put(o);
 	if ((rc = handle_put(r, f, false)) != 0)
 		/* Paid work we cannot find again after a restart: say so. */
 		return run_fail(r, rc, "store",
-				"fal request %s was queued but cannot be recorded: %s",
-				f->request_id, store_lasterr());
+		                "fal request %s was queued but cannot be recorded: %s",
+		                f->request_id, store_lasterr());
 	run_log(r, "fal: queued as request %s", f->request_id);
 	f->poll_ms = FAL_POLL_FIRST_MS;
 	f->phase = F_STATUS;
@@ -456,7 +459,7 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 		    ++f->poll_fails < FAL_POLL_FAILS) {
 			run_log(r, "fal: status not available (%s); asking again", h->message);
 			return run_after(r, h->retry_after_ms > f->poll_ms ? h->retry_after_ms
-									   : f->poll_ms * 2);
+			                                                   : f->poll_ms * 2);
 		}
 		return answer_fail(r, h, "fal status");
 	}
@@ -464,8 +467,8 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 	if (!(o = parse_json(h->body, h->len)) || !(st = jstr(o, "status"))) {
 		json_object_put(o);
 		return run_fail(r, -EBADMSG, "backend_failed",
-				"fal's status answer for request %s is not a status object",
-				f->request_id);
+		                "fal's status answer for request %s is not a status object",
+		                f->request_id);
 	}
 	if (json_object_object_get_ex(o, "logs", &v) && json_object_is_type(v, json_type_array)) {
 		size_t n = json_object_array_length(v);
@@ -493,17 +496,18 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 	} else if (strcmp(st, "FAILED") == 0 || strcmp(st, "ERROR") == 0) {
 		const char *why = jstr(o, "error");
 		run_fail(r, -EIO, "backend_failed", "fal request %s failed: %.300s", f->request_id,
-			 why ? why : st);
+		         why ? why : st);
 		json_object_put(o);
 		return -EIO;
 	} else if (strcmp(st, "CANCELED") == 0 || strcmp(st, "CANCELLED") == 0) {
 		json_object_put(o);
 		return run_fail(r, -EIO, "cancelled_remotely", "fal cancelled request %s",
-				f->request_id);
+		                f->request_id);
 	}
 	json_object_put(o);
 	if (f->poll_ms < FAL_POLL_MAX_MS)
-		f->poll_ms = f->poll_ms * 3 / 2 < FAL_POLL_MAX_MS ? f->poll_ms * 3 / 2 : FAL_POLL_MAX_MS;
+		f->poll_ms =
+		    f->poll_ms * 3 / 2 < FAL_POLL_MAX_MS ? f->poll_ms * 3 / 2 : FAL_POLL_MAX_MS;
 	return run_after(r, f->poll_ms);
 }
 
@@ -525,19 +529,19 @@ static int on_result(struct run *r, struct fal_run *f, const struct http_respons
 	}
 	if (!(o = parse_json(h->body, h->len)))
 		return run_fail(r, -EBADMSG, "output_invalid",
-				"fal's result for request %s is not a JSON object", f->request_id);
+		                "fal's result for request %s is not a JSON object", f->request_id);
 	if (!(file = first_file(o, 0)) || !(url = jstr(file, "url"))) {
 		json_object_put(o);
 		return run_fail(r, -EIO, "output_invalid",
-				"fal's result for request %s names no file", f->request_id);
+		                "fal's result for request %s names no file", f->request_id);
 	}
 	if (strlen(url) >= sizeof(f->file_url) ||
 	    (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0)) {
 		json_object_put(o);
 		return run_fail(r, -EIO, "output_invalid",
-				"fal's result for request %s names a file that is not an http(s) "
-				"URL of at most %zu bytes",
-				f->request_id, sizeof(f->file_url) - 1);
+		                "fal's result for request %s names a file that is not an http(s) "
+		                "URL of at most %zu bytes",
+		                f->request_id, sizeof(f->file_url) - 1);
 	}
 	snprintf(f->file_url, sizeof(f->file_url), "%s", url);
 	ct = jstr(file, "content_type");
@@ -545,8 +549,8 @@ static int on_result(struct run *r, struct fal_run *f, const struct http_respons
 	json_object_put(o);
 	if (f->file_type[0] && !type_fits(f->file_type, r->route->media_type))
 		return run_fail(r, -EIO, "output_invalid",
-				"fal's result is %.100s, not %s as the route says", f->file_type,
-				r->route->media_type);
+		                "fal's result is %.100s, not %s as the route says", f->file_type,
+		                r->route->media_type);
 	run_log(r, "fal: request %s completed; downloading its output", f->request_id);
 	return download(r, f);
 }
@@ -567,8 +571,8 @@ static int on_download(struct run *r, struct fal_run *f, const struct http_respo
 	if (h->content_type[0] && !type_fits(h->content_type, r->route->media_type)) {
 		store_sink_abort(sink);
 		return run_fail(r, -EIO, "output_invalid",
-				"fal's output file is %.100s, not %s as the route says",
-				h->content_type, r->route->media_type);
+		                "fal's output file is %.100s, not %s as the route says",
+		                h->content_type, r->route->media_type);
 	}
 	run_progress(r, 1);
 	return run_commit_output(r, sink, r->route->media_type, "fal");
@@ -588,59 +592,70 @@ static int fal_step(struct run *r)
 			return run_fail(r, -ENOMEM, "store", "out of memory");
 		r->bstate = f;
 		f->position = -1;
+		/* The job's own key first (SPEC §7), then the route's. */
+		rc = run_credential(r, "key", &f->job_key);
+		if (rc == 0)
+			key = (const char *)f->job_key;
+		else if (rc != STORE_E_NOTFOUND)
+			return run_fail(r, rc, "store", "cannot open the job's credentials: %s",
+					store_lasterr());
 		if (!key || !*key)
 			key = getenv(c->key_env);
 		if (!key || !*key)
 			return run_fail(r, -ENOTCONN, "backend_not_configured",
-					"route %s needs the fal backend with an API key: set %s in "
-					"the daemon's environment or \"key\" for this route in a "
-					"models file (models=FILE)",
-					r->route->path, c->key_env);
+			                "route %s needs the fal backend with an API key: set %s in "
+			                "the daemon's environment, \"key\" for this route in a "
+			                "models file (models=FILE), or the job's own in its "
+			                "envelope ({\"input\": ..., \"credentials\": {\"key\": "
+			                "...}})",
+			                r->route->path, c->key_env);
 		f->key = key;
 		snprintf(f->auth, sizeof(f->auth), "Authorization: Key %s", key);
 		rc = handle_get(r, f);
 		if (rc == -EALREADY)
-			return run_fail(r, -EIO, "interrupted",
-					"a submission to fal was under way when the daemon stopped; "
-					"whether fal queued it is unknown, so it is not sent again "
-					"(ctl retry sends it anew)");
+			return run_fail(
+			    r, -EIO, "interrupted",
+			    "a submission to fal was under way when the daemon stopped; "
+			    "whether fal queued it is unknown, so it is not sent again "
+			    "(ctl retry sends it anew)");
 		if (rc < 0 && rc != -EBADMSG)
 			return run_fail(r, rc, "store", "cannot read the job's handle: %s",
-					store_lasterr());
+			                store_lasterr());
 		if (rc == 1) {
 			run_log(r, "fal: following request %s (queued before a restart)",
-				f->request_id);
+			        f->request_id);
 			f->poll_ms = FAL_POLL_FIRST_MS;
 			return poll_status(r, f);
 		}
 		if (rc == -EBADMSG)
 			return run_fail(r, -EIO, "interrupted",
-					"the job's record of its fal request is damaged; it is not "
-					"sent again (ctl retry sends it anew)");
+			                "the job's record of its fal request is damaged; it is not "
+			                "sent again (ctl retry sends it anew)");
 		if ((rc = handle_put(r, f, true)) != 0)
 			return run_fail(r, rc, "store", "cannot record the submission: %s",
-					store_lasterr());
+			                store_lasterr());
 		char url[FAL_URL_MAX + 160];
 		snprintf(url, sizeof(url), "%s/%s", c->base, r->route->model_id);
 		f->phase = F_SUBMIT;
 		return request(r, f, "POST", url, r->request, 60000);
 	}
 	if (!h)
-		return f->phase == F_STATUS ? poll_status(r, f)
-					    : run_fail(r, -EIO, "backend_failed", "nothing to wait for");
+		return f->phase == F_STATUS
+		           ? poll_status(r, f)
+		           : run_fail(r, -EIO, "backend_failed", "nothing to wait for");
 	switch (f->phase) {
 	case F_SUBMIT:
 		if (h->error_code) {
 			if (h->status == 0 && h->maybe_sent)
 				return run_fail(r, -EIO, "interrupted",
-						"the submission to fal got no answer (%s); whether "
-						"fal queued it is unknown, so it is not sent again "
-						"(ctl retry sends it anew)",
-						h->message);
+				                "the submission to fal got no answer (%s); whether "
+				                "fal queued it is unknown, so it is not sent again "
+				                "(ctl retry sends it anew)",
+				                h->message);
 			/* Nothing was queued: a later attempt may submit. */
 			if (run_handle_put(r, "", 0) != 0)
 				return run_fail(r, -EIO, "store", "cannot record the job: %s",
-						store_lasterr());
+				                store_lasterr());
 			return answer_fail(r, h, "fal submit");
 		}
 		return on_submitted(r, f, h);
@@ -668,7 +683,7 @@ static int fal_cancel(struct run *r)
 	}
 	if (r->http->error_code) {
 		run_log(r, "fal: cancelling request %s failed: %s", f->request_id,
-			r->http->message);
+		        r->http->message);
 	} else {
 		json_object *o = parse_json(r->http->body, r->http->len);
 		const char *st = o ? jstr(o, "status") : NULL;
@@ -687,15 +702,19 @@ static void fal_run_free(struct run *r)
 	if (f->sink)
 		store_sink_abort(f->sink);
 	explicit_bzero(f->auth, sizeof(f->auth));
+	store_unsealed_free(f->job_key);
 	free(f);
 }
 
+static const char *const fal_credentials[] = {"key", NULL};
+
 const struct backend backend_fal = {
-	.name = "fal",
-	.remote = true,
-	.configure = fal_configure,
-	.step = fal_step,
-	.cancel = fal_cancel,
-	.run_free = fal_run_free,
-	.release = fal_release,
+    .name = "fal",
+    .remote = true,
+    .credentials = fal_credentials,
+    .configure = fal_configure,
+    .step = fal_step,
+    .cancel = fal_cancel,
+    .run_free = fal_run_free,
+    .release = fal_release,
 };

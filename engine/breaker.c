@@ -9,8 +9,8 @@
 
 #include "engine_p.h"
 
-void breaker_init(struct breaker *b, const char *backend, const char *target,
-		  unsigned threshold, uint64_t base_ms)
+void breaker_init(struct breaker *b, const char *backend, const char *target, unsigned threshold,
+                  uint64_t base_ms)
 {
 	memset(b, 0, sizeof(*b));
 	b->backend = backend;
@@ -65,7 +65,7 @@ static void open_now(struct breaker *b, uint64_t now, bool again)
 }
 
 enum breaker_state breaker_result(struct breaker *b, bool probe, enum breaker_outcome o,
-				  uint64_t now)
+                                  uint64_t now)
 {
 	if (probe && b->state == BREAKER_HALF_OPEN) {
 		b->probing = false;
@@ -82,7 +82,7 @@ enum breaker_state breaker_result(struct breaker *b, bool probe, enum breaker_ou
 		if (b->state == BREAKER_CLOSED)
 			b->failures = 0;
 	} else if (o == BREAKER_FAILED && b->state == BREAKER_CLOSED &&
-		   ++b->failures >= b->threshold) {
+	           ++b->failures >= b->threshold) {
 		b->failures = 0;
 		open_now(b, now, false);
 	}

@@ -173,6 +173,54 @@ uint8_t engine_route_group(struct engine *e, const struct route *r)
 }
 
 /*
+ * The envelope's "credentials" (SPEC §7): names the route's backend takes,
+ * string values; sealed into c->sealed (the caller frees it). The text
+ * never goes anywhere else; messages name fields, never values.
+ */
+#define CREDENTIAL_MAX 4096
+static int seal_credentials(struct engine *e, const struct route *r,
+			    struct engine_submission *s, json_object *val, struct job_create *c)
+{
+	const char *const *takes = r->backend->credentials;
+	const char *text;
+	uint8_t *sealed = NULL;
+	size_t len = 0;
+	int rc;
+
+	if (!json_object_is_type(val, json_type_object))
+		return sub_fail(s, -EINVAL, "'credentials' must be an object of strings");
+	if (!takes)
+		return sub_fail(s, -EINVAL, "'credentials': the %s backend of %s takes none",
+				r->backend->name, r->path);
+	json_object_object_foreach(val, k, v)
+	{
+		bool known = false;
+		for (size_t i = 0; takes[i] && !known; i++)
+			known = strcmp(takes[i], k) == 0;
+		if (!known)
+			return sub_fail(s, -EINVAL,
+					"'credentials.%.64s': the %s backend takes no such credential",
+					k, r->backend->name);
+		if (!json_object_is_type(v, json_type_string) || json_object_get_string_len(v) == 0 ||
+		    json_object_get_string_len(v) > CREDENTIAL_MAX ||
+		    strpbrk(json_object_get_string(v), "\r\n"))
+			return sub_fail(s, -EINVAL,
+					"'credentials.%s' must be a string of 1 to %d bytes on one line",
+					k, CREDENTIAL_MAX);
+	}
+	text = json_object_to_json_string_ext(val, JSON_C_TO_STRING_PLAIN);
+	if (!text)
+		return sub_fail(s, -ENOMEM, "out of memory");
+	rc = store_seal(e->st, text, strlen(text), &sealed, &len);
+	if (rc)
+		return sub_fail(s, rc == -ENOMEM ? -ENOMEM : -EIO, "cannot seal the credentials: %s",
+				store_lasterr());
+	c->sealed = sealed;
+	c->sealed_len = len;
+	return 0;
+}
+
+/*
  * Envelope, schema and normalization for one object; fills c (whose
  * request text the caller frees). Returns 0 or the submission's rc.
  */
@@ -222,6 +270,9 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 					return sub_fail(s, -EINVAL,
 							"'timeout_s' must be an integer from 1 to 604800");
 				c->timeout_ms = (uint64_t)x * 1000;
+			} else if (strcmp(k, "credentials") == 0) {
+				if ((rc = seal_credentials(e, r, s, val, c)) != 0)
+					return rc;
 			} else if (strcmp(k, "webhook") == 0 || strcmp(k, "webhook_events") == 0) {
 				return sub_fail(s, -EINVAL,
 						"'%s': webhook delivery is not available in this "
@@ -230,7 +281,7 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 			} else {
 				return sub_fail(s, -EINVAL,
 						"unknown envelope option '%s' (input, name, priority, "
-						"timeout_s)",
+						"timeout_s, credentials)",
 						k);
 			}
 		}
@@ -404,6 +455,8 @@ refused:
 out:
 	for (size_t k = 0; texts && k < n; k++)
 		free(texts[k]);
+	for (size_t k = 0; c && k < n; k++)
+		free((void *)c[k].sealed);
 	free(texts);
 	free(c);
 	free(ids);

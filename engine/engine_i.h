@@ -75,6 +75,13 @@ int run_commit_output(struct run *r, struct store_sink *sink, const char *media_
  */
 int run_handle_put(struct run *r, const void *data, size_t len);
 int run_handle_get(struct run *r, void **out, size_t *len);
+/*
+ * The job's own credential `name` from its envelope (SPEC §7), unsealed
+ * into a locked buffer (*out, NUL-terminated; free it with
+ * store_unsealed_free, which wipes it). STORE_E_NOTFOUND when the job has
+ * none of that name.
+ */
+int run_credential(struct run *r, const char *name, uint8_t **out);
 /* Set r's error (a code of the catalog, errors.h, which says whether it
  * is retried) and return rc. */
 int run_fail(struct run *r, int rc, const char *code, const char *fmt, ...)

@@ -33,7 +33,6 @@
 
 #define GROUP_ROUTE0 (GROUP_GPU0 + MAX_GPUS) /* remote routes' own groups */
 
-
 struct histogram {
 	uint64_t buckets[NBUCKETS + 1]; /* the last: +Inf */
 	double sum;
@@ -96,7 +95,7 @@ struct engine {
 
 /* engine.c */
 void engine_notify(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *route,
-		   enum engine_event ev);
+                   enum engine_event ev);
 void engine_wake(struct engine *e);
 void engine_lower_next_due(struct engine *e, uint64_t t);
 uint8_t engine_route_group(struct engine *e, const struct route *r);
@@ -149,9 +148,9 @@ void remote_stats(struct engine *e, struct textbuf *b);
  */
 enum breaker_state { BREAKER_CLOSED, BREAKER_OPEN, BREAKER_HALF_OPEN };
 enum breaker_outcome {
-	BREAKER_NONE,	  /* the run ended without a word from the service (cancel, shutdown) */
+	BREAKER_NONE,     /* the run ended without a word from the service (cancel, shutdown) */
 	BREAKER_ANSWERED, /* the service answered (success or its own refusal) */
-	BREAKER_FAILED,	  /* the service could not be reached (backend_unavailable) */
+	BREAKER_FAILED,   /* the service could not be reached (backend_unavailable) */
 };
 #define BREAKER_MAX_MS (600 * 1000)
 struct breaker {
@@ -165,8 +164,8 @@ struct breaker {
 	bool probing;
 	uint64_t opened; /* times it opened */
 };
-void breaker_init(struct breaker *b, const char *backend, const char *target,
-		  unsigned threshold, uint64_t base_ms);
+void breaker_init(struct breaker *b, const char *backend, const char *target, unsigned threshold,
+                  uint64_t base_ms);
 /* Whether a job of its routes may be claimed now (open -> half_open when
  * the period is over). */
 bool breaker_may_claim(struct breaker *b, uint64_t now);
@@ -174,7 +173,7 @@ bool breaker_may_claim(struct breaker *b, uint64_t now);
 bool breaker_claimed(struct breaker *b);
 /* A run that was the probe (probe) or not ended so; the state after. */
 enum breaker_state breaker_result(struct breaker *b, bool probe, enum breaker_outcome o,
-				  uint64_t now);
+                                  uint64_t now);
 const char *breaker_state_name(enum breaker_state s);
 
 /* metrics.c */

@@ -57,7 +57,7 @@ struct rrun {
 	struct remote *m;
 	struct rroute *rt;
 	struct rrun *prev, *next; /* remote->all */
-	struct rrun *qnext;	  /* remote->ready */
+	struct rrun *qnext;       /* remote->ready */
 	bool queued, active, begun, cancelling, probe, bug;
 	bool waiting_http, answered, xfer_cancelled;
 	uint64_t xfer;
@@ -77,7 +77,7 @@ struct remote {
 	size_t nall;
 	struct rroute *routes; /* one per remote route, in route order */
 	size_t nroutes, next_route;
-	uint8_t *group_of;     /* per route of the table: its group */
+	uint8_t *group_of; /* per route of the table: its group */
 	struct breaker *breakers;
 	size_t nbreakers;
 	pthread_t threads[REMOTE_THREADS];
@@ -137,7 +137,7 @@ static void on_http(void *arg, const struct http_response *resp)
 		rr->next_resp.status = 0;
 		rr->next_resp.error_code = "backend_unavailable";
 		snprintf(rr->next_resp.message, sizeof(rr->next_resp.message),
-			 "out of memory for the service's answer");
+		         "out of memory for the service's answer");
 	}
 	free(rr->next_body);
 	rr->next_body = body;
@@ -172,7 +172,7 @@ int run_http(struct run *r, const struct http_request *rq)
 	pthread_mutex_unlock(&m->mu);
 	if (rc)
 		return run_fail(r, rc, "backend_unavailable", "cannot start a request: %s",
-				strerror(-rc));
+		                strerror(-rc));
 	return RUN_WAIT;
 }
 
@@ -240,11 +240,11 @@ static void end_run(struct engine *e, struct rrun *rr, int rc, bool ended)
 
 			engine_time_format(until, ts);
 			run_log(r,
-				"%s: %s; the %s service at %s is unavailable and its circuit "
-				"breaker is open until %s: the job waits in the queue (this "
-				"attempt is not counted)",
-				r->error_code, r->error_message, r->route->backend->name,
-				rr->rt->br->target, ts);
+			        "%s: %s; the %s service at %s is unavailable and its circuit "
+			        "breaker is open until %s: the job waits in the queue (this "
+			        "attempt is not counted)",
+			        r->error_code, r->error_message, r->route->backend->name,
+			        rr->rt->br->target, ts);
 			free((char *)r->request);
 			r->request = NULL;
 			if (index_job_return(e->ix, r->job.id) == 0) {
@@ -326,8 +326,9 @@ static void advance(struct engine *e, struct rrun *rr)
 
 		b = r->route->backend;
 		if (rr->bug) {
-			rc = run_fail(r, -EIO, "backend_failed",
-				      "the %s backend left a run with nothing to wait for", b->name);
+			rc =
+			    run_fail(r, -EIO, "backend_failed",
+			             "the %s backend left a run with nothing to wait for", b->name);
 		} else if (rr->cancelling) {
 			rc = b->cancel(r);
 			if (rc != RUN_WAIT)
@@ -418,7 +419,8 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
 		m->next_route = i + 1;
 		if (rc) {
 			if (rc != STORE_E_NOTFOUND)
-				fprintf(stderr, "renderfs: cannot claim a job: %s\n", store_lasterr());
+				fprintf(stderr, "renderfs: cannot claim a job: %s\n",
+				        store_lasterr());
 			return false;
 		}
 		probe = rt->br && breaker_claimed(rt->br);
@@ -566,7 +568,7 @@ int remote_open(struct engine *e, char *err, size_t errlen)
 	pthread_mutex_init(&m->mu, NULL);
 	pthread_cond_init(&m->cv, NULL);
 	if ((rc = http_deny_parse(e->opt.deny_net ? e->opt.deny_net : HTTP_DENY_DEFAULT, &m->deny,
-				  err, errlen)) != 0)
+	                          err, errlen)) != 0)
 		return rc;
 	rc = -ENOMEM;
 	if (!(m->group_of = calloc(t->n ? t->n : 1, 1)) ||
@@ -590,7 +592,7 @@ int remote_open(struct engine *e, char *err, size_t errlen)
 		if (!br) {
 			br = &m->breakers[m->nbreakers++];
 			breaker_init(br, r->backend->name, target, r->breaker,
-				     (uint64_t)r->breaker_s * 1000);
+			             (uint64_t)r->breaker_s * 1000);
 		}
 		m->routes[m->nroutes].route = r;
 		m->routes[m->nroutes].br = br;
@@ -609,12 +611,12 @@ int remote_open(struct engine *e, char *err, size_t errlen)
 	 * remote group, a route that changed backend) move to their route's. */
 	if ((rc = index_regroup(e->ix, group_stale, group_for, m, &moved)) != 0) {
 		snprintf(err, errlen, "cannot move queued jobs to their routes' queues: %s",
-			 store_lasterr());
+		         store_lasterr());
 		goto out;
 	}
 	if (moved)
 		fprintf(stderr, "renderfs: %llu queued jobs moved to their routes' queues\n",
-			(unsigned long long)moved);
+		        (unsigned long long)moved);
 	rc = 0;
 out:
 	free(names);
@@ -755,17 +757,17 @@ void engine_waiting_for(struct engine *e, const char *route, char *buf, size_t l
 		if (br && br->state == BREAKER_OPEN) {
 			engine_time_format(br->until_ms, ts);
 			snprintf(buf, len,
-				 "the %s service at %s: unavailable, its circuit breaker is open "
-				 "until %s",
-				 br->backend, br->target, ts);
+			         "the %s service at %s: unavailable, its circuit breaker is open "
+			         "until %s",
+			         br->backend, br->target, ts);
 		} else if (br && br->state == BREAKER_HALF_OPEN) {
 			snprintf(buf, len,
-				 "the %s service at %s: unavailable until one job gets through "
-				 "(circuit breaker half open)",
-				 br->backend, br->target);
+			         "the %s service at %s: unavailable until one job gets through "
+			         "(circuit breaker half open)",
+			         br->backend, br->target);
 		} else if (rt->inflight >= rt->route->concurrency) {
 			snprintf(buf, len, "the route's concurrency: %u jobs in flight",
-				 rt->inflight);
+			         rt->inflight);
 		}
 	}
 	pthread_mutex_unlock(&m->mu);
@@ -778,22 +780,21 @@ void remote_stats(struct engine *e, struct textbuf *b)
 	if (!m)
 		return;
 	tb_printf(b, "# HELP renderfs_remote_in_flight Remote jobs in flight per route.\n"
-		     "# TYPE renderfs_remote_in_flight gauge\n");
+	             "# TYPE renderfs_remote_in_flight gauge\n");
 	pthread_mutex_lock(&m->mu);
 	for (size_t i = 0; i < m->nroutes; i++)
 		tb_printf(b, "renderfs_remote_in_flight{route=\"%s\"} %u\n",
-			  m->routes[i].route->path, m->routes[i].inflight);
+		          m->routes[i].route->path, m->routes[i].inflight);
 	tb_printf(b, "# HELP renderfs_breaker_state Circuit breakers: 0 closed, 1 open, 2 half "
-		     "open.\n# TYPE renderfs_breaker_state gauge\n");
+	             "open.\n# TYPE renderfs_breaker_state gauge\n");
 	for (size_t i = 0; i < m->nbreakers; i++)
 		tb_printf(b, "renderfs_breaker_state{backend=\"%s\",target=\"%s\"} %d\n",
-			  m->breakers[i].backend, m->breakers[i].target,
-			  (int)m->breakers[i].state);
+		          m->breakers[i].backend, m->breakers[i].target, (int)m->breakers[i].state);
 	tb_printf(b, "# HELP renderfs_breaker_opened_total Times each circuit breaker opened.\n"
-		     "# TYPE renderfs_breaker_opened_total counter\n");
+	             "# TYPE renderfs_breaker_opened_total counter\n");
 	for (size_t i = 0; i < m->nbreakers; i++)
 		tb_printf(b, "renderfs_breaker_opened_total{backend=\"%s\",target=\"%s\"} %llu\n",
-			  m->breakers[i].backend, m->breakers[i].target,
-			  (unsigned long long)m->breakers[i].opened);
+		          m->breakers[i].backend, m->breakers[i].target,
+		          (unsigned long long)m->breakers[i].opened);
 	pthread_mutex_unlock(&m->mu);
 }

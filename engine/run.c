@@ -12,6 +12,8 @@
 #include "engine_p.h"
 #include "errors.h"
 
+#include <sodium.h>
+
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -120,6 +122,53 @@ int run_handle_put(struct run *r, const void *data, size_t len)
 int run_handle_get(struct run *r, void **out, size_t *len)
 {
 	return index_job_handle_get(r->e->ix, r->job.id, out, len);
+}
+
+int run_credential(struct run *r, const char *name, uint8_t **out)
+{
+	void *sealed = NULL;
+	size_t len = 0, plen = 0;
+	uint8_t *plain = NULL;
+	json_object *o = NULL, *v;
+	json_tokener *tok;
+	int rc = index_job_creds_get(r->e->ix, r->job.id, &sealed, &len);
+
+	*out = NULL;
+	if (rc)
+		return rc;
+	rc = store_unseal(r->e->st, sealed, len, &plain, &plen);
+	free(sealed);
+	if (rc)
+		return rc;
+	if ((tok = json_tokener_new_ex(4)) != NULL) {
+		o = json_tokener_parse_ex(tok, (const char *)plain, (int)plen);
+		json_tokener_free(tok);
+	}
+	rc = STORE_E_NOTFOUND;
+	if (o && json_object_object_get_ex(o, name, &v) && json_object_is_type(v, json_type_string)) {
+		size_t n = (size_t)json_object_get_string_len(v);
+		uint8_t *p = sodium_malloc(n + 1);
+		if (p) {
+			memcpy(p, json_object_get_string(v), n + 1);
+			*out = p;
+			rc = 0;
+		} else {
+			rc = -ENOMEM;
+		}
+	}
+	/* json-c's copy of the text: wiped before it is freed. */
+	if (o) {
+		json_object_object_foreach(o, k, val)
+		{
+			(void)k;
+			if (json_object_is_type(val, json_type_string))
+				sodium_memzero((void *)json_object_get_string(val),
+					       (size_t)json_object_get_string_len(val));
+		}
+	}
+	json_object_put(o);
+	store_unsealed_free(plain);
+	return rc;
 }
 
 int run_fail(struct run *r, int rc, const char *code, const char *fmt, ...)

@@ -328,6 +328,32 @@ static void check_jobs(struct fsck *f, MDB_txn *txn)
 	}
 	mdb_cursor_close(cur);
 
+	/* Sealed credentials: only for jobs not yet final (wiped then). */
+	if (mdb_cursor_open(txn, f->ix->creds, &cur) != 0) {
+		problem(f, "cannot read the credentials database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		char id[JOB_ID_STR_LEN + 1];
+		struct job j;
+
+		if (k.mv_size != JOB_ID_LEN) {
+			problem(f, "a credentials entry has a %zu-byte key", k.mv_size);
+			continue;
+		}
+		ulid_format(k.mv_data, id);
+		if (index_get_job(f->ix, txn, k.mv_data, &j) != 0) {
+			problem(f, "credentials for job %s, which does not exist", id);
+			continue;
+		}
+		if (j.status >= JOB_COMPLETE)
+			problem(f, "credentials kept for job %s, which is %s (they are wiped then)",
+				id, job_status_name(j.status));
+		job_release(&j);
+	}
+	mdb_cursor_close(cur);
+
 	/* Remote routes' queue groups: a route each, no group twice. */
 	if (mdb_cursor_open(txn, f->ix->rgroups, &cur) != 0) {
 		problem(f, "cannot read the route groups database");
@@ -588,6 +614,12 @@ static void check_keys(struct fsck *f, MDB_txn *txn)
 			if (sign_seckey_load(path, &sk) != 0)
 				problem(f, "%s", store_lasterr());
 			sign_seckey_wipe(&sk);
+		} else if (strcmp(de->d_name, "credentials.seal") == 0) {
+			struct stat sb;
+			snprintf(path, sizeof(path), "%s/keys/%s", f->dir, de->d_name);
+			if (lstat(path, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size != 32 ||
+			    (sb.st_mode & 077))
+				problem(f, "'%s' must be a file of 32 bytes with mode 0600", path);
 		} else if (n > 4 && strcmp(de->d_name + n - 4, ".pub") == 0) {
 			snprintf(path, sizeof(path), "%s/keys/%s", f->dir, de->d_name);
 			if (sign_pubkey_load(path, &pk) != 0)

@@ -224,6 +224,7 @@ static const struct dbdef dbdefs[] = {
 	{"delayed", offsetof(struct index, delayed), 0},
 	{"handles", offsetof(struct index, handles), 0},
 	{"rgroups", offsetof(struct index, rgroups), 0},
+	{"creds", offsetof(struct index, creds), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -707,6 +708,12 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 	v.mv_data = (void *)c->request;
 	if ((rc = mdb_put(txn, ix->requests, &k, &v, 0)) != 0)
 		goto lmdb;
+	if (c->sealed && c->sealed_len) {
+		v.mv_size = c->sealed_len;
+		v.mv_data = (void *)c->sealed;
+		if ((rc = mdb_put(txn, ix->creds, &k, &v, 0)) != 0)
+			goto lmdb;
+	}
 	if ((rc = index_job_entries(ix, txn, &j, true)) != 0)
 		goto out;
 	if (nklen) {
@@ -840,6 +847,7 @@ struct handle_arg {
 	size_t len;
 	void **out;
 	size_t *outlen;
+	bool creds; /* get from creds, not handles */
 };
 
 static int handle_put_fn(struct index *ix, MDB_txn *txn, void *arg)
@@ -861,7 +869,7 @@ static int handle_put_fn(struct index *ix, MDB_txn *txn, void *arg)
 int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
 			 size_t len)
 {
-	struct handle_arg a = {id, data, len, NULL, NULL};
+	struct handle_arg a = {id, data, len, NULL, NULL, false};
 
 	if (len > INDEX_HANDLE_MAX)
 		return store_seterr(-EFBIG, "a job handle of %zu bytes is over %d", len,
@@ -873,7 +881,7 @@ static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct handle_arg *a = arg;
 	MDB_val k = {JOB_ID_LEN, (void *)a->id}, v;
-	int rc = mdb_get(txn, ix->handles, &k, &v);
+	int rc = mdb_get(txn, a->creds ? ix->creds : ix->handles, &k, &v);
 
 	if (rc == MDB_NOTFOUND)
 		return STORE_E_NOTFOUND;
@@ -890,7 +898,16 @@ static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 
 int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
 {
-	struct handle_arg a = {id, NULL, 0, out, len};
+	struct handle_arg a = {id, NULL, 0, out, len, false};
+
+	*out = NULL;
+	*len = 0;
+	return index_read(ix, handle_get_fn, &a);
+}
+
+int index_job_creds_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
+{
+	struct handle_arg a = {id, NULL, 0, out, len, true};
 
 	*out = NULL;
 	*len = 0;

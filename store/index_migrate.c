@@ -221,6 +221,12 @@ static int upgrade_7(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return add_only(ix, txn, njobs, 8);
 }
 
+/* Format 8 -> 9: creds (sealed per-job credentials). */
+static int upgrade_8(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	return add_only(ix, txn, njobs, 9);
+}
+
 /*
  * Each step takes an index of format `from` to from + 1 inside the
  * caller's write transaction; an open runs every step from the index's
@@ -237,6 +243,7 @@ static const struct migration {
 	{5, upgrade_5},
 	{6, upgrade_6},
 	{7, upgrade_7},
+	{8, upgrade_8},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

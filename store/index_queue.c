@@ -380,13 +380,6 @@ static int finish_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 	}
 	if (a->final == JOB_COMPLETE && !(j->flags & JOB_F_HAS_OUTPUT))
 		return state_err(j, "complete (no output attached)");
-	{
-		/* A final job's remote work is over: a retry starts anew. */
-		MDB_val k = {JOB_ID_LEN, (void *)j->id};
-		rc = mdb_del(txn, ix->handles, &k, NULL);
-		if (rc && rc != MDB_NOTFOUND)
-			return index_lmdb_err(ix, rc, "drop handle");
-	}
 	j->status = a->final;
 	j->completed_ms = j->updated_ms = now_ms();
 	j->flags &= (uint8_t)~JOB_F_CANCEL_REQUESTED;
@@ -940,6 +933,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	    (rc = del_key(ix, txn, ix->jobs, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = del_key(ix, txn, ix->handles, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = del_key(ix, txn, ix->creds, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = index_job_entries(ix, txn, &j, false)) != 0)
 		goto out;
 	if (j.name[0]) {

@@ -213,7 +213,17 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	free(buf);
 	if (rc)
 		return index_lmdb_err(ix, rc, "write job");
-	return old == (int)j->status ? 0 : index_count_move(ix, txn, j->route, old, (int)j->status);
+	if (old == (int)j->status)
+		return 0;
+	if (j->status >= JOB_COMPLETE) {
+		/* Final, however it got there: its credentials are wiped and
+		 * its remote work is over (a retry starts anew). */
+		if ((rc = mdb_del(txn, ix->creds, &k, NULL)) != 0 && rc != MDB_NOTFOUND)
+			return index_lmdb_err(ix, rc, "wipe credentials");
+		if ((rc = mdb_del(txn, ix->handles, &k, NULL)) != 0 && rc != MDB_NOTFOUND)
+			return index_lmdb_err(ix, rc, "drop handle");
+	}
+	return index_count_move(ix, txn, j->route, old, (int)j->status);
 }
 
 /* The counts value: one u64 per status (LE), INDEX_STATUSES of them. */

@@ -268,7 +268,7 @@ int store_open(const char *dir, const struct store_options *opt, struct store **
 		if ((rc = store_gc(st, &st->recovery.blobs_collected)) != 0)
 			goto fail;
 	}
-	if ((rc = load_or_create_key(st)) != 0)
+	if ((rc = load_or_create_key(st)) != 0 || (rc = store_seal_key_load(st)) != 0)
 		goto fail;
 	*out = st;
 	return 0;
@@ -285,6 +285,7 @@ void store_close(struct store *st)
 	if (st->lock_fd >= 0)
 		close(st->lock_fd);
 	sign_seckey_wipe(&st->sk);
+	explicit_bzero(st->seal_key, sizeof(st->seal_key));
 	pthread_mutex_destroy(&st->blob_mu);
 	cv_cache_release(st);
 	pthread_mutex_destroy(&st->cv_mu);

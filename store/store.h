@@ -172,6 +172,16 @@ int store_sign_buf(struct store *st, const void *data, size_t len, const char *t
 /* Make a new signing key; older public keys stay in keys/. */
 int store_key_rotate(struct store *st);
 
+/*
+ * Credentials sealed at rest (seal.c): *out malloc'ed (store_seal) or a
+ * locked, wiped-on-free buffer, NUL-terminated (store_unseal; free with
+ * store_unsealed_free).
+ */
+int store_seal(struct store *st, const void *plain, size_t len, uint8_t **out, size_t *outlen);
+int store_unseal(struct store *st, const void *sealed, size_t len, uint8_t **out,
+		 size_t *outlen);
+void store_unsealed_free(uint8_t *p);
+
 /* ---- statistics ---- */
 
 struct store_stats {

@@ -12,6 +12,8 @@
 
 #define CV_CACHE 64 /* blobs whose group values are kept */
 
+int store_seal_key_load(struct store *st);
+
 struct store {
 	char dir[4096];
 	struct index *ix;
@@ -31,6 +33,10 @@ struct store {
 	pthread_rwlock_t key_mu;
 	struct sign_seckey sk;
 	struct sign_pubkey pk;
+
+	/* seal.c: keys/credentials.seal, read or made at open, read-only after. */
+	uint8_t seal_key[32];
+	bool have_seal_key;
 
 	atomic_uint_fast64_t blobs_written, dedup_hits, integrity_failures, bytes_written;
 

@@ -194,3 +194,49 @@ def test_submission_of_unknown_fate_is_not_sent_again(mount_factory, tmp_path, f
     st = m2.status(ROUTE, jid)
     assert st["error"]["code"] == "interrupted" and "not sent again" in st["error"]["message"]
     assert len(fal.submissions) == 1
+
+
+def test_job_credentials_are_used_and_never_leave(mount_factory, tmp_path, fal, renderctl):
+    """A job's own key (envelope `credentials`, SPEC §7) reaches the service
+    in its header and nowhere else: not in any file of the mount, the
+    daemon's log, stats, or any file of the store (sealed there, and wiped
+    when the job ends)."""
+    entry = fal.route(key_env="RENDERFS_TEST_NO_SUCH_KEY")
+    del entry["key"]
+    p = tmp_path / "models.json"
+    p.write_text(json.dumps({"routes": {ROUTE: entry}}))
+    m = mount_factory([f"models={p}"])
+    # Without a key of its own the route cannot run.
+    bare = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, bare) == "error"
+    assert m.status(ROUTE, bare)["error"]["code"] == "backend_not_configured"
+    assert "credentials" in m.status(ROUTE, bare)["error"]["message"]
+    jid = m.submit(ROUTE, {"input": {"prompt": "y"}, "credentials": {"key": FakeFal.KEY}})
+    assert m.wait(ROUTE, jid) == "complete"
+    assert fal.submissions[-1][2]["Authorization"] == "Key " + FakeFal.KEY
+    secret = FakeFal.KEY.encode()
+    seen = []
+    for root in (m.path, m.store):
+        for f in root.rglob("*"):
+            if f.is_file() and not f.name.endswith("output.png"):
+                try:
+                    if secret in f.read_bytes():
+                        seen.append(str(f))
+                except OSError:
+                    pass
+    assert seen == [], seen
+    assert FakeFal.KEY not in m.log()
+    m.stop()
+    r = renderctl("fsck", str(m.store))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_credentials_a_backend_does_not_take_are_refused(mount_factory, tmp_path, fal):
+    import errno
+    m = mount_factory([models(tmp_path, fal)])
+    e, line = m.submit_err(SYNTH, json.dumps(
+        {"input": {"prompt": "x"}, "credentials": {"key": "k-123"}}).encode() + b"\n")
+    assert e == errno.EINVAL and "the synth backend" in line and "k-123" not in line
+    e, line = m.submit_err(ROUTE, json.dumps(
+        {"input": {"prompt": "x"}, "credentials": {"token": "k-123"}}).encode() + b"\n")
+    assert e == errno.EINVAL and "credentials.token" in line and "k-123" not in line
