@@ -262,14 +262,20 @@ static int handle_get(struct run *r, struct fal_run *f)
 static int request(struct run *r, struct fal_run *f, const char *method, const char *url,
                    const char *body, uint64_t timeout_ms)
 {
+	char limit[64];
 	const char *hdrs[] = {f->auth, "Content-Type: application/json",
-	                      "Accept: application/json"};
+	                      "Accept: application/json", limit};
 	const char *secrets[] = {f->key};
+	bool submit = strcmp(method, "POST") == 0;
+	/* fal stops the work itself at the job's deadline (PROTOCOLS.md). */
+	uint64_t left_s = r->deadline_ms > now_ms() ? (r->deadline_ms - now_ms()) / 1000 : 1;
+	snprintf(limit, sizeof(limit), "X-Fal-Request-Timeout: %llu",
+	         (unsigned long long)(left_s ? left_s : 1));
 	struct http_request rq = {
 	    .method = method,
 	    .url = url,
 	    .headers = hdrs,
-	    .nheaders = 3,
+	    .nheaders = submit ? 4 : 3,
 	    .body = body,
 	    .body_len = body ? strlen(body) : 0,
 	    .timeout_ms = timeout_ms,
@@ -443,9 +449,37 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 		                "fal request %s was queued but cannot be recorded: %s",
 		                f->request_id, store_lasterr());
 	run_log(r, "fal: queued as request %s", f->request_id);
+	run_remote_set(r, f->request_id, NULL, RUN_REMOTE_SAME);
 	f->poll_ms = FAL_POLL_FIRST_MS;
 	f->phase = F_STATUS;
 	return run_after(r, f->poll_ms);
+}
+
+/*
+ * The fraction a log line reports, or -1: the last "N/M" (steps) or "P%"
+ * in it. fal reports no progress of its own; a line such as "15/30" or
+ * "45%" is the service's word, anything else leaves progress alone.
+ */
+static double log_fraction(const char *s)
+{
+	double got = -1;
+
+	for (const char *p = s; *p; p++) {
+		char *end;
+		if (*p < '0' || *p > '9' || (p > s && p[-1] >= '0' && p[-1] <= '9') ||
+		    (p > s && p[-1] == '.'))
+			continue;
+		double a = strtod(p, &end);
+		if (end > p && *end == '%' && a >= 0 && a <= 100) {
+			got = a / 100;
+		} else if (end > p && *end == '/' && end[1] >= '0' && end[1] <= '9') {
+			char *e2;
+			double b = strtod(end + 1, &e2);
+			if (b > 0 && a >= 0 && a <= b && a == (long)a && b == (long)b)
+				got = a / b;
+		}
+	}
+	return got;
 }
 
 static int on_status(struct run *r, struct fal_run *f, const struct http_response *h)
@@ -472,11 +506,17 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 	}
 	if (json_object_object_get_ex(o, "logs", &v) && json_object_is_type(v, json_type_array)) {
 		size_t n = json_object_array_length(v);
+		const char *last = NULL;
 		for (size_t i = f->logs_seen; i < n; i++) {
 			const char *msg = jstr(json_object_array_get_idx(v, i), "message");
-			if (msg)
+			if (msg) {
 				run_log(r, "fal: %.400s", msg);
+				last = msg;
+			}
 		}
+		double frac = last ? log_fraction(last) : -1;
+		if (frac >= 0)
+			run_progress(r, frac < 0.999 ? frac : 0.999); /* 1: when stored */
 		if (n > f->logs_seen)
 			f->logs_seen = (unsigned)n;
 	}
@@ -484,11 +524,18 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 		handle_put(r, f, false); /* each line once, across restarts too */
 	if (strcmp(st, "IN_QUEUE") == 0) {
 		if (json_object_object_get_ex(o, "queue_position", &v) &&
-		    json_object_is_type(v, json_type_int) &&
+		    json_object_is_type(v, json_type_int) && json_object_get_int64(v) >= 0 &&
 		    json_object_get_int64(v) != f->position) {
 			f->position = (long)json_object_get_int64(v);
 			run_log(r, "fal: in its queue at position %ld", f->position);
+			run_remote_set(r, NULL, NULL, f->position);
 		}
+	} else if (f->position >= 0) {
+		f->position = -1; /* out of fal's queue */
+		run_remote_set(r, NULL, NULL, -1);
+	}
+	if (strcmp(st, "IN_QUEUE") == 0) {
+		/* polled again below */
 	} else if (strcmp(st, "COMPLETED") == 0) {
 		json_object_put(o);
 		f->phase = F_RESULT;

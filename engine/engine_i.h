@@ -76,6 +76,16 @@ int run_commit_output(struct run *r, struct store_sink *sink, const char *media_
 int run_handle_put(struct run *r, const void *data, size_t len);
 int run_handle_get(struct run *r, void **out, size_t *len);
 /*
+ * What the service says of the job, kept with it (index `remote`): its
+ * request id and the model version it ran (NULL: unchanged; the manifest
+ * names them), and its place in the service's queue (the `position` file
+ * and status.json while the job runs; -1: none now, RUN_REMOTE_SAME:
+ * unchanged). Written only when something changed.
+ */
+#define RUN_REMOTE_SAME (-2)
+int run_remote_set(struct run *r, const char *request_id, const char *model_version,
+		   long position);
+/*
  * The job's own credential `name` from its envelope (SPEC §7), unsealed
  * into a locked buffer (*out, NUL-terminated; free it with
  * store_unsealed_free, which wipes it). STORE_E_NOTFOUND when the job has

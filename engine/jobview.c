@@ -73,8 +73,42 @@ void jobview_progress_text(uint16_t t, char *buf, size_t len)
 		buf[n - 1] = '\0';
 }
 
+/* What a remote service said of the job (index `remote`), or NULL. */
+static json_object *remote_info(struct engine *e, const struct job *j)
+{
+	void *text = NULL;
+	size_t len = 0;
+	json_object *o = NULL;
+	json_tokener *tok;
+
+	if (index_job_remote_get(store_index(engine_store(e)), j->id, &text, &len) != 0)
+		return NULL;
+	if ((tok = json_tokener_new_ex(4)) != NULL) {
+		o = json_tokener_parse_ex(tok, text, (int)len);
+		json_tokener_free(tok);
+	}
+	free(text);
+	if (o && !json_object_is_type(o, json_type_object)) {
+		json_object_put(o);
+		o = NULL;
+	}
+	return o;
+}
+
 int jobview_position(struct engine *e, const struct job *j, uint64_t *pos)
 {
+	if (j->status == JOB_RUNNING) {
+		/* Its place in a remote service's queue, while it has one. */
+		json_object *o = remote_info(e, j), *v;
+		int rc = STORE_E_STATE;
+		if (o && json_object_object_get_ex(o, "position", &v) &&
+		    json_object_is_type(v, json_type_int) && json_object_get_int64(v) >= 0) {
+			*pos = (uint64_t)json_object_get_int64(v);
+			rc = 0;
+		}
+		json_object_put(o);
+		return rc;
+	}
 	if (j->status != JOB_QUEUED || (j->flags & JOB_F_DELAYED))
 		return STORE_E_STATE; /* a delayed retry is in no queue yet */
 	return index_queue_position(store_index(engine_store(e)), j->id, pos);
@@ -184,6 +218,15 @@ int jobview_manifest_json(struct engine *e, const struct job *j, char **out, siz
 										    : "unknown"));
 	if (j->model && j->model[0])
 		json_object_object_add(o, "model", json_object_new_string(j->model));
+	{
+		/* What the service said: its request id, the model version. */
+		json_object *ri = remote_info(e, j), *v;
+		if (ri && json_object_object_get_ex(ri, "model_version", &v))
+			json_object_object_add(o, "model_version", json_object_get(v));
+		if (ri && json_object_object_get_ex(ri, "request_id", &v))
+			json_object_object_add(o, "remote_request_id", json_object_get(v));
+		json_object_put(ri);
+	}
 	json_object_object_add(o, "cached", json_object_new_boolean(j->flags & JOB_F_CACHED));
 	json_object_object_add(o, "completed_at", time_or_null(j->completed_ms));
 	json_object_object_add(o, "created_at", time_or_null(j->created_ms));

@@ -124,6 +124,66 @@ int run_handle_get(struct run *r, void **out, size_t *len)
 	return index_job_handle_get(r->e->ix, r->job.id, out, len);
 }
 
+int run_remote_set(struct run *r, const char *request_id, const char *model_version,
+		   long position)
+{
+	void *old = NULL;
+	size_t len = 0;
+	json_object *o = NULL, *v;
+	const char *text;
+	bool changed = false, moved = false;
+	int rc = index_job_remote_get(r->e->ix, r->job.id, &old, &len);
+
+	if (rc == 0) {
+		json_tokener *tok = json_tokener_new_ex(4);
+		if (tok) {
+			o = json_tokener_parse_ex(tok, old, (int)len);
+			json_tokener_free(tok);
+		}
+	} else if (rc != STORE_E_NOTFOUND) {
+		return rc;
+	}
+	free(old);
+	if (!o || !json_object_is_type(o, json_type_object)) {
+		json_object_put(o);
+		if (!(o = json_object_new_object()))
+			return -ENOMEM;
+		changed = true;
+	}
+	if (request_id &&
+	    (!json_object_object_get_ex(o, "request_id", &v) ||
+	     strcmp(json_object_get_string(v), request_id) != 0)) {
+		json_object_object_add(o, "request_id", json_object_new_string(request_id));
+		changed = true;
+	}
+	if (model_version &&
+	    (!json_object_object_get_ex(o, "model_version", &v) ||
+	     strcmp(json_object_get_string(v), model_version) != 0)) {
+		json_object_object_add(o, "model_version", json_object_new_string(model_version));
+		changed = true;
+	}
+	if (position != RUN_REMOTE_SAME) {
+		int64_t cur = json_object_object_get_ex(o, "position", &v) ? json_object_get_int64(v)
+									 : -1;
+		if (position < 0 && json_object_object_get_ex(o, "position", NULL)) {
+			json_object_object_del(o, "position");
+			changed = moved = true;
+		} else if (position >= 0 && cur != position) {
+			json_object_object_add(o, "position", json_object_new_int64(position));
+			changed = moved = true;
+		}
+	}
+	rc = 0;
+	if (changed) {
+		text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
+		rc = text ? index_job_remote_put(r->e->ix, r->job.id, text, strlen(text)) : -ENOMEM;
+	}
+	json_object_put(o);
+	if (rc == 0 && moved)
+		engine_notify(r->e, r->job.id, r->job.route, EV_STATUS);
+	return rc;
+}
+
 int run_credential(struct run *r, const char *name, uint8_t **out)
 {
 	void *sealed = NULL;

@@ -328,6 +328,25 @@ static void check_jobs(struct fsck *f, MDB_txn *txn)
 	}
 	mdb_cursor_close(cur);
 
+	/* Every remote record belongs to a job. */
+	if (mdb_cursor_open(txn, f->ix->remote, &cur) != 0) {
+		problem(f, "cannot read the remote database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		char id[JOB_ID_STR_LEN + 1];
+
+		if (k.mv_size != JOB_ID_LEN || v.mv_size > INDEX_HANDLE_MAX) {
+			problem(f, "a remote entry has %zu + %zu bytes", k.mv_size, v.mv_size);
+			continue;
+		}
+		ulid_format(k.mv_data, id);
+		if (!key_exists(txn, f->ix->jobs, k.mv_data, JOB_ID_LEN))
+			problem(f, "a remote record for job %s, which does not exist", id);
+	}
+	mdb_cursor_close(cur);
+
 	/* Sealed credentials: only for jobs not yet final (wiped then). */
 	if (mdb_cursor_open(txn, f->ix->creds, &cur) != 0) {
 		problem(f, "cannot read the credentials database");

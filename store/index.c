@@ -225,6 +225,7 @@ static const struct dbdef dbdefs[] = {
 	{"handles", offsetof(struct index, handles), 0},
 	{"rgroups", offsetof(struct index, rgroups), 0},
 	{"creds", offsetof(struct index, creds), 0},
+	{"remote", offsetof(struct index, remote), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -847,8 +848,13 @@ struct handle_arg {
 	size_t len;
 	void **out;
 	size_t *outlen;
-	bool creds; /* get from creds, not handles */
+	int db; /* 0 handles, 1 creds, 2 remote */
 };
+
+static MDB_dbi handle_db(struct index *ix, int db)
+{
+	return db == 1 ? ix->creds : db == 2 ? ix->remote : ix->handles;
+}
 
 static int handle_put_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
@@ -862,14 +868,14 @@ static int handle_put_fn(struct index *ix, MDB_txn *txn, void *arg)
 		return index_lmdb_err(ix, rc, "read job");
 	v.mv_size = a->len;
 	v.mv_data = (void *)a->data;
-	rc = mdb_put(txn, ix->handles, &k, &v, 0);
+	rc = mdb_put(txn, handle_db(ix, a->db), &k, &v, 0);
 	return rc ? index_lmdb_err(ix, rc, "write handle") : 0;
 }
 
 int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
 			 size_t len)
 {
-	struct handle_arg a = {id, data, len, NULL, NULL, false};
+	struct handle_arg a = {id, data, len, NULL, NULL, 0};
 
 	if (len > INDEX_HANDLE_MAX)
 		return store_seterr(-EFBIG, "a job handle of %zu bytes is over %d", len,
@@ -881,7 +887,7 @@ static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct handle_arg *a = arg;
 	MDB_val k = {JOB_ID_LEN, (void *)a->id}, v;
-	int rc = mdb_get(txn, a->creds ? ix->creds : ix->handles, &k, &v);
+	int rc = mdb_get(txn, handle_db(ix, a->db), &k, &v);
 
 	if (rc == MDB_NOTFOUND)
 		return STORE_E_NOTFOUND;
@@ -898,7 +904,27 @@ static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 
 int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
 {
-	struct handle_arg a = {id, NULL, 0, out, len, false};
+	struct handle_arg a = {id, NULL, 0, out, len, 0};
+
+	*out = NULL;
+	*len = 0;
+	return index_read(ix, handle_get_fn, &a);
+}
+
+int index_job_remote_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
+			 size_t len)
+{
+	struct handle_arg a = {id, data, len, NULL, NULL, 2};
+
+	if (len > INDEX_HANDLE_MAX)
+		return store_seterr(-EFBIG, "a job's remote record of %zu bytes is over %d", len,
+				    INDEX_HANDLE_MAX);
+	return index_write(ix, handle_put_fn, &a);
+}
+
+int index_job_remote_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
+{
+	struct handle_arg a = {id, NULL, 0, out, len, 2};
 
 	*out = NULL;
 	*len = 0;
@@ -907,7 +933,7 @@ int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **
 
 int index_job_creds_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
 {
-	struct handle_arg a = {id, NULL, 0, out, len, true};
+	struct handle_arg a = {id, NULL, 0, out, len, 1};
 
 	*out = NULL;
 	*len = 0;

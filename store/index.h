@@ -43,6 +43,9 @@
  *   creds    id (16) -> the job's credentials sealed (store_seal: nonce and
  *            secretbox of a JSON object), written with the job and wiped
  *            when it reaches a final state; nothing else holds them
+ *   remote   id (16) -> what a remote service said of the job, as JSON
+ *            (request_id, model_version, position): kept with the job,
+ *            for position, status.json and the manifest
  *   rgroups  route -> group (1): the queue group of a remote route, given
  *            once and kept, so that each remote route has its own queue
  *            (its concurrency and circuit breaker hold back only its jobs)
@@ -98,7 +101,7 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -135,7 +138,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 9
+#define INDEX_FORMAT_VERSION 10
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
@@ -279,6 +282,11 @@ int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out
 int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
 			 size_t len);
 int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len);
+/* What a remote service said of the job (remote): put replaces it; get:
+ * *out malloc'ed, STORE_E_NOTFOUND when there is nothing. */
+int index_job_remote_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
+			 size_t len);
+int index_job_remote_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len);
 /* The job's sealed credentials (creds): *out malloc'ed; STORE_E_NOTFOUND
  * when it has none (never given, or wiped at its final state). */
 int index_job_creds_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len);

@@ -227,6 +227,12 @@ static int upgrade_8(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return add_only(ix, txn, njobs, 9);
 }
 
+/* Format 9 -> 10: remote (what a service said of each job). */
+static int upgrade_9(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	return add_only(ix, txn, njobs, 10);
+}
+
 /*
  * Each step takes an index of format `from` to from + 1 inside the
  * caller's write transaction; an open runs every step from the index's
@@ -244,6 +250,7 @@ static const struct migration {
 	{6, upgrade_6},
 	{7, upgrade_7},
 	{8, upgrade_8},
+	{9, upgrade_9},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

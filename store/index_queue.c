@@ -934,6 +934,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	    (rc = del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = del_key(ix, txn, ix->handles, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = del_key(ix, txn, ix->creds, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = del_key(ix, txn, ix->remote, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = index_job_entries(ix, txn, &j, false)) != 0)
 		goto out;
 	if (j.name[0]) {

@@ -22,6 +22,19 @@ def png(seed):
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A client that hangs up (a cancelled transfer, a daemon stopping)
+    is part of every test here, not an error worth a traceback."""
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def handle_error(self, request, client_address):
+        import sys
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class FakeFal:
     KEY = "fal-test-key-0123456789"
 
@@ -32,6 +45,8 @@ class FakeFal:
         self.reject = None        # a 422 detail for submissions
         self.hold = False         # requests stay IN_PROGRESS
         self.submit_delay = 0     # seconds a submission's answer takes
+        self.queue_polls = 1      # status polls that answer IN_QUEUE (positions count down)
+        self.work_s = 0           # seconds of work before COMPLETED (else poll-driven)
         self.file_type = "image/png"
         self.submissions = []     # (request id, body object, headers)
         self.cancels = []
@@ -39,7 +54,7 @@ class FakeFal:
         self.outstanding = 0      # submitted, result not yet fetched
         self.max_outstanding = 0
         self.auth_seen = set()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -103,7 +118,8 @@ class FakeFal:
                 with fake.lock:
                     rid = f"req-{len(fake.submissions) + 1}"
                     fake.submissions.append((rid, json.loads(data), dict(self.headers)))
-                    fake.requests[rid] = {"polls": 0, "cancelled": False, "done": False}
+                    fake.requests[rid] = {"polls": 0, "cancelled": False, "done": False,
+                                          "t0": time.monotonic()}
                     fake.outstanding += 1
                     fake.max_outstanding = max(fake.max_outstanding, fake.outstanding)
                 if fake.submit_delay:
@@ -155,10 +171,17 @@ class FakeFal:
                         polls = req["polls"]
                 if parts[-1] == "status":
                     logs = [{"message": "loading model", "level": "INFO"}]
-                    if polls == 1:
-                        return self.answer(202, {"status": "IN_QUEUE", "queue_position": 0})
-                    if polls == 2 or fake.hold or req["cancelled"]:
+                    if polls <= fake.queue_polls:
+                        return self.answer(202, {"status": "IN_QUEUE",
+                                                 "queue_position": fake.queue_polls - polls})
+                    if fake.work_s:
+                        busy = time.monotonic() - req["t0"] < fake.work_s
+                    else:
+                        busy = polls == fake.queue_polls + 1
+                    if busy or fake.hold or req["cancelled"]:
+                        logs.append({"message": "denoising 3/12", "level": "INFO"})
                         return self.answer(202, {"status": "IN_PROGRESS", "logs": logs})
+                    logs.append({"message": "denoising 3/12", "level": "INFO"})
                     logs.append({"message": "step 2 of 2", "level": "INFO"})
                     return self.answer(200, {"status": "COMPLETED", "logs": logs})
                 with fake.lock:

@@ -240,3 +240,30 @@ def test_credentials_a_backend_does_not_take_are_refused(mount_factory, tmp_path
     e, line = m.submit_err(ROUTE, json.dumps(
         {"input": {"prompt": "x"}, "credentials": {"token": "k-123"}}).encode() + b"\n")
     assert e == errno.EINVAL and "credentials.token" in line and "k-123" not in line
+
+
+def test_remote_position_progress_and_provenance(mount_factory, tmp_path, fal):
+    """fal's queue position is the job's `position` while it waits there;
+    a step count in fal's log is its progress; the manifest names fal's
+    request id; the submission carries what is left of the deadline."""
+    fal.queue_polls = 1000  # in fal's queue, moving up each poll
+    fal.hold = True
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    job = m.job(ROUTE, jid)
+    until(lambda: "in its queue at position" in (job / "log").read_text(), "queued at fal")
+    pos = (job / "position").read_text().strip()
+    st = m.status(ROUTE, jid)
+    assert st["status"] == "running" and pos.isdigit() and int(pos) < 1000, (pos, st)
+    assert isinstance(st["position"], int)
+    fal.queue_polls = 0  # out of the queue, working
+    until(lambda: (job / "position").read_text() == "", "position cleared")
+    until(lambda: (job / "progress").read_text() == "0.25\n", "progress from 3/12")
+    assert m.status(ROUTE, jid)["position"] is None
+    fal.hold = False
+    assert m.wait(ROUTE, jid) == "complete"
+    assert (job / "progress").read_text() == "1\n"
+    manifest = json.loads((job / "manifest.json").read_text())
+    assert manifest["remote_request_id"] == "req-1"
+    timeout = int(fal.submissions[0][2]["X-Fal-Request-Timeout"])
+    assert 1 <= timeout <= 60

@@ -1,0 +1,117 @@
+#!/usr/bin/python3
+"""Remote jobs in flight: what 1,000 of them cost the daemon (figures, not a
+timed test).
+
+Against the fake fal queue service of tests/fakefal.py, each request taking
+2 s of simulated work, N jobs (default 1,000) are submitted through `new`
+to a route with concurrency=N, so that all are in flight at once. Printed:
+every job's end state, the daemon's thread count and RSS before and at the
+peak (remote jobs hold no thread: the count must not follow N), and the
+wall time against the simulated work (N jobs x 2 s in parallel: the ratio
+is the engine's overhead, and stays near 1 when nothing waits in line).
+A baseline run with 1 job is measured first in the same run.
+
+usage: bench/bench_remote.py [BUILD_DIR] [N]
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+TOP = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP / "tests"))
+from fakefal import FakeFal  # noqa: E402
+
+BUILD = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else TOP / "build")
+N = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
+ROUTE = "image/fake/default/t2i"
+WORK_S = 2
+
+
+def proc_status(pid, field):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def run(base, fal, n):
+    models = base / f"models-{n}.json"
+    models.write_text(json.dumps({"routes": {ROUTE: fal.route(concurrency=n, timeout_s=600)}}))
+    mnt = base / f"mnt-{n}"
+    mnt.mkdir()
+    log = open(base / f"mnt-{n}.log", "wb")
+    proc = subprocess.Popen([str(BUILD / "tools" / "renderfs"), "-f", str(mnt), "-o",
+                             f"store={base}/store-{n},models={models},rate=0"],
+                            stdout=log, stderr=log)
+    while not os.path.ismount(mnt):
+        if proc.poll() is not None:
+            sys.exit(f"renderfs exited: see {log.name}")
+        time.sleep(0.02)
+    threads0, rss0 = proc_status(proc.pid, "Threads"), proc_status(proc.pid, "VmRSS")
+    peak = {"threads": threads0, "rss": rss0, "stop": False}
+
+    def sample():
+        while not peak["stop"]:
+            peak["threads"] = max(peak["threads"], proc_status(proc.pid, "Threads"))
+            peak["rss"] = max(peak["rss"], proc_status(proc.pid, "VmRSS"))
+            time.sleep(0.05)
+    t = threading.Thread(target=sample)
+    t.start()
+    start = time.monotonic()
+    fd = os.open(mnt / ROUTE / "new", os.O_RDWR)
+    data = b"".join(json.dumps({"prompt": f"p{i}"}).encode() + b"\n" for i in range(n))
+    os.write(fd, data)
+    ids = os.read(fd, 64 * n).decode().split()
+    os.close(fd)
+    assert len(ids) == n, ids[:3]
+    states = {}
+    pending = set(ids)
+    while pending:
+        for jid in list(pending):
+            s = (mnt / ROUTE / jid / "status").read_text().strip()
+            if s in ("complete", "error", "cancelled"):
+                states[s] = states.get(s, 0) + 1
+                pending.discard(jid)
+        if pending:
+            time.sleep(0.1)
+    wall = time.monotonic() - start
+    peak["stop"] = True
+    t.join()
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+    proc.wait(timeout=60)
+    return {"n": n, "states": states, "wall": wall, "threads0": threads0,
+            "threads": peak["threads"], "rss0_mib": rss0 / 1024,
+            "rss_growth_mib": (peak["rss"] - rss0) / 1024}
+
+
+def main():
+    fal = FakeFal()
+    fal.work_s = WORK_S
+    fal.queue_polls = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-remote-") as d:
+            base = pathlib.Path(d)
+            one = run(base, fal, 1)
+            many = run(base, fal, N)
+    finally:
+        fal.close()
+    for r in (one, many):
+        print(f"{r['n']:5d} jobs in flight: {r['states']} in {r['wall']:.1f} s "
+              f"(work {WORK_S} s each, in parallel: ratio {r['wall'] / WORK_S:.2f}); "
+              f"threads {r['threads0']} -> {r['threads']}; RSS {r['rss0_mib']:.1f} MiB "
+              f"+ {r['rss_growth_mib']:.1f} MiB")
+    print(f"threads: {many['threads']} with {N} in flight vs {one['threads']} with 1 "
+          f"(ratio {many['threads'] / one['threads']:.2f}); RSS growth per job in flight "
+          f"{many['rss_growth_mib'] * 1024 / N:.1f} KiB; wall time {N} vs 1: "
+          f"{many['wall'] / one['wall']:.2f}x")
+    ok = many["states"] == {"complete": N}
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
