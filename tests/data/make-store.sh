@@ -1,11 +1,13 @@
 #!/bin/bash
 # Makes store-formatN.tar.gz and store-formatN.json: a store written by a
 # renderfs of index format N, for tests/test_upgrade.py. Run as root with
-# that build's renderfs (format 1: commit 0eab162; format 2: 56a31db):
+# that build's renderfs (format 1: commit 0eab162; format 2: 56a31db;
+# format 7: a1e2e6c):
 #   RENDERFS=/path/to/old/build/tools/renderfs tests/data/make-store.sh N
 # Jobs: complete (one named "owl", one served from the cache), error
 # (the wan route has no backend), three queued of each priority, one
-# cancelled, one deleted.
+# cancelled, one deleted; from format 7 on, one queued on the wan route
+# (remote: its queue group changes in format 8).
 set -e
 N=${1:?give the index format the renderfs writes}
 B=${RENDERFS:?set RENDERFS to a renderfs of that format}
@@ -50,6 +52,7 @@ submit $I '{"input":{"prompt":"q low","width":64,"height":64},"priority":"low"}'
 	'{"prompt":"q normal","width":64,"height":64}' \
 	'{"prompt":"q cancel","width":64,"height":64}' >"$W/q"
 echo cancel >"$M/$I/$(tail -1 "$W/q")/ctl"
+if [ "$N" -ge 7 ]; then submit video/wan/default/t2v '{"prompt":"queued wan"}' >/dev/null; fi
 # What the test expects to find: each job as it reads now.
 /usr/bin/python3 - "$M" "$OUT/store-format$N.json" <<'PY'
 import json, os, sys
