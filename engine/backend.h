@@ -55,6 +55,9 @@ struct backend {
 	/* The envelope "credentials" names it takes (NULL-terminated; NULL:
 	 * none), given to it through run_credential (SPEC §7). */
 	const char *const *credentials;
+	/* Bytes of one cas: input it can take (0: inputs refused; UINT64_MAX:
+	 * no bound of its own). A larger one is refused at submit. */
+	uint64_t max_input;
 	int (*configure)(struct route *rt, json_object *settings, void **state, char *err,
 			 size_t errlen);
 	int (*check)(const struct route *rt, const char *request, size_t len, char *err,

@@ -48,6 +48,9 @@ extern const struct backend backend_fal;
 #define FAL_POLL_FIRST_MS 200
 #define FAL_POLL_MAX_MS 2000
 #define FAL_POLL_FAILS 5
+/* A cas: input goes inline (base64 in the request): bounded so that one
+ * request stays a request; larger ones are refused at submit. */
+#define FAL_INPUT_MAX (10u << 20)
 
 struct fal_conf {
 	char base[512];    /* without a trailing slash */
@@ -678,13 +681,21 @@ static int fal_step(struct run *r)
 			return run_fail(r, -EIO, "interrupted",
 			                "the job's record of its fal request is damaged; it is not "
 			                "sent again (ctl retry sends it anew)");
-		if ((rc = handle_put(r, f, true)) != 0)
+		char url[FAL_URL_MAX + 160], *body = NULL;
+		/* Inputs from the store go inline, as data: URIs (fal takes
+		 * them for any file field, PROTOCOLS.md). */
+		if ((rc = run_request_inline_inputs(r, &body)) != 0)
+			return rc;
+		if ((rc = handle_put(r, f, true)) != 0) {
+			free(body);
 			return run_fail(r, rc, "store", "cannot record the submission: %s",
 			                store_lasterr());
-		char url[FAL_URL_MAX + 160];
+		}
 		snprintf(url, sizeof(url), "%s/%s", c->base, r->route->model_id);
 		f->phase = F_SUBMIT;
-		return request(r, f, "POST", url, r->request, 60000);
+		rc = request(r, f, "POST", url, body, 60000);
+		free(body);
+		return rc;
 	}
 	if (!h)
 		return f->phase == F_STATUS
@@ -759,6 +770,7 @@ const struct backend backend_fal = {
     .name = "fal",
     .remote = true,
     .credentials = fal_credentials,
+    .max_input = FAL_INPUT_MAX,
     .configure = fal_configure,
     .step = fal_step,
     .cancel = fal_cancel,

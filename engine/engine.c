@@ -173,6 +173,80 @@ uint8_t engine_route_group(struct engine *e, const struct route *r)
 }
 
 /*
+ * The request's inputs from the store (SPEC §3): every string that is
+ * exactly "cas:" and 64 lowercase hex digits names a blob, which must be
+ * one the caller may read (anyone's on a shared mount; on a `private` one
+ * only a blob of the caller's own jobs, with the same message as for no
+ * blob at all: nothing tells of another user's), and of a size the
+ * backend takes. Recorded in c (s->inputs) and referenced by the job.
+ */
+static int find_inputs(struct engine *e, const struct route *r, struct engine_submission *s,
+		       uint32_t uid, json_object *o, const char *path, struct job_create *c)
+{
+	char sub[INDEX_FIELD_MAX + 32];
+	int rc;
+
+	if (json_object_is_type(o, json_type_object)) {
+		json_object_object_foreach(o, k, v)
+		{
+			snprintf(sub, sizeof(sub), "%s%s%s", path, *path ? "." : "", k);
+			if ((rc = find_inputs(e, r, s, uid, v, sub, c)) != 0)
+				return rc;
+		}
+	} else if (json_object_is_type(o, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(o); i++) {
+			snprintf(sub, sizeof(sub), "%s[%zu]", path, i);
+			if ((rc = find_inputs(e, r, s, uid, json_object_array_get_idx(o, i), sub,
+					      c)) != 0)
+				return rc;
+		}
+	} else if (json_object_is_type(o, json_type_string) &&
+		   json_object_get_string_len(o) == 4 + 64 &&
+		   strncmp(json_object_get_string(o), "cas:", 4) == 0) {
+		const char *hex = json_object_get_string(o) + 4;
+		struct job_input *in;
+		struct blob_info bi;
+
+		for (int i = 0; i < 64; i++)
+			if (!strchr("0123456789abcdef", hex[i]))
+				return 0; /* not a blob name: a string like any */
+		if (c->ninputs >= INDEX_INPUTS_MAX)
+			return sub_fail(s, -EINVAL, "a request may name at most %d blobs (cas:)",
+					INDEX_INPUTS_MAX);
+		if (strlen(path) >= INDEX_FIELD_MAX)
+			return sub_fail(s, -EINVAL, "'%.64s...': the field's path is too long",
+					path);
+		if (!c->inputs && !(c->inputs = calloc(INDEX_INPUTS_MAX, sizeof(*in))))
+			return sub_fail(s, -ENOMEM, "out of memory");
+		in = (struct job_input *)&c->inputs[c->ninputs];
+		snprintf(in->field, sizeof(in->field), "%s", path);
+		b3_from_hex(hex, in->hash);
+		memset(&bi, 0, sizeof(bi));
+		rc = index_blob_get(e->ix, in->hash, &bi);
+		if (rc == 0 && e->opt.private_ && uid != 0)
+			rc = index_blob_used_by(e->ix, in->hash, uid);
+		if (rc == STORE_E_NOTFOUND)
+			return sub_fail(s, -EINVAL, "'%s': no blob cas:%.64s in this store that you "
+					"can read", path, hex);
+		if (rc)
+			return sub_fail(s, -EIO, "'%s': cannot look the blob up: %s", path,
+					store_lasterr());
+		if (r->backend->max_input == 0)
+			return sub_fail(s, -EINVAL, "'%s': the %s backend takes no input from the "
+					"store (cas:)", path, r->backend->name);
+		if (bi.size > r->backend->max_input)
+			return sub_fail(s, -EFBIG,
+					"input_too_large: '%s' is %llu bytes; the %s backend takes "
+					"inputs of at most %llu",
+					path, (unsigned long long)bi.size, r->backend->name,
+					(unsigned long long)r->backend->max_input);
+		in->size = bi.size;
+		c->ninputs++;
+	}
+	return 0;
+}
+
+/*
  * The envelope's "credentials" (SPEC §7): names the route's backend takes,
  * string values; sealed into c->sealed (the caller frees it). The text
  * never goes anywhere else; messages name fields, never values.
@@ -291,6 +365,12 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 	rc = schema_normalize(r->schema, input, &norm, err, sizeof(err));
 	if (rc)
 		return sub_fail(s, rc, "%s", rc == -ENOMEM ? "out of memory" : err);
+	c->inputs = NULL;
+	c->ninputs = 0;
+	if ((rc = find_inputs(e, r, s, uid, norm, "", c)) != 0) {
+		json_object_put(norm);
+		return rc;
+	}
 	t = json_object_to_json_string_ext(norm, JSON_C_TO_STRING_PLAIN |
 							 JSON_C_TO_STRING_NOSLASHESCAPE);
 	if (!t || !(*text = strdup(t))) {
@@ -455,8 +535,10 @@ refused:
 out:
 	for (size_t k = 0; texts && k < n; k++)
 		free(texts[k]);
-	for (size_t k = 0; c && k < n; k++)
+	for (size_t k = 0; c && k < n; k++) {
 		free((void *)c[k].sealed);
+		free((void *)c[k].inputs);
+	}
 	free(texts);
 	free(c);
 	free(ids);

@@ -35,6 +35,8 @@ struct engine_options {
 	const char *models;	 /* models file, or NULL */
 	const char *deny_net;	 /* CIDR,... no service connection goes to (NULL:
 				    HTTP_DENY_DEFAULT, "": none) */
+	bool private_;		 /* `private`: a request may name (cas:) only blobs
+				    its owner can read */
 	bool memo_per_owner;	 /* reuse only outputs of the same uid's jobs
 				    (`private`: a hit would tell of another
 				    user's job) */

@@ -86,6 +86,13 @@ int run_handle_get(struct run *r, void **out, size_t *len);
 int run_remote_set(struct run *r, const char *request_id, const char *model_version,
 		   long position);
 /*
+ * The request with every cas: input (SPEC §3) replaced by a data: URI of
+ * the blob's content (read verified, with its media type), for services
+ * that take files inline: *out malloc'ed, NUL-terminated. A request with
+ * no input is copied as it is.
+ */
+int run_request_inline_inputs(struct run *r, char **out);
+/*
  * The job's own credential `name` from its envelope (SPEC §7), unsealed
  * into a locked buffer (*out, NUL-terminated; free it with
  * store_unsealed_free, which wipes it). STORE_E_NOTFOUND when the job has

@@ -232,6 +232,25 @@ int jobview_manifest_json(struct engine *e, const struct job *j, char **out, siz
 	json_object_object_add(o, "created_at", time_or_null(j->created_ms));
 	json_object_object_add(o, "device", json_object_new_string(j->device));
 	json_object_object_add(o, "engine", json_object_new_string(ENGINE_VERSION));
+	{
+		/* The blobs its request named (SPEC §3): the chain of a pipeline. */
+		struct job_input in[INDEX_INPUTS_MAX];
+		size_t n = 0;
+		if (index_job_inputs(store_index(st), j->id, in, INDEX_INPUTS_MAX, &n) == 0 && n) {
+			json_object *arr = json_object_new_array();
+			for (size_t i = 0; i < n; i++) {
+				json_object *x = json_object_new_object();
+				char h[65];
+				b3_to_hex(in[i].hash, h);
+				json_object_object_add(x, "blake3", json_object_new_string(h));
+				json_object_object_add(x, "field", json_object_new_string(in[i].field));
+				json_object_object_add(x, "size",
+						       json_object_new_int64((int64_t)in[i].size));
+				json_object_array_add(arr, x);
+			}
+			json_object_object_add(o, "inputs", arr);
+		}
+	}
 	json_object_object_add(o, "job", json_object_new_string(id));
 	json_object_object_add(o, "key_id", json_object_new_string(keyid));
 	json_object_object_add(o, "output", output);

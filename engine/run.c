@@ -184,6 +184,129 @@ int run_remote_set(struct run *r, const char *request_id, const char *model_vers
 	return rc;
 }
 
+/* data:<media type>;base64,<content> of a verified blob, malloc'ed. */
+static char *data_uri(struct run *r, const struct job_input *in)
+{
+	struct blob_info bi;
+	uint64_t size = 0;
+	unsigned char *raw = NULL;
+	char *uri = NULL;
+	size_t b64, off = 0;
+	int fd = -1;
+
+	if (index_blob_get(r->e->ix, in->hash, &bi) != 0 ||
+	    store_blob_open(r->e->st, in->hash, &fd, &size) != 0 || size != in->size)
+		goto out;
+	if (!(raw = malloc(size ? size : 1)))
+		goto out;
+	while (off < size) {
+		ssize_t n = pread(fd, raw + off, size - off, (off_t)off);
+		if (n <= 0)
+			goto out;
+		off += (size_t)n;
+	}
+	b64 = sodium_base64_ENCODED_LEN(size, sodium_base64_VARIANT_ORIGINAL);
+	size_t head = strlen(bi.media_type) + 16;
+	if (!(uri = malloc(head + b64)))
+		goto out;
+	int h = snprintf(uri, head, "data:%s;base64,",
+			 bi.media_type[0] ? bi.media_type : "application/octet-stream");
+	sodium_bin2base64(uri + h, b64, raw, size, sodium_base64_VARIANT_ORIGINAL);
+out:
+	if (fd >= 0)
+		close(fd);
+	free(raw);
+	return uri;
+}
+
+static int inline_walk(struct run *r, json_object *o, const struct job_input *in, size_t n)
+{
+	if (json_object_is_type(o, json_type_object)) {
+		json_object_object_foreach(o, k, v)
+		{
+			if (json_object_is_type(v, json_type_string) &&
+			    json_object_get_string_len(v) == 68 &&
+			    strncmp(json_object_get_string(v), "cas:", 4) == 0) {
+				uint8_t h[INDEX_HASH_LEN];
+				if (b3_from_hex(json_object_get_string(v) + 4, h) != 0)
+					continue;
+				for (size_t i = 0; i < n; i++)
+					if (memcmp(in[i].hash, h, INDEX_HASH_LEN) == 0) {
+						char *uri = data_uri(r, &in[i]);
+						if (!uri)
+							return run_fail(r, -EIO, "input_not_found",
+									"'%s': cannot read blob "
+									"cas:%s: %s",
+									in[i].field,
+									json_object_get_string(v) + 4,
+									store_lasterr());
+						json_object_object_add(
+							o, k, json_object_new_string(uri));
+						free(uri);
+						break;
+					}
+			} else if (inline_walk(r, v, in, n) != 0) {
+				return -EIO;
+			}
+		}
+	} else if (json_object_is_type(o, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(o); i++) {
+			json_object *v = json_object_array_get_idx(o, i);
+			if (json_object_is_type(v, json_type_string) &&
+			    json_object_get_string_len(v) == 68 &&
+			    strncmp(json_object_get_string(v), "cas:", 4) == 0) {
+				uint8_t h[INDEX_HASH_LEN];
+				if (b3_from_hex(json_object_get_string(v) + 4, h) != 0)
+					continue;
+				for (size_t k = 0; k < n; k++)
+					if (memcmp(in[k].hash, h, INDEX_HASH_LEN) == 0) {
+						char *uri = data_uri(r, &in[k]);
+						if (!uri)
+							return run_fail(r, -EIO, "input_not_found",
+									"'%s': cannot read blob: %s",
+									in[k].field,
+									store_lasterr());
+						json_object_array_put_idx(
+							o, i, json_object_new_string(uri));
+						free(uri);
+						break;
+					}
+			} else if (inline_walk(r, v, in, n) != 0) {
+				return -EIO;
+			}
+		}
+	}
+	return 0;
+}
+
+int run_request_inline_inputs(struct run *r, char **out)
+{
+	struct job_input in[INDEX_INPUTS_MAX];
+	size_t n = 0;
+	json_object *o;
+	const char *t;
+	int rc = index_job_inputs(r->e->ix, r->job.id, in, INDEX_INPUTS_MAX, &n);
+
+	*out = NULL;
+	if (rc)
+		return run_fail(r, rc, "store", "cannot read the job's inputs: %s", store_lasterr());
+	if (n == 0) {
+		if (!(*out = strdup(r->request)))
+			return run_fail(r, -ENOMEM, "store", "out of memory");
+		return 0;
+	}
+	if (!(o = json_tokener_parse(r->request)))
+		return run_fail(r, -EIO, "store", "the stored request does not parse");
+	if ((rc = inline_walk(r, o, in, n)) == 0) {
+		t = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
+							      JSON_C_TO_STRING_NOSLASHESCAPE);
+		if (!t || !(*out = strdup(t)))
+			rc = run_fail(r, -ENOMEM, "store", "out of memory");
+	}
+	json_object_put(o);
+	return rc;
+}
+
 int run_credential(struct run *r, const char *name, uint8_t **out)
 {
 	void *sealed = NULL;

@@ -117,6 +117,7 @@ int main(int argc, char **argv)
 	 * anything (SPEC §7). Before any other thread uses the index. */
 	index_set_names_per_owner(fs.ix, mo.private_);
 	mo.engine.memo_per_owner = mo.private_;
+	mo.engine.private_ = mo.private_;
 	{
 		uint64_t njobs;
 		uint32_t from = index_upgraded(fs.ix, &njobs);

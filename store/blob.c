@@ -594,14 +594,13 @@ int store_job_hide(struct store *st, const uint8_t job[JOB_ID_LEN], uint16_t mas
 
 int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN])
 {
-	uint8_t hash[B3_OUT_LEN];
-	bool freed;
+	struct index_freed freed;
 	int rc;
 
 	pthread_mutex_lock(&st->blob_mu);
-	rc = index_job_delete(st->ix, job, &freed, hash);
-	if (rc == 0 && freed)
-		blob_unlink_freed(st, hash);
+	rc = index_job_delete_all(st->ix, job, &freed);
+	for (size_t i = 0; rc == 0 && i < freed.n; i++)
+		blob_unlink_freed(st, freed.hash[i]);
 	pthread_mutex_unlock(&st->blob_mu);
 	return rc;
 }

@@ -158,6 +158,31 @@ static bool key_exists(MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
 	return mdb_get(txn, dbi, &k, &v) == 0;
 }
 
+/* The references a job's inputs hold (index `inputs`): counted like an
+ * output's, per blob and per blob and owner. */
+static void count_inputs(struct fsck *f, MDB_txn *txn, const struct job *j, bool users)
+{
+	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
+	struct job_input in[INDEX_INPUTS_MAX];
+	char id[JOB_ID_STR_LEN + 1];
+	size_t n = 0;
+
+	if (mdb_get(txn, f->ix->inputs, &k, &v) != 0)
+		return;
+	if (index_inputs_decode(&v, in, INDEX_INPUTS_MAX, &n) != 0) {
+		ulid_format(j->id, id);
+		problem(f, "job %s: damaged inputs record", id);
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct refcount_entry *e = tab_find(f, in[i].hash, true);
+		if (e)
+			e->count++;
+		if (users && (e = tab_find_user(f, in[i].hash, j->uid, true)) != NULL)
+			e->count++;
+	}
+}
+
 static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_t *depth)
 {
 	char id[JOB_ID_STR_LEN + 1];
@@ -174,6 +199,7 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 		if ((e = tab_find_user(f, j->output_hash, j->uid, true)) != NULL)
 			e->count++;
 	}
+	count_inputs(f, txn, j, true);
 	if (j->name[0]) {
 		uint8_t key[INDEX_NAME_KEY_MAX];
 		size_t kl = index_name_key(j->route, j->name, j->uid, key);
@@ -702,6 +728,7 @@ static int count_outputs(struct fsck *f, struct index *ix)
 			}
 			e->count++;
 		}
+		count_inputs(f, txn, &j, false);
 		job_release(&j);
 	}
 	mdb_cursor_close(cur);

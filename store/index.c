@@ -226,6 +226,7 @@ static const struct dbdef dbdefs[] = {
 	{"rgroups", offsetof(struct index, rgroups), 0},
 	{"creds", offsetof(struct index, creds), 0},
 	{"remote", offsetof(struct index, remote), 0},
+	{"inputs", offsetof(struct index, inputs), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -642,6 +643,45 @@ static int same_request(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_
 	return 0;
 }
 
+/* The blobs the request names: each referenced for as long as the job
+ * exists (index_job_delete_all gives them back). A blob deleted since the
+ * caller looked fails the creation (STORE_E_NOTFOUND). */
+static int put_inputs(struct index *ix, MDB_txn *txn, const struct job *j,
+		      const struct job_create *c)
+{
+	uint8_t buf[1 + INDEX_INPUTS_MAX * (INDEX_HASH_LEN + 9 + INDEX_FIELD_MAX)], *p = buf;
+	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
+	int rc;
+
+	if (c->ninputs > INDEX_INPUTS_MAX)
+		return store_seterr(-E2BIG, "more than %d inputs", INDEX_INPUTS_MAX);
+	*p++ = (uint8_t)c->ninputs;
+	for (size_t i = 0; i < c->ninputs; i++) {
+		const struct job_input *in = &c->inputs[i];
+		MDB_val bk = {INDEX_HASH_LEN, (void *)in->hash}, bv;
+		size_t fl = strnlen(in->field, INDEX_FIELD_MAX - 1);
+		bool freed = false;
+
+		rc = mdb_get(txn, ix->blobs, &bk, &bv);
+		if (rc == MDB_NOTFOUND)
+			return store_seterr(STORE_E_NOTFOUND, "'%s' names a blob that is gone",
+					    in->field);
+		if (rc)
+			return index_lmdb_err(ix, rc, "read blob");
+		if ((rc = index_blob_ref(ix, txn, in->hash, in->size, "", j->uid, 1, &freed)) != 0)
+			return rc;
+		memcpy(p, in->hash, INDEX_HASH_LEN);
+		le64_put(p + INDEX_HASH_LEN, in->size);
+		p[INDEX_HASH_LEN + 8] = (uint8_t)fl;
+		memcpy(p + INDEX_HASH_LEN + 9, in->field, fl);
+		p += INDEX_HASH_LEN + 9 + fl;
+	}
+	v.mv_size = (size_t)(p - buf);
+	v.mv_data = buf;
+	rc = mdb_put(txn, ix->inputs, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "write inputs") : 0;
+}
+
 static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct create_arg *a = arg;
@@ -715,6 +755,8 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 		if ((rc = mdb_put(txn, ix->creds, &k, &v, 0)) != 0)
 			goto lmdb;
 	}
+	if (c->ninputs && (rc = put_inputs(ix, txn, &j, c)) != 0)
+		goto out;
 	if ((rc = index_job_entries(ix, txn, &j, true)) != 0)
 		goto out;
 	if (nklen) {

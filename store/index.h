@@ -43,6 +43,11 @@
  *   creds    id (16) -> the job's credentials sealed (store_seal: nonce and
  *            secretbox of a JSON object), written with the job and wiped
  *            when it reaches a final state; nothing else holds them
+ *   inputs   id (16) -> the blobs its request names (cas:<hex>, SPEC §3),
+ *            each a reference on the blob (its count and its owner's user
+ *            count, as an output's) until the job is deleted: a count (1),
+ *            then per input: BLAKE3 (32), size (8 LE), field length (1),
+ *            field (where in the request: "image_url", "frames[2]")
  *   remote   id (16) -> what a remote service said of the job, as JSON
  *            (request_id, model_version, position): kept with the job,
  *            for position, status.json and the manifest
@@ -101,7 +106,7 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -138,7 +143,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 10
+#define INDEX_FORMAT_VERSION 11
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
@@ -237,6 +242,15 @@ int index_signing_key_set(struct index *ix, const uint8_t keynum[8]);
 
 /* ---- jobs ---- */
 
+/* A blob a request names (cas:<hex>): where, and which. */
+#define INDEX_INPUTS_MAX 16
+#define INDEX_FIELD_MAX 128
+struct job_input {
+	char field[INDEX_FIELD_MAX];
+	uint8_t hash[INDEX_HASH_LEN];
+	uint64_t size;
+};
+
 struct job_create {
 	const char *route;
 	const char *name; /* NULL or "": no client-chosen name */
@@ -248,6 +262,8 @@ struct job_create {
 	size_t request_len;
 	const void *sealed; /* sealed credentials (creds), or NULL */
 	size_t sealed_len;
+	const struct job_input *inputs; /* blobs the request names (inputs) */
+	size_t ninputs;
 };
 
 /*
@@ -376,6 +392,16 @@ int index_job_set_priority(struct index *ix, const uint8_t id[JOB_ID_LEN], enum 
  */
 int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], bool *freed,
 		     uint8_t freed_hash[INDEX_HASH_LEN]);
+/* The same, with every blob that lost its last reference (its output and
+ * its inputs) in freed (at most INDEX_INPUTS_MAX + 1). */
+struct index_freed {
+	size_t n;
+	uint8_t hash[INDEX_INPUTS_MAX + 1][INDEX_HASH_LEN];
+};
+int index_job_delete_all(struct index *ix, const uint8_t id[JOB_ID_LEN], struct index_freed *freed);
+/* The job's inputs (at most max): *n of them; 0 when it has none. */
+int index_job_inputs(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job_input *in,
+		     size_t max, size_t *n);
 
 /*
  * List job ids in id (= creation) order, strictly after `after` (NULL:

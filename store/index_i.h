@@ -28,7 +28,7 @@ struct index_wop {
 struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
-		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote;
+		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs;
 	char dir[4096];
 	bool read_only;
 	bool names_per_owner; /* set before other threads use the index */
@@ -147,6 +147,12 @@ int index_blob_decode(struct index *ix, const MDB_val *v, struct blob_info *out)
 /* Move one job of route from status `from` to `to` in counts (-1: none). */
 int index_count_move(struct index *ix, MDB_txn *txn, const char *route, int from, int to);
 /* Add delta (+1 or -1) to the count of uid's jobs whose output is hash. */
+/* index_queue.c: a blob's reference count (and its user's) by delta;
+ * *freed when it reached 0 (the record is gone). */
+int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
+		   const char *media_type, uint32_t uid, int delta, bool *freed);
+/* index_queue.c: a job's inputs (index_job_inputs' encoding). */
+int index_inputs_decode(const MDB_val *v, struct job_input *in, size_t max, size_t *n);
 int index_blob_user(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint32_t uid,
 		    int delta);
 /* The names key of (route, name, uid) in buf; its length, or 0 if too long. */

@@ -233,6 +233,12 @@ static int upgrade_9(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return add_only(ix, txn, njobs, 10);
 }
 
+/* Format 10 -> 11: inputs (the blobs a request names, cas:<hex>). */
+static int upgrade_10(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	return add_only(ix, txn, njobs, 11);
+}
+
 /*
  * Each step takes an index of format `from` to from + 1 inside the
  * caller's write transaction; an open runs every step from the index's
@@ -251,6 +257,7 @@ static const struct migration {
 	{7, upgrade_7},
 	{8, upgrade_8},
 	{9, upgrade_9},
+	{10, upgrade_10},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

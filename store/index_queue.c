@@ -279,8 +279,8 @@ struct attach_arg {
 };
 
 /* The blob's reference count and its owner's count (blobusers) move together. */
-static int blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
-		    const char *media_type, uint32_t uid, int delta, bool *freed)
+int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
+		   const char *media_type, uint32_t uid, int delta, bool *freed)
 {
 	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v;
 	uint8_t rec[BLOB_REC_MAX];
@@ -333,7 +333,7 @@ static int attach_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 		return state_err(j, "attach an output to");
 	if (j->flags & JOB_F_HAS_OUTPUT)
 		return state_err(j, "attach a second output to");
-	if ((rc = blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0)
+	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0)
 		return rc;
 	memcpy(j->output_hash, a->hash, INDEX_HASH_LEN);
 	j->output_size = a->size;
@@ -850,7 +850,7 @@ static int hide_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 	if (a->release && (j->flags & JOB_F_HAS_OUTPUT)) {
 		if (j->status != JOB_COMPLETE)
 			return state_err(j, "release the output of");
-		rc = blob_ref(ix, txn, j->output_hash, j->output_size, "", j->uid, -1, &a->freed);
+		rc = index_blob_ref(ix, txn, j->output_hash, j->output_size, "", j->uid, -1, &a->freed);
 		if (rc)
 			return rc;
 		if (a->freed)
@@ -877,9 +877,40 @@ int index_job_hide(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t mask
 
 struct delete_arg {
 	const uint8_t *id;
-	bool freed;
-	uint8_t freed_hash[INDEX_HASH_LEN];
+	struct index_freed *freed;
 };
+
+int index_inputs_decode(const MDB_val *v, struct job_input *in, size_t max, size_t *n)
+{
+	const uint8_t *p = v->mv_data, *end = p + v->mv_size;
+	size_t count;
+
+	*n = 0;
+	if (v->mv_size < 1)
+		return STORE_E_INDEX;
+	count = *p++;
+	if (count > INDEX_INPUTS_MAX)
+		return STORE_E_INDEX;
+	for (size_t i = 0; i < count; i++) {
+		size_t fl;
+		if (end - p < INDEX_HASH_LEN + 8 + 1)
+			return STORE_E_INDEX;
+		struct job_input x;
+		memcpy(x.hash, p, INDEX_HASH_LEN);
+		x.size = le64_get(p + INDEX_HASH_LEN);
+		fl = p[INDEX_HASH_LEN + 8];
+		p += INDEX_HASH_LEN + 9;
+		if (fl >= INDEX_FIELD_MAX || (size_t)(end - p) < fl)
+			return STORE_E_INDEX;
+		memcpy(x.field, p, fl);
+		x.field[fl] = '\0';
+		p += fl;
+		if (i < max)
+			in[i] = x;
+	}
+	*n = count < max ? count : max;
+	return p == end ? 0 : STORE_E_INDEX;
+}
 
 static int del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
 {
@@ -964,10 +995,36 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 		goto out;
 	}
 	rc = 0;
+	a->freed->n = 0;
 	if (j.flags & JOB_F_HAS_OUTPUT) {
-		rc = blob_ref(ix, txn, j.output_hash, j.output_size, "", j.uid, -1, &a->freed);
-		if (rc == 0 && a->freed)
-			memcpy(a->freed_hash, j.output_hash, INDEX_HASH_LEN);
+		bool freed = false;
+		rc = index_blob_ref(ix, txn, j.output_hash, j.output_size, "", j.uid, -1, &freed);
+		if (rc == 0 && freed)
+			memcpy(a->freed->hash[a->freed->n++], j.output_hash, INDEX_HASH_LEN);
+	}
+	/* Its inputs give back their references. */
+	k.mv_size = JOB_ID_LEN;
+	k.mv_data = j.id;
+	if (rc == 0 && (rc = mdb_get(txn, ix->inputs, &k, &v)) == 0) {
+		struct job_input in[INDEX_INPUTS_MAX];
+		size_t n = 0;
+
+		if (index_inputs_decode(&v, in, INDEX_INPUTS_MAX, &n) != 0) {
+			rc = store_seterr(STORE_E_INDEX, "damaged inputs of a job in '%s'", ix->dir);
+			goto out;
+		}
+		for (size_t i = 0; i < n && rc == 0; i++) {
+			bool freed = false;
+			rc = index_blob_ref(ix, txn, in[i].hash, in[i].size, "", j.uid, -1, &freed);
+			if (rc == 0 && freed)
+				memcpy(a->freed->hash[a->freed->n++], in[i].hash, INDEX_HASH_LEN);
+		}
+		if (rc == 0)
+			rc = del_key(ix, txn, ix->inputs, j.id, JOB_ID_LEN);
+	} else if (rc == MDB_NOTFOUND) {
+		rc = 0;
+	} else if (rc) {
+		rc = index_lmdb_err(ix, rc, "delete inputs");
 	}
 out:
 	job_release(&j);
@@ -977,13 +1034,57 @@ out:
 int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], bool *freed,
 		     uint8_t freed_hash[INDEX_HASH_LEN])
 {
-	struct delete_arg a = {id, false, {0}};
-	int rc = index_write(ix, delete_fn, &a);
+	struct index_freed all;
+	int rc = index_job_delete_all(ix, id, &all);
 
-	*freed = rc == 0 && a.freed;
-	if (*freed)
-		memcpy(freed_hash, a.freed_hash, INDEX_HASH_LEN);
+	*freed = false;
+	for (size_t i = 0; rc == 0 && i < all.n && !*freed; i++) {
+		*freed = true; /* the output is first when it was freed */
+		memcpy(freed_hash, all.hash[i], INDEX_HASH_LEN);
+	}
 	return rc;
+}
+
+int index_job_delete_all(struct index *ix, const uint8_t id[JOB_ID_LEN], struct index_freed *freed)
+{
+	struct delete_arg a = {id, freed};
+	int rc;
+
+	freed->n = 0;
+	rc = index_write(ix, delete_fn, &a);
+	if (rc)
+		freed->n = 0;
+	return rc;
+}
+
+struct inputs_arg {
+	const uint8_t *id;
+	struct job_input *in;
+	size_t max, *n;
+};
+
+static int inputs_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct inputs_arg *a = arg;
+	MDB_val k = {JOB_ID_LEN, (void *)a->id}, v;
+	int rc = mdb_get(txn, ix->inputs, &k, &v);
+
+	if (rc == MDB_NOTFOUND)
+		return 0;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read inputs");
+	if (index_inputs_decode(&v, a->in, a->max, a->n) != 0)
+		return store_seterr(STORE_E_INDEX, "damaged inputs of a job in '%s'", ix->dir);
+	return 0;
+}
+
+int index_job_inputs(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job_input *in,
+		     size_t max, size_t *n)
+{
+	struct inputs_arg a = {id, in, max, n};
+
+	*n = 0;
+	return index_read(ix, inputs_fn, &a);
 }
 
 /* ---- queue depth, recovery ---- */
