@@ -48,6 +48,7 @@ extern const struct backend backend_fal;
 #define FAL_POLL_FIRST_MS 200
 #define FAL_POLL_MAX_MS 2000
 #define FAL_POLL_FAILS 5
+#define FAL_FILES_MAX (1 + INDEX_EXTRAS_MAX) /* output.<ext>, output.1.<ext>, ... */
 /* A cas: input goes inline (base64 in the request): bounded so that one
  * request stays a request; larger ones are refused at submit. */
 #define FAL_INPUT_MAX (10u << 20)
@@ -68,7 +69,13 @@ struct fal_run {
 	char request_id[128];
 	char status_url[FAL_URL_MAX], response_url[FAL_URL_MAX], cancel_url[FAL_URL_MAX];
 	char file_url[FAL_URL_MAX * 2];
-	char file_type[128];
+	/* The result (kept until its file URLs are replaced by cas:<hex>),
+	 * its files in order, and where the downloads are. */
+	json_object *result;
+	json_object *files[FAL_FILES_MAX];
+	size_t nfiles, at;
+	struct store_sink *first; /* the first file's, committed last */
+	uint8_t hashes[FAL_FILES_MAX][32];
 	unsigned logs_seen;
 	long position;
 	unsigned poll_fails;
@@ -368,29 +375,26 @@ static int answer_fail(struct run *r, const struct http_response *h, const char 
 	return -EIO;
 }
 
-/* The first file object (one with a string "url") in the output. */
-static json_object *first_file(json_object *o, int depth)
+/* Every file object (one with a string "url") of the output, in the
+ * service's order (images[], video, audio, ...), FAL_FILES_MAX at most. */
+static void collect_files(struct fal_run *f, json_object *o, int depth)
 {
-	if (depth > 8)
-		return NULL;
+	if (depth > 8 || f->nfiles >= FAL_FILES_MAX)
+		return;
 	if (json_object_is_type(o, json_type_object)) {
-		if (jstr(o, "url"))
-			return o;
+		if (jstr(o, "url")) {
+			f->files[f->nfiles++] = o;
+			return;
+		}
 		json_object_object_foreach(o, k, v)
 		{
-			json_object *f;
 			(void)k;
-			if ((f = first_file(v, depth + 1)))
-				return f;
+			collect_files(f, v, depth + 1);
 		}
 	} else if (json_object_is_type(o, json_type_array)) {
-		for (size_t i = 0; i < json_object_array_length(o); i++) {
-			json_object *f = first_file(json_object_array_get_idx(o, i), depth + 1);
-			if (f)
-				return f;
-		}
+		for (size_t i = 0; i < json_object_array_length(o); i++)
+			collect_files(f, json_object_array_get_idx(o, i), depth + 1);
 	}
-	return NULL;
 }
 
 /* Whether a media type someone gave (maybe with parameters) fits the
@@ -563,7 +567,7 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 
 static int on_result(struct run *r, struct fal_run *f, const struct http_response *h)
 {
-	json_object *o, *file;
+	json_object *o;
 	const char *url, *ct;
 
 	if (h->error_code) {
@@ -580,34 +584,77 @@ static int on_result(struct run *r, struct fal_run *f, const struct http_respons
 	if (!(o = parse_json(h->body, h->len)))
 		return run_fail(r, -EBADMSG, "output_invalid",
 		                "fal's result for request %s is not a JSON object", f->request_id);
-	if (!(file = first_file(o, 0)) || !(url = jstr(file, "url"))) {
-		json_object_put(o);
-		return run_fail(r, -EIO, "output_invalid",
-		                "fal's result for request %s names no file", f->request_id);
+	f->result = o;
+	collect_files(f, o, 0);
+	if (f->nfiles == 0)
+		return run_fail(r, -EIO, "output_invalid", "fal's result for request %s names no file",
+		                f->request_id);
+	for (size_t i = 0; i < f->nfiles; i++) {
+		url = jstr(f->files[i], "url");
+		if (strlen(url) >= sizeof(f->file_url) ||
+		    (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0))
+			return run_fail(r, -EIO, "output_invalid",
+			                "fal's result for request %s names a file that is not an "
+			                "http(s) URL of at most %zu bytes",
+			                f->request_id, sizeof(f->file_url) - 1);
 	}
-	if (strlen(url) >= sizeof(f->file_url) ||
-	    (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0)) {
-		json_object_put(o);
+	ct = jstr(f->files[0], "content_type");
+	if (ct && !type_fits(ct, r->route->media_type))
 		return run_fail(r, -EIO, "output_invalid",
-		                "fal's result for request %s names a file that is not an http(s) "
-		                "URL of at most %zu bytes",
-		                f->request_id, sizeof(f->file_url) - 1);
-	}
-	snprintf(f->file_url, sizeof(f->file_url), "%s", url);
-	ct = jstr(file, "content_type");
-	snprintf(f->file_type, sizeof(f->file_type), "%s", ct ? ct : "");
-	json_object_put(o);
-	if (f->file_type[0] && !type_fits(f->file_type, r->route->media_type))
-		return run_fail(r, -EIO, "output_invalid",
-		                "fal's result is %.100s, not %s as the route says", f->file_type,
+		                "fal's result is %.100s, not %s as the route says", ct,
 		                r->route->media_type);
-	run_log(r, "fal: request %s completed; downloading its output", f->request_id);
+	run_log(r, "fal: request %s completed; downloading %zu file%s", f->request_id, f->nfiles,
+	        f->nfiles == 1 ? "" : "s");
+	f->at = 0;
+	snprintf(f->file_url, sizeof(f->file_url), "%s", jstr(f->files[0], "url"));
 	return download(r, f);
+}
+
+/* The media type of file i: the route's for the first; for the others
+ * their own (from the result, else the download), else the route's. */
+static void file_type(const struct run *r, const struct fal_run *f, size_t i,
+                      const char *downloaded, char *out, size_t len)
+{
+	const char *given = jstr(f->files[i], "content_type");
+	const char *t = r->route->media_type;
+
+	if (i > 0 && given && !type_fits(given, ""))
+		t = given;
+	else if (i > 0 && downloaded[0] && !type_fits(downloaded, ""))
+		t = downloaded;
+	snprintf(out, len, "%.*s", (int)strcspn(t, "; "), t);
+}
+
+/* result.json: the result with each downloaded URL as cas:<hex>. */
+static int keep_result(struct run *r, struct fal_run *f)
+{
+	const char *text;
+
+	for (size_t i = 0; i < f->nfiles; i++) {
+		char hex[65], cas[70];
+		static const char digits[] = "0123456789abcdef";
+		for (int k = 0; k < 32; k++) {
+			hex[2 * k] = digits[f->hashes[i][k] >> 4];
+			hex[2 * k + 1] = digits[f->hashes[i][k] & 15];
+		}
+		hex[64] = '\0';
+		snprintf(cas, sizeof(cas), "cas:%s", hex);
+		json_object_object_add(f->files[i], "url", json_object_new_string(cas));
+	}
+	text = json_object_to_json_string_ext(f->result, JSON_C_TO_STRING_PRETTY |
+	                                                     JSON_C_TO_STRING_SPACED |
+	                                                     JSON_C_TO_STRING_NOSLASHESCAPE);
+	if (!text)
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	return run_result(r, text, strlen(text));
 }
 
 static int on_download(struct run *r, struct fal_run *f, const struct http_response *h)
 {
 	struct store_sink *sink = f->sink;
+	char type[128];
+	size_t i = f->at;
+	int rc;
 
 	f->sink = NULL;
 	if (h->error_code) {
@@ -616,16 +663,33 @@ static int on_download(struct run *r, struct fal_run *f, const struct http_respo
 	}
 	if (h->streamed == 0) {
 		store_sink_abort(sink);
-		return run_fail(r, -EIO, "output_invalid", "fal's output file is empty");
+		return run_fail(r, -EIO, "output_invalid", "fal's output file %zu is empty", i + 1);
 	}
-	if (h->content_type[0] && !type_fits(h->content_type, r->route->media_type)) {
+	if (i == 0 && h->content_type[0] && !type_fits(h->content_type, r->route->media_type)) {
 		store_sink_abort(sink);
 		return run_fail(r, -EIO, "output_invalid",
 		                "fal's output file is %.100s, not %s as the route says",
 		                h->content_type, r->route->media_type);
 	}
+	if (i == 0) {
+		f->first = sink; /* committed last: it announces them all */
+	} else {
+		file_type(r, f, i, h->content_type, type, sizeof(type));
+		if ((rc = run_commit_extra(r, (unsigned)i, sink, type, f->hashes[i])) != 0)
+			return rc;
+	}
+	if (++f->at < f->nfiles) {
+		run_progress(r, 0.999);
+		snprintf(f->file_url, sizeof(f->file_url), "%s", jstr(f->files[f->at], "url"));
+		return download(r, f);
+	}
+	sink = f->first;
+	f->first = NULL;
 	run_progress(r, 1);
-	return run_commit_output(r, sink, r->route->media_type, "fal");
+	if ((rc = run_commit_output(r, sink, r->route->media_type, "fal")) != 0)
+		return rc;
+	memcpy(f->hashes[0], r->output_hash, 32);
+	return keep_result(r, f);
 }
 
 static int fal_step(struct run *r)
@@ -759,6 +823,9 @@ static void fal_run_free(struct run *r)
 		return;
 	if (f->sink)
 		store_sink_abort(f->sink);
+	if (f->first)
+		store_sink_abort(f->first);
+	json_object_put(f->result);
 	explicit_bzero(f->auth, sizeof(f->auth));
 	store_unsealed_free(f->job_key);
 	free(f);

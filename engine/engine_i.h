@@ -37,6 +37,7 @@ struct run {
 	char error_message[ENGINE_ERR_MAX];
 	bool transient;		/* worth another attempt */
 	uint64_t retry_after_ms; /* the service asked to wait this long (Retry-After) */
+	uint8_t output_hash[32]; /* set by run_commit_output */
 
 	/* Remote runs (backend.h: step, cancel, run_free). */
 	void *bstate;			  /* the backend's state for this run */
@@ -66,6 +67,14 @@ enum stop_reason run_stopping(struct run *r);
 /* Commit sink as the job's output (the sink is consumed). */
 int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
 		      const char *device);
+/* The same for output n >= 1 after the first (output.n.<ext>, SPEC §3);
+ * hash_out (may be NULL) gets its BLAKE3. Commit these before the first:
+ * the first output's commit announces the outputs. */
+int run_commit_extra(struct run *r, unsigned n, struct store_sink *sink, const char *media_type,
+		     uint8_t hash_out[32]);
+/* The service's whole result as result.json (file URLs replaced by
+ * cas:<hex> by the backend). */
+int run_result(struct run *r, const char *json, size_t len);
 /*
  * The job's durable handle (index_job_handle_put/get): a remote backend
  * puts what finds its work again (a request id, status URLs) before it

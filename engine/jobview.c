@@ -129,6 +129,36 @@ static json_object *output_json(const struct job *j)
 	return output;
 }
 
+/* Every output in order (SPEC §3: output.<ext>, output.1.<ext>, ...). */
+static json_object *outputs_json(struct engine *e, const struct job *j)
+{
+	json_object *arr = json_object_new_array();
+	struct job_output *x = NULL;
+	size_t n = 0;
+
+	if (!arr)
+		return NULL;
+	json_object_array_add(arr, output_json(j));
+	if ((j->flags & JOB_F_EXTRAS) && (x = calloc(INDEX_EXTRAS_MAX, sizeof(*x))) &&
+	    index_job_extras(store_index(engine_store(e)), j->id, x, INDEX_EXTRAS_MAX, &n) == 0) {
+		for (size_t i = 0; i < n; i++) {
+			json_object *o = json_object_new_object();
+			char name[96], hex[65];
+			b3_to_hex(x[i].hash, hex);
+			snprintf(name, sizeof(name), "output.%zu.%s", i + 1,
+				 route_media_ext(x[i].media_type));
+			json_object_object_add(o, "blake3", json_object_new_string(hex));
+			json_object_object_add(o, "media_type",
+					       json_object_new_string(x[i].media_type));
+			json_object_object_add(o, "name", json_object_new_string(name));
+			json_object_object_add(o, "size", json_object_new_int64((int64_t)x[i].size));
+			json_object_array_add(arr, o);
+		}
+	}
+	free(x);
+	return arr;
+}
+
 int jobview_status_json(struct engine *e, const struct job *j, char **out, size_t *len)
 {
 	json_object *o = json_object_new_object(), *err = NULL, *output = NULL;
@@ -156,6 +186,7 @@ int jobview_status_json(struct engine *e, const struct job *j, char **out, size_
 	if (j->name[0])
 		json_object_object_add(o, "name", json_object_new_string(j->name));
 	json_object_object_add(o, "output", output);
+	json_object_object_add(o, "outputs", output ? outputs_json(e, j) : NULL);
 	json_object_object_add(o, "owner", json_object_new_int64(j->uid));
 	json_object_object_add(o, "position", jobview_position(e, j, &pos) == 0
 						     ? json_object_new_int64((int64_t)pos)
@@ -254,6 +285,8 @@ int jobview_manifest_json(struct engine *e, const struct job *j, char **out, siz
 	json_object_object_add(o, "job", json_object_new_string(id));
 	json_object_object_add(o, "key_id", json_object_new_string(keyid));
 	json_object_object_add(o, "output", output);
+	if (j->flags & JOB_F_EXTRAS)
+		json_object_object_add(o, "outputs", outputs_json(e, j));
 	b3_to_hex(rh, hex);
 	json_object_object_add(o, "request_blake3", json_object_new_string(hex));
 	json_object_object_add(o, "route", json_object_new_string(j->route));

@@ -105,12 +105,33 @@ enum stop_reason run_stopping(struct run *r)
 int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
 		      const char *device)
 {
-	int rc = store_job_commit_output(r->e->st, r->job.id, sink, media_type, device, NULL);
+	int rc = store_job_commit_output(r->e->st, r->job.id, sink, media_type, device,
+					 r->output_hash);
 
 	if (rc)
 		return run_fail(r, rc, "store", "cannot store the output: %s",
 				store_lasterr());
 	engine_notify(r->e, r->job.id, r->job.route, EV_OUTPUT);
+	return 0;
+}
+
+int run_commit_extra(struct run *r, unsigned n, struct store_sink *sink, const char *media_type,
+		     uint8_t hash_out[32])
+{
+	int rc = store_job_commit_extra(r->e->st, r->job.id, n, sink, media_type, hash_out);
+
+	if (rc)
+		return run_fail(r, rc, "store", "cannot store output %u: %s", n, store_lasterr());
+	return 0;
+}
+
+int run_result(struct run *r, const char *json, size_t len)
+{
+	int rc = index_job_result_put(r->e->ix, r->job.id, json, len);
+
+	if (rc)
+		return run_fail(r, rc, rc == -EFBIG ? "output_invalid" : "store",
+				"cannot keep the result: %s", store_lasterr());
 	return 0;
 }
 
@@ -373,6 +394,33 @@ int run_fail(struct run *r, int rc, const char *code, const char *fmt, ...)
 
 /* ---- workers ---- */
 
+/* An earlier job's outputs after the first and its result, for a job
+ * served from it; false if they cannot all be had. */
+static bool copy_extras(struct run *r, const struct job *o)
+{
+	struct job_output *x;
+	size_t n = 0;
+	char *text = NULL;
+	size_t len = 0;
+	bool ok = true;
+
+	if (o->flags & JOB_F_EXTRAS) {
+		if (!(x = calloc(INDEX_EXTRAS_MAX, sizeof(*x))))
+			return false;
+		ok = index_job_extras(r->e->ix, o->id, x, INDEX_EXTRAS_MAX, &n) == 0;
+		for (size_t i = 0; ok && i < n; i++)
+			ok = index_job_attach_extra(r->e->ix, r->job.id, (unsigned)i + 1, x[i].hash,
+						    x[i].size, x[i].media_type) == 0;
+		free(x);
+	}
+	if (ok && (o->flags & JOB_F_RESULT)) {
+		ok = index_job_result_get(r->e->ix, o->id, &text, &len) == 0 &&
+		     index_job_result_put(r->e->ix, r->job.id, text, len) == 0;
+		free(text);
+	}
+	return ok;
+}
+
 /* Memoization: an earlier complete job with the same normalized request. */
 static bool serve_cached(struct run *r, const uint8_t digest[INDEX_HASH_LEN])
 {
@@ -387,7 +435,7 @@ static bool serve_cached(struct run *r, const uint8_t digest[INDEX_HASH_LEN])
 	if (index_job_get(r->e->ix, other, &o) != 0)
 		return false;
 	if (o.status == JOB_COMPLETE && (o.flags & JOB_F_HAS_OUTPUT) &&
-	    (!r->e->opt.memo_per_owner || o.uid == r->job.uid) &&
+	    (!r->e->opt.memo_per_owner || o.uid == r->job.uid) && copy_extras(r, &o) &&
 	    index_job_attach_output(r->e->ix, r->job.id, o.output_hash, o.output_size,
 				    o.media_type, o.device, true) == 0) {
 		ulid_format(other, oid);

@@ -32,7 +32,7 @@
 
 static const char *const jf_names[JF_COUNT] = {
 	"request.json", "status", "progress", "position", "log", "error", "status.json",
-	NULL,		NULL,	  "manifest.json", "manifest.json.minisig", "ctl",
+	NULL,		NULL,	  "manifest.json", "manifest.json.minisig", "ctl", "result.json",
 };
 
 const char *jf_name(const struct job *j, enum job_file f, char *buf, size_t len)
@@ -53,6 +53,8 @@ bool jf_present(const struct job *j, enum job_file f)
 			 * before `complete` (SPEC §3: it exists before status
 			 * says complete) */
 		return (j->flags & JOB_F_HAS_OUTPUT) != 0;
+	case JF_RESULT: /* the service's result, once the job is complete */
+		return j->status == JOB_COMPLETE && (j->flags & JOB_F_RESULT);
 	case JF_OUTPUTSIG: /* stays listed after the output is unlinked, so that
 			    * `rm -r` finds what it listed */
 	case JF_MANIFEST:
@@ -176,12 +178,110 @@ int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out
 		return sign_blob(fs, j->output_hash, trusted, out, len);
 	case JF_CTL:
 		return dup_text(out, len, "%s", "");
+	case JF_RESULT: {
+		char *text = NULL;
+		size_t tl = 0;
+		if ((rc = index_job_result_get(fs->ix, j->id, &text, &tl)) != 0)
+			return rc == STORE_E_NOTFOUND ? -ENOENT : rc;
+		rc = dup_text(out, len, "%s\n", text);
+		free(text);
+		return rc;
+	}
 	case JF_OUTPUT:
 	case JF_LOG:
 	case JF_COUNT:
 		break;
 	}
 	return -EINVAL;
+}
+
+/* ---- outputs after the first ---- */
+
+bool jf_is_extra(unsigned sub, unsigned *n, bool *sig)
+{
+	if (sub < JF_EXTRA0 || sub >= JF_EXTRA0 + 2 * INDEX_EXTRAS_MAX)
+		return false;
+	*n = (sub - JF_EXTRA0) / 2 + 1;
+	*sig = (sub - JF_EXTRA0) % 2 == 1;
+	return true;
+}
+
+/* From the commit of the first output on, as it (the backend commits
+ * them before it), until the owner unlinks one of them. */
+static bool extras_shown(const struct job *j)
+{
+	return (j->flags & (JOB_F_HAS_OUTPUT | JOB_F_OUTPUT_RELEASED)) &&
+	       (j->flags & JOB_F_EXTRAS);
+}
+
+bool jf_extra_shown(const struct jf_extra *x)
+{
+	return !(x->out.hidden & (x->sig ? 2 : 1));
+}
+
+int jf_extras(struct fsctx *fs, const struct job *j, struct job_output *out, size_t max, size_t *n)
+{
+	*n = 0;
+	if (!extras_shown(j))
+		return 0;
+	return index_job_extras(fs->ix, j->id, out, max, n);
+}
+
+int jf_extra_get(struct fsctx *fs, const struct job *j, unsigned n, struct jf_extra *x)
+{
+	struct job_output *all;
+	size_t got = 0;
+	int rc;
+
+	if (!extras_shown(j) || n < 1 || n > INDEX_EXTRAS_MAX)
+		return -ENOENT;
+	if (!(all = calloc(INDEX_EXTRAS_MAX, sizeof(*all))))
+		return -ENOMEM;
+	rc = index_job_extras(fs->ix, j->id, all, INDEX_EXTRAS_MAX, &got);
+	if (rc == 0 && n > got)
+		rc = -ENOENT;
+	if (rc == 0) {
+		x->n = n;
+		x->out = all[n - 1];
+	}
+	free(all);
+	return rc;
+}
+
+const char *jf_extra_name(const struct jf_extra *x, char *buf, size_t len)
+{
+	snprintf(buf, len, "output.%u.%s%s", x->n, route_media_ext(x->out.media_type),
+		 x->sig ? ".minisig" : "");
+	return buf;
+}
+
+static void extra_trusted(const struct job *j, const struct jf_extra *x, char *buf, size_t len)
+{
+	char id[JOB_ID_STR_LEN + 1], hex[65];
+
+	ulid_format(j->id, id);
+	hex32(x->out.hash, hex);
+	snprintf(buf, len, "renderfs job=%s route=%s output=%u blake3=%s size=%llu", id, j->route,
+		 x->n, hex, (unsigned long long)x->out.size);
+}
+
+uint64_t jf_extra_size(const struct job *j, const struct jf_extra *x)
+{
+	char trusted[SIGN_TRUSTED_MAX + 1];
+
+	if (!x->sig)
+		return x->out.size;
+	extra_trusted(j, x, trusted, sizeof(trusted));
+	return SIG_TEXT_LEN(strlen(trusted));
+}
+
+int jf_extra_sig(struct fsctx *fs, const struct job *j, const struct jf_extra *x, char **out,
+		 size_t *len)
+{
+	char trusted[SIGN_TRUSTED_MAX + 1];
+
+	extra_trusted(j, x, trusted, sizeof(trusted));
+	return sign_blob(fs, x->out.hash, trusted, out, len);
 }
 
 int jf_size(struct fsctx *fs, const struct job *j, enum job_file f, uint64_t *size)

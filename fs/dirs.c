@@ -242,10 +242,11 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	struct dirh *d = (struct dirh *)(uintptr_t)fi->fh;
 	struct dirbuf b = {req, fs, NULL, size, 0, plus, false};
 	const struct rnode *self = NULL;
-	const char *names[64];
+	const char *names[64 + 2 * INDEX_EXTRAS_MAX];
 	char outname[2][96]; /* output.<ext>, output.<ext>.minisig */
-	uint64_t inos[64];
-	mode_t types[64];
+	char (*xname)[96] = NULL; /* output.<n>.<ext>[.minisig] */
+	uint64_t inos[64 + 2 * INDEX_EXTRAS_MAX];
+	mode_t types[64 + 2 * INDEX_EXTRAS_MAX];
 	int nfixed = 0, rc = 0;
 
 	b.p = malloc(size);
@@ -299,6 +300,22 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 			inos[nfixed] = INO(NK_JFILE, f, j.seq);
 			types[nfixed++] = S_IFREG;
 		}
+		if (j.flags & JOB_F_EXTRAS) {
+			struct job_output *x = calloc(INDEX_EXTRAS_MAX, sizeof(*x));
+			size_t nx = 0;
+			xname = calloc(2 * INDEX_EXTRAS_MAX, sizeof(*xname));
+			if (x && xname && jf_extras(fs, &j, x, INDEX_EXTRAS_MAX, &nx) == 0)
+				for (size_t i = 0; i < nx; i++)
+					for (int sig = 0; sig < 2; sig++) {
+						struct jf_extra e = {(unsigned)i + 1, sig, x[i]};
+						if (!jf_extra_shown(&e))
+							continue;
+						names[nfixed] = jf_extra_name(&e, xname[2 * i + sig], 96);
+						inos[nfixed] = INO(NK_JFILE, JF_EXTRA0 + 2 * i + sig, j.seq);
+						types[nfixed++] = S_IFREG;
+					}
+			free(x);
+		}
 		job_release(&j);
 		break;
 	}
@@ -349,10 +366,12 @@ done:
 	if (rc == 0) {
 		fuse_reply_buf(req, b.p, b.used);
 		free(b.p);
+		free(xname);
 		return;
 	}
 out:
 	free(b.p);
+	free(xname);
 	reply_err(req, rc);
 }
 

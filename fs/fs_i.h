@@ -68,8 +68,37 @@ enum job_file {
 	JF_MANIFEST,
 	JF_MANIFESTSIG,
 	JF_CTL,
+	JF_RESULT,
 	JF_COUNT,
 };
+
+/*
+ * Outputs after the first (output.<n>.<ext> and its .minisig, n from 1):
+ * node sub JF_EXTRA0 + 2 (n - 1), + 1 for the signature. The owner's
+ * unlink hides one from the job's view (the extras record's hidden bits);
+ * their blobs go with the job.
+ */
+#define JF_EXTRA0 32
+struct fsctx;
+struct jf_extra {
+	unsigned n; /* from 1 */
+	bool sig;
+	struct job_output out;
+};
+/* Whether sub is an extra output's node; fills n and sig. */
+bool jf_is_extra(unsigned sub, unsigned *n, bool *sig);
+/* Extra output n of a job whose listing shows them: 0 or -ENOENT (hidden
+ * files included: check x->out.hidden). */
+int jf_extra_get(struct fsctx *fs, const struct job *j, unsigned n, struct jf_extra *x);
+/* Whether x (file or signature, as x->sig) is in the job's view. */
+bool jf_extra_shown(const struct jf_extra *x);
+/* Its name: output.<n>.<ext>[.minisig]. */
+const char *jf_extra_name(const struct jf_extra *x, char *buf, size_t len);
+/* Every extra output of j that its view shows (at most max): *n. */
+int jf_extras(struct fsctx *fs, const struct job *j, struct job_output *out, size_t max, size_t *n);
+int jf_extra_sig(struct fsctx *fs, const struct job *j, const struct jf_extra *x, char **out,
+		 size_t *len);
+uint64_t jf_extra_size(const struct job *j, const struct jf_extra *x);
 
 #define INO(kind, sub, low) (((uint64_t)(kind) << 56) | ((uint64_t)(sub) << 48) | (low))
 #define INO_KIND(ino) ((ino) == FUSE_ROOT_ID ? NK_ROOT : (enum node_kind)((ino) >> 56))

@@ -56,7 +56,11 @@ double entry_timeout(struct fsctx *fs, uint64_t ino)
 			return 0.0;
 		return notify_announced(fs, INO_LOW48(ino)) ? JOB_ENTRY_TIMEOUT : 0.0;
 	case NK_JFILE:
-		return fs->notifier && INO_SUB(ino) != JF_OUTPUT ? JOB_ENTRY_TIMEOUT : 0.0;
+		/* Outputs are created by the notifier when committed: never
+		 * cached before (an extra output's name, likewise). */
+		return fs->notifier && INO_SUB(ino) != JF_OUTPUT && INO_SUB(ino) < JF_EXTRA0
+			       ? JOB_ENTRY_TIMEOUT
+			       : 0.0;
 	default:
 		return 0.0;
 	}
@@ -276,7 +280,21 @@ int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
 			st->st_gid = j.gid;
 			size_attr(st, strlen("../") + strlen(j.route) + 1 +
 					      strlen(job_visible_id(fs, req, &j, idbuf)));
-		} else if (INO_SUB(ino) >= JF_COUNT || !jf_present(&j, INO_SUB(ino))) {
+		} else if (INO_SUB(ino) >= JF_COUNT) {
+			struct jf_extra x;
+			unsigned n;
+			bool sig;
+			if (!jf_is_extra(INO_SUB(ino), &n, &sig) ||
+			    (rc = jf_extra_get(fs, &j, n, &x)) != 0 || (x.sig = sig, !jf_extra_shown(&x))) {
+				rc = rc ? rc : -ENOENT;
+			} else {
+				attr_base(fs, st, ino, S_IFREG | (fs->private_ ? 0600 : 0644),
+					  j.completed_ms);
+				st->st_uid = j.uid;
+				st->st_gid = j.gid;
+				size_attr(st, jf_extra_size(&j, &x));
+			}
+		} else if (!jf_present(&j, INO_SUB(ino))) {
 			rc = -ENOENT;
 		} else {
 			rc = job_file_attr(fs, &j, INO_SUB(ino), st);
@@ -335,7 +353,8 @@ double attr_timeout(struct fsctx *fs, uint64_t ino)
 	case NK_JLINK:
 		return fs->notifier && !fs->private_ ? JOB_ENTRY_TIMEOUT : 0.0;
 	case NK_JFILE:
-		if (INO_SUB(ino) == JF_OUTPUT)
+		if (INO_SUB(ino) == JF_OUTPUT ||
+		    (INO_SUB(ino) >= JF_EXTRA0 && (INO_SUB(ino) - JF_EXTRA0) % 2 == 0))
 			return 3600.0;
 		return fs->notifier && INO_SUB(ino) != JF_POSITION && INO_SUB(ino) != JF_ERROR
 			       ? JOB_ENTRY_TIMEOUT
@@ -516,6 +535,24 @@ static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const c
 					break;
 				}
 			}
+		/* output.<n>.<ext>[.minisig] */
+		if (rc == -ENOENT && job_visible(fs, req, &j) && strncmp(name, "output.", 7) == 0 &&
+		    name[7] >= '1' && name[7] <= '9') {
+			char *end, buf[96];
+			unsigned long n = strtoul(name + 7, &end, 10);
+			struct jf_extra x;
+			if (*end == '.' && n <= INDEX_EXTRAS_MAX &&
+			    jf_extra_get(fs, &j, (unsigned)n, &x) == 0)
+				for (int sig = 0; sig < 2; sig++) {
+					x.sig = sig;
+					if (jf_extra_shown(&x) &&
+					    strcmp(jf_extra_name(&x, buf, sizeof(buf)), name) == 0) {
+						*ino = INO(NK_JFILE, JF_EXTRA0 + 2 * (n - 1) + sig,
+							   j.seq);
+						rc = 0;
+					}
+				}
+		}
 		job_release(&j);
 		return rc;
 	default:

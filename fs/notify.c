@@ -775,6 +775,25 @@ static void changed(struct notifier *n, const uint8_t id[JOB_ID_LEN], enum engin
 		       j.uid, j.gid);
 		account(n, helper_run(n, HOP_CREATE, path, NULL));
 		clear_op(n);
+		/* The outputs after the first, committed before it. */
+		if (j.flags & JOB_F_EXTRAS) {
+			struct job_output *x = calloc(INDEX_EXTRAS_MAX, sizeof(*x));
+			size_t nx = 0;
+			if (x && jf_extras(fs, &j, x, INDEX_EXTRAS_MAX, &nx) == 0)
+				for (size_t i = 0; i < nx; i++) {
+					struct jf_extra e = {(unsigned)i + 1, false, x[i]};
+					if (!jf_extra_shown(&e))
+						continue;
+					jf_extra_name(&e, out, sizeof(out));
+					if (job_path(j.route, name, out, path, sizeof(path)) != 0)
+						continue;
+					set_op(n, NOP_CREATE, INO(NK_JOB, 0, j.seq), out,
+					       INO(NK_JFILE, JF_EXTRA0 + 2 * i, j.seq), j.uid, j.gid);
+					account(n, helper_run(n, HOP_CREATE, path, NULL));
+					clear_op(n);
+				}
+			free(x);
+		}
 		break;
 	default:
 		break;

@@ -55,6 +55,23 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 			rc = store_job_hide(fs->st, j.id, (uint16_t)(1u << f), f == JF_OUTPUT);
 			break;
 		}
+		/* Outputs after the first: hidden one by one (their blobs go
+		 * with the job). */
+		if (rc == -ENOENT && strncmp(name, "output.", 7) == 0 && name[7] >= '1' &&
+		    name[7] <= '9') {
+			char *end, buf[96];
+			unsigned long n = strtoul(name + 7, &end, 10);
+			struct jf_extra x;
+			if (*end == '.' && n <= INDEX_EXTRAS_MAX &&
+			    jf_extra_get(fs, &j, (unsigned)n, &x) == 0)
+				for (int sig = 0; sig < 2 && rc == -ENOENT; sig++) {
+					x.sig = sig;
+					if (jf_extra_shown(&x) &&
+					    strcmp(jf_extra_name(&x, buf, sizeof(buf)), name) == 0)
+						rc = index_job_hide_extra(fs->ix, j.id, (unsigned)n,
+									  sig ? 2 : 1);
+				}
+		}
 	}
 	job_release(&j);
 	reply_err(req, rc);

@@ -190,9 +190,27 @@ void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf
 	snprintf(buf, bufsz, "%s/blobs/%.2s/%s", st->dir, hex, hex);
 }
 
+static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_sink *s,
+		  const char *media_type, const char *device, unsigned extra,
+		  uint8_t hash_out[B3_OUT_LEN]);
+
 int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
 			    struct store_sink *s, const char *media_type, const char *device,
 			    uint8_t hash_out[B3_OUT_LEN])
+{
+	return commit(st, job, s, media_type, device, 0, hash_out);
+}
+
+int store_job_commit_extra(struct store *st, const uint8_t job[JOB_ID_LEN], unsigned n,
+			   struct store_sink *s, const char *media_type, uint8_t hash_out[B3_OUT_LEN])
+{
+	return commit(st, job, s, media_type, NULL, n, hash_out);
+}
+
+/* The output (extra 0) or output `extra` of job: see WRITE PATH. */
+static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_sink *s,
+		  const char *media_type, const char *device, unsigned extra,
+		  uint8_t hash_out[B3_OUT_LEN])
 {
 	uint8_t hash[B3_OUT_LEN];
 	char path[4200], dir[4200];
@@ -236,7 +254,8 @@ int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
 		if ((rc = dir_fsync(dir)) != 0)
 			goto unlock;
 	}
-	rc = index_job_attach_output(st->ix, job, hash, s->size, media_type, device, false);
+	rc = extra ? index_job_attach_extra(st->ix, job, extra, hash, s->size, media_type)
+		   : index_job_attach_output(st->ix, job, hash, s->size, media_type, device, false);
 	if (rc == 0) {
 		if (dedup)
 			st->dedup_hits++;

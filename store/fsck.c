@@ -183,6 +183,43 @@ static void count_inputs(struct fsck *f, MDB_txn *txn, const struct job *j, bool
 	}
 }
 
+/* The references a job's outputs after the first hold (index `extras`). */
+static void count_extras(struct fsck *f, MDB_txn *txn, const struct job *j, bool users)
+{
+	uint8_t key[JOB_ID_LEN + 2];
+	MDB_cursor *cur;
+	MDB_val k = {sizeof(key), key}, v;
+	unsigned expect = 1;
+	char id[JOB_ID_STR_LEN + 1];
+	int rc;
+
+	memcpy(key, j->id, JOB_ID_LEN);
+	key[JOB_ID_LEN] = 0;
+	key[JOB_ID_LEN + 1] = 1;
+	if (mdb_cursor_open(txn, f->ix->extras, &cur) != 0)
+		return;
+	ulid_format(j->id, id);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT), expect++) {
+		const uint8_t *kb = k.mv_data;
+		struct refcount_entry *e;
+		if (k.mv_size != JOB_ID_LEN + 2 || memcmp(kb, j->id, JOB_ID_LEN) != 0)
+			break;
+		if (v.mv_size < INDEX_HASH_LEN + 9 ||
+		    ((unsigned)kb[JOB_ID_LEN] << 8 | kb[JOB_ID_LEN + 1]) != expect) {
+			problem(f, "job %s: damaged or out-of-order output record", id);
+			continue;
+		}
+		if (!(j->flags & JOB_F_EXTRAS))
+			problem(f, "job %s: outputs after the first, but no flag for them", id);
+		if ((e = tab_find(f, v.mv_data, true)) != NULL)
+			e->count++;
+		if (users && (e = tab_find_user(f, v.mv_data, j->uid, true)) != NULL)
+			e->count++;
+	}
+	mdb_cursor_close(cur);
+}
+
 static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_t *depth)
 {
 	char id[JOB_ID_STR_LEN + 1];
@@ -200,6 +237,7 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 			e->count++;
 	}
 	count_inputs(f, txn, j, true);
+	count_extras(f, txn, j, true);
 	if (j->name[0]) {
 		uint8_t key[INDEX_NAME_KEY_MAX];
 		size_t kl = index_name_key(j->route, j->name, j->uid, key);
@@ -729,6 +767,7 @@ static int count_outputs(struct fsck *f, struct index *ix)
 			e->count++;
 		}
 		count_inputs(f, txn, &j, false);
+		count_extras(f, txn, &j, false);
 		job_release(&j);
 	}
 	mdb_cursor_close(cur);

@@ -227,6 +227,8 @@ static const struct dbdef dbdefs[] = {
 	{"creds", offsetof(struct index, creds), 0},
 	{"remote", offsetof(struct index, remote), 0},
 	{"inputs", offsetof(struct index, inputs), 0},
+	{"extras", offsetof(struct index, extras), 0},
+	{"results", offsetof(struct index, results), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 

@@ -43,6 +43,13 @@
  *   creds    id (16) -> the job's credentials sealed (store_seal: nonce and
  *            secretbox of a JSON object), written with the job and wiped
  *            when it reaches a final state; nothing else holds them
+ *   extras   id (16) | n (2, BE, from 1) -> output n after the first
+ *            (output.n.<ext>, SPEC §3): BLAKE3 (32), size (8 LE), hidden
+ *            (1: bit 0 the file, bit 1 its signature, unlinked by the
+ *            owner), media type; a blob reference each, like the first
+ *            output's (kept until the job is deleted)
+ *   results  id (16) -> result.json: the service's whole result, file
+ *            URLs replaced by cas:<hex> (at most INDEX_RESULT_MAX bytes)
  *   inputs   id (16) -> the blobs its request names (cas:<hex>, SPEC §3),
  *            each a reference on the blob (its count and its owner's user
  *            count, as an output's) until the job is deleted: a count (1),
@@ -106,7 +113,7 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * FORMAT 11 had no extras or results; FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -143,7 +150,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 11
+#define INDEX_FORMAT_VERSION 12
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
@@ -174,6 +181,8 @@ enum {
 	JOB_F_CANCEL_REQUESTED = 4, /* a running job was asked to stop */
 	JOB_F_OUTPUT_RELEASED = 8,  /* complete, but its owner released the output */
 	JOB_F_DELAYED = 16,	   /* queued, waiting in "delayed" until `round` (ms) */
+	JOB_F_EXTRAS = 32,	   /* has outputs after the first (extras) */
+	JOB_F_RESULT = 64,	   /* has a result.json (results) */
 };
 
 const char *job_status_name(enum job_status s);
@@ -394,10 +403,33 @@ int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], bool *freed
 		     uint8_t freed_hash[INDEX_HASH_LEN]);
 /* The same, with every blob that lost its last reference (its output and
  * its inputs) in freed (at most INDEX_INPUTS_MAX + 1). */
+/* Outputs after the first (extras): n from 1 to INDEX_EXTRAS_MAX. */
+#define INDEX_EXTRAS_MAX 32
+#define INDEX_RESULT_MAX (1 << 20)
 struct index_freed {
 	size_t n;
-	uint8_t hash[INDEX_INPUTS_MAX + 1][INDEX_HASH_LEN];
+	uint8_t hash[INDEX_INPUTS_MAX + 1 + INDEX_EXTRAS_MAX][INDEX_HASH_LEN];
 };
+struct job_output {
+	uint8_t hash[INDEX_HASH_LEN];
+	uint64_t size;
+	uint8_t hidden; /* bit 0: the file, bit 1: its signature (unlinked) */
+	char media_type[128];
+};
+/* Hide output n's file (bit 0) or signature (bit 1) from the job's view. */
+int index_job_hide_extra(struct index *ix, const uint8_t id[JOB_ID_LEN], unsigned n,
+			 uint8_t mask);
+/* Attach output n (>= 1) to a running job (JOB_F_EXTRAS), a blob
+ * reference as for the first; copying (cached) from another job's too. */
+int index_job_attach_extra(struct index *ix, const uint8_t id[JOB_ID_LEN], unsigned n,
+			   const uint8_t hash[INDEX_HASH_LEN], uint64_t size, const char *media_type);
+/* Outputs 1.. of a job in order: *n of them (at most max). */
+int index_job_extras(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job_output *out,
+		     size_t max, size_t *n);
+/* result.json of a running job (JOB_F_RESULT); get: *out malloc'ed. */
+int index_job_result_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *text,
+			 size_t len);
+int index_job_result_get(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out, size_t *len);
 int index_job_delete_all(struct index *ix, const uint8_t id[JOB_ID_LEN], struct index_freed *freed);
 /* The job's inputs (at most max): *n of them; 0 when it has none. */
 int index_job_inputs(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job_input *in,

@@ -28,7 +28,7 @@ struct index_wop {
 struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
-		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs;
+		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results;
 	char dir[4096];
 	bool read_only;
 	bool names_per_owner; /* set before other threads use the index */

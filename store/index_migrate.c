@@ -239,6 +239,12 @@ static int upgrade_10(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return add_only(ix, txn, njobs, 11);
 }
 
+/* Format 11 -> 12: extras (outputs after the first) and results. */
+static int upgrade_11(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	return add_only(ix, txn, njobs, 12);
+}
+
 /*
  * Each step takes an index of format `from` to from + 1 inside the
  * caller's write transaction; an open runs every step from the index's
@@ -258,6 +264,7 @@ static const struct migration {
 	{8, upgrade_8},
 	{9, upgrade_9},
 	{10, upgrade_10},
+	{11, upgrade_11},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

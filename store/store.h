@@ -97,6 +97,9 @@ void store_sink_abort(struct store_sink *s);
 int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
 			    struct store_sink *s, const char *media_type, const char *device,
 			    uint8_t hash_out[B3_OUT_LEN]);
+/* The same for output n (>= 1) after the first (output.n.<ext>). */
+int store_job_commit_extra(struct store *st, const uint8_t job[JOB_ID_LEN], unsigned n,
+			   struct store_sink *s, const char *media_type, uint8_t hash_out[B3_OUT_LEN]);
 
 /* Path of a blob file: <store>/blobs/ab/<hex>. */
 void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf,

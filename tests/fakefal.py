@@ -47,6 +47,7 @@ class FakeFal:
         self.submit_delay = 0     # seconds a submission's answer takes
         self.queue_polls = 1      # status polls that answer IN_QUEUE (positions count down)
         self.work_s = 0           # seconds of work before COMPLETED (else poll-driven)
+        self.images = 1           # files in a result
         self.file_type = "image/png"
         self.submissions = []     # (request id, body object, headers)
         self.cancels = []
@@ -72,8 +73,8 @@ class FakeFal:
         entry.update(extra)
         return entry
 
-    def output(self, rid):
-        return png(int(rid.split("-")[-1]))
+    def output(self, rid, k=0):
+        return png(int(rid.split("-")[-1]) * 7 + k)
 
     def _handler(fake):
         class H(BaseHTTPRequestHandler):
@@ -152,8 +153,10 @@ class FakeFal:
             def do_GET(self):
                 path = self.path.split("?")[0]
                 if path.startswith("/files/"):
-                    rid = path.split("/")[-1].split(".")[0]
-                    return self.answer(200, body=fake.output(rid), ctype=fake.file_type)
+                    name = path.split("/")[-1].split(".")[0]  # req-N or req-N_k
+                    rid, _, k = name.partition("_")
+                    return self.answer(200, body=fake.output(rid, int(k or 0)),
+                                       ctype=fake.file_type)
                 if fake.fail:
                     return self.answer(fake.fail, {"detail": "service unavailable"})
                 if not self.authorized():
@@ -189,8 +192,9 @@ class FakeFal:
                         req["done"] = True
                         fake.outstanding -= 1
                 ext = "png" if fake.file_type == "image/png" else "html"
-                return self.answer(200, {
-                    "images": [{"url": f"{fake.base}/files/{rid}.{ext}",
-                                "content_type": fake.file_type, "width": 2, "height": 2}],
-                    "seed": 42, "has_nsfw_concepts": [False]})
+                images = [{"url": f"{fake.base}/files/{rid}" + (f"_{k}" if k else "") + f".{ext}",
+                           "content_type": fake.file_type, "width": 2, "height": 2}
+                          for k in range(fake.images)]
+                return self.answer(200, {"images": images, "seed": 42,
+                                         "has_nsfw_concepts": [False] * fake.images})
         return H

@@ -5,6 +5,7 @@ sent twice) after a restart."""
 
 import json
 import re
+import subprocess
 import time
 
 import pytest
@@ -267,3 +268,61 @@ def test_remote_position_progress_and_provenance(mount_factory, tmp_path, fal):
     assert manifest["remote_request_id"] == "req-1"
     timeout = int(fal.submissions[0][2]["X-Fal-Request-Timeout"])
     assert 1 <= timeout <= 60
+
+
+def test_several_files_and_the_result(mount_factory, tmp_path, fal, renderctl):
+    """A result with several files gives output.png, output.1.png, ... in
+    the service's order, each signed; result.json keeps the whole result
+    with each file URL as cas:<hex>; status.json lists them all."""
+    fal.images = 3
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "three owls"})
+    assert m.wait(ROUTE, jid) == "complete", (m.job(ROUTE, jid) / "log").read_text()
+    job = m.job(ROUTE, jid)
+    names = sorted(p.name for p in job.iterdir())
+    for n in ("output.png", "output.1.png", "output.2.png", "output.1.png.minisig",
+              "output.2.png.minisig", "result.json"):
+        assert n in names, names
+    files = [job / "output.png", job / "output.1.png", job / "output.2.png"]
+    assert [f.read_bytes() for f in files] == [fal.output("req-1", k) for k in range(3)]
+    st = m.status(ROUTE, jid)
+    assert [o["name"] for o in st["outputs"]] == ["output.png", "output.1.png", "output.2.png"]
+    assert st["outputs"][0] == st["output"]
+    result = json.loads((job / "result.json").read_text())
+    assert result["seed"] == 42 and result["has_nsfw_concepts"] == [False] * 3
+    assert [i["url"] for i in result["images"]] == ["cas:" + o["blake3"] for o in st["outputs"]]
+    manifest = json.loads((job / "manifest.json").read_text())
+    assert [o["blake3"] for o in manifest["outputs"]] == [o["blake3"] for o in st["outputs"]]
+    r = renderctl("verify", str(job / "output.2.png"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for o in st["outputs"]:
+        assert (m.path / "cas" / o["blake3"]).read_bytes() == (job / o["name"]).read_bytes()
+    subprocess.run(["rm", "-r", str(job)], check=True)
+    assert not job.exists()
+    for o in st["outputs"]:
+        assert not (m.path / "cas" / o["blake3"]).exists()
+    m.stop()
+    r = renderctl("fsck", str(m.store))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_several_files_appear_to_inotify_before_complete(mount_factory, tmp_path, fal):
+    """Each output file is created (IN_CREATE) before `status` says
+    complete, the extra ones as the first (SPEC §3, §4)."""
+    from test_notify import Watch
+    fal.images, fal.hold = 2, True
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "two"})
+    job = m.job(ROUTE, jid)
+    until(lambda: "fal: loading model" in (job / "log").read_text(), "in progress")
+    w = Watch(job)
+    try:
+        fal.hold = False
+        assert m.wait(ROUTE, jid) == "complete"
+        first = w.index("output.png", "CREATE")
+        extra = w.index("output.1.png", "CREATE")
+        # `complete` is announced after both (status changes last).
+        w.wait_for(lambda e: e[2] == "status" and "CLOSE_WRITE" in e[1]
+                   and w.events.index(e) > max(first, extra), what="status after the outputs")
+    finally:
+        w.proc.kill()

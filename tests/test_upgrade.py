@@ -51,6 +51,8 @@ def test_old_store_is_upgraded(tmp_path, mount_factory, renderctl, fmt):
         assert got.pop("retry_at") is None  # added in format 5
         want.pop("retry_at", None)
         assert got.pop("waiting_for") is None  # added in format 8
+        outputs = got.pop("outputs")  # added in format 12: every output, the first first
+        assert outputs == ([want["output"]] if want["output"] else None)
         got["log"] = (d / "log").read_text()
         got["request"] = json.loads((d / "request.json").read_text())
         got["ino"] = os.stat(d).st_ino
