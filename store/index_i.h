@@ -151,7 +151,21 @@ int index_count_move(struct index *ix, MDB_txn *txn, const char *route, int from
  * *freed when it reached 0 (the record is gone). */
 int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
 		   const char *media_type, uint32_t uid, int delta, bool *freed);
-/* index_queue.c: a job's inputs (index_job_inputs' encoding). */
+/* index_queue.c: queue state (fair), the read-change-write of one job,
+ * and the error for a change its state forbids. */
+int index_fair_get(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len,
+		   uint64_t *val);
+int index_change_job(struct index *ix, const uint8_t id[JOB_ID_LEN],
+		     int (*change)(struct index *ix, MDB_txn *txn, struct job *j, void *arg),
+		     void *arg);
+int index_state_err(const struct job *j, const char *op);
+/* index_jobs.c: the job holding name on route (owner uid, or anyone's
+ * with any_owner: the lowest uid's), into id. STORE_E_NOTFOUND if none. */
+int index_name_find(struct index *ix, MDB_txn *txn, const char *route, const char *name,
+		    uint32_t uid, bool any_owner, uint8_t id[JOB_ID_LEN]);
+/* index_outputs.c: the key of a job's output n in extras. */
+void index_extra_key(const uint8_t id[JOB_ID_LEN], unsigned n, uint8_t key[JOB_ID_LEN + 2]);
+/* index_outputs.c: a job's inputs (index_job_inputs' encoding). */
 int index_inputs_decode(const MDB_val *v, struct job_input *in, size_t max, size_t *n);
 int index_blob_user(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint32_t uid,
 		    int delta);

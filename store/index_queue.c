@@ -26,8 +26,8 @@ void index_queue_item(const struct job *j, uint8_t item[QUEUE_ITEM_LEN])
 	memcpy(item + 9, j->id, JOB_ID_LEN);
 }
 
-static int fair_get(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len,
-		    uint64_t *val)
+int index_fair_get(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len,
+		   uint64_t *val)
 {
 	MDB_val k = {len, (void *)key}, v;
 	int rc = mdb_get(txn, ix->fair, &k, &v);
@@ -62,7 +62,7 @@ static int fair_put(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t l
 static int count_add(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len, int delta)
 {
 	uint64_t d;
-	int rc = fair_get(ix, txn, key, len, &d);
+	int rc = index_fair_get(ix, txn, key, len, &d);
 
 	if (rc)
 		return rc;
@@ -88,8 +88,8 @@ int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j)
 
 	memcpy(own_key, cur_key, 2);
 	be32_put(own_key + 2, j->uid);
-	if ((rc = fair_get(ix, txn, cur_key, 2, &cur)) != 0 ||
-	    (rc = fair_get(ix, txn, own_key, 6, &next)) != 0)
+	if ((rc = index_fair_get(ix, txn, cur_key, 2, &cur)) != 0 ||
+	    (rc = index_fair_get(ix, txn, own_key, 6, &next)) != 0)
 		return rc;
 	j->round = cur > next ? cur : next;
 	if ((rc = fair_put(ix, txn, own_key, 6, j->round + 1)) != 0)
@@ -237,14 +237,14 @@ static int change_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return rc;
 }
 
-static int change_job(struct index *ix, const uint8_t id[JOB_ID_LEN],
+int index_change_job(struct index *ix, const uint8_t id[JOB_ID_LEN],
 		      int (*change)(struct index *, MDB_txn *, struct job *, void *), void *arg)
 {
 	struct change_arg a = {id, change, arg};
 	return index_write(ix, change_fn, &a);
 }
 
-static int state_err(const struct job *j, const char *op)
+int index_state_err(const struct job *j, const char *op)
 {
 	char idstr[JOB_ID_STR_LEN + 1];
 
@@ -258,7 +258,7 @@ static int progress_change(struct index *ix, MDB_txn *txn, struct job *j, void *
 	(void)ix;
 	(void)txn;
 	if (j->status != JOB_RUNNING)
-		return state_err(j, "report progress of");
+		return index_state_err(j, "report progress of");
 	j->progress = *(uint16_t *)arg;
 	j->updated_ms = now_ms();
 	return 0;
@@ -268,7 +268,7 @@ int index_job_progress(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t 
 {
 	if (thousandths > 1000)
 		return store_seterr(-EINVAL, "progress %u is above 1000 thousandths", thousandths);
-	return change_job(ix, id, progress_change, &thousandths);
+	return index_change_job(ix, id, progress_change, &thousandths);
 }
 
 struct attach_arg {
@@ -330,9 +330,9 @@ static int attach_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 	int rc;
 
 	if (j->status != JOB_RUNNING && j->status != JOB_QUEUED)
-		return state_err(j, "attach an output to");
+		return index_state_err(j, "attach an output to");
 	if (j->flags & JOB_F_HAS_OUTPUT)
-		return state_err(j, "attach a second output to");
+		return index_state_err(j, "attach a second output to");
 	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0)
 		return rc;
 	memcpy(j->output_hash, a->hash, INDEX_HASH_LEN);
@@ -348,226 +348,6 @@ static int attach_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 	return 0;
 }
 
-struct extra_arg {
-	unsigned n;
-	const uint8_t *hash;
-	uint64_t size;
-	const char *media_type;
-	const char *text; /* or a result.json */
-	size_t len;
-};
-
-static void extra_key(const uint8_t id[JOB_ID_LEN], unsigned n, uint8_t key[JOB_ID_LEN + 2])
-{
-	memcpy(key, id, JOB_ID_LEN);
-	key[JOB_ID_LEN] = (uint8_t)(n >> 8);
-	key[JOB_ID_LEN + 1] = (uint8_t)n;
-}
-
-static int extra_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
-{
-	struct extra_arg *a = arg;
-	uint8_t key[JOB_ID_LEN + 2], val[INDEX_HASH_LEN + 9 + 128];
-	MDB_val k = {sizeof(key), key}, v;
-	bool freed = false;
-	size_t ml = strlen(a->media_type);
-	int rc;
-
-	if (j->status != JOB_RUNNING && j->status != JOB_QUEUED)
-		return state_err(j, "attach an output to");
-	extra_key(j->id, a->n, key);
-	if ((rc = mdb_get(txn, ix->extras, &k, &v)) == 0) {
-		/* From an earlier attempt that failed after it: the same one
-		 * stays; another replaces it (the old blob, if now unused,
-		 * is collected as a stray). */
-		if (v.mv_size >= INDEX_HASH_LEN + 9 &&
-		    memcmp(v.mv_data, a->hash, INDEX_HASH_LEN) == 0)
-			return 0;
-		if (v.mv_size < INDEX_HASH_LEN + 9)
-			return store_seterr(STORE_E_INDEX, "damaged output record in '%s'",
-					    ix->dir);
-		uint8_t old[INDEX_HASH_LEN];
-		memcpy(old, v.mv_data, INDEX_HASH_LEN);
-		if ((rc = index_blob_ref(ix, txn, old,
-					 le64_get((const uint8_t *)v.mv_data + INDEX_HASH_LEN), "",
-					 j->uid, -1, &freed)) != 0)
-			return rc;
-	} else if (rc != MDB_NOTFOUND) {
-		return index_lmdb_err(ix, rc, "read outputs");
-	}
-	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0)
-		return rc;
-	memcpy(val, a->hash, INDEX_HASH_LEN);
-	le64_put(val + INDEX_HASH_LEN, a->size);
-	val[INDEX_HASH_LEN + 8] = 0;
-	memcpy(val + INDEX_HASH_LEN + 9, a->media_type, ml);
-	v.mv_size = INDEX_HASH_LEN + 9 + ml;
-	v.mv_data = val;
-	if ((rc = mdb_put(txn, ix->extras, &k, &v, 0)) != 0)
-		return index_lmdb_err(ix, rc, "write outputs");
-	j->flags |= JOB_F_EXTRAS;
-	j->updated_ms = now_ms();
-	return 0;
-}
-
-int index_job_attach_extra(struct index *ix, const uint8_t id[JOB_ID_LEN], unsigned n,
-			   const uint8_t hash[INDEX_HASH_LEN], uint64_t size, const char *media_type)
-{
-	struct extra_arg a = {n, hash, size, media_type, NULL, 0};
-
-	if (n < 1 || n > INDEX_EXTRAS_MAX)
-		return store_seterr(-E2BIG, "outputs are numbered from 1 to %d", INDEX_EXTRAS_MAX);
-	if (strlen(media_type) > 127)
-		return store_seterr(-EINVAL, "media type longer than 127 bytes");
-	return change_job(ix, id, extra_change, &a);
-}
-
-static int result_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
-{
-	struct extra_arg *a = arg;
-	MDB_val k = {JOB_ID_LEN, j->id}, v = {a->len, (void *)a->text};
-	int rc;
-
-	if (j->status != JOB_RUNNING && j->status != JOB_QUEUED)
-		return state_err(j, "attach a result to");
-	if ((rc = mdb_put(txn, ix->results, &k, &v, 0)) != 0)
-		return index_lmdb_err(ix, rc, "write result");
-	j->flags |= JOB_F_RESULT;
-	j->updated_ms = now_ms();
-	return 0;
-}
-
-int index_job_result_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *text,
-			 size_t len)
-{
-	struct extra_arg a = {0, NULL, 0, NULL, text, len};
-
-	if (len > INDEX_RESULT_MAX)
-		return store_seterr(-EFBIG, "a result of %zu bytes is over %d", len,
-				    INDEX_RESULT_MAX);
-	return change_job(ix, id, result_change, &a);
-}
-
-struct hide_extra_arg {
-	unsigned n;
-	uint8_t mask;
-};
-
-static int hide_extra_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
-{
-	struct hide_extra_arg *a = arg;
-	uint8_t key[JOB_ID_LEN + 2], *val;
-	MDB_val k = {sizeof(key), key}, v;
-	int rc;
-
-	extra_key(j->id, a->n, key);
-	if ((rc = mdb_get(txn, ix->extras, &k, &v)) == MDB_NOTFOUND)
-		return STORE_E_NOTFOUND;
-	if (rc)
-		return index_lmdb_err(ix, rc, "read outputs");
-	if (v.mv_size < INDEX_HASH_LEN + 9)
-		return store_seterr(STORE_E_INDEX, "damaged output record in '%s'", ix->dir);
-	if (!(val = malloc(v.mv_size)))
-		return -ENOMEM;
-	memcpy(val, v.mv_data, v.mv_size);
-	val[INDEX_HASH_LEN + 8] |= a->mask;
-	v.mv_data = val;
-	rc = mdb_put(txn, ix->extras, &k, &v, 0);
-	free(val);
-	if (rc)
-		return index_lmdb_err(ix, rc, "write outputs");
-	j->updated_ms = now_ms();
-	return 0;
-}
-
-int index_job_hide_extra(struct index *ix, const uint8_t id[JOB_ID_LEN], unsigned n,
-			 uint8_t mask)
-{
-	struct hide_extra_arg a = {n, mask};
-
-	return change_job(ix, id, hide_extra_change, &a);
-}
-
-struct extras_arg {
-	const uint8_t *id;
-	struct job_output *out;
-	size_t max, *n;
-	char **text;
-	size_t *len;
-};
-
-static int extras_fn(struct index *ix, MDB_txn *txn, void *arg)
-{
-	struct extras_arg *a = arg;
-	uint8_t key[JOB_ID_LEN + 2];
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
-
-	*a->n = 0;
-	extra_key(a->id, 1, key);
-	k.mv_size = sizeof(key);
-	k.mv_data = key;
-	if ((rc = mdb_cursor_open(txn, ix->extras, &cur)) != 0)
-		return index_lmdb_err(ix, rc, "read outputs");
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && *a->n < a->max;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		struct job_output *o = &a->out[*a->n];
-		size_t ml;
-		if (k.mv_size != JOB_ID_LEN + 2 || memcmp(k.mv_data, a->id, JOB_ID_LEN) != 0)
-			break;
-		if (v.mv_size < INDEX_HASH_LEN + 9 || (ml = v.mv_size - INDEX_HASH_LEN - 9) > 127) {
-			mdb_cursor_close(cur);
-			return store_seterr(STORE_E_INDEX, "damaged output record in '%s'",
-					    ix->dir);
-		}
-		memcpy(o->hash, v.mv_data, INDEX_HASH_LEN);
-		o->size = le64_get((const uint8_t *)v.mv_data + INDEX_HASH_LEN);
-		o->hidden = ((const uint8_t *)v.mv_data)[INDEX_HASH_LEN + 8];
-		memcpy(o->media_type, (const uint8_t *)v.mv_data + INDEX_HASH_LEN + 9, ml);
-		o->media_type[ml] = '\0';
-		(*a->n)++;
-	}
-	mdb_cursor_close(cur);
-	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "read outputs");
-}
-
-int index_job_extras(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job_output *out,
-		     size_t max, size_t *n)
-{
-	struct extras_arg a = {id, out, max, n, NULL, NULL};
-
-	*n = 0;
-	return index_read(ix, extras_fn, &a);
-}
-
-static int result_fn(struct index *ix, MDB_txn *txn, void *arg)
-{
-	struct extras_arg *a = arg;
-	MDB_val k = {JOB_ID_LEN, (void *)a->id}, v;
-	int rc = mdb_get(txn, ix->results, &k, &v);
-
-	if (rc == MDB_NOTFOUND)
-		return STORE_E_NOTFOUND;
-	if (rc)
-		return index_lmdb_err(ix, rc, "read result");
-	if (!(*a->text = malloc(v.mv_size + 1)))
-		return -ENOMEM;
-	memcpy(*a->text, v.mv_data, v.mv_size);
-	(*a->text)[v.mv_size] = '\0';
-	*a->len = v.mv_size;
-	return 0;
-}
-
-int index_job_result_get(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out, size_t *len)
-{
-	struct extras_arg a = {id, NULL, 0, NULL, out, len};
-
-	*out = NULL;
-	*len = 0;
-	return index_read(ix, result_fn, &a);
-}
-
 int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
 			    const uint8_t hash[INDEX_HASH_LEN], uint64_t size,
 			    const char *media_type, const char *device, bool cached)
@@ -576,7 +356,7 @@ int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
 
 	if (strlen(media_type) > 127)
 		return store_seterr(-EINVAL, "media type longer than 127 bytes");
-	return change_job(ix, id, attach_change, &a);
+	return index_change_job(ix, id, attach_change, &a);
 }
 
 struct finish_arg {
@@ -596,10 +376,10 @@ static int finish_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 		if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
 			return rc;
 	} else {
-		return state_err(j, "finish");
+		return index_state_err(j, "finish");
 	}
 	if (a->final == JOB_COMPLETE && !(j->flags & JOB_F_HAS_OUTPUT))
-		return state_err(j, "complete (no output attached)");
+		return index_state_err(j, "complete (no output attached)");
 	j->status = a->final;
 	j->completed_ms = j->updated_ms = now_ms();
 	j->flags &= (uint8_t)~JOB_F_CANCEL_REQUESTED;
@@ -623,7 +403,7 @@ int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_st
 
 	if (final != JOB_COMPLETE && final != JOB_ERROR && final != JOB_CANCELLED)
 		return store_seterr(-EINVAL, "'%s' is not a final state", job_status_name(final));
-	return change_job(ix, id, finish_change, &a);
+	return index_change_job(ix, id, finish_change, &a);
 }
 
 /* running -> queued: into the queue, or with arg (a time in ms) into the
@@ -635,7 +415,7 @@ static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *a
 	int rc;
 
 	if (j->status != JOB_RUNNING)
-		return state_err(j, "requeue");
+		return index_state_err(j, "requeue");
 	if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
 		return rc;
 	j->status = JOB_QUEUED;
@@ -652,12 +432,12 @@ static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *a
 
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN])
 {
-	return change_job(ix, id, requeue_change, NULL);
+	return index_change_job(ix, id, requeue_change, NULL);
 }
 
 int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms)
 {
-	return change_job(ix, id, requeue_change, &not_before_ms);
+	return index_change_job(ix, id, requeue_change, &not_before_ms);
 }
 
 static int return_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
@@ -671,249 +451,7 @@ static int return_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 
 int index_job_return(struct index *ix, const uint8_t id[JOB_ID_LEN])
 {
-	return change_job(ix, id, return_change, NULL);
-}
-
-/* ---- remote route groups ---- */
-
-#define ROUTE_KEY_MAX 255 /* route.h's ROUTE_PATH_MAX */
-
-struct rgroups_arg {
-	const char *const *routes;
-	size_t n;
-	uint8_t first;
-	uint8_t *groups;
-};
-
-static int rgroups_fn(struct index *ix, MDB_txn *txn, void *arg)
-{
-	struct rgroups_arg *a = arg;
-	bool used[256] = {false}, mine[256] = {false};
-	char owner[256][ROUTE_KEY_MAX + 1];
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
-
-	/* Who holds which group now. */
-	memset(owner, 0, sizeof(owner));
-	if ((rc = mdb_cursor_open(txn, ix->rgroups, &cur)) != 0)
-		return index_lmdb_err(ix, rc, "read route groups");
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		uint8_t g;
-		if (v.mv_size != 1 || k.mv_size == 0 || k.mv_size > ROUTE_KEY_MAX) {
-			mdb_cursor_close(cur);
-			return store_seterr(STORE_E_INDEX, "damaged route group in '%s/data.mdb'",
-					    ix->dir);
-		}
-		g = *(uint8_t *)v.mv_data;
-		used[g] = true;
-		memcpy(owner[g], k.mv_data, k.mv_size);
-		owner[g][k.mv_size] = '\0';
-	}
-	mdb_cursor_close(cur);
-	if (rc != MDB_NOTFOUND)
-		return index_lmdb_err(ix, rc, "read route groups");
-	for (size_t i = 0; i < a->n; i++) {
-		k.mv_size = strlen(a->routes[i]);
-		k.mv_data = (void *)a->routes[i];
-		if (k.mv_size == 0 || k.mv_size > ROUTE_KEY_MAX)
-			return store_seterr(-EINVAL, "a route name of %zu bytes", k.mv_size);
-		rc = mdb_get(txn, ix->rgroups, &k, &v);
-		if (rc == 0 && v.mv_size == 1 && *(uint8_t *)v.mv_data >= a->first) {
-			a->groups[i] = *(uint8_t *)v.mv_data;
-			mine[a->groups[i]] = true;
-		} else if (rc == 0 || rc == MDB_NOTFOUND) {
-			a->groups[i] = 0; /* to give below */
-		} else {
-			return index_lmdb_err(ix, rc, "read route groups");
-		}
-	}
-	for (size_t i = 0; i < a->n; i++) {
-		int g, pick = -1;
-		uint8_t buf;
-
-		if (a->groups[i])
-			continue;
-		for (g = a->first; g < 256 && pick < 0; g++)
-			if (!used[g])
-				pick = g;
-		/* None free: one whose route is gone and whose queue is empty
-		 * (a delayed job of it that comes back runs as its own route
-		 * says, counted against this one's concurrency once). */
-		for (g = a->first; g < 256 && pick < 0; g++) {
-			uint64_t depth;
-			uint8_t key = (uint8_t)g;
-			if (mine[g] || (rc = fair_get(ix, txn, &key, 1, &depth)) != 0)
-				continue;
-			if (depth == 0) {
-				MDB_val ok = {strlen(owner[g]), owner[g]};
-				if ((rc = mdb_del(txn, ix->rgroups, &ok, NULL)) != 0)
-					return index_lmdb_err(ix, rc, "write route groups");
-				pick = g;
-			}
-		}
-		if (pick < 0)
-			return store_seterr(-ENOSPC,
-					    "more than %d remote routes with queued jobs: no queue "
-					    "group is left for '%s'",
-					    256 - a->first, a->routes[i]);
-		used[pick] = mine[pick] = true;
-		buf = (uint8_t)pick;
-		k.mv_size = strlen(a->routes[i]);
-		k.mv_data = (void *)a->routes[i];
-		v.mv_size = 1;
-		v.mv_data = &buf;
-		if ((rc = mdb_put(txn, ix->rgroups, &k, &v, 0)) != 0)
-			return index_lmdb_err(ix, rc, "write route groups");
-		a->groups[i] = buf;
-	}
-	return 0;
-}
-
-int index_route_groups(struct index *ix, const char *const *routes, size_t n, uint8_t first,
-		       uint8_t *groups)
-{
-	struct rgroups_arg a = {routes, n, first, groups};
-
-	if (first == 0)
-		return store_seterr(-EINVAL, "group 0 is the CPU's");
-	return index_write(ix, rgroups_fn, &a);
-}
-
-struct regroup_arg {
-	bool (*stale)(uint8_t group, void *arg);
-	uint8_t (*group_of)(const char *route, void *arg);
-	void *arg;
-	uint64_t moved;
-	bool more;
-};
-
-/* Move one job to its route's group (queued: out of one queue, into the
- * other; delayed: the record's group, used when it is promoted). */
-static int regroup_job(struct index *ix, MDB_txn *txn, struct regroup_arg *a,
-		       const uint8_t id[JOB_ID_LEN])
-{
-	struct job j;
-	uint8_t to;
-	int rc = index_get_job(ix, txn, id, &j);
-
-	if (rc)
-		return rc;
-	to = a->group_of(j.route, a->arg);
-	if (j.status != JOB_QUEUED || to == j.group) {
-		job_release(&j);
-		return 0;
-	}
-	if (j.flags & JOB_F_DELAYED) {
-		j.group = to;
-	} else if ((rc = index_dequeue(ix, txn, &j)) == 0) {
-		j.group = to;
-		rc = index_enqueue(ix, txn, &j);
-	}
-	if (rc == 0)
-		rc = index_put_job(ix, txn, &j);
-	if (rc == 0)
-		a->moved++;
-	job_release(&j);
-	return rc;
-}
-
-/* Up to 256 jobs per transaction; a->more when some may remain. */
-static int regroup_fn(struct index *ix, MDB_txn *txn, void *arg)
-{
-	struct regroup_arg *a = arg;
-	uint8_t ids[256][JOB_ID_LEN];
-	size_t n = 0;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
-
-	a->more = false;
-	/* Queued: the groups with a depth (one-byte keys of fair). */
-	for (int g = 0; g < 256 && n < 256; g++) {
-		uint8_t key = (uint8_t)g;
-		uint64_t depth;
-
-		if (!a->stale(key, a->arg))
-			continue;
-		if ((rc = fair_get(ix, txn, &key, 1, &depth)) != 0)
-			return rc;
-		if (depth == 0)
-			continue;
-		if ((rc = mdb_cursor_open(txn, ix->queue, &cur)) != 0)
-			return index_lmdb_err(ix, rc, "regroup");
-		k.mv_size = 1;
-		k.mv_data = &key;
-		for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY); rc == 0 && n < 256;
-		     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT_DUP)) {
-			if (v.mv_size != QUEUE_ITEM_LEN) {
-				mdb_cursor_close(cur);
-				return store_seterr(STORE_E_INDEX, "damaged queue entry in '%s'",
-						    ix->dir);
-			}
-			memcpy(ids[n++], (uint8_t *)v.mv_data + 9, JOB_ID_LEN);
-		}
-		mdb_cursor_close(cur);
-		if (rc != 0 && rc != MDB_NOTFOUND)
-			return index_lmdb_err(ix, rc, "regroup");
-	}
-	a->more = n == 256;
-	for (size_t i = 0; i < n; i++)
-		if ((rc = regroup_job(ix, txn, a, ids[i])) != 0)
-			return rc;
-	return 0;
-}
-
-/* The delayed set, whole (it holds only jobs waiting for a retry). */
-static int regroup_delayed_fn(struct index *ix, MDB_txn *txn, void *arg)
-{
-	struct regroup_arg *a = arg;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
-
-	if ((rc = mdb_cursor_open(txn, ix->delayed, &cur)) != 0)
-		return index_lmdb_err(ix, rc, "regroup");
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
-	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		struct job j;
-		uint8_t id[JOB_ID_LEN];
-
-		if (k.mv_size != 8 + JOB_ID_LEN) {
-			rc = store_seterr(STORE_E_INDEX, "damaged delayed entry in '%s'", ix->dir);
-			break;
-		}
-		memcpy(id, (uint8_t *)k.mv_data + 8, JOB_ID_LEN);
-		if ((rc = index_get_job(ix, txn, id, &j)) != 0)
-			break;
-		bool move = a->stale(j.group, a->arg) && a->group_of(j.route, a->arg) != j.group;
-		if (move) {
-			j.group = a->group_of(j.route, a->arg);
-			rc = index_put_job(ix, txn, &j); /* the key does not change */
-			a->moved++;
-		}
-		job_release(&j);
-		if (rc)
-			break;
-	}
-	mdb_cursor_close(cur);
-	return rc == 0 || rc == MDB_NOTFOUND ? 0 : rc;
-}
-
-int index_regroup(struct index *ix, bool (*stale)(uint8_t group, void *arg),
-		  uint8_t (*group_of)(const char *route, void *arg), void *arg, uint64_t *moved)
-{
-	struct regroup_arg a = {stale, group_of, arg, 0, false};
-	int rc;
-
-	do
-		rc = index_write(ix, regroup_fn, &a);
-	while (rc == 0 && a.more);
-	if (rc == 0)
-		rc = index_write(ix, regroup_delayed_fn, &a);
-	*moved = a.moved;
-	return rc;
+	return index_change_job(ix, id, return_change, NULL);
 }
 
 struct promote_arg {
@@ -1004,19 +542,19 @@ static int cancel_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 		j->updated_ms = now_ms();
 		return 0;
 	}
-	return state_err(j, "cancel");
+	return index_state_err(j, "cancel");
 }
 
 int index_job_cancel(struct index *ix, const uint8_t id[JOB_ID_LEN])
 {
-	return change_job(ix, id, cancel_change, NULL);
+	return index_change_job(ix, id, cancel_change, NULL);
 }
 
 static int retry_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
 	(void)arg;
 	if (j->status != JOB_ERROR && j->status != JOB_CANCELLED)
-		return state_err(j, "retry");
+		return index_state_err(j, "retry");
 	j->status = JOB_QUEUED;
 	j->attempts = 0;
 	j->progress = 0;
@@ -1029,7 +567,7 @@ static int retry_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg
 
 int index_job_retry(struct index *ix, const uint8_t id[JOB_ID_LEN])
 {
-	return change_job(ix, id, retry_change, NULL);
+	return index_change_job(ix, id, retry_change, NULL);
 }
 
 static int priority_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
@@ -1051,7 +589,7 @@ int index_job_set_priority(struct index *ix, const uint8_t id[JOB_ID_LEN], enum 
 {
 	if (p > JOB_PRIO_HIGH)
 		return store_seterr(-EINVAL, "invalid priority %d", (int)p);
-	return change_job(ix, id, priority_change, &p);
+	return index_change_job(ix, id, priority_change, &p);
 }
 
 struct hide_arg {
@@ -1069,7 +607,7 @@ static int hide_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 	j->hidden |= a->mask;
 	if (a->release && (j->flags & JOB_F_HAS_OUTPUT)) {
 		if (j->status != JOB_COMPLETE)
-			return state_err(j, "release the output of");
+			return index_state_err(j, "release the output of");
 		rc = index_blob_ref(ix, txn, j->output_hash, j->output_size, "", j->uid, -1, &a->freed);
 		if (rc)
 			return rc;
@@ -1085,7 +623,7 @@ int index_job_hide(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t mask
 		   bool release_output, bool *freed, uint8_t freed_hash[INDEX_HASH_LEN])
 {
 	struct hide_arg a = {mask, release_output, false, {0}};
-	int rc = change_job(ix, id, hide_change, &a);
+	int rc = index_change_job(ix, id, hide_change, &a);
 
 	*freed = rc == 0 && a.freed;
 	if (*freed)
@@ -1099,38 +637,6 @@ struct delete_arg {
 	const uint8_t *id;
 	struct index_freed *freed;
 };
-
-int index_inputs_decode(const MDB_val *v, struct job_input *in, size_t max, size_t *n)
-{
-	const uint8_t *p = v->mv_data, *end = p + v->mv_size;
-	size_t count;
-
-	*n = 0;
-	if (v->mv_size < 1)
-		return STORE_E_INDEX;
-	count = *p++;
-	if (count > INDEX_INPUTS_MAX)
-		return STORE_E_INDEX;
-	for (size_t i = 0; i < count; i++) {
-		size_t fl;
-		if (end - p < INDEX_HASH_LEN + 8 + 1)
-			return STORE_E_INDEX;
-		struct job_input x;
-		memcpy(x.hash, p, INDEX_HASH_LEN);
-		x.size = le64_get(p + INDEX_HASH_LEN);
-		fl = p[INDEX_HASH_LEN + 8];
-		p += INDEX_HASH_LEN + 9;
-		if (fl >= INDEX_FIELD_MAX || (size_t)(end - p) < fl)
-			return STORE_E_INDEX;
-		memcpy(x.field, p, fl);
-		x.field[fl] = '\0';
-		p += fl;
-		if (i < max)
-			in[i] = x;
-	}
-	*n = count < max ? count : max;
-	return p == end ? 0 : STORE_E_INDEX;
-}
 
 static int del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
 {
@@ -1152,7 +658,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	if (rc)
 		return rc;
 	if (j.status == JOB_RUNNING) {
-		rc = state_err(&j, "delete (cancel it first)");
+		rc = index_state_err(&j, "delete (cancel it first)");
 		goto out;
 	}
 	if (j.status == JOB_QUEUED && (rc = index_dequeue(ix, txn, &j)) != 0)
@@ -1230,7 +736,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 
 		if (rc)
 			goto out;
-		extra_key(j.id, 1, ek);
+		index_extra_key(j.id, 1, ek);
 		k.mv_size = sizeof(ek);
 		k.mv_data = ek;
 		if ((rc = mdb_cursor_open(txn, ix->extras, &ec)) != 0) {
@@ -1314,36 +820,6 @@ int index_job_delete_all(struct index *ix, const uint8_t id[JOB_ID_LEN], struct 
 	return rc;
 }
 
-struct inputs_arg {
-	const uint8_t *id;
-	struct job_input *in;
-	size_t max, *n;
-};
-
-static int inputs_fn(struct index *ix, MDB_txn *txn, void *arg)
-{
-	struct inputs_arg *a = arg;
-	MDB_val k = {JOB_ID_LEN, (void *)a->id}, v;
-	int rc = mdb_get(txn, ix->inputs, &k, &v);
-
-	if (rc == MDB_NOTFOUND)
-		return 0;
-	if (rc)
-		return index_lmdb_err(ix, rc, "read inputs");
-	if (index_inputs_decode(&v, a->in, a->max, a->n) != 0)
-		return store_seterr(STORE_E_INDEX, "damaged inputs of a job in '%s'", ix->dir);
-	return 0;
-}
-
-int index_job_inputs(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job_input *in,
-		     size_t max, size_t *n)
-{
-	struct inputs_arg a = {id, in, max, n};
-
-	*n = 0;
-	return index_read(ix, inputs_fn, &a);
-}
-
 /* ---- queue depth, recovery ---- */
 
 /* One counter of the fair database (see count_add), read on its own. */
@@ -1356,7 +832,7 @@ struct count_arg {
 static int count_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct count_arg *a = arg;
-	return fair_get(ix, txn, a->key, a->len, &a->n);
+	return index_fair_get(ix, txn, a->key, a->len, &a->n);
 }
 
 static int count_read(struct index *ix, const uint8_t *key, size_t len, uint64_t *n)
@@ -1450,7 +926,7 @@ static int position_fn(struct index *ix, MDB_txn *txn, void *arg)
 	if (rc)
 		return rc;
 	if (j.status != JOB_QUEUED || (j.flags & JOB_F_DELAYED)) {
-		rc = state_err(&j, "give the queue position of");
+		rc = index_state_err(&j, "give the queue position of");
 		job_release(&j);
 		return rc;
 	}
