@@ -240,61 +240,54 @@ out:
 	return uri;
 }
 
+/*
+ * The data: URI that replaces v, when v is "cas:<hex>" naming one of the
+ * n inputs: 0 with *repl set (NULL: v stays), or a failure set with
+ * run_fail.
+ */
+static int inline_one(struct run *r, json_object *v, const struct job_input *in, size_t n,
+		      json_object **repl)
+{
+	uint8_t h[INDEX_HASH_LEN];
+
+	*repl = NULL;
+	if (!json_object_is_type(v, json_type_string) || json_object_get_string_len(v) != 68 ||
+	    strncmp(json_object_get_string(v), "cas:", 4) != 0 ||
+	    b3_from_hex(json_object_get_string(v) + 4, h) != 0)
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		char *uri;
+		if (memcmp(in[i].hash, h, INDEX_HASH_LEN) != 0)
+			continue;
+		if (!(uri = data_uri(r, &in[i])))
+			return run_fail(r, -EIO, "input_not_found", "'%s': cannot read blob cas:%s: %s",
+					in[i].field, json_object_get_string(v) + 4, store_lasterr());
+		*repl = json_object_new_string(uri);
+		free(uri);
+		return *repl ? 0 : run_fail(r, -ENOMEM, "store", "out of memory");
+	}
+	return 0;
+}
+
 static int inline_walk(struct run *r, json_object *o, const struct job_input *in, size_t n)
 {
+	json_object *repl;
+
 	if (json_object_is_type(o, json_type_object)) {
 		json_object_object_foreach(o, k, v)
 		{
-			if (json_object_is_type(v, json_type_string) &&
-			    json_object_get_string_len(v) == 68 &&
-			    strncmp(json_object_get_string(v), "cas:", 4) == 0) {
-				uint8_t h[INDEX_HASH_LEN];
-				if (b3_from_hex(json_object_get_string(v) + 4, h) != 0)
-					continue;
-				for (size_t i = 0; i < n; i++)
-					if (memcmp(in[i].hash, h, INDEX_HASH_LEN) == 0) {
-						char *uri = data_uri(r, &in[i]);
-						if (!uri)
-							return run_fail(r, -EIO, "input_not_found",
-									"'%s': cannot read blob "
-									"cas:%s: %s",
-									in[i].field,
-									json_object_get_string(v) + 4,
-									store_lasterr());
-						json_object_object_add(
-							o, k, json_object_new_string(uri));
-						free(uri);
-						break;
-					}
-			} else if (inline_walk(r, v, in, n) != 0) {
+			if (inline_one(r, v, in, n, &repl) != 0 || inline_walk(r, v, in, n) != 0)
 				return -EIO;
-			}
+			if (repl)
+				json_object_object_add(o, k, repl);
 		}
 	} else if (json_object_is_type(o, json_type_array)) {
 		for (size_t i = 0; i < json_object_array_length(o); i++) {
 			json_object *v = json_object_array_get_idx(o, i);
-			if (json_object_is_type(v, json_type_string) &&
-			    json_object_get_string_len(v) == 68 &&
-			    strncmp(json_object_get_string(v), "cas:", 4) == 0) {
-				uint8_t h[INDEX_HASH_LEN];
-				if (b3_from_hex(json_object_get_string(v) + 4, h) != 0)
-					continue;
-				for (size_t k = 0; k < n; k++)
-					if (memcmp(in[k].hash, h, INDEX_HASH_LEN) == 0) {
-						char *uri = data_uri(r, &in[k]);
-						if (!uri)
-							return run_fail(r, -EIO, "input_not_found",
-									"'%s': cannot read blob: %s",
-									in[k].field,
-									store_lasterr());
-						json_object_array_put_idx(
-							o, i, json_object_new_string(uri));
-						free(uri);
-						break;
-					}
-			} else if (inline_walk(r, v, in, n) != 0) {
+			if (inline_one(r, v, in, n, &repl) != 0 || inline_walk(r, v, in, n) != 0)
 				return -EIO;
-			}
+			if (repl)
+				json_object_array_put_idx(o, i, repl);
 		}
 	}
 	return 0;

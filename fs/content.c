@@ -248,6 +248,20 @@ int jf_extra_get(struct fsctx *fs, const struct job *j, unsigned n, struct jf_ex
 	return rc;
 }
 
+int jf_extra_at(struct fsctx *fs, const struct job *j, unsigned sub, struct jf_extra *x)
+{
+	unsigned n;
+	bool sig;
+	int rc;
+
+	if (!jf_is_extra(sub, &n, &sig))
+		return -ENOENT;
+	if ((rc = jf_extra_get(fs, j, n, x)) != 0)
+		return rc;
+	x->sig = sig;
+	return jf_extra_shown(x) ? 0 : -ENOENT;
+}
+
 const char *jf_extra_name(const struct jf_extra *x, char *buf, size_t len)
 {
 	snprintf(buf, len, "output.%u.%s%s", x->n, route_media_ext(x->out.media_type),

@@ -200,18 +200,13 @@ void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		if (job_visible(fs, req, &j) && (unsigned)f >= JF_COUNT) {
 			/* An output after the first, or its signature. */
 			struct jf_extra x;
-			unsigned n;
-			bool sig;
-			if (!jf_is_extra((unsigned)f, &n, &sig) || (rc = jf_extra_get(fs, &j, n, &x)) ||
-			    (x.sig = sig, !jf_extra_shown(&x))) {
-				rc = rc ? rc : -ENOENT;
+			if ((rc = jf_extra_at(fs, &j, (unsigned)f, &x)) != 0)
 				break;
-			}
 			memcpy(h->id, j.id, JOB_ID_LEN);
 			if ((fi->flags & O_ACCMODE) == O_WRONLY)
 				break; /* nothing to read (the notifier opens files so) */
-			rc = sig ? jf_extra_sig(fs, &j, &x, &h->buf, &h->len)
-				 : open_blob(fs, ino, x.out.hash, h, fi);
+			rc = x.sig ? jf_extra_sig(fs, &j, &x, &h->buf, &h->len)
+				   : open_blob(fs, ino, x.out.hash, h, fi);
 			break;
 		}
 		if (!job_visible(fs, req, &j) || f >= JF_COUNT || !jf_present(&j, f)) {

@@ -92,6 +92,9 @@ bool jf_is_extra(unsigned sub, unsigned *n, bool *sig);
 int jf_extra_get(struct fsctx *fs, const struct job *j, unsigned n, struct jf_extra *x);
 /* Whether x (file or signature, as x->sig) is in the job's view. */
 bool jf_extra_shown(const struct jf_extra *x);
+/* The extra output file of node sub, if the job's view shows it: 0, or
+ * -ENOENT (or the index's error). */
+int jf_extra_at(struct fsctx *fs, const struct job *j, unsigned sub, struct jf_extra *x);
 /* Its name: output.<n>.<ext>[.minisig]. */
 const char *jf_extra_name(const struct jf_extra *x, char *buf, size_t len);
 /* Every extra output of j that its view shows (at most max): *n. */

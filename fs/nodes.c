@@ -282,12 +282,7 @@ int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
 					      strlen(job_visible_id(fs, req, &j, idbuf)));
 		} else if (INO_SUB(ino) >= JF_COUNT) {
 			struct jf_extra x;
-			unsigned n;
-			bool sig;
-			if (!jf_is_extra(INO_SUB(ino), &n, &sig) ||
-			    (rc = jf_extra_get(fs, &j, n, &x)) != 0 || (x.sig = sig, !jf_extra_shown(&x))) {
-				rc = rc ? rc : -ENOENT;
-			} else {
+			if ((rc = jf_extra_at(fs, &j, INO_SUB(ino), &x)) == 0) {
 				attr_base(fs, st, ino, S_IFREG | (fs->private_ ? 0600 : 0644),
 					  j.completed_ms);
 				st->st_uid = j.uid;

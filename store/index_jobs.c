@@ -353,17 +353,6 @@ static int handle_put_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return rc ? index_lmdb_err(ix, rc, "write handle") : 0;
 }
 
-int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
-			 size_t len)
-{
-	struct handle_arg a = {id, data, len, NULL, NULL, 0};
-
-	if (len > INDEX_HANDLE_MAX)
-		return store_seterr(-EFBIG, "a job handle of %zu bytes is over %d", len,
-				    INDEX_HANDLE_MAX);
-	return index_write(ix, handle_put_fn, &a);
-}
-
 static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct handle_arg *a = arg;
@@ -383,42 +372,53 @@ static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return 0;
 }
 
-int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
+/* A side record of db (0 handles, 1 creds, 2 remote): put and get. */
+static int side_put(struct index *ix, const uint8_t id[JOB_ID_LEN], int db, const void *data,
+		    size_t len)
 {
-	struct handle_arg a = {id, NULL, 0, out, len, 0};
+	struct handle_arg a = {id, data, len, NULL, NULL, db};
+
+	if (len > INDEX_HANDLE_MAX)
+		return store_seterr(-EFBIG, "a job's %s record of %zu bytes is over %d",
+				    db == 2 ? "remote" : "handle", len, INDEX_HANDLE_MAX);
+	return index_write(ix, handle_put_fn, &a);
+}
+
+static int side_get(struct index *ix, const uint8_t id[JOB_ID_LEN], int db, void **out,
+		    size_t *len)
+{
+	struct handle_arg a = {id, NULL, 0, out, len, db};
 
 	*out = NULL;
 	*len = 0;
 	return index_read(ix, handle_get_fn, &a);
+}
+
+int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
+			 size_t len)
+{
+	return side_put(ix, id, 0, data, len);
+}
+
+int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
+{
+	return side_get(ix, id, 0, out, len);
 }
 
 int index_job_remote_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
 			 size_t len)
 {
-	struct handle_arg a = {id, data, len, NULL, NULL, 2};
-
-	if (len > INDEX_HANDLE_MAX)
-		return store_seterr(-EFBIG, "a job's remote record of %zu bytes is over %d", len,
-				    INDEX_HANDLE_MAX);
-	return index_write(ix, handle_put_fn, &a);
+	return side_put(ix, id, 2, data, len);
 }
 
 int index_job_remote_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
 {
-	struct handle_arg a = {id, NULL, 0, out, len, 2};
-
-	*out = NULL;
-	*len = 0;
-	return index_read(ix, handle_get_fn, &a);
+	return side_get(ix, id, 2, out, len);
 }
 
 int index_job_creds_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len)
 {
-	struct handle_arg a = {id, NULL, 0, out, len, 1};
-
-	*out = NULL;
-	*len = 0;
-	return index_read(ix, handle_get_fn, &a);
+	return side_get(ix, id, 1, out, len);
 }
 
 int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out, size_t *len)
