@@ -94,6 +94,17 @@ void engine_notify(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *r
 		e->observer(e->observer_arg, id, route, ev, NULL);
 }
 
+void engine_abstime(uint64_t ms, struct timespec *ts)
+{
+	clock_gettime(CLOCK_REALTIME, ts);
+	ts->tv_sec += (time_t)(ms / 1000);
+	ts->tv_nsec += (long)(ms % 1000) * 1000000;
+	if (ts->tv_nsec >= 1000000000) {
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000;
+	}
+}
+
 void engine_wake(struct engine *e)
 {
 	pthread_mutex_lock(&e->mu);

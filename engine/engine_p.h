@@ -97,6 +97,9 @@ struct engine {
 void engine_notify(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *route,
                    enum engine_event ev);
 void engine_wake(struct engine *e);
+/* The CLOCK_REALTIME time ms from now, for pthread_cond_timedwait. */
+struct timespec;
+void engine_abstime(uint64_t ms, struct timespec *ts);
 void engine_lower_next_due(struct engine *e, uint64_t t);
 uint8_t engine_route_group(struct engine *e, const struct route *r);
 

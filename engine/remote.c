@@ -512,13 +512,7 @@ static void *remote_main(void *arg)
 		now = now_ms();
 		if (wake <= now)
 			wake = now + 1;
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += (time_t)((wake - now) / 1000);
-		ts.tv_nsec += (long)((wake - now) % 1000) * 1000000;
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
+		engine_abstime(wake - now, &ts);
 		pthread_cond_timedwait(&m->cv, &m->mu, &ts);
 	}
 	pthread_mutex_unlock(&m->mu);

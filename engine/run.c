@@ -680,13 +680,7 @@ void *engine_worker_main(void *arg)
 			continue;
 		if (due && due - now < wait_ms)
 			wait_ms = due - now;
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += (time_t)(wait_ms / 1000);
-		ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
+		engine_abstime(wait_ms, &ts);
 		pthread_mutex_lock(&e->mu);
 		if (!e->stop)
 			pthread_cond_timedwait(&e->work, &e->mu, &ts);
@@ -733,13 +727,7 @@ void *engine_janitor_main(void *arg)
 		uint64_t every = e->opt.retain_ms / 4 < 10000 ? e->opt.retain_ms / 4 : 10000;
 		if (every < 250)
 			every = 250;
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += (time_t)(every / 1000);
-		ts.tv_nsec += (long)(every % 1000) * 1000000;
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
+		engine_abstime(every, &ts);
 		pthread_mutex_lock(&e->mu);
 		if (!e->stop)
 			pthread_cond_timedwait(&e->work, &e->mu, &ts);

@@ -179,8 +179,7 @@ void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	case NK_CASSIG: {
 		uint8_t hash[32];
 		struct blob_info bi;
-		if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, &bi)) != 0 ||
-		    (rc = cas_visible(fs, req, hash)) != 0)
+		if ((rc = cas_node(fs, req, ino, hash, &bi)) != 0)
 			break;
 		if (INO_KIND(ino) == NK_CASSIG) {
 			rc = cassig_render(fs, hash, bi.size, &h->buf, &h->len);

@@ -140,6 +140,16 @@ int cas_hash(struct fsctx *fs, uint64_t ino, uint8_t hash[32])
  * whose output it is (root: every blob); to anyone else it does not exist
  * (ENOENT: not even that). One lookup in the index's blobusers.
  */
+int cas_node(struct fsctx *fs, fuse_req_t req, uint64_t ino, uint8_t hash[32],
+	     struct blob_info *bi)
+{
+	int rc;
+
+	if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, bi)) != 0)
+		return rc;
+	return cas_visible(fs, req, hash);
+}
+
 int cas_visible(struct fsctx *fs, fuse_req_t req, const uint8_t hash[32])
 {
 	uint32_t uid = fuse_req_ctx(req)->uid;
@@ -307,8 +317,7 @@ int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
 	case NK_CASSIG: {
 		uint8_t hash[32];
 		struct blob_info bi;
-		if ((rc = cas_hash(fs, ino, hash)) != 0 || (rc = index_blob_get(fs->ix, hash, &bi)) != 0 ||
-		    (rc = cas_visible(fs, req, hash)) != 0)
+		if ((rc = cas_node(fs, req, ino, hash, &bi)) != 0)
 			return rc;
 		attr_base(fs, st, ino, S_IFREG | 0444, bi.created_ms);
 		size_attr(st, INO_KIND(ino) == NK_CAS ? bi.size : cassig_size(hash, bi.size));

@@ -57,6 +57,9 @@ int job_by_seq(struct fsctx *fs, uint64_t seq, struct job *j);
 uint64_t cas_low(const uint8_t hash[32]);
 int cas_hash(struct fsctx *fs, uint64_t ino, uint8_t hash[32]);
 int cas_visible(struct fsctx *fs, fuse_req_t req, const uint8_t hash[32]);
+/* A cas/ node's blob (hash and record), if the caller may see it. */
+int cas_node(struct fsctx *fs, fuse_req_t req, uint64_t ino, uint8_t hash[32],
+	     struct blob_info *bi);
 int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st);
 double attr_timeout(struct fsctx *fs, uint64_t ino);
 void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino);

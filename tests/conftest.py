@@ -178,3 +178,12 @@ def mount_factory(tmp_path):
 @pytest.fixture
 def mnt(mount_factory):
     return mount_factory()
+
+
+@pytest.fixture
+def fal():
+    """A fal queue service on 127.0.0.1 (tests/fakefal.py)."""
+    from fakefal import FakeFal
+    f = FakeFal()
+    yield f
+    f.close()

@@ -11,18 +11,9 @@ import subprocess
 
 import pytest
 
-from fakefal import FakeFal
-
 SYNTH = "image/synth/default/t2i"
 VIDEO = "video/synth/default/t2v"
 I2I = "image/fake/default/i2i"
-
-
-@pytest.fixture
-def fal():
-    f = FakeFal()
-    yield f
-    f.close()
 
 
 def mount(mount_factory, tmp_path, fal, opts=()):

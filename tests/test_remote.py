@@ -16,13 +16,6 @@ ROUTE = "image/fake/default/t2i"
 SYNTH = "image/synth/default/t2i"
 
 
-@pytest.fixture
-def fal():
-    f = FakeFal()
-    yield f
-    f.close()
-
-
 def models(tmp_path, fal, **extra):
     p = tmp_path / "models.json"
     p.write_text(json.dumps({"routes": {ROUTE: fal.route(**extra)}}))
