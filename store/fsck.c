@@ -849,14 +849,56 @@ out:
 	return rc;
 }
 
+/* Blob files under blobs/ (0 when there is no such folder). */
+static uint64_t count_blob_files(const char *dir)
+{
+	char path[4200];
+	struct dirent *de, *de2;
+	uint64_t n = 0;
+	DIR *d, *d2;
+
+	snprintf(path, sizeof(path), "%s/blobs", dir);
+	if (!(d = opendir(path)))
+		return 0;
+	while ((de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/blobs/%s", dir, de->d_name);
+		if (!(d2 = opendir(path)))
+			continue;
+		while ((de2 = readdir(d2)) != NULL)
+			n += de2->d_name[0] != '.';
+		closedir(d2);
+	}
+	closedir(d);
+	return n;
+}
+
 long store_fsck(const char *dir, FILE *out)
 {
 	struct index_options opt = {0, true};
 	struct fsck f = {dir, out, NULL, 0, NULL, 0, 0};
 	char path[4200];
+	struct stat sb;
 	MDB_txn *txn;
 	int rc;
 
+	/* A store whose first open never made its index (the daemon died
+	 * first) holds nothing to lose; one with blobs but no index does. */
+	snprintf(path, sizeof(path), "%s/index/data.mdb", dir);
+	if (lstat(path, &sb) != 0 && errno == ENOENT) {
+		uint64_t blobs = count_blob_files(dir);
+		if (blobs) {
+			fprintf(out, "problem: '%s' is missing, and %llu blob file%s no index "
+				     "names are in '%s/blobs'\n",
+				path, (unsigned long long)blobs, blobs == 1 ? "" : "s", dir);
+			return 1;
+		}
+		fprintf(out, "note: '%s' has no index yet (its first open did not finish): "
+			     "nothing to check\n",
+			dir);
+		return 0;
+	}
 	snprintf(path, sizeof(path), "%s/index", dir);
 	if ((rc = index_open(path, &opt, &f.ix)) != 0) {
 		fprintf(out, "problem: %s\n", store_lasterr());

@@ -85,6 +85,19 @@ static void test_truncated(void)
 	char out[8192];
 	CHECK(fsck_run(dir, out, sizeof(out)) == 1 && strstr(out, "data.mdb"),
 	      "fsck on a truncated index: %s", out);
+	/* No index at all: a first open that died before making it loses
+	 * nothing (a note), unless blob files are there (a problem). */
+	REQUIRE(unlink(data) == 0, "unlink data.mdb");
+	char cmd[800];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s/blobs'/* && mkdir -p '%s/blobs/ab' && echo x >'%s/blobs/ab/%s'",
+		 dir, dir, dir, "ab00000000000000000000000000000000000000000000000000000000000000");
+	REQUIRE(system(cmd) == 0, "a stray blob file");
+	CHECK(fsck_run(dir, out, sizeof(out)) == 1 && strstr(out, "blob file"),
+	      "fsck without an index, with blobs: %s", out);
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s/blobs'/*", dir);
+	REQUIRE(system(cmd) == 0, "rm blobs");
+	CHECK(fsck_run(dir, out, sizeof(out)) == 0 && strstr(out, "no index yet"),
+	      "fsck without an index, nothing else: %s", out);
 }
 
 static void test_foreign(void)
