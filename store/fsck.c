@@ -883,10 +883,12 @@ long store_fsck(const char *dir, FILE *out)
 	MDB_txn *txn;
 	int rc;
 
-	/* A store whose first open never made its index (the daemon died
-	 * first) holds nothing to lose; one with blobs but no index does. */
+	/* A store folder whose first open never made its index (the daemon
+	 * died first) holds nothing to lose; one with blobs but no index does;
+	 * no folder at all is no store (index_open says so). */
 	snprintf(path, sizeof(path), "%s/index/data.mdb", dir);
-	if (lstat(path, &sb) != 0 && errno == ENOENT) {
+	if (lstat(dir, &sb) == 0 && S_ISDIR(sb.st_mode) && lstat(path, &sb) != 0 &&
+	    errno == ENOENT) {
 		uint64_t blobs = count_blob_files(dir);
 		if (blobs) {
 			fprintf(out, "problem: '%s' is missing, and %llu blob file%s no index "
