@@ -504,13 +504,20 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 		}
 		return answer_fail(r, h, "fal status");
 	}
-	f->poll_fails = 0;
 	if (!(o = parse_json(h->body, h->len)) || !(st = jstr(o, "status"))) {
+		/* A garbled answer (a proxy's error page, say) is asked again,
+		 * as a busy one is; then the attempt fails, to be retried. */
 		json_object_put(o);
-		return run_fail(r, -EBADMSG, "backend_failed",
-		                "fal's status answer for request %s is not a status object",
+		if (++f->poll_fails < FAL_POLL_FAILS) {
+			run_log(r, "fal: the status answer for request %s is not a status object; "
+			           "asking again", f->request_id);
+			return run_after(r, f->poll_ms * 2);
+		}
+		return run_fail(r, -EBADMSG, "backend_unavailable",
+		                "fal's status answers for request %s are not status objects",
 		                f->request_id);
 	}
+	f->poll_fails = 0;
 	if (json_object_object_get_ex(o, "logs", &v) && json_object_is_type(v, json_type_array)) {
 		size_t n = json_object_array_length(v);
 		const char *last = NULL;

@@ -63,7 +63,37 @@ static const char builtin[] =
 	" \"default\": \"480p\"},"
 	" \"aspect_ratio\": {\"type\": \"string\", \"enum\": [\"16:9\", \"9:16\", \"1:1\"],"
 	" \"default\": \"16:9\"},"
-	" \"seed\": {\"type\": \"integer\", \"minimum\": 0, \"maximum\": 4294967295}}}}"
+	" \"seed\": {\"type\": \"integer\", \"minimum\": 0, \"maximum\": 4294967295}}}},"
+	/* fal-ai/qwen-image and fal-ai/mmaudio-v2: their inputs as fal's
+	 * model pages give them (PROTOCOLS.md), so that a bad request fails
+	 * at write(), not at the service. */
+	"\"image/qwen/default/t2i\": {\"backend\": \"fal\", \"model\": \"fal-ai/qwen-image\","
+	" \"key_env\": \"FAL_KEY\", \"media_type\": \"image/png\", \"deterministic\": false,"
+	" \"timeout_s\": 600, \"schema\": {\"type\": \"object\", \"additionalProperties\": false,"
+	" \"required\": [\"prompt\"], \"properties\": {"
+	" \"prompt\": {\"type\": \"string\", \"maxLength\": 5000},"
+	" \"negative_prompt\": {\"type\": \"string\", \"maxLength\": 5000},"
+	" \"image_size\": {\"type\": \"string\", \"enum\": [\"square_hd\", \"square\","
+	" \"portrait_4_3\", \"portrait_16_9\", \"landscape_4_3\", \"landscape_16_9\"],"
+	" \"default\": \"landscape_4_3\"},"
+	" \"num_inference_steps\": {\"type\": \"integer\", \"minimum\": 2, \"maximum\": 250,"
+	" \"default\": 30},"
+	" \"guidance_scale\": {\"type\": \"number\", \"minimum\": 0, \"maximum\": 20},"
+	" \"num_images\": {\"type\": \"integer\", \"minimum\": 1, \"maximum\": 4, \"default\": 1},"
+	" \"output_format\": {\"type\": \"string\", \"enum\": [\"png\"], \"default\": \"png\"},"
+	" \"seed\": {\"type\": \"integer\", \"minimum\": 0, \"maximum\": 4294967295}}}},"
+	"\"audio/mmaudio/default/v2a\": {\"backend\": \"fal\", \"model\": \"fal-ai/mmaudio-v2\","
+	" \"key_env\": \"FAL_KEY\", \"media_type\": \"video/mp4\", \"deterministic\": false,"
+	" \"timeout_s\": 900, \"schema\": {\"type\": \"object\", \"additionalProperties\": false,"
+	" \"required\": [\"video_url\", \"prompt\"], \"properties\": {"
+	" \"video_url\": {\"type\": \"string\", \"maxLength\": 4096},"
+	" \"prompt\": {\"type\": \"string\", \"maxLength\": 5000},"
+	" \"negative_prompt\": {\"type\": \"string\", \"maxLength\": 5000},"
+	" \"seed\": {\"type\": \"integer\", \"minimum\": 0, \"maximum\": 65535},"
+	" \"num_steps\": {\"type\": \"integer\", \"minimum\": 4, \"maximum\": 50, \"default\": 25},"
+	" \"duration\": {\"type\": \"number\", \"minimum\": 1, \"maximum\": 30, \"default\": 8},"
+	" \"cfg_strength\": {\"type\": \"number\", \"minimum\": 0, \"maximum\": 20},"
+	" \"mask_away_clip\": {\"type\": \"boolean\", \"default\": false}}}}"
 	"}}";
 
 const char *route_media_ext(const char *media_type)

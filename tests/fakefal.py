@@ -48,6 +48,12 @@ class FakeFal:
         self.queue_polls = 1      # status polls that answer IN_QUEUE (positions count down)
         self.work_s = 0           # seconds of work before COMPLETED (else poll-driven)
         self.images = 1           # files in a result
+        # Faults, each for the next N requests of its kind:
+        self.status_503 = 0       # status answers 503 with Retry-After: 1
+        self.status_garbled = 0   # status answers that are not JSON
+        self.result_429 = 0       # result answers 429 with Retry-After: 1
+        self.files_cut = 0        # files whose body stops short of Content-Length
+        self.file_size = None     # bytes of each file (default: the PNG)
         self.file_type = "image/png"
         self.submissions = []     # (request id, body object, headers)
         self.cancels = []
@@ -83,13 +89,28 @@ class FakeFal:
             def log_message(self, *a):
                 pass
 
-            def answer(self, code, obj=None, body=None, ctype="application/json"):
+            def answer(self, code, obj=None, body=None, ctype="application/json",
+                       headers=(), cut=False):
                 data = body if body is not None else json.dumps(obj).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
+                for k, v in headers:
+                    self.send_header(k, v)
                 self.end_headers()
+                if cut:  # half the body, then the connection goes
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 self.wfile.write(data)
+
+            def fault(self, name):
+                with fake.lock:
+                    n = getattr(fake, name)
+                    if n:
+                        setattr(fake, name, n - 1)
+                    return n > 0
 
             def body(self):
                 n = int(self.headers.get("Content-Length") or 0)
@@ -155,8 +176,11 @@ class FakeFal:
                 if path.startswith("/files/"):
                     name = path.split("/")[-1].split(".")[0]  # req-N or req-N_k
                     rid, _, k = name.partition("_")
-                    return self.answer(200, body=fake.output(rid, int(k or 0)),
-                                       ctype=fake.file_type)
+                    body = fake.output(rid, int(k or 0))
+                    if fake.file_size:
+                        body = (body * (fake.file_size // len(body) + 1))[:fake.file_size]
+                    return self.answer(200, body=body, ctype=fake.file_type,
+                                       cut=self.fault("files_cut"))
                 if fake.fail:
                     return self.answer(fake.fail, {"detail": "service unavailable"})
                 if not self.authorized():
@@ -172,6 +196,14 @@ class FakeFal:
                     if parts[-1] == "status":
                         req["polls"] += 1
                         polls = req["polls"]
+                if parts[-1] == "status" and self.fault("status_503"):
+                    return self.answer(503, {"detail": "busy"}, headers=[("Retry-After", "1")])
+                if parts[-1] == "status" and self.fault("status_garbled"):
+                    return self.answer(200, body=b"<html>upstream error</html>",
+                                       ctype="text/html")
+                if parts[-1] != "status" and self.fault("result_429"):
+                    return self.answer(429, {"detail": "slow down"},
+                                       headers=[("Retry-After", "1")])
                 if parts[-1] == "status":
                     logs = [{"message": "loading model", "level": "INFO"}]
                     if polls <= fake.queue_polls:

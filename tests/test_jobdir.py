@@ -50,7 +50,9 @@ def test_sizes_are_exact_and_nlink_correct(mnt):
         assert os.stat(mnt.path / name).st_size == len((mnt.path / name).read_bytes())
     assert os.stat(d).st_nlink == 2
     assert os.stat(mnt.route(IMAGE)).st_nlink == 3
-    assert os.stat(mnt.path / "image").st_nlink == 3
+    families = [e for e in os.listdir(mnt.path / "image") if (mnt.path / "image" / e).is_dir()]
+    assert sorted(families) == ["qwen", "synth"]
+    assert os.stat(mnt.path / "image").st_nlink == 2 + len(families)
 
 
 def test_job_lifecycle_files(mnt):

@@ -178,3 +178,25 @@ def test_wan_route_ends_backend_not_configured(mnt):
     assert st["error"]["code"] == "backend_not_configured"
     assert "FAL_KEY" in st["error"]["message"]
     assert (mnt.job(WAN, jid) / "error").read_text() == st["error"]["message"] + "\n"
+
+
+def test_default_fal_routes_check_requests_at_write(mnt):
+    """SPEC §9's default fal routes carry the services' input schemas: a bad
+    request fails at write(), a good one is taken (and, without a key,
+    ends backend_not_configured saying how to give one)."""
+    qwen, v2a = "image/qwen/default/t2i", "audio/mmaudio/default/v2a"
+    routes = {r["route"]: r for r in json.loads((mnt.path / "models.json").read_text())["routes"]}
+    assert routes[qwen]["model"] == "fal-ai/qwen-image"
+    assert routes[v2a]["model"] == "fal-ai/mmaudio-v2"
+    e, line = mnt.submit_err(qwen, b'{"prompt": "x", "num_inference_steps": 1}\n')
+    assert e == errno.EINVAL and "num_inference_steps" in line, line
+    e, line = mnt.submit_err(v2a, b'{"prompt": "rain"}\n')
+    assert e == errno.EINVAL and "video_url" in line, line
+    src = mnt.submit(VIDEO, {"prompt": "rain on a lake", **SMALL, "num_frames": 4})
+    assert mnt.wait(VIDEO, src) == "complete"
+    h = mnt.status(VIDEO, src)["output"]["blake3"]
+    jid = mnt.submit(v2a, {"prompt": "rain", "video_url": "cas:" + h})
+    assert mnt.wait(v2a, jid) == "error"
+    st = mnt.status(v2a, jid)
+    assert st["error"]["code"] == "backend_not_configured" and "FAL_KEY" in st["error"]["message"]
+    assert json.loads((mnt.job(v2a, jid) / "request.json").read_text())["video_url"] == "cas:" + h

@@ -106,8 +106,12 @@ def test_failing_service_holds_no_worker(mount_factory, tmp_path, fal):
     assert len(fal.submissions) == 1  # the refused ones were never queued
 
 
-def breaker_state(m):
-    g = re.search(r'renderfs_breaker_state\{backend="fal",target="[^"]*"\} (\d)', stats(m))
+def breaker_state(m, fal):
+    """The state of the fake service's breaker (the built-in fal routes
+    have breakers of their own)."""
+    target = re.escape(f"{fal.base}/fal-ai/fake/image")
+    g = re.search(r'renderfs_breaker_state\{backend="fal",target="' + target + r'"\} (\d)',
+                  stats(m))
     return int(g.group(1))
 
 
@@ -115,7 +119,7 @@ def test_breaker_opens_holds_jobs_and_closes(mount_factory, tmp_path, fal):
     fal.fail = 503
     m = mount_factory([models(tmp_path, fal, breaker=2, breaker_s=1), "max_attempts=2"])
     ids = [m.submit(ROUTE, {"prompt": f"p{i}"}) for i in range(4)]
-    until(lambda: breaker_state(m) == 1, "the breaker open")
+    until(lambda: breaker_state(m, fal) == 1, "the breaker open")
     assert f'target="{fal.base}/fal-ai/fake/image"' in stats(m)
     queued = [m.status(ROUTE, j) for j in ids]
     assert all(s["status"] in ("queued", "running") for s in queued), queued
@@ -129,7 +133,7 @@ def test_breaker_opens_holds_jobs_and_closes(mount_factory, tmp_path, fal):
     fal.fail = None
     for jid in ids:
         assert m.wait(ROUTE, jid, timeout=60) == "complete"
-    assert breaker_state(m) == 0
+    assert breaker_state(m, fal) == 0
     assert len(fal.submissions) == 4
 
 
@@ -319,3 +323,39 @@ def test_several_files_appear_to_inotify_before_complete(mount_factory, tmp_path
                    and w.events.index(e) > max(first, extra), what="status after the outputs")
     finally:
         w.proc.kill()
+
+
+def test_faults_a_retry_can_save_never_fail_a_job(mount_factory, tmp_path, fal):
+    """503 with Retry-After and a garbled answer on status, 429 on the
+    result, a download cut short: the job completes, submitted once (a
+    later attempt follows the same request)."""
+    fal.status_503, fal.status_garbled, fal.result_429, fal.files_cut = 2, 2, 1, 1
+    m = mount_factory([models(tmp_path, fal), "max_attempts=5"])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid, timeout=90) == "complete", (m.job(ROUTE, jid) / "log").read_text()
+    assert len(fal.submissions) == 1
+    assert (m.job(ROUTE, jid) / "output.png").read_bytes() == fal.output("req-1")
+    log = (m.job(ROUTE, jid) / "log").read_text()
+    assert "status not available" in log and "not a status object" in log
+    assert "following request req-1" in log  # the attempt after the 429 or the cut
+    assert (fal.status_503, fal.status_garbled, fal.result_429, fal.files_cut) == (0, 0, 0, 0)
+
+
+def test_faults_no_retry_can_save_end_the_job_at_once(mount_factory, tmp_path, fal):
+    """A wrong key is backend_auth and a file over max_output is
+    output_invalid: not retried, and the key is in no message."""
+    p = tmp_path / "models.json"
+    p.write_text(json.dumps({"routes": {
+        ROUTE: fal.route(key="sk-wrong-0123456789"),
+        "image/fake/default/small": fal.route(max_output=1000)}}))
+    m = mount_factory([f"models={p}", "max_attempts=5"])
+    a = m.submit(ROUTE, {"prompt": "x"})
+    fal.file_size = 5000
+    b = m.submit("image/fake/default/small", {"prompt": "y"})
+    assert m.wait(ROUTE, a) == "error" and m.wait("image/fake/default/small", b) == "error"
+    sa, sb = m.status(ROUTE, a), m.status("image/fake/default/small", b)
+    assert sa["error"]["code"] == "backend_auth" and sa["attempts"] == 1
+    assert "sk-wrong" not in json.dumps(sa) and "sk-wrong" not in m.log()
+    assert "sk-wrong" not in (m.job(ROUTE, a) / "log").read_text()
+    assert sb["error"]["code"] == "output_invalid" and sb["attempts"] == 1
+    assert "1000 bytes" in sb["error"]["message"]
