@@ -359,3 +359,24 @@ def test_faults_no_retry_can_save_end_the_job_at_once(mount_factory, tmp_path, f
     assert "sk-wrong" not in (m.job(ROUTE, a) / "log").read_text()
     assert sb["error"]["code"] == "output_invalid" and sb["attempts"] == 1
     assert "1000 bytes" in sb["error"]["message"]
+
+
+def test_connection_refused_is_retried_and_never_interrupted(mount_factory, tmp_path, fal):
+    """No connection at all: nothing reached the service, so the attempt
+    is retried (backend_unavailable) and the submission is not of unknown
+    fate (never `interrupted`)."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    p = tmp_path / "models.json"
+    p.write_text(json.dumps({"routes": {ROUTE: fal.route(base_url=f"http://127.0.0.1:{port}",
+                                                         breaker=100)}}))
+    m = mount_factory([f"models={p}", "max_attempts=2"])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid, timeout=60) == "error"
+    st = m.status(ROUTE, jid)
+    assert st["error"]["code"] == "backend_unavailable" and st["attempts"] == 2, st
+    assert f"127.0.0.1:{port}" in st["error"]["message"]
+    assert "retrying" in (m.job(ROUTE, jid) / "log").read_text()
