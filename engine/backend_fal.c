@@ -48,6 +48,7 @@ extern const struct backend backend_fal;
 #define FAL_POLL_FIRST_MS 200
 #define FAL_POLL_MAX_MS 2000
 #define FAL_POLL_FAILS 5
+#define FAL_FILE_URL_MAX (2 * FAL_URL_MAX) /* a result file's URL, at most */
 #define FAL_FILES_MAX (1 + INDEX_EXTRAS_MAX) /* output.<ext>, output.1.<ext>, ... */
 /* A cas: input goes inline (base64 in the request): bounded so that one
  * request stays a request; larger ones are refused at submit. */
@@ -68,7 +69,6 @@ struct fal_run {
 	char auth[4200];
 	char request_id[128];
 	char status_url[FAL_URL_MAX], response_url[FAL_URL_MAX], cancel_url[FAL_URL_MAX];
-	char file_url[FAL_URL_MAX * 2];
 	/* The result (kept until its file URLs are replaced by cas:<hex>),
 	 * its files in order, and where the downloads are. */
 	json_object *result;
@@ -313,7 +313,7 @@ static int download(struct run *r, struct fal_run *f)
 	uint64_t left = r->deadline_ms > now_ms() ? r->deadline_ms - now_ms() : 1000;
 	struct http_request rq = {
 	    .method = "GET",
-	    .url = f->file_url,
+	    .url = jstr(f->files[f->at], "url"), /* checked by on_result */
 	    .timeout_ms = left,
 	    .max_body = (size_t)r->route->max_output,
 	    .secrets = secrets,
@@ -598,12 +598,12 @@ static int on_result(struct run *r, struct fal_run *f, const struct http_respons
 		                f->request_id);
 	for (size_t i = 0; i < f->nfiles; i++) {
 		url = jstr(f->files[i], "url");
-		if (strlen(url) >= sizeof(f->file_url) ||
+		if (strlen(url) >= FAL_FILE_URL_MAX ||
 		    (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0))
 			return run_fail(r, -EIO, "output_invalid",
 			                "fal's result for request %s names a file that is not an "
 			                "http(s) URL of at most %zu bytes",
-			                f->request_id, sizeof(f->file_url) - 1);
+			                f->request_id, (size_t)FAL_FILE_URL_MAX - 1);
 	}
 	ct = jstr(f->files[0], "content_type");
 	if (ct && !type_fits(ct, r->route->media_type))
@@ -613,7 +613,6 @@ static int on_result(struct run *r, struct fal_run *f, const struct http_respons
 	run_log(r, "fal: request %s completed; downloading %zu file%s", f->request_id, f->nfiles,
 	        f->nfiles == 1 ? "" : "s");
 	f->at = 0;
-	snprintf(f->file_url, sizeof(f->file_url), "%s", jstr(f->files[0], "url"));
 	return download(r, f);
 }
 
@@ -687,7 +686,6 @@ static int on_download(struct run *r, struct fal_run *f, const struct http_respo
 	}
 	if (++f->at < f->nfiles) {
 		run_progress(r, 0.999);
-		snprintf(f->file_url, sizeof(f->file_url), "%s", jstr(f->files[f->at], "url"));
 		return download(r, f);
 	}
 	sink = f->first;

@@ -617,7 +617,7 @@ int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN])
 	int rc;
 
 	pthread_mutex_lock(&st->blob_mu);
-	rc = index_job_delete_all(st->ix, job, &freed);
+	rc = index_job_delete(st->ix, job, &freed);
 	for (size_t i = 0; rc == 0 && i < freed.n; i++)
 		blob_unlink_freed(st, freed.hash[i]);
 	pthread_mutex_unlock(&st->blob_mu);

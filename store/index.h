@@ -393,23 +393,21 @@ int index_job_cancel(struct index *ix, const uint8_t id[JOB_ID_LEN]);
 int index_job_retry(struct index *ix, const uint8_t id[JOB_ID_LEN]);
 int index_job_set_priority(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_priority p);
 
-/*
- * Delete a job that is not running and every index entry for it. When its
- * output blob loses its last reference the blob record is deleted too and
- * *freed is set with the blob's hash in freed_hash: the caller unlinks the
- * file (store_job_delete() does).
- */
-int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], bool *freed,
-		     uint8_t freed_hash[INDEX_HASH_LEN]);
-/* The same, with every blob that lost its last reference (its output and
- * its inputs) in freed (at most INDEX_INPUTS_MAX + 1). */
 /* Outputs after the first (extras): n from 1 to INDEX_EXTRAS_MAX. */
 #define INDEX_EXTRAS_MAX 32
 #define INDEX_RESULT_MAX (1 << 20)
+/* Blobs a delete took the last reference of. */
 struct index_freed {
 	size_t n;
 	uint8_t hash[INDEX_INPUTS_MAX + 1 + INDEX_EXTRAS_MAX][INDEX_HASH_LEN];
 };
+/*
+ * Delete a job that is not running and every index entry for it. Each blob
+ * it held (its output, outputs after the first, inputs) that loses its
+ * last reference loses its record too and is listed in freed (the output
+ * first): the caller unlinks the files (store_job_delete() does).
+ */
+int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], struct index_freed *freed);
 struct job_output {
 	uint8_t hash[INDEX_HASH_LEN];
 	uint64_t size;
@@ -430,7 +428,6 @@ int index_job_extras(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job_
 int index_job_result_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *text,
 			 size_t len);
 int index_job_result_get(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out, size_t *len);
-int index_job_delete_all(struct index *ix, const uint8_t id[JOB_ID_LEN], struct index_freed *freed);
 /* The job's inputs (at most max): *n of them; 0 when it has none. */
 int index_job_inputs(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job_input *in,
 		     size_t max, size_t *n);

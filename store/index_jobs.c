@@ -83,7 +83,7 @@ static int same_request(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_
 }
 
 /* The blobs the request names: each referenced for as long as the job
- * exists (index_job_delete_all gives them back). A blob deleted since the
+ * exists (index_job_delete gives them back). A blob deleted since the
  * caller looked fails the creation (STORE_E_NOTFOUND). */
 static int put_inputs(struct index *ix, MDB_txn *txn, const struct job *j,
 		      const struct job_create *c)

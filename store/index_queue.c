@@ -794,21 +794,7 @@ out:
 	return rc;
 }
 
-int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], bool *freed,
-		     uint8_t freed_hash[INDEX_HASH_LEN])
-{
-	struct index_freed all;
-	int rc = index_job_delete_all(ix, id, &all);
-
-	*freed = false;
-	for (size_t i = 0; rc == 0 && i < all.n && !*freed; i++) {
-		*freed = true; /* the output is first when it was freed */
-		memcpy(freed_hash, all.hash[i], INDEX_HASH_LEN);
-	}
-	return rc;
-}
-
-int index_job_delete_all(struct index *ix, const uint8_t id[JOB_ID_LEN], struct index_freed *freed)
+int index_job_delete(struct index *ix, const uint8_t id[JOB_ID_LEN], struct index_freed *freed)
 {
 	struct delete_arg a = {id, freed};
 	int rc;

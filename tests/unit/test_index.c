@@ -134,17 +134,16 @@ static void test_crud(void)
 	CHECK(index_job_retry(ix, id) == STORE_E_STATE, "retry complete");
 
 	/* delete releases the blob, the logs, the listings */
-	bool freed;
-	uint8_t fh[32];
-	rc = index_job_delete(ix, id, &freed, fh);
-	CHECK(rc == 0 && freed && memcmp(fh, h, 32) == 0, "delete frees blob: %d %s", rc,
+	struct index_freed fr;
+	rc = index_job_delete(ix, id, &fr);
+	CHECK(rc == 0 && fr.n == 1 && memcmp(fr.hash[0], h, 32) == 0, "delete frees blob: %d %s", rc,
 	      store_lasterr());
 	CHECK(index_job_get(ix, id, &j) == STORE_E_NOTFOUND, "deleted");
 	CHECK(index_blob_get(ix, h, &bi) == STORE_E_NOTFOUND, "blob record gone");
 	CHECK(index_list_by_route(ix, route, NULL, 4, got_ids, &n) == 0 && n == 0, "route empty");
 	rc = index_job_log_read(ix, id, 0, buf, sizeof(buf), &got);
 	CHECK(rc == 0 && got == 0, "log gone");
-	CHECK(index_job_delete(ix, id, &freed, fh) == STORE_E_NOTFOUND, "double delete");
+	CHECK(index_job_delete(ix, id, &fr) == STORE_E_NOTFOUND, "double delete");
 }
 
 static void test_states(void)
@@ -167,9 +166,8 @@ static void test_states(void)
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
 	CHECK(j.status == JOB_RUNNING && (j.flags & JOB_F_CANCEL_REQUESTED), "cancel flag");
 	job_release(&j);
-	bool freed;
-	uint8_t fh[32];
-	CHECK(index_job_delete(ix, id, &freed, fh) == STORE_E_STATE, "delete running");
+	struct index_freed fr;
+	CHECK(index_job_delete(ix, id, &fr) == STORE_E_STATE, "delete running");
 	CHECK(index_job_finish(ix, id, JOB_ERROR, "timeout", "ran past 5 s") == 0, "error");
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
 	CHECK(j.status == JOB_ERROR && strcmp(j.error_code, "timeout") == 0 &&
@@ -225,7 +223,7 @@ static void test_states(void)
 	CHECK(index_job_handle_put(ix, id, huge, sizeof(huge)) == -EFBIG, "handle bounded");
 	uint8_t nobody[JOB_ID_LEN] = {1};
 	CHECK(index_job_handle_put(ix, nobody, "x", 1) == STORE_E_NOTFOUND, "no handle without a job");
-	CHECK(index_job_delete(ix, id, &freed, fh) == 0 && !freed, "delete");
+	CHECK(index_job_delete(ix, id, &fr) == 0 && fr.n == 0, "delete");
 	CHECK(index_job_handle_get(ix, id, &hd, &hl) == STORE_E_NOTFOUND, "handle gone with its job");
 }
 
@@ -249,9 +247,8 @@ static void test_names(void)
 	CHECK(index_name_lookup(ix, "image/synth/default/t2i", "my-render", 5, b) == 0 &&
 		      memcmp(a, b, 16) == 0,
 	      "lookup");
-	bool freed;
-	uint8_t fh[32];
-	CHECK(index_job_delete(ix, a, &freed, fh) == 0, "delete named");
+	struct index_freed fr;
+	CHECK(index_job_delete(ix, a, &fr) == 0, "delete named");
 	CHECK(index_name_lookup(ix, "image/synth/default/t2i", "my-render", 5, b) == STORE_E_NOTFOUND,
 	      "name freed");
 	/* names per owner (`private`): two owners, one name, two jobs */
@@ -280,10 +277,10 @@ static void test_names(void)
 		struct job_create p7 = mk("image/synth/default/po", 7, JOB_PRIO_NORMAL, "{\"p\":7}");
 		p7.name = "mine";
 		CHECK(index_job_create(ix, &p7, got, &existed) == STORE_E_EXISTS, "shared: taken");
-		CHECK(index_job_delete(ix, i5, &freed, fh) == 0, "delete owner 5's");
+		CHECK(index_job_delete(ix, i5, &fr) == 0, "delete owner 5's");
 		CHECK(index_name_lookup(ix, p5.route, "mine", 5, got) == 0 && !memcmp(got, i6, 16),
 		      "shared: the other owner's now");
-		CHECK(index_job_delete(ix, i6, &freed, fh) == 0, "delete owner 6's");
+		CHECK(index_job_delete(ix, i6, &fr) == 0, "delete owner 6's");
 		CHECK(index_name_lookup(ix, p5.route, "mine", 0, got) == STORE_E_NOTFOUND,
 		      "both names freed");
 	}
@@ -305,11 +302,11 @@ static void test_names(void)
 	CHECK(index_job_create(ix, &c, a, NULL) == 0, "create for digest");
 	CHECK(index_digest_put(ix, dg, a) == 0, "digest put");
 	CHECK(index_digest_lookup(ix, dg, b) == 0 && memcmp(a, b, 16) == 0, "digest lookup");
-	CHECK(index_job_delete(ix, a, &freed, fh) == 0, "delete digest job");
+	CHECK(index_job_delete(ix, a, &fr) == 0, "delete digest job");
 	CHECK(index_digest_lookup(ix, dg, b) == STORE_E_NOTFOUND, "digest removed with its job");
 	CHECK(index_job_create(ix, &c, a, NULL) == 0, "create for an owner's digest");
 	CHECK(index_digest_put(ix, dg2, a) == 0, "owner's digest put");
-	CHECK(index_job_delete(ix, a, &freed, fh) == 0, "delete owner's digest job");
+	CHECK(index_job_delete(ix, a, &fr) == 0, "delete owner's digest job");
 	CHECK(index_digest_lookup(ix, dg2, b) == STORE_E_NOTFOUND,
 	      "an owner's digest removed with its job");
 	/* drain the queue for the next tests */
