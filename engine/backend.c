@@ -12,10 +12,14 @@
 
 extern const struct backend backend_synth;
 extern const struct backend backend_fal;
+extern const struct backend backend_replicate;
+extern const struct backend backend_openai;
 
 static const struct backend *const registry[] = {
 	&backend_synth,
 	&backend_fal,
+	&backend_replicate,
+	&backend_openai,
 };
 #define NREG (sizeof(registry) / sizeof(registry[0]))
 

@@ -21,13 +21,16 @@
  *             handle), COMPLETED. A busy status endpoint is asked again up
  *             to 5 times before the attempt fails (and the next attempt
  *             follows the same request).
- *   RESULT    GET response_url: the output object; its first file (an
- *             object with a "url") is the job's output.
- *   DOWNLOAD  GET the file into a store sink, hashed as it arrives,
- *             bounded by the route's max_output; its media type must be
- *             the route's (or say nothing more precise).
+ *   RESULT    GET response_url: the output object; every file in it (an
+ *             object with a "url": images[], video, audio, ...) is an
+ *             output, in the service's order.
+ *   DOWNLOAD  each file into the store (service.h: streamed, hashed,
+ *             bounded by max_output, its media type checked), then the
+ *             result as result.json with the URLs as cas:<hex>.
  *
- * Settings (models file): model (required), base_url, key or key_env.
+ * Settings (models file): model (required), base_url, key or key_env,
+ * request_timeout_s (one status or result request: 30 s; one that takes
+ * longer is asked again, as a busy answer is).
  * The key goes in the Authorization header only; every message is
  * redacted of it (http.c).
  */
@@ -41,15 +44,14 @@
 #include "engine_i.h"
 #include "http.h"
 #include "route.h"
+#include "service.h"
 
 extern const struct backend backend_fal;
 
-#define FAL_URL_MAX 1024
+#define FAL_URL_MAX SVC_URL_MAX
 #define FAL_POLL_FIRST_MS 200
 #define FAL_POLL_MAX_MS 2000
 #define FAL_POLL_FAILS 5
-#define FAL_FILE_URL_MAX (2 * FAL_URL_MAX) /* a result file's URL, at most */
-#define FAL_FILES_MAX (1 + INDEX_EXTRAS_MAX) /* output.<ext>, output.1.<ext>, ... */
 /* A cas: input goes inline (base64 in the request): bounded so that one
  * request stays a request; larger ones are refused at submit. */
 #define FAL_INPUT_MAX (10u << 20)
@@ -58,6 +60,7 @@ struct fal_conf {
 	char base[512];    /* without a trailing slash */
 	char key_env[128]; /* where the key is, without "key" */
 	char *key;         /* "key" from the models file, or NULL */
+	uint64_t req_ms;   /* one status or result request, at most */
 };
 
 enum fal_phase { F_SUBMIT, F_STATUS, F_RESULT, F_DOWNLOAD, F_CANCEL };
@@ -69,32 +72,19 @@ struct fal_run {
 	char auth[4200];
 	char request_id[128];
 	char status_url[FAL_URL_MAX], response_url[FAL_URL_MAX], cancel_url[FAL_URL_MAX];
-	/* The result (kept until its file URLs are replaced by cas:<hex>),
-	 * its files in order, and where the downloads are. */
-	json_object *result;
-	json_object *files[FAL_FILES_MAX];
-	size_t nfiles, at;
-	struct store_sink *first; /* the first file's, committed last */
-	uint8_t hashes[FAL_FILES_MAX][32];
+	struct svc_files files; /* the result and its files (service.h) */
 	unsigned logs_seen;
 	long position;
 	unsigned poll_fails;
 	uint64_t poll_ms;
-	struct store_sink *sink;
 };
 
 static const struct backend_setting fal_takes[] = {
     {"base_url", json_type_string},
     {"key", json_type_string},
     {"key_env", json_type_string},
+    {"request_timeout_s", json_type_int},
 };
-
-static bool url_ok(const char *u, size_t len)
-{
-	return len < FAL_URL_MAX &&
-	       (strncmp(u, "https://", 8) == 0 || strncmp(u, "http://", 7) == 0) &&
-	       !strpbrk(u, " \t\r\n\"");
-}
 
 static void fal_release(void *state)
 {
@@ -130,10 +120,20 @@ static int fal_configure(struct route *rt, json_object *settings, void **state, 
 		return -ENOMEM;
 	snprintf(c->base, sizeof(c->base), "https://queue.fal.run");
 	snprintf(c->key_env, sizeof(c->key_env), "FAL_KEY");
+	c->req_ms = 30000;
+	if (settings && json_object_object_get_ex(settings, "request_timeout_s", &v)) {
+		int64_t t = json_object_get_int64(v);
+		if (t < 1 || t > 3600) {
+			fal_release(c);
+			snprintf(err, errlen, "'request_timeout_s' must be from 1 to 3600 seconds");
+			return -EINVAL;
+		}
+		c->req_ms = (uint64_t)t * 1000;
+	}
 	if (settings && json_object_object_get_ex(settings, "base_url", &v)) {
 		const char *u = json_object_get_string(v);
 		size_t n = (size_t)json_object_get_string_len(v);
-		if (!url_ok(u, n) || n >= sizeof(c->base)) {
+		if (!svc_url_ok(u, n) || n >= sizeof(c->base)) {
 			fal_release(c);
 			snprintf(
 			    err, errlen,
@@ -196,33 +196,6 @@ static int handle_put(struct run *r, const struct fal_run *f, bool submitting)
 	return rc;
 }
 
-static const char *jstr(json_object *o, const char *k)
-{
-	json_object *v;
-
-	return json_object_object_get_ex(o, k, &v) && json_object_is_type(v, json_type_string)
-	           ? json_object_get_string(v)
-	           : NULL;
-}
-
-/* A service's JSON: bounded depth, an object, or NULL. */
-static json_object *parse_json(const char *text, size_t len)
-{
-	json_tokener *tok = json_tokener_new_ex(32);
-	json_object *o = NULL;
-
-	if (!tok)
-		return NULL;
-	o = json_tokener_parse_ex(tok, text, (int)len);
-	if (o && (json_tokener_get_error(tok) != json_tokener_success ||
-	          !json_object_is_type(o, json_type_object))) {
-		json_object_put(o);
-		o = NULL;
-	}
-	json_tokener_free(tok);
-	return o;
-}
-
 /* 1: resume (f filled), 0: nothing, -EALREADY: a submission of unknown
  * fate, <0: error. */
 static int handle_get(struct run *r, struct fal_run *f)
@@ -240,20 +213,20 @@ static int handle_get(struct run *r, struct fal_run *f)
 	}
 	if (rc)
 		return rc;
-	o = parse_json(data, len);
+	o = svc_parse(data, len);
 	free(data);
 	if (!o)
 		return -EBADMSG;
-	if ((id = jstr(o, "state")) && strcmp(id, "submitting") == 0) {
+	if ((id = svc_str(o, "state")) && strcmp(id, "submitting") == 0) {
 		json_object_put(o);
 		return -EALREADY;
 	}
-	id = jstr(o, "request_id");
-	su = jstr(o, "status_url");
-	ru = jstr(o, "response_url");
-	cu = jstr(o, "cancel_url");
+	id = svc_str(o, "request_id");
+	su = svc_str(o, "status_url");
+	ru = svc_str(o, "response_url");
+	cu = svc_str(o, "cancel_url");
 	if (!id || !su || !ru || !cu || strlen(id) >= sizeof(f->request_id) ||
-	    !url_ok(su, strlen(su)) || !url_ok(ru, strlen(ru)) || !url_ok(cu, strlen(cu))) {
+	    !svc_url_ok(su, strlen(su)) || !svc_url_ok(ru, strlen(ru)) || !svc_url_ok(cu, strlen(cu))) {
 		json_object_put(o);
 		return -EBADMSG;
 	}
@@ -291,42 +264,24 @@ static int request(struct run *r, struct fal_run *f, const char *method, const c
 	    .timeout_ms = timeout_ms,
 	    .secrets = secrets,
 	    .nsecrets = 1,
+	    .want_header = "X-Fal-Request-Timeout-Type",
 	};
 
 	return run_http(r, &rq);
 }
 
-static int sink_write(void *arg, const void *data, size_t len, char *err, size_t errlen)
+/* fal stopped the request at the job's deadline (X-Fal-Request-Timeout):
+ * a 504 that says so is the job's timeout, not a busy service. */
+static bool stopped_at_deadline(const struct http_response *h)
 {
-	struct fal_run *f = arg;
-	int rc = store_sink_write(f->sink, data, len);
-
-	if (rc)
-		snprintf(err, errlen, "cannot store the download: %s", store_lasterr());
-	return rc;
+	return h->status == 504 && strcasecmp(h->header, "user") == 0;
 }
 
-static int download(struct run *r, struct fal_run *f)
+static int deadline_fail(struct run *r, const struct fal_run *f)
 {
-	/* File URLs are the service's CDN: no key goes there. */
-	const char *secrets[] = {f->key};
-	uint64_t left = r->deadline_ms > now_ms() ? r->deadline_ms - now_ms() : 1000;
-	struct http_request rq = {
-	    .method = "GET",
-	    .url = jstr(f->files[f->at], "url"), /* checked by on_result */
-	    .timeout_ms = left,
-	    .max_body = (size_t)r->route->max_output,
-	    .secrets = secrets,
-	    .nsecrets = 1,
-	    .sink = sink_write,
-	    .sink_arg = f,
-	};
-	int rc = store_sink_open(engine_store(r->e), &f->sink);
-
-	if (rc)
-		return run_fail(r, rc, "store", "cannot store the output: %s", store_lasterr());
-	f->phase = F_DOWNLOAD;
-	return run_http(r, &rq);
+	return run_fail(r, -ETIMEDOUT, "timeout",
+			"fal stopped request %s at the job's deadline (X-Fal-Request-Timeout)",
+			f->request_id[0] ? f->request_id : "(not yet queued)");
 }
 
 static int poll_status(struct run *r, struct fal_run *f)
@@ -336,54 +291,19 @@ static int poll_status(struct run *r, struct fal_run *f)
 	snprintf(url, sizeof(url), "%s%slogs=1", f->status_url,
 	         strchr(f->status_url, '?') ? "&" : "?");
 	f->phase = F_STATUS;
-	return request(r, f, "GET", url, NULL, 30000);
-}
-
-/* A failed answer: its catalog code (http.c), with fal's own `detail`. */
-static int answer_fail(struct run *r, const struct http_response *h, const char *what)
-{
-	json_object *o = h->len ? parse_json(h->body, h->len) : NULL;
-	json_object *d;
-	const char *detail = NULL;
-	char buf[300] = "";
-
-	if (o && json_object_object_get_ex(o, "detail", &d)) {
-		if (json_object_is_type(d, json_type_string)) {
-			detail = json_object_get_string(d);
-		} else if (json_object_is_type(d, json_type_array) &&
-		           json_object_array_length(d) > 0) {
-			json_object *e0 = json_object_array_get_idx(d, 0), *loc;
-			const char *msg = jstr(e0, "msg");
-			const char *field = NULL;
-			if (json_object_object_get_ex(e0, "loc", &loc) &&
-			    json_object_is_type(loc, json_type_array) &&
-			    json_object_array_length(loc) > 0)
-				field = json_object_get_string(json_object_array_get_idx(
-				    loc, json_object_array_length(loc) - 1));
-			snprintf(buf, sizeof(buf), "%s%s%s", field ? field : "", field ? ": " : "",
-			         msg ? msg : "invalid");
-			detail = buf;
-		}
-	}
-	r->retry_after_ms = h->retry_after_ms;
-	if (detail && h->status)
-		run_fail(r, -EIO, h->error_code, "%s: fal answered HTTP %ld: %.300s", what,
-		         h->status, detail);
-	else
-		run_fail(r, -EIO, h->error_code, "%s: %s", what, h->message);
-	json_object_put(o);
-	return -EIO;
+	return request(r, f, "GET", url, NULL,
+		       ((const struct fal_conf *)r->route->backend_state)->req_ms);
 }
 
 /* Every file object (one with a string "url") of the output, in the
- * service's order (images[], video, audio, ...), FAL_FILES_MAX at most. */
+ * service's order (images[], video, audio, ...), SVC_FILES_MAX at most. */
 static void collect_files(struct fal_run *f, json_object *o, int depth)
 {
-	if (depth > 8 || f->nfiles >= FAL_FILES_MAX)
+	if (depth > 8 || f->files.n >= SVC_FILES_MAX)
 		return;
 	if (json_object_is_type(o, json_type_object)) {
-		if (jstr(o, "url")) {
-			f->files[f->nfiles++] = o;
+		if (svc_str(o, "url")) {
+			svc_files_add(&f->files, o, "url", 0, SVC_FILE_URL, svc_str(o, "content_type"));
 			return;
 		}
 		json_object_object_foreach(o, k, v)
@@ -397,22 +317,10 @@ static void collect_files(struct fal_run *f, json_object *o, int depth)
 	}
 }
 
-/* Whether a media type someone gave (maybe with parameters) fits the
- * route's: the same, or one that says nothing precise. */
-static bool type_fits(const char *given, const char *want)
-{
-	size_t n = strcspn(given, "; ");
-
-	if (n == 0 || (n == 24 && strncasecmp(given, "application/octet-stream", 24) == 0) ||
-	    (n == 19 && strncasecmp(given, "binary/octet-stream", 19) == 0))
-		return true;
-	return strlen(want) == n && strncasecmp(given, want, n) == 0;
-}
-
 static int on_submitted(struct run *r, struct fal_run *f, const struct http_response *h)
 {
-	json_object *o = parse_json(h->body, h->len);
-	const char *id = o ? jstr(o, "request_id") : NULL;
+	json_object *o = svc_parse(h->body, h->len);
+	const char *id = o ? svc_str(o, "request_id") : NULL;
 	const char *su, *ru, *cu;
 	char model[128];
 	int rc;
@@ -431,20 +339,20 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 	if (slash && (slash = strchr(slash + 1, '/')))
 		*slash = '\0';
 	const struct fal_conf *c = r->route->backend_state;
-	su = jstr(o, "status_url");
-	ru = jstr(o, "response_url");
-	cu = jstr(o, "cancel_url");
-	if (su && url_ok(su, strlen(su)))
+	su = svc_str(o, "status_url");
+	ru = svc_str(o, "response_url");
+	cu = svc_str(o, "cancel_url");
+	if (su && svc_url_ok(su, strlen(su)))
 		snprintf(f->status_url, sizeof(f->status_url), "%s", su);
 	else
 		snprintf(f->status_url, sizeof(f->status_url), "%s/%s/requests/%s/status", c->base,
 		         model, f->request_id);
-	if (ru && url_ok(ru, strlen(ru)))
+	if (ru && svc_url_ok(ru, strlen(ru)))
 		snprintf(f->response_url, sizeof(f->response_url), "%s", ru);
 	else
 		snprintf(f->response_url, sizeof(f->response_url), "%s/%s/requests/%s", c->base,
 		         model, f->request_id);
-	if (cu && url_ok(cu, strlen(cu)))
+	if (cu && svc_url_ok(cu, strlen(cu)))
 		snprintf(f->cancel_url, sizeof(f->cancel_url), "%s", cu);
 	else
 		snprintf(f->cancel_url, sizeof(f->cancel_url), "%s/%s/requests/%s/cancel", c->base,
@@ -462,33 +370,6 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 	return run_after(r, f->poll_ms);
 }
 
-/*
- * The fraction a log line reports, or -1: the last "N/M" (steps) or "P%"
- * in it. fal reports no progress of its own; a line such as "15/30" or
- * "45%" is the service's word, anything else leaves progress alone.
- */
-static double log_fraction(const char *s)
-{
-	double got = -1;
-
-	for (const char *p = s; *p; p++) {
-		char *end;
-		if (*p < '0' || *p > '9' || (p > s && p[-1] >= '0' && p[-1] <= '9') ||
-		    (p > s && p[-1] == '.'))
-			continue;
-		double a = strtod(p, &end);
-		if (end > p && *end == '%' && a >= 0 && a <= 100) {
-			got = a / 100;
-		} else if (end > p && *end == '/' && end[1] >= '0' && end[1] <= '9') {
-			char *e2;
-			double b = strtod(end + 1, &e2);
-			if (b > 0 && a >= 0 && a <= b && a == (long)a && b == (long)b)
-				got = a / b;
-		}
-	}
-	return got;
-}
-
 static int on_status(struct run *r, struct fal_run *f, const struct http_response *h)
 {
 	json_object *o, *v;
@@ -496,15 +377,17 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 	unsigned seen = f->logs_seen;
 
 	if (h->error_code) {
+		if (stopped_at_deadline(h))
+			return deadline_fail(r, f);
 		if (strcmp(h->error_code, "backend_unavailable") == 0 &&
 		    ++f->poll_fails < FAL_POLL_FAILS) {
 			run_log(r, "fal: status not available (%s); asking again", h->message);
 			return run_after(r, h->retry_after_ms > f->poll_ms ? h->retry_after_ms
 			                                                   : f->poll_ms * 2);
 		}
-		return answer_fail(r, h, "fal status");
+		return svc_fail(r, h, "fal", "fal status");
 	}
-	if (!(o = parse_json(h->body, h->len)) || !(st = jstr(o, "status"))) {
+	if (!(o = svc_parse(h->body, h->len)) || !(st = svc_str(o, "status"))) {
 		/* A garbled answer (a proxy's error page, say) is asked again,
 		 * as a busy one is; then the attempt fails, to be retried. */
 		json_object_put(o);
@@ -522,13 +405,13 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 		size_t n = json_object_array_length(v);
 		const char *last = NULL;
 		for (size_t i = f->logs_seen; i < n; i++) {
-			const char *msg = jstr(json_object_array_get_idx(v, i), "message");
+			const char *msg = svc_str(json_object_array_get_idx(v, i), "message");
 			if (msg) {
 				run_log(r, "fal: %.400s", msg);
 				last = msg;
 			}
 		}
-		double frac = last ? log_fraction(last) : -1;
+		double frac = last ? svc_log_fraction(last) : -1;
 		if (frac >= 0)
 			run_progress(r, frac < 0.999 ? frac : 0.999); /* 1: when stored */
 		if (n > f->logs_seen)
@@ -553,9 +436,10 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 	} else if (strcmp(st, "COMPLETED") == 0) {
 		json_object_put(o);
 		f->phase = F_RESULT;
-		return request(r, f, "GET", f->response_url, NULL, 60000);
+		return request(r, f, "GET", f->response_url, NULL,
+			       ((const struct fal_conf *)r->route->backend_state)->req_ms);
 	} else if (strcmp(st, "FAILED") == 0 || strcmp(st, "ERROR") == 0) {
-		const char *why = jstr(o, "error");
+		const char *why = svc_str(o, "error");
 		run_fail(r, -EIO, "backend_failed", "fal request %s failed: %.300s", f->request_id,
 		         why ? why : st);
 		json_object_put(o);
@@ -575,12 +459,13 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 static int on_result(struct run *r, struct fal_run *f, const struct http_response *h)
 {
 	json_object *o;
-	const char *url, *ct;
 
+	if (h->error_code && stopped_at_deadline(h))
+		return deadline_fail(r, f);
 	if (h->error_code) {
 		/* A COMPLETED request that failed answers with an error and a
 		 * `detail` (PROTOCOLS.md): the service ran it and it failed. */
-		answer_fail(r, h, "fal result");
+		svc_fail(r, h, "fal", "fal result");
 		if (strcmp(h->error_code, "backend_rejected") == 0) {
 			char msg[ENGINE_ERR_MAX];
 			snprintf(msg, sizeof(msg), "%s", r->error_message);
@@ -588,113 +473,15 @@ static int on_result(struct run *r, struct fal_run *f, const struct http_respons
 		}
 		return -EIO;
 	}
-	if (!(o = parse_json(h->body, h->len)))
+	if (!(o = svc_parse(h->body, h->len)))
 		return run_fail(r, -EBADMSG, "output_invalid",
 		                "fal's result for request %s is not a JSON object", f->request_id);
-	f->result = o;
+	f->files.result = o;
 	collect_files(f, o, 0);
-	if (f->nfiles == 0)
-		return run_fail(r, -EIO, "output_invalid", "fal's result for request %s names no file",
-		                f->request_id);
-	for (size_t i = 0; i < f->nfiles; i++) {
-		url = jstr(f->files[i], "url");
-		if (strlen(url) >= FAL_FILE_URL_MAX ||
-		    (strncmp(url, "https://", 8) != 0 && strncmp(url, "http://", 7) != 0))
-			return run_fail(r, -EIO, "output_invalid",
-			                "fal's result for request %s names a file that is not an "
-			                "http(s) URL of at most %zu bytes",
-			                f->request_id, (size_t)FAL_FILE_URL_MAX - 1);
-	}
-	ct = jstr(f->files[0], "content_type");
-	if (ct && !type_fits(ct, r->route->media_type))
-		return run_fail(r, -EIO, "output_invalid",
-		                "fal's result is %.100s, not %s as the route says", ct,
-		                r->route->media_type);
-	run_log(r, "fal: request %s completed; downloading %zu file%s", f->request_id, f->nfiles,
-	        f->nfiles == 1 ? "" : "s");
-	f->at = 0;
-	return download(r, f);
-}
-
-/* The media type of file i: the route's for the first; for the others
- * their own (from the result, else the download), else the route's. */
-static void file_type(const struct run *r, const struct fal_run *f, size_t i,
-                      const char *downloaded, char *out, size_t len)
-{
-	const char *given = jstr(f->files[i], "content_type");
-	const char *t = r->route->media_type;
-
-	if (i > 0 && given && !type_fits(given, ""))
-		t = given;
-	else if (i > 0 && downloaded[0] && !type_fits(downloaded, ""))
-		t = downloaded;
-	snprintf(out, len, "%.*s", (int)strcspn(t, "; "), t);
-}
-
-/* result.json: the result with each downloaded URL as cas:<hex>. */
-static int keep_result(struct run *r, struct fal_run *f)
-{
-	const char *text;
-
-	for (size_t i = 0; i < f->nfiles; i++) {
-		char hex[65], cas[70];
-		static const char digits[] = "0123456789abcdef";
-		for (int k = 0; k < 32; k++) {
-			hex[2 * k] = digits[f->hashes[i][k] >> 4];
-			hex[2 * k + 1] = digits[f->hashes[i][k] & 15];
-		}
-		hex[64] = '\0';
-		snprintf(cas, sizeof(cas), "cas:%s", hex);
-		json_object_object_add(f->files[i], "url", json_object_new_string(cas));
-	}
-	text = json_object_to_json_string_ext(f->result, JSON_C_TO_STRING_PRETTY |
-	                                                     JSON_C_TO_STRING_SPACED |
-	                                                     JSON_C_TO_STRING_NOSLASHESCAPE);
-	if (!text)
-		return run_fail(r, -ENOMEM, "store", "out of memory");
-	return run_result(r, text, strlen(text));
-}
-
-static int on_download(struct run *r, struct fal_run *f, const struct http_response *h)
-{
-	struct store_sink *sink = f->sink;
-	char type[128];
-	size_t i = f->at;
-	int rc;
-
-	f->sink = NULL;
-	if (h->error_code) {
-		store_sink_abort(sink);
-		return answer_fail(r, h, "fal output download");
-	}
-	if (h->streamed == 0) {
-		store_sink_abort(sink);
-		return run_fail(r, -EIO, "output_invalid", "fal's output file %zu is empty", i + 1);
-	}
-	if (i == 0 && h->content_type[0] && !type_fits(h->content_type, r->route->media_type)) {
-		store_sink_abort(sink);
-		return run_fail(r, -EIO, "output_invalid",
-		                "fal's output file is %.100s, not %s as the route says",
-		                h->content_type, r->route->media_type);
-	}
-	if (i == 0) {
-		f->first = sink; /* committed last: it announces them all */
-	} else {
-		file_type(r, f, i, h->content_type, type, sizeof(type));
-		if ((rc = run_commit_extra(r, (unsigned)i, sink, type, f->hashes[i])) != 0)
-			return rc;
-	}
-	if (++f->at < f->nfiles) {
-		run_progress(r, 0.999);
-		return download(r, f);
-	}
-	sink = f->first;
-	f->first = NULL;
-	run_progress(r, 1);
-	if ((rc = run_commit_output(r, sink, r->route->media_type, "fal")) != 0)
-		return rc;
-	memcpy(f->hashes[0], r->output_hash, 32);
-	return keep_result(r, f);
+	run_log(r, "fal: request %s completed; downloading %zu file%s", f->request_id,
+	        f->files.n, f->files.n == 1 ? "" : "s");
+	f->phase = F_DOWNLOAD;
+	return svc_files_start(r, &f->files);
 }
 
 static int fal_step(struct run *r)
@@ -729,6 +516,8 @@ static int fal_step(struct run *r)
 			                "...}})",
 			                r->route->path, c->key_env);
 		f->key = key;
+		f->files.service = "fal";
+		f->files.key = key;
 		snprintf(f->auth, sizeof(f->auth), "Authorization: Key %s", key);
 		rc = handle_get(r, f);
 		if (rc == -EALREADY)
@@ -772,6 +561,10 @@ static int fal_step(struct run *r)
 		           : run_fail(r, -EIO, "backend_failed", "nothing to wait for");
 	switch (f->phase) {
 	case F_SUBMIT:
+		if (h->error_code && stopped_at_deadline(h)) {
+			run_handle_put(r, "", 0);
+			return deadline_fail(r, f);
+		}
 		if (h->error_code) {
 			if (h->status == 0 && h->maybe_sent)
 				return run_fail(r, -EIO, "interrupted",
@@ -783,7 +576,7 @@ static int fal_step(struct run *r)
 			if (run_handle_put(r, "", 0) != 0)
 				return run_fail(r, -EIO, "store", "cannot record the job: %s",
 				                store_lasterr());
-			return answer_fail(r, h, "fal submit");
+			return svc_fail(r, h, "fal", "fal submit");
 		}
 		return on_submitted(r, f, h);
 	case F_STATUS:
@@ -791,7 +584,7 @@ static int fal_step(struct run *r)
 	case F_RESULT:
 		return on_result(r, f, h);
 	case F_DOWNLOAD:
-		return on_download(r, f, h);
+		return svc_files_answer(r, &f->files, h);
 	case F_CANCEL:
 		break;
 	}
@@ -812,8 +605,8 @@ static int fal_cancel(struct run *r)
 		run_log(r, "fal: cancelling request %s failed: %s", f->request_id,
 		        r->http->message);
 	} else {
-		json_object *o = parse_json(r->http->body, r->http->len);
-		const char *st = o ? jstr(o, "status") : NULL;
+		json_object *o = svc_parse(r->http->body, r->http->len);
+		const char *st = o ? svc_str(o, "status") : NULL;
 		run_log(r, "fal: cancel of request %s: %.64s", f->request_id, st ? st : "sent");
 		json_object_put(o);
 	}
@@ -826,11 +619,7 @@ static void fal_run_free(struct run *r)
 
 	if (!f)
 		return;
-	if (f->sink)
-		store_sink_abort(f->sink);
-	if (f->first)
-		store_sink_abort(f->first);
-	json_object_put(f->result);
+	svc_files_free(&f->files);
 	explicit_bzero(f->auth, sizeof(f->auth));
 	store_unsealed_free(f->job_key);
 	free(f);

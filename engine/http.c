@@ -161,6 +161,8 @@ struct xfer {
 	char sink_err[256];
 	char denied_addr[INET6_ADDRSTRLEN];
 	uint64_t retry_after_ms;
+	char want[64];	   /* want_header, with its ':' ("" : none) */
+	char header[128];  /* its value */
 	char **secrets;
 	size_t nsecrets;
 	http_done_fn done;
@@ -247,7 +249,17 @@ static size_t on_header(char *p, size_t size, size_t n, void *arg)
 	struct xfer *x = arg;
 	size_t len = size * n;
 	static const char name[] = "retry-after:";
+	size_t wl = strlen(x->want);
 
+	if (wl && len > wl && strncasecmp(p, x->want, wl) == 0) {
+		const char *v = p + wl;
+		size_t vl = len - wl;
+		while (vl && (*v == ' ' || *v == '\t'))
+			v++, vl--;
+		while (vl && (v[vl - 1] == '\r' || v[vl - 1] == '\n' || v[vl - 1] == ' '))
+			vl--;
+		snprintf(x->header, sizeof(x->header), "%.*s", (int)vl, v);
+	}
 	if (len > sizeof(name) - 1 && len < 256 && strncasecmp(p, name, sizeof(name) - 1) == 0) {
 		char v[256], *end;
 		unsigned long long secs;
@@ -349,6 +361,7 @@ static void respond(struct xfer *x, CURLcode cc, bool cancelled)
 	r.body = x->body ? x->body : "";
 	r.len = x->body ? x->len : 0;
 	r.retry_after_ms = x->retry_after_ms;
+	snprintf(r.header, sizeof(r.header), "%s", x->header);
 	r.streamed = x->streamed;
 	r.maybe_sent = !cancelled || x->added;
 	if (x->easy) {
@@ -463,6 +476,8 @@ int http_submit(struct http_loop *l, const struct http_request *rq, http_done_fn
 	x->max = rq->max_body ? rq->max_body : 1 << 20;
 	x->sink = rq->sink;
 	x->sink_arg = rq->sink_arg;
+	if (rq->want_header && strlen(rq->want_header) + 2 <= sizeof(x->want))
+		snprintf(x->want, sizeof(x->want), "%s:", rq->want_header);
 	if (!(x->method = strdup(rq->method ? rq->method : "GET")) ||
 	    !(x->shown = url_shown(rq->url)) || !(x->easy = curl_easy_init()) ||
 	    (rq->nsecrets && !(x->secrets = calloc(rq->nsecrets, sizeof(char *)))))

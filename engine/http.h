@@ -52,6 +52,9 @@ struct http_request {
 	 */
 	int (*sink)(void *arg, const void *data, size_t len, char *err, size_t errlen);
 	void *sink_arg;
+	/* One more header of the answer to report (its name without ':'),
+	 * or NULL. */
+	const char *want_header;
 };
 
 struct http_response {
@@ -65,6 +68,7 @@ struct http_response {
 				      never left: no connection, refused, denied) */
 	uint64_t streamed;	   /* bytes given to the sink */
 	char content_type[128];	   /* of the answer ("" if none) */
+	char header[128];	   /* want_header's value ("" if none; cut) */
 	char message[512];	   /* what went wrong, for the job's log (no secrets) */
 };
 

@@ -275,6 +275,13 @@ int jobview_manifest_json(struct engine *e, const struct job *j, char **out, siz
 				b3_to_hex(in[i].hash, h);
 				json_object_object_add(x, "blake3", json_object_new_string(h));
 				json_object_object_add(x, "field", json_object_new_string(in[i].field));
+				static const uint8_t none[JOB_ID_LEN];
+				if (memcmp(in[i].made_by, none, JOB_ID_LEN) != 0) {
+					/* The job whose output it was: the next link. */
+					char mid[JOB_ID_STR_LEN + 1];
+					ulid_format(in[i].made_by, mid);
+					json_object_object_add(x, "job", json_object_new_string(mid));
+				}
 				json_object_object_add(x, "size",
 						       json_object_new_int64((int64_t)in[i].size));
 				json_object_array_add(arr, x);

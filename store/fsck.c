@@ -411,6 +411,30 @@ static void check_jobs(struct fsck *f, MDB_txn *txn)
 	}
 	mdb_cursor_close(cur);
 
+	/* Who made a blob: a blob of the store, and a job that exists. */
+	if (mdb_cursor_open(txn, f->ix->made, &cur) != 0) {
+		problem(f, "cannot read the made database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		char id[JOB_ID_STR_LEN + 1], hex[B3_HEX_LEN + 1];
+
+		if (k.mv_size != B3_OUT_LEN || v.mv_size != JOB_ID_LEN) {
+			problem(f, "a made entry has %zu + %zu bytes", k.mv_size, v.mv_size);
+			continue;
+		}
+		ulid_format(v.mv_data, id);
+		b3_to_hex(k.mv_data, hex);
+		if (!key_exists(txn, f->ix->blobs, k.mv_data, B3_OUT_LEN))
+			problem(f, "blob %s is said to be made by job %s, but the store has no such blob",
+				hex, id);
+		else if (!key_exists(txn, f->ix->jobs, v.mv_data, JOB_ID_LEN))
+			problem(f, "blob %s is said to be made by job %s, which does not exist", hex,
+				id);
+	}
+	mdb_cursor_close(cur);
+
 	/* Sealed credentials: only for jobs not yet final (wiped then). */
 	if (mdb_cursor_open(txn, f->ix->creds, &cur) != 0) {
 		problem(f, "cannot read the credentials database");

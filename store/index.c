@@ -233,6 +233,7 @@ static const struct dbdef dbdefs[] = {
 	{"inputs", offsetof(struct index, inputs), 0},
 	{"extras", offsetof(struct index, extras), 0},
 	{"results", offsetof(struct index, results), 0},
+	{"made", offsetof(struct index, made), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 

@@ -54,7 +54,12 @@
  *            each a reference on the blob (its count and its owner's user
  *            count, as an output's) until the job is deleted: a count (1),
  *            then per input: BLAKE3 (32), size (8 LE), field length (1),
- *            field (where in the request: "image_url", "frames[2]")
+ *            field (where in the request: "image_url", "frames[2]");
+ *            then (format 13) per input the id (16) of the job whose
+ *            output made the blob (zero: unknown)
+ *   made     BLAKE3 (32) -> id (16) of the job whose output first made
+ *            the blob (the chain of a pipeline); forgotten when that job
+ *            lets go of it or the blob goes
  *   remote   id (16) -> what a remote service said of the job, as JSON
  *            (request_id, model_version, position): kept with the job,
  *            for position, status.json and the manifest
@@ -113,7 +118,7 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 11 had no extras or results; FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * FORMAT 12 had no made (input records had no producers); FORMAT 11 had no extras or results; FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -150,7 +155,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 12
+#define INDEX_FORMAT_VERSION 13
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
@@ -258,6 +263,10 @@ struct job_input {
 	char field[INDEX_FIELD_MAX];
 	uint8_t hash[INDEX_HASH_LEN];
 	uint64_t size;
+	/* The job whose output made the blob, as the store knew when this
+	 * job was created (the chain of a pipeline); all zero: unknown.
+	 * Filled by the index at creation, not by the caller. */
+	uint8_t made_by[JOB_ID_LEN];
 };
 
 struct job_create {

@@ -28,7 +28,7 @@ struct index_wop {
 struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
-		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results;
+		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results, made;
 	char dir[4096];
 	bool read_only;
 	bool names_per_owner; /* set before other threads use the index */
@@ -151,6 +151,11 @@ int index_count_move(struct index *ix, MDB_txn *txn, const char *route, int from
  * *freed when it reached 0 (the record is gone). */
 int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
 		   const char *media_type, uint32_t uid, int delta, bool *freed);
+/* index_blob.c: `made` (index.h). delta > 0: job id's output is the blob:
+ * it made it unless another job did first; delta < 0: id lets go of it:
+ * forgotten if it was id's. */
+int index_made(struct index *ix, MDB_txn *txn, const uint8_t *hash,
+	       const uint8_t id[JOB_ID_LEN], int delta);
 /* index_queue.c: queue state (fair), the read-change-write of one job,
  * and the error for a change its state forbids. */
 int index_fair_get(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len,

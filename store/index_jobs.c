@@ -82,13 +82,41 @@ static int same_request(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_
 	return 0;
 }
 
+/* The job whose output made blob hash, as job j may know it (its own
+ * job's, or anyone's on a mount where owners see each other's jobs);
+ * zero when none is known. */
+static int made_by(struct index *ix, MDB_txn *txn, const struct job *j, const uint8_t *hash,
+		   uint8_t out[JOB_ID_LEN])
+{
+	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v;
+	struct job m = {0};
+	int rc = mdb_get(txn, ix->made, &k, &v);
+
+	memset(out, 0, JOB_ID_LEN);
+	if (rc == MDB_NOTFOUND)
+		return 0;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read made");
+	if (v.mv_size != JOB_ID_LEN)
+		return store_seterr(STORE_E_INDEX, "damaged made record in '%s'", ix->dir);
+	memcpy(out, v.mv_data, JOB_ID_LEN);
+	if (!ix->names_per_owner)
+		return 0;
+	rc = index_get_job(ix, txn, out, &m);
+	if (rc == 0 && m.uid != j->uid)
+		memset(out, 0, JOB_ID_LEN); /* another owner's: not named */
+	job_release(&m);
+	return rc == STORE_E_NOTFOUND ? (memset(out, 0, JOB_ID_LEN), 0) : rc;
+}
+
 /* The blobs the request names: each referenced for as long as the job
  * exists (index_job_delete gives them back). A blob deleted since the
  * caller looked fails the creation (STORE_E_NOTFOUND). */
 static int put_inputs(struct index *ix, MDB_txn *txn, const struct job *j,
 		      const struct job_create *c)
 {
-	uint8_t buf[1 + INDEX_INPUTS_MAX * (INDEX_HASH_LEN + 9 + INDEX_FIELD_MAX)], *p = buf;
+	uint8_t buf[1 + INDEX_INPUTS_MAX * (INDEX_HASH_LEN + 9 + INDEX_FIELD_MAX + JOB_ID_LEN)];
+	uint8_t made[INDEX_INPUTS_MAX][JOB_ID_LEN], *p = buf;
 	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
 	int rc;
 
@@ -109,12 +137,16 @@ static int put_inputs(struct index *ix, MDB_txn *txn, const struct job *j,
 			return index_lmdb_err(ix, rc, "read blob");
 		if ((rc = index_blob_ref(ix, txn, in->hash, in->size, "", j->uid, 1, &freed)) != 0)
 			return rc;
+		if ((rc = made_by(ix, txn, j, in->hash, made[i])) != 0)
+			return rc;
 		memcpy(p, in->hash, INDEX_HASH_LEN);
 		le64_put(p + INDEX_HASH_LEN, in->size);
 		p[INDEX_HASH_LEN + 8] = (uint8_t)fl;
 		memcpy(p + INDEX_HASH_LEN + 9, in->field, fl);
 		p += INDEX_HASH_LEN + 9 + fl;
 	}
+	memcpy(p, made, c->ninputs * JOB_ID_LEN);
+	p += c->ninputs * JOB_ID_LEN;
 	v.mv_size = (size_t)(p - buf);
 	v.mv_data = buf;
 	rc = mdb_put(txn, ix->inputs, &k, &v, 0);

@@ -216,6 +216,7 @@ static const struct migration {
 	{9, NULL},  /* remote: what a service said of each job */
 	{10, NULL}, /* inputs: the blobs a request names (cas:<hex>) */
 	{11, NULL}, /* extras and results: outputs after the first, result.json */
+	{12, NULL}, /* made: the job whose output made a blob (older blobs: unknown) */
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

@@ -57,12 +57,14 @@ static int extra_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg
 		memcpy(old, v.mv_data, INDEX_HASH_LEN);
 		if ((rc = index_blob_ref(ix, txn, old,
 					 le64_get((const uint8_t *)v.mv_data + INDEX_HASH_LEN), "",
-					 j->uid, -1, &freed)) != 0)
+					 j->uid, -1, &freed)) != 0 ||
+		    (!freed && (rc = index_made(ix, txn, old, j->id, -1)) != 0))
 			return rc;
 	} else if (rc != MDB_NOTFOUND) {
 		return index_lmdb_err(ix, rc, "read outputs");
 	}
-	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0)
+	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0 ||
+	    (rc = index_made(ix, txn, a->hash, j->id, 1)) != 0)
 		return rc;
 	memcpy(val, a->hash, INDEX_HASH_LEN);
 	le64_put(val + INDEX_HASH_LEN, a->size);
@@ -261,11 +263,18 @@ int index_inputs_decode(const MDB_val *v, struct job_input *in, size_t max, size
 		memcpy(x.field, p, fl);
 		x.field[fl] = '\0';
 		p += fl;
+		memset(x.made_by, 0, sizeof(x.made_by));
 		if (i < max)
 			in[i] = x;
 	}
 	*n = count < max ? count : max;
-	return p == end ? 0 : STORE_E_INDEX;
+	if (p == end)
+		return 0; /* format 12: no producers */
+	if ((size_t)(end - p) != count * JOB_ID_LEN)
+		return STORE_E_INDEX;
+	for (size_t i = 0; i < count && i < max; i++)
+		memcpy(in[i].made_by, p + i * JOB_ID_LEN, JOB_ID_LEN);
+	return 0;
 }
 
 struct inputs_arg {

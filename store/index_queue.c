@@ -314,8 +314,10 @@ int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t
 		return rc;
 	if (b.refcount == 0) {
 		*freed = true;
-		rc = mdb_del(txn, ix->blobs, &k, NULL);
-		return rc ? index_lmdb_err(ix, rc, "delete blob") : 0;
+		if ((rc = mdb_del(txn, ix->blobs, &k, NULL)) != 0)
+			return index_lmdb_err(ix, rc, "delete blob");
+		rc = mdb_del(txn, ix->made, &k, NULL);
+		return rc && rc != MDB_NOTFOUND ? index_lmdb_err(ix, rc, "delete made") : 0;
 	}
 	v.mv_size = index_blob_encode(&b, rec);
 	v.mv_data = rec;
@@ -333,7 +335,8 @@ static int attach_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 		return index_state_err(j, "attach an output to");
 	if (j->flags & JOB_F_HAS_OUTPUT)
 		return index_state_err(j, "attach a second output to");
-	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0)
+	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0 ||
+	    (rc = index_made(ix, txn, a->hash, j->id, 1)) != 0)
 		return rc;
 	memcpy(j->output_hash, a->hash, INDEX_HASH_LEN);
 	j->output_size = a->size;
@@ -609,7 +612,7 @@ static int hide_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 		if (j->status != JOB_COMPLETE)
 			return index_state_err(j, "release the output of");
 		rc = index_blob_ref(ix, txn, j->output_hash, j->output_size, "", j->uid, -1, &a->freed);
-		if (rc)
+		if (rc || (!a->freed && (rc = index_made(ix, txn, j->output_hash, j->id, -1)) != 0))
 			return rc;
 		if (a->freed)
 			memcpy(a->freed_hash, j->output_hash, INDEX_HASH_LEN);
@@ -725,6 +728,8 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	if (j.flags & JOB_F_HAS_OUTPUT) {
 		bool freed = false;
 		rc = index_blob_ref(ix, txn, j.output_hash, j.output_size, "", j.uid, -1, &freed);
+		if (rc == 0 && !freed)
+			rc = index_made(ix, txn, j.output_hash, j.id, -1);
 		if (rc == 0 && freed)
 			memcpy(a->freed->hash[a->freed->n++], j.output_hash, INDEX_HASH_LEN);
 	}
@@ -760,6 +765,8 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 			goto out;
 		}
 		rc = index_blob_ref(ix, txn, h, sz, "", j.uid, -1, &freed);
+		if (rc == 0 && !freed)
+			rc = index_made(ix, txn, h, j.id, -1);
 		if (rc == 0 && freed && a->freed->n < sizeof(a->freed->hash) / INDEX_HASH_LEN)
 			memcpy(a->freed->hash[a->freed->n++], h, INDEX_HASH_LEN);
 	}

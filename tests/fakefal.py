@@ -22,6 +22,16 @@ def png(seed):
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+def mp4(seed):
+    """The boxes an MP4 file starts with (ftyp, then mdat with bytes that
+    depend on seed): what a video service's file looks like to a sniff."""
+    import struct as st
+    ftyp = b"ftyp" + b"isom" + st.pack(">I", 0x200) + b"isomiso2avc1mp41"
+    data = bytes((seed * 53 + i * 7) & 0xFF for i in range(256))
+    return (st.pack(">I", 8 + len(ftyp) - 4) + ftyp
+            + st.pack(">I", 8 + len(data)) + b"mdat" + data)
+
+
 class QuietServer(ThreadingHTTPServer):
     """A client that hangs up (a cancelled transfer, a daemon stopping)
     is part of every test here, not an error worth a traceback."""
@@ -53,8 +63,14 @@ class FakeFal:
         self.status_garbled = 0   # status answers that are not JSON
         self.result_429 = 0       # result answers 429 with Retry-After: 1
         self.files_cut = 0        # files whose body stops short of Content-Length
+        self.status_hang = 0      # status answers that come after 5 s
+        self.status_reset = 0     # status answers cut mid-body (the connection reset)
+        self.deadline_504 = 0     # status answers 504 X-Fal-Request-Timeout-Type: user
+        self.file_query = ""      # a query string on file URLs (a signed URL's)
+        self.file_404 = 0         # file downloads answered 404
         self.file_size = None     # bytes of each file (default: the PNG)
         self.file_type = "image/png"
+        self.video = False        # files are MP4 (video/mp4), not PNG
         self.submissions = []     # (request id, body object, headers)
         self.cancels = []
         self.requests = {}        # id -> {"polls", "cancelled", "done"}
@@ -80,7 +96,8 @@ class FakeFal:
         return entry
 
     def output(self, rid, k=0):
-        return png(int(rid.split("-")[-1]) * 7 + k)
+        seed = int(rid.split("-")[-1]) * 7 + k
+        return mp4(seed) if self.video else png(seed)
 
     def _handler(fake):
         class H(BaseHTTPRequestHandler):
@@ -174,12 +191,15 @@ class FakeFal:
             def do_GET(self):
                 path = self.path.split("?")[0]
                 if path.startswith("/files/"):
+                    if self.fault("file_404"):
+                        return self.answer(404, body=b"NoSuchKey", ctype="text/plain")
                     name = path.split("/")[-1].split(".")[0]  # req-N or req-N_k
                     rid, _, k = name.partition("_")
                     body = fake.output(rid, int(k or 0))
                     if fake.file_size:
                         body = (body * (fake.file_size // len(body) + 1))[:fake.file_size]
-                    return self.answer(200, body=body, ctype=fake.file_type,
+                    return self.answer(200, body=body,
+                                       ctype="video/mp4" if fake.video else fake.file_type,
                                        cut=self.fault("files_cut"))
                 if fake.fail:
                     return self.answer(fake.fail, {"detail": "service unavailable"})
@@ -196,6 +216,13 @@ class FakeFal:
                     if parts[-1] == "status":
                         req["polls"] += 1
                         polls = req["polls"]
+                if parts[-1] == "status" and self.fault("status_hang"):
+                    time.sleep(5)
+                if parts[-1] == "status" and self.fault("status_reset"):
+                    return self.answer(200, {"status": "IN_PROGRESS", "logs": []}, cut=True)
+                if parts[-1] == "status" and self.fault("deadline_504"):
+                    return self.answer(504, {"detail": "Request timed out"},
+                                       headers=[("X-Fal-Request-Timeout-Type", "user")])
                 if parts[-1] == "status" and self.fault("status_503"):
                     return self.answer(503, {"detail": "busy"}, headers=[("Retry-After", "1")])
                 if parts[-1] == "status" and self.fault("status_garbled"):
@@ -223,10 +250,14 @@ class FakeFal:
                     if not req["done"]:
                         req["done"] = True
                         fake.outstanding -= 1
-                ext = "png" if fake.file_type == "image/png" else "html"
-                images = [{"url": f"{fake.base}/files/{rid}" + (f"_{k}" if k else "") + f".{ext}",
-                           "content_type": fake.file_type, "width": 2, "height": 2}
+                ext = "mp4" if fake.video else "png" if fake.file_type == "image/png" else "html"
+                images = [{"url": f"{fake.base}/files/{rid}" + (f"_{k}" if k else "")
+                           + f".{ext}" + fake.file_query,
+                           "content_type": "video/mp4" if fake.video else fake.file_type,
+                           "width": 2, "height": 2}
                           for k in range(fake.images)]
+                if fake.video:  # as fal's video models answer
+                    return self.answer(200, {"video": images[0], "seed": 42})
                 return self.answer(200, {"images": images, "seed": 42,
                                          "has_nsfw_concepts": [False] * fake.images})
         return H

@@ -60,7 +60,7 @@ def test_bad_option_stops_the_mount(tmp_path, opt, msg):
     ('{"routes": {"image/x/y/z": {"backend": "fal", "model": "m", "media_type": "image/png", '
      '"schema": {"type": "object"}, "kee": "x"}}}',
      "route 'image/x/y/z': unknown setting 'kee' for the fal backend (it takes base_url, key, "
-     "key_env)"),
+     "key_env, request_timeout_s)"),
     ('{"routes": {"image/x/y/z": {"backend": "fal", "model": "m", "media_type": "image/png", '
      '"schema": {"type": "object"}, "key_env": 5}}}',
      "route 'image/x/y/z': 'key_env' must be a string"),
@@ -69,7 +69,7 @@ def test_bad_option_stops_the_mount(tmp_path, opt, msg):
     ('{"routes": {"image/synth/default/t2i": {"base_url": "http://x"}}}',
      "route 'image/synth/default/t2i': unknown setting 'base_url' for the synth backend"),
     ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png"}}}',
-     "'backend' must be one of synth, fal"),
+     "'backend' must be one of synth, fal, replicate, openai-images"),
 ])
 def test_bad_models_file_names_file_route_field(tmp_path, content, msg):
     models = tmp_path / "models.json"

@@ -42,7 +42,7 @@ def test_a_blob_of_the_store_goes_to_the_service_inline(mount_factory, tmp_path,
         == "cas:" + out["blake3"]
     manifest = json.loads((m.job(I2I, jid) / "manifest.json").read_text())
     assert manifest["inputs"] == [{"blake3": out["blake3"], "field": "image_url",
-                                   "size": out["size"]}]
+                                   "job": src, "size": out["size"]}]
 
     # The input is referenced while the job that names it exists.
     blob = m.path / "cas" / out["blake3"]
@@ -111,3 +111,46 @@ def test_private_mount_names_only_the_owners_blobs(mount_factory, tmp_path, fal)
     jid = out.strip()
     assert m.wait(I2I, jid) == "complete"
     assert m.status(I2I, jid)["owner"] == NOBODY
+
+
+def test_three_stages_through_files_and_the_chain(mount_factory, tmp_path, fal, renderctl):
+    """A synth image, then a fake image-to-video service given it, then a
+    fake video-to-audio service given that video: all through files; the
+    last output's `renderctl verify` walks the three signed manifests back
+    to the first job, and names a link that is gone."""
+    fal.video = True
+    i2v = fal.route(model="fal-ai/fake/i2v", media_type="video/mp4")
+    i2v["schema"]["properties"]["image_url"] = {"type": "string"}
+    v2a = fal.route(model="fal-ai/fake/v2a", media_type="video/mp4")
+    v2a["schema"]["properties"]["video_url"] = {"type": "string"}
+    p = tmp_path / "models.json"
+    p.write_text(json.dumps({"routes": {"video/fake/default/i2v": i2v,
+                                        "video/fake/default/v2a": v2a}}))
+    m = mount_factory([f"models={p}"])
+    a = m.submit(SYNTH, {"prompt": "a lighthouse", "width": 64, "height": 64, "seed": 9})
+    assert m.wait(SYNTH, a) == "complete"
+    a_out = m.status(SYNTH, a)["output"]["blake3"]
+    b = m.submit("video/fake/default/i2v", {"prompt": "waves", "image_url": "cas:" + a_out})
+    assert m.wait("video/fake/default/i2v", b) == "complete"
+    b_out = m.status("video/fake/default/i2v", b)["output"]["blake3"]
+    c = m.submit("video/fake/default/v2a", {"prompt": "gulls", "video_url": "cas:" + b_out})
+    assert m.wait("video/fake/default/v2a", c) == "complete"
+    video = (m.job("video/fake/default/i2v", b) / "output.mp4").read_bytes()
+    assert fal.submissions[1][1]["video_url"] == \
+        "data:video/mp4;base64," + base64.b64encode(video).decode()
+    last = m.job("video/fake/default/v2a", c) / "output.mp4"
+    r = renderctl("verify", str(last))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "chain: 3 jobs, every link signed and named" in r.stdout, r.stdout
+    at = [r.stdout.index(f"job {j} ") for j in (c, b, a)]
+    assert at == sorted(at), r.stdout  # from the last job back to the first
+    assert f"input video_url: cas:{b_out[:16]}... from job {b}" in r.stdout
+    assert f"input image_url: cas:{a_out[:16]}... from job {a}" in r.stdout
+    # The first job goes: its output lives on (the second job's input),
+    # and the chain names the missing link.
+    subprocess.run(["rm", "-r", str(m.job(SYNTH, a))], check=True)
+    r = renderctl("verify", str(last))
+    assert r.returncode == 1 and f"job {a} is gone" in r.stdout, r.stdout
+    m.stop()
+    r = renderctl("fsck", str(m.store))
+    assert r.returncode == 0, r.stdout + r.stderr

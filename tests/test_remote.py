@@ -159,14 +159,17 @@ def test_deadline_cancels_at_the_service(mount_factory, tmp_path, fal):
     assert fal.cancels == ["req-1"]
 
 
-def test_restart_follows_the_request_and_never_resubmits(mount_factory, tmp_path, fal):
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_restart_follows_the_request_and_never_resubmits(mount_factory, tmp_path, fal, how):
+    """The daemon stops (or is killed with SIGKILL) while the request is
+    IN_PROGRESS at fal: the next mount follows it, never submits again."""
     fal.hold = True
     opts = [models(tmp_path, fal)]
     m = mount_factory(opts)
     jid = m.submit(ROUTE, {"prompt": "x"})
-    until(lambda: "fal: loading model" in (m.job(ROUTE, jid) / "log").read_text(),
+    until(lambda: "fal: denoising 3/12" in (m.job(ROUTE, jid) / "log").read_text(),
           "the job in progress at the service")
-    m.stop()
+    m.stop() if how == "stop" else m.kill()
     fal.hold = False
     m2 = mount_factory(opts, store=m.store, name="mnt2")
     assert m2.wait(ROUTE, jid) == "complete"
@@ -380,3 +383,54 @@ def test_connection_refused_is_retried_and_never_interrupted(mount_factory, tmp_
     assert st["error"]["code"] == "backend_unavailable" and st["attempts"] == 2, st
     assert f"127.0.0.1:{port}" in st["error"]["message"]
     assert "retrying" in (m.job(ROUTE, jid) / "log").read_text()
+
+
+def test_hang_and_reset_on_status_are_asked_again(mount_factory, tmp_path, fal):
+    """A status answer that never comes (request_timeout_s) and one cut
+    mid-body (the connection reset) are asked again in the same attempt."""
+    fal.status_hang, fal.status_reset = 1, 1
+    m = mount_factory([models(tmp_path, fal, request_timeout_s=1), "max_attempts=1"])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid, timeout=60) == "complete", (m.job(ROUTE, jid) / "log").read_text()
+    assert len(fal.submissions) == 1 and (fal.status_hang, fal.status_reset) == (0, 0)
+    log = (m.job(ROUTE, jid) / "log").read_text()
+    assert log.count("status not available") == 2, log
+    assert re.search(r"status not available \(GET http://127\.0\.0\.1:\d+/fal-ai/fake/requests/"
+                     r"req-1/status: Timeout", log), log
+
+
+def test_deadline_at_fal_is_the_jobs_timeout(mount_factory, tmp_path, fal):
+    """504 with X-Fal-Request-Timeout-Type: user: fal stopped the work at
+    the deadline we gave it; not a busy service, not retried."""
+    fal.deadline_504 = 1
+    m = mount_factory([models(tmp_path, fal), "max_attempts=3"])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid) == "error"
+    st = m.status(ROUTE, jid)
+    assert st["error"]["code"] == "timeout" and st["attempts"] == 1, st
+    assert "X-Fal-Request-Timeout" in st["error"]["message"]
+    assert len(fal.submissions) == 1
+
+
+def test_forbidden_is_backend_auth(mount_factory, tmp_path, fal):
+    fal.fail_submit = 403
+    m = mount_factory([models(tmp_path, fal), "max_attempts=3"])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid) == "error"
+    st = m.status(ROUTE, jid)
+    assert st["error"]["code"] == "backend_auth" and st["attempts"] == 1, st
+
+
+def test_signed_query_strings_are_masked(mount_factory, tmp_path, fal):
+    """A file URL signed in its query string (S3/GCS style) fails: the
+    messages name the file, never its signature."""
+    secret = "Zm9vYmFyc2VjcmV0c2lnbmF0dXJl"
+    fal.file_query = f"?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature={secret}"
+    fal.file_404 = 1
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid) == "error"
+    st = m.status(ROUTE, jid)
+    assert "/files/req-1.png" in st["error"]["message"], st
+    for text in (json.dumps(st), (m.job(ROUTE, jid) / "log").read_text(), m.log(), stats(m)):
+        assert secret not in text and "AKIAEXAMPLE" not in text

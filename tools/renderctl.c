@@ -21,6 +21,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <json-c/json.h>
+
 #include "fileutil.h"
 #include "store.h"
 #include "synth.h"
@@ -42,7 +44,10 @@ static int usage(FILE *to, int code)
 		"  verify FILE [--sig SIG] [--pub PUB]\n"
 		"                                  check FILE's signature (default FILE.minisig;\n"
 		"                                  key: PUB, else render.pub or keys/<KEYID>.pub\n"
-		"                                  found in FILE's folder or above)\n"
+		"                                  found in FILE's folder or above); for a\n"
+		"                                  job's output in a mount, also its signed\n"
+		"                                  manifest and, input by input, the manifests\n"
+		"                                  of the jobs that made them (the pipeline)\n"
 		"  gc STORE                        move blob files nothing refers to into\n"
 		"                                  STORE/lost+found/\n"
 		"  render ROUTE REQUEST.json|- -o OUT [--threads N] [--cpu]\n"
@@ -215,6 +220,204 @@ static const char *comment_field(const char *tc, const char *key, char *buf, siz
 	return NULL;
 }
 
+/*
+ * Check that path is signed (path.minisig) by a key found as verify finds
+ * it: 0, or 1 with why (for the chain of manifests; nothing printed).
+ * hex gets the file's BLAKE3.
+ */
+static int signed_ok(const char *path, char hex[B3_HEX_LEN + 1], char *why, size_t whylen)
+{
+	char sigpath[4200], found[4200];
+	struct sign_sig *sig = malloc(sizeof(*sig));
+	struct sign_pubkey pk;
+	uint8_t hash[B3_OUT_LEN];
+	uint64_t size;
+	char *text;
+	size_t len;
+	int fd = -1, rc = 1;
+
+	snprintf(sigpath, sizeof(sigpath), "%s.minisig", path);
+	if (!sig) {
+		snprintf(why, whylen, "out of memory");
+		return 1;
+	}
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
+		snprintf(why, whylen, "cannot open '%s': %s", path, strerror(errno));
+		goto out;
+	}
+	if (b3_hash_fd(fd, 2, hash, &size) != 0) {
+		snprintf(why, whylen, "cannot read '%s'", path);
+		goto out;
+	}
+	b3_to_hex(hash, hex);
+	if (file_read_small(sigpath, SIGN_TRUSTED_MAX + 2048, &text, &len) != 0) {
+		snprintf(why, whylen, "%s", store_lasterr());
+		goto out;
+	}
+	rc = sign_sig_parse(text, len, sig);
+	free(text);
+	if (rc) {
+		rc = 1;
+		snprintf(why, whylen, "'%s' is not a minisign signature", sigpath);
+		goto out;
+	}
+	rc = 1;
+	if (find_pubkey(path, sig->keynum, &pk, found, sizeof(found)) != 0) {
+		snprintf(why, whylen, "no public key for '%s'", sigpath);
+		goto out;
+	}
+	if (sign_verify_fd(&pk, sig, fd) != 0) {
+		snprintf(why, whylen, "BAD signature on '%s' (%s)", path, store_lasterr());
+		goto out;
+	}
+	rc = 0;
+out:
+	if (fd >= 0)
+		close(fd);
+	free(sig);
+	return rc;
+}
+
+/* The mount's root above path: the first folder up with jobs/ and
+ * render.pub. 0 or -ENOENT. */
+static int mount_root(const char *path, char *root, size_t len)
+{
+	char *real = realpath(path, NULL);
+	char probe[4200];
+
+	if (!real)
+		return -errno;
+	snprintf(root, len, "%s", real);
+	free(real);
+	for (;;) {
+		char *slash = strrchr(root, '/');
+		if (!slash || slash == root)
+			return -ENOENT;
+		*slash = '\0';
+		snprintf(probe, sizeof(probe), "%s/render.pub", root);
+		if (access(probe, R_OK) != 0)
+			continue;
+		snprintf(probe, sizeof(probe), "%s/jobs", root);
+		if (access(probe, X_OK) == 0)
+			return 0;
+	}
+}
+
+/* Whether manifest m names hash as an output ("output", "outputs"). */
+static const char *manifest_names(json_object *m, const char *hex)
+{
+	json_object *o, *v, *arr;
+
+	if (json_object_object_get_ex(m, "outputs", &arr) &&
+	    json_object_is_type(arr, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(arr); i++) {
+			o = json_object_array_get_idx(arr, i);
+			if (json_object_object_get_ex(o, "blake3", &v) &&
+			    strcmp(json_object_get_string(v), hex) == 0)
+				return json_object_object_get_ex(o, "name", &v)
+					   ? json_object_get_string(v)
+					   : "an output";
+		}
+	}
+	if (json_object_object_get_ex(m, "output", &o) && o &&
+	    json_object_object_get_ex(o, "blake3", &v) &&
+	    strcmp(json_object_get_string(v), hex) == 0)
+		return json_object_object_get_ex(o, "name", &v) ? json_object_get_string(v)
+								 : "its output";
+	return NULL;
+}
+
+#define CHAIN_DEPTH_MAX 64
+
+/*
+ * The chain of a pipeline (SPEC §3): the manifest at mpath (of a job
+ * whose output is hex) is signed and names hex; each input it lists that
+ * was another job's output leads to that job's manifest (under the
+ * mount's jobs/), checked the same way. Prints one line per link; returns
+ * the number of problems.
+ */
+static int verify_chain(const char *root, const char *mpath, const char *hex, int depth,
+			unsigned *jobs)
+{
+	char mhex[B3_HEX_LEN + 1], why[4400];
+	json_object *m, *v, *inputs;
+	const char *named, *route = "?", *job = "?";
+	char *text;
+	size_t len;
+	int bad = 0;
+
+	if (depth > CHAIN_DEPTH_MAX) {
+		printf("%*sproblem: the chain is longer than %d jobs\n", 2 * depth, "",
+		       CHAIN_DEPTH_MAX);
+		return 1;
+	}
+	if (signed_ok(mpath, mhex, why, sizeof(why)) != 0) {
+		printf("%*sproblem: %s\n", 2 * depth, "", why);
+		return 1;
+	}
+	if (file_read_small(mpath, 1 << 20, &text, &len) != 0 ||
+	    !(m = json_tokener_parse(text)) || !json_object_is_type(m, json_type_object)) {
+		printf("%*sproblem: '%s' is not a manifest\n", 2 * depth, "", mpath);
+		return 1;
+	}
+	free(text);
+	if (json_object_object_get_ex(m, "job", &v))
+		job = json_object_get_string(v);
+	if (json_object_object_get_ex(m, "route", &v))
+		route = json_object_get_string(v);
+	(*jobs)++;
+	if (!(named = manifest_names(m, hex))) {
+		printf("%*sproblem: job %s's signed manifest does not name blake3 %s\n",
+		       2 * depth, "", job, hex);
+		json_object_put(m);
+		return 1;
+	}
+	printf("%*sjob %s (%s): manifest signature good; %s is blake3 %.16s...\n", 2 * depth, "",
+	       job, route, named, hex);
+	if (json_object_object_get_ex(m, "inputs", &inputs) &&
+	    json_object_is_type(inputs, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(inputs); i++) {
+			json_object *in = json_object_array_get_idx(inputs, i), *f, *h, *jv;
+			const char *ih;
+			char next[4200];
+			if (!json_object_object_get_ex(in, "blake3", &h)) {
+				printf("%*sproblem: an input of job %s names no blob\n",
+				       2 * depth + 2, "", job);
+				bad++;
+				continue;
+			}
+			ih = json_object_get_string(h);
+			json_object_object_get_ex(in, "field", &f);
+			if (!json_object_object_get_ex(in, "job", &jv)) {
+				printf("%*sinput %s: cas:%.16s... made by no job this store knows "
+				       "(the chain ends here)\n",
+				       2 * depth + 2, "", f ? json_object_get_string(f) : "?", ih);
+				continue;
+			}
+			if (strspn(json_object_get_string(jv), "0123456789ABCDEFGHJKMNPQRSTVWXYZ") !=
+			    strlen(json_object_get_string(jv))) {
+				printf("%*sproblem: input %s names a job that is not a job id\n",
+				       2 * depth + 2, "", f ? json_object_get_string(f) : "?");
+				bad++;
+				continue;
+			}
+			printf("%*sinput %s: cas:%.16s... from job %s\n", 2 * depth + 2, "",
+			       f ? json_object_get_string(f) : "?", ih, json_object_get_string(jv));
+			snprintf(next, sizeof(next), "%s/jobs/%s/manifest.json", root,
+				 json_object_get_string(jv));
+			if (access(next, F_OK) != 0) {
+				printf("%*sproblem: job %s is gone (no %s)\n", 2 * depth + 4, "",
+				       json_object_get_string(jv), next);
+				bad++;
+				continue;
+			}
+			bad += verify_chain(root, next, ih, depth + 2, jobs);
+		}
+	}
+	json_object_put(m);
+	return bad;
+}
+
 static int cmd_verify(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -311,6 +514,29 @@ static int cmd_verify(int argc, char **argv)
 	}
 	free(sig);
 	close(fd);
+	{
+		/* An output of a job: its manifest, and the jobs whose outputs
+		 * were its inputs, back to the first (SPEC §3). */
+		char mpath[4200], root[4096], *slash;
+		unsigned jobs = 0;
+		int problems;
+
+		snprintf(mpath, sizeof(mpath), "%s", file);
+		slash = strrchr(mpath, '/');
+		snprintf(slash ? slash + 1 : mpath, sizeof(mpath) - (size_t)(slash ? slash + 1 - mpath : 0),
+			 "manifest.json");
+		if (!bad && strcmp(file, mpath) != 0 && access(mpath, F_OK) == 0 &&
+		    mount_root(file, root, sizeof(root)) == 0) {
+			printf("chain:\n");
+			problems = verify_chain(root, mpath, hex, 1, &jobs);
+			if (problems)
+				printf("chain: %d problem%s\n", problems, problems == 1 ? "" : "s");
+			else
+				printf("chain: %u job%s, every link signed and named\n", jobs,
+				       jobs == 1 ? "" : "s");
+			bad = problems ? 1 : 0;
+		}
+	}
 	return bad;
 fail:
 	free(sig);

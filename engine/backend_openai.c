@@ -1,0 +1,347 @@
+/*
+ * backend_openai.c - OpenAI's image generation API and the local servers
+ * that speak it (stable-diffusion.cpp's sd-server, LocalAI) as a remote
+ * backend `openai-images` (SPEC §8, PROTOCOLS.md "OpenAI images").
+ *
+ * One request does the work: POST {base}/v1/images/generations with the
+ * normalized request (plus the route's `model` and `response_format`), its
+ * answer {"data": [{"b64_json"} | {"url"}, ...]} names the images; base64
+ * ones are decoded into the store, URLs downloaded (service.h); `n` > 1
+ * gives several outputs. The service keeps no job to follow: the durable
+ * handle says "submitting" while the request is out, so that a daemon
+ * that died during it does not send it again (`interrupted`), and a
+ * request whose answer was lost on the way is not sent again either.
+ * Cancelling closes the connection (the API has no cancel).
+ *
+ * Settings (models file): base_url (default https://api.openai.com),
+ * model, response_format ("b64_json", "url" or "none": not sent; default
+ * b64_json, none for gpt-image models, which always answer base64),
+ * key or key_env (default OPENAI_API_KEY; a local server needs none: then
+ * no Authorization header is sent).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "engine_i.h"
+#include "http.h"
+#include "route.h"
+#include "service.h"
+
+extern const struct backend backend_openai;
+
+/* A whole answer is held while its base64 images are decoded: at most
+ * this much per image (and max_output, if smaller). */
+#define OAI_IMAGE_MAX (64ull << 20)
+#define OAI_DEFAULT_BASE "https://api.openai.com"
+
+struct oai_conf {
+	char base[512];
+	char response_format[16]; /* "" : not sent */
+	char key_env[128];
+	char *key;
+};
+
+struct oai_run {
+	const char *key;
+	uint8_t *job_key;
+	char auth[600];
+	bool sent;
+	struct svc_files files;
+};
+
+static const struct backend_setting oai_takes[] = {
+    {"base_url", json_type_string},
+    {"response_format", json_type_string},
+    {"key", json_type_string},
+    {"key_env", json_type_string},
+};
+
+static void oai_release(void *state)
+{
+	struct oai_conf *c = state;
+
+	if (c && c->key) {
+		explicit_bzero(c->key, strlen(c->key));
+		free(c->key);
+	}
+	free(c);
+}
+
+static int oai_configure(struct route *rt, json_object *settings, void **state, char *err,
+			 size_t errlen)
+{
+	struct oai_conf *c;
+	json_object *v;
+	int rc = backend_settings_check(&backend_openai, settings, oai_takes,
+					sizeof(oai_takes) / sizeof(oai_takes[0]), err, errlen);
+
+	if (rc)
+		return rc;
+	if (!(c = calloc(1, sizeof(*c))))
+		return -ENOMEM;
+	snprintf(c->base, sizeof(c->base), OAI_DEFAULT_BASE);
+	snprintf(c->key_env, sizeof(c->key_env), "OPENAI_API_KEY");
+	snprintf(c->response_format, sizeof(c->response_format), "%s",
+		 strncmp(rt->model_id, "gpt-image", 9) == 0 ? "" : "b64_json");
+	if (strpbrk(rt->model_id, "\"\\")) {
+		oai_release(c);
+		snprintf(err, errlen, "'model' must be a model name");
+		return -EINVAL;
+	}
+	if (settings && json_object_object_get_ex(settings, "response_format", &v)) {
+		const char *f = json_object_get_string(v);
+		if (strcmp(f, "b64_json") != 0 && strcmp(f, "url") != 0 && strcmp(f, "none") != 0) {
+			oai_release(c);
+			snprintf(err, errlen, "'response_format' must be \"b64_json\", \"url\" or "
+					      "\"none\" (not sent)");
+			return -EINVAL;
+		}
+		snprintf(c->response_format, sizeof(c->response_format), "%s",
+			 strcmp(f, "none") == 0 ? "" : f);
+	}
+	if (settings && json_object_object_get_ex(settings, "base_url", &v)) {
+		const char *u = json_object_get_string(v);
+		size_t n = (size_t)json_object_get_string_len(v);
+		if (!svc_url_ok(u, n) || n >= sizeof(c->base)) {
+			oai_release(c);
+			snprintf(err, errlen,
+				 "'base_url' must be an http:// or https:// URL of at most %zu bytes",
+				 sizeof(c->base) - 1);
+			return -EINVAL;
+		}
+		while (n && u[n - 1] == '/')
+			n--;
+		/* "http://host/v1" and "http://host" both name the server. */
+		if (n >= 3 && strncmp(u + n - 3, "/v1", 3) == 0)
+			n -= 3;
+		snprintf(c->base, sizeof(c->base), "%.*s", (int)n, u);
+	}
+	if (settings && json_object_object_get_ex(settings, "key_env", &v)) {
+		if (json_object_get_string_len(v) == 0 ||
+		    (size_t)json_object_get_string_len(v) >= sizeof(c->key_env)) {
+			oai_release(c);
+			snprintf(err, errlen, "'key_env' must name an environment variable");
+			return -EINVAL;
+		}
+		snprintf(c->key_env, sizeof(c->key_env), "%s", json_object_get_string(v));
+	}
+	if (settings && json_object_object_get_ex(settings, "key", &v)) {
+		if (json_object_get_string_len(v) == 0 || json_object_get_string_len(v) > 512 ||
+		    strpbrk(json_object_get_string(v), "\r\n")) {
+			oai_release(c);
+			snprintf(err, errlen, "'key' must be an API key on one line");
+			return -EINVAL;
+		}
+		if (!(c->key = strdup(json_object_get_string(v)))) {
+			oai_release(c);
+			return -ENOMEM;
+		}
+	}
+	snprintf(rt->target, sizeof(rt->target), "%s/v1/images/generations%s%s", c->base,
+		 rt->model_id[0] ? "#" : "", rt->model_id);
+	*state = c;
+	return 0;
+}
+
+/* The images the request asks for (its `n`, default 1). */
+static size_t images_asked(json_object *req)
+{
+	json_object *n;
+
+	if (json_object_object_get_ex(req, "n", &n) && json_object_is_type(n, json_type_int) &&
+	    json_object_get_int64(n) > 1)
+		return json_object_get_int64(n) < SVC_FILES_MAX ? (size_t)json_object_get_int64(n)
+								: SVC_FILES_MAX;
+	return 1;
+}
+
+static int oai_check(const struct route *rt, const char *request, size_t len, char *err,
+		     size_t errlen)
+{
+	json_object *req = svc_parse(request, len), *n;
+	int rc = 0;
+
+	if (req && json_object_object_get_ex(req, "n", &n) &&
+	    json_object_is_type(n, json_type_int) && json_object_get_int64(n) > SVC_FILES_MAX) {
+		snprintf(err, errlen, "n: at most %d images per job", SVC_FILES_MAX);
+		rc = -EINVAL;
+	}
+	(void)rt;
+	json_object_put(req);
+	return rc;
+}
+
+static int on_answer(struct run *r, struct oai_run *o, const struct http_response *h)
+{
+	json_object *res, *data;
+
+	if (h->error_code) {
+		if (h->status == 0 && h->maybe_sent)
+			return run_fail(r, -EIO, "interrupted",
+					"the image request got no answer (%s); whether the service "
+					"made (and billed) the images is unknown, so it is not sent "
+					"again (ctl retry sends it anew)",
+					h->message);
+		if (run_handle_put(r, "", 0) != 0)
+			return run_fail(r, -EIO, "store", "cannot record the job: %s",
+					store_lasterr());
+		return svc_fail(r, h, "the image service", "image generation");
+	}
+	if (run_handle_put(r, "", 0) != 0) /* answered: nothing is out there */
+		return run_fail(r, -EIO, "store", "cannot record the job: %s", store_lasterr());
+	if (!(res = svc_parse(h->body, h->len)))
+		return run_fail(r, -EBADMSG, "output_invalid",
+				"the image service's answer is not a JSON object");
+	o->files.result = res;
+	if (!json_object_object_get_ex(res, "data", &data) ||
+	    !json_object_is_type(data, json_type_array))
+		return run_fail(r, -EIO, "output_invalid",
+				"the image service's answer has no \"data\" list");
+	for (size_t i = 0; i < json_object_array_length(data); i++) {
+		json_object *d = json_object_array_get_idx(data, i);
+		if (svc_str(d, "b64_json"))
+			svc_files_add(&o->files, d, "b64_json", 0, SVC_FILE_BASE64, NULL);
+		else if (svc_str(d, "url"))
+			svc_files_add(&o->files, d, "url", 0, SVC_FILE_URL, NULL);
+	}
+	run_log(r, "openai-images: %zu image%s made", o->files.n, o->files.n == 1 ? "" : "s");
+	return svc_files_start(r, &o->files);
+}
+
+static int oai_start(struct run *r)
+{
+	const struct oai_conf *c = r->route->backend_state;
+	const char *key = c->key;
+	struct oai_run *o;
+	json_object *req = NULL;
+	char url[600];
+	const char *body;
+	int rc;
+
+	if (!(o = calloc(1, sizeof(*o))))
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	r->bstate = o;
+	o->files.service = "the image service";
+	rc = run_credential(r, "key", &o->job_key);
+	if (rc == 0)
+		key = (const char *)o->job_key;
+	else if (rc != STORE_E_NOTFOUND)
+		return run_fail(r, rc, "store", "cannot open the job's credentials: %s",
+				store_lasterr());
+	if (!key || !*key)
+		key = getenv(c->key_env);
+	if ((!key || !*key) && strcmp(c->base, OAI_DEFAULT_BASE) == 0)
+		return run_fail(r, -ENOTCONN, "backend_not_configured",
+				"route %s needs the openai-images backend with an API key: set %s "
+				"in the daemon's environment, \"key\" for this route in a models "
+				"file (models=FILE), or the job's own in its envelope",
+				r->route->path, c->key_env);
+	if (key && strlen(key) > 512)
+		return run_fail(r, -EINVAL, "backend_not_configured", "the API key is too long");
+	if (key && *key) {
+		o->key = key;
+		o->files.key = key;
+		snprintf(o->auth, sizeof(o->auth), "Authorization: Bearer %s", key);
+	}
+	{
+		void *data = NULL;
+		size_t len = 0;
+		rc = run_handle_get(r, &data, &len);
+		free(data);
+		if (rc == 0 && len > 0)
+			return run_fail(r, -EIO, "interrupted",
+					"an image request was out when the daemon stopped; whether "
+					"the service made (and billed) the images is unknown, so it "
+					"is not sent again (ctl retry sends it anew)");
+		if (rc != 0 && rc != STORE_E_NOTFOUND)
+			return run_fail(r, rc, "store", "cannot read the job's handle: %s",
+					store_lasterr());
+	}
+	if (!(req = svc_parse(r->request, r->request_len)))
+		return run_fail(r, -EINVAL, "invalid_request", "the request is not a JSON object");
+	if (r->route->model_id[0] && !json_object_object_get_ex(req, "model", NULL))
+		json_object_object_add(req, "model", json_object_new_string(r->route->model_id));
+	if (c->response_format[0] && !json_object_object_get_ex(req, "response_format", NULL))
+		json_object_object_add(req, "response_format",
+				       json_object_new_string(c->response_format));
+	if (!(body = json_object_to_json_string_ext(req, JSON_C_TO_STRING_PLAIN))) {
+		json_object_put(req);
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	}
+	if ((rc = run_handle_put(r, "{\"state\":\"submitting\"}", 22)) != 0) {
+		json_object_put(req);
+		return run_fail(r, rc, "store", "cannot record the request: %s", store_lasterr());
+	}
+	{
+		const char *hdrs[] = {"Content-Type: application/json", "Accept: application/json",
+				      o->auth};
+		const char *secrets[] = {key ? key : ""};
+		uint64_t each = r->route->max_output < OAI_IMAGE_MAX ? r->route->max_output
+								     : OAI_IMAGE_MAX;
+		uint64_t left = r->deadline_ms > now_ms() ? r->deadline_ms - now_ms() : 1000;
+		struct http_request rq = {
+		    .method = "POST",
+		    .url = url,
+		    .headers = hdrs,
+		    .nheaders = o->key ? 3 : 2,
+		    .body = body,
+		    .body_len = strlen(body),
+		    .timeout_ms = left, /* the images are made while we wait */
+		    .max_body = (size_t)(images_asked(req) * (each / 3 * 4 + 4) + (1u << 20)),
+		    .secrets = secrets,
+		    .nsecrets = 1,
+		};
+		snprintf(url, sizeof(url), "%s/v1/images/generations", c->base);
+		run_log(r, "openai-images: asking %s for %zu image%s", url, images_asked(req),
+			images_asked(req) == 1 ? "" : "s");
+		o->sent = true;
+		rc = run_http(r, &rq);
+	}
+	json_object_put(req);
+	return rc;
+}
+
+static int oai_step(struct run *r)
+{
+	struct oai_run *o = r->bstate;
+
+	if (!o)
+		return oai_start(r);
+	if (!r->http)
+		return run_fail(r, -EIO, "backend_failed", "nothing to wait for");
+	if (o->sent) {
+		o->sent = false;
+		return on_answer(r, o, r->http);
+	}
+	return svc_files_answer(r, &o->files, r->http);
+}
+
+static void oai_run_free(struct run *r)
+{
+	struct oai_run *o = r->bstate;
+
+	if (!o)
+		return;
+	svc_files_free(&o->files);
+	explicit_bzero(o->auth, sizeof(o->auth));
+	store_unsealed_free(o->job_key);
+	free(o);
+}
+
+static const char *const oai_credentials[] = {"key", NULL};
+
+const struct backend backend_openai = {
+    .name = "openai-images",
+    .remote = true,
+    .credentials = oai_credentials,
+    .max_input = 0, /* generations take no file */
+    .configure = oai_configure,
+    .check = oai_check,
+    .step = oai_step,
+    .cancel = NULL,
+    .run_free = oai_run_free,
+    .release = oai_release,
+};

@@ -1,0 +1,651 @@
+/*
+ * backend_replicate.c - Replicate's predictions API (SPEC §8, PROTOCOLS.md
+ * "Replicate predictions") as a remote backend.
+ *
+ * A run is a series of steps (backend.h) on the engine's HTTP loop:
+ *
+ *   START     the durable handle says where the job is: nothing (create),
+ *             "submitting" (a creation whose answer never came: it may
+ *             exist at Replicate, so it is not sent again: `interrupted`),
+ *             or a prediction id with its URLs (follow it: a restart).
+ *   CREATE    POST {base}/models/{owner}/{name}/predictions, or
+ *             {base}/predictions with the route's `version`, body
+ *             {"input": <normalized request>}, `Cancel-After` from the
+ *             job's deadline. The id and urls.get/urls.cancel are durable
+ *             before anything else happens.
+ *   POLL      GET urls.get (200 ms, growing to 2 s): `starting`,
+ *             `processing` (new lines of `logs`, one growing string, are
+ *             appended to the job's log once each: the bytes seen are in
+ *             the handle; progress from a step counter in the latest
+ *             line), and the four final ones: `succeeded`, `failed`,
+ *             `canceled`, `aborted`. A busy or garbled answer is asked
+ *             again up to 5 times before the attempt fails (and the next
+ *             attempt follows the same prediction).
+ *   FILES     every URL (or data: URI) in `output` (a URL, a list of
+ *             them, or an object holding them) is stored (service.h);
+ *             the prediction, without its input and logs, is kept as
+ *             result.json; `metrics.predict_time` is logged and kept.
+ *
+ * Settings (models file): model (owner/name) or version, base_url, key or
+ * key_env (default REPLICATE_API_TOKEN), request_timeout_s (one get: 30 s;
+ * one that takes longer is asked again). The key goes in the
+ * Authorization header only; every message is redacted of it (http.c).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "engine_i.h"
+#include "http.h"
+#include "route.h"
+#include "service.h"
+
+extern const struct backend backend_replicate;
+
+#define REP_POLL_FIRST_MS 200
+#define REP_POLL_MAX_MS 2000
+#define REP_POLL_FAILS 5
+#define REP_LOG_LINE_MAX 400
+/* A cas: input goes inline as a data: URI; Replicate takes files that
+ * way up to about 1 MB and asks for an upload beyond it (its docs). */
+#define REP_INPUT_MAX (1u << 20)
+
+struct rep_conf {
+	char base[512];	   /* without a trailing slash */
+	char version[128]; /* "" : the model's latest, by model id */
+	char key_env[128];
+	char *key;
+	uint64_t req_ms; /* one get, at most */
+};
+
+enum rep_phase { R_CREATE, R_POLL, R_FILES, R_CANCEL };
+
+struct rep_run {
+	enum rep_phase phase;
+	const char *key;
+	uint8_t *job_key;
+	char auth[600];
+	char id[128];
+	char get_url[SVC_URL_MAX], cancel_url[SVC_URL_MAX];
+	uint64_t logs_seen; /* bytes of `logs` already in the job's log */
+	unsigned poll_fails;
+	uint64_t poll_ms;
+	char last_status[16];
+	struct svc_files files;
+};
+
+static const struct backend_setting rep_takes[] = {
+    {"base_url", json_type_string},
+    {"version", json_type_string},
+    {"key", json_type_string},
+    {"key_env", json_type_string},
+    {"request_timeout_s", json_type_int},
+};
+
+static void rep_release(void *state)
+{
+	struct rep_conf *c = state;
+
+	if (c && c->key) {
+		explicit_bzero(c->key, strlen(c->key));
+		free(c->key);
+	}
+	free(c);
+}
+
+static bool id_ok(const char *s, size_t cap)
+{
+	return s && *s && strlen(s) < cap && !strpbrk(s, "/?#% \t\r\n\"");
+}
+
+static int rep_configure(struct route *rt, json_object *settings, void **state, char *err,
+			 size_t errlen)
+{
+	struct rep_conf *c;
+	json_object *v;
+	const char *slash;
+	int rc = backend_settings_check(&backend_replicate, settings, rep_takes,
+					sizeof(rep_takes) / sizeof(rep_takes[0]), err, errlen);
+
+	if (rc)
+		return rc;
+	if (!(c = calloc(1, sizeof(*c))))
+		return -ENOMEM;
+	snprintf(c->base, sizeof(c->base), "https://api.replicate.com/v1");
+	snprintf(c->key_env, sizeof(c->key_env), "REPLICATE_API_TOKEN");
+	c->req_ms = 30000;
+	if (settings && json_object_object_get_ex(settings, "request_timeout_s", &v)) {
+		int64_t t = json_object_get_int64(v);
+		if (t < 1 || t > 3600) {
+			rep_release(c);
+			snprintf(err, errlen, "'request_timeout_s' must be from 1 to 3600 seconds");
+			return -EINVAL;
+		}
+		c->req_ms = (uint64_t)t * 1000;
+	}
+	if (settings && json_object_object_get_ex(settings, "version", &v)) {
+		if (!id_ok(json_object_get_string(v), sizeof(c->version))) {
+			rep_release(c);
+			snprintf(err, errlen, "'version' must be a Replicate model version id");
+			return -EINVAL;
+		}
+		snprintf(c->version, sizeof(c->version), "%s", json_object_get_string(v));
+	}
+	slash = strchr(rt->model_id, '/');
+	if (rt->model_id[0] &&
+	    (!slash || slash == rt->model_id || !slash[1] || strchr(slash + 1, '/') ||
+	     strpbrk(rt->model_id, "?#% ") || strstr(rt->model_id, ".."))) {
+		rep_release(c);
+		snprintf(err, errlen, "'model' must be a Replicate model as owner/name");
+		return -EINVAL;
+	}
+	if (!rt->model_id[0] && !c->version[0]) {
+		rep_release(c);
+		snprintf(err, errlen, "the replicate backend needs 'model' (owner/name) or "
+				      "'version'");
+		return -EINVAL;
+	}
+	if (settings && json_object_object_get_ex(settings, "base_url", &v)) {
+		const char *u = json_object_get_string(v);
+		size_t n = (size_t)json_object_get_string_len(v);
+		if (!svc_url_ok(u, n) || n >= sizeof(c->base)) {
+			rep_release(c);
+			snprintf(err, errlen,
+				 "'base_url' must be an http:// or https:// URL of at most %zu bytes",
+				 sizeof(c->base) - 1);
+			return -EINVAL;
+		}
+		while (n && u[n - 1] == '/')
+			n--;
+		snprintf(c->base, sizeof(c->base), "%.*s", (int)n, u);
+	}
+	if (settings && json_object_object_get_ex(settings, "key_env", &v)) {
+		if (json_object_get_string_len(v) == 0 ||
+		    (size_t)json_object_get_string_len(v) >= sizeof(c->key_env)) {
+			rep_release(c);
+			snprintf(err, errlen, "'key_env' must name an environment variable");
+			return -EINVAL;
+		}
+		snprintf(c->key_env, sizeof(c->key_env), "%s", json_object_get_string(v));
+	}
+	if (settings && json_object_object_get_ex(settings, "key", &v)) {
+		if (json_object_get_string_len(v) == 0 || json_object_get_string_len(v) > 512 ||
+		    strpbrk(json_object_get_string(v), "\r\n")) {
+			rep_release(c);
+			snprintf(err, errlen, "'key' must be a Replicate API token on one line");
+			return -EINVAL;
+		}
+		if (!(c->key = strdup(json_object_get_string(v)))) {
+			rep_release(c);
+			return -ENOMEM;
+		}
+	}
+	if (c->version[0])
+		snprintf(rt->target, sizeof(rt->target), "%s/predictions#%s", c->base, c->version);
+	else
+		snprintf(rt->target, sizeof(rt->target), "%s/models/%s", c->base, rt->model_id);
+	*state = c;
+	return 0;
+}
+
+/* ---- the handle ---- */
+
+static int handle_put(struct run *r, const struct rep_run *p, bool submitting)
+{
+	json_object *o = json_object_new_object();
+	const char *text;
+	int rc;
+
+	if (!o)
+		return -ENOMEM;
+	if (submitting) {
+		json_object_object_add(o, "state", json_object_new_string("submitting"));
+	} else {
+		json_object_object_add(o, "id", json_object_new_string(p->id));
+		json_object_object_add(o, "get", json_object_new_string(p->get_url));
+		json_object_object_add(o, "cancel", json_object_new_string(p->cancel_url));
+		json_object_object_add(o, "logs", json_object_new_int64((int64_t)p->logs_seen));
+	}
+	text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
+	rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
+	json_object_put(o);
+	return rc;
+}
+
+/* 1: resume, 0: nothing, -EALREADY: a creation of unknown fate,
+ * -EBADMSG: a damaged handle, <0: error. */
+static int handle_get(struct run *r, struct rep_run *p)
+{
+	void *data = NULL;
+	size_t len = 0;
+	json_object *o, *v;
+	const char *id, *g, *c;
+	int rc = run_handle_get(r, &data, &len);
+
+	if (rc == STORE_E_NOTFOUND || (rc == 0 && len == 0)) {
+		free(data);
+		return 0;
+	}
+	if (rc)
+		return rc;
+	o = svc_parse(data, len);
+	free(data);
+	if (!o)
+		return -EBADMSG;
+	if ((id = svc_str(o, "state")) && strcmp(id, "submitting") == 0) {
+		json_object_put(o);
+		return -EALREADY;
+	}
+	id = svc_str(o, "id");
+	g = svc_str(o, "get");
+	c = svc_str(o, "cancel");
+	if (!id_ok(id, sizeof(p->id)) || !g || !c || !svc_url_ok(g, strlen(g)) ||
+	    !svc_url_ok(c, strlen(c))) {
+		json_object_put(o);
+		return -EBADMSG;
+	}
+	snprintf(p->id, sizeof(p->id), "%s", id);
+	snprintf(p->get_url, sizeof(p->get_url), "%s", g);
+	snprintf(p->cancel_url, sizeof(p->cancel_url), "%s", c);
+	if (json_object_object_get_ex(o, "logs", &v) && json_object_is_type(v, json_type_int) &&
+	    json_object_get_int64(v) >= 0)
+		p->logs_seen = (uint64_t)json_object_get_int64(v);
+	json_object_put(o);
+	return 1;
+}
+
+/* ---- requests ---- */
+
+static int request(struct run *r, struct rep_run *p, const char *method, const char *url,
+		   const char *body, uint64_t timeout_ms)
+{
+	char after[64];
+	const char *hdrs[] = {p->auth, "Content-Type: application/json",
+			      "Accept: application/json", after};
+	const char *secrets[] = {p->key};
+	bool create = p->phase == R_CREATE;
+	/* Replicate stops the work itself at the job's deadline (at least
+	 * 5 s: its minimum). */
+	uint64_t left_s = r->deadline_ms > now_ms() ? (r->deadline_ms - now_ms()) / 1000 : 0;
+	snprintf(after, sizeof(after), "Cancel-After: %llus",
+		 (unsigned long long)(left_s < 5 ? 5 : left_s));
+	struct http_request rq = {
+	    .method = method,
+	    .url = url,
+	    .headers = hdrs,
+	    .nheaders = create ? 4 : 3,
+	    .body = body,
+	    .body_len = body ? strlen(body) : 0,
+	    .timeout_ms = timeout_ms,
+	    .max_body = 4u << 20, /* a prediction carries its logs */
+	    .secrets = secrets,
+	    .nsecrets = 1,
+	};
+
+	return run_http(r, &rq);
+}
+
+static int poll(struct run *r, struct rep_run *p)
+{
+	p->phase = R_POLL;
+	return request(r, p, "GET", p->get_url, NULL,
+		       ((const struct rep_conf *)r->route->backend_state)->req_ms);
+}
+
+static int on_created(struct run *r, struct rep_run *p, const struct http_response *h)
+{
+	const struct rep_conf *c = r->route->backend_state;
+	json_object *o = svc_parse(h->body, h->len), *urls = NULL;
+	const char *id = svc_str(o, "id"), *g = NULL, *cu = NULL;
+	int rc;
+
+	if (!id_ok(id, sizeof(p->id))) {
+		json_object_put(o);
+		return run_fail(r, -EBADMSG, "backend_failed",
+				"Replicate created the prediction but its answer has no usable id");
+	}
+	snprintf(p->id, sizeof(p->id), "%s", id);
+	if (json_object_object_get_ex(o, "urls", &urls)) {
+		g = svc_str(urls, "get");
+		cu = svc_str(urls, "cancel");
+	}
+	if (g && svc_url_ok(g, strlen(g)))
+		snprintf(p->get_url, sizeof(p->get_url), "%s", g);
+	else
+		snprintf(p->get_url, sizeof(p->get_url), "%s/predictions/%s", c->base, p->id);
+	if (cu && svc_url_ok(cu, strlen(cu)))
+		snprintf(p->cancel_url, sizeof(p->cancel_url), "%s", cu);
+	else
+		snprintf(p->cancel_url, sizeof(p->cancel_url), "%s/predictions/%s/cancel", c->base,
+			 p->id);
+	json_object_put(o);
+	if ((rc = handle_put(r, p, false)) != 0)
+		return run_fail(r, rc, "store",
+				"Replicate prediction %s was created but cannot be recorded: %s",
+				p->id, store_lasterr());
+	run_log(r, "replicate: created prediction %s", p->id);
+	run_remote_set(r, p->id, NULL, RUN_REMOTE_SAME);
+	p->poll_ms = REP_POLL_FIRST_MS;
+	p->phase = R_POLL;
+	return run_after(r, p->poll_ms);
+}
+
+/* New lines of `logs` (one growing string): each complete line once; at a
+ * final state (all) the unfinished last one too. Progress from the latest
+ * line's step counter (tqdm redraws a line with \r: its last form). */
+static void take_logs(struct run *r, struct rep_run *p, const char *logs, bool all)
+{
+	size_t len = strlen(logs), at = p->logs_seen;
+	double frac = -1;
+
+	if (at > len)
+		at = len; /* the service's logs shrank: nothing is said twice */
+	while (at < len) {
+		const char *nl = memchr(logs + at, '\n', len - at);
+		size_t end = nl ? (size_t)(nl - logs) : len;
+		if (!nl && !all)
+			break;
+		const char *line = logs + at;
+		size_t n = end - at;
+		for (size_t k = n; k > 0; k--)
+			if (line[k - 1] == '\r') {
+				line += k;
+				n -= k;
+				break;
+			}
+		if (n > 0) {
+			char buf[REP_LOG_LINE_MAX + 1];
+			snprintf(buf, sizeof(buf), "%.*s", (int)(n < REP_LOG_LINE_MAX ? n : REP_LOG_LINE_MAX),
+				 line);
+			run_log(r, "replicate: %s", buf);
+			double f = svc_log_fraction(buf);
+			if (f >= 0)
+				frac = f;
+		}
+		at = nl ? end + 1 : end;
+	}
+	if (frac >= 0)
+		run_progress(r, frac < 0.999 ? frac : 0.999); /* 1: when stored */
+	if (at != p->logs_seen) {
+		p->logs_seen = at;
+		handle_put(r, p, false); /* each line once, across restarts too */
+	}
+}
+
+/* Every file of `output`: a URL (or data: URI) string, in arrays and
+ * objects, in order. */
+static void collect_files(struct rep_run *p, json_object *holder, const char *key, size_t idx,
+			  json_object *v, int depth)
+{
+	if (depth > 8 || p->files.n >= SVC_FILES_MAX || !v)
+		return;
+	if (json_object_is_type(v, json_type_string)) {
+		const char *s = json_object_get_string(v);
+		if (strncmp(s, "https://", 8) == 0 || strncmp(s, "http://", 7) == 0 ||
+		    strncmp(s, "data:", 5) == 0)
+			svc_files_add(&p->files, holder, key, idx, SVC_FILE_URL, NULL);
+	} else if (json_object_is_type(v, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(v); i++)
+			collect_files(p, v, NULL, i, json_object_array_get_idx(v, i), depth + 1);
+	} else if (json_object_is_type(v, json_type_object)) {
+		json_object_object_foreach(v, k, x)
+		{
+			if (strlen(k) < sizeof(p->files.f[0].key))
+				collect_files(p, v, k, 0, x, depth + 1);
+		}
+	}
+}
+
+static int on_succeeded(struct run *r, struct rep_run *p, json_object *o)
+{
+	json_object *out = NULL, *m;
+	const char *version = svc_str(o, "version");
+
+	if (version && id_ok(version, 128))
+		run_remote_set(r, NULL, version, RUN_REMOTE_SAME);
+	if (json_object_object_get_ex(o, "metrics", &m) &&
+	    json_object_object_get_ex(m, "predict_time", &m) &&
+	    (json_object_is_type(m, json_type_double) || json_object_is_type(m, json_type_int)))
+		run_log(r, "replicate: prediction %s took %.3f s of predict_time", p->id,
+			json_object_get_double(m));
+	/* result.json: what Replicate said of the prediction, less its input
+	 * (inline files) and its logs (in the job's log). */
+	json_object_object_del(o, "input");
+	json_object_object_del(o, "logs");
+	p->files.result = o;
+	json_object_object_get_ex(o, "output", &out);
+	collect_files(p, o, "output", 0, out, 0);
+	run_log(r, "replicate: prediction %s succeeded; storing %zu file%s", p->id, p->files.n,
+		p->files.n == 1 ? "" : "s");
+	p->phase = R_FILES;
+	return svc_files_start(r, &p->files);
+}
+
+static int on_poll(struct run *r, struct rep_run *p, const struct http_response *h)
+{
+	json_object *o;
+	const char *st, *logs;
+	bool final;
+
+	if (h->error_code) {
+		if (strcmp(h->error_code, "backend_unavailable") == 0 &&
+		    ++p->poll_fails < REP_POLL_FAILS) {
+			run_log(r, "replicate: prediction not available (%s); asking again",
+				h->message);
+			return run_after(r, h->retry_after_ms > p->poll_ms ? h->retry_after_ms
+									   : p->poll_ms * 2);
+		}
+		return svc_fail(r, h, "Replicate", "replicate prediction");
+	}
+	if (!(o = svc_parse(h->body, h->len)) || !(st = svc_str(o, "status"))) {
+		json_object_put(o);
+		if (++p->poll_fails < REP_POLL_FAILS) {
+			run_log(r, "replicate: the answer for prediction %s is not a prediction; "
+				   "asking again", p->id);
+			return run_after(r, p->poll_ms * 2);
+		}
+		return run_fail(r, -EBADMSG, "backend_unavailable",
+				"Replicate's answers for prediction %s are not predictions", p->id);
+	}
+	p->poll_fails = 0;
+	final = strcmp(st, "succeeded") == 0 || strcmp(st, "failed") == 0 ||
+		strcmp(st, "canceled") == 0 || strcmp(st, "aborted") == 0;
+	if ((logs = svc_str(o, "logs")) != NULL)
+		take_logs(r, p, logs, final);
+	if (strcmp(st, p->last_status) != 0) {
+		snprintf(p->last_status, sizeof(p->last_status), "%.15s", st);
+		if (!final)
+			run_log(r, "replicate: prediction %s is %.15s", p->id, st);
+	}
+	if (strcmp(st, "succeeded") == 0)
+		return on_succeeded(r, p, o); /* o is the result's now */
+	if (strcmp(st, "failed") == 0) {
+		json_object *e = NULL;
+		const char *why = json_object_object_get_ex(o, "error", &e) && e
+					  ? json_object_get_string(e)
+					  : "no reason given";
+		run_fail(r, -EIO, "backend_failed", "Replicate prediction %s failed: %.300s", p->id,
+			 why);
+		json_object_put(o);
+		return -EIO;
+	}
+	if (strcmp(st, "canceled") == 0 || strcmp(st, "aborted") == 0) {
+		run_fail(r, -EIO, "cancelled_remotely", "Replicate %s prediction %s%s",
+			 strcmp(st, "aborted") == 0 ? "aborted" : "cancelled", p->id,
+			 strcmp(st, "aborted") == 0 ? " before it ran" : "");
+		json_object_put(o);
+		return -EIO;
+	}
+	json_object_put(o);
+	if (p->poll_ms < REP_POLL_MAX_MS)
+		p->poll_ms =
+		    p->poll_ms * 3 / 2 < REP_POLL_MAX_MS ? p->poll_ms * 3 / 2 : REP_POLL_MAX_MS;
+	return run_after(r, p->poll_ms);
+}
+
+/* The body of a creation: {"input": request[, "version": v]}. */
+static char *create_body(struct run *r, const struct rep_conf *c, int *rc)
+{
+	char *req = NULL, *body = NULL;
+	size_t n;
+
+	if ((*rc = run_request_inline_inputs(r, &req)) != 0)
+		return NULL;
+	n = strlen(req) + strlen(c->version) + 64;
+	if (!(body = malloc(n))) {
+		free(req);
+		*rc = run_fail(r, -ENOMEM, "store", "out of memory");
+		return NULL;
+	}
+	if (c->version[0])
+		snprintf(body, n, "{\"version\":\"%s\",\"input\":%s}", c->version, req);
+	else
+		snprintf(body, n, "{\"input\":%s}", req);
+	free(req);
+	return body;
+}
+
+static int rep_start(struct run *r)
+{
+	const struct rep_conf *c = r->route->backend_state;
+	const char *key = c->key;
+	struct rep_run *p;
+	char url[SVC_URL_MAX + 200], *body;
+	int rc;
+
+	if (!(p = calloc(1, sizeof(*p))))
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	r->bstate = p;
+	rc = run_credential(r, "key", &p->job_key);
+	if (rc == 0)
+		key = (const char *)p->job_key;
+	else if (rc != STORE_E_NOTFOUND)
+		return run_fail(r, rc, "store", "cannot open the job's credentials: %s",
+				store_lasterr());
+	if (!key || !*key)
+		key = getenv(c->key_env);
+	if (!key || !*key || strlen(key) > 512)
+		return run_fail(r, -ENOTCONN, "backend_not_configured",
+				"route %s needs the replicate backend with an API token: set %s in "
+				"the daemon's environment, \"key\" for this route in a models file "
+				"(models=FILE), or the job's own in its envelope ({\"input\": ..., "
+				"\"credentials\": {\"key\": ...}})",
+				r->route->path, c->key_env);
+	p->key = key;
+	p->files.service = "Replicate";
+	p->files.key = key;
+	snprintf(p->auth, sizeof(p->auth), "Authorization: Bearer %s", key);
+	rc = handle_get(r, p);
+	if (rc == -EALREADY)
+		return run_fail(r, -EIO, "interrupted",
+				"a prediction was being created at Replicate when the daemon "
+				"stopped; whether it exists is unknown, so it is not created again "
+				"(ctl retry creates it anew)");
+	if (rc == -EBADMSG)
+		return run_fail(r, -EIO, "interrupted",
+				"the job's record of its Replicate prediction is damaged; it is not "
+				"created again (ctl retry creates it anew)");
+	if (rc < 0)
+		return run_fail(r, rc, "store", "cannot read the job's handle: %s",
+				store_lasterr());
+	if (rc == 1) {
+		run_log(r, "replicate: following prediction %s (created before a restart)", p->id);
+		p->poll_ms = REP_POLL_FIRST_MS;
+		return poll(r, p);
+	}
+	if (!(body = create_body(r, c, &rc)))
+		return rc;
+	if ((rc = handle_put(r, p, true)) != 0) {
+		free(body);
+		return run_fail(r, rc, "store", "cannot record the creation: %s", store_lasterr());
+	}
+	if (c->version[0])
+		snprintf(url, sizeof(url), "%s/predictions", c->base);
+	else
+		snprintf(url, sizeof(url), "%s/models/%s/predictions", c->base, r->route->model_id);
+	p->phase = R_CREATE;
+	rc = request(r, p, "POST", url, body, 60000);
+	free(body);
+	return rc;
+}
+
+static int rep_step(struct run *r)
+{
+	struct rep_run *p = r->bstate;
+	const struct http_response *h = r->http;
+
+	if (!p)
+		return rep_start(r);
+	if (!h)
+		return p->phase == R_POLL ? poll(r, p)
+					  : run_fail(r, -EIO, "backend_failed", "nothing to wait for");
+	switch (p->phase) {
+	case R_CREATE:
+		if (h->error_code) {
+			if (h->status == 0 && h->maybe_sent)
+				return run_fail(r, -EIO, "interrupted",
+						"the creation at Replicate got no answer (%s); whether "
+						"the prediction exists is unknown, so it is not created "
+						"again (ctl retry creates it anew)",
+						h->message);
+			if (run_handle_put(r, "", 0) != 0)
+				return run_fail(r, -EIO, "store", "cannot record the job: %s",
+						store_lasterr());
+			return svc_fail(r, h, "Replicate", "replicate create");
+		}
+		return on_created(r, p, h);
+	case R_POLL:
+		return on_poll(r, p, h);
+	case R_FILES:
+		return svc_files_answer(r, &p->files, h);
+	case R_CANCEL:
+		break;
+	}
+	return run_fail(r, -EIO, "backend_failed", "the Replicate run is in no known phase");
+}
+
+static int rep_cancel(struct run *r)
+{
+	struct rep_run *p = r->bstate;
+
+	if (!p || !p->id[0])
+		return 0;
+	if (!r->http) {
+		p->phase = R_CANCEL;
+		return request(r, p, "POST", p->cancel_url, NULL, 10000);
+	}
+	if (r->http->error_code)
+		run_log(r, "replicate: cancelling prediction %s failed: %s", p->id,
+			r->http->message);
+	else
+		run_log(r, "replicate: cancel of prediction %s sent", p->id);
+	return 0;
+}
+
+static void rep_run_free(struct run *r)
+{
+	struct rep_run *p = r->bstate;
+
+	if (!p)
+		return;
+	svc_files_free(&p->files);
+	explicit_bzero(p->auth, sizeof(p->auth));
+	store_unsealed_free(p->job_key);
+	free(p);
+}
+
+static const char *const rep_credentials[] = {"key", NULL};
+
+const struct backend backend_replicate = {
+    .name = "replicate",
+    .remote = true,
+    .credentials = rep_credentials,
+    .max_input = REP_INPUT_MAX,
+    .configure = rep_configure,
+    .step = rep_step,
+    .cancel = rep_cancel,
+    .run_free = rep_run_free,
+    .release = rep_release,
+};

@@ -1,0 +1,467 @@
+/*
+ * service.c - what the remote backends share (service.h).
+ */
+#include "service.h"
+
+#include <errno.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "engine_i.h"
+#include "http.h"
+#include "route.h"
+
+json_object *svc_parse(const char *text, size_t len)
+{
+	json_tokener *tok;
+	json_object *o = NULL;
+
+	if (!text || len == 0 || len > INT32_MAX || !(tok = json_tokener_new_ex(32)))
+		return NULL;
+	o = json_tokener_parse_ex(tok, text, (int)len);
+	if (o && (json_tokener_get_error(tok) != json_tokener_success ||
+		  !json_object_is_type(o, json_type_object))) {
+		json_object_put(o);
+		o = NULL;
+	}
+	json_tokener_free(tok);
+	return o;
+}
+
+const char *svc_str(json_object *o, const char *k)
+{
+	json_object *v;
+
+	return o && json_object_object_get_ex(o, k, &v) && json_object_is_type(v, json_type_string)
+		       ? json_object_get_string(v)
+		       : NULL;
+}
+
+bool svc_url_ok(const char *u, size_t len)
+{
+	return len < SVC_URL_MAX &&
+	       (strncmp(u, "https://", 8) == 0 || strncmp(u, "http://", 7) == 0) &&
+	       !strpbrk(u, " \t\r\n\"");
+}
+
+bool svc_type_fits(const char *given, const char *want)
+{
+	size_t n = strcspn(given, "; ");
+
+	if (n == 0 || (n == 24 && strncasecmp(given, "application/octet-stream", 24) == 0) ||
+	    (n == 19 && strncasecmp(given, "binary/octet-stream", 19) == 0))
+		return true;
+	return strlen(want) == n && strncasecmp(given, want, n) == 0;
+}
+
+const char *svc_sniff(const uint8_t *p, size_t n)
+{
+	if (n >= 8 && memcmp(p, "\x89PNG\r\n\x1a\n", 8) == 0)
+		return "image/png";
+	if (n >= 3 && memcmp(p, "\xff\xd8\xff", 3) == 0)
+		return "image/jpeg";
+	if (n >= 12 && memcmp(p, "RIFF", 4) == 0 && memcmp(p + 8, "WEBP", 4) == 0)
+		return "image/webp";
+	if (n >= 12 && memcmp(p, "RIFF", 4) == 0 && memcmp(p + 8, "WAVE", 4) == 0)
+		return "audio/wav";
+	if (n >= 6 && (memcmp(p, "GIF87a", 6) == 0 || memcmp(p, "GIF89a", 6) == 0))
+		return "image/gif";
+	if (n >= 12 && memcmp(p + 4, "ftyp", 4) == 0)
+		return memcmp(p + 8, "qt  ", 4) == 0 ? "video/quicktime" : "video/mp4";
+	if (n >= 4 && memcmp(p, "\x1a\x45\xdf\xa3", 4) == 0)
+		return "video/webm";
+	if (n >= 4 && memcmp(p, "fLaC", 4) == 0)
+		return "audio/flac";
+	if (n >= 4 && memcmp(p, "OggS", 4) == 0)
+		return "audio/ogg";
+	if ((n >= 3 && memcmp(p, "ID3", 3) == 0) || (n >= 2 && p[0] == 0xff && (p[1] & 0xe0) == 0xe0))
+		return "audio/mpeg";
+	return NULL;
+}
+
+/* Whether svc_sniff can tell type: then a file of it must sniff as it. */
+static bool sniffable(const char *type)
+{
+	static const char *const known[] = {"image/png", "image/jpeg", "image/webp", "image/gif",
+					    "video/mp4", "video/webm", "audio/wav", "audio/flac",
+					    "audio/ogg", "audio/mpeg"};
+
+	for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
+		if (strcasecmp(type, known[i]) == 0)
+			return true;
+	return false;
+}
+
+double svc_log_fraction(const char *s)
+{
+	double got = -1;
+
+	for (const char *p = s; *p; p++) {
+		char *end;
+		if (*p < '0' || *p > '9' || (p > s && p[-1] >= '0' && p[-1] <= '9') ||
+		    (p > s && p[-1] == '.'))
+			continue;
+		double a = strtod(p, &end);
+		if (end > p && *end == '%' && a >= 0 && a <= 100) {
+			got = a / 100;
+		} else if (end > p && *end == '/' && end[1] >= '0' && end[1] <= '9') {
+			char *e2;
+			double b = strtod(end + 1, &e2);
+			if (b > 0 && a >= 0 && a <= b && a == (long)a && b == (long)b)
+				got = a / b;
+		}
+	}
+	return got;
+}
+
+int svc_fail(struct run *r, const struct http_response *h, const char *service,
+	     const char *what)
+{
+	json_object *o = h->len ? svc_parse(h->body, h->len) : NULL;
+	json_object *d;
+	const char *detail = NULL;
+	char buf[300] = "";
+
+	if (o && json_object_object_get_ex(o, "detail", &d)) {
+		if (json_object_is_type(d, json_type_string)) {
+			detail = json_object_get_string(d);
+		} else if (json_object_is_type(d, json_type_array) &&
+			   json_object_array_length(d) > 0) {
+			json_object *e0 = json_object_array_get_idx(d, 0), *loc;
+			const char *msg = svc_str(e0, "msg");
+			const char *field = NULL;
+			if (e0 && json_object_object_get_ex(e0, "loc", &loc) &&
+			    json_object_is_type(loc, json_type_array) &&
+			    json_object_array_length(loc) > 0)
+				field = json_object_get_string(json_object_array_get_idx(
+				    loc, json_object_array_length(loc) - 1));
+			snprintf(buf, sizeof(buf), "%s%s%s", field ? field : "", field ? ": " : "",
+				 msg ? msg : "invalid");
+			detail = buf;
+		}
+	} else if (o && json_object_object_get_ex(o, "error", &d)) {
+		/* OpenAI and LocalAI: {"error": {"message", ...}}; sd-server:
+		 * {"error": "text"}. */
+		if (json_object_is_type(d, json_type_string))
+			detail = json_object_get_string(d);
+		else if ((detail = svc_str(d, "message")) && svc_str(d, "param")) {
+			snprintf(buf, sizeof(buf), "%s: %s", svc_str(d, "param"), detail);
+			detail = buf;
+		}
+	} else if (o) {
+		detail = svc_str(o, "title");
+	}
+	r->retry_after_ms = h->retry_after_ms;
+	if (detail && *detail && h->status)
+		run_fail(r, -EIO, h->error_code, "%s: %s answered HTTP %ld: %.300s", what, service,
+			 h->status, detail);
+	else
+		run_fail(r, -EIO, h->error_code, "%s: %s", what, h->message);
+	json_object_put(o);
+	return -EIO;
+}
+
+/* ---- the files of a result ---- */
+
+int svc_files_add(struct svc_files *fs, json_object *holder, const char *key, size_t idx,
+		  enum svc_file_kind kind, const char *content_type)
+{
+	struct svc_file *f;
+
+	if (fs->n >= SVC_FILES_MAX)
+		return -E2BIG;
+	f = &fs->f[fs->n++];
+	f->holder = holder;
+	snprintf(f->key, sizeof(f->key), "%s", key ? key : "");
+	f->idx = idx;
+	f->kind = kind;
+	snprintf(f->content_type, sizeof(f->content_type), "%s", content_type ? content_type : "");
+	return 0;
+}
+
+static json_object *value_of(const struct svc_file *f)
+{
+	json_object *v = NULL;
+
+	if (f->key[0])
+		json_object_object_get_ex(f->holder, f->key, &v);
+	else
+		v = json_object_array_get_idx(f->holder, f->idx);
+	return v;
+}
+
+static void set_value(struct svc_file *f, const char *s)
+{
+	json_object *v = json_object_new_string(s);
+
+	if (!v)
+		return;
+	if (f->key[0])
+		json_object_object_add(f->holder, f->key, v);
+	else if (json_object_array_put_idx(f->holder, f->idx, v) != 0)
+		json_object_put(v);
+}
+
+/* The media type file i is committed as: the route's for the first; for
+ * the others what the result says, else the download, else its magic. */
+static void file_type(const struct run *r, const struct svc_file *f, size_t i,
+		      const char *downloaded, const char *sniffed, char *out, size_t len)
+{
+	const char *t = r->route->media_type;
+
+	if (i > 0 && f->content_type[0] && !svc_type_fits(f->content_type, ""))
+		t = f->content_type;
+	else if (i > 0 && downloaded && downloaded[0] && !svc_type_fits(downloaded, ""))
+		t = downloaded;
+	else if (i > 0 && sniffed)
+		t = sniffed;
+	snprintf(out, len, "%.*s", (int)strcspn(t, "; "), t);
+}
+
+/* Check a stored file's kind; it becomes output i (the first is committed
+ * last, when it announces them all). */
+static int file_done(struct run *r, struct svc_files *fs, struct store_sink *sink,
+		     const char *downloaded, const uint8_t *head, size_t headlen)
+{
+	size_t i = fs->at;
+	const char *sniffed = svc_sniff(head, headlen);
+	const char *want = r->route->media_type;
+	char type[128];
+	int rc;
+
+	if (i == 0 && sniffable(want) && (!sniffed || strcasecmp(sniffed, want) != 0)) {
+		store_sink_abort(sink);
+		return run_fail(r, -EIO, "output_invalid",
+				"%s's output file is %s, not %s as the route says", fs->service,
+				sniffed ? sniffed : "of no known media type", want);
+	}
+	if (i == 0) {
+		fs->first = sink;
+	} else {
+		file_type(r, &fs->f[i], i, downloaded, sniffed, type, sizeof(type));
+		if ((rc = run_commit_extra(r, (unsigned)i, sink, type, fs->hashes[i])) != 0)
+			return rc;
+	}
+	fs->at++;
+	return 0;
+}
+
+/* A file whose bytes are in the result: base64, or a data: URI. */
+static int store_inline(struct run *r, struct svc_files *fs, struct svc_file *f,
+			const char *v)
+{
+	const char *b64 = v;
+	size_t len = strlen(v), got = 0;
+	struct store_sink *sink = NULL;
+	uint8_t *bin;
+	int rc;
+
+	if (f->kind == SVC_FILE_URL) { /* data:<type>[;param...];base64,<data> */
+		const char *comma = strchr(v, ',');
+		if (!comma || comma - v < 12 || memcmp(comma - 7, ";base64", 7) != 0)
+			return run_fail(r, -EIO, "output_invalid",
+					"%s's output file %zu is a data: URI that is not base64",
+					fs->service, fs->at + 1);
+		if (!f->content_type[0])
+			snprintf(f->content_type, sizeof(f->content_type), "%.*s",
+				 (int)strcspn(v + 5, ";,"), v + 5);
+		b64 = comma + 1;
+		len = strlen(b64);
+	}
+	if (len / 4 * 3 > r->route->max_output + 3)
+		return run_fail(r, -EIO, "output_invalid",
+				"%s's output file %zu is over the route's max_output (%llu bytes)",
+				fs->service, fs->at + 1, (unsigned long long)r->route->max_output);
+	if (!(bin = malloc(len / 4 * 3 + 3)))
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	if (sodium_base642bin(bin, len / 4 * 3 + 3, b64, len, "\r\n", &got, NULL,
+			      sodium_base64_VARIANT_ORIGINAL) != 0 ||
+	    got == 0) {
+		free(bin);
+		return run_fail(r, -EIO, "output_invalid",
+				"%s's output file %zu is not valid base64 (or empty)", fs->service,
+				fs->at + 1);
+	}
+	if (got > r->route->max_output) {
+		free(bin);
+		return run_fail(r, -EIO, "output_invalid",
+				"%s's output file %zu is over the route's max_output (%llu bytes)",
+				fs->service, fs->at + 1, (unsigned long long)r->route->max_output);
+	}
+	if (f->content_type[0] && fs->at == 0 &&
+	    !svc_type_fits(f->content_type, r->route->media_type)) {
+		free(bin);
+		return run_fail(r, -EIO, "output_invalid",
+				"%s's output file is %.100s, not %s as the route says", fs->service,
+				f->content_type, r->route->media_type);
+	}
+	if ((rc = store_sink_open(engine_store(r->e), &sink)) != 0 ||
+	    (rc = store_sink_write(sink, bin, got)) != 0) {
+		free(bin);
+		if (sink)
+			store_sink_abort(sink);
+		return run_fail(r, rc, "store", "cannot store the output: %s", store_lasterr());
+	}
+	rc = file_done(r, fs, sink, NULL, bin, got < 16 ? got : 16);
+	free(bin);
+	return rc;
+}
+
+static int sink_write(void *arg, const void *data, size_t len, char *err, size_t errlen)
+{
+	struct svc_files *fs = arg;
+	int rc;
+
+	if (fs->headlen < sizeof(fs->head)) {
+		size_t k = len < sizeof(fs->head) - fs->headlen ? len : sizeof(fs->head) - fs->headlen;
+		memcpy(fs->head + fs->headlen, data, k);
+		fs->headlen += k;
+	}
+	if ((rc = store_sink_write(fs->sink, data, len)) != 0)
+		snprintf(err, errlen, "cannot store the download: %s", store_lasterr());
+	return rc;
+}
+
+static int download(struct run *r, struct svc_files *fs, const char *url)
+{
+	const char *secrets[] = {fs->key ? fs->key : ""};
+	uint64_t left = r->deadline_ms > now_ms() ? r->deadline_ms - now_ms() : 1000;
+	struct http_request rq = {
+	    .method = "GET",
+	    .url = url,
+	    .timeout_ms = left, /* file URLs are a CDN's: no key goes there */
+	    .max_body = (size_t)r->route->max_output,
+	    .secrets = secrets,
+	    .nsecrets = 1,
+	    .sink = sink_write,
+	    .sink_arg = fs,
+	};
+	int rc;
+
+	fs->headlen = 0;
+	if ((rc = store_sink_open(engine_store(r->e), &fs->sink)) != 0)
+		return run_fail(r, rc, "store", "cannot store the output: %s", store_lasterr());
+	fs->waiting = true;
+	return run_http(r, &rq);
+}
+
+/* result.json: the result with each file's value as cas:<hex>. */
+static int keep_result(struct run *r, struct svc_files *fs)
+{
+	static const char digits[] = "0123456789abcdef";
+	const char *text;
+
+	for (size_t i = 0; i < fs->n; i++) {
+		char cas[70] = "cas:";
+		for (int k = 0; k < 32; k++) {
+			cas[4 + 2 * k] = digits[fs->hashes[i][k] >> 4];
+			cas[4 + 2 * k + 1] = digits[fs->hashes[i][k] & 15];
+		}
+		cas[68] = '\0';
+		set_value(&fs->f[i], cas);
+	}
+	text = json_object_to_json_string_ext(fs->result, JSON_C_TO_STRING_PRETTY |
+							      JSON_C_TO_STRING_SPACED |
+							      JSON_C_TO_STRING_NOSLASHESCAPE);
+	if (!text)
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	return run_result(r, text, strlen(text));
+}
+
+/* Store the files from fs->at on, until one must be downloaded. */
+static int go_on(struct run *r, struct svc_files *fs)
+{
+	struct store_sink *sink;
+	int rc;
+
+	while (fs->at < fs->n) {
+		struct svc_file *f = &fs->f[fs->at];
+		const char *v = json_object_get_string(value_of(f));
+
+		if (f->kind == SVC_FILE_BASE64 || strncmp(v, "data:", 5) == 0) {
+			if ((rc = store_inline(r, fs, f, v)) != 0)
+				return rc;
+			continue;
+		}
+		if (fs->at > 0)
+			run_progress(r, 0.999);
+		return download(r, fs, v);
+	}
+	sink = fs->first;
+	fs->first = NULL;
+	run_progress(r, 1);
+	if ((rc = run_commit_output(r, sink, r->route->media_type, fs->service)) != 0)
+		return rc;
+	memcpy(fs->hashes[0], r->output_hash, 32);
+	return keep_result(r, fs);
+}
+
+int svc_files_start(struct run *r, struct svc_files *fs)
+{
+	if (fs->n == 0)
+		return run_fail(r, -EIO, "output_invalid", "%s's result names no file", fs->service);
+	for (size_t i = 0; i < fs->n; i++) {
+		json_object *v = value_of(&fs->f[i]);
+		const char *s = json_object_is_type(v, json_type_string) ? json_object_get_string(v)
+									 : NULL;
+		if (!s)
+			return run_fail(r, -EIO, "output_invalid",
+					"%s's result names a file that is not a string",
+					fs->service);
+		if (fs->f[i].kind == SVC_FILE_URL && strncmp(s, "data:", 5) != 0 &&
+		    (strlen(s) >= SVC_FILE_URL_MAX ||
+		     (strncmp(s, "https://", 8) != 0 && strncmp(s, "http://", 7) != 0)))
+			return run_fail(r, -EIO, "output_invalid",
+					"%s's result names a file that is not an http(s) URL of at "
+					"most %d bytes",
+					fs->service, SVC_FILE_URL_MAX - 1);
+	}
+	if (fs->f[0].content_type[0] &&
+	    !svc_type_fits(fs->f[0].content_type, r->route->media_type))
+		return run_fail(r, -EIO, "output_invalid",
+				"%s's result is %.100s, not %s as the route says", fs->service,
+				fs->f[0].content_type, r->route->media_type);
+	fs->at = 0;
+	return go_on(r, fs);
+}
+
+int svc_files_answer(struct run *r, struct svc_files *fs, const struct http_response *h)
+{
+	struct store_sink *sink = fs->sink;
+	int rc;
+
+	fs->sink = NULL;
+	fs->waiting = false;
+	if (h->error_code) {
+		store_sink_abort(sink);
+		return svc_fail(r, h, fs->service, "output download");
+	}
+	if (h->streamed == 0) {
+		store_sink_abort(sink);
+		return run_fail(r, -EIO, "output_invalid", "%s's output file %zu is empty",
+				fs->service, fs->at + 1);
+	}
+	if (fs->at == 0 && h->content_type[0] &&
+	    !svc_type_fits(h->content_type, r->route->media_type)) {
+		store_sink_abort(sink);
+		return run_fail(r, -EIO, "output_invalid",
+				"%s's output file is %.100s, not %s as the route says", fs->service,
+				h->content_type, r->route->media_type);
+	}
+	if ((rc = file_done(r, fs, sink, h->content_type, fs->head, fs->headlen)) != 0)
+		return rc;
+	return go_on(r, fs);
+}
+
+void svc_files_free(struct svc_files *fs)
+{
+	if (fs->sink)
+		store_sink_abort(fs->sink);
+	if (fs->first)
+		store_sink_abort(fs->first);
+	json_object_put(fs->result);
+	memset(fs, 0, sizeof(*fs));
+}

@@ -1,0 +1,106 @@
+/*
+ * service.h - what the remote backends (backend_fal.c, backend_replicate.c,
+ * backend_openai.c) share: reading a service's JSON, its error answers and
+ * its log lines, and turning a result that names files into the job's
+ * outputs (SPEC §3).
+ *
+ * The files of a result: a backend finds the values in the result that are
+ * files (a URL to download, or the bytes inline: base64 or a data: URI) and
+ * adds each with svc_files_add, in the service's order; svc_files_start
+ * then stores them one after the other, each streamed into a store sink,
+ * hashed as it arrives and bounded by the route's max_output, the first's
+ * media type checked against the route's (what the service says of it,
+ * what the download says, and for inline bytes their magic); they become
+ * output.<ext>, output.1.<ext>, ...; at the end each value in the result
+ * is replaced by cas:<hex> and the result is kept as result.json.
+ *
+ * Threads: the engine's remote threads, within a run's step (backend.h).
+ */
+#ifndef RENDERFS_SERVICE_H
+#define RENDERFS_SERVICE_H
+
+#include <json-c/json.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "store.h"
+
+struct run;
+struct http_response;
+
+/* URLs a service gives (status, result and file URLs): bounded, http(s). */
+#define SVC_URL_MAX 1024
+#define SVC_FILE_URL_MAX (2 * SVC_URL_MAX)
+
+/* A service's JSON: bounded depth, an object, or NULL. */
+json_object *svc_parse(const char *text, size_t len);
+/* o[k] when it is a string, else NULL. */
+const char *svc_str(json_object *o, const char *k);
+/* Whether u (len bytes) is an http(s) URL under SVC_URL_MAX with nothing
+ * that would break a header or a message. */
+bool svc_url_ok(const char *u, size_t len);
+/* Whether a media type someone gave (maybe with parameters) fits want:
+ * the same, or one that says nothing precise (octet-stream, none). */
+bool svc_type_fits(const char *given, const char *want);
+/* The media type of a file's first bytes (PNG, JPEG, WebP, GIF, MP4/MOV,
+ * WAV, MP3, FLAC, Ogg, WebM/Matroska), or NULL. */
+const char *svc_sniff(const uint8_t *p, size_t n);
+/* The fraction a log line reports, or -1: the last "N/M" or "P%" in it. */
+double svc_log_fraction(const char *s);
+/*
+ * A failed answer: fail r with its catalog code (http.c) and the service's
+ * own words where the body has them: fal's and Replicate's `detail` (a
+ * string, or FastAPI's list of {loc, msg}), OpenAI's `error.message`,
+ * sd-server's `error` string, a `title`. Keeps Retry-After. -EIO.
+ */
+int svc_fail(struct run *r, const struct http_response *h, const char *service,
+	     const char *what);
+
+/* ---- the files of a result ---- */
+
+#define SVC_FILES_MAX (1 + INDEX_EXTRAS_MAX) /* output.<ext>, output.1.<ext>, ... */
+
+enum svc_file_kind {
+	SVC_FILE_URL,	 /* an http(s) URL to download (or a data: URI) */
+	SVC_FILE_BASE64, /* the bytes, base64 (OpenAI's b64_json) */
+};
+
+struct svc_file {
+	json_object *holder; /* the object or array holding the value */
+	char key[32];	     /* holder[key]; "" : holder[idx] */
+	size_t idx;
+	enum svc_file_kind kind;
+	char content_type[128]; /* what the result says of it ("": nothing) */
+};
+
+struct svc_files {
+	const char *service;	 /* for messages: "fal", "replicate", ... */
+	const char *key;	 /* a secret that must not appear in messages */
+	json_object *result;	 /* owned: kept as result.json at the end */
+	struct svc_file f[SVC_FILES_MAX];
+	size_t n, at;
+	uint8_t hashes[SVC_FILES_MAX][32];
+	struct store_sink *sink;  /* the download under way */
+	struct store_sink *first; /* the first file's, committed last */
+	bool waiting;		  /* a download of f[at] is under way */
+	uint8_t head[16];	  /* its first bytes, for svc_sniff */
+	size_t headlen;
+};
+
+/* Add the file whose value is holder[key] (key NULL: holder[idx]) and that
+ * the result says is content_type (NULL: nothing). Past SVC_FILES_MAX the
+ * file is not added: -E2BIG. */
+int svc_files_add(struct svc_files *fs, json_object *holder, const char *key, size_t idx,
+		  enum svc_file_kind kind, const char *content_type);
+/*
+ * Store the files, from the first: returns RUN_WAIT while a download is
+ * under way (then call svc_files_answer with its answer), 0 when all are
+ * committed and result.json kept, or a failure set with run_fail.
+ */
+int svc_files_start(struct run *r, struct svc_files *fs);
+int svc_files_answer(struct run *r, struct svc_files *fs, const struct http_response *h);
+/* Free what fs holds (sinks not committed are aborted). */
+void svc_files_free(struct svc_files *fs);
+
+#endif
