@@ -5,11 +5,16 @@ timed test).
 Against the fake fal queue service of tests/fakefal.py, each request taking
 2 s of simulated work, N jobs (default 1,000) are submitted through `new`
 to a route with concurrency=N, so that all are in flight at once. Printed:
-every job's end state, the daemon's thread count and RSS before and at the
-peak (remote jobs hold no thread: the count must not follow N), and the
-wall time against the simulated work (N jobs x 2 s in parallel: the ratio
-is the engine's overhead, and stays near 1 when nothing waits in line).
-A baseline run with 1 job is measured first in the same run.
+every job's end state; the most requests in flight at the service at once;
+the time from the last submission (the write to `new` returned) to the
+last job complete, divided by the simulated 2 s (the engine's overhead:
+polling granularity, result and download; it stays near 1 when nothing
+waits in line); the daemon's CPU seconds per job; HTTP requests per job at
+the service (status polling backs off); the daemon's thread count and RSS
+before and at the peak (remote jobs hold no thread: the count must not
+follow N). Completion is watched through `stats` (one read per 50 ms), not
+by reading N status files. A baseline run with 1 job is measured first in
+the same run, against the same service.
 
 usage: bench/bench_remote.py [BUILD_DIR] [N]
 """
@@ -30,6 +35,22 @@ BUILD = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else TOP / "build")
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
 ROUTE = "image/fake/default/t2i"
 WORK_S = 2
+
+
+def cpu_s(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def complete(mnt, n):
+    for line in (mnt / "stats").read_text().splitlines():
+        if line.startswith(f'renderfs_jobs{{route="{ROUTE}",status="') and line.split()[-1] != "0":
+            st = line.split('status="')[1].split('"')[0]
+            if st in ("error", "cancelled"):
+                sys.exit(f"a job ended {st}: see the mount's log")
+            if st == "complete" and int(line.split()[-1]) == n:
+                return True
+    return False
 
 
 def proc_status(pid, field):
@@ -62,29 +83,29 @@ def run(base, fal, n):
             time.sleep(0.05)
     t = threading.Thread(target=sample)
     t.start()
-    start = time.monotonic()
+    reqs0, fal.max_outstanding = fal.http_requests, 0
+    cpu0, svc0 = cpu_s(proc.pid), time.process_time()
     fd = os.open(mnt / ROUTE / "new", os.O_RDWR)
     data = b"".join(json.dumps({"prompt": f"p{i}"}).encode() + b"\n" for i in range(n))
     os.write(fd, data)
+    start = time.monotonic()  # the last submission is in
     ids = os.read(fd, 64 * n).decode().split()
     os.close(fd)
     assert len(ids) == n, ids[:3]
-    states = {}
-    pending = set(ids)
-    while pending:
-        for jid in list(pending):
-            s = (mnt / ROUTE / jid / "status").read_text().strip()
-            if s in ("complete", "error", "cancelled"):
-                states[s] = states.get(s, 0) + 1
-                pending.discard(jid)
-        if pending:
-            time.sleep(0.1)
+    while not complete(mnt, n):
+        time.sleep(0.05)
     wall = time.monotonic() - start
+    cpu, svc = cpu_s(proc.pid) - cpu0, time.process_time() - svc0
+    t0s = sorted(r["t0"] for r in list(fal.requests.values())[-n:])
+    print(f"  (at the service: first submission {t0s[0] - start:+.2f} s, last {t0s[-1] - start:+.2f} s)")
+    states = {"complete": n}
     peak["stop"] = True
     t.join()
     subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
     proc.wait(timeout=60)
     return {"n": n, "states": states, "wall": wall, "threads0": threads0,
+            "in_flight": fal.max_outstanding, "cpu_per_job": cpu / n, "svc_cpu": svc,
+            "reqs_per_job": (fal.http_requests - reqs0) / n,
             "threads": peak["threads"], "rss0_mib": rss0 / 1024,
             "rss_growth_mib": (peak["rss"] - rss0) / 1024}
 
@@ -101,10 +122,12 @@ def main():
     finally:
         fal.close()
     for r in (one, many):
-        print(f"{r['n']:5d} jobs in flight: {r['states']} in {r['wall']:.1f} s "
-              f"(work {WORK_S} s each, in parallel: ratio {r['wall'] / WORK_S:.2f}); "
-              f"threads {r['threads0']} -> {r['threads']}; RSS {r['rss0_mib']:.1f} MiB "
-              f"+ {r['rss_growth_mib']:.1f} MiB")
+        print(f"{r['n']:5d} jobs: {r['states']}, {r['in_flight']} in flight at once; "
+              f"last submit to last complete {r['wall']:.2f} s = {r['wall'] / WORK_S:.2f} x "
+              f"the {WORK_S} s of work; {r['cpu_per_job'] * 1000:.2f} ms daemon CPU and "
+              f"{r['reqs_per_job']:.1f} HTTP requests per job (the fake service and this "
+              f"script: {r['svc_cpu']:.2f} s CPU); threads {r['threads0']} -> "
+              f"{r['threads']}; RSS {r['rss0_mib']:.1f} MiB + {r['rss_growth_mib']:.1f} MiB")
     print(f"threads: {many['threads']} with {N} in flight vs {one['threads']} with 1 "
           f"(ratio {many['threads'] / one['threads']:.2f}); RSS growth per job in flight "
           f"{many['rss_growth_mib'] * 1024 / N:.1f} KiB; wall time {N} vs 1: "

@@ -452,7 +452,7 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 	json_object_put(o);
 	if (f->poll_ms < FAL_POLL_MAX_MS)
 		f->poll_ms =
-		    f->poll_ms * 3 / 2 < FAL_POLL_MAX_MS ? f->poll_ms * 3 / 2 : FAL_POLL_MAX_MS;
+		    f->poll_ms * 5 / 4 < FAL_POLL_MAX_MS ? f->poll_ms * 5 / 4 : FAL_POLL_MAX_MS;
 	return run_after(r, f->poll_ms);
 }
 

@@ -481,7 +481,7 @@ static int on_poll(struct run *r, struct rep_run *p, const struct http_response 
 	json_object_put(o);
 	if (p->poll_ms < REP_POLL_MAX_MS)
 		p->poll_ms =
-		    p->poll_ms * 3 / 2 < REP_POLL_MAX_MS ? p->poll_ms * 3 / 2 : REP_POLL_MAX_MS;
+		    p->poll_ms * 5 / 4 < REP_POLL_MAX_MS ? p->poll_ms * 5 / 4 : REP_POLL_MAX_MS;
 	return run_after(r, p->poll_ms);
 }
 

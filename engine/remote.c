@@ -42,7 +42,9 @@
 #include "errors.h"
 #include "http.h"
 
-#define REMOTE_THREADS 2
+#define REMOTE_THREADS 16
+/* Jobs one claim takes at most (one durable write for all of them). */
+#define CLAIM_BATCH 16
 
 struct rroute {
 	const struct route *route;
@@ -402,20 +404,27 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
 	for (size_t k = 0; k < m->nroutes; k++) {
 		size_t i = (m->next_route + k) % m->nroutes;
 		struct rroute *rt = &m->routes[i];
-		struct job job;
+		struct job job, claimed[CLAIM_BATCH];
 		bool probe;
 		int rc;
 
 		if (!depth[rt->group] || rt->inflight >= rt->route->concurrency ||
 		    (rt->br && !breaker_may_claim(rt->br, now)))
 			continue;
-		rt->inflight++; /* a place kept while claiming */
+		/* Claims go by batches (one durable write for several jobs)
+		 * while the breaker is closed; a probe is one job. */
+		size_t room = rt->route->concurrency - rt->inflight, got = 0;
+		if (room > CLAIM_BATCH)
+			room = CLAIM_BATCH;
+		if (rt->br && rt->br->state != BREAKER_CLOSED)
+			room = 1;
+		rt->inflight += (unsigned)room; /* places kept while claiming */
 		pthread_mutex_unlock(&m->mu);
 		pthread_mutex_lock(&e->state_mu);
-		rc = index_job_claim(e->ix, rt->group, &job);
+		rc = index_job_claim_many(e->ix, rt->group, room, claimed, &got);
 		pthread_mutex_unlock(&e->state_mu);
 		pthread_mutex_lock(&m->mu);
-		rt->inflight--;
+		rt->inflight -= (unsigned)room;
 		m->next_route = i + 1;
 		if (rc) {
 			if (rc != STORE_E_NOTFOUND)
@@ -423,16 +432,18 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
 				        store_lasterr());
 			return false;
 		}
-		probe = rt->br && breaker_claimed(rt->br);
-		if (!rrun_new(m, rt, &job, probe)) {
-			/* No memory for it: back to the queue as it was. */
-			pthread_mutex_unlock(&m->mu);
-			index_job_return(e->ix, job.id);
-			job_release(&job);
-			pthread_mutex_lock(&m->mu);
-			if (probe)
-				breaker_result(rt->br, true, BREAKER_NONE, now);
-			return false;
+		for (size_t c = 0; c < got; c++) {
+			job = claimed[c];
+			probe = rt->br && breaker_claimed(rt->br);
+			if (!rrun_new(m, rt, &job, probe)) {
+				/* No memory for it: back to the queue as it was. */
+				pthread_mutex_unlock(&m->mu);
+				index_job_return(e->ix, job.id);
+				job_release(&job);
+				pthread_mutex_lock(&m->mu);
+				if (probe)
+					breaker_result(rt->br, true, BREAKER_NONE, now);
+			}
 		}
 		return true;
 	}

@@ -328,6 +328,10 @@ int index_job_creds_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **o
 /* Take the next job of the group (queued -> running, attempts + 1,
  * started_at set). STORE_E_NOTFOUND when the group's queue is empty. */
 int index_job_claim(struct index *ix, uint8_t group, struct job *out);
+/* The same for up to max jobs in one durable write (in queue order): *n
+ * of them, at least 1 when it returns 0 (STORE_E_NOTFOUND: none). */
+int index_job_claim_many(struct index *ix, uint8_t group, size_t max, struct job *out,
+			 size_t *n);
 
 int index_job_progress(struct index *ix, const uint8_t id[JOB_ID_LEN], uint16_t thousandths);
 

@@ -210,6 +210,41 @@ int index_job_claim(struct index *ix, uint8_t group, struct job *out)
 	return rc;
 }
 
+struct claim_many_arg {
+	uint8_t group;
+	struct job *out;
+	size_t max, n;
+};
+
+static int claim_many_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct claim_many_arg *a = arg;
+	int rc = 0;
+
+	while (a->n < a->max) {
+		struct claim_arg one = {a->group, &a->out[a->n], false};
+		if ((rc = claim_fn(ix, txn, &one)) != 0)
+			break;
+		a->n++;
+	}
+	/* An empty queue ends the batch; any other error fails all of it (a
+	 * claim that failed half-way must not be committed). */
+	return rc == STORE_E_NOTFOUND && a->n ? 0 : rc;
+}
+
+int index_job_claim_many(struct index *ix, uint8_t group, size_t max, struct job *out,
+			 size_t *n)
+{
+	struct claim_many_arg a = {group, out, max, 0};
+	int rc = index_write(ix, claim_many_fn, &a);
+
+	*n = rc ? 0 : a.n;
+	if (rc)
+		for (size_t i = 0; i < a.n; i++)
+			job_release(&out[i]); /* the batch's commit failed */
+	return rc;
+}
+
 /* ---- single-job changes ---- */
 
 /*

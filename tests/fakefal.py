@@ -77,6 +77,7 @@ class FakeFal:
         self.outstanding = 0      # submitted, result not yet fetched
         self.max_outstanding = 0
         self.auth_seen = set()
+        self.http_requests = 0    # every request, files included
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -105,6 +106,11 @@ class FakeFal:
 
             def log_message(self, *a):
                 pass
+
+            def parse_request(self):
+                with fake.lock:
+                    fake.http_requests += 1
+                return super().parse_request()
 
             def answer(self, code, obj=None, body=None, ctype="application/json",
                        headers=(), cut=False):

@@ -10,6 +10,7 @@
 #include "blake3.h"
 #include "check.h"
 #include "index.h"
+#include "index_i.h"
 #include "store.h"
 
 static char dir[64];
@@ -516,6 +517,62 @@ static void test_group_commit(void)
 	      (unsigned long long)commits);
 }
 
+/* The job whose output made a blob follows it into the inputs of later
+ * jobs (the chain of a pipeline); it is forgotten when that job goes,
+ * and records written before producers were kept still read. */
+static void test_made_by(void)
+{
+	const char *route = "image/synth/default/t2i";
+	uint8_t a[16], b[16], c[16], h[32], zero[16] = {0};
+	struct job j;
+	struct job_input in[INDEX_INPUTS_MAX], want = {.field = "image_url", .size = 4};
+	struct index_freed fr;
+	size_t n = 0;
+
+	b3_hash("made", 4, h);
+	memcpy(want.hash, h, 32);
+	REQUIRE(create(route, 7, JOB_PRIO_NORMAL, "{\"prompt\":\"first\"}", a) == 0, "create");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, a, 16) == 0, "claim");
+	job_release(&j);
+	REQUIRE(index_job_attach_output(ix, a, h, 4, "image/png", "cpu", false) == 0 &&
+		    index_job_finish(ix, a, JOB_COMPLETE, NULL, NULL) == 0,
+		"complete: %s", store_lasterr());
+	struct job_create cb = mk(route, 7, JOB_PRIO_NORMAL, "{\"prompt\":\"second\"}");
+	cb.inputs = &want;
+	cb.ninputs = 1;
+	REQUIRE(index_job_create(ix, &cb, b, NULL) == 0, "create with input: %s", store_lasterr());
+	CHECK(index_job_inputs(ix, b, in, INDEX_INPUTS_MAX, &n) == 0 && n == 1 &&
+		  memcmp(in[0].made_by, a, 16) == 0 && strcmp(in[0].field, "image_url") == 0,
+	      "the input names the job that made it");
+	/* The maker goes; its output lives on as b's input, made by nobody. */
+	CHECK(index_job_delete(ix, a, &fr) == 0 && fr.n == 0, "delete the maker");
+	cb.request = "{\"prompt\":\"third\"}";
+	cb.request_len = strlen(cb.request);
+	REQUIRE(index_job_create(ix, &cb, c, NULL) == 0, "create after: %s", store_lasterr());
+	CHECK(index_job_inputs(ix, c, in, INDEX_INPUTS_MAX, &n) == 0 && n == 1 &&
+		  memcmp(in[0].made_by, zero, 16) == 0,
+	      "a job that is gone is not named");
+	CHECK(index_job_inputs(ix, b, in, INDEX_INPUTS_MAX, &n) == 0 &&
+		  memcmp(in[0].made_by, a, 16) == 0,
+	      "what b was given stays as it was");
+	/* A format-12 record: the inputs without producers. */
+	uint8_t rec[1 + 32 + 9 + 9];
+	rec[0] = 1;
+	memcpy(rec + 1, h, 32);
+	memset(rec + 33, 0, 8);
+	rec[33] = 4;
+	rec[41] = 9;
+	memcpy(rec + 42, "image_url", 9);
+	MDB_val v = {sizeof(rec), rec};
+	CHECK(index_inputs_decode(&v, in, INDEX_INPUTS_MAX, &n) == 0 && n == 1 && in[0].size == 4 &&
+		  memcmp(in[0].made_by, zero, 16) == 0,
+	      "format 12 record");
+	v.mv_size = sizeof(rec) - 1;
+	CHECK(index_inputs_decode(&v, in, INDEX_INPUTS_MAX, &n) == STORE_E_INDEX, "cut record");
+	CHECK(index_job_delete(ix, b, &fr) == 0 && index_job_delete(ix, c, &fr) == 0 && fr.n == 1,
+	      "the last reference frees the blob");
+}
+
 int main(void)
 {
 	struct index_options opt = {0};
@@ -529,6 +586,7 @@ int main(void)
 	test_crud();
 	test_states();
 	test_names();
+	test_made_by();
 	test_queue_order();
 	test_group_commit();
 	test_cursor_100k();
