@@ -56,13 +56,6 @@ extern const struct backend backend_fal;
  * request stays a request; larger ones are refused at submit. */
 #define FAL_INPUT_MAX (10u << 20)
 
-struct fal_conf {
-	char base[512];    /* without a trailing slash */
-	char key_env[128]; /* where the key is, without "key" */
-	char *key;         /* "key" from the models file, or NULL */
-	uint64_t req_ms;   /* one status or result request, at most */
-};
-
 enum fal_phase { F_SUBMIT, F_STATUS, F_RESULT, F_DOWNLOAD, F_CANCEL };
 
 struct fal_run {
@@ -88,20 +81,15 @@ static const struct backend_setting fal_takes[] = {
 
 static void fal_release(void *state)
 {
-	struct fal_conf *c = state;
-
-	if (c && c->key) {
-		explicit_bzero(c->key, strlen(c->key));
-		free(c->key);
-	}
-	free(c);
+	if (state)
+		svc_conf_clear(state);
+	free(state);
 }
 
 static int fal_configure(struct route *rt, json_object *settings, void **state, char *err,
                          size_t errlen)
 {
-	struct fal_conf *c;
-	json_object *v;
+	struct svc_conf *c;
 	int rc = backend_settings_check(&backend_fal, settings, fal_takes,
 	                                sizeof(fal_takes) / sizeof(fal_takes[0]), err, errlen);
 
@@ -118,53 +106,10 @@ static int fal_configure(struct route *rt, json_object *settings, void **state, 
 	}
 	if (!(c = calloc(1, sizeof(*c))))
 		return -ENOMEM;
-	snprintf(c->base, sizeof(c->base), "https://queue.fal.run");
-	snprintf(c->key_env, sizeof(c->key_env), "FAL_KEY");
-	c->req_ms = 30000;
-	if (settings && json_object_object_get_ex(settings, "request_timeout_s", &v)) {
-		int64_t t = json_object_get_int64(v);
-		if (t < 1 || t > 3600) {
-			fal_release(c);
-			snprintf(err, errlen, "'request_timeout_s' must be from 1 to 3600 seconds");
-			return -EINVAL;
-		}
-		c->req_ms = (uint64_t)t * 1000;
-	}
-	if (settings && json_object_object_get_ex(settings, "base_url", &v)) {
-		const char *u = json_object_get_string(v);
-		size_t n = (size_t)json_object_get_string_len(v);
-		if (!svc_url_ok(u, n) || n >= sizeof(c->base)) {
-			fal_release(c);
-			snprintf(
-			    err, errlen,
-			    "'base_url' must be an http:// or https:// URL of at most %zu bytes",
-			    sizeof(c->base) - 1);
-			return -EINVAL;
-		}
-		while (n && u[n - 1] == '/')
-			n--;
-		snprintf(c->base, sizeof(c->base), "%.*s", (int)n, u);
-	}
-	if (settings && json_object_object_get_ex(settings, "key_env", &v)) {
-		if (json_object_get_string_len(v) == 0 ||
-		    (size_t)json_object_get_string_len(v) >= sizeof(c->key_env)) {
-			fal_release(c);
-			snprintf(err, errlen, "'key_env' must name an environment variable");
-			return -EINVAL;
-		}
-		snprintf(c->key_env, sizeof(c->key_env), "%s", json_object_get_string(v));
-	}
-	if (settings && json_object_object_get_ex(settings, "key", &v)) {
-		if (json_object_get_string_len(v) == 0 || json_object_get_string_len(v) > 512 ||
-		    strpbrk(json_object_get_string(v), "\r\n")) {
-			fal_release(c);
-			snprintf(err, errlen, "'key' must be a fal key on one line");
-			return -EINVAL;
-		}
-		if (!(c->key = strdup(json_object_get_string(v)))) {
-			fal_release(c);
-			return -ENOMEM;
-		}
+	if ((rc = svc_conf_parse(c, settings, "https://queue.fal.run", "FAL_KEY", err, errlen)) !=
+	    0) {
+		fal_release(c);
+		return rc;
 	}
 	snprintf(rt->target, sizeof(rt->target), "%s/%s", c->base, rt->model_id);
 	*state = c;
@@ -292,7 +237,7 @@ static int poll_status(struct run *r, struct fal_run *f)
 	         strchr(f->status_url, '?') ? "&" : "?");
 	f->phase = F_STATUS;
 	return request(r, f, "GET", url, NULL,
-		       ((const struct fal_conf *)r->route->backend_state)->req_ms);
+		       ((const struct svc_conf *)r->route->backend_state)->req_ms);
 }
 
 /* Every file object (one with a string "url") of the output, in the
@@ -338,7 +283,7 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 	char *slash = strchr(model, '/');
 	if (slash && (slash = strchr(slash + 1, '/')))
 		*slash = '\0';
-	const struct fal_conf *c = r->route->backend_state;
+	const struct svc_conf *c = r->route->backend_state;
 	su = svc_str(o, "status_url");
 	ru = svc_str(o, "response_url");
 	cu = svc_str(o, "cancel_url");
@@ -437,7 +382,7 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 		json_object_put(o);
 		f->phase = F_RESULT;
 		return request(r, f, "GET", f->response_url, NULL,
-			       ((const struct fal_conf *)r->route->backend_state)->req_ms);
+			       ((const struct svc_conf *)r->route->backend_state)->req_ms);
 	} else if (strcmp(st, "FAILED") == 0 || strcmp(st, "ERROR") == 0) {
 		const char *why = svc_str(o, "error");
 		run_fail(r, -EIO, "backend_failed", "fal request %s failed: %.300s", f->request_id,
@@ -491,23 +436,16 @@ static int fal_step(struct run *r)
 	int rc;
 
 	if (!f) {
-		const struct fal_conf *c = r->route->backend_state;
-		const char *key = c->key;
+		const struct svc_conf *c = r->route->backend_state;
+		const char *key;
 
 		if (!(f = calloc(1, sizeof(*f))))
 			return run_fail(r, -ENOMEM, "store", "out of memory");
 		r->bstate = f;
 		f->position = -1;
-		/* The job's own key first (SPEC §7), then the route's. */
-		rc = run_credential(r, "key", &f->job_key);
-		if (rc == 0)
-			key = (const char *)f->job_key;
-		else if (rc != STORE_E_NOTFOUND)
-			return run_fail(r, rc, "store", "cannot open the job's credentials: %s",
-					store_lasterr());
-		if (!key || !*key)
-			key = getenv(c->key_env);
-		if (!key || !*key)
+		if ((rc = svc_key(r, c, &f->job_key, &key)) != 0)
+			return rc;
+		if (!key)
 			return run_fail(r, -ENOTCONN, "backend_not_configured",
 			                "route %s needs the fal backend with an API key: set %s in "
 			                "the daemon's environment, \"key\" for this route in a "
@@ -565,19 +503,8 @@ static int fal_step(struct run *r)
 			run_handle_put(r, "", 0);
 			return deadline_fail(r, f);
 		}
-		if (h->error_code) {
-			if (h->status == 0 && h->maybe_sent)
-				return run_fail(r, -EIO, "interrupted",
-				                "the submission to fal got no answer (%s); whether "
-				                "fal queued it is unknown, so it is not sent again "
-				                "(ctl retry sends it anew)",
-				                h->message);
-			/* Nothing was queued: a later attempt may submit. */
-			if (run_handle_put(r, "", 0) != 0)
-				return run_fail(r, -EIO, "store", "cannot record the job: %s",
-				                store_lasterr());
-			return svc_fail(r, h, "fal", "fal submit");
-		}
+		if (h->error_code)
+			return svc_submit_failed(r, h, "fal", "the submission to fal");
 		return on_submitted(r, f, h);
 	case F_STATUS:
 		return on_status(r, f, h);

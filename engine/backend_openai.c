@@ -35,13 +35,12 @@ extern const struct backend backend_openai;
 /* A whole answer is held while its base64 images are decoded: at most
  * this much per image (and max_output, if smaller). */
 #define OAI_IMAGE_MAX (64ull << 20)
+#define OAI_ANSWER_MAX (512ull << 20)
 #define OAI_DEFAULT_BASE "https://api.openai.com"
 
 struct oai_conf {
-	char base[512];
+	struct svc_conf svc;	  /* base_url, key, key_env */
 	char response_format[16]; /* "" : not sent */
-	char key_env[128];
-	char *key;
 };
 
 struct oai_run {
@@ -63,10 +62,8 @@ static void oai_release(void *state)
 {
 	struct oai_conf *c = state;
 
-	if (c && c->key) {
-		explicit_bzero(c->key, strlen(c->key));
-		free(c->key);
-	}
+	if (c)
+		svc_conf_clear(&c->svc);
 	free(c);
 }
 
@@ -82,8 +79,15 @@ static int oai_configure(struct route *rt, json_object *settings, void **state, 
 		return rc;
 	if (!(c = calloc(1, sizeof(*c))))
 		return -ENOMEM;
-	snprintf(c->base, sizeof(c->base), OAI_DEFAULT_BASE);
-	snprintf(c->key_env, sizeof(c->key_env), "OPENAI_API_KEY");
+	if ((rc = svc_conf_parse(&c->svc, settings, OAI_DEFAULT_BASE, "OPENAI_API_KEY", err,
+				 errlen)) != 0) {
+		oai_release(c);
+		return rc;
+	}
+	/* "http://host/v1" and "http://host" both name the server. */
+	size_t n = strlen(c->svc.base);
+	if (n >= 3 && strcmp(c->svc.base + n - 3, "/v1") == 0)
+		c->svc.base[n - 3] = '\0';
 	snprintf(c->response_format, sizeof(c->response_format), "%s",
 		 strncmp(rt->model_id, "gpt-image", 9) == 0 ? "" : "b64_json");
 	if (strpbrk(rt->model_id, "\"\\")) {
@@ -102,48 +106,19 @@ static int oai_configure(struct route *rt, json_object *settings, void **state, 
 		snprintf(c->response_format, sizeof(c->response_format), "%s",
 			 strcmp(f, "none") == 0 ? "" : f);
 	}
-	if (settings && json_object_object_get_ex(settings, "base_url", &v)) {
-		const char *u = json_object_get_string(v);
-		size_t n = (size_t)json_object_get_string_len(v);
-		if (!svc_url_ok(u, n) || n >= sizeof(c->base)) {
-			oai_release(c);
-			snprintf(err, errlen,
-				 "'base_url' must be an http:// or https:// URL of at most %zu bytes",
-				 sizeof(c->base) - 1);
-			return -EINVAL;
-		}
-		while (n && u[n - 1] == '/')
-			n--;
-		/* "http://host/v1" and "http://host" both name the server. */
-		if (n >= 3 && strncmp(u + n - 3, "/v1", 3) == 0)
-			n -= 3;
-		snprintf(c->base, sizeof(c->base), "%.*s", (int)n, u);
-	}
-	if (settings && json_object_object_get_ex(settings, "key_env", &v)) {
-		if (json_object_get_string_len(v) == 0 ||
-		    (size_t)json_object_get_string_len(v) >= sizeof(c->key_env)) {
-			oai_release(c);
-			snprintf(err, errlen, "'key_env' must name an environment variable");
-			return -EINVAL;
-		}
-		snprintf(c->key_env, sizeof(c->key_env), "%s", json_object_get_string(v));
-	}
-	if (settings && json_object_object_get_ex(settings, "key", &v)) {
-		if (json_object_get_string_len(v) == 0 || json_object_get_string_len(v) > 512 ||
-		    strpbrk(json_object_get_string(v), "\r\n")) {
-			oai_release(c);
-			snprintf(err, errlen, "'key' must be an API key on one line");
-			return -EINVAL;
-		}
-		if (!(c->key = strdup(json_object_get_string(v)))) {
-			oai_release(c);
-			return -ENOMEM;
-		}
-	}
-	snprintf(rt->target, sizeof(rt->target), "%s/v1/images/generations%s%s", c->base,
+	snprintf(rt->target, sizeof(rt->target), "%s/v1/images/generations%s%s", c->svc.base,
 		 rt->model_id[0] ? "#" : "", rt->model_id);
 	*state = c;
 	return 0;
+}
+
+/* The bytes of an answer holding n images of at most each bytes in
+ * base64, and its JSON around them: OAI_ANSWER_MAX at most. */
+static size_t answer_max(size_t n, uint64_t each)
+{
+	uint64_t m = n * (each / 3 * 4 + 4) + (1u << 20);
+
+	return (size_t)(m < OAI_ANSWER_MAX ? m : OAI_ANSWER_MAX);
 }
 
 /* The images the request asks for (its `n`, default 1). */
@@ -178,18 +153,8 @@ static int on_answer(struct run *r, struct oai_run *o, const struct http_respons
 {
 	json_object *res, *data;
 
-	if (h->error_code) {
-		if (h->status == 0 && h->maybe_sent)
-			return run_fail(r, -EIO, "interrupted",
-					"the image request got no answer (%s); whether the service "
-					"made (and billed) the images is unknown, so it is not sent "
-					"again (ctl retry sends it anew)",
-					h->message);
-		if (run_handle_put(r, "", 0) != 0)
-			return run_fail(r, -EIO, "store", "cannot record the job: %s",
-					store_lasterr());
-		return svc_fail(r, h, "the image service", "image generation");
-	}
+	if (h->error_code)
+		return svc_submit_failed(r, h, "the image service", "the image request");
 	if (run_handle_put(r, "", 0) != 0) /* answered: nothing is out there */
 		return run_fail(r, -EIO, "store", "cannot record the job: %s", store_lasterr());
 	if (!(res = svc_parse(h->body, h->len)))
@@ -214,7 +179,7 @@ static int on_answer(struct run *r, struct oai_run *o, const struct http_respons
 static int oai_start(struct run *r)
 {
 	const struct oai_conf *c = r->route->backend_state;
-	const char *key = c->key;
+	const char *key;
 	struct oai_run *o;
 	json_object *req = NULL;
 	char url[600];
@@ -225,23 +190,15 @@ static int oai_start(struct run *r)
 		return run_fail(r, -ENOMEM, "store", "out of memory");
 	r->bstate = o;
 	o->files.service = "the image service";
-	rc = run_credential(r, "key", &o->job_key);
-	if (rc == 0)
-		key = (const char *)o->job_key;
-	else if (rc != STORE_E_NOTFOUND)
-		return run_fail(r, rc, "store", "cannot open the job's credentials: %s",
-				store_lasterr());
-	if (!key || !*key)
-		key = getenv(c->key_env);
-	if ((!key || !*key) && strcmp(c->base, OAI_DEFAULT_BASE) == 0)
+	if ((rc = svc_key(r, &c->svc, &o->job_key, &key)) != 0)
+		return rc;
+	if (!key && strcmp(c->svc.base, OAI_DEFAULT_BASE) == 0)
 		return run_fail(r, -ENOTCONN, "backend_not_configured",
 				"route %s needs the openai-images backend with an API key: set %s "
 				"in the daemon's environment, \"key\" for this route in a models "
 				"file (models=FILE), or the job's own in its envelope",
-				r->route->path, c->key_env);
-	if (key && strlen(key) > 512)
-		return run_fail(r, -EINVAL, "backend_not_configured", "the API key is too long");
-	if (key && *key) {
+				r->route->path, c->svc.key_env);
+	if (key) {
 		o->key = key;
 		o->files.key = key;
 		snprintf(o->auth, sizeof(o->auth), "Authorization: Bearer %s", key);
@@ -290,11 +247,11 @@ static int oai_start(struct run *r)
 		    .body = body,
 		    .body_len = strlen(body),
 		    .timeout_ms = left, /* the images are made while we wait */
-		    .max_body = (size_t)(images_asked(req) * (each / 3 * 4 + 4) + (1u << 20)),
+		    .max_body = answer_max(images_asked(req), each),
 		    .secrets = secrets,
 		    .nsecrets = 1,
 		};
-		snprintf(url, sizeof(url), "%s/v1/images/generations", c->base);
+		snprintf(url, sizeof(url), "%s/v1/images/generations", c->svc.base);
 		run_log(r, "openai-images: asking %s for %zu image%s", url, images_asked(req),
 			images_asked(req) == 1 ? "" : "s");
 		o->sent = true;

@@ -53,11 +53,8 @@ extern const struct backend backend_replicate;
 #define REP_INPUT_MAX (1u << 20)
 
 struct rep_conf {
-	char base[512];	   /* without a trailing slash */
-	char version[128]; /* "" : the model's latest, by model id */
-	char key_env[128];
-	char *key;
-	uint64_t req_ms; /* one get, at most */
+	struct svc_conf svc; /* base_url, key, key_env, request_timeout_s */
+	char version[128];   /* "" : the model's latest, by model id */
 };
 
 enum rep_phase { R_CREATE, R_POLL, R_FILES, R_CANCEL };
@@ -88,10 +85,8 @@ static void rep_release(void *state)
 {
 	struct rep_conf *c = state;
 
-	if (c && c->key) {
-		explicit_bzero(c->key, strlen(c->key));
-		free(c->key);
-	}
+	if (c)
+		svc_conf_clear(&c->svc);
 	free(c);
 }
 
@@ -113,17 +108,10 @@ static int rep_configure(struct route *rt, json_object *settings, void **state, 
 		return rc;
 	if (!(c = calloc(1, sizeof(*c))))
 		return -ENOMEM;
-	snprintf(c->base, sizeof(c->base), "https://api.replicate.com/v1");
-	snprintf(c->key_env, sizeof(c->key_env), "REPLICATE_API_TOKEN");
-	c->req_ms = 30000;
-	if (settings && json_object_object_get_ex(settings, "request_timeout_s", &v)) {
-		int64_t t = json_object_get_int64(v);
-		if (t < 1 || t > 3600) {
-			rep_release(c);
-			snprintf(err, errlen, "'request_timeout_s' must be from 1 to 3600 seconds");
-			return -EINVAL;
-		}
-		c->req_ms = (uint64_t)t * 1000;
+	if ((rc = svc_conf_parse(&c->svc, settings, "https://api.replicate.com/v1",
+				 "REPLICATE_API_TOKEN", err, errlen)) != 0) {
+		rep_release(c);
+		return rc;
 	}
 	if (settings && json_object_object_get_ex(settings, "version", &v)) {
 		if (!id_ok(json_object_get_string(v), sizeof(c->version))) {
@@ -147,45 +135,10 @@ static int rep_configure(struct route *rt, json_object *settings, void **state, 
 				      "'version'");
 		return -EINVAL;
 	}
-	if (settings && json_object_object_get_ex(settings, "base_url", &v)) {
-		const char *u = json_object_get_string(v);
-		size_t n = (size_t)json_object_get_string_len(v);
-		if (!svc_url_ok(u, n) || n >= sizeof(c->base)) {
-			rep_release(c);
-			snprintf(err, errlen,
-				 "'base_url' must be an http:// or https:// URL of at most %zu bytes",
-				 sizeof(c->base) - 1);
-			return -EINVAL;
-		}
-		while (n && u[n - 1] == '/')
-			n--;
-		snprintf(c->base, sizeof(c->base), "%.*s", (int)n, u);
-	}
-	if (settings && json_object_object_get_ex(settings, "key_env", &v)) {
-		if (json_object_get_string_len(v) == 0 ||
-		    (size_t)json_object_get_string_len(v) >= sizeof(c->key_env)) {
-			rep_release(c);
-			snprintf(err, errlen, "'key_env' must name an environment variable");
-			return -EINVAL;
-		}
-		snprintf(c->key_env, sizeof(c->key_env), "%s", json_object_get_string(v));
-	}
-	if (settings && json_object_object_get_ex(settings, "key", &v)) {
-		if (json_object_get_string_len(v) == 0 || json_object_get_string_len(v) > 512 ||
-		    strpbrk(json_object_get_string(v), "\r\n")) {
-			rep_release(c);
-			snprintf(err, errlen, "'key' must be a Replicate API token on one line");
-			return -EINVAL;
-		}
-		if (!(c->key = strdup(json_object_get_string(v)))) {
-			rep_release(c);
-			return -ENOMEM;
-		}
-	}
 	if (c->version[0])
-		snprintf(rt->target, sizeof(rt->target), "%s/predictions#%s", c->base, c->version);
+		snprintf(rt->target, sizeof(rt->target), "%s/predictions#%s", c->svc.base, c->version);
 	else
-		snprintf(rt->target, sizeof(rt->target), "%s/models/%s", c->base, rt->model_id);
+		snprintf(rt->target, sizeof(rt->target), "%s/models/%s", c->svc.base, rt->model_id);
 	*state = c;
 	return 0;
 }
@@ -291,7 +244,7 @@ static int poll(struct run *r, struct rep_run *p)
 {
 	p->phase = R_POLL;
 	return request(r, p, "GET", p->get_url, NULL,
-		       ((const struct rep_conf *)r->route->backend_state)->req_ms);
+		       ((const struct rep_conf *)r->route->backend_state)->svc.req_ms);
 }
 
 static int on_created(struct run *r, struct rep_run *p, const struct http_response *h)
@@ -314,11 +267,11 @@ static int on_created(struct run *r, struct rep_run *p, const struct http_respon
 	if (g && svc_url_ok(g, strlen(g)))
 		snprintf(p->get_url, sizeof(p->get_url), "%s", g);
 	else
-		snprintf(p->get_url, sizeof(p->get_url), "%s/predictions/%s", c->base, p->id);
+		snprintf(p->get_url, sizeof(p->get_url), "%s/predictions/%s", c->svc.base, p->id);
 	if (cu && svc_url_ok(cu, strlen(cu)))
 		snprintf(p->cancel_url, sizeof(p->cancel_url), "%s", cu);
 	else
-		snprintf(p->cancel_url, sizeof(p->cancel_url), "%s/predictions/%s/cancel", c->base,
+		snprintf(p->cancel_url, sizeof(p->cancel_url), "%s/predictions/%s/cancel", c->svc.base,
 			 p->id);
 	json_object_put(o);
 	if ((rc = handle_put(r, p, false)) != 0)
@@ -510,7 +463,7 @@ static char *create_body(struct run *r, const struct rep_conf *c, int *rc)
 static int rep_start(struct run *r)
 {
 	const struct rep_conf *c = r->route->backend_state;
-	const char *key = c->key;
+	const char *key;
 	struct rep_run *p;
 	char url[SVC_URL_MAX + 200], *body;
 	int rc;
@@ -518,21 +471,15 @@ static int rep_start(struct run *r)
 	if (!(p = calloc(1, sizeof(*p))))
 		return run_fail(r, -ENOMEM, "store", "out of memory");
 	r->bstate = p;
-	rc = run_credential(r, "key", &p->job_key);
-	if (rc == 0)
-		key = (const char *)p->job_key;
-	else if (rc != STORE_E_NOTFOUND)
-		return run_fail(r, rc, "store", "cannot open the job's credentials: %s",
-				store_lasterr());
-	if (!key || !*key)
-		key = getenv(c->key_env);
-	if (!key || !*key || strlen(key) > 512)
+	if ((rc = svc_key(r, &c->svc, &p->job_key, &key)) != 0)
+		return rc;
+	if (!key)
 		return run_fail(r, -ENOTCONN, "backend_not_configured",
 				"route %s needs the replicate backend with an API token: set %s in "
 				"the daemon's environment, \"key\" for this route in a models file "
 				"(models=FILE), or the job's own in its envelope ({\"input\": ..., "
 				"\"credentials\": {\"key\": ...}})",
-				r->route->path, c->key_env);
+				r->route->path, c->svc.key_env);
 	p->key = key;
 	p->files.service = "Replicate";
 	p->files.key = key;
@@ -562,9 +509,9 @@ static int rep_start(struct run *r)
 		return run_fail(r, rc, "store", "cannot record the creation: %s", store_lasterr());
 	}
 	if (c->version[0])
-		snprintf(url, sizeof(url), "%s/predictions", c->base);
+		snprintf(url, sizeof(url), "%s/predictions", c->svc.base);
 	else
-		snprintf(url, sizeof(url), "%s/models/%s/predictions", c->base, r->route->model_id);
+		snprintf(url, sizeof(url), "%s/models/%s/predictions", c->svc.base, r->route->model_id);
 	p->phase = R_CREATE;
 	rc = request(r, p, "POST", url, body, 60000);
 	free(body);
@@ -583,18 +530,8 @@ static int rep_step(struct run *r)
 					  : run_fail(r, -EIO, "backend_failed", "nothing to wait for");
 	switch (p->phase) {
 	case R_CREATE:
-		if (h->error_code) {
-			if (h->status == 0 && h->maybe_sent)
-				return run_fail(r, -EIO, "interrupted",
-						"the creation at Replicate got no answer (%s); whether "
-						"the prediction exists is unknown, so it is not created "
-						"again (ctl retry creates it anew)",
-						h->message);
-			if (run_handle_put(r, "", 0) != 0)
-				return run_fail(r, -EIO, "store", "cannot record the job: %s",
-						store_lasterr());
-			return svc_fail(r, h, "Replicate", "replicate create");
-		}
+		if (h->error_code)
+			return svc_submit_failed(r, h, "Replicate", "the prediction's creation");
 		return on_created(r, p, h);
 	case R_POLL:
 		return on_poll(r, p, h);

@@ -414,10 +414,15 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
 		/* Claims go by batches (one durable write for several jobs)
 		 * while the breaker is closed; a probe is one job. */
 		size_t room = rt->route->concurrency - rt->inflight, got = 0;
+		bool probe_kept = false;
 		if (room > CLAIM_BATCH)
 			room = CLAIM_BATCH;
-		if (rt->br && rt->br->state != BREAKER_CLOSED)
+		if (rt->br && rt->br->state != BREAKER_CLOSED) {
+			/* The probe's place is taken before mu is dropped, so
+			 * that no other thread claims a second one meanwhile. */
 			room = 1;
+			probe_kept = breaker_claimed(rt->br);
+		}
 		rt->inflight += (unsigned)room; /* places kept while claiming */
 		pthread_mutex_unlock(&m->mu);
 		pthread_mutex_lock(&e->state_mu);
@@ -427,6 +432,8 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
 		rt->inflight -= (unsigned)room;
 		m->next_route = i + 1;
 		if (rc) {
+			if (probe_kept && rt->br->state == BREAKER_HALF_OPEN)
+				rt->br->probing = false; /* no job: no probe */
 			if (rc != STORE_E_NOTFOUND)
 				fprintf(stderr, "renderfs: cannot claim a job: %s\n",
 				        store_lasterr());
@@ -434,7 +441,7 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
 		}
 		for (size_t c = 0; c < got; c++) {
 			job = claimed[c];
-			probe = rt->br && breaker_claimed(rt->br);
+			probe = probe_kept && c == 0;
 			if (!rrun_new(m, rt, &job, probe)) {
 				/* No memory for it: back to the queue as it was. */
 				pthread_mutex_unlock(&m->mu);

@@ -164,6 +164,100 @@ int svc_fail(struct run *r, const struct http_response *h, const char *service,
 	return -EIO;
 }
 
+/* ---- a route's settings, its key, a submission's fate ---- */
+
+void svc_conf_clear(struct svc_conf *c)
+{
+	if (c->key) {
+		explicit_bzero(c->key, strlen(c->key));
+		free(c->key);
+	}
+	memset(c, 0, sizeof(*c));
+}
+
+int svc_conf_parse(struct svc_conf *c, json_object *settings, const char *base_default,
+		   const char *env_default, char *err, size_t errlen)
+{
+	json_object *v;
+
+	memset(c, 0, sizeof(*c));
+	snprintf(c->base, sizeof(c->base), "%s", base_default);
+	snprintf(c->key_env, sizeof(c->key_env), "%s", env_default);
+	c->req_ms = 30000;
+	if (settings && json_object_object_get_ex(settings, "request_timeout_s", &v)) {
+		int64_t t = json_object_get_int64(v);
+		if (t < 1 || t > 3600) {
+			snprintf(err, errlen, "'request_timeout_s' must be from 1 to 3600 seconds");
+			return -EINVAL;
+		}
+		c->req_ms = (uint64_t)t * 1000;
+	}
+	if (settings && json_object_object_get_ex(settings, "base_url", &v)) {
+		const char *u = json_object_get_string(v);
+		size_t n = (size_t)json_object_get_string_len(v);
+		if (!svc_url_ok(u, n) || n >= sizeof(c->base)) {
+			snprintf(err, errlen,
+				 "'base_url' must be an http:// or https:// URL of at most %zu bytes",
+				 sizeof(c->base) - 1);
+			return -EINVAL;
+		}
+		while (n && u[n - 1] == '/')
+			n--;
+		snprintf(c->base, sizeof(c->base), "%.*s", (int)n, u);
+	}
+	if (settings && json_object_object_get_ex(settings, "key_env", &v)) {
+		if (json_object_get_string_len(v) == 0 ||
+		    (size_t)json_object_get_string_len(v) >= sizeof(c->key_env)) {
+			snprintf(err, errlen, "'key_env' must name an environment variable");
+			return -EINVAL;
+		}
+		snprintf(c->key_env, sizeof(c->key_env), "%s", json_object_get_string(v));
+	}
+	if (settings && json_object_object_get_ex(settings, "key", &v)) {
+		if (json_object_get_string_len(v) == 0 || json_object_get_string_len(v) > 512 ||
+		    strpbrk(json_object_get_string(v), "\r\n")) {
+			snprintf(err, errlen, "'key' must be an API key on one line, at most 512 bytes");
+			return -EINVAL;
+		}
+		if (!(c->key = strdup(json_object_get_string(v))))
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+int svc_key(struct run *r, const struct svc_conf *c, uint8_t **job_key, const char **key)
+{
+	int rc = run_credential(r, "key", job_key);
+
+	*key = NULL;
+	if (rc == 0) {
+		*key = (const char *)*job_key;
+	} else if (rc != STORE_E_NOTFOUND) {
+		return run_fail(r, rc, "store", "cannot open the job's credentials: %s",
+				store_lasterr());
+	}
+	if (!*key || !**key)
+		*key = c->key;
+	if (!*key || !**key)
+		*key = getenv(c->key_env);
+	if (*key && (!**key || strlen(*key) > 512 || strpbrk(*key, "\r\n")))
+		*key = NULL; /* not a key a header can carry */
+	return 0;
+}
+
+int svc_submit_failed(struct run *r, const struct http_response *h, const char *service,
+		      const char *what)
+{
+	if (h->status == 0 && h->maybe_sent)
+		return run_fail(r, -EIO, "interrupted",
+				"%s got no answer (%s); whether %s has it is unknown, so it is "
+				"not sent again (ctl retry sends it anew)",
+				what, h->message, service);
+	if (run_handle_put(r, "", 0) != 0)
+		return run_fail(r, -EIO, "store", "cannot record the job: %s", store_lasterr());
+	return svc_fail(r, h, service, what);
+}
+
 /* ---- the files of a result ---- */
 
 int svc_files_add(struct svc_files *fs, json_object *holder, const char *key, size_t idx,

@@ -57,6 +57,42 @@ double svc_log_fraction(const char *s);
 int svc_fail(struct run *r, const struct http_response *h, const char *service,
 	     const char *what);
 
+/* ---- a route's settings, its key, a submission's fate ---- */
+
+/* What every remote route's settings may say (each backend's list of
+ * settings says which it takes). */
+struct svc_conf {
+	char base[512];	   /* base_url, without a trailing slash */
+	char key_env[128]; /* key_env: the variable that holds the key */
+	char *key;	   /* key from the models file, or NULL */
+	uint64_t req_ms;   /* request_timeout_s: one status request, at most */
+};
+
+struct backend;
+/* Fill c from settings (checked by backend_settings_check before) with
+ * the defaults given: 0, or -EINVAL with err naming the field (c is then
+ * cleared). */
+int svc_conf_parse(struct svc_conf *c, json_object *settings, const char *base_default,
+		   const char *env_default, char *err, size_t errlen);
+/* Wipe and free the key. */
+void svc_conf_clear(struct svc_conf *c);
+/*
+ * The key a run uses (SPEC §7): the job's own (envelope credentials,
+ * unsealed into *job_key, which the caller frees with
+ * store_unsealed_free), else the route's, else the variable's: *key, or
+ * NULL when there is none. 0, or a failure set with run_fail.
+ */
+int svc_key(struct run *r, const struct svc_conf *c, uint8_t **job_key, const char **key);
+/*
+ * A submission that failed: with no answer after it may have been sent,
+ * whether the service has it is unknown, so the job ends `interrupted`
+ * (never sent twice); otherwise nothing was accepted: the handle is
+ * cleared (a later attempt may submit) and the answer's code decides.
+ * Returns the failure.
+ */
+int svc_submit_failed(struct run *r, const struct http_response *h, const char *service,
+		      const char *what);
+
 /* ---- the files of a result ---- */
 
 #define SVC_FILES_MAX (1 + INDEX_EXTRAS_MAX) /* output.<ext>, output.1.<ext>, ... */

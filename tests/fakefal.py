@@ -45,6 +45,44 @@ class QuietServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class Handler(BaseHTTPRequestHandler):
+    """What the fakes' request handlers share; `fake` is the service."""
+    protocol_version = "HTTP/1.1"
+    fake = None
+
+    def log_message(self, *a):
+        pass
+
+    def answer(self, code, obj=None, body=None, ctype="application/json", headers=(),
+               cut=False):
+        data = body if body is not None else json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        if cut:  # half the body, then the connection goes
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+    def fault(self, name):
+        """Whether the next request of a kind gets fault `name` (a count
+        the test set on the fake, taken down by one)."""
+        with self.fake.lock:
+            n = getattr(self.fake, name)
+            if n:
+                setattr(self.fake, name, n - 1)
+            return n > 0
+
+    def body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+
 class FakeFal:
     KEY = "fal-test-key-0123456789"
 
@@ -101,43 +139,11 @@ class FakeFal:
         return mp4(seed) if self.video else png(seed)
 
     def _handler(fake):
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
+        class H(Handler):
             def parse_request(self):
                 with fake.lock:
                     fake.http_requests += 1
                 return super().parse_request()
-
-            def answer(self, code, obj=None, body=None, ctype="application/json",
-                       headers=(), cut=False):
-                data = body if body is not None else json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                if cut:  # half the body, then the connection goes
-                    self.wfile.write(data[:len(data) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(data)
-
-            def fault(self, name):
-                with fake.lock:
-                    n = getattr(fake, name)
-                    if n:
-                        setattr(fake, name, n - 1)
-                    return n > 0
-
-            def body(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(n) if n else b""
 
             def authorized(self):
                 auth = self.headers.get("Authorization", "")
@@ -266,4 +272,5 @@ class FakeFal:
                     return self.answer(200, {"video": images[0], "seed": 42})
                 return self.answer(200, {"images": images, "seed": 42,
                                          "has_nsfw_concepts": [False] * fake.images})
+        H.fake = fake
         return H

@@ -10,8 +10,7 @@ import json
 import threading
 import time
 
-from fakefal import QuietServer, png
-from http.server import BaseHTTPRequestHandler
+from fakefal import Handler, QuietServer, png
 
 
 class FakeOpenAI:
@@ -49,20 +48,7 @@ class FakeOpenAI:
         return self.payload if self.payload is not None else png(2000 + i * 7 + k)
 
     def _handler(fake):
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def answer(self, code, obj=None, body=None, ctype="application/json"):
-                data = body if body is not None else json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class H(Handler):
             def error(self, code, message, param=None):
                 if fake.flavour == "sd-server":
                     return self.answer(code, {"error": message})
@@ -71,8 +57,7 @@ class FakeOpenAI:
                                                     "code": None}})
 
             def do_POST(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                data = self.rfile.read(n) if n else b""
+                data = self.body()
                 if self.path != "/v1/images/generations":
                     return self.error(404, "not found")
                 if fake.key and self.headers.get("Authorization") != "Bearer " + fake.key:
@@ -104,4 +89,5 @@ class FakeOpenAI:
                     return self.error(404, "not found")
                 i, _, k = self.path.split("/")[-1].split(".")[0].partition("_")
                 self.answer(200, body=fake.image(int(i), int(k)), ctype="image/png")
+        H.fake = fake
         return H

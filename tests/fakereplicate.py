@@ -8,8 +8,7 @@ import json
 import threading
 import time
 
-from fakefal import QuietServer, png
-from http.server import BaseHTTPRequestHandler
+from fakefal import Handler, QuietServer, png
 
 
 class FakeReplicate:
@@ -68,33 +67,7 @@ class FakeReplicate:
                          "cancel": f"{self.base}/predictions/{pid}/cancel"}}
 
     def _handler(fake):
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def answer(self, code, obj=None, body=None, ctype="application/json", headers=()):
-                data = body if body is not None else json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def fault(self, name):
-                with fake.lock:
-                    n = getattr(fake, name)
-                    if n:
-                        setattr(fake, name, n - 1)
-                    return n > 0
-
-            def body(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(n) if n else b""
-
+        class H(Handler):
             def authorized(self):
                 if self.headers.get("Authorization") != "Bearer " + FakeReplicate.KEY:
                     self.answer(401, {"title": "Unauthenticated",
@@ -173,4 +146,5 @@ class FakeReplicate:
                             p["status"] = fake.final
                     body = fake.prediction(pid)
                 self.answer(200, body)
+        H.fake = fake
         return H

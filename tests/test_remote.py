@@ -133,7 +133,7 @@ def test_breaker_opens_holds_jobs_and_closes(mount_factory, tmp_path, fal):
     fal.fail = None
     for jid in ids:
         assert m.wait(ROUTE, jid, timeout=60) == "complete"
-    assert breaker_state(m, fal) == 0
+    assert breaker_state(m, fal) == 0, stats(m)
     assert len(fal.submissions) == 4
 
 
