@@ -10,7 +10,9 @@
  * gives several outputs. The service keeps no job to follow: the durable
  * handle says "submitting" while the request is out, so that a daemon
  * that died during it does not send it again (`interrupted`), and a
- * request whose answer was lost on the way is not sent again either.
+ * request whose answer was lost on the way is not sent again either;
+ * then "answered", with the answer when it is URLs (a later attempt, after
+ * a download failed, downloads them again rather than paying twice).
  * Cancelling closes the connection (the API has no cancel).
  *
  * Settings (models file): base_url (default https://api.openai.com),
@@ -149,17 +151,11 @@ static int oai_check(const struct route *rt, const char *request, size_t len, ch
 	return rc;
 }
 
-static int on_answer(struct run *r, struct oai_run *o, const struct http_response *h)
+/* The images of an answer (res, owned now) become the job's outputs. */
+static int take_answer(struct run *r, struct oai_run *o, json_object *res)
 {
-	json_object *res, *data;
+	json_object *data;
 
-	if (h->error_code)
-		return svc_submit_failed(r, h, "the image service", "the image request");
-	if (run_handle_put(r, "", 0) != 0) /* answered: nothing is out there */
-		return run_fail(r, -EIO, "store", "cannot record the job: %s", store_lasterr());
-	if (!(res = svc_parse(h->body, h->len)))
-		return run_fail(r, -EBADMSG, "output_invalid",
-				"the image service's answer is not a JSON object");
 	o->files.result = res;
 	if (!json_object_object_get_ex(res, "data", &data) ||
 	    !json_object_is_type(data, json_type_array))
@@ -172,8 +168,93 @@ static int on_answer(struct run *r, struct oai_run *o, const struct http_respons
 		else if (svc_str(d, "url"))
 			svc_files_add(&o->files, d, "url", 0, SVC_FILE_URL, NULL);
 	}
-	run_log(r, "openai-images: %zu image%s made", o->files.n, o->files.n == 1 ? "" : "s");
 	return svc_files_start(r, &o->files);
+}
+
+/*
+ * The images are made (and paid for): the handle says so before they are
+ * stored, with the answer itself when it fits (URLs: a later attempt
+ * downloads them again instead of asking for new images); an answer too
+ * large to keep (base64) leaves "answered" alone, so that a later attempt
+ * does not ask again either.
+ */
+static int on_answer(struct run *r, struct oai_run *o, const struct http_response *h)
+{
+	json_object *res, *keep;
+	const char *text;
+	int rc;
+
+	if (h->error_code)
+		return svc_submit_failed(r, h, "the image service", "the image request");
+	res = svc_parse(h->body, h->len);
+	keep = json_object_new_object();
+	if (!keep) {
+		json_object_put(res);
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	}
+	json_object_object_add(keep, "state", json_object_new_string("answered"));
+	if (res && h->len < INDEX_HANDLE_MAX && !strstr(h->body, "\"b64_json\""))
+		json_object_object_add(keep, "answer", json_object_get(res));
+	text = json_object_to_json_string_ext(keep, JSON_C_TO_STRING_PLAIN |
+							JSON_C_TO_STRING_NOSLASHESCAPE);
+	if (text && strlen(text) > INDEX_HANDLE_MAX) {
+		json_object_object_del(keep, "answer");
+		text = json_object_to_json_string_ext(keep, JSON_C_TO_STRING_PLAIN);
+	}
+	rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
+	json_object_put(keep);
+	if (rc != 0) {
+		json_object_put(res);
+		return run_fail(r, -EIO, "store", "cannot record the job: %s", store_lasterr());
+	}
+	if (!res)
+		return run_fail(r, -EBADMSG, "output_invalid",
+				"the image service's answer is not a JSON object");
+	run_log(r, "openai-images: the service answered");
+	return take_answer(r, o, res);
+}
+
+/* What an earlier attempt left: 0 (nothing), 1 (o's answer taken: the
+ * run goes on from it), or the failure. */
+static int resume(struct run *r, struct oai_run *o, int *step_rc)
+{
+	void *data = NULL;
+	size_t len = 0;
+	json_object *h, *answer;
+	const char *state;
+	int rc = run_handle_get(r, &data, &len);
+
+	if (rc == STORE_E_NOTFOUND || (rc == 0 && len == 0)) {
+		free(data);
+		return 0;
+	}
+	if (rc != 0) {
+		*step_rc = run_fail(r, rc, "store", "cannot read the job's handle: %s",
+				    store_lasterr());
+		return 1;
+	}
+	h = svc_parse(data, len);
+	free(data);
+	state = svc_str(h, "state");
+	if (state && strcmp(state, "answered") == 0 &&
+	    json_object_object_get_ex(h, "answer", &answer) &&
+	    json_object_is_type(answer, json_type_object)) {
+		run_log(r, "openai-images: storing the images an earlier attempt was given");
+		json_object_get(answer);
+		json_object_put(h);
+		*step_rc = take_answer(r, o, answer);
+		return 1;
+	}
+	*step_rc = state && strcmp(state, "answered") == 0
+		       ? run_fail(r, -EIO, "interrupted",
+				  "the service made the images in an earlier attempt, which could not "
+				  "store them; they are not asked for again (ctl retry asks anew)")
+		       : run_fail(r, -EIO, "interrupted",
+				  "an image request was out when the daemon stopped; whether the "
+				  "service made (and billed) the images is unknown, so it is not "
+				  "sent again (ctl retry sends it anew)");
+	json_object_put(h);
+	return 1;
 }
 
 static int oai_start(struct run *r)
@@ -203,20 +284,8 @@ static int oai_start(struct run *r)
 		o->files.key = key;
 		snprintf(o->auth, sizeof(o->auth), "Authorization: Bearer %s", key);
 	}
-	{
-		void *data = NULL;
-		size_t len = 0;
-		rc = run_handle_get(r, &data, &len);
-		free(data);
-		if (rc == 0 && len > 0)
-			return run_fail(r, -EIO, "interrupted",
-					"an image request was out when the daemon stopped; whether "
-					"the service made (and billed) the images is unknown, so it "
-					"is not sent again (ctl retry sends it anew)");
-		if (rc != 0 && rc != STORE_E_NOTFOUND)
-			return run_fail(r, rc, "store", "cannot read the job's handle: %s",
-					store_lasterr());
-	}
+	if (resume(r, o, &rc))
+		return rc;
 	if (!(req = svc_parse(r->request, r->request_len)))
 		return run_fail(r, -EINVAL, "invalid_request", "the request is not a JSON object");
 	if (r->route->model_id[0] && !json_object_object_get_ex(req, "model", NULL))

@@ -23,6 +23,7 @@ class FakeOpenAI:
         self.fail = None          # (HTTP status, message) for every generation
         self.hang = 0             # seconds a generation takes before its answer
         self.payload = None       # bytes every image is instead of a PNG
+        self.files_cut = 0        # image downloads cut short of Content-Length
         self.requests = []        # (body object, headers)
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -88,6 +89,7 @@ class FakeOpenAI:
                 if not self.path.startswith("/generated-images/"):
                     return self.error(404, "not found")
                 i, _, k = self.path.split("/")[-1].split(".")[0].partition("_")
-                self.answer(200, body=fake.image(int(i), int(k)), ctype="image/png")
+                self.answer(200, body=fake.image(int(i), int(k)), ctype="image/png",
+                            cut=self.fault("files_cut"))
         H.fake = fake
         return H

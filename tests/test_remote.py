@@ -54,6 +54,43 @@ def test_fal_job_end_to_end(mount_factory, tmp_path, fal):
         assert FakeFal.KEY not in text
 
 
+def test_a_user_submits_watches_and_copies_with_real_tools(mount_factory, tmp_path, fal):
+    """The whole story with the tools a user has: a request written to
+    `new` by the shell, the job waited for with inotifywait, the output
+    copied with cp, verified by minisign and named by b3sum; fal's log
+    lines in `log`, its result in result.json."""
+    from conftest import need
+    m = mount_factory([models(tmp_path, fal)])
+    script = f"""
+set -e
+cd '{m.path / ROUTE}'
+exec 3<>new
+printf '{{"prompt": "a lighthouse at dusk"}}' >&3
+read -r id <&3
+exec 3>&-
+# Wait with inotify; the status is read again after each event (or 2 s).
+until [ "$(cat "$id/status")" = complete ]; do
+    [ "$(cat "$id/status")" = error ] && exit 9
+    {need("inotifywait")} -qq -t 2 -e modify,close_write "$id/status" || [ $? -eq 2 ]
+done
+cp "$id/output.png" '{tmp_path}/out.png'
+cp "$id/output.png.minisig" '{tmp_path}/out.png.minisig'
+{need("minisign")} -Vqm '{tmp_path}/out.png' -p '{m.path / "render.pub"}'
+echo "$id"
+{need("b3sum")} --no-names '{tmp_path}/out.png'
+"""
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jid, b3 = r.stdout.split()
+    st = m.status(ROUTE, jid)
+    assert st["output"]["blake3"] == b3
+    assert (tmp_path / "out.png").read_bytes() == fal.output(fal.submissions[0][0])
+    log = (m.job(ROUTE, jid) / "log").read_text()
+    assert "fal: loading model" in log and "fal: step 2 of 2" in log
+    result = json.loads((m.job(ROUTE, jid) / "result.json").read_text())
+    assert result["images"][0]["url"] == "cas:" + b3 and result["seed"] == 42
+
+
 def test_rejected_request_is_not_retried(mount_factory, tmp_path, fal):
     fal.reject = "prompt is too dull"
     m = mount_factory([models(tmp_path, fal)])

@@ -211,6 +211,28 @@ def test_openai_images_several_outputs(mount_factory, tmp_path, flavour, renderc
         svc.close()
 
 
+def test_openai_images_download_retried_without_paying_twice(mount_factory, tmp_path):
+    """The images are made and paid for; their download is cut. The next
+    attempt downloads them again from the answer kept with the job, and
+    asks for no new images."""
+    svc = FakeOpenAI("localai")
+    try:
+        svc.files_cut = 1
+        m = mount_factory([models(tmp_path, {OAI: svc.route(model="local-sd",
+                                                            response_format="url")}),
+                           "max_attempts=3"])
+        jid = m.submit(OAI, {"prompt": "x", "n": 2})
+        assert m.wait(OAI, jid, timeout=60) == "complete", log_of(m, OAI, jid)
+        assert len(svc.requests) == 1 and svc.files_cut == 0
+        assert m.status(OAI, jid)["attempts"] == 2
+        assert "storing the images an earlier attempt was given" in log_of(m, OAI, jid)
+        job = m.job(OAI, jid)
+        assert [(job / n).read_bytes() for n in ("output.png", "output.1.png")] == \
+            [svc.image(1, k) for k in range(2)]
+    finally:
+        svc.close()
+
+
 @pytest.mark.parametrize("flavour,words", [
     ("openai", "size: Invalid size"),   # {"error": {"message", "param"}}
     ("sd-server", "Invalid size"),      # {"error": "text"}
