@@ -52,6 +52,7 @@ extern const struct backend backend_fal;
 #define FAL_POLL_FIRST_MS 200
 #define FAL_POLL_MAX_MS 2000
 #define FAL_POLL_FAILS 5
+#define FAL_LOG_BATCH 256 /* service log lines logged in one write */
 /* A cas: input goes inline (base64 in the request): bounded so that one
  * request stays a request; larger ones are refused at submit. */
 #define FAL_INPUT_MAX (10u << 20)
@@ -118,14 +119,14 @@ static int fal_configure(struct route *rt, json_object *settings, void **state, 
 
 /* ---- the handle: where the job is at fal ---- */
 
-static int handle_put(struct run *r, const struct fal_run *f, bool submitting)
+/* The handle's text (malloc'ed), or NULL. */
+static char *handle_text(const struct fal_run *f, bool submitting)
 {
 	json_object *o = json_object_new_object();
-	const char *text;
-	int rc;
+	char *text = NULL;
 
 	if (!o)
-		return -ENOMEM;
+		return NULL;
 	if (submitting) {
 		json_object_object_add(o, "state", json_object_new_string("submitting"));
 	} else {
@@ -135,9 +136,19 @@ static int handle_put(struct run *r, const struct fal_run *f, bool submitting)
 		json_object_object_add(o, "cancel_url", json_object_new_string(f->cancel_url));
 		json_object_object_add(o, "logs", json_object_new_int64(f->logs_seen));
 	}
-	text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
-	rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
+	const char *t = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
+	if (t)
+		text = strdup(t);
 	json_object_put(o);
+	return text;
+}
+
+static int handle_put(struct run *r, const struct fal_run *f, bool submitting)
+{
+	char *text = handle_text(f, submitting);
+	int rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
+
+	free(text);
 	return rc;
 }
 
@@ -319,7 +330,6 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 {
 	json_object *o, *v;
 	const char *st;
-	unsigned seen = f->logs_seen;
 
 	if (h->error_code) {
 		if (stopped_at_deadline(h))
@@ -347,23 +357,34 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 	}
 	f->poll_fails = 0;
 	if (json_object_object_get_ex(o, "logs", &v) && json_object_is_type(v, json_type_array)) {
+		/* The new lines and the count of them in one write: each
+		 * line once, across a crash too (a burst: the rest next poll). */
 		size_t n = json_object_array_length(v);
 		const char *last = NULL;
-		for (size_t i = f->logs_seen; i < n; i++) {
-			const char *msg = svc_str(json_object_array_get_idx(v, i), "message");
-			if (msg) {
-				run_log(r, "fal: %.400s", msg);
-				last = msg;
+		while (f->logs_seen < n) {
+			const char *msgs[FAL_LOG_BATCH];
+			size_t k = 0;
+			unsigned from = f->logs_seen, upto = from;
+			char *text;
+			for (; upto < n && k < FAL_LOG_BATCH; upto++) {
+				const char *msg =
+				    svc_str(json_object_array_get_idx(v, upto), "message");
+				if (msg)
+					msgs[k++] = last = msg;
 			}
+			f->logs_seen = upto;
+			if (!(text = handle_text(f, false)) ||
+			    run_log_handle(r, "fal: ", msgs, k, text, strlen(text)) != 0) {
+				f->logs_seen = from; /* not recorded: logged next poll */
+				free(text);
+				break;
+			}
+			free(text);
 		}
 		double frac = last ? svc_log_fraction(last) : -1;
 		if (frac >= 0)
 			run_progress(r, frac < 0.999 ? frac : 0.999); /* 1: when stored */
-		if (n > f->logs_seen)
-			f->logs_seen = (unsigned)n;
 	}
-	if (f->logs_seen != seen)
-		handle_put(r, f, false); /* each line once, across restarts too */
 	if (strcmp(st, "IN_QUEUE") == 0) {
 		if (json_object_object_get_ex(o, "queue_position", &v) &&
 		    json_object_is_type(v, json_type_int) && json_object_get_int64(v) >= 0 &&

@@ -48,6 +48,7 @@ extern const struct backend backend_replicate;
 #define REP_POLL_MAX_MS 2000
 #define REP_POLL_FAILS 5
 #define REP_LOG_LINE_MAX 400
+#define REP_LOG_BATCH 16 /* lines logged in one write */
 /* A cas: input goes inline as a data: URI; Replicate takes files that
  * way up to about 1 MB and asks for an upload beyond it (its docs). */
 #define REP_INPUT_MAX (1u << 20)
@@ -145,14 +146,14 @@ static int rep_configure(struct route *rt, json_object *settings, void **state, 
 
 /* ---- the handle ---- */
 
-static int handle_put(struct run *r, const struct rep_run *p, bool submitting)
+/* The handle's text (malloc'ed), or NULL. */
+static char *handle_text(const struct rep_run *p, bool submitting)
 {
 	json_object *o = json_object_new_object();
-	const char *text;
-	int rc;
+	char *text = NULL;
 
 	if (!o)
-		return -ENOMEM;
+		return NULL;
 	if (submitting) {
 		json_object_object_add(o, "state", json_object_new_string("submitting"));
 	} else {
@@ -161,9 +162,19 @@ static int handle_put(struct run *r, const struct rep_run *p, bool submitting)
 		json_object_object_add(o, "cancel", json_object_new_string(p->cancel_url));
 		json_object_object_add(o, "logs", json_object_new_int64((int64_t)p->logs_seen));
 	}
-	text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
-	rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
+	const char *t = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
+	if (t)
+		text = strdup(t);
 	json_object_put(o);
+	return text;
+}
+
+static int handle_put(struct run *r, const struct rep_run *p, bool submitting)
+{
+	char *text = handle_text(p, submitting);
+	int rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
+
+	free(text);
 	return rc;
 }
 
@@ -295,36 +306,49 @@ static void take_logs(struct run *r, struct rep_run *p, const char *logs, bool a
 
 	if (at > len)
 		at = len; /* the service's logs shrank: nothing is said twice */
-	while (at < len) {
-		const char *nl = memchr(logs + at, '\n', len - at);
-		size_t end = nl ? (size_t)(nl - logs) : len;
-		if (!nl && !all)
-			break;
-		const char *line = logs + at;
-		size_t n = end - at;
-		for (size_t k = n; k > 0; k--)
-			if (line[k - 1] == '\r') {
-				line += k;
-				n -= k;
+	for (;;) {
+		/* A batch of lines and the count of bytes taken in one write:
+		 * each line once, across a crash too. */
+		char bufs[REP_LOG_BATCH][REP_LOG_LINE_MAX + 1];
+		const char *msgs[REP_LOG_BATCH];
+		size_t k = 0, from = p->logs_seen;
+		while (at < len && k < REP_LOG_BATCH) {
+			const char *nl = memchr(logs + at, '\n', len - at);
+			size_t end = nl ? (size_t)(nl - logs) : len;
+			if (!nl && !all)
 				break;
+			const char *line = logs + at;
+			size_t n = end - at;
+			for (size_t c = n; c > 0; c--)
+				if (line[c - 1] == '\r') {
+					line += c;
+					n -= c;
+					break;
+				}
+			if (n > 0) {
+				snprintf(bufs[k], sizeof(bufs[k]), "%.*s",
+					 (int)(n < REP_LOG_LINE_MAX ? n : REP_LOG_LINE_MAX), line);
+				double f = svc_log_fraction(bufs[k]);
+				if (f >= 0)
+					frac = f;
+				msgs[k] = bufs[k];
+				k++;
 			}
-		if (n > 0) {
-			char buf[REP_LOG_LINE_MAX + 1];
-			snprintf(buf, sizeof(buf), "%.*s", (int)(n < REP_LOG_LINE_MAX ? n : REP_LOG_LINE_MAX),
-				 line);
-			run_log(r, "replicate: %s", buf);
-			double f = svc_log_fraction(buf);
-			if (f >= 0)
-				frac = f;
+			at = nl ? end + 1 : end;
 		}
-		at = nl ? end + 1 : end;
+		if (at == from)
+			break;
+		p->logs_seen = at;
+		char *text = handle_text(p, false);
+		if (!text || run_log_handle(r, "replicate: ", msgs, k, text, strlen(text)) != 0) {
+			p->logs_seen = from; /* not recorded: taken again next poll */
+			free(text);
+			break;
+		}
+		free(text);
 	}
 	if (frac >= 0)
 		run_progress(r, frac < 0.999 ? frac : 0.999); /* 1: when stored */
-	if (at != p->logs_seen) {
-		p->logs_seen = at;
-		handle_put(r, p, false); /* each line once, across restarts too */
-	}
 }
 
 /* Every file of `output`: a URL (or data: URI) string, in arrays and

@@ -83,6 +83,11 @@ int run_result(struct run *r, const char *json, size_t len);
  * get: *out malloc'ed, STORE_E_NOTFOUND when the job has none.
  */
 int run_handle_put(struct run *r, const void *data, size_t len);
+/* Log n of a service's messages (each prefixed, one line each) and put the
+ * handle in one durable write: the handle's count of lines logged and the
+ * log never disagree after a crash (each line logged exactly once). */
+int run_log_handle(struct run *r, const char *prefix, const char *const *msgs, size_t n,
+		   const void *handle, size_t hlen);
 int run_handle_get(struct run *r, void **out, size_t *len);
 /*
  * What the service says of the job, kept with it (index `remote`): its

@@ -48,6 +48,37 @@ static int run_vlog(struct run *r, const struct backend *backend, const char *fm
 	return rc;
 }
 
+int run_log_handle(struct run *r, const char *prefix, const char *const *msgs, size_t n,
+		   const void *handle, size_t hlen)
+{
+	size_t cap = n * (ENGINE_ERR_MAX + 64) + 1, len = 0;
+	char *buf = malloc(cap), ts[32];
+	int rc;
+
+	if (!buf)
+		return -ENOMEM;
+	engine_time_format(now_ms(), ts);
+	for (size_t i = 0; i < n; i++) {
+		size_t at = len;
+		if (cap - len < ENGINE_ERR_MAX + 64)
+			break; /* not reached: each line fits its share */
+		int k = snprintf(buf + len, cap - len, "%s %s%.*s", ts, prefix,
+				 (int)(ENGINE_ERR_MAX - strlen(prefix)), msgs[i]);
+		if (k < 0)
+			continue;
+		len += (size_t)k < cap - len ? (size_t)k : cap - len - 1;
+		for (char *p = buf + at; p < buf + len; p++) /* one line per message */
+			if (*p == '\n' || *p == '\r')
+				*p = ' ';
+		buf[len++] = '\n';
+	}
+	rc = index_job_log_handle(r->e->ix, r->job.id, buf, len, handle, hlen);
+	free(buf);
+	if (rc == 0 && n)
+		engine_notify(r->e, r->job.id, r->job.route, EV_LOG);
+	return rc;
+}
+
 void run_log(struct run *r, const char *fmt, ...)
 {
 	va_list ap;

@@ -46,7 +46,7 @@
 #include "fileutil.h"
 #include "index_i.h"
 
-#define LOG_LINE_MAX 16384
+#define LOG_LINE_MAX INDEX_LOG_LINE_MAX
 #define DEFAULT_MAP_SIZE ((size_t)64 << 30)
 
 static const char *status_names[] = {"queued", "running", "complete", "error", "cancelled"};

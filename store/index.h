@@ -157,6 +157,7 @@
 
 #define INDEX_FORMAT_VERSION 13
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
+#define INDEX_LOG_LINE_MAX 16384 /* bytes of one log line, without its newline */
 #define INDEX_STATUSES 5 /* enum job_status values */
 #define JOB_ID_LEN 16
 #define JOB_ID_STR_LEN 26 /* ULID text, without NUL */
@@ -313,6 +314,12 @@ int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out
  * deleted. get: *out malloc'ed (freed by the caller), STORE_E_NOTFOUND if
  * none.
  */
+/* Append log lines (len bytes, each line ending in '\n') and put the
+ * handle, in one durable write: a backend that counts in its handle the
+ * service's lines it logged can never log one twice, or lose one, across
+ * a crash. */
+int index_job_log_handle(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *lines,
+			 size_t len, const void *handle, size_t hlen);
 int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
 			 size_t len);
 int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len);

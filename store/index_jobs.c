@@ -404,6 +404,72 @@ static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return 0;
 }
 
+struct loghandle_arg {
+	const uint8_t *id;
+	const char *lines;
+	size_t len;
+	const void *handle;
+	size_t hlen;
+};
+
+static int loghandle_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct loghandle_arg *a = arg;
+	uint8_t key[JOB_ID_LEN + 8];
+	MDB_val k = {sizeof(key), key}, v;
+	struct job j;
+	int rc = index_get_job(ix, txn, a->id, &j);
+
+	if (rc)
+		return rc;
+	memcpy(key, a->id, JOB_ID_LEN);
+	for (const char *p = a->lines, *end = a->lines + a->len; p < end;) {
+		const char *nl = memchr(p, '\n', (size_t)(end - p));
+		size_t n = (size_t)(nl - p) + 1; /* checked: every line ends so */
+		be64_put(key + JOB_ID_LEN, j.log_size);
+		v.mv_size = n;
+		v.mv_data = (void *)p;
+		if ((rc = mdb_put(txn, ix->logs, &k, &v, 0)) != 0) {
+			job_release(&j);
+			return index_lmdb_err(ix, rc, "append log");
+		}
+		j.log_size += n;
+		p += n;
+	}
+	j.updated_ms = now_ms();
+	rc = index_put_job(ix, txn, &j);
+	job_release(&j);
+	if (rc)
+		return rc;
+	k.mv_size = JOB_ID_LEN;
+	k.mv_data = (void *)a->id;
+	v.mv_size = a->hlen;
+	v.mv_data = (void *)a->handle;
+	rc = mdb_put(txn, ix->handles, &k, &v, 0);
+	return rc ? index_lmdb_err(ix, rc, "write handle") : 0;
+}
+
+int index_job_log_handle(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *lines,
+			 size_t len, const void *handle, size_t hlen)
+{
+	struct loghandle_arg a = {id, lines, len, handle, hlen};
+	size_t at = 0;
+
+	if (hlen > INDEX_HANDLE_MAX)
+		return store_seterr(-EFBIG, "a job's handle record of %zu bytes is over %d", hlen,
+				    INDEX_HANDLE_MAX);
+	if (memchr(lines, '\0', len) || (len && lines[len - 1] != '\n'))
+		return store_seterr(-EINVAL, "log lines end with a newline and hold no NUL");
+	while (at < len) {
+		const char *nl = memchr(lines + at, '\n', len - at);
+		if ((size_t)(nl - (lines + at)) > INDEX_LOG_LINE_MAX)
+			return store_seterr(-EINVAL, "a log line is at most %d bytes",
+					    INDEX_LOG_LINE_MAX);
+		at = (size_t)(nl - lines) + 1;
+	}
+	return index_write(ix, loghandle_fn, &a);
+}
+
 /* A side record of db (0 handles, 1 creds, 2 remote): put and get. */
 static int side_put(struct index *ix, const uint8_t id[JOB_ID_LEN], int db, const void *data,
 		    size_t len)

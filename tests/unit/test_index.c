@@ -569,6 +569,22 @@ static void test_made_by(void)
 	      "format 12 record");
 	v.mv_size = sizeof(rec) - 1;
 	CHECK(index_inputs_decode(&v, in, INDEX_INPUTS_MAX, &n) == STORE_E_INDEX, "cut record");
+	/* Lines and a handle in one write (what a service said, and how much
+	 * of it is logged). */
+	char buf[64], *hd = NULL;
+	size_t got = 0, hl = 0;
+	CHECK(index_job_log_handle(ix, c, "one\ntwo\n", 8, "{\"logs\":2}", 10) == 0,
+	      "log lines and handle: %s", store_lasterr());
+	CHECK(index_job_log_read(ix, c, 0, buf, sizeof(buf), &got) == 0 && got == 8 &&
+		  memcmp(buf, "one\ntwo\n", 8) == 0,
+	      "both lines logged");
+	CHECK(index_job_handle_get(ix, c, (void **)&hd, &hl) == 0 && hl == 10 &&
+		  memcmp(hd, "{\"logs\":2}", 10) == 0,
+	      "the handle with them");
+	free(hd);
+	CHECK(index_job_log_handle(ix, c, "three", 5, "x", 1) == -EINVAL, "a line without newline");
+	CHECK(index_job_log_read(ix, c, 0, buf, sizeof(buf), &got) == 0 && got == 8,
+	      "nothing of a refused write");
 	CHECK(index_job_delete(ix, b, &fr) == 0 && index_job_delete(ix, c, &fr) == 0 && fr.n == 1,
 	      "the last reference frees the blob");
 }
