@@ -24,6 +24,8 @@ class FakeOpenAI:
         self.hang = 0             # seconds a generation takes before its answer
         self.payload = None       # bytes every image is instead of a PNG
         self.files_cut = 0        # image downloads cut short of Content-Length
+        self.busy = 0             # generations answered 503 with Retry-After: 1
+        self.garbled = False      # generations answered with a proxy's HTML page
         self.requests = []        # (body object, headers)
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -69,6 +71,11 @@ class FakeOpenAI:
                     i = len(fake.requests)
                 if fake.hang:
                     time.sleep(fake.hang)
+                if self.fault("busy"):
+                    return self.answer(503, {"error": {"message": "overloaded"}},
+                                       headers=[("Retry-After", "1")])
+                if fake.garbled:
+                    return self.answer(200, body=b"<html>upstream</html>", ctype="text/html")
                 if fake.fail:
                     return self.error(fake.fail[0], fake.fail[1], "size")
                 if fake.flavour == "localai" and not req.get("model"):

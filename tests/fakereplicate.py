@@ -27,6 +27,10 @@ class FakeReplicate:
         self.outputs = 1          # files; 1 gives a bare URL string
         self.as_list = False      # a list even for one file
         self.file_hang = 0        # seconds a file download takes before its body
+        self.poll_hang = 0        # gets that answer after 5 s
+        self.poll_garbled = 0     # gets answered with a proxy's HTML page
+        self.files_cut = 0        # file downloads cut short of Content-Length
+        self.file_type = "image/png"
         self.creates = []         # (id, path, body object, headers)
         self.gets = 0
         self.cancels = []
@@ -121,9 +125,14 @@ class FakeReplicate:
                     if fake.file_hang:
                         time.sleep(fake.file_hang)
                     return self.answer(200, body=fake.output(pid, int(k or 0)),
-                                       ctype="image/png")
+                                       ctype=fake.file_type, cut=self.fault("files_cut"))
                 if not self.authorized():
                     return
+                if self.fault("poll_hang"):
+                    time.sleep(5)
+                if self.fault("poll_garbled"):
+                    return self.answer(200, body=b"<html>502 Bad Gateway</html>",
+                                       ctype="text/html")
                 if self.fault("poll_503"):
                     return self.answer(503, {"detail": "busy"}, headers=[("Retry-After", "1")])
                 pid = path.split("/")[-1]

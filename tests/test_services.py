@@ -149,6 +149,39 @@ def test_replicate_errors_and_retries(mount_factory, tmp_path, rep):
     assert "must be at most 100 characters" in st["error"]["message"]
 
 
+def test_replicate_faults_a_retry_can_save(mount_factory, tmp_path, rep):
+    """A get that hangs past request_timeout_s, answers that are a proxy's
+    page, a download cut short: the job completes, created once."""
+    rep.poll_hang, rep.poll_garbled, rep.files_cut = 1, 2, 1
+    m = mount_factory([models(tmp_path, {ROUTE: rep.route(request_timeout_s=1)}),
+                       "max_attempts=3"])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid, timeout=60) == "complete", log_of(m, ROUTE, jid)
+    assert len(rep.creates) == 1
+    assert (rep.poll_hang, rep.poll_garbled, rep.files_cut) == (0, 0, 0)
+    log = log_of(m, ROUTE, jid)
+    assert "prediction not available" in log and "is not a prediction" in log
+    assert "following prediction pred-1" in log  # the attempt after the cut download
+    assert (m.job(ROUTE, jid) / "output.png").read_bytes() == rep.output("pred-1")
+
+
+def test_replicate_deadline_and_wrong_type(mount_factory, tmp_path, rep):
+    """A prediction that never ends: at the deadline the cancel is posted
+    and the job is `timeout`; a file of another media type is refused."""
+    rep.hold = True
+    routes = {ROUTE: rep.route(timeout_s=1), "image/rep/default/other": rep.route()}
+    m = mount_factory([models(tmp_path, routes)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid) == "error"
+    assert m.status(ROUTE, jid)["error"]["code"] == "timeout"
+    assert rep.cancels == ["pred-1"]
+    rep.hold, rep.file_type = False, "text/html"
+    other = m.submit("image/rep/default/other", {"prompt": "y"})
+    assert m.wait("image/rep/default/other", other) == "error"
+    st = m.status("image/rep/default/other", other)
+    assert st["error"]["code"] == "output_invalid" and "text/html" in st["error"]["message"]
+
+
 def test_replicate_cancel_reaches_the_service(mount_factory, tmp_path, rep):
     rep.hold = True
     m = mount_factory([models(tmp_path, {ROUTE: rep.route()})])
@@ -248,6 +281,26 @@ def test_openai_images_error_shapes(mount_factory, tmp_path, flavour, words):
         assert st["error"]["code"] == "backend_rejected" and st["attempts"] == 1
         assert f"answered HTTP 400: {words}" in st["error"]["message"], st
         assert len(svc.requests) == 1
+    finally:
+        svc.close()
+
+
+def test_openai_images_busy_is_retried_and_garbage_is_not(mount_factory, tmp_path):
+    """503 with Retry-After: nothing was made, so it is asked again (and
+    completes); an answer that is not JSON is output_invalid at once."""
+    svc = FakeOpenAI("openai")
+    try:
+        svc.busy = 1
+        m = mount_factory([models(tmp_path, {OAI: svc.route()}), "max_attempts=3"])
+        jid = m.submit(OAI, {"prompt": "x"})
+        assert m.wait(OAI, jid, timeout=60) == "complete", log_of(m, OAI, jid)
+        st = m.status(OAI, jid)
+        assert st["attempts"] == 2 and len(svc.requests) == 2 and svc.busy == 0
+        svc.garbled = True
+        bad = m.submit(OAI, {"prompt": "y"})
+        assert m.wait(OAI, bad) == "error"
+        st = m.status(OAI, bad)
+        assert st["error"]["code"] == "output_invalid" and st["attempts"] == 1, st
     finally:
         svc.close()
 
