@@ -40,6 +40,10 @@ static int accept_settings(struct route *rt, json_object *settings, void **state
 
 const struct backend backend_synth = {.name = "synth", .configure = accept_settings};
 const struct backend backend_fal = {.name = "fal", .remote = true, .configure = accept_settings};
+const struct backend backend_replicate = {.name = "replicate", .remote = true,
+					  .configure = accept_settings};
+const struct backend backend_openai = {.name = "openai-images", .remote = true,
+				       .configure = accept_settings};
 
 static struct route_table table;
 static struct fsctx fs;
