@@ -49,6 +49,12 @@ bool breaker_claimed(struct breaker *b)
 	return true;
 }
 
+void breaker_unclaimed(struct breaker *b)
+{
+	if (b->state == BREAKER_HALF_OPEN)
+		b->probing = false;
+}
+
 static void open_now(struct breaker *b, uint64_t now, bool again)
 {
 	if (again) {

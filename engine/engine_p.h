@@ -174,6 +174,8 @@ void breaker_init(struct breaker *b, const char *backend, const char *target, un
 bool breaker_may_claim(struct breaker *b, uint64_t now);
 /* A job was claimed: in half_open it is the probe (true). */
 bool breaker_claimed(struct breaker *b);
+/* The probe's claim found no job: another may probe. */
+void breaker_unclaimed(struct breaker *b);
 /* A run that was the probe (probe) or not ended so; the state after. */
 enum breaker_state breaker_result(struct breaker *b, bool probe, enum breaker_outcome o,
                                   uint64_t now);

@@ -432,8 +432,8 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
 		rt->inflight -= (unsigned)room;
 		m->next_route = i + 1;
 		if (rc) {
-			if (probe_kept && rt->br->state == BREAKER_HALF_OPEN)
-				rt->br->probing = false; /* no job: no probe */
+			if (probe_kept)
+				breaker_unclaimed(rt->br);
 			if (rc != STORE_E_NOTFOUND)
 				fprintf(stderr, "renderfs: cannot claim a job: %s\n",
 				        store_lasterr());

@@ -12,27 +12,6 @@
 #include "index.h"
 #include "index_i.h"
 
-int index_made(struct index *ix, MDB_txn *txn, const uint8_t *hash,
-	       const uint8_t id[JOB_ID_LEN], int delta)
-{
-	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v = {JOB_ID_LEN, (void *)id};
-	int rc;
-
-	if (delta > 0) {
-		rc = mdb_put(txn, ix->made, &k, &v, MDB_NOOVERWRITE);
-		return rc && rc != MDB_KEYEXIST ? index_lmdb_err(ix, rc, "write made") : 0;
-	}
-	rc = mdb_get(txn, ix->made, &k, &v);
-	if (rc == MDB_NOTFOUND)
-		return 0;
-	if (rc)
-		return index_lmdb_err(ix, rc, "read made");
-	if (v.mv_size != JOB_ID_LEN || memcmp(v.mv_data, id, JOB_ID_LEN) != 0)
-		return 0;
-	rc = mdb_del(txn, ix->made, &k, NULL);
-	return rc ? index_lmdb_err(ix, rc, "delete made") : 0;
-}
-
 struct blobget_arg {
 	const uint8_t *hash;
 	struct blob_info *out;

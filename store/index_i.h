@@ -148,14 +148,13 @@ int index_blob_decode(struct index *ix, const MDB_val *v, struct blob_info *out)
 int index_count_move(struct index *ix, MDB_txn *txn, const char *route, int from, int to);
 /* Add delta (+1 or -1) to the count of uid's jobs whose output is hash. */
 /* index_queue.c: a blob's reference count (and its user's) by delta;
- * *freed when it reached 0 (the record is gone). */
+ * *freed when it reached 0 (the record is gone, and who made it). maker:
+ * the job whose output the reference is (NULL: an input), which keeps
+ * `made` (index.h): the first job whose output a blob is made it, and is
+ * forgotten when it lets go of it. */
 int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
-		   const char *media_type, uint32_t uid, int delta, bool *freed);
-/* index_blob.c: `made` (index.h). delta > 0: job id's output is the blob:
- * it made it unless another job did first; delta < 0: id lets go of it:
- * forgotten if it was id's. */
-int index_made(struct index *ix, MDB_txn *txn, const uint8_t *hash,
-	       const uint8_t id[JOB_ID_LEN], int delta);
+		   const char *media_type, uint32_t uid, const uint8_t *maker, int delta,
+		   bool *freed);
 /* index_queue.c: queue state (fair), the read-change-write of one job,
  * and the error for a change its state forbids. */
 int index_fair_get(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len,

@@ -102,11 +102,16 @@ static int made_by(struct index *ix, MDB_txn *txn, const struct job *j, const ui
 	memcpy(out, v.mv_data, JOB_ID_LEN);
 	if (!ix->names_per_owner)
 		return 0;
-	rc = index_get_job(ix, txn, out, &m);
-	if (rc == 0 && m.uid != j->uid)
+	if ((rc = index_get_job(ix, txn, out, &m)) == STORE_E_NOTFOUND) {
+		memset(out, 0, JOB_ID_LEN); /* a record fsck names; no link */
+		return 0;
+	}
+	if (rc)
+		return rc;
+	if (m.uid != j->uid)
 		memset(out, 0, JOB_ID_LEN); /* another owner's: not named */
 	job_release(&m);
-	return rc == STORE_E_NOTFOUND ? (memset(out, 0, JOB_ID_LEN), 0) : rc;
+	return 0;
 }
 
 /* The blobs the request names: each referenced for as long as the job
@@ -135,7 +140,8 @@ static int put_inputs(struct index *ix, MDB_txn *txn, const struct job *j,
 					    in->field);
 		if (rc)
 			return index_lmdb_err(ix, rc, "read blob");
-		if ((rc = index_blob_ref(ix, txn, in->hash, in->size, "", j->uid, 1, &freed)) != 0)
+		if ((rc = index_blob_ref(ix, txn, in->hash, in->size, "", j->uid, NULL, 1, &freed)) !=
+		    0)
 			return rc;
 		if ((rc = made_by(ix, txn, j, in->hash, made[i])) != 0)
 			return rc;

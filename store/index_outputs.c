@@ -57,14 +57,13 @@ static int extra_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg
 		memcpy(old, v.mv_data, INDEX_HASH_LEN);
 		if ((rc = index_blob_ref(ix, txn, old,
 					 le64_get((const uint8_t *)v.mv_data + INDEX_HASH_LEN), "",
-					 j->uid, -1, &freed)) != 0 ||
-		    (!freed && (rc = index_made(ix, txn, old, j->id, -1)) != 0))
+					 j->uid, j->id, -1, &freed)) != 0)
 			return rc;
 	} else if (rc != MDB_NOTFOUND) {
 		return index_lmdb_err(ix, rc, "read outputs");
 	}
-	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0 ||
-	    (rc = index_made(ix, txn, a->hash, j->id, 1)) != 0)
+	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, j->id, 1,
+				 &freed)) != 0)
 		return rc;
 	memcpy(val, a->hash, INDEX_HASH_LEN);
 	le64_put(val + INDEX_HASH_LEN, a->size);

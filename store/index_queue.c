@@ -147,18 +147,12 @@ int index_mark_running(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_L
 
 /* ---- claim ---- */
 
-struct claim_arg {
-	uint8_t group;
-	struct job *out;
-	bool filled;
-};
-
-static int claim_fn(struct index *ix, MDB_txn *txn, void *arg)
+/* Take the group's first job into *out (queued -> running). */
+static int claim_next(struct index *ix, MDB_txn *txn, uint8_t group, struct job *out)
 {
-	struct claim_arg *a = arg;
 	uint8_t id[JOB_ID_LEN], cur_key[2];
 	MDB_cursor *cur;
-	MDB_val k = {1, &a->group}, v;
+	MDB_val k = {1, &group}, v;
 	struct job j;
 	int rc;
 
@@ -192,21 +186,10 @@ static int claim_fn(struct index *ix, MDB_txn *txn, void *arg)
 	if ((rc = index_put_job(ix, txn, &j)) != 0 ||
 	    (rc = index_mark_running(ix, txn, j.id, true)) != 0)
 		goto out;
-	*a->out = j;
-	a->filled = true;
+	*out = j;
 	return 0;
 out:
 	job_release(&j);
-	return rc;
-}
-
-int index_job_claim(struct index *ix, uint8_t group, struct job *out)
-{
-	struct claim_arg a = {group, out, false};
-	int rc = index_write(ix, claim_fn, &a);
-
-	if (rc && a.filled)
-		job_release(out); /* the batch's commit failed after claim_fn */
 	return rc;
 }
 
@@ -221,12 +204,8 @@ static int claim_many_fn(struct index *ix, MDB_txn *txn, void *arg)
 	struct claim_many_arg *a = arg;
 	int rc = 0;
 
-	while (a->n < a->max) {
-		struct claim_arg one = {a->group, &a->out[a->n], false};
-		if ((rc = claim_fn(ix, txn, &one)) != 0)
-			break;
+	while (a->n < a->max && (rc = claim_next(ix, txn, a->group, &a->out[a->n])) == 0)
 		a->n++;
-	}
 	/* An empty queue ends the batch; any other error fails all of it (a
 	 * claim that failed half-way must not be committed). */
 	return rc == STORE_E_NOTFOUND && a->n ? 0 : rc;
@@ -243,6 +222,13 @@ int index_job_claim_many(struct index *ix, uint8_t group, size_t max, struct job
 		for (size_t i = 0; i < a.n; i++)
 			job_release(&out[i]); /* the batch's commit failed */
 	return rc;
+}
+
+int index_job_claim(struct index *ix, uint8_t group, struct job *out)
+{
+	size_t n;
+
+	return index_job_claim_many(ix, group, 1, out, &n);
 }
 
 /* ---- single-job changes ---- */
@@ -313,9 +299,34 @@ struct attach_arg {
 	bool cached;
 };
 
+/* `made` as job id takes (delta > 0) or lets go of (delta < 0) the blob as
+ * its output: the first job to take it made it; forgotten when that job
+ * lets go of it. */
+static int made_change(struct index *ix, MDB_txn *txn, const uint8_t *hash,
+			const uint8_t id[JOB_ID_LEN], int delta)
+{
+	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v = {JOB_ID_LEN, (void *)id};
+	int rc;
+
+	if (delta > 0) {
+		rc = mdb_put(txn, ix->made, &k, &v, MDB_NOOVERWRITE);
+		return rc && rc != MDB_KEYEXIST ? index_lmdb_err(ix, rc, "write made") : 0;
+	}
+	rc = mdb_get(txn, ix->made, &k, &v);
+	if (rc == MDB_NOTFOUND)
+		return 0;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read made");
+	if (v.mv_size != JOB_ID_LEN || memcmp(v.mv_data, id, JOB_ID_LEN) != 0)
+		return 0;
+	rc = mdb_del(txn, ix->made, &k, NULL);
+	return rc ? index_lmdb_err(ix, rc, "delete made") : 0;
+}
+
 /* The blob's reference count and its owner's count (blobusers) move together. */
 int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size,
-		   const char *media_type, uint32_t uid, int delta, bool *freed)
+		   const char *media_type, uint32_t uid, const uint8_t *maker, int delta,
+		   bool *freed)
 {
 	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v;
 	uint8_t rec[BLOB_REC_MAX];
@@ -356,8 +367,9 @@ int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t
 	}
 	v.mv_size = index_blob_encode(&b, rec);
 	v.mv_data = rec;
-	rc = mdb_put(txn, ix->blobs, &k, &v, 0);
-	return rc ? index_lmdb_err(ix, rc, "write blob") : 0;
+	if ((rc = mdb_put(txn, ix->blobs, &k, &v, 0)) != 0)
+		return index_lmdb_err(ix, rc, "write blob");
+	return maker ? made_change(ix, txn, hash, maker, delta) : 0;
 }
 
 static int attach_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
@@ -370,8 +382,8 @@ static int attach_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 		return index_state_err(j, "attach an output to");
 	if (j->flags & JOB_F_HAS_OUTPUT)
 		return index_state_err(j, "attach a second output to");
-	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, 1, &freed)) != 0 ||
-	    (rc = index_made(ix, txn, a->hash, j->id, 1)) != 0)
+	if ((rc = index_blob_ref(ix, txn, a->hash, a->size, a->media_type, j->uid, j->id, 1,
+				 &freed)) != 0)
 		return rc;
 	memcpy(j->output_hash, a->hash, INDEX_HASH_LEN);
 	j->output_size = a->size;
@@ -646,8 +658,9 @@ static int hide_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 	if (a->release && (j->flags & JOB_F_HAS_OUTPUT)) {
 		if (j->status != JOB_COMPLETE)
 			return index_state_err(j, "release the output of");
-		rc = index_blob_ref(ix, txn, j->output_hash, j->output_size, "", j->uid, -1, &a->freed);
-		if (rc || (!a->freed && (rc = index_made(ix, txn, j->output_hash, j->id, -1)) != 0))
+		rc = index_blob_ref(ix, txn, j->output_hash, j->output_size, "", j->uid, j->id, -1,
+				    &a->freed);
+		if (rc)
 			return rc;
 		if (a->freed)
 			memcpy(a->freed_hash, j->output_hash, INDEX_HASH_LEN);
@@ -762,9 +775,8 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	a->freed->n = 0;
 	if (j.flags & JOB_F_HAS_OUTPUT) {
 		bool freed = false;
-		rc = index_blob_ref(ix, txn, j.output_hash, j.output_size, "", j.uid, -1, &freed);
-		if (rc == 0 && !freed)
-			rc = index_made(ix, txn, j.output_hash, j.id, -1);
+		rc = index_blob_ref(ix, txn, j.output_hash, j.output_size, "", j.uid, j.id, -1,
+				    &freed);
 		if (rc == 0 && freed)
 			memcpy(a->freed->hash[a->freed->n++], j.output_hash, INDEX_HASH_LEN);
 	}
@@ -799,9 +811,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 			rc = index_lmdb_err(ix, rc, "delete outputs");
 			goto out;
 		}
-		rc = index_blob_ref(ix, txn, h, sz, "", j.uid, -1, &freed);
-		if (rc == 0 && !freed)
-			rc = index_made(ix, txn, h, j.id, -1);
+		rc = index_blob_ref(ix, txn, h, sz, "", j.uid, j.id, -1, &freed);
 		if (rc == 0 && freed && a->freed->n < sizeof(a->freed->hash) / INDEX_HASH_LEN)
 			memcpy(a->freed->hash[a->freed->n++], h, INDEX_HASH_LEN);
 	}
@@ -820,7 +830,8 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 		}
 		for (size_t i = 0; i < n && rc == 0; i++) {
 			bool freed = false;
-			rc = index_blob_ref(ix, txn, in[i].hash, in[i].size, "", j.uid, -1, &freed);
+			rc = index_blob_ref(ix, txn, in[i].hash, in[i].size, "", j.uid, NULL, -1,
+					    &freed);
 			if (rc == 0 && freed)
 				memcpy(a->freed->hash[a->freed->n++], in[i].hash, INDEX_HASH_LEN);
 		}
