@@ -49,9 +49,6 @@
 extern const struct backend backend_fal;
 
 #define FAL_URL_MAX SVC_URL_MAX
-#define FAL_POLL_FIRST_MS 200
-#define FAL_POLL_MAX_MS 2000
-#define FAL_POLL_FAILS 5
 #define FAL_LOG_BATCH 256 /* service log lines logged in one write */
 /* A cas: input goes inline (base64 in the request): bounded so that one
  * request stays a request; larger ones are refused at submit. */
@@ -69,8 +66,7 @@ struct fal_run {
 	struct svc_files files; /* the result and its files (service.h) */
 	unsigned logs_seen;
 	long position;
-	unsigned poll_fails;
-	uint64_t poll_ms;
+	struct svc_poll poll;
 };
 
 static const struct backend_setting fal_takes[] = {
@@ -321,24 +317,23 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 		                f->request_id, store_lasterr());
 	run_log(r, "fal: queued as request %s", f->request_id);
 	run_remote_set(r, f->request_id, NULL, RUN_REMOTE_SAME);
-	f->poll_ms = FAL_POLL_FIRST_MS;
 	f->phase = F_STATUS;
-	return run_after(r, f->poll_ms);
+	return run_after(r, svc_poll_begin(&f->poll));
 }
 
 static int on_status(struct run *r, struct fal_run *f, const struct http_response *h)
 {
 	json_object *o, *v;
 	const char *st;
+	int rc;
 
 	if (h->error_code) {
 		if (stopped_at_deadline(h))
 			return deadline_fail(r, f);
 		if (strcmp(h->error_code, "backend_unavailable") == 0 &&
-		    ++f->poll_fails < FAL_POLL_FAILS) {
+		    (rc = svc_poll_again(r, &f->poll, h)) != 0) {
 			run_log(r, "fal: status not available (%s); asking again", h->message);
-			return run_after(r, h->retry_after_ms > f->poll_ms ? h->retry_after_ms
-			                                                   : f->poll_ms * 2);
+			return rc;
 		}
 		return svc_fail(r, h, "fal", "fal status");
 	}
@@ -346,16 +341,15 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 		/* A garbled answer (a proxy's error page, say) is asked again,
 		 * as a busy one is; then the attempt fails, to be retried. */
 		json_object_put(o);
-		if (++f->poll_fails < FAL_POLL_FAILS) {
+		if ((rc = svc_poll_again(r, &f->poll, NULL)) != 0) {
 			run_log(r, "fal: the status answer for request %s is not a status object; "
 			           "asking again", f->request_id);
-			return run_after(r, f->poll_ms * 2);
+			return rc;
 		}
 		return run_fail(r, -EBADMSG, "backend_unavailable",
 		                "fal's status answers for request %s are not status objects",
 		                f->request_id);
 	}
-	f->poll_fails = 0;
 	if (json_object_object_get_ex(o, "logs", &v) && json_object_is_type(v, json_type_array)) {
 		/* The new lines and the count of them in one write: each
 		 * line once, across a crash too (a burst: the rest next poll). */
@@ -416,10 +410,7 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 		                f->request_id);
 	}
 	json_object_put(o);
-	if (f->poll_ms < FAL_POLL_MAX_MS)
-		f->poll_ms =
-		    f->poll_ms * 5 / 4 < FAL_POLL_MAX_MS ? f->poll_ms * 5 / 4 : FAL_POLL_MAX_MS;
-	return run_after(r, f->poll_ms);
+	return svc_poll_next(r, &f->poll);
 }
 
 static int on_result(struct run *r, struct fal_run *f, const struct http_response *h)
@@ -491,7 +482,7 @@ static int fal_step(struct run *r)
 		if (rc == 1) {
 			run_log(r, "fal: following request %s (queued before a restart)",
 			        f->request_id);
-			f->poll_ms = FAL_POLL_FIRST_MS;
+			svc_poll_begin(&f->poll);
 			return poll_status(r, f);
 		}
 		if (rc == -EBADMSG)

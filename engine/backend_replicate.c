@@ -44,9 +44,6 @@
 
 extern const struct backend backend_replicate;
 
-#define REP_POLL_FIRST_MS 200
-#define REP_POLL_MAX_MS 2000
-#define REP_POLL_FAILS 5
 #define REP_LOG_LINE_MAX 400
 #define REP_LOG_BATCH 16 /* lines logged in one write */
 /* A cas: input goes inline as a data: URI; Replicate takes files that
@@ -68,8 +65,7 @@ struct rep_run {
 	char id[128];
 	char get_url[SVC_URL_MAX], cancel_url[SVC_URL_MAX];
 	uint64_t logs_seen; /* bytes of `logs` already in the job's log */
-	unsigned poll_fails;
-	uint64_t poll_ms;
+	struct svc_poll poll;
 	char last_status[16];
 	struct svc_files files;
 };
@@ -291,9 +287,8 @@ static int on_created(struct run *r, struct rep_run *p, const struct http_respon
 				p->id, store_lasterr());
 	run_log(r, "replicate: created prediction %s", p->id);
 	run_remote_set(r, p->id, NULL, RUN_REMOTE_SAME);
-	p->poll_ms = REP_POLL_FIRST_MS;
 	p->phase = R_POLL;
-	return run_after(r, p->poll_ms);
+	return run_after(r, svc_poll_begin(&p->poll));
 }
 
 /* New lines of `logs` (one growing string): each complete line once; at a
@@ -405,28 +400,27 @@ static int on_poll(struct run *r, struct rep_run *p, const struct http_response 
 	json_object *o;
 	const char *st, *logs;
 	bool final;
+	int rc;
 
 	if (h->error_code) {
 		if (strcmp(h->error_code, "backend_unavailable") == 0 &&
-		    ++p->poll_fails < REP_POLL_FAILS) {
+		    (rc = svc_poll_again(r, &p->poll, h)) != 0) {
 			run_log(r, "replicate: prediction not available (%s); asking again",
 				h->message);
-			return run_after(r, h->retry_after_ms > p->poll_ms ? h->retry_after_ms
-									   : p->poll_ms * 2);
+			return rc;
 		}
 		return svc_fail(r, h, "Replicate", "replicate prediction");
 	}
 	if (!(o = svc_parse(h->body, h->len)) || !(st = svc_str(o, "status"))) {
 		json_object_put(o);
-		if (++p->poll_fails < REP_POLL_FAILS) {
+		if ((rc = svc_poll_again(r, &p->poll, NULL)) != 0) {
 			run_log(r, "replicate: the answer for prediction %s is not a prediction; "
 				   "asking again", p->id);
-			return run_after(r, p->poll_ms * 2);
+			return rc;
 		}
 		return run_fail(r, -EBADMSG, "backend_unavailable",
 				"Replicate's answers for prediction %s are not predictions", p->id);
 	}
-	p->poll_fails = 0;
 	final = strcmp(st, "succeeded") == 0 || strcmp(st, "failed") == 0 ||
 		strcmp(st, "canceled") == 0 || strcmp(st, "aborted") == 0;
 	if ((logs = svc_str(o, "logs")) != NULL)
@@ -456,10 +450,7 @@ static int on_poll(struct run *r, struct rep_run *p, const struct http_response 
 		return -EIO;
 	}
 	json_object_put(o);
-	if (p->poll_ms < REP_POLL_MAX_MS)
-		p->poll_ms =
-		    p->poll_ms * 5 / 4 < REP_POLL_MAX_MS ? p->poll_ms * 5 / 4 : REP_POLL_MAX_MS;
-	return run_after(r, p->poll_ms);
+	return svc_poll_next(r, &p->poll);
 }
 
 /* The body of a creation: {"input": request[, "version": v]}. */
@@ -523,7 +514,7 @@ static int rep_start(struct run *r)
 				store_lasterr());
 	if (rc == 1) {
 		run_log(r, "replicate: following prediction %s (created before a restart)", p->id);
-		p->poll_ms = REP_POLL_FIRST_MS;
+		svc_poll_begin(&p->poll);
 		return poll(r, p);
 	}
 	if (!(body = create_body(r, c, &rc)))

@@ -258,6 +258,32 @@ int svc_submit_failed(struct run *r, const struct http_response *h, const char *
 	return svc_fail(r, h, service, what);
 }
 
+/* ---- polling ---- */
+
+#define POLL_FIRST_MS 200
+#define POLL_MAX_MS 2000
+
+uint64_t svc_poll_begin(struct svc_poll *p)
+{
+	p->ms = POLL_FIRST_MS;
+	p->fails = 0;
+	return p->ms;
+}
+
+int svc_poll_next(struct run *r, struct svc_poll *p)
+{
+	p->fails = 0;
+	p->ms = p->ms * 5 / 4 < POLL_MAX_MS ? p->ms * 5 / 4 : POLL_MAX_MS;
+	return run_after(r, p->ms);
+}
+
+int svc_poll_again(struct run *r, struct svc_poll *p, const struct http_response *h)
+{
+	if (++p->fails >= SVC_POLL_FAILS)
+		return 0;
+	return run_after(r, h && h->retry_after_ms > p->ms ? h->retry_after_ms : p->ms * 2);
+}
+
 /* ---- the files of a result ---- */
 
 int svc_files_add(struct svc_files *fs, json_object *holder, const char *key, size_t idx,
@@ -315,8 +341,9 @@ static void file_type(const struct run *r, const struct svc_file *f, size_t i,
 	snprintf(out, len, "%.*s", (int)strcspn(t, "; "), t);
 }
 
-/* Check a stored file's kind; it becomes output i (the first is committed
- * last, when it announces them all). */
+/* Check a stored file's kind (the first: the route's by what its
+ * download or data: URI says, and by its magic); it becomes output i (the
+ * first is committed last, when it announces them all). */
 static int file_done(struct run *r, struct svc_files *fs, struct store_sink *sink,
 		     const char *downloaded, const uint8_t *head, size_t headlen)
 {
@@ -326,6 +353,12 @@ static int file_done(struct run *r, struct svc_files *fs, struct store_sink *sin
 	char type[128];
 	int rc;
 
+	if (i == 0 && downloaded && !svc_type_fits(downloaded, want)) {
+		store_sink_abort(sink);
+		return run_fail(r, -EIO, "output_invalid",
+				"%s's output file is %.100s, not %s as the route says", fs->service,
+				downloaded, want);
+	}
 	if (i == 0 && sniffable(want) && (!sniffed || strcasecmp(sniffed, want) != 0)) {
 		store_sink_abort(sink);
 		return run_fail(r, -EIO, "output_invalid",
@@ -348,6 +381,7 @@ static int store_inline(struct run *r, struct svc_files *fs, struct svc_file *f,
 			const char *v)
 {
 	const char *b64 = v;
+	char said[128] = "";
 	size_t len = strlen(v), got = 0;
 	struct store_sink *sink = NULL;
 	uint8_t *bin;
@@ -359,9 +393,7 @@ static int store_inline(struct run *r, struct svc_files *fs, struct svc_file *f,
 			return run_fail(r, -EIO, "output_invalid",
 					"%s's output file %zu is a data: URI that is not base64",
 					fs->service, fs->at + 1);
-		if (!f->content_type[0])
-			snprintf(f->content_type, sizeof(f->content_type), "%.*s",
-				 (int)strcspn(v + 5, ";,"), v + 5);
+		snprintf(said, sizeof(said), "%.*s", (int)strcspn(v + 5, ";,"), v + 5);
 		b64 = comma + 1;
 		len = strlen(b64);
 	}
@@ -385,13 +417,6 @@ static int store_inline(struct run *r, struct svc_files *fs, struct svc_file *f,
 				"%s's output file %zu is over the route's max_output (%llu bytes)",
 				fs->service, fs->at + 1, (unsigned long long)r->route->max_output);
 	}
-	if (f->content_type[0] && fs->at == 0 &&
-	    !svc_type_fits(f->content_type, r->route->media_type)) {
-		free(bin);
-		return run_fail(r, -EIO, "output_invalid",
-				"%s's output file is %.100s, not %s as the route says", fs->service,
-				f->content_type, r->route->media_type);
-	}
 	if ((rc = store_sink_open(engine_store(r->e), &sink)) != 0 ||
 	    (rc = store_sink_write(sink, bin, got)) != 0) {
 		free(bin);
@@ -399,7 +424,7 @@ static int store_inline(struct run *r, struct svc_files *fs, struct svc_file *f,
 			store_sink_abort(sink);
 		return run_fail(r, rc, "store", "cannot store the output: %s", store_lasterr());
 	}
-	rc = file_done(r, fs, sink, NULL, bin, got < 16 ? got : 16);
+	rc = file_done(r, fs, sink, said, bin, got < 16 ? got : 16);
 	free(bin);
 	return rc;
 }
@@ -438,7 +463,6 @@ static int download(struct run *r, struct svc_files *fs, const char *url)
 	fs->headlen = 0;
 	if ((rc = store_sink_open(engine_store(r->e), &fs->sink)) != 0)
 		return run_fail(r, rc, "store", "cannot store the output: %s", store_lasterr());
-	fs->waiting = true;
 	return run_http(r, &rq);
 }
 
@@ -528,7 +552,6 @@ int svc_files_answer(struct run *r, struct svc_files *fs, const struct http_resp
 	int rc;
 
 	fs->sink = NULL;
-	fs->waiting = false;
 	if (h->error_code) {
 		store_sink_abort(sink);
 		return svc_fail(r, h, fs->service, "output download");
@@ -537,13 +560,6 @@ int svc_files_answer(struct run *r, struct svc_files *fs, const struct http_resp
 		store_sink_abort(sink);
 		return run_fail(r, -EIO, "output_invalid", "%s's output file %zu is empty",
 				fs->service, fs->at + 1);
-	}
-	if (fs->at == 0 && h->content_type[0] &&
-	    !svc_type_fits(h->content_type, r->route->media_type)) {
-		store_sink_abort(sink);
-		return run_fail(r, -EIO, "output_invalid",
-				"%s's output file is %.100s, not %s as the route says", fs->service,
-				h->content_type, r->route->media_type);
 	}
 	if ((rc = file_done(r, fs, sink, h->content_type, fs->head, fs->headlen)) != 0)
 		return rc;

@@ -93,6 +93,28 @@ int svc_key(struct run *r, const struct svc_conf *c, uint8_t **job_key, const ch
 int svc_submit_failed(struct run *r, const struct http_response *h, const char *service,
 		      const char *what);
 
+/* ---- polling a service for the state of its work ---- */
+
+/*
+ * Every 200 ms at first, growing by 5/4 up to 2 s (a 2 s job is seen done
+ * at 2.25 s, after 6 polls); an answer that is busy or not a state is
+ * asked again (after twice the interval, or its Retry-After), and
+ * SVC_POLL_FAILS such answers in a row fail the attempt.
+ */
+#define SVC_POLL_FAILS 5
+struct svc_poll {
+	uint64_t ms;
+	unsigned fails;
+};
+/* Start polling: the first poll's delay. */
+uint64_t svc_poll_begin(struct svc_poll *p);
+/* A usable answer, the work not done: the next poll, later. RUN_WAIT. */
+int svc_poll_next(struct run *r, struct svc_poll *p);
+/* An unusable answer (h: busy, with its Retry-After; NULL: not a state):
+ * RUN_WAIT with the next poll arranged, or 0 when it was one too many
+ * (the caller fails the attempt). */
+int svc_poll_again(struct run *r, struct svc_poll *p, const struct http_response *h);
+
 /* ---- the files of a result ---- */
 
 #define SVC_FILES_MAX (1 + INDEX_EXTRAS_MAX) /* output.<ext>, output.1.<ext>, ... */
@@ -119,7 +141,6 @@ struct svc_files {
 	uint8_t hashes[SVC_FILES_MAX][32];
 	struct store_sink *sink;  /* the download under way */
 	struct store_sink *first; /* the first file's, committed last */
-	bool waiting;		  /* a download of f[at] is under way */
 	uint8_t head[16];	  /* its first bytes, for svc_sniff */
 	size_t headlen;
 };
