@@ -220,61 +220,86 @@ static const char *comment_field(const char *tc, const char *key, char *buf, siz
 	return NULL;
 }
 
+/* What verify found of a file and its signature. */
+struct sigcheck {
+	char hex[B3_HEX_LEN + 1];
+	uint64_t size;
+	struct sign_sig sig;
+	bool bad_sig; /* it was checked and does not verify (else: could not be) */
+	char why[4400];
+};
+
 /*
- * Check that path is signed (path.minisig) by a key found as verify finds
- * it: 0, or 1 with why (for the chain of manifests; nothing printed).
- * hex gets the file's BLAKE3.
+ * verify's check of file against sigpath (NULL: file.minisig) and a key
+ * (pubpath, else render.pub or keys/<KEYID>.pub found near file): 0 when
+ * the signature is good, else 1 with c->why. With show, the lines verify
+ * prints as it goes (file, key id, public key).
  */
-static int signed_ok(const char *path, char hex[B3_HEX_LEN + 1], char *why, size_t whylen)
+static int check_sig(const char *file, const char *sigpath, const char *pubpath, bool show,
+		     struct sigcheck *c)
 {
-	char sigpath[4200], found[4200];
-	struct sign_sig *sig = malloc(sizeof(*sig));
+	char defsig[4200], pubfound[4200], keyid[SIGN_KEYID_LEN + 1];
 	struct sign_pubkey pk;
 	uint8_t hash[B3_OUT_LEN];
-	uint64_t size;
 	char *text;
 	size_t len;
-	int fd = -1, rc = 1;
+	int fd, rc = 1;
 
-	snprintf(sigpath, sizeof(sigpath), "%s.minisig", path);
-	if (!sig) {
-		snprintf(why, whylen, "out of memory");
+	c->bad_sig = false;
+	if (!sigpath) {
+		snprintf(defsig, sizeof(defsig), "%s.minisig", file);
+		sigpath = defsig;
+	}
+	if ((fd = open(file, O_RDONLY | O_CLOEXEC)) < 0) {
+		snprintf(c->why, sizeof(c->why), "cannot open '%s': %s", file, strerror(errno));
 		return 1;
 	}
-	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
-		snprintf(why, whylen, "cannot open '%s': %s", path, strerror(errno));
-		goto out;
-	}
-	if (b3_hash_fd(fd, 2, hash, &size) != 0) {
-		snprintf(why, whylen, "cannot read '%s'", path);
-		goto out;
-	}
-	b3_to_hex(hash, hex);
-	if (file_read_small(sigpath, SIGN_TRUSTED_MAX + 2048, &text, &len) != 0) {
-		snprintf(why, whylen, "%s", store_lasterr());
-		goto out;
-	}
-	rc = sign_sig_parse(text, len, sig);
-	free(text);
-	if (rc) {
+	if ((rc = b3_hash_fd(fd, 2, hash, &c->size)) != 0) {
+		snprintf(c->why, sizeof(c->why), "cannot read '%s': %s", file, strerror(-rc));
 		rc = 1;
-		snprintf(why, whylen, "'%s' is not a minisign signature", sigpath);
 		goto out;
 	}
 	rc = 1;
-	if (find_pubkey(path, sig->keynum, &pk, found, sizeof(found)) != 0) {
-		snprintf(why, whylen, "no public key for '%s'", sigpath);
+	b3_to_hex(hash, c->hex);
+	if (show)
+		printf("file: %s\nblake3: %s\nsize: %llu\n", file, c->hex,
+		       (unsigned long long)c->size);
+	if (file_read_small(sigpath, SIGN_TRUSTED_MAX + 2048, &text, &len) != 0) {
+		snprintf(c->why, sizeof(c->why), "%s", store_lasterr());
 		goto out;
 	}
-	if (sign_verify_fd(&pk, sig, fd) != 0) {
-		snprintf(why, whylen, "BAD signature on '%s' (%s)", path, store_lasterr());
+	if (sign_sig_parse(text, len, &c->sig) != 0) {
+		free(text);
+		snprintf(c->why, sizeof(c->why), "'%s' is not a minisign signature", sigpath);
+		goto out;
+	}
+	free(text);
+	sign_keyid(c->sig.keynum, keyid);
+	if (show)
+		printf("key id: %s\ntrusted comment: %s\n", keyid, c->sig.trusted);
+	if (pubpath) {
+		if (sign_pubkey_load(pubpath, &pk) != 0) {
+			snprintf(c->why, sizeof(c->why), "%s", store_lasterr());
+			goto out;
+		}
+		snprintf(pubfound, sizeof(pubfound), "%s", pubpath);
+	} else if (find_pubkey(file, c->sig.keynum, &pk, pubfound, sizeof(pubfound)) != 0) {
+		snprintf(c->why, sizeof(c->why),
+			 "no public key for key id %s (render.pub or keys/%s.pub near '%s'); "
+			 "give one with --pub",
+			 keyid, keyid, file);
+		goto out;
+	}
+	if (show)
+		printf("public key: %s\n", pubfound);
+	if (sign_verify_fd(&pk, &c->sig, fd) != 0) {
+		c->bad_sig = true;
+		snprintf(c->why, sizeof(c->why), "%s", store_lasterr());
 		goto out;
 	}
 	rc = 0;
 out:
-	if (fd >= 0)
-		close(fd);
-	free(sig);
+	close(fd);
 	return rc;
 }
 
@@ -339,7 +364,7 @@ static const char *manifest_names(json_object *m, const char *hex)
 static int verify_chain(const char *root, const char *mpath, const char *hex, int depth,
 			unsigned *jobs)
 {
-	char mhex[B3_HEX_LEN + 1], why[4400];
+	struct sigcheck *sc = malloc(sizeof(*sc));
 	json_object *m, *v, *inputs;
 	const char *named, *route = "?", *job = "?";
 	char *text;
@@ -351,10 +376,18 @@ static int verify_chain(const char *root, const char *mpath, const char *hex, in
 		       CHAIN_DEPTH_MAX);
 		return 1;
 	}
-	if (signed_ok(mpath, mhex, why, sizeof(why)) != 0) {
-		printf("%*sproblem: %s\n", 2 * depth, "", why);
+	if (!sc || check_sig(mpath, NULL, NULL, false, sc) != 0) {
+		if (!sc)
+			printf("%*sproblem: out of memory\n", 2 * depth, "");
+		else if (sc->bad_sig)
+			printf("%*sproblem: BAD signature on '%s' (%s)\n", 2 * depth, "", mpath,
+			       sc->why);
+		else
+			printf("%*sproblem: %s\n", 2 * depth, "", sc->why);
+		free(sc);
 		return 1;
 	}
+	free(sc);
 	if (file_read_small(mpath, 1 << 20, &text, &len) != 0 ||
 	    !(m = json_tokener_parse(text)) || !json_object_is_type(m, json_type_object)) {
 		printf("%*sproblem: '%s' is not a manifest\n", 2 * depth, "", mpath);
@@ -426,15 +459,9 @@ static int cmd_verify(int argc, char **argv)
 		{NULL, 0, NULL, 0},
 	};
 	const char *sigpath = NULL, *pubpath = NULL, *file;
-	char defsig[4200], pubfound[4200], keyid[SIGN_KEYID_LEN + 1], hex[B3_HEX_LEN + 1];
+	struct sigcheck *sc;
 	char field[256];
-	struct sign_sig *sig;
-	struct sign_pubkey pk;
-	uint8_t hash[B3_OUT_LEN];
-	uint64_t size;
-	char *text;
-	size_t len;
-	int c, fd, rc, bad = 0;
+	int c, bad = 0;
 
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "s:p:", opts, NULL)) != -1) {
@@ -448,72 +475,32 @@ static int cmd_verify(int argc, char **argv)
 	if (optind != argc - 1)
 		return usage(stderr, 2);
 	file = argv[optind];
-	if (!sigpath) {
-		snprintf(defsig, sizeof(defsig), "%s.minisig", file);
-		sigpath = defsig;
-	}
-	fd = open(file, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		fprintf(stderr, "%s: cannot open '%s': %s\n", prog, file, strerror(errno));
+	if (!(sc = malloc(sizeof(*sc)))) {
+		fprintf(stderr, "%s: out of memory\n", prog);
 		return 1;
 	}
-	if ((rc = b3_hash_fd(fd, 2, hash, &size)) != 0) {
-		fprintf(stderr, "%s: cannot read '%s': %s\n", prog, file, strerror(-rc));
-		close(fd);
+	if (check_sig(file, sigpath, pubpath, true, sc) != 0) {
+		if (sc->bad_sig)
+			printf("signature: BAD (%s)\n", sc->why);
+		else
+			fprintf(stderr, "%s: %s\n", prog, sc->why);
+		free(sc);
 		return 1;
-	}
-	b3_to_hex(hash, hex);
-	printf("file: %s\nblake3: %s\nsize: %llu\n", file, hex, (unsigned long long)size);
-	sig = malloc(sizeof(*sig));
-	if (!sig || file_read_small(sigpath, SIGN_TRUSTED_MAX + 2048, &text, &len) != 0) {
-		fprintf(stderr, "%s: %s\n", prog, sig ? store_lasterr() : "out of memory");
-		free(sig);
-		close(fd);
-		return 1;
-	}
-	rc = sign_sig_parse(text, len, sig);
-	free(text);
-	if (rc) {
-		fprintf(stderr, "%s: '%s' is not a minisign signature\n", prog, sigpath);
-		goto fail;
-	}
-	sign_keyid(sig->keynum, keyid);
-	printf("key id: %s\ntrusted comment: %s\n", keyid, sig->trusted);
-	if (pubpath) {
-		if (sign_pubkey_load(pubpath, &pk) != 0) {
-			fprintf(stderr, "%s: %s\n", prog, store_lasterr());
-			goto fail;
-		}
-		snprintf(pubfound, sizeof(pubfound), "%s", pubpath);
-	} else if (find_pubkey(file, sig->keynum, &pk, pubfound, sizeof(pubfound)) != 0) {
-		fprintf(stderr,
-			"%s: no public key for key id %s (render.pub or keys/%s.pub near '%s'); "
-			"give one with --pub\n",
-			prog, keyid, keyid, file);
-		goto fail;
-	}
-	printf("public key: %s\n", pubfound);
-	rc = sign_verify_fd(&pk, sig, fd);
-	if (rc) {
-		printf("signature: BAD (%s)\n", store_lasterr());
-		goto fail;
 	}
 	printf("signature: good\n");
 	/* A renderfs trusted comment binds the content's hash and size. */
-	if (comment_field(sig->trusted, "blake3", field, sizeof(field)) &&
-	    strcmp(field, hex) != 0) {
+	if (comment_field(sc->sig.trusted, "blake3", field, sizeof(field)) &&
+	    strcmp(field, sc->hex) != 0) {
 		printf("problem: the trusted comment names blake3 %s, the file has %s\n", field,
-		       hex);
+		       sc->hex);
 		bad = 1;
 	}
-	if (comment_field(sig->trusted, "size", field, sizeof(field)) &&
-	    strtoull(field, NULL, 10) != size) {
+	if (comment_field(sc->sig.trusted, "size", field, sizeof(field)) &&
+	    strtoull(field, NULL, 10) != sc->size) {
 		printf("problem: the trusted comment names size %s, the file has %llu\n", field,
-		       (unsigned long long)size);
+		       (unsigned long long)sc->size);
 		bad = 1;
 	}
-	free(sig);
-	close(fd);
 	{
 		/* An output of a job: its manifest, and the jobs whose outputs
 		 * were its inputs, back to the first (SPEC §3). */
@@ -528,7 +515,7 @@ static int cmd_verify(int argc, char **argv)
 		if (!bad && strcmp(file, mpath) != 0 && access(mpath, F_OK) == 0 &&
 		    mount_root(file, root, sizeof(root)) == 0) {
 			printf("chain:\n");
-			problems = verify_chain(root, mpath, hex, 1, &jobs);
+			problems = verify_chain(root, mpath, sc->hex, 1, &jobs);
 			if (problems)
 				printf("chain: %d problem%s\n", problems, problems == 1 ? "" : "s");
 			else
@@ -537,11 +524,8 @@ static int cmd_verify(int argc, char **argv)
 			bad = problems ? 1 : 0;
 		}
 	}
+	free(sc);
 	return bad;
-fail:
-	free(sig);
-	close(fd);
-	return 1;
 }
 
 static int cmd_gc(int argc, char **argv)
