@@ -27,22 +27,34 @@
 
 /* ---- the runner context ---- */
 
+/* The log line of message msg at ts (with prefix), into out (of
+ * LINE_MAX bytes, without newline): its length. One line per event: a
+ * message never splits the log. */
+#define LOG_LINE_CAP (ENGINE_ERR_MAX + 64)
+static size_t log_line(char *out, const char *ts, const char *prefix, const char *msg)
+{
+	int k = snprintf(out, LOG_LINE_CAP, "%s %s%s", ts, prefix, msg);
+	size_t n = k < 0 ? 0 : (size_t)k < LOG_LINE_CAP ? (size_t)k : LOG_LINE_CAP - 1;
+
+	for (size_t i = 0; i < n; i++)
+		if (out[i] == '\n' || out[i] == '\r')
+			out[i] = ' ';
+	return n;
+}
+
 /* A timestamped log line; with backend, the attempt's first, recording
  * what runs the job in the same write. */
 static int run_vlog(struct run *r, const struct backend *backend, const char *fmt, va_list ap)
 {
-	char line[ENGINE_ERR_MAX + 64], ts[32];
-	int n, rc;
+	char msg[ENGINE_ERR_MAX], line[LOG_LINE_CAP], ts[32];
+	size_t n;
+	int rc;
 
 	engine_time_format(now_ms(), ts);
-	n = snprintf(line, sizeof(line), "%s ", ts);
-	vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
-	/* One line per event: a message never splits the log. */
-	for (char *p = line; *p; p++)
-		if (*p == '\n' || *p == '\r')
-			*p = ' ';
-	rc = index_job_log_start(r->e->ix, r->job.id, line, strlen(line),
-				 backend ? backend->name : NULL, r->route ? r->route->model_id : NULL);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	n = log_line(line, ts, "", msg);
+	rc = index_job_log_start(r->e->ix, r->job.id, line, n, backend ? backend->name : NULL,
+				 r->route ? r->route->model_id : NULL);
 	if (rc == 0)
 		engine_notify(r->e, r->job.id, r->job.route, EV_LOG);
 	return rc;
@@ -51,25 +63,15 @@ static int run_vlog(struct run *r, const struct backend *backend, const char *fm
 int run_log_handle(struct run *r, const char *prefix, const char *const *msgs, size_t n,
 		   const void *handle, size_t hlen)
 {
-	size_t cap = n * (ENGINE_ERR_MAX + 64) + 1, len = 0;
-	char *buf = malloc(cap), ts[32];
+	char *buf = malloc(n * (LOG_LINE_CAP + 1) + 1), ts[32];
+	size_t len = 0;
 	int rc;
 
 	if (!buf)
 		return -ENOMEM;
 	engine_time_format(now_ms(), ts);
 	for (size_t i = 0; i < n; i++) {
-		size_t at = len;
-		if (cap - len < ENGINE_ERR_MAX + 64)
-			break; /* not reached: each line fits its share */
-		int k = snprintf(buf + len, cap - len, "%s %s%.*s", ts, prefix,
-				 (int)(ENGINE_ERR_MAX - strlen(prefix)), msgs[i]);
-		if (k < 0)
-			continue;
-		len += (size_t)k < cap - len ? (size_t)k : cap - len - 1;
-		for (char *p = buf + at; p < buf + len; p++) /* one line per message */
-			if (*p == '\n' || *p == '\r')
-				*p = ' ';
+		len += log_line(buf + len, ts, prefix, msgs[i]);
 		buf[len++] = '\n';
 	}
 	rc = index_job_log_handle(r->e->ix, r->job.id, buf, len, handle, hlen);

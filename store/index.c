@@ -46,7 +46,6 @@
 #include "fileutil.h"
 #include "index_i.h"
 
-#define LOG_LINE_MAX INDEX_LOG_LINE_MAX
 #define DEFAULT_MAP_SIZE ((size_t)64 << 30)
 
 static const char *status_names[] = {"queued", "running", "complete", "error", "cancelled"};
@@ -1057,9 +1056,9 @@ int index_job_log_start(struct index *ix, const uint8_t id[JOB_ID_LEN], const ch
 {
 	struct log_arg a = {id, line, len, backend, model};
 
-	if (len > LOG_LINE_MAX || memchr(line, '\n', len) || memchr(line, '\0', len))
+	if (len > INDEX_LOG_LINE_MAX || memchr(line, '\n', len) || memchr(line, '\0', len))
 		return store_seterr(-EINVAL, "a log line is at most %d bytes, without newline or "
-					     "NUL", LOG_LINE_MAX);
+					     "NUL", INDEX_LOG_LINE_MAX);
 	return index_write(ix, log_fn, &a);
 }
 
