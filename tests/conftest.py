@@ -43,6 +43,16 @@ import errno  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
+
+def until(cond, what, timeout=30):
+    """Wait for cond() to hold (polled every 20 ms); fail naming what."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
 IMAGE = "image/synth/default/t2i"
 VIDEO = "video/synth/default/t2v"
 WAN = "video/wan/default/t2v"

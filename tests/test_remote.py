@@ -11,6 +11,7 @@ import time
 import pytest
 
 from fakefal import FakeFal
+from conftest import until
 
 ROUTE = "image/fake/default/t2i"
 SYNTH = "image/synth/default/t2i"
@@ -20,14 +21,6 @@ def models(tmp_path, fal, **extra):
     p = tmp_path / "models.json"
     p.write_text(json.dumps({"routes": {ROUTE: fal.route(**extra)}}))
     return f"models={p}"
-
-
-def until(cond, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
 
 
 def stats(m):

@@ -10,6 +10,7 @@ import pytest
 
 from fakeopenai import FakeOpenAI
 from fakereplicate import FakeReplicate
+from conftest import until
 
 ROUTE = "image/rep/default/t2i"
 OAI = "image/oai/default/t2i"
@@ -26,14 +27,6 @@ def models(tmp_path, routes):
     p = tmp_path / "models.json"
     p.write_text(json.dumps({"routes": routes}))
     return f"models={p}"
-
-
-def until(cond, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
 
 
 def log_of(m, route, jid):
