@@ -58,12 +58,9 @@ enum fal_phase { F_SUBMIT, F_STATUS, F_RESULT, F_DOWNLOAD, F_CANCEL };
 
 struct fal_run {
 	enum fal_phase phase;
-	const char *key;
-	uint8_t *job_key; /* the job's own (envelope credentials), unsealed */
-	char auth[4200];
+	struct svc_run sr; /* key, Authorization, the result and its files */
 	char request_id[128];
 	char status_url[FAL_URL_MAX], response_url[FAL_URL_MAX], cancel_url[FAL_URL_MAX];
-	struct svc_files files; /* the result and its files (service.h) */
 	unsigned logs_seen;
 	long position;
 	struct svc_poll poll;
@@ -198,9 +195,9 @@ static int request(struct run *r, struct fal_run *f, const char *method, const c
                    const char *body, uint64_t timeout_ms)
 {
 	char limit[64];
-	const char *hdrs[] = {f->auth, "Content-Type: application/json",
+	const char *hdrs[] = {f->sr.auth, "Content-Type: application/json",
 	                      "Accept: application/json", limit};
-	const char *secrets[] = {f->key};
+	const char *secrets[] = {f->sr.key};
 	bool submit = strcmp(method, "POST") == 0;
 	/* fal stops the work itself at the job's deadline (PROTOCOLS.md). */
 	uint64_t left_s = r->deadline_ms > now_ms() ? (r->deadline_ms - now_ms()) / 1000 : 1;
@@ -251,11 +248,11 @@ static int poll_status(struct run *r, struct fal_run *f)
  * service's order (images[], video, audio, ...), SVC_FILES_MAX at most. */
 static void collect_files(struct fal_run *f, json_object *o, int depth)
 {
-	if (depth > 8 || f->files.n >= SVC_FILES_MAX)
+	if (depth > 8 || f->sr.files.n >= SVC_FILES_MAX)
 		return;
 	if (json_object_is_type(o, json_type_object)) {
 		if (svc_str(o, "url")) {
-			svc_files_add(&f->files, o, "url", 0, SVC_FILE_URL, svc_str(o, "content_type"));
+			svc_files_add(&f->sr.files, o, "url", 0, SVC_FILE_URL, svc_str(o, "content_type"));
 			return;
 		}
 		json_object_object_foreach(o, k, v)
@@ -433,12 +430,12 @@ static int on_result(struct run *r, struct fal_run *f, const struct http_respons
 	if (!(o = svc_parse(h->body, h->len)))
 		return run_fail(r, -EBADMSG, "output_invalid",
 		                "fal's result for request %s is not a JSON object", f->request_id);
-	f->files.result = o;
+	f->sr.files.result = o;
 	collect_files(f, o, 0);
 	run_log(r, "fal: request %s completed; downloading %zu file%s", f->request_id,
-	        f->files.n, f->files.n == 1 ? "" : "s");
+	        f->sr.files.n, f->sr.files.n == 1 ? "" : "s");
 	f->phase = F_DOWNLOAD;
-	return svc_files_start(r, &f->files);
+	return svc_files_start(r, &f->sr.files);
 }
 
 static int fal_step(struct run *r)
@@ -449,15 +446,14 @@ static int fal_step(struct run *r)
 
 	if (!f) {
 		const struct svc_conf *c = r->route->backend_state;
-		const char *key;
 
 		if (!(f = calloc(1, sizeof(*f))))
 			return run_fail(r, -ENOMEM, "store", "out of memory");
 		r->bstate = f;
 		f->position = -1;
-		if ((rc = svc_key(r, c, &f->job_key, &key)) != 0)
+		if ((rc = svc_run_key(r, &f->sr, c, "fal", "Key")) != 0)
 			return rc;
-		if (!key)
+		if (!f->sr.key)
 			return run_fail(r, -ENOTCONN, "backend_not_configured",
 			                "route %s needs the fal backend with an API key: set %s in "
 			                "the daemon's environment, \"key\" for this route in a "
@@ -465,10 +461,6 @@ static int fal_step(struct run *r)
 			                "envelope ({\"input\": ..., \"credentials\": {\"key\": "
 			                "...}})",
 			                r->route->path, c->key_env);
-		f->key = key;
-		f->files.service = "fal";
-		f->files.key = key;
-		snprintf(f->auth, sizeof(f->auth), "Authorization: Key %s", key);
 		rc = handle_get(r, f);
 		if (rc == -EALREADY)
 			return run_fail(
@@ -523,7 +515,7 @@ static int fal_step(struct run *r)
 	case F_RESULT:
 		return on_result(r, f, h);
 	case F_DOWNLOAD:
-		return svc_files_answer(r, &f->files, h);
+		return svc_files_answer(r, &f->sr.files, h);
 	case F_CANCEL:
 		break;
 	}
@@ -558,9 +550,7 @@ static void fal_run_free(struct run *r)
 
 	if (!f)
 		return;
-	svc_files_free(&f->files);
-	explicit_bzero(f->auth, sizeof(f->auth));
-	store_unsealed_free(f->job_key);
+	svc_run_clear(&f->sr);
 	free(f);
 }
 

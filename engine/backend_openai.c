@@ -46,11 +46,8 @@ struct oai_conf {
 };
 
 struct oai_run {
-	const char *key;
-	uint8_t *job_key;
-	char auth[600];
+	struct svc_run sr; /* key (none for a local server), the result and its files */
 	bool sent;
-	struct svc_files files;
 };
 
 static const struct backend_setting oai_takes[] = {
@@ -156,7 +153,7 @@ static int take_answer(struct run *r, struct oai_run *o, json_object *res)
 {
 	json_object *data;
 
-	o->files.result = res;
+	o->sr.files.result = res;
 	if (!json_object_object_get_ex(res, "data", &data) ||
 	    !json_object_is_type(data, json_type_array))
 		return run_fail(r, -EIO, "output_invalid",
@@ -164,11 +161,11 @@ static int take_answer(struct run *r, struct oai_run *o, json_object *res)
 	for (size_t i = 0; i < json_object_array_length(data); i++) {
 		json_object *d = json_object_array_get_idx(data, i);
 		if (svc_str(d, "b64_json"))
-			svc_files_add(&o->files, d, "b64_json", 0, SVC_FILE_BASE64, NULL);
+			svc_files_add(&o->sr.files, d, "b64_json", 0, SVC_FILE_BASE64, NULL);
 		else if (svc_str(d, "url"))
-			svc_files_add(&o->files, d, "url", 0, SVC_FILE_URL, NULL);
+			svc_files_add(&o->sr.files, d, "url", 0, SVC_FILE_URL, NULL);
 	}
-	return svc_files_start(r, &o->files);
+	return svc_files_start(r, &o->sr.files);
 }
 
 /*
@@ -260,7 +257,6 @@ static int resume(struct run *r, struct oai_run *o, int *step_rc)
 static int oai_start(struct run *r)
 {
 	const struct oai_conf *c = r->route->backend_state;
-	const char *key;
 	struct oai_run *o;
 	json_object *req = NULL;
 	char url[600];
@@ -270,20 +266,14 @@ static int oai_start(struct run *r)
 	if (!(o = calloc(1, sizeof(*o))))
 		return run_fail(r, -ENOMEM, "store", "out of memory");
 	r->bstate = o;
-	o->files.service = "the image service";
-	if ((rc = svc_key(r, &c->svc, &o->job_key, &key)) != 0)
+	if ((rc = svc_run_key(r, &o->sr, &c->svc, "the image service", "Bearer")) != 0)
 		return rc;
-	if (!key && strcmp(c->svc.base, OAI_DEFAULT_BASE) == 0)
+	if (!o->sr.key && strcmp(c->svc.base, OAI_DEFAULT_BASE) == 0)
 		return run_fail(r, -ENOTCONN, "backend_not_configured",
 				"route %s needs the openai-images backend with an API key: set %s "
 				"in the daemon's environment, \"key\" for this route in a models "
 				"file (models=FILE), or the job's own in its envelope",
 				r->route->path, c->svc.key_env);
-	if (key) {
-		o->key = key;
-		o->files.key = key;
-		snprintf(o->auth, sizeof(o->auth), "Authorization: Bearer %s", key);
-	}
 	if (resume(r, o, &rc))
 		return rc;
 	if (!(req = svc_parse(r->request, r->request_len)))
@@ -303,8 +293,8 @@ static int oai_start(struct run *r)
 	}
 	{
 		const char *hdrs[] = {"Content-Type: application/json", "Accept: application/json",
-				      o->auth};
-		const char *secrets[] = {key ? key : ""};
+				      o->sr.auth};
+		const char *secrets[] = {o->sr.key ? o->sr.key : ""};
 		uint64_t each = r->route->max_output < OAI_IMAGE_MAX ? r->route->max_output
 								     : OAI_IMAGE_MAX;
 		uint64_t left = r->deadline_ms > now_ms() ? r->deadline_ms - now_ms() : 1000;
@@ -312,7 +302,7 @@ static int oai_start(struct run *r)
 		    .method = "POST",
 		    .url = url,
 		    .headers = hdrs,
-		    .nheaders = o->key ? 3 : 2,
+		    .nheaders = o->sr.key ? 3 : 2,
 		    .body = body,
 		    .body_len = strlen(body),
 		    .timeout_ms = left, /* the images are made while we wait */
@@ -342,7 +332,7 @@ static int oai_step(struct run *r)
 		o->sent = false;
 		return on_answer(r, o, r->http);
 	}
-	return svc_files_answer(r, &o->files, r->http);
+	return svc_files_answer(r, &o->sr.files, r->http);
 }
 
 static void oai_run_free(struct run *r)
@@ -351,9 +341,7 @@ static void oai_run_free(struct run *r)
 
 	if (!o)
 		return;
-	svc_files_free(&o->files);
-	explicit_bzero(o->auth, sizeof(o->auth));
-	store_unsealed_free(o->job_key);
+	svc_run_clear(&o->sr);
 	free(o);
 }
 

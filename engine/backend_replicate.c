@@ -59,15 +59,12 @@ enum rep_phase { R_CREATE, R_POLL, R_FILES, R_CANCEL };
 
 struct rep_run {
 	enum rep_phase phase;
-	const char *key;
-	uint8_t *job_key;
-	char auth[600];
+	struct svc_run sr; /* key, Authorization, the result and its files */
 	char id[128];
 	char get_url[SVC_URL_MAX], cancel_url[SVC_URL_MAX];
 	uint64_t logs_seen; /* bytes of `logs` already in the job's log */
 	struct svc_poll poll;
 	char last_status[16];
-	struct svc_files files;
 };
 
 static const struct backend_setting rep_takes[] = {
@@ -222,9 +219,9 @@ static int request(struct run *r, struct rep_run *p, const char *method, const c
 		   const char *body, uint64_t timeout_ms)
 {
 	char after[64];
-	const char *hdrs[] = {p->auth, "Content-Type: application/json",
+	const char *hdrs[] = {p->sr.auth, "Content-Type: application/json",
 			      "Accept: application/json", after};
-	const char *secrets[] = {p->key};
+	const char *secrets[] = {p->sr.key};
 	bool create = p->phase == R_CREATE;
 	/* Replicate stops the work itself at the job's deadline (at least
 	 * 5 s: its minimum). */
@@ -351,20 +348,20 @@ static void take_logs(struct run *r, struct rep_run *p, const char *logs, bool a
 static void collect_files(struct rep_run *p, json_object *holder, const char *key, size_t idx,
 			  json_object *v, int depth)
 {
-	if (depth > 8 || p->files.n >= SVC_FILES_MAX || !v)
+	if (depth > 8 || p->sr.files.n >= SVC_FILES_MAX || !v)
 		return;
 	if (json_object_is_type(v, json_type_string)) {
 		const char *s = json_object_get_string(v);
 		if (strncmp(s, "https://", 8) == 0 || strncmp(s, "http://", 7) == 0 ||
 		    strncmp(s, "data:", 5) == 0)
-			svc_files_add(&p->files, holder, key, idx, SVC_FILE_URL, NULL);
+			svc_files_add(&p->sr.files, holder, key, idx, SVC_FILE_URL, NULL);
 	} else if (json_object_is_type(v, json_type_array)) {
 		for (size_t i = 0; i < json_object_array_length(v); i++)
 			collect_files(p, v, NULL, i, json_object_array_get_idx(v, i), depth + 1);
 	} else if (json_object_is_type(v, json_type_object)) {
 		json_object_object_foreach(v, k, x)
 		{
-			if (strlen(k) < sizeof(p->files.f[0].key))
+			if (strlen(k) < sizeof(p->sr.files.f[0].key))
 				collect_files(p, v, k, 0, x, depth + 1);
 		}
 	}
@@ -386,13 +383,13 @@ static int on_succeeded(struct run *r, struct rep_run *p, json_object *o)
 	 * (inline files) and its logs (in the job's log). */
 	json_object_object_del(o, "input");
 	json_object_object_del(o, "logs");
-	p->files.result = o;
+	p->sr.files.result = o;
 	json_object_object_get_ex(o, "output", &out);
 	collect_files(p, o, "output", 0, out, 0);
-	run_log(r, "replicate: prediction %s succeeded; storing %zu file%s", p->id, p->files.n,
-		p->files.n == 1 ? "" : "s");
+	run_log(r, "replicate: prediction %s succeeded; storing %zu file%s", p->id, p->sr.files.n,
+		p->sr.files.n == 1 ? "" : "s");
 	p->phase = R_FILES;
-	return svc_files_start(r, &p->files);
+	return svc_files_start(r, &p->sr.files);
 }
 
 static int on_poll(struct run *r, struct rep_run *p, const struct http_response *h)
@@ -478,7 +475,6 @@ static char *create_body(struct run *r, const struct rep_conf *c, int *rc)
 static int rep_start(struct run *r)
 {
 	const struct rep_conf *c = r->route->backend_state;
-	const char *key;
 	struct rep_run *p;
 	char url[SVC_URL_MAX + 200], *body;
 	int rc;
@@ -486,19 +482,15 @@ static int rep_start(struct run *r)
 	if (!(p = calloc(1, sizeof(*p))))
 		return run_fail(r, -ENOMEM, "store", "out of memory");
 	r->bstate = p;
-	if ((rc = svc_key(r, &c->svc, &p->job_key, &key)) != 0)
+	if ((rc = svc_run_key(r, &p->sr, &c->svc, "Replicate", "Bearer")) != 0)
 		return rc;
-	if (!key)
+	if (!p->sr.key)
 		return run_fail(r, -ENOTCONN, "backend_not_configured",
 				"route %s needs the replicate backend with an API token: set %s in "
 				"the daemon's environment, \"key\" for this route in a models file "
 				"(models=FILE), or the job's own in its envelope ({\"input\": ..., "
 				"\"credentials\": {\"key\": ...}})",
 				r->route->path, c->svc.key_env);
-	p->key = key;
-	p->files.service = "Replicate";
-	p->files.key = key;
-	snprintf(p->auth, sizeof(p->auth), "Authorization: Bearer %s", key);
 	rc = handle_get(r, p);
 	if (rc == -EALREADY)
 		return run_fail(r, -EIO, "interrupted",
@@ -551,7 +543,7 @@ static int rep_step(struct run *r)
 	case R_POLL:
 		return on_poll(r, p, h);
 	case R_FILES:
-		return svc_files_answer(r, &p->files, h);
+		return svc_files_answer(r, &p->sr.files, h);
 	case R_CANCEL:
 		break;
 	}
@@ -582,9 +574,7 @@ static void rep_run_free(struct run *r)
 
 	if (!p)
 		return;
-	svc_files_free(&p->files);
-	explicit_bzero(p->auth, sizeof(p->auth));
-	store_unsealed_free(p->job_key);
+	svc_run_clear(&p->sr);
 	free(p);
 }
 

@@ -225,24 +225,36 @@ int svc_conf_parse(struct svc_conf *c, json_object *settings, const char *base_d
 	return 0;
 }
 
-int svc_key(struct run *r, const struct svc_conf *c, uint8_t **job_key, const char **key)
+int svc_run_key(struct run *r, struct svc_run *sr, const struct svc_conf *c, const char *service,
+		const char *scheme)
 {
-	int rc = run_credential(r, "key", job_key);
+	const char *key = NULL;
+	int rc = run_credential(r, "key", &sr->job_key);
 
-	*key = NULL;
-	if (rc == 0) {
-		*key = (const char *)*job_key;
-	} else if (rc != STORE_E_NOTFOUND) {
+	sr->files.service = service;
+	if (rc == 0)
+		key = (const char *)sr->job_key;
+	else if (rc != STORE_E_NOTFOUND)
 		return run_fail(r, rc, "store", "cannot open the job's credentials: %s",
 				store_lasterr());
-	}
-	if (!*key || !**key)
-		*key = c->key;
-	if (!*key || !**key)
-		*key = getenv(c->key_env);
-	if (*key && (!**key || strlen(*key) > 512 || strpbrk(*key, "\r\n")))
-		*key = NULL; /* not a key a header can carry */
+	if (!key || !*key)
+		key = c->key;
+	if (!key || !*key)
+		key = getenv(c->key_env);
+	if (!key || !*key || strlen(key) > 512 || strpbrk(key, "\r\n"))
+		return 0; /* none a header can carry */
+	sr->key = sr->files.key = key;
+	snprintf(sr->auth, sizeof(sr->auth), "Authorization: %s %s", scheme, key);
 	return 0;
+}
+
+void svc_run_clear(struct svc_run *sr)
+{
+	svc_files_free(&sr->files);
+	explicit_bzero(sr->auth, sizeof(sr->auth));
+	store_unsealed_free(sr->job_key);
+	sr->job_key = NULL;
+	sr->key = NULL;
 }
 
 int svc_submit_failed(struct run *r, const struct http_response *h, const char *service,

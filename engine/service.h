@@ -76,13 +76,7 @@ int svc_conf_parse(struct svc_conf *c, json_object *settings, const char *base_d
 		   const char *env_default, char *err, size_t errlen);
 /* Wipe and free the key. */
 void svc_conf_clear(struct svc_conf *c);
-/*
- * The key a run uses (SPEC §7): the job's own (envelope credentials,
- * unsealed into *job_key, which the caller frees with
- * store_unsealed_free), else the route's, else the variable's: *key, or
- * NULL when there is none. 0, or a failure set with run_fail.
- */
-int svc_key(struct run *r, const struct svc_conf *c, uint8_t **job_key, const char **key);
+
 /*
  * A submission that failed: with no answer after it may have been sent,
  * whether the service has it is unknown, so the job ends `interrupted`
@@ -159,5 +153,25 @@ int svc_files_start(struct run *r, struct svc_files *fs);
 int svc_files_answer(struct run *r, struct svc_files *fs, const struct http_response *h);
 /* Free what fs holds (sinks not committed are aborted). */
 void svc_files_free(struct svc_files *fs);
+
+/* ---- what every remote run holds ---- */
+
+/* Held in each remote backend's run state (its `sr`). */
+struct svc_run {
+	const char *key;      /* the key in use, or NULL (none: a local server) */
+	uint8_t *job_key;     /* the job's own (envelope credentials), unsealed */
+	char auth[600];	      /* "Authorization: <scheme> <key>", "" without a key */
+	struct svc_files files; /* the result and its files */
+};
+/*
+ * The key the run uses (SPEC §7): the job's own, else the route's, else
+ * the variable's; and its Authorization header with scheme ("Key",
+ * "Bearer"). service names the service in messages about the files. 0
+ * (sr->key NULL when there is no key), or a failure set with run_fail.
+ */
+int svc_run_key(struct run *r, struct svc_run *sr, const struct svc_conf *c, const char *service,
+		const char *scheme);
+/* Free and wipe what sr holds (sinks not committed are aborted). */
+void svc_run_clear(struct svc_run *sr);
 
 #endif
