@@ -112,64 +112,32 @@ static int fal_configure(struct route *rt, json_object *settings, void **state, 
 
 /* ---- the handle: where the job is at fal ---- */
 
-/* The handle's text (malloc'ed), or NULL. */
-static char *handle_text(const struct fal_run *f, bool submitting)
+/* The handle: where the request is at fal, and how many of its log lines
+ * are in the job's log (NULL: submitting). */
+static json_object *handle_json(const struct fal_run *f)
 {
 	json_object *o = json_object_new_object();
-	char *text = NULL;
 
 	if (!o)
 		return NULL;
-	if (submitting) {
-		json_object_object_add(o, "state", json_object_new_string("submitting"));
-	} else {
-		json_object_object_add(o, "request_id", json_object_new_string(f->request_id));
-		json_object_object_add(o, "status_url", json_object_new_string(f->status_url));
-		json_object_object_add(o, "response_url", json_object_new_string(f->response_url));
-		json_object_object_add(o, "cancel_url", json_object_new_string(f->cancel_url));
-		json_object_object_add(o, "logs", json_object_new_int64(f->logs_seen));
-	}
-	const char *t = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
-	if (t)
-		text = strdup(t);
-	json_object_put(o);
-	return text;
-}
-
-static int handle_put(struct run *r, const struct fal_run *f, bool submitting)
-{
-	char *text = handle_text(f, submitting);
-	int rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
-
-	free(text);
-	return rc;
+	json_object_object_add(o, "request_id", json_object_new_string(f->request_id));
+	json_object_object_add(o, "status_url", json_object_new_string(f->status_url));
+	json_object_object_add(o, "response_url", json_object_new_string(f->response_url));
+	json_object_object_add(o, "cancel_url", json_object_new_string(f->cancel_url));
+	json_object_object_add(o, "logs", json_object_new_int64(f->logs_seen));
+	return o;
 }
 
 /* 1: resume (f filled), 0: nothing, -EALREADY: a submission of unknown
- * fate, <0: error. */
+ * fate, -EBADMSG: a damaged handle, <0: error. */
 static int handle_get(struct run *r, struct fal_run *f)
 {
-	void *data = NULL;
-	size_t len = 0;
-	json_object *o;
+	json_object *o, *v;
 	const char *id, *su, *ru, *cu;
-	json_object *v;
-	int rc = run_handle_get(r, &data, &len);
+	int rc = svc_handle_get(r, &o);
 
-	if (rc == STORE_E_NOTFOUND || (rc == 0 && len == 0)) {
-		free(data);
-		return 0;
-	}
-	if (rc)
+	if (rc != 1)
 		return rc;
-	o = svc_parse(data, len);
-	free(data);
-	if (!o)
-		return -EBADMSG;
-	if ((id = svc_str(o, "state")) && strcmp(id, "submitting") == 0) {
-		json_object_put(o);
-		return -EALREADY;
-	}
 	id = svc_str(o, "request_id");
 	su = svc_str(o, "status_url");
 	ru = svc_str(o, "response_url");
@@ -307,7 +275,7 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 		snprintf(f->cancel_url, sizeof(f->cancel_url), "%s/%s/requests/%s/cancel", c->base,
 		         model, f->request_id);
 	json_object_put(o);
-	if ((rc = handle_put(r, f, false)) != 0)
+	if ((rc = svc_handle_put(r, handle_json(f))) != 0)
 		/* Paid work we cannot find again after a restart: say so. */
 		return run_fail(r, rc, "store",
 		                "fal request %s was queued but cannot be recorded: %s",
@@ -364,7 +332,7 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 					msgs[k++] = last = msg;
 			}
 			f->logs_seen = upto;
-			if (!(text = handle_text(f, false)) ||
+			if (!(text = svc_handle_text(handle_json(f))) ||
 			    run_log_handle(r, "fal: ", msgs, k, text, strlen(text)) != 0) {
 				f->logs_seen = from; /* not recorded: logged next poll */
 				free(text);
@@ -486,7 +454,7 @@ static int fal_step(struct run *r)
 		 * them for any file field, PROTOCOLS.md). */
 		if ((rc = run_request_inline_inputs(r, &body)) != 0)
 			return rc;
-		if ((rc = handle_put(r, f, true)) != 0) {
+		if ((rc = svc_handle_submitting(r)) != 0) {
 			free(body);
 			return run_fail(r, rc, "store", "cannot record the submission: %s",
 			                store_lasterr());

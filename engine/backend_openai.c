@@ -215,24 +215,18 @@ static int on_answer(struct run *r, struct oai_run *o, const struct http_respons
  * run goes on from it), or the failure. */
 static int resume(struct run *r, struct oai_run *o, int *step_rc)
 {
-	void *data = NULL;
-	size_t len = 0;
 	json_object *h, *answer;
 	const char *state;
-	int rc = run_handle_get(r, &data, &len);
+	int rc = svc_handle_get(r, &h);
 
-	if (rc == STORE_E_NOTFOUND || (rc == 0 && len == 0)) {
-		free(data);
+	if (rc == 0)
 		return 0;
-	}
-	if (rc != 0) {
+	if (rc < 0 && rc != -EALREADY && rc != -EBADMSG) {
 		*step_rc = run_fail(r, rc, "store", "cannot read the job's handle: %s",
 				    store_lasterr());
 		return 1;
 	}
-	h = svc_parse(data, len);
-	free(data);
-	state = svc_str(h, "state");
+	state = rc == 1 ? svc_str(h, "state") : NULL;
 	if (state && strcmp(state, "answered") == 0 &&
 	    json_object_object_get_ex(h, "answer", &answer) &&
 	    json_object_is_type(answer, json_type_object)) {
@@ -287,7 +281,7 @@ static int oai_start(struct run *r)
 		json_object_put(req);
 		return run_fail(r, -ENOMEM, "store", "out of memory");
 	}
-	if ((rc = run_handle_put(r, "{\"state\":\"submitting\"}", 22)) != 0) {
+	if ((rc = svc_handle_submitting(r)) != 0) {
 		json_object_put(req);
 		return run_fail(r, rc, "store", "cannot record the request: %s", store_lasterr());
 	}

@@ -139,62 +139,31 @@ static int rep_configure(struct route *rt, json_object *settings, void **state, 
 
 /* ---- the handle ---- */
 
-/* The handle's text (malloc'ed), or NULL. */
-static char *handle_text(const struct rep_run *p, bool submitting)
+/* The handle: the prediction and how many bytes of its logs are in the
+ * job's log. */
+static json_object *handle_json(const struct rep_run *p)
 {
 	json_object *o = json_object_new_object();
-	char *text = NULL;
 
 	if (!o)
 		return NULL;
-	if (submitting) {
-		json_object_object_add(o, "state", json_object_new_string("submitting"));
-	} else {
-		json_object_object_add(o, "id", json_object_new_string(p->id));
-		json_object_object_add(o, "get", json_object_new_string(p->get_url));
-		json_object_object_add(o, "cancel", json_object_new_string(p->cancel_url));
-		json_object_object_add(o, "logs", json_object_new_int64((int64_t)p->logs_seen));
-	}
-	const char *t = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
-	if (t)
-		text = strdup(t);
-	json_object_put(o);
-	return text;
-}
-
-static int handle_put(struct run *r, const struct rep_run *p, bool submitting)
-{
-	char *text = handle_text(p, submitting);
-	int rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
-
-	free(text);
-	return rc;
+	json_object_object_add(o, "id", json_object_new_string(p->id));
+	json_object_object_add(o, "get", json_object_new_string(p->get_url));
+	json_object_object_add(o, "cancel", json_object_new_string(p->cancel_url));
+	json_object_object_add(o, "logs", json_object_new_int64((int64_t)p->logs_seen));
+	return o;
 }
 
 /* 1: resume, 0: nothing, -EALREADY: a creation of unknown fate,
  * -EBADMSG: a damaged handle, <0: error. */
 static int handle_get(struct run *r, struct rep_run *p)
 {
-	void *data = NULL;
-	size_t len = 0;
 	json_object *o, *v;
 	const char *id, *g, *c;
-	int rc = run_handle_get(r, &data, &len);
+	int rc = svc_handle_get(r, &o);
 
-	if (rc == STORE_E_NOTFOUND || (rc == 0 && len == 0)) {
-		free(data);
-		return 0;
-	}
-	if (rc)
+	if (rc != 1)
 		return rc;
-	o = svc_parse(data, len);
-	free(data);
-	if (!o)
-		return -EBADMSG;
-	if ((id = svc_str(o, "state")) && strcmp(id, "submitting") == 0) {
-		json_object_put(o);
-		return -EALREADY;
-	}
 	id = svc_str(o, "id");
 	g = svc_str(o, "get");
 	c = svc_str(o, "cancel");
@@ -278,7 +247,7 @@ static int on_created(struct run *r, struct rep_run *p, const struct http_respon
 		snprintf(p->cancel_url, sizeof(p->cancel_url), "%s/predictions/%s/cancel", c->svc.base,
 			 p->id);
 	json_object_put(o);
-	if ((rc = handle_put(r, p, false)) != 0)
+	if ((rc = svc_handle_put(r, handle_json(p))) != 0)
 		return run_fail(r, rc, "store",
 				"Replicate prediction %s was created but cannot be recorded: %s",
 				p->id, store_lasterr());
@@ -331,7 +300,7 @@ static void take_logs(struct run *r, struct rep_run *p, const char *logs, bool a
 		if (at == from)
 			break;
 		p->logs_seen = at;
-		char *text = handle_text(p, false);
+		char *text = svc_handle_text(handle_json(p));
 		if (!text || run_log_handle(r, "replicate: ", msgs, k, text, strlen(text)) != 0) {
 			p->logs_seen = from; /* not recorded: taken again next poll */
 			free(text);
@@ -511,7 +480,7 @@ static int rep_start(struct run *r)
 	}
 	if (!(body = create_body(r, c, &rc)))
 		return rc;
-	if ((rc = handle_put(r, p, true)) != 0) {
+	if ((rc = svc_handle_submitting(r)) != 0) {
 		free(body);
 		return run_fail(r, rc, "store", "cannot record the creation: %s", store_lasterr());
 	}

@@ -257,6 +257,62 @@ void svc_run_clear(struct svc_run *sr)
 	sr->key = NULL;
 }
 
+char *svc_handle_text(json_object *o)
+{
+	const char *t;
+	char *text = NULL;
+
+	if (!o)
+		return NULL;
+	if ((t = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
+						       JSON_C_TO_STRING_NOSLASHESCAPE)) != NULL)
+		text = strdup(t);
+	json_object_put(o);
+	return text;
+}
+
+int svc_handle_put(struct run *r, json_object *o)
+{
+	char *text = svc_handle_text(o);
+	int rc = text ? run_handle_put(r, text, strlen(text)) : -ENOMEM;
+
+	free(text);
+	return rc;
+}
+
+int svc_handle_submitting(struct run *r)
+{
+	static const char text[] = "{\"state\":\"submitting\"}";
+
+	return run_handle_put(r, text, sizeof(text) - 1);
+}
+
+int svc_handle_get(struct run *r, json_object **out)
+{
+	void *data = NULL;
+	size_t len = 0;
+	const char *state;
+	int rc = run_handle_get(r, &data, &len);
+
+	*out = NULL;
+	if (rc == STORE_E_NOTFOUND || (rc == 0 && len == 0)) {
+		free(data);
+		return 0;
+	}
+	if (rc)
+		return rc;
+	*out = svc_parse(data, len);
+	free(data);
+	if (!*out)
+		return -EBADMSG;
+	if ((state = svc_str(*out, "state")) && strcmp(state, "submitting") == 0) {
+		json_object_put(*out);
+		*out = NULL;
+		return -EALREADY;
+	}
+	return 1;
+}
+
 int svc_submit_failed(struct run *r, const struct http_response *h, const char *service,
 		      const char *what)
 {
