@@ -14,12 +14,14 @@ extern const struct backend backend_synth;
 extern const struct backend backend_fal;
 extern const struct backend backend_replicate;
 extern const struct backend backend_openai;
+extern const struct backend backend_exec;
 
 static const struct backend *const registry[] = {
 	&backend_synth,
 	&backend_fal,
 	&backend_replicate,
 	&backend_openai,
+	&backend_exec,
 };
 #define NREG (sizeof(registry) / sizeof(registry[0]))
 

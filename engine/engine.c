@@ -176,6 +176,8 @@ uint8_t engine_route_group(struct engine *e, const struct route *r)
 {
 	if (r->backend->remote)
 		return remote_group(e, r);
+	if (r->cpu_only)
+		return GROUP_CPU;
 	/* Spread over the GPU groups that have workers; else the CPU. */
 	for (int g = 0; g < e->ngpus; g++)
 		if (e->total[GROUP_GPU0 + g])

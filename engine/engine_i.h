@@ -107,6 +107,15 @@ int run_remote_set(struct run *r, const char *request_id, const char *model_vers
  */
 int run_request_inline_inputs(struct run *r, char **out);
 /*
+ * The same with every cas: input copied (read verified) into a read-only
+ * file input-<n>.<ext> of the directory dirfd (whose path is dir), and
+ * replaced by that file's path, for local programs.
+ */
+int run_request_input_files(struct run *r, int dirfd, const char *dir, char **out);
+/* Log n lines (each prefixed) in one durable write. */
+int run_log_lines(struct run *r, const char *prefix, const char *const *msgs, size_t n);
+
+/*
  * The job's own credential `name` from its envelope (SPEC §7), unsealed
  * into a locked buffer (*out, NUL-terminated; free it with
  * store_unsealed_free, which wipes it). STORE_E_NOTFOUND when the job has

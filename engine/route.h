@@ -34,6 +34,7 @@ struct route {
 	uint32_t breaker;	    /* consecutive service failures that open its breaker */
 	uint32_t breaker_s;	    /* first open period, doubling up to 10 minutes */
 	uint64_t max_output;	    /* bytes of one output at most */
+	bool cpu_only;		    /* local: never on a GPU worker (configure sets it) */
 	/* The backend instance (a remote backend's configure sets it: base
 	 * URL and model); routes with the same target share one circuit
 	 * breaker. "" for local backends. */

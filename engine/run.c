@@ -11,10 +11,12 @@
 #include "backend.h"
 #include "engine_p.h"
 #include "errors.h"
+#include "route.h"
 
 #include <sodium.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -79,6 +81,11 @@ int run_log_handle(struct run *r, const char *prefix, const char *const *msgs, s
 	if (rc == 0 && n)
 		engine_notify(r->e, r->job.id, r->job.route, EV_LOG);
 	return rc;
+}
+
+int run_log_lines(struct run *r, const char *prefix, const char *const *msgs, size_t n)
+{
+	return run_log_handle(r, prefix, msgs, n, NULL, 0);
 }
 
 void run_log(struct run *r, const char *fmt, ...)
@@ -273,13 +280,23 @@ out:
 	return uri;
 }
 
+/* What replaces an input in the request a backend is given. */
+struct input_repl {
+	/* The replacement string for input in[k] (malloc'ed), or NULL with
+	 * the failure set (run_fail). */
+	char *(*make)(struct run *r, const struct job_input *in, size_t k, void *arg);
+	void *arg;
+	const struct job_input *in;
+	size_t n;
+};
+
 /*
- * The data: URI that replaces v, when v is "cas:<hex>" naming one of the
- * n inputs: 0 with *repl set (NULL: v stays), or a failure set with
+ * The string that replaces v, when v is "cas:<hex>" naming one of the
+ * inputs: 0 with *repl set (NULL: v stays), or a failure set with
  * run_fail.
  */
-static int inline_one(struct run *r, json_object *v, const struct job_input *in, size_t n,
-		      json_object **repl)
+static int replace_one(struct run *r, json_object *v, const struct input_repl *ir,
+		       json_object **repl)
 {
 	uint8_t h[INDEX_HASH_LEN];
 
@@ -288,28 +305,27 @@ static int inline_one(struct run *r, json_object *v, const struct job_input *in,
 	    strncmp(json_object_get_string(v), "cas:", 4) != 0 ||
 	    b3_from_hex(json_object_get_string(v) + 4, h) != 0)
 		return 0;
-	for (size_t i = 0; i < n; i++) {
-		char *uri;
-		if (memcmp(in[i].hash, h, INDEX_HASH_LEN) != 0)
+	for (size_t i = 0; i < ir->n; i++) {
+		char *s;
+		if (memcmp(ir->in[i].hash, h, INDEX_HASH_LEN) != 0)
 			continue;
-		if (!(uri = data_uri(r, &in[i])))
-			return run_fail(r, -EIO, "input_not_found", "'%s': cannot read blob cas:%s: %s",
-					in[i].field, json_object_get_string(v) + 4, store_lasterr());
-		*repl = json_object_new_string(uri);
-		free(uri);
+		if (!(s = ir->make(r, &ir->in[i], i, ir->arg)))
+			return -EIO;
+		*repl = json_object_new_string(s);
+		free(s);
 		return *repl ? 0 : run_fail(r, -ENOMEM, "store", "out of memory");
 	}
 	return 0;
 }
 
-static int inline_walk(struct run *r, json_object *o, const struct job_input *in, size_t n)
+static int replace_walk(struct run *r, json_object *o, const struct input_repl *ir)
 {
 	json_object *repl;
 
 	if (json_object_is_type(o, json_type_object)) {
 		json_object_object_foreach(o, k, v)
 		{
-			if (inline_one(r, v, in, n, &repl) != 0 || inline_walk(r, v, in, n) != 0)
+			if (replace_one(r, v, ir, &repl) != 0 || replace_walk(r, v, ir) != 0)
 				return -EIO;
 			if (repl)
 				json_object_object_add(o, k, repl);
@@ -317,7 +333,7 @@ static int inline_walk(struct run *r, json_object *o, const struct job_input *in
 	} else if (json_object_is_type(o, json_type_array)) {
 		for (size_t i = 0; i < json_object_array_length(o); i++) {
 			json_object *v = json_object_array_get_idx(o, i);
-			if (inline_one(r, v, in, n, &repl) != 0 || inline_walk(r, v, in, n) != 0)
+			if (replace_one(r, v, ir, &repl) != 0 || replace_walk(r, v, ir) != 0)
 				return -EIO;
 			if (repl)
 				json_object_array_put_idx(o, i, repl);
@@ -326,7 +342,8 @@ static int inline_walk(struct run *r, json_object *o, const struct job_input *in
 	return 0;
 }
 
-int run_request_inline_inputs(struct run *r, char **out)
+/* The request with its inputs replaced by make's strings, into *out. */
+static int replace_inputs(struct run *r, struct input_repl *ir, char **out)
 {
 	struct job_input in[INDEX_INPUTS_MAX];
 	size_t n = 0;
@@ -344,7 +361,9 @@ int run_request_inline_inputs(struct run *r, char **out)
 	}
 	if (!(o = json_tokener_parse(r->request)))
 		return run_fail(r, -EIO, "store", "the stored request does not parse");
-	if ((rc = inline_walk(r, o, in, n)) == 0) {
+	ir->in = in;
+	ir->n = n;
+	if ((rc = replace_walk(r, o, ir)) == 0) {
 		t = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
 							      JSON_C_TO_STRING_NOSLASHESCAPE);
 		if (!t || !(*out = strdup(t)))
@@ -352,6 +371,90 @@ int run_request_inline_inputs(struct run *r, char **out)
 	}
 	json_object_put(o);
 	return rc;
+}
+
+static char *make_data_uri(struct run *r, const struct job_input *in, size_t k, void *arg)
+{
+	char *uri = data_uri(r, in);
+	char hex[2 * INDEX_HASH_LEN + 1];
+
+	(void)k, (void)arg;
+	if (!uri) {
+		b3_to_hex(in->hash, hex);
+		run_fail(r, -EIO, "input_not_found", "'%s': cannot read blob cas:%s: %s", in->field,
+			 hex, store_lasterr());
+	}
+	return uri;
+}
+
+int run_request_inline_inputs(struct run *r, char **out)
+{
+	struct input_repl ir = {make_data_uri, NULL, NULL, 0};
+
+	return replace_inputs(r, &ir, out);
+}
+
+struct file_dir {
+	int fd;
+	const char *path;
+};
+
+/* input-<k>.<ext> in the directory, a verified copy of the blob (once per
+ * input: a blob named twice is copied once); its path. */
+static char *make_input_file(struct run *r, const struct job_input *in, size_t k, void *arg)
+{
+	struct file_dir *d = arg;
+	struct blob_info bi;
+	char name[64], hex[2 * INDEX_HASH_LEN + 1], buf[1 << 16], *path = NULL;
+	uint64_t size = 0, off = 0;
+	int src = -1, dst = -1, rc;
+
+	b3_to_hex(in->hash, hex);
+	if ((rc = index_blob_get(r->e->ix, in->hash, &bi)) != 0 ||
+	    (rc = store_blob_open(r->e->st, in->hash, &src, &size)) != 0) {
+		run_fail(r, rc ? rc : -EIO, "input_not_found", "'%s': cannot read blob cas:%s: %s",
+			 in->field, hex, store_lasterr());
+		return NULL;
+	}
+	snprintf(name, sizeof(name), "input-%zu.%s", k, route_media_ext(bi.media_type));
+	dst = openat(d->fd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0444);
+	if (dst < 0 && errno == EEXIST) { /* the same blob, named again */
+		close(src);
+		if (asprintf(&path, "%s/%s", d->path, name) < 0)
+			path = NULL;
+		return path ? path : (run_fail(r, -ENOMEM, "store", "out of memory"), NULL);
+	}
+	if (dst < 0) {
+		run_fail(r, -errno, "store", "cannot write input %s: %s", name, strerror(errno));
+		close(src);
+		return NULL;
+	}
+	while (off < size) {
+		ssize_t n = pread(src, buf, sizeof(buf), (off_t)off);
+		if (n <= 0 || write(dst, buf, (size_t)n) != n) {
+			run_fail(r, -EIO, "store", "cannot copy input cas:%s into %s: %s", hex, name,
+				 n < 0 ? strerror(errno) : "short read or write");
+			close(src);
+			close(dst);
+			return NULL;
+		}
+		off += (uint64_t)n;
+	}
+	close(src);
+	close(dst);
+	if (asprintf(&path, "%s/%s", d->path, name) < 0) {
+		run_fail(r, -ENOMEM, "store", "out of memory");
+		return NULL;
+	}
+	return path;
+}
+
+int run_request_input_files(struct run *r, int dirfd, const char *dir, char **out)
+{
+	struct file_dir d = {dirfd, dir};
+	struct input_repl ir = {make_input_file, &d, NULL, 0};
+
+	return replace_inputs(r, &ir, out);
 }
 
 int run_credential(struct run *r, const char *name, uint8_t **out)

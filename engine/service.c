@@ -73,6 +73,8 @@ const char *svc_sniff(const uint8_t *p, size_t n)
 		return memcmp(p + 8, "qt  ", 4) == 0 ? "video/quicktime" : "video/mp4";
 	if (n >= 4 && memcmp(p, "\x1a\x45\xdf\xa3", 4) == 0)
 		return "video/webm";
+	if (n >= 10 && memcmp(p, "YUV4MPEG2 ", 10) == 0)
+		return "video/x-yuv4mpeg";
 	if (n >= 4 && memcmp(p, "fLaC", 4) == 0)
 		return "audio/flac";
 	if (n >= 4 && memcmp(p, "OggS", 4) == 0)
@@ -87,12 +89,19 @@ static bool sniffable(const char *type)
 {
 	static const char *const known[] = {"image/png", "image/jpeg", "image/webp", "image/gif",
 					    "video/mp4", "video/webm", "audio/wav", "audio/flac",
-					    "audio/ogg", "audio/mpeg"};
+					    "audio/ogg", "audio/mpeg", "video/x-yuv4mpeg"};
 
 	for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
 		if (strcasecmp(type, known[i]) == 0)
 			return true;
 	return false;
+}
+
+bool svc_magic_fits(const char *want, const uint8_t *head, size_t n)
+{
+	const char *got = svc_sniff(head, n);
+
+	return !sniffable(want) || (got && strcasecmp(got, want) == 0);
 }
 
 double svc_log_fraction(const char *s)

@@ -46,6 +46,9 @@ bool svc_type_fits(const char *given, const char *want);
 /* The media type of a file's first bytes (PNG, JPEG, WebP, GIF, MP4/MOV,
  * WAV, MP3, FLAC, Ogg, WebM/Matroska), or NULL. */
 const char *svc_sniff(const uint8_t *p, size_t n);
+/* Whether a file of media type want may begin with head: true unless
+ * svc_sniff knows want and head is not of it. */
+bool svc_magic_fits(const char *want, const uint8_t *head, size_t n);
 /* The fraction a log line reports, or -1: the last "N/M" or "P%" in it. */
 double svc_log_fraction(const char *s);
 /*

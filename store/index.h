@@ -317,7 +317,7 @@ int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out
 /* Append log lines (len bytes, each line ending in '\n') and put the
  * handle, in one durable write: a backend that counts in its handle the
  * service's lines it logged can never log one twice, or lose one, across
- * a crash. */
+ * a crash. handle NULL: the lines only. */
 int index_job_log_handle(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *lines,
 			 size_t len, const void *handle, size_t hlen);
 int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,

@@ -445,7 +445,7 @@ static int loghandle_fn(struct index *ix, MDB_txn *txn, void *arg)
 	j.updated_ms = now_ms();
 	rc = index_put_job(ix, txn, &j);
 	job_release(&j);
-	if (rc)
+	if (rc || !a->handle)
 		return rc;
 	k.mv_size = JOB_ID_LEN;
 	k.mv_data = (void *)a->id;

@@ -68,8 +68,24 @@ def test_bad_option_stops_the_mount(tmp_path, opt, msg):
      '"schema": {"type": "object"}}}}', "route 'image/x/y/z': 'model' is required"),
     ('{"routes": {"image/synth/default/t2i": {"base_url": "http://x"}}}',
      "route 'image/synth/default/t2i': unknown setting 'base_url' for the synth backend"),
-    ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png"}}}',
-     "'backend' must be one of synth, fal, replicate, openai-images"),
+    ('{"routes": {"image/x/y/z": {"backend": "comfyui", "media_type": "image/png"}}}',
+     "'backend' must be one of synth, fal, replicate, openai-images, exec"),
+    ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png", '
+     '"schema": {"type": "object"}, "command": "ffmpeg -i x"}}}',
+     "route 'image/x/y/z': 'command' must be an array"),
+    ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png", '
+     '"schema": {"type": "object"}, "command": ["no-such-program-here"]}}}',
+     "route 'image/x/y/z': 'command[0]': no executable program 'no-such-program-here' in "
+     "the daemon's PATH"),
+    ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png", '
+     '"schema": {"type": "object"}, "command": ["true"], "sandbox": "docker"}}}',
+     "'sandbox' must be \"none\" or \"bwrap\""),
+    ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png", '
+     '"schema": {"type": "object"}, "command": ["true"], "limits": {"gpu_memory": 5}}}}',
+     "unknown limit 'gpu_memory'"),
+    ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png", '
+     '"schema": {"type": "object"}, "command": ["true"], "env": {"RENDERFS_OUTPUT": "/x"}}}}',
+     "'env': 'RENDERFS_OUTPUT' is not a variable name a route may set"),
 ])
 def test_bad_models_file_names_file_route_field(tmp_path, content, msg):
     models = tmp_path / "models.json"
