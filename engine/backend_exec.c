@@ -320,14 +320,6 @@ struct exec_run {
 	bool extra_refused;
 };
 
-static uint64_t ms_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 static void flush_log(struct exec_run *x)
 {
 	if (x->nbatch)
@@ -335,7 +327,7 @@ static void flush_log(struct exec_run *x)
 	for (size_t i = 0; i < x->nbatch; i++)
 		free(x->batch[i]);
 	x->nbatch = 0;
-	x->batch_ms = ms_now();
+	x->batch_ms = now_ms();
 }
 
 /* Queue one line of the program's for the log, secrets masked. */
@@ -366,7 +358,7 @@ static void log_program_line(struct exec_run *x, const char *line)
 		flush_log(x);
 }
 
-static void stderr_line(struct exec_run *x, const char *line)
+static void stderr_line(struct exec_run *x, char *line)
 {
 	char *t = x->tail[x->ntail++ % EXEC_TAIL];
 	size_t n = strnlen(line, sizeof(x->tail[0]) - 1);
@@ -462,11 +454,6 @@ static void drain(struct exec_run *x, struct lines *l, void (*fn)(struct exec_ru
 	}
 	close(l->fd);
 	l->fd = -1;
-}
-
-static void on_stderr(struct exec_run *x, char *line)
-{
-	stderr_line(x, line);
 }
 
 /* ---- the scratch directory ---- */
@@ -879,11 +866,6 @@ static void describe_end(struct exec_run *x, int status, char *msg, size_t len)
 			 n ? tail : " (nothing on stderr)");
 }
 
-static void on_status(struct exec_run *x, char *line)
-{
-	status_line(x, line);
-}
-
 /* Start the program and follow it to its end: 0 with *status, or failed
  * (the child, if started, is gone). */
 static int follow(struct exec_run *x, char *const *argv, char *const *envp, const char *input,
@@ -939,7 +921,7 @@ static int follow(struct exec_run *x, char *const *argv, char *const *envp, cons
 	while (!exited || le.fd >= 0 || ls.fd >= 0) {
 		struct pollfd p[4] = {{in[1], POLLOUT, 0}, {le.fd, POLLIN, 0}, {ls.fd, POLLIN, 0},
 				      {exited ? -1 : pidfd, POLLIN, 0}};
-		uint64_t now = ms_now();
+		uint64_t now = now_ms();
 
 		if (!exited && run_stopping(r) != STOP_NONE) {
 			if (!term_ms) {
@@ -953,8 +935,8 @@ static int follow(struct exec_run *x, char *const *argv, char *const *envp, cons
 			/* The leader is gone and its group killed: what the pipes
 			 * hold now, then done (a process that left the group may
 			 * hold them open forever). */
-			drain(x, &le, on_stderr);
-			drain(x, &ls, on_status);
+			drain(x, &le, stderr_line);
+			drain(x, &ls, status_line);
 			break;
 		}
 		if (poll(p, 4, pidfd < 0 ? 20 : 100) < 0 && errno != EINTR) {
@@ -973,12 +955,12 @@ static int follow(struct exec_run *x, char *const *argv, char *const *envp, cons
 			}
 		}
 		if (le.fd >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)) &&
-		    read_lines(x, &le, on_stderr) < 0) {
+		    read_lines(x, &le, stderr_line) < 0) {
 			close(le.fd);
 			le.fd = -1;
 		}
 		if (ls.fd >= 0 && (p[2].revents & (POLLIN | POLLHUP | POLLERR)) &&
-		    read_lines(x, &ls, on_status) < 0) {
+		    read_lines(x, &ls, status_line) < 0) {
 			close(ls.fd);
 			ls.fd = -1;
 		}
@@ -989,7 +971,7 @@ static int follow(struct exec_run *x, char *const *argv, char *const *envp, cons
 				kill(-pid, SIGKILL); /* what is left of its group */
 			}
 		}
-		if (x->nbatch && ms_now() - x->batch_ms >= EXEC_LOG_MS)
+		if (x->nbatch && now_ms() - x->batch_ms >= EXEC_LOG_MS)
 			flush_log(x);
 	}
 	flush_log(x);
@@ -1024,7 +1006,7 @@ static int exec_run(struct run *r)
 	char output[4300], *input = NULL, msg[ENGINE_ERR_MAX];
 	int status = 0, rc;
 
-	x.batch_ms = ms_now();
+	x.batch_ms = now_ms();
 	if ((rc = scratch_open(&x)) != 0)
 		return rc;
 	if ((rc = run_request_input_files(r, x.scratch, x.dir, &input)) != 0)
