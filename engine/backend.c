@@ -15,6 +15,7 @@ extern const struct backend backend_fal;
 extern const struct backend backend_replicate;
 extern const struct backend backend_openai;
 extern const struct backend backend_exec;
+extern const struct backend backend_comfyui;
 
 static const struct backend *const registry[] = {
 	&backend_synth,
@@ -22,6 +23,7 @@ static const struct backend *const registry[] = {
 	&backend_replicate,
 	&backend_openai,
 	&backend_exec,
+	&backend_comfyui,
 };
 #define NREG (sizeof(registry) / sizeof(registry[0]))
 
@@ -83,7 +85,7 @@ int backend_settings_check(const struct backend *b, json_object *settings,
 				snprintf(err + len, errlen - len, "%s", n ? ")" : " (it takes none)");
 			return -EINVAL;
 		}
-		if (!json_object_is_type(v, takes[i].type)) {
+		if (takes[i].type != json_type_null && !json_object_is_type(v, takes[i].type)) {
 			snprintf(err, errlen, "'%s' must be %s", k, type_name(takes[i].type));
 			return -EINVAL;
 		}

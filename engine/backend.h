@@ -25,10 +25,10 @@
  *              The first step has r->bstate NULL; a later one finds what
  *              the earlier left there and the answer in r->http.
  *   cancel     remote, optional: the run must stop (cancelled, or past its
- *              deadline); stop the work at the service. Called once with
- *              r->http NULL; it may start one request (run_http, RUN_WAIT)
- *              and is then called again with its answer, to say how it
- *              went. Not called at shutdown: the work goes on at the
+ *              deadline); stop the work at the service. Called first with
+ *              r->http NULL; it may start a request (run_http, RUN_WAIT)
+ *              and is then called again with its answer, and may start
+ *              another, one at a time, until it returns. Not called at shutdown: the work goes on at the
  *              service and a later mount follows it (run_handle_get).
  *   run_free   remote: free r->bstate when the run is over (NULL: free()).
  *   release    at unmount: free what configure kept (NULL: nothing).
@@ -74,7 +74,8 @@ const struct backend *backend_find(const char *name);
 /* The registered names, ", "-separated, for messages. */
 const char *backend_names(void);
 
-/* A setting a backend takes: its name and JSON type. */
+/* A setting a backend takes: its name and JSON type (json_type_null: of
+ * more than one type, which the backend checks itself). */
 struct backend_setting {
 	const char *name;
 	json_type type;

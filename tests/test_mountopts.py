@@ -47,6 +47,17 @@ def test_bad_option_stops_the_mount(tmp_path, opt, msg):
     assert not os.path.ismount(mnt)
 
 
+WF = {"6": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["4", 1]}}}
+
+
+def comfy(**settings):
+    """A models file with one comfyui route taking a prompt."""
+    return json.dumps({"routes": {"image/x/y/z": {
+        "backend": "comfyui", "media_type": "image/png",
+        "schema": {"type": "object", "properties": {"prompt": {"type": "string"}}},
+        **settings}}})
+
+
 @pytest.mark.parametrize("content,msg", [
     ("{", "not valid JSON"),
     ('{"routes": {"bad route": {}}}', "route 'bad route'"),
@@ -68,8 +79,26 @@ def test_bad_option_stops_the_mount(tmp_path, opt, msg):
      '"schema": {"type": "object"}}}}', "route 'image/x/y/z': 'model' is required"),
     ('{"routes": {"image/synth/default/t2i": {"base_url": "http://x"}}}',
      "route 'image/synth/default/t2i': unknown setting 'base_url' for the synth backend"),
-    ('{"routes": {"image/x/y/z": {"backend": "comfyui", "media_type": "image/png"}}}',
-     "'backend' must be one of synth, fal, replicate, openai-images, exec"),
+    ('{"routes": {"image/x/y/z": {"backend": "nope", "media_type": "image/png"}}}',
+     "'backend' must be one of synth, fal, replicate, openai-images, exec, comfyui"),
+    # comfyui: the workflow and its bindings are checked against each other
+    # and against the schema
+    (comfy(), "route 'image/x/y/z': the comfyui backend needs 'workflow'"),
+    (comfy(workflow="no-such.json"), "'workflow': cannot open"),
+    (comfy(workflow=5), "'workflow' must be a file name or the workflow object"),
+    (comfy(workflow={"nodes": [], "links": []}), "is in ComfyUI's UI format"),
+    (comfy(workflow={"6": {"inputs": {}}}), "node '6' is not a node in API format"),
+    (comfy(workflow=WF, bindings={"prompt": "7.inputs.text"}),
+     "'bindings.prompt': the workflow has no node '7'"),
+    (comfy(workflow=WF, bindings={"prompt": "6.inputs.clip"}),
+     "'bindings.prompt': 6.inputs.clip is a link from another node's output"),
+    (comfy(workflow=WF, bindings={"prompt": "6.text"}),
+     "'bindings.prompt' must be a string \"<node id>.inputs.<name>\""),
+    (comfy(workflow=WF), "'bindings': the schema's field 'prompt' is bound to no node input"),
+    (comfy(workflow=WF, bindings={"prompt": "6.inputs.text", "seed": "6.inputs.seed"}),
+     "'bindings.seed': the route's schema has no field 'seed'"),
+    (comfy(workflow=WF, bindings={"prompt": "6.inputs.text"}, output_node="9"),
+     "'output_node': the workflow has no node '9'"),
     ('{"routes": {"image/x/y/z": {"backend": "exec", "media_type": "image/png", '
      '"schema": {"type": "object"}, "command": "ffmpeg -i x"}}}',
      "route 'image/x/y/z': 'command' must be an array"),

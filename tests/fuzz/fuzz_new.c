@@ -45,6 +45,8 @@ const struct backend backend_replicate = {.name = "replicate", .remote = true,
 const struct backend backend_openai = {.name = "openai-images", .remote = true,
 				       .configure = accept_settings};
 const struct backend backend_exec = {.name = "exec", .configure = accept_settings};
+const struct backend backend_comfyui = {.name = "comfyui", .remote = true,
+					.configure = accept_settings};
 
 static struct route_table table;
 static struct fsctx fs;

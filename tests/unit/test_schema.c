@@ -124,7 +124,7 @@ static void test_routes(void)
 	      "extensions");
 	CHECK(strstr(t.models_json, "\"routes\"") != NULL, "models.json text");
 	route_table_release(&t);
-	CHECK(backend_find("nope") == NULL && strcmp(backend_names(), "synth, fal, replicate, openai-images, exec") == 0,
+	CHECK(backend_find("nope") == NULL && strcmp(backend_names(), "synth, fal, replicate, openai-images, exec, comfyui") == 0,
 	      "registry: %s", backend_names());
 }
 
