@@ -52,8 +52,13 @@
  *             the per-prompt cancel runs the prompt to its end; its
  *             output is not taken.
  *
- * Progress: ComfyUI reports it only on its websocket, which this build's
- * HTTP client does not speak; `progress` moves when the files are stored.
+ * Progress: ComfyUI reports it only on its websocket (/ws?clientId=),
+ * sending each prompt's `progress` to the client it was queued with. The
+ * route has one client id (from the store and the route: the same at
+ * every mount) and one watcher thread (struct comfy_ws) holding one
+ * socket while prompts are in flight; a step reads its prompt's fraction
+ * at each poll. Completion never comes from there, so a socket that fails
+ * costs progress only (said once in the job's log).
  * Inputs (cas:) are refused: a workflow reads images the server has.
  *
  * Threads (backend.h): configure and release on the mounting thread;
@@ -66,10 +71,14 @@
  * bindings, output_node, request_timeout_s (one history or queue request).
  */
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <sodium.h>
 
@@ -78,6 +87,7 @@
 #include "http.h"
 #include "route.h"
 #include "service.h"
+#include "ws.h"
 
 extern const struct backend backend_comfyui;
 
@@ -87,6 +97,43 @@ extern const struct backend backend_comfyui;
 #define COMFY_ANSWER_MAX (32u << 20)  /* a history entry or the queue */
 #define COMFY_QUEUE_EVERY_MS 5000
 #define COMFY_ID_MAX 64
+#define COMFY_WATCH_MAX 1024	     /* prompts whose progress is followed */
+#define COMFY_WS_MSG_MAX (64u << 10) /* a progress message is ~200 bytes */
+#define COMFY_WS_RETRY_MAX_MS 30000
+
+/* A prompt whose progress the watcher follows. */
+struct comfy_watch {
+	char id[COMFY_ID_MAX]; /* "" : a free slot */
+	double frac;	       /* value/max of its latest `progress`; -1: none */
+};
+
+/*
+ * The progress watcher of one route: one thread with one WebSocket to the
+ * server's /ws?clientId=<client>, open while prompts are in flight.
+ * ComfyUI sends a prompt's `progress` messages ({"type": "progress",
+ * "data": {"value", "max", "prompt_id", "node"}}) to the socket of the
+ * client_id it was queued with, which is this route's, so one socket
+ * serves all of the route's jobs. Steps read a prompt's fraction at each
+ * poll; completion never comes from here.
+ *
+ * Lock: mu guards tried, started, stop, w[], n, up, why, client and url (set
+ * once, before the thread starts); deny and wake are set before the
+ * thread starts and only read after.
+ */
+struct comfy_ws {
+	pthread_mutex_t mu;
+	pthread_cond_t cv; /* a first watch, or stop */
+	pthread_t th;
+	bool tried, started, stop;
+	int wake; /* eventfd, written once at stop: cuts any wait short */
+	struct comfy_watch w[COMFY_WATCH_MAX];
+	size_t n;		/* slots in use */
+	bool up;		/* the socket is open */
+	char why[160];		/* why it is not, "" : nothing tried yet */
+	struct http_deny *deny; /* the thread's copy of deny_net= */
+	char url[600];
+	char client[48];
+};
 
 struct comfy_binding {
 	char field[COMFY_NODE_MAX];
@@ -100,6 +147,7 @@ struct comfy_conf {
 	struct comfy_binding b[COMFY_BINDINGS_MAX];
 	size_t nb;
 	char output_node[COMFY_NODE_MAX]; /* "": every node's "output" files */
+	struct comfy_ws *ws;			  /* the progress watcher (its own lock) */
 };
 
 enum comfy_phase { C_SUBMIT, C_HISTORY, C_QUEUE, C_RECHECK, C_FILES, C_DELETE, C_CANCEL };
@@ -112,6 +160,9 @@ struct comfy_run {
 	struct svc_poll poll;
 	uint64_t queue_ms; /* when the queue was last read (0: never) */
 	long position;	   /* prompts ahead of it; -1: running or unknown */
+	int watch;	   /* its slot in the watcher, -1: none */
+	double frac;	   /* the progress last reported */
+	bool said_ws;	   /* the log says why there is no progress */
 };
 
 static const struct backend_setting comfy_takes[] = {
@@ -122,12 +173,240 @@ static const struct backend_setting comfy_takes[] = {
     {"request_timeout_s", json_type_int},
 };
 
+/* ---- the progress watcher ---- */
+
+/* One message from the socket: a prompt's progress. */
+static void ws_take(struct comfy_ws *w, const char *msg, size_t len)
+{
+	json_object *o = svc_parse(msg, len), *d, *v, *m;
+	const char *type = svc_str(o, "type"), *id;
+
+	if (type && strcmp(type, "progress") == 0 && json_object_object_get_ex(o, "data", &d) &&
+	    (id = svc_str(d, "prompt_id")) != NULL && json_object_object_get_ex(d, "value", &v) &&
+	    json_object_object_get_ex(d, "max", &m) && json_object_get_double(m) > 0) {
+		double f = json_object_get_double(v) / json_object_get_double(m);
+		if (f >= 0 && f <= 1) {
+			pthread_mutex_lock(&w->mu);
+			for (size_t i = 0; i < COMFY_WATCH_MAX; i++)
+				if (strcmp(w->w[i].id, id) == 0) {
+					w->w[i].frac = f;
+					break;
+				}
+			pthread_mutex_unlock(&w->mu);
+		}
+	}
+	json_object_put(o);
+}
+
+static void *ws_main(void *arg)
+{
+	struct comfy_ws *w = arg;
+	struct ws_conn *c = malloc(sizeof(*c));
+	char *msg = malloc(COMFY_WS_MSG_MAX), err[160];
+	uint64_t retry_ms = 1000;
+	size_t len;
+	int rc;
+
+	pthread_mutex_lock(&w->mu);
+	if (!c || !msg) {
+		snprintf(w->why, sizeof(w->why), "out of memory");
+		goto out;
+	}
+	c->fd = -1;
+	while (!w->stop) {
+		if (w->n == 0) {
+			/* Nothing to follow: no socket held open for nothing. */
+			if (c->fd >= 0) {
+				pthread_mutex_unlock(&w->mu);
+				ws_close(c);
+				pthread_mutex_lock(&w->mu);
+				w->up = false;
+				continue;
+			}
+			pthread_cond_wait(&w->cv, &w->mu);
+			continue;
+		}
+		pthread_mutex_unlock(&w->mu);
+		if (c->fd < 0) {
+			rc = ws_open(c, w->url, w->deny, w->wake, 5000, err, sizeof(err));
+			pthread_mutex_lock(&w->mu);
+			if (rc == 0) {
+				w->up = true;
+				w->why[0] = '\0';
+				retry_ms = 1000;
+				continue;
+			}
+			if (rc == -EINTR)
+				continue;
+			snprintf(w->why, sizeof(w->why), "%s", err);
+		} else {
+			rc = ws_read(c, msg, COMFY_WS_MSG_MAX, &len, w->wake, 1000);
+			if (rc == 1)
+				ws_take(w, msg, len);
+			pthread_mutex_lock(&w->mu);
+			if (rc >= 0 || rc == -EINTR)
+				continue;
+			snprintf(w->why, sizeof(w->why), "the server's WebSocket closed: %s",
+				 strerror(-rc));
+			w->up = false;
+			pthread_mutex_unlock(&w->mu);
+			ws_close(c);
+			pthread_mutex_lock(&w->mu);
+		}
+		/* Try again later; stop cuts the wait short. */
+		pthread_mutex_unlock(&w->mu);
+		struct pollfd pf = {.fd = w->wake, .events = POLLIN};
+		poll(&pf, 1, (int)retry_ms);
+		retry_ms = retry_ms * 2 < COMFY_WS_RETRY_MAX_MS ? retry_ms * 2 : COMFY_WS_RETRY_MAX_MS;
+		pthread_mutex_lock(&w->mu);
+	}
+out:
+	pthread_mutex_unlock(&w->mu);
+	if (c)
+		ws_close(c);
+	free(c);
+	free(msg);
+	return NULL;
+}
+
+static void ws_init(struct comfy_ws *w)
+{
+	pthread_mutex_init(&w->mu, NULL);
+	pthread_cond_init(&w->cv, NULL);
+	w->wake = -1;
+}
+
+/*
+ * The route's client_id (out: sizeof(w->client)): the same for a store and
+ * a route at every mount, so that the progress of a prompt queued before
+ * a restart still reaches the socket of the mount that follows it.
+ */
+static void client_locked(struct run *r, struct comfy_ws *w, const char *base)
+{
+	if (!w->client[0]) {
+		const char *dir = store_dir(engine_store(r->e));
+		uint8_t h[8];
+		char hex[17];
+		crypto_generichash_state st;
+		crypto_generichash_init(&st, NULL, 0, sizeof(h));
+		crypto_generichash_update(&st, (const uint8_t *)dir, strlen(dir) + 1);
+		crypto_generichash_update(&st, (const uint8_t *)r->route->path,
+					  strlen(r->route->path));
+		crypto_generichash_final(&st, h, sizeof(h));
+		sodium_bin2hex(hex, sizeof(hex), h, sizeof(h));
+		snprintf(w->client, sizeof(w->client), "renderfs-%s", hex);
+		snprintf(w->url, sizeof(w->url), "%s/ws?clientId=%s", base, w->client);
+	}
+}
+
+static void ws_client(struct run *r, struct comfy_ws *w, const char *base, char *out)
+{
+	pthread_mutex_lock(&w->mu);
+	client_locked(r, w, base);
+	memcpy(out, w->client, sizeof(w->client));
+	pthread_mutex_unlock(&w->mu);
+}
+
+/* Stop the thread, if it was started (the mounting thread, after the
+ * engine stopped). */
+static void ws_stop(struct comfy_ws *w)
+{
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&w->mu);
+	w->stop = true;
+	pthread_cond_broadcast(&w->cv);
+	pthread_mutex_unlock(&w->mu);
+	if (w->wake >= 0 && write(w->wake, &one, sizeof(one)) < 0) {
+		/* An eventfd write fails only on overflow: it is readable then. */
+	}
+	if (w->started)
+		pthread_join(w->th, NULL);
+	if (w->wake >= 0)
+		close(w->wake);
+	http_deny_free(w->deny);
+	pthread_cond_destroy(&w->cv);
+	pthread_mutex_destroy(&w->mu);
+}
+
+/* Follow prompt id's progress: its slot, or -1 (none free, or no thread:
+ * the run goes on without progress). A remote thread, within a step. */
+static int ws_watch(struct run *r, struct comfy_ws *w, const char *base, const char *id)
+{
+	int slot = -1;
+
+	pthread_mutex_lock(&w->mu);
+	client_locked(r, w, base);
+	if (!w->tried && !w->stop) {
+		char err[128];
+		w->tried = true; /* once, whatever happens */
+		w->started = http_deny_parse(run_deny_net(r), &w->deny, err, sizeof(err)) == 0 &&
+			     (w->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) >= 0 &&
+			     pthread_create(&w->th, NULL, ws_main, w) == 0;
+		if (!w->started)
+			snprintf(w->why, sizeof(w->why), "cannot start the progress watcher: %s",
+				 strerror(errno));
+	}
+	if (w->started && w->n < COMFY_WATCH_MAX)
+		for (size_t i = 0; i < COMFY_WATCH_MAX; i++)
+			if (!w->w[i].id[0]) {
+				snprintf(w->w[i].id, sizeof(w->w[i].id), "%s", id);
+				w->w[i].frac = -1;
+				if (w->n++ == 0)
+					pthread_cond_signal(&w->cv);
+				slot = (int)i;
+				break;
+			}
+	pthread_mutex_unlock(&w->mu);
+	return slot;
+}
+
+static void ws_unwatch(struct comfy_ws *w, int slot)
+{
+	if (slot < 0)
+		return;
+	pthread_mutex_lock(&w->mu);
+	w->w[slot].id[0] = '\0';
+	w->n--;
+	pthread_mutex_unlock(&w->mu);
+}
+
+/* At a poll: the prompt's progress, if the watcher heard of it. */
+static void ws_progress(struct run *r, struct comfy_ws *w, int slot, double *last, bool *said)
+{
+	double f = -1;
+	bool up;
+	char why[sizeof(w->why)];
+
+	if (slot < 0)
+		return;
+	pthread_mutex_lock(&w->mu);
+	f = w->w[slot].frac;
+	up = w->up;
+	snprintf(why, sizeof(why), "%s", w->why);
+	pthread_mutex_unlock(&w->mu);
+	if (!up && why[0] && !*said) {
+		*said = true;
+		run_log(r, "comfyui: no progress from the server (%s); the job still ends when "
+			   "the prompt does",
+			why);
+	}
+	if (f > *last) {
+		*last = f;
+		run_progress(r, f < 0.99 ? f : 0.99); /* 1: when stored */
+	}
+}
+
 static void comfy_release(void *state)
 {
 	struct comfy_conf *c = state;
 
 	if (!c)
 		return;
+	if (c->ws) {
+		ws_stop(c->ws);
+		free(c->ws);
+	}
 	svc_conf_clear(&c->svc);
 	json_object_put(c->workflow);
 	free(c);
@@ -295,6 +574,11 @@ static int comfy_configure(struct route *rt, json_object *settings, void **state
 		return rc;
 	if (!(c = calloc(1, sizeof(*c))))
 		return -ENOMEM;
+	if (!(c->ws = calloc(1, sizeof(*c->ws)))) {
+		free(c);
+		return -ENOMEM;
+	}
+	ws_init(c->ws);
 	if ((rc = svc_conf_parse(&c->svc, settings, "http://127.0.0.1:8188", "", err, errlen)) !=
 	    0) {
 		comfy_release(c);
@@ -496,7 +780,8 @@ static char *prompt_body(struct run *r, struct comfy_run *p, int *rc)
 {
 	const struct comfy_conf *c = r->route->backend_state;
 	json_object *req = svc_parse(r->request, r->request_len), *w = NULL, *body = NULL;
-	char client[JOB_ID_STR_LEN + 16], id[JOB_ID_STR_LEN + 1];
+	json_object *extra = NULL;
+	char client[sizeof(c->ws->client)], id[JOB_ID_STR_LEN + 1];
 	char *text = NULL;
 
 	if (!req) {
@@ -514,13 +799,18 @@ static char *prompt_body(struct run *r, struct comfy_run *p, int *rc)
 		json_object_object_add(in, c->b[i].input, json_object_get(v));
 	}
 	ulid_format(r->job.id, id);
-	snprintf(client, sizeof(client), "renderfs-%s", id);
-	if (!(body = json_object_new_object()))
+	ws_client(r, c->ws, c->svc.base, client);
+	if (!(body = json_object_new_object()) || !(extra = json_object_new_object()))
 		goto nomem;
 	json_object_object_add(body, "prompt", w);
 	w = NULL;
 	json_object_object_add(body, "client_id", json_object_new_string(client));
 	json_object_object_add(body, "prompt_id", json_object_new_string(p->id));
+	/* Kept with the prompt in the server's queue and history: which job
+	 * it is, for whoever looks there. */
+	json_object_object_add(extra, "renderfs_job", json_object_new_string(id));
+	json_object_object_add(body, "extra_data", extra);
+	extra = NULL;
 	const char *s = json_object_to_json_string_ext(body, JSON_C_TO_STRING_PLAIN |
 								 JSON_C_TO_STRING_NOSLASHESCAPE);
 	if (!s || !(text = strdup(s)))
@@ -530,6 +820,7 @@ static char *prompt_body(struct run *r, struct comfy_run *p, int *rc)
 	return text;
 nomem:
 	json_object_put(w);
+	json_object_put(extra);
 	json_object_put(body);
 	json_object_put(req);
 	*rc = run_fail(r, -ENOMEM, "store", "out of memory");
@@ -601,6 +892,7 @@ static int rejected(struct run *r, const struct http_response *h)
 
 static int on_submitted(struct run *r, struct comfy_run *p, const struct http_response *h)
 {
+	const struct comfy_conf *c = r->route->backend_state;
 	json_object *o, *ne;
 	const char *id;
 	int rc;
@@ -646,6 +938,7 @@ static int on_submitted(struct run *r, struct comfy_run *p, const struct http_re
 	json_object_put(o);
 	run_log(r, "comfyui: queued prompt %s", p->id);
 	run_remote_set(r, p->id, NULL, RUN_REMOTE_SAME);
+	p->watch = ws_watch(r, c->ws, c->svc.base, p->id);
 	return run_after(r, svc_poll_begin(&p->poll));
 }
 
@@ -851,6 +1144,7 @@ static int on_ended(struct run *r, struct comfy_run *p, json_object *e)
 /* The server has the prompt after all (a submission never answered). */
 static int found(struct run *r, struct comfy_run *p)
 {
+	const struct comfy_conf *c = r->route->backend_state;
 	int rc;
 
 	if (p->sent)
@@ -861,6 +1155,7 @@ static int found(struct run *r, struct comfy_run *p)
 				store_lasterr());
 	run_log(r, "comfyui: the server has prompt %s; following it", p->id);
 	run_remote_set(r, p->id, NULL, RUN_REMOTE_SAME);
+	p->watch = ws_watch(r, c->ws, c->svc.base, p->id);
 	return 0;
 }
 
@@ -902,6 +1197,7 @@ static int unusable(struct run *r, struct comfy_run *p, const struct http_respon
 
 static int on_history(struct run *r, struct comfy_run *p, const struct http_response *h)
 {
+	const struct comfy_conf *c = r->route->backend_state;
 	json_object *o, *e;
 	int rc;
 
@@ -921,6 +1217,7 @@ static int on_history(struct run *r, struct comfy_run *p, const struct http_resp
 	json_object_put(o);
 	if (p->phase == C_RECHECK)
 		return lost(r, p);
+	ws_progress(r, c->ws, p->watch, &p->frac, &p->said_ws);
 	if (!p->sent || !p->queue_ms || now_ms() - p->queue_ms >= COMFY_QUEUE_EVERY_MS)
 		return get_queue(r, p);
 	return svc_poll_next(r, &p->poll);
@@ -944,6 +1241,7 @@ static bool queue_find(json_object *list, const char *id, double *number)
 
 static int on_queue(struct run *r, struct comfy_run *p, const struct http_response *h)
 {
+	const struct comfy_conf *c = r->route->backend_state;
 	json_object *o, *run = NULL, *pend = NULL;
 	double number;
 	int rc;
@@ -987,11 +1285,13 @@ static int on_queue(struct run *r, struct comfy_run *p, const struct http_respon
 	json_object_put(o);
 	if ((rc = found(r, p)) != 0)
 		return rc;
+	ws_progress(r, c->ws, p->watch, &p->frac, &p->said_ws);
 	return svc_poll_next(r, &p->poll);
 }
 
 static int comfy_start(struct run *r)
 {
+	const struct comfy_conf *c = r->route->backend_state;
 	struct comfy_run *p;
 	int rc;
 
@@ -999,6 +1299,7 @@ static int comfy_start(struct run *r)
 		return run_fail(r, -ENOMEM, "store", "out of memory");
 	r->bstate = p;
 	p->position = -2; /* nothing said yet */
+	p->watch = -1;
 	p->sr.files.service = "ComfyUI";
 	rc = handle_get(r, p);
 	if (rc == -EBADMSG)
@@ -1011,12 +1312,14 @@ static int comfy_start(struct run *r)
 	if (rc == 0)
 		return submit(r, p);
 	svc_poll_begin(&p->poll);
-	if (p->sent)
+	if (p->sent) {
 		run_log(r, "comfyui: following prompt %s (queued before a restart)", p->id);
-	else
+		p->watch = ws_watch(r, c->ws, c->svc.base, p->id);
+	} else {
 		run_log(r, "comfyui: prompt %s was being submitted when the daemon stopped; "
 			   "looking for it at the server",
 			p->id);
+	}
 	return get_history(r, p, C_HISTORY);
 }
 
@@ -1085,10 +1388,12 @@ static int comfy_cancel(struct run *r)
 
 static void comfy_run_free(struct run *r)
 {
+	const struct comfy_conf *c = r->route->backend_state;
 	struct comfy_run *p = r->bstate;
 
 	if (!p)
 		return;
+	ws_unwatch(c->ws, p->watch);
 	svc_run_clear(&p->sr);
 	free(p);
 }

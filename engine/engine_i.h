@@ -99,6 +99,9 @@ int run_handle_get(struct run *r, void **out, size_t *len);
 #define RUN_REMOTE_SAME (-2)
 int run_remote_set(struct run *r, const char *request_id, const char *model_version,
 		   long position);
+/* The mount's deny_net= (http.h), for a connection a backend makes
+ * itself (a WebSocket): valid while the engine runs; copy it. */
+const char *run_deny_net(const struct run *r);
 /*
  * The request with every cas: input (SPEC §3) replaced by a data: URI of
  * the blob's content (read verified, with its media type), for services

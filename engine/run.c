@@ -11,6 +11,7 @@
 #include "backend.h"
 #include "engine_p.h"
 #include "errors.h"
+#include "http.h"
 #include "route.h"
 
 #include <sodium.h>
@@ -183,6 +184,11 @@ int run_handle_put(struct run *r, const void *data, size_t len)
 int run_handle_get(struct run *r, void **out, size_t *len)
 {
 	return index_job_handle_get(r->e->ix, r->job.id, out, len);
+}
+
+const char *run_deny_net(const struct run *r)
+{
+	return r->e->opt.deny_net ? r->e->opt.deny_net : HTTP_DENY_DEFAULT;
 }
 
 int run_remote_set(struct run *r, const char *request_id, const char *model_version,

@@ -11,8 +11,10 @@ turns switches to hold prompts, fail a node, drop client ids (an older
 server), lack the per-prompt cancel, or restart (losing every prompt, as
 ComfyUI keeps them in memory)."""
 
+import base64
 import hashlib
 import json
+import socket
 import struct
 import threading
 import time
@@ -21,6 +23,8 @@ import uuid
 import zlib
 
 from fakefal import Handler, QuietServer
+
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 CHECKPOINTS = ["sd15.safetensors", "sdxl.safetensors", "v1-5-pruned-emaonly.safetensors"]
 
@@ -93,6 +97,50 @@ def validate(prompt):
     return None, {}
 
 
+class WebSocket:
+    """The server side of one /ws connection (RFC 6455): frames out
+    unmasked, frames in masked, as the protocol says."""
+
+    def __init__(self, conn, rfile):
+        self.conn, self.rfile, self.lock = conn, rfile, threading.Lock()
+
+    def send(self, op, payload):
+        n = len(payload)
+        head = bytes([0x80 | op]) + (bytes([n]) if n < 126 else
+                                     b"\x7e" + struct.pack(">H", n) if n < 65536 else
+                                     b"\x7f" + struct.pack(">Q", n))
+        try:
+            with self.lock:
+                self.conn.sendall(head + payload)
+        except OSError:
+            pass
+
+    def text(self, obj):
+        self.send(0x1, json.dumps(obj).encode())
+
+    def read(self):
+        """(opcode, payload), or (None, b"") at the end."""
+        head = self.rfile.read(2)
+        if len(head) < 2:
+            return None, b""
+        n = head[1] & 0x7F
+        if n == 126:
+            n = struct.unpack(">H", self.rfile.read(2))[0]
+        elif n == 127:
+            n = struct.unpack(">Q", self.rfile.read(8))[0]
+        if not head[1] & 0x80:
+            raise AssertionError("a client frame that is not masked")
+        mask = self.rfile.read(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
+        return head[0] & 0x0F, data
+
+    def close(self):
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class FakeComfy:
     def __init__(self):
         self.lock = threading.Lock()
@@ -119,6 +167,10 @@ class FakeComfy:
         self.history = {}
         self.files = {}            # (subfolder, filename, type) -> bytes
         self.generation = 0        # bumped by restart()
+        self.sockets = {}          # clientId -> WebSocket (a new one replaces the old)
+        self.ws_clients = []       # clientIds that connected, in order
+        self.pongs = 0
+        self.no_ws = False         # /ws is not there (an older proxy, say)
         self.stop = False
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -139,6 +191,8 @@ class FakeComfy:
         with self.cond:
             self.pending, self.running, self.history = [], None, {}
             self.generation += 1
+            for ws in self.sockets.values():
+                ws.close()
             self.cond.notify_all()
 
     def release(self):
@@ -190,15 +244,36 @@ class FakeComfy:
                 self.running = item
                 gen = self.generation
                 self.cond.notify_all()
-                end = time.time() + self.work_s
+                client, pid = item[3].get("client_id"), item[1]
+                # A preview (binary, over 64 KiB) and the sampler's steps,
+                # as ComfyUI sends them to the prompt's client.
+                self._emit(client, None, b"\x00\x00\x00\x01" + bytes(100000))
+                self._emit(client, {"type": "executing", "data": {"node": "3",
+                                                                  "prompt_id": pid}})
+                start = time.time()
+                end = start + self.work_s
                 while not self.stop and gen == self.generation and (
-                        self.hold or time.time() < end) and self.interrupted != item[1]:
+                        self.hold or time.time() < end) and self.interrupted != pid:
+                    step = 2 if self.hold else min(4, 1 + int(4 * (time.time() - start) /
+                                                          max(self.work_s, 0.01)))
+                    self._emit(client, {"type": "progress", "data": {
+                        "value": step, "max": 4, "prompt_id": pid, "node": "3"}})
                     self.cond.wait(0.05 if not self.hold else 0.2)
                 if self.stop or gen != self.generation:
                     continue
                 self._finish(item)
                 self.running = None
                 self.cond.notify_all()
+
+    def _emit(self, client, obj, binary=None):
+        """Send to the socket of client (under self.lock)."""
+        ws = self.sockets.get(client)
+        if ws is None:
+            return
+        if binary is not None:
+            ws.send(0x2, binary)
+        else:
+            ws.text(obj)
 
     def _finish(self, item):
         number, pid, prompt, extra, outs = item
@@ -301,9 +376,45 @@ class FakeComfy:
                     return
                 self.answer(200, {"prompt_id": pid, "number": number, "node_errors": {}})
 
+            def websocket(self, sid):
+                accept = base64.b64encode(hashlib.sha1(
+                    (self.headers["Sec-WebSocket-Key"] + GUID).encode()).digest()).decode()
+                self.send_response(101, "Switching Protocols")
+                self.send_header("Upgrade", "websocket")
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Sec-WebSocket-Accept", accept)
+                self.end_headers()
+                self.wfile.flush()
+                ws = WebSocket(self.connection, self.rfile)
+                with fake.lock:
+                    fake.sockets[sid] = ws
+                    fake.ws_clients.append(sid)
+                ws.text({"type": "status", "data": {"status": {"exec_info": {
+                    "queue_remaining": len(fake.pending)}}, "sid": sid}})
+                ws.send(0x9, b"ping")
+                try:
+                    while True:
+                        op, _ = ws.read()
+                        if op is None or op == 0x8:
+                            break
+                        if op == 0xA:
+                            with fake.lock:
+                                fake.pongs += 1
+                except OSError:
+                    pass
+                finally:
+                    with fake.lock:
+                        if fake.sockets.get(sid) is ws:
+                            del fake.sockets[sid]
+                self.close_connection = True
+
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 path = url.path
+                if path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket" \
+                        and not fake.no_ws:
+                    return self.websocket(dict(urllib.parse.parse_qsl(url.query)).get(
+                        "clientId", ""))
                 if path.startswith("/history/"):
                     if self.fault("history_503"):
                         return self.answer(503, body=b"busy", ctype="text/plain")

@@ -40,7 +40,8 @@ def log_of(m, route, jid):
 
 def prompt_of(comfy, jid):
     """The prompt id of job jid (its client_id names the job)."""
-    return next(pid for pid, body in comfy.prompts if body["client_id"] == f"renderfs-{jid}")
+    return next(pid for pid, body in comfy.prompts
+                if body["extra_data"]["renderfs_job"] == jid)
 
 
 def png_size(data):
@@ -63,7 +64,8 @@ def test_comfyui_prompt_end_to_end(mount_factory, tmp_path, comfy, renderctl):
     assert sent["3"]["inputs"]["seed"] == 42
     assert sent["5"]["inputs"]["width"] == 96 and sent["5"]["inputs"]["height"] == 48
     assert sent["7"] == WORKFLOW["7"] and sent["3"]["inputs"]["model"] == ["4", 0]
-    assert body["prompt_id"] == pid and body["client_id"] == f"renderfs-{jid}"
+    assert body["prompt_id"] == pid and body["extra_data"]["renderfs_job"] == jid
+    assert body["client_id"].startswith("renderfs-")
     job = m.job(ROUTE, jid)
     out = (job / "output.png").read_bytes()
     assert out == comfy.image(sent) and png_size(out) == (96, 48)
@@ -220,8 +222,13 @@ def test_comfyui_kill_9_follows_the_same_prompt(mount_factory, tmp_path, comfy):
     jid = m.submit(ROUTE, {"prompt": "x"})
     until(lambda: "is running" in log_of(m, ROUTE, jid), "the prompt running")
     m.kill()
-    comfy.release()
     m2 = mount_factory(opts, store=m.store, name="mnt2")
+    # The route's client id is the same at every mount of the store: the
+    # progress of the prompt queued before still arrives.
+    until(lambda: (m2.job(ROUTE, jid) / "progress").read_text() == "0.5\n",
+          "progress after the restart: " + log_of(m2, ROUTE, jid) + str(comfy.ws_clients) + m2.log())
+    assert len(set(comfy.ws_clients)) == 1
+    comfy.release()
     assert m2.wait(ROUTE, jid) == "complete", log_of(m2, ROUTE, jid)
     assert len(comfy.prompts) == 1
     assert "following prompt " + comfy.prompts[0][0] in log_of(m2, ROUTE, jid)
@@ -292,3 +299,41 @@ def test_contrib_comfyui_models_file(mount_factory, tmp_path, comfy):
     assert sent["7"]["inputs"]["text"] == "blurry, low quality"  # the schema's default
     assert sent["3"]["inputs"]["steps"] == 20 and sent["3"]["inputs"]["seed"] == 5
     assert png_size((m.job(r, jid) / "output.png").read_bytes()) == (96, 64)
+
+
+def test_comfyui_progress_from_its_websocket(mount_factory, tmp_path, comfy):
+    """The sampler's steps reach `progress` through ComfyUI's websocket
+    (one socket for the route, under the client id its prompts name; a
+    preview frame over 64 KiB is skipped, the server's ping answered);
+    the websocket going away loses progress, never the job."""
+    comfy.hold = True
+    m = mount_factory([models(tmp_path, {ROUTE: comfy.route()})])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    progress = m.job(ROUTE, jid) / "progress"
+    until(lambda: progress.read_text() == "0.5\n", "progress 2/4 from the websocket")
+    assert comfy.ws_clients == [comfy.prompts[0][1]["client_id"]] and comfy.pongs >= 1
+    for ws in list(comfy.sockets.values()):
+        ws.close()
+    comfy.release()
+    assert m.wait(ROUTE, jid) == "complete", log_of(m, ROUTE, jid)
+    assert progress.read_text() == "1\n"
+    # Another job on the same route: the socket comes back (the watcher
+    # reconnects while prompts are in flight).
+    comfy.hold = True
+    j2 = m.submit(ROUTE, {"prompt": "y"})
+    until(lambda: (m.job(ROUTE, j2) / "progress").read_text() == "0.5\n", "progress again")
+    comfy.release()
+    assert m.wait(ROUTE, j2) == "complete"
+
+
+def test_comfyui_without_a_websocket_still_ends(mount_factory, tmp_path, comfy):
+    """A server (or proxy) without /ws: no progress, said once in the log;
+    completion comes from /history as always."""
+    comfy.work_s = 1
+    route = comfy.route()
+    m = mount_factory([models(tmp_path, {ROUTE: route})])
+    comfy.no_ws = True
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    assert m.wait(ROUTE, jid) == "complete", log_of(m, ROUTE, jid)
+    log = log_of(m, ROUTE, jid)
+    assert log.count("no progress from the server") == 1, log
