@@ -27,6 +27,8 @@
 
 #include <errno.h>
 #include <math.h>
+
+#include <sodium.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -308,6 +310,37 @@ static int seal_credentials(struct engine *e, const struct route *r,
 }
 
 /*
+ * A named job without a seed gets one derived from its owner, route and
+ * name instead of a random one (schema_normalize's), so that the same
+ * named request sent again (a retry after a lost answer) is the same
+ * request, not a different one its name refuses. 0 or -ENOMEM.
+ */
+static int named_seed(const struct route *r, json_object *input, uint32_t uid, const char *name)
+{
+	json_object *props, *ps;
+	crypto_generichash_state st;
+	uint8_t h[4];
+
+	if (!json_object_is_type(input, json_type_object) ||
+	    json_object_object_get_ex(input, "seed", NULL) || !r->schema ||
+	    !json_object_object_get_ex(r->schema, "properties", &props) ||
+	    !json_object_object_get_ex(props, "seed", &ps) ||
+	    json_object_object_get_ex(ps, "default", NULL))
+		return 0;
+	crypto_generichash_init(&st, NULL, 0, sizeof(h));
+	crypto_generichash_update(&st, (const uint8_t *)&uid, sizeof(uid));
+	crypto_generichash_update(&st, (const uint8_t *)r->path, strlen(r->path) + 1);
+	crypto_generichash_update(&st, (const uint8_t *)name, strlen(name));
+	crypto_generichash_final(&st, h, sizeof(h));
+	return json_object_object_add(input, "seed",
+				      json_object_new_int64((int64_t)((uint32_t)h[0] << 24 |
+								      (uint32_t)h[1] << 16 |
+								      (uint32_t)h[2] << 8 | h[3])))
+		       ? -ENOMEM
+		       : 0;
+}
+
+/*
  * Envelope, schema and normalization for one object; fills c (whose
  * request text the caller frees). Returns 0 or the submission's rc.
  */
@@ -374,6 +407,8 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 		}
 		if (!json_object_is_type(input, json_type_object))
 			return sub_fail(s, -EINVAL, "'input' must be a JSON object");
+		if (c->name && named_seed(r, input, uid, c->name) != 0)
+			return sub_fail(s, -ENOMEM, "out of memory");
 	}
 	rc = schema_normalize(r->schema, input, &norm, err, sizeof(err));
 	if (rc)

@@ -130,6 +130,25 @@ def test_envelope_name_is_idempotent_and_exclusive(mnt):
     assert (mnt.path / "jobs" / ulid / "status").read_text() == "complete\n"
 
 
+def test_a_named_request_without_a_seed_sent_again_is_the_same_job(mnt):
+    """The seed a request leaves out is chosen for it; for a named job it
+    is derived from the owner, route and name, so sending the same named
+    request again (a retry after a lost answer) finds the job instead of
+    failing EEXIST over a seed the sender never chose. Another name gets
+    another seed."""
+    env = {"input": {"prompt": "no seed", **SMALL}, "name": "retry-me"}
+    assert mnt.submit(IMAGE, env) == "retry-me"
+    assert mnt.submit(IMAGE, env) == "retry-me"
+    env["name"] = "other"
+    assert mnt.submit(IMAGE, env) == "other"
+    seeds = [json.loads((mnt.job(IMAGE, j) / "request.json").read_text())["seed"]
+             for j in ("retry-me", "other")]
+    assert seeds[0] != seeds[1]
+    bare = mnt.submit(IMAGE, {"prompt": "no seed", **SMALL})
+    assert isinstance(json.loads((mnt.job(IMAGE, bare) / "request.json").read_text())["seed"],
+                      int)
+
+
 def test_envelope_priority_and_timeout(mount_factory):
     m = mount_factory(["workers=0"])
     low = m.submit(IMAGE, {"input": {"prompt": "l", **SMALL}, "priority": "low"})

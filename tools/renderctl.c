@@ -1,6 +1,11 @@
 /*
- * renderctl.c - the renderfs client: store maintenance and verification.
+ * renderctl.c - the renderfs client: jobs in a mount (client.c), store
+ * maintenance and verification.
  *
+ *   renderctl submit ROUTE [FILE|-] [--wait] [--name N] [--priority P]
+ *                 [--timeout S] [--webhook URL] [--mount DIR]
+ *   renderctl wait JOBDIR...      follow jobs until they end
+ *   renderctl ls [ROUTE] [--status S]  the caller's jobs
  *   renderctl fsck STORE          check a store; non-zero on any problem
  *   renderctl keygen [DIR]        new minisign key pair in DIR (default .)
  *   renderctl keygen --store STORE  rotate a store's signing key
@@ -8,8 +13,6 @@
  *   renderctl gc STORE            collect unreferenced blobs
  *   renderctl render ROUTE REQUEST.json|- -o OUT [--threads N] [--cpu]
  *                                 run a built-in backend in this process
- *
- * The submit/wait commands join when the filesystem exists.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -23,6 +26,7 @@
 
 #include <json-c/json.h>
 
+#include "client.h"
 #include "fileutil.h"
 #include "store.h"
 #include "synth.h"
@@ -35,6 +39,23 @@ static int usage(FILE *to, int code)
 		"usage: %s COMMAND [ARGS]\n"
 		"\n"
 		"commands:\n"
+		"  submit ROUTE [FILE|-] [--wait] [--name N] [--priority low|normal|high]\n"
+		"         [--timeout S] [--webhook URL] [--mount DIR] [--cancel-on-interrupt]\n"
+		"                                  write the request(s) in FILE (default: stdin)\n"
+		"                                  to ROUTE's new file in the mount (the current\n"
+		"                                  directory's, --mount, $RENDERFS_MOUNT, or the\n"
+		"                                  only one) and print each job's path; --wait\n"
+		"                                  follows them (a progress bar on a terminal)\n"
+		"                                  and prints the outputs' paths; exit 0 when all\n"
+		"                                  complete, 1 if one failed (its error on\n"
+		"                                  stderr), 3 if one was cancelled, 2 when the\n"
+		"                                  request is refused, 130 on Ctrl-C (which asks\n"
+		"                                  whether to cancel, on a terminal)\n"
+		"  wait JOBDIR... [--cancel-on-interrupt]\n"
+		"                                  follow jobs until they end; exit as submit\n"
+		"  ls [ROUTE] [--status S] [--mount DIR]\n"
+		"                                  your jobs (id, status, progress, age, owner,\n"
+		"                                  route), oldest first\n"
 		"  fsck [--adopt] STORE            rehash blobs and cross-check the index;\n"
 		"                                  exit 1 and name every problem found; with\n"
 		"                                  --adopt (store not mounted), first put back\n"
@@ -653,6 +674,12 @@ int main(int argc, char **argv)
 		return cmd_gc(argc - 1, argv + 1);
 	if (strcmp(argv[1], "render") == 0)
 		return cmd_render(argc - 1, argv + 1);
+	if (strcmp(argv[1], "submit") == 0)
+		return client_submit(argc - 1, argv + 1);
+	if (strcmp(argv[1], "wait") == 0)
+		return client_wait(argc - 1, argv + 1);
+	if (strcmp(argv[1], "ls") == 0)
+		return client_ls(argc - 1, argv + 1);
 	fprintf(stderr, "%s: unknown command '%s'\n", prog, argv[1]);
 	return usage(stderr, 2);
 }
