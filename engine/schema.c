@@ -34,14 +34,46 @@ int schema_fail(char *err, size_t errlen, const char *fmt, ...)
 	return -EINVAL;
 }
 
+/*
+ * SPEC §7 says a field is a secret's when its name "contains" key, token,
+ * secret or password. Read as substrings that masks fields models take
+ * (`keyframes`, `keywords`, `max_tokens`), and the backend then gets
+ * "***" for them. So the name is split into words (at '_', '-', '.', ' ',
+ * digits and lower-to-upper case changes: api_key, apiKey, X-API-KEY) and
+ * a word that is, or ends with, one of those (key, apikey, authtoken,
+ * clientsecret, passwd, keys, secrets, passwords) makes it a secret; a
+ * word that only starts with one (keyframes) or counts them (tokens)
+ * does not.
+ */
 int schema_is_secret(const char *name)
 {
-	static const char *const words[] = {"key", "token", "secret", "password"};
+	static const char *const ends[] = {"key",  "keys",   "token",	  "secret",
+					   "secrets", "password", "passwords", "passwd"};
+	char word[64];
+	size_t n = 0;
 
-	for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
-		if (strcasestr(name, words[i]))
-			return 1;
-	return 0;
+	for (const char *p = name;; p++) {
+		bool split = !*p || *p == '_' || *p == '-' || *p == '.' || *p == ' ' ||
+			     (*p >= '0' && *p <= '9') ||
+			     (p > name && *p >= 'A' && *p <= 'Z' && p[-1] >= 'a' && p[-1] <= 'z');
+		if (split && n > 0) {
+			word[n] = '\0';
+			for (size_t i = 0; i < sizeof(ends) / sizeof(ends[0]); i++) {
+				size_t k = strlen(ends[i]);
+				if (n >= k && strcasecmp(word + n - k, ends[i]) == 0)
+					return 1;
+			}
+			n = 0;
+		}
+		if (!*p)
+			return 0;
+		if (!(*p == '_' || *p == '-' || *p == '.' || *p == ' ' || (*p >= '0' && *p <= '9'))) {
+			if (n + 1 < sizeof(word))
+				word[n++] = *p;
+			else
+				return 1; /* a word this long: be safe */
+		}
+	}
 }
 
 static const char *type_of(json_object *v)
@@ -313,7 +345,9 @@ static int walk(json_object *schema, json_object *v, const char *path, int depth
 		if (!res)
 			return -ENOMEM;
 		for (size_t i = 0; i < n; i++) {
-			json_object *nv;
+			/* NULL: json_object_deep_copy() refuses a destination
+			 * that holds the last item's copy. */
+			json_object *nv = NULL;
 			int rc;
 
 			snprintf(sub, sizeof(sub), "%s[%zu]", path, i);

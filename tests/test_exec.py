@@ -119,6 +119,31 @@ def test_an_input_reaches_the_program_as_a_read_only_file(mount_factory, tmp_pat
     assert not list((m.store / "tmp").iterdir())  # the scratch directory is gone
 
 
+def test_fields_models_take_are_not_masked_as_secrets(mount_factory, tmp_path):
+    """SPEC §7 masks request fields named like secrets; read as substrings
+    that also masked `keyframes`, `keywords` and `max_tokens`, and the
+    program got "***" for them. Words decide now: api_key is masked in
+    request.json and for the program, keyframes and max_tokens reach it."""
+    seen = tmp_path / "seen.json"
+    prog = program(tmp_path, "echo.py", f"""
+        open({str(seen)!r}, "w").write(sys.stdin.read())
+        open(os.environ["RENDERFS_OUTPUT"], "wb").write({PNG!r})
+    """)
+    schema = {"type": "object", "properties": {
+        "keyframes": {"type": "array", "maxItems": 4}, "max_tokens": {"type": "integer"},
+        "keywords": {"type": "string"}, "api_key": {"type": "string"}}}
+    m = mount_factory([models(tmp_path, {"image/echo/default/t2i": route_entry(
+        [prog], schema=schema)})])
+    req = {"keyframes": [0, 12], "max_tokens": 77, "keywords": "fox", "api_key": "sk-live-1"}
+    j = m.submit("image/echo/default/t2i", req)
+    assert m.wait("image/echo/default/t2i", j) == "complete"
+    stored = json.loads((m.job("image/echo/default/t2i", j) / "request.json").read_text())
+    got = json.loads(seen.read_text())
+    for r in (stored, got):
+        assert r["keyframes"] == [0, 12] and r["max_tokens"] == 77 and r["keywords"] == "fox"
+        assert r["api_key"] == "***"
+
+
 def test_progress_lines_move_progress(mount_factory, tmp_path):
     gate = tmp_path / "gate"
     prog = program(tmp_path, "slow.py", f"""

@@ -62,6 +62,10 @@ static void test_normalize(void)
 		     "{\"api_key\":\"***\",\"mode\":\"a\",\"n\":3,\"opt\":{\"Password\":\"***\","
 		     "\"z\":true},\"prompt\":\"hi\",\"seed\":7}");
 	normalize_ok(schema, "{\"prompt\": \"x\"}", "{\"mode\":\"a\",\"n\":3,\"prompt\":\"x\",\"seed\":");
+	/* Arrays of several items (each item's copy once made a second copy
+	 * fail: "out of memory" for any list of two). */
+	normalize_ok(schema, "{\"prompt\": \"x\", \"seed\": 1, \"tags\": [\"a\", \"b\"]}",
+		     "{\"mode\":\"a\",\"n\":3,\"prompt\":\"x\",\"seed\":1,\"tags\":[\"a\",\"b\"]}");
 	/* Code points, not bytes: five characters of two bytes each fit. */
 	normalize_ok(schema, "{\"prompt\": \"\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\", \"seed\": 1}",
 		     "{\"mode\":\"a\"");
@@ -104,6 +108,20 @@ static void test_schema_check(void)
 	CHECK(schema_is_secret("FAL_KEY") && schema_is_secret("auth_token") &&
 		      !schema_is_secret("prompt"),
 	      "secret names");
+	/* Words, not substrings: what models take is not masked. */
+	{
+		static const char *const secret[] = {
+		    "api_key", "apiKey", "APIKey", "X-API-KEY", "key", "key2", "openai_key",
+		    "access_token", "authToken", "client_secret", "secretKey", "Password",
+		    "db_passwd", "api_keys", "hf.token"};
+		static const char *const plain[] = {"keyframes", "keywords", "max_tokens",
+						    "num_tokens", "prompt",
+						    "passage", "tokenizer"};
+		for (size_t i = 0; i < sizeof(secret) / sizeof(secret[0]); i++)
+			CHECK(schema_is_secret(secret[i]), "'%s' is a secret's name", secret[i]);
+		for (size_t i = 0; i < sizeof(plain) / sizeof(plain[0]); i++)
+			CHECK(!schema_is_secret(plain[i]), "'%s' is not a secret's name", plain[i]);
+	}
 }
 
 static void test_routes(void)
