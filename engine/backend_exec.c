@@ -69,6 +69,7 @@
 
 #include "backend.h"
 #include "engine_i.h"
+#include "fileutil.h"
 #include "route.h"
 #include "service.h"
 
@@ -330,6 +331,19 @@ static void flush_log(struct exec_run *x)
 	x->batch_ms = now_ms();
 }
 
+/* Replace each of the route's env secrets in s by *** (in place: s
+ * only shrinks). */
+static void mask_secrets(const struct exec_run *x, char *s)
+{
+	for (size_t i = 0; i < x->c->nsecrets; i++) {
+		size_t n = strlen(x->c->secrets[i]);
+		for (char *p = strstr(s, x->c->secrets[i]); p; p = strstr(p + 3, x->c->secrets[i])) {
+			memcpy(p, "***", 3);
+			memmove(p + 3, p + n, strlen(p + n) + 1);
+		}
+	}
+}
+
 /* Queue one line of the program's for the log, secrets masked. */
 static void log_program_line(struct exec_run *x, const char *line)
 {
@@ -343,13 +357,7 @@ static void log_program_line(struct exec_run *x, const char *line)
 	}
 	if (!(s = strndup(line, INDEX_LOG_LINE_MAX - 64)))
 		return;
-	for (size_t i = 0; i < x->c->nsecrets; i++) {
-		size_t n = strlen(x->c->secrets[i]);
-		for (char *p = strstr(s, x->c->secrets[i]); p; p = strstr(p + 3, x->c->secrets[i])) {
-			memcpy(p, "***", 3);
-			memmove(p + 3, p + n, strlen(p + n) + 1);
-		}
-	}
+	mask_secrets(x, s);
 	for (char *p = s; *p; p++)
 		if ((unsigned char)*p < 0x20 && *p != '\t')
 			*p = ' ';
@@ -360,11 +368,19 @@ static void log_program_line(struct exec_run *x, const char *line)
 
 static void stderr_line(struct exec_run *x, char *line)
 {
-	char *t = x->tail[x->ntail++ % EXEC_TAIL];
-	size_t n = strnlen(line, sizeof(x->tail[0]) - 1);
+	char *t = x->tail[x->ntail++ % EXEC_TAIL], *m = strdup(line);
+	size_t n;
 
-	memcpy(t, line, n);
-	t[n] = '\0';
+	/* The last lines go into the job's error message: masked too, whole
+	 * before they are cut to fit (a secret cut in two would not match). */
+	t[0] = '\0';
+	if (m) {
+		mask_secrets(x, m);
+		n = strnlen(m, sizeof(x->tail[0]) - 1);
+		memcpy(t, m, n);
+		t[n] = '\0';
+		free(m);
+	}
 	log_program_line(x, line);
 }
 
@@ -458,30 +474,6 @@ static void drain(struct exec_run *x, struct lines *l, void (*fn)(struct exec_ru
 
 /* ---- the scratch directory ---- */
 
-/* Remove what dirfd holds, never following a symlink. */
-static void empty_dir(int dirfd)
-{
-	DIR *d = fdopendir(dup(dirfd));
-	struct dirent *de;
-
-	if (!d)
-		return;
-	while ((de = readdir(d)) != NULL) {
-		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-			continue;
-		if (unlinkat(dirfd, de->d_name, 0) == 0 || errno != EISDIR)
-			continue;
-		int sub = openat(dirfd, de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-		if (sub >= 0) {
-			fchmod(sub, 0700);
-			empty_dir(sub);
-			close(sub);
-		}
-		unlinkat(dirfd, de->d_name, AT_REMOVEDIR);
-	}
-	closedir(d);
-}
-
 static int scratch_open(struct exec_run *x)
 {
 	struct run *r = x->r;
@@ -496,7 +488,7 @@ static int scratch_open(struct exec_run *x)
 	x->scratch = openat(tmp, x->dir + strlen(store_dir(engine_store(r->e))) + 1,
 			    O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (x->scratch >= 0) { /* an earlier attempt's */
-		empty_dir(x->scratch);
+		dir_empty(x->scratch);
 		close(x->scratch);
 	} else {
 		mkdirat(tmp, x->dir + strlen(store_dir(engine_store(r->e))) + 1, 0700);
@@ -514,7 +506,7 @@ static void scratch_remove(struct exec_run *x)
 {
 	if (x->scratch < 0)
 		return;
-	empty_dir(x->scratch);
+	dir_empty(x->scratch);
 	close(x->scratch);
 	x->scratch = -1;
 	rmdir(x->dir);

@@ -638,31 +638,6 @@ static DIR *dir_open_nofollow(int at, const char *path)
 	return d;
 }
 
-/* Remove the tree under name in dirfd (a scratch directory of a local
- * program), never following a symlink. */
-static void remove_tree(int parent, const char *name)
-{
-	int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	struct dirent *de;
-	DIR *d;
-
-	if (fd < 0)
-		return;
-	fchmod(fd, 0700);
-	if (!(d = fdopendir(fd))) {
-		close(fd);
-		return;
-	}
-	while ((de = readdir(d)) != NULL) {
-		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-			continue;
-		if (unlinkat(dirfd(d), de->d_name, 0) != 0 && errno == EISDIR)
-			remove_tree(dirfd(d), de->d_name);
-	}
-	closedir(d);
-	unlinkat(parent, name, AT_REMOVEDIR);
-}
-
 int store_clear_tmp(struct store *st, uint64_t *removed)
 {
 	char path[4200];
@@ -681,7 +656,7 @@ int store_clear_tmp(struct store *st, uint64_t *removed)
 		if (unlinkat(dirfd(d), de->d_name, 0) == 0) {
 			(*removed)++;
 		} else if (errno == EISDIR) {
-			remove_tree(dirfd(d), de->d_name);
+			dir_remove_tree(dirfd(d), de->d_name);
 			(*removed)++;
 		}
 	}

@@ -3,6 +3,7 @@
  */
 #include "fileutil.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -172,4 +173,38 @@ int file_open_regular(const char *path, int *fd_out, struct stat *sb)
 	}
 	*fd_out = fd;
 	return 0;
+}
+
+void dir_empty(int dirfd)
+{
+	int fd = dup(dirfd);
+	struct dirent *de;
+	DIR *d;
+
+	if (fd < 0)
+		return;
+	if (!(d = fdopendir(fd))) {
+		close(fd);
+		return;
+	}
+	while ((de = readdir(d)) != NULL) {
+		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+			continue;
+		/* unlinkat removes a symlink itself, never what it names. */
+		if (unlinkat(dirfd, de->d_name, 0) != 0 && errno == EISDIR)
+			dir_remove_tree(dirfd, de->d_name);
+	}
+	closedir(d);
+}
+
+void dir_remove_tree(int parent, const char *name)
+{
+	int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+
+	if (fd < 0)
+		return;
+	fchmod(fd, 0700);
+	dir_empty(fd);
+	close(fd);
+	unlinkat(parent, name, AT_REMOVEDIR);
 }

@@ -40,4 +40,13 @@ int write_all(int fd, const void *buf, size_t len);
  */
 int file_open_regular(const char *path, int *fd_out, struct stat *sb);
 
+/*
+ * Remove everything under the directory dirfd (kept open, not closed),
+ * never following a symlink (one is removed itself); subdirectories are
+ * made writable first. Best effort: what cannot be removed stays.
+ */
+void dir_empty(int dirfd);
+/* dir_empty on the directory name in parent, then the directory. */
+void dir_remove_tree(int parent, const char *name);
+
 #endif

@@ -144,6 +144,26 @@ def test_fields_models_take_are_not_masked_as_secrets(mount_factory, tmp_path):
         assert r["api_key"] == "***"
 
 
+def test_route_env_secrets_are_masked_in_log_and_error(mount_factory, tmp_path):
+    """A route's env value named like a secret (HF_TOKEN) never shows: not
+    in the log the program's stderr goes to, nor in the error message made
+    of its last lines."""
+    token = "hf_live_4c0ffee5ecret"
+    prog = program(tmp_path, "leak.py", """
+        sys.stderr.write("using token " + os.environ["HF_TOKEN"] + " for the download\\n")
+        sys.exit(3)
+    """)
+    m = mount_factory([models(tmp_path, {"image/leak/default/t2i": route_entry(
+        [prog], env={"HF_TOKEN": token})})])
+    j = m.submit("image/leak/default/t2i", {})
+    assert m.wait("image/leak/default/t2i", j) == "error"
+    d = m.job("image/leak/default/t2i", j)
+    st = json.loads((d / "status.json").read_text())
+    assert "using token *** for the download" in st["error"]["message"], st
+    for text in ((d / "log").read_text(), (d / "error").read_text(), json.dumps(st), m.log()):
+        assert token not in text
+
+
 def test_progress_lines_move_progress(mount_factory, tmp_path):
     gate = tmp_path / "gate"
     prog = program(tmp_path, "slow.py", f"""
