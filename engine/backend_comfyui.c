@@ -59,7 +59,11 @@
  * socket while prompts are in flight; a step reads its prompt's fraction
  * at each poll. Completion never comes from there, so a socket that fails
  * costs progress only (said once in the job's log).
- * Inputs (cas:) are refused: a workflow reads images the server has.
+ * Inputs: a cas: value in a bound field (or in a list or object there) is
+ * uploaded first (POST /upload/image, type "input", named by its hash,
+ * overwrite: the same name is the same bytes, so an upload repeated after
+ * a restart changes nothing) and replaced by the name the server gives it,
+ * which is what LoadImage (and video loaders) take.
  *
  * Threads (backend.h): configure and release on the mounting thread;
  * check on FUSE handler threads, reading the route's state only; steps,
@@ -86,6 +90,7 @@
 #include "engine_i.h"
 #include "http.h"
 #include "route.h"
+#include "index.h"
 #include "service.h"
 #include "ws.h"
 
@@ -97,6 +102,10 @@ extern const struct backend backend_comfyui;
 #define COMFY_ANSWER_MAX (32u << 20)  /* a history entry or the queue */
 #define COMFY_QUEUE_EVERY_MS 5000
 #define COMFY_ID_MAX 64
+/* A cas: input is uploaded (POST /upload/image), up to ComfyUI's default
+ * --max-upload-size. */
+#define COMFY_INPUT_MAX (100u << 20)
+#define COMFY_NAME_MAX 300 /* "subfolder/name" of an uploaded input */
 #define COMFY_WATCH_MAX 1024	     /* prompts whose progress is followed */
 #define COMFY_WS_MSG_MAX (64u << 10) /* a progress message is ~200 bytes */
 #define COMFY_WS_RETRY_MAX_MS 30000
@@ -150,7 +159,7 @@ struct comfy_conf {
 	struct comfy_ws *ws;			  /* the progress watcher (its own lock) */
 };
 
-enum comfy_phase { C_SUBMIT, C_HISTORY, C_QUEUE, C_RECHECK, C_FILES, C_DELETE, C_CANCEL };
+enum comfy_phase { C_UPLOAD, C_SUBMIT, C_HISTORY, C_QUEUE, C_RECHECK, C_FILES, C_DELETE, C_CANCEL };
 
 struct comfy_run {
 	enum comfy_phase phase;
@@ -161,6 +170,10 @@ struct comfy_run {
 	uint64_t queue_ms; /* when the queue was last read (0: never) */
 	long position;	   /* prompts ahead of it; -1: running or unknown */
 	int watch;	   /* its slot in the watcher, -1: none */
+	/* The job's cas: inputs and the names the server gave them. */
+	struct job_input in[INDEX_INPUTS_MAX];
+	char in_name[INDEX_INPUTS_MAX][COMFY_NAME_MAX];
+	size_t nin, up_at;
 	double frac;	   /* the progress last reported */
 	bool said_ws;	   /* the log says why there is no progress */
 };
@@ -774,6 +787,50 @@ static void new_id(char out[COMFY_ID_MAX])
 		 hex + 16, hex + 20);
 }
 
+/* v (a bound value, *v replaced when it is a string) with each cas:
+ * input replaced by the name the server gave its upload. */
+static int uploaded_names(struct comfy_run *p, json_object **v)
+{
+	uint8_t h[INDEX_HASH_LEN];
+
+	if (json_object_is_type(*v, json_type_string)) {
+		const char *s = json_object_get_string(*v);
+		if (json_object_get_string_len(*v) != 68 || strncmp(s, "cas:", 4) != 0 ||
+		    b3_from_hex(s + 4, h) != 0)
+			return 0;
+		for (size_t i = 0; i < p->nin; i++)
+			if (memcmp(p->in[i].hash, h, INDEX_HASH_LEN) == 0) {
+				json_object *n = json_object_new_string(p->in_name[i]);
+				if (!n)
+					return -ENOMEM;
+				*v = n; /* the request still holds the old one */
+				return 1;
+			}
+		return 0;
+	}
+	if (json_object_is_type(*v, json_type_array)) {
+		for (size_t i = 0; i < json_object_array_length(*v); i++) {
+			json_object *x = json_object_array_get_idx(*v, i);
+			int rc = uploaded_names(p, &x);
+			if (rc < 0)
+				return rc;
+			if (rc == 1)
+				json_object_array_put_idx(*v, i, x);
+		}
+	} else if (json_object_is_type(*v, json_type_object)) {
+		json_object_object_foreach(*v, k, x)
+		{
+			json_object *y = x;
+			int rc = uploaded_names(p, &y);
+			if (rc < 0)
+				return rc;
+			if (rc == 1)
+				json_object_object_add(*v, k, y);
+		}
+	}
+	return 0;
+}
+
 /* The body of POST /prompt: the workflow with the request's values set.
  * NULL with the failure set. */
 static char *prompt_body(struct run *r, struct comfy_run *p, int *rc)
@@ -794,9 +851,12 @@ static char *prompt_body(struct run *r, struct comfy_run *p, int *rc)
 		json_object *v, *node, *in;
 		if (!json_object_object_get_ex(req, c->b[i].field, &v))
 			continue;
+		int named = uploaded_names(p, &v);
+		if (named < 0)
+			goto nomem;
 		json_object_object_get_ex(w, c->b[i].node, &node);
 		json_object_object_get_ex(node, "inputs", &in);
-		json_object_object_add(in, c->b[i].input, json_object_get(v));
+		json_object_object_add(in, c->b[i].input, named == 1 ? v : json_object_get(v));
 	}
 	ulid_format(r->job.id, id);
 	ws_client(r, c->ws, c->svc.base, client);
@@ -825,6 +885,93 @@ nomem:
 	json_object_put(req);
 	*rc = run_fail(r, -ENOMEM, "store", "out of memory");
 	return NULL;
+}
+
+static int submit(struct run *r, struct comfy_run *p);
+
+/* Upload the next cas: input (POST /upload/image, multipart: the file,
+ * type=input, overwrite=true: its name is its hash, so the same name is
+ * the same bytes), or submit when all are there. */
+static int upload_next(struct run *r, struct comfy_run *p)
+{
+	const struct comfy_conf *c = r->route->backend_state;
+	char url[sizeof(c->svc.base) + 32], media[64], hex[2 * INDEX_HASH_LEN + 1], ctype[128];
+	char boundary[40], head[512], tail[512];
+	const char *hdrs[] = {ctype, "Accept: application/json"};
+	uint8_t *data = NULL, rnd[12];
+	size_t len = 0, hn, tn;
+	char *body;
+	int rc;
+
+	if (p->up_at == p->nin)
+		return submit(r, p);
+	if ((rc = run_input_read(r, &p->in[p->up_at], &data, &len, media, sizeof(media))) != 0)
+		return rc;
+	b3_to_hex(p->in[p->up_at].hash, hex);
+	randombytes_buf(rnd, sizeof(rnd));
+	snprintf(boundary, sizeof(boundary), "renderfs");
+	sodium_bin2hex(boundary + 8, sizeof(boundary) - 8, rnd, sizeof(rnd));
+	snprintf(ctype, sizeof(ctype), "Content-Type: multipart/form-data; boundary=%s", boundary);
+	hn = (size_t)snprintf(head, sizeof(head),
+			      "--%s\r\nContent-Disposition: form-data; name=\"image\"; "
+			      "filename=\"renderfs-%.32s.%s\"\r\nContent-Type: %s\r\n\r\n",
+			      boundary, hex, route_media_ext(media), media);
+	tn = (size_t)snprintf(tail, sizeof(tail),
+			      "\r\n--%s\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\n"
+			      "input\r\n--%s\r\nContent-Disposition: form-data; "
+			      "name=\"overwrite\"\r\n\r\ntrue\r\n--%s--\r\n",
+			      boundary, boundary, boundary);
+	if (!(body = malloc(hn + len + tn))) {
+		free(data);
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	}
+	memcpy(body, head, hn);
+	memcpy(body + hn, data, len);
+	memcpy(body + hn + len, tail, tn);
+	free(data);
+	snprintf(url, sizeof(url), "%s/upload/image", c->svc.base);
+	struct http_request rq = {
+	    .method = "POST",
+	    .url = url,
+	    .headers = hdrs,
+	    .nheaders = 2,
+	    .body = body,
+	    .body_len = hn + len + tn,
+	    .timeout_ms = 120000,
+	    .max_body = 1u << 16,
+	};
+	p->phase = C_UPLOAD;
+	rc = run_http(r, &rq); /* copies the body */
+	free(body);
+	return rc;
+}
+
+/* The server's name for the upload: {"name", "subfolder", "type"}. */
+static int on_uploaded(struct run *r, struct comfy_run *p, const struct http_response *h)
+{
+	json_object *o;
+	const char *name, *sub;
+
+	if (h->error_code)
+		return svc_fail(r, h, "ComfyUI", "an input's upload");
+	o = svc_parse(h->body, h->len);
+	name = svc_str(o, "name");
+	sub = svc_str(o, "subfolder");
+	if (!name || !*name || strchr(name, '/') || strstr(name, "..") ||
+	    (sub && (strstr(sub, "..") || sub[0] == '/')) ||
+	    snprintf(p->in_name[p->up_at], sizeof(p->in_name[0]), "%s%s%s",
+		     sub && *sub ? sub : "", sub && *sub ? "/" : "", name) >=
+		(int)sizeof(p->in_name[0])) {
+		json_object_put(o);
+		return run_fail(r, -EBADMSG, "backend_failed",
+				"ComfyUI took input '%s' but named it in no usable way",
+				p->in[p->up_at].field);
+	}
+	json_object_put(o);
+	run_log(r, "comfyui: input '%s' uploaded as %s", p->in[p->up_at].field,
+		p->in_name[p->up_at]);
+	p->up_at++;
+	return upload_next(r, p);
 }
 
 static int submit(struct run *r, struct comfy_run *p)
@@ -1309,8 +1456,11 @@ static int comfy_start(struct run *r)
 	if (rc < 0)
 		return run_fail(r, rc, "store", "cannot read the job's handle: %s",
 				store_lasterr());
-	if (rc == 0)
-		return submit(r, p);
+	if (rc == 0) {
+		if ((rc = run_inputs(r, p->in, INDEX_INPUTS_MAX, &p->nin)) != 0)
+			return rc;
+		return upload_next(r, p);
+	}
 	svc_poll_begin(&p->poll);
 	if (p->sent) {
 		run_log(r, "comfyui: following prompt %s (queued before a restart)", p->id);
@@ -1331,9 +1481,11 @@ static int comfy_step(struct run *r)
 	if (!p)
 		return comfy_start(r);
 	if (!h) /* a poll's time (svc_poll_*, run_after) */
-		return p->phase != C_FILES ? get_history(r, p, C_HISTORY)
+		return p->phase != C_FILES && p->phase != C_UPLOAD ? get_history(r, p, C_HISTORY)
 					   : run_fail(r, -EIO, "backend_failed", "nothing to wait for");
 	switch (p->phase) {
+	case C_UPLOAD:
+		return on_uploaded(r, p, h);
 	case C_SUBMIT:
 		return on_submitted(r, p, h);
 	case C_HISTORY:
@@ -1401,7 +1553,7 @@ static void comfy_run_free(struct run *r)
 const struct backend backend_comfyui = {
     .name = "comfyui",
     .remote = true,
-    .max_input = 0,
+    .max_input = COMFY_INPUT_MAX,
     .configure = comfy_configure,
     .check = comfy_check,
     .step = comfy_step,

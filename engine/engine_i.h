@@ -115,6 +115,15 @@ int run_request_inline_inputs(struct run *r, char **out);
  * replaced by that file's path, for local programs.
  */
 int run_request_input_files(struct run *r, int dirfd, const char *dir, char **out);
+/* The job's cas: inputs (index.h: struct job_input): at most cap into
+ * in, *n of them; 0 or a failure set with run_fail. */
+struct job_input;
+int run_inputs(struct run *r, struct job_input *in, size_t cap, size_t *n);
+/* Input in's bytes, read verified (store_blob_open), into *data
+ * (malloc'ed, *len bytes) and its media type into media: 0, or a failure
+ * set with run_fail (input_not_found). */
+int run_input_read(struct run *r, const struct job_input *in, uint8_t **data, size_t *len,
+		   char *media, size_t mlen);
 /* Log n lines (each prefixed) in one durable write. */
 int run_log_lines(struct run *r, const char *prefix, const char *const *msgs, size_t n);
 

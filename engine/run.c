@@ -286,6 +286,50 @@ out:
 	return uri;
 }
 
+int run_inputs(struct run *r, struct job_input *in, size_t cap, size_t *n)
+{
+	int rc = index_job_inputs(r->e->ix, r->job.id, in, cap, n);
+
+	return rc ? run_fail(r, rc, "store", "cannot read the job's inputs: %s", store_lasterr())
+		  : 0;
+}
+
+int run_input_read(struct run *r, const struct job_input *in, uint8_t **data, size_t *len,
+		   char *media, size_t mlen)
+{
+	struct blob_info bi;
+	uint64_t size = 0, off = 0;
+	uint8_t *raw = NULL;
+	char hex[2 * INDEX_HASH_LEN + 1];
+	int fd = -1, rc;
+
+	*data = NULL;
+	b3_to_hex(in->hash, hex);
+	if ((rc = index_blob_get(r->e->ix, in->hash, &bi)) != 0 ||
+	    (rc = store_blob_open(r->e->st, in->hash, &fd, &size)) != 0)
+		return run_fail(r, rc, "input_not_found", "'%s': cannot read blob cas:%s: %s",
+				in->field, hex, store_lasterr());
+	if (size > SIZE_MAX - 1 || !(raw = malloc(size ? size : 1))) {
+		close(fd);
+		return run_fail(r, -ENOMEM, "store", "out of memory for input cas:%s", hex);
+	}
+	while (off < size) {
+		ssize_t k = pread(fd, raw + off, size - off, (off_t)off);
+		if (k <= 0) {
+			close(fd);
+			free(raw);
+			return run_fail(r, -EIO, "input_not_found", "'%s': cannot read blob cas:%s",
+					in->field, hex);
+		}
+		off += (uint64_t)k;
+	}
+	close(fd);
+	snprintf(media, mlen, "%s", bi.media_type[0] ? bi.media_type : "application/octet-stream");
+	*data = raw;
+	*len = (size_t)size;
+	return 0;
+}
+
 /* What replaces an input in the request a backend is given. */
 struct input_repl {
 	/* The replacement string for input in[k] (malloc'ed), or NULL with

@@ -67,7 +67,7 @@ def node_error(node, cls, kind, message, details):
             "dependent_outputs": ["9"], "class_type": cls}
 
 
-def validate(prompt):
+def validate(prompt, files=None):
     """ComfyUI's validate_prompt, for the stand-in nodes: (error, node_errors)."""
     if not isinstance(prompt, dict) or not prompt:
         return {"type": "invalid_prompt", "message": "Cannot execute because the prompt "
@@ -87,6 +87,12 @@ def validate(prompt):
                                              isinstance(v, int) and v > 512 else
                                              "value_smaller_than_min",
                                              "Value out of range", f"{k}: {v}")
+        if cls == "LoadImage" and ("", inputs.get("image"), "input") not in (files or {}) \
+                and tuple(str(inputs.get("image")).rpartition("/")[::2]) + ("input",) \
+                not in (files or {}):
+            errors[nid] = node_error(nid, cls, "custom_validation_failed",
+                                     "Custom validation failed for node",
+                                     f"image - Invalid image file: {inputs.get('image')}")
         if cls == "CLIPTextEncode" and not isinstance(inputs.get("text"), str):
             errors[nid] = node_error(nid, cls, "invalid_input_type", "Invalid input type",
                                      "text: not a string")
@@ -158,6 +164,7 @@ class FakeComfy:
         self.cancels = []          # ids in POST /api/jobs/{id}/cancel
         self.interrupts = 0        # POST /interrupt (global)
         self.views = []            # query strings of GET /view
+        self.uploads = []          # (form fields, filename, bytes) of POST /upload/image
         self.queue_gets = 0
         self.history_gets = 0
         self.number = 0
@@ -305,14 +312,20 @@ class FakeComfy:
                 save = node["class_type"] == "SaveImage"
                 prefix = node["inputs"].get("filename_prefix", "ComfyUI") if save \
                     else "ComfyUI_temp"
-                batch = next(n["inputs"].get("batch_size", 1) for n in prompt.values()
-                             if n["class_type"] == "EmptyLatentImage")
+                loads = [n["inputs"]["image"] for n in prompt.values()
+                         if n["class_type"] == "LoadImage"]
+                batch = next((n["inputs"].get("batch_size", 1) for n in prompt.values()
+                              if n["class_type"] == "EmptyLatentImage"), 1)
                 images = []
                 for k in range(batch):
                     name = f"{prefix}_{number:05d}_{k}_.png"
                     kind = "output" if save else "temp"
                     sub = "runs" if save else ""
-                    self.files[(sub, name, kind)] = self.image(prompt, k)
+                    # An image-to-image graph of this fake gives back its
+                    # input unchanged: the bytes travelled exactly.
+                    sub_in, _, base = loads[0].rpartition("/") if loads else ("", "", "")
+                    self.files[(sub, name, kind)] = self.files[(sub_in, base, "input")] \
+                        if loads else self.image(prompt, k)
                     images.append({"filename": name, "subfolder": sub, "type": kind})
                 outputs[nid] = {"images": images}
         self.history[pid] = {"prompt": [number, pid, prompt, extra, outs],
@@ -327,6 +340,8 @@ class FakeComfy:
                 path = self.path.split("?")[0]
                 if path == "/prompt":
                     return self.post_prompt(json.loads(data))
+                if path == "/upload/image":
+                    return self.upload(data)
                 if path == "/queue":
                     req = json.loads(data)
                     with fake.cond:
@@ -354,9 +369,38 @@ class FakeComfy:
                     return self.answer(200, {"id": pid, "status": "cancelled"})
                 self.answer(404, body=b"404: Not Found", ctype="text/plain")
 
+            def upload(self, data):
+                """multipart/form-data as ComfyUI's image_upload reads it."""
+                ctype = self.headers.get("Content-Type", "")
+                if not ctype.startswith("multipart/form-data; boundary="):
+                    return self.answer(400, body=b"", ctype="text/plain")
+                boundary = ctype.split("boundary=", 1)[1].encode()
+                fields, filename, content = {}, None, None
+                for part in data.split(b"--" + boundary)[1:]:
+                    if part.startswith(b"--"):
+                        break
+                    head, _, body = part[2:].partition(b"\r\n\r\n")
+                    body = body[:-2]  # the CRLF before the next boundary
+                    disp = head.decode().split("\r\n")[0]
+                    name = disp.split('name="', 1)[1].split('"', 1)[0]
+                    if 'filename="' in disp:
+                        filename = disp.split('filename="', 1)[1].split('"', 1)[0]
+                        content = body
+                    else:
+                        fields[name] = body.decode()
+                if not filename or content is None:
+                    return self.answer(400, body=b"", ctype="text/plain")
+                with fake.lock:
+                    fake.uploads.append((fields, filename, content))
+                    fake.files[("", filename, fields.get("type", "input"))] = content
+                self.answer(200, {"name": filename, "subfolder": "",
+                                  "type": fields.get("type", "input")})
+
             def post_prompt(self, req):
                 prompt = req.get("prompt")
-                error, node_errors = validate(prompt)
+                with fake.lock:
+                    files = dict(fake.files)
+                error, node_errors = validate(prompt, files)
                 if error:
                     with fake.lock:
                         fake.rejected.append(req)

@@ -264,20 +264,43 @@ def test_comfyui_history_busy_is_asked_again(mount_factory, tmp_path, comfy):
     assert "asking again" in log_of(m, ROUTE, jid)
 
 
-def test_comfyui_request_fields_and_inputs(mount_factory, tmp_path, comfy):
+def test_comfyui_request_fields_the_workflow_does_not_take(mount_factory, tmp_path, comfy):
     """A field the workflow does not take is refused at submit (the schema
-    allowed it); so is a cas: input (a workflow reads the server's files)."""
+    allowed it), naming it; nothing reaches the server."""
     route = comfy.route()
     route["schema"]["additionalProperties"] = True
     m = mount_factory([models(tmp_path, {ROUTE: route})])
     errno_, line = m.submit_err(ROUTE, json.dumps({"prompt": "x", "steps": 30}).encode())
     assert errno_ == errno.EINVAL and "steps" in line, line
-    src = m.submit(IMAGE, {"prompt": "input", **SMALL})
+    assert comfy.prompts == []
+
+
+def test_comfyui_cas_input_is_uploaded_for_load_image(mount_factory, tmp_path, comfy):
+    """A cas: input bound to LoadImage is uploaded (multipart, type=input,
+    overwrite, named by its hash) before the prompt, which names the
+    upload; the fake's image-to-image graph returns its input, so the
+    output is the input's bytes; the manifest lists the input."""
+    wf = json.loads(json.dumps(WORKFLOW))
+    wf["10"] = {"class_type": "LoadImage", "inputs": {"image": "example.png", "upload": "image"}}
+    route = comfy.route(workflow=wf)
+    route["bindings"]["image"] = "10.inputs.image"
+    route["schema"]["properties"]["image"] = {"type": "string"}
+    m = mount_factory([models(tmp_path, {ROUTE: route})])
+    src = m.submit(IMAGE, {"prompt": "source", **SMALL})
     assert m.wait(IMAGE, src) == "complete"
     h = m.status(IMAGE, src)["output"]["blake3"]
-    errno_, line = m.submit_err(ROUTE, json.dumps({"prompt": f"cas:{h}"}).encode())
-    assert errno_ != 0 and "input" in line, line
-    assert comfy.prompts == []
+    data = (m.job(IMAGE, src) / "output.png").read_bytes()
+    jid = m.submit(ROUTE, {"prompt": "restyle", "image": f"cas:{h}"})
+    assert m.wait(ROUTE, jid) == "complete", log_of(m, ROUTE, jid)
+    assert len(comfy.uploads) == 1
+    fields, filename, content = comfy.uploads[0]
+    assert content == data and fields == {"type": "input", "overwrite": "true"}
+    assert filename == f"renderfs-{h[:32]}.png"
+    assert comfy.prompts[0][1]["prompt"]["10"]["inputs"]["image"] == filename
+    assert (m.job(ROUTE, jid) / "output.png").read_bytes() == data
+    manifest = json.loads((m.job(ROUTE, jid) / "manifest.json").read_text())
+    assert [i["blake3"] for i in manifest["inputs"]] == [h], manifest
+    assert f"input 'image' uploaded as {filename}" in log_of(m, ROUTE, jid)
 
 
 def test_contrib_comfyui_models_file(mount_factory, tmp_path, comfy):
