@@ -32,6 +32,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -266,6 +267,8 @@ int index_open_all(struct index *ix, MDB_txn *txn, bool create)
 	return 0;
 }
 
+static void on_lmdb_assert(MDB_env *env, const char *msg);
+
 /* Open the named databases; create them (and the metadata) on a new index,
  * upgrade an index of an older format. */
 static int open_dbs(struct index *ix)
@@ -386,6 +389,8 @@ int index_open(const char *dir, const struct index_options *opt, struct index **
 
 	rc = mdb_env_create(&ix->env);
 	if (!rc)
+		rc = mdb_env_set_assert(ix->env, on_lmdb_assert);
+	if (!rc)
 		rc = mdb_env_set_maxdbs(ix->env, 32);
 	if (!rc)
 		rc = mdb_env_set_mapsize(ix->env, opt && opt->map_size ? opt->map_size
@@ -403,6 +408,9 @@ int index_open(const char *dir, const struct index_options *opt, struct index **
 	}
 	if ((rc = open_dbs(ix)) != 0)
 		goto fail;
+	MDB_envinfo info;
+	if (mdb_env_info(ix->env, &info) == 0)
+		ix->last_txnid = info.me_last_txnid;
 	*out = ix;
 	return 0;
 fail:
@@ -428,9 +436,42 @@ void index_close(struct index *ix)
 	free(ix);
 }
 
+/* ---- LMDB's assertions ----
+ *
+ * LMDB checks its invariants with assertions that abort the process, and
+ * a damaged file (a flipped bit in a page number) can trip them. Inside
+ * the index's own transactions one becomes an error instead: the assert
+ * callback jumps back to where the transaction began (on this thread),
+ * which aborts it and fails with STORE_E_INDEX; after one in a write the
+ * index takes no more writes (ix->damaged). Outside them LMDB aborts as
+ * it always did. What a transaction's callback allocated before the jump
+ * is lost: bounded, and only on a damaged index.
+ */
+static __thread sigjmp_buf *guard_jmp;
+static __thread char guard_msg[200];
+
+static void on_lmdb_assert(MDB_env *env, const char *msg)
+{
+	(void)env;
+	if (!guard_jmp)
+		return; /* LMDB aborts */
+	snprintf(guard_msg, sizeof(guard_msg), "%s", msg);
+	siglongjmp(*guard_jmp, 1);
+}
+
+static int damaged_err(struct index *ix)
+{
+	return store_seterr(STORE_E_INDEX,
+			    "the index in '%s' is damaged (LMDB: %s); it takes no more writes: "
+			    "stop the mount and run renderctl fsck",
+			    ix->dir, guard_msg[0] ? guard_msg : "an earlier failed check");
+}
+
 /* ---- group commit ---- */
 
-static void run_batch(struct index *ix, struct index_wop *batch)
+/* The batch's transaction; *txnp holds it while it is open, for the jump
+ * back from an assertion. */
+static void run_batch_txn(struct index *ix, struct index_wop *batch, MDB_txn *volatile *txnp)
 {
 	MDB_txn *txn;
 	struct index_wop *op;
@@ -443,10 +484,12 @@ static void run_batch(struct index *ix, struct index_wop *batch)
 			op->rc = rc;
 		return;
 	}
+	*txnp = txn;
 	if (!batch->next) {
 		/* Alone: no nested transaction needed. */
 		batch->rc = batch->fn(ix, txn, batch->arg);
 		if (batch->rc) {
+			*txnp = NULL;
 			mdb_txn_abort(txn);
 			return;
 		}
@@ -470,12 +513,43 @@ static void run_batch(struct index *ix, struct index_wop *batch)
 		}
 	}
 	rc = mdb_txn_commit(txn);
+	*txnp = NULL; /* committed or not, it is gone */
 	if (rc) {
 		rc = index_lmdb_err(ix, rc, "commit");
 		for (op = batch; op; op = op->next)
 			if (op->rc == 0)
 				op->rc = rc;
 	}
+}
+
+/* Fail every write of the batch with rc. */
+static void batch_fail(struct index_wop *batch, int rc)
+{
+	for (struct index_wop *op = batch; op; op = op->next)
+		op->rc = rc;
+}
+
+static void run_batch(struct index *ix, struct index_wop *batch)
+{
+	sigjmp_buf jb, *prev = guard_jmp;
+	MDB_txn *volatile txn = NULL;
+	struct index_wop *volatile all = batch;
+
+	if (ix->damaged) {
+		batch_fail(batch, damaged_err(ix));
+		return;
+	}
+	if (sigsetjmp(jb, 0)) {
+		guard_jmp = prev;
+		if (txn)
+			mdb_txn_abort(txn);
+		ix->damaged = true;
+		batch_fail(all, damaged_err(ix));
+		return;
+	}
+	guard_jmp = &jb;
+	run_batch_txn(ix, all, &txn);
+	guard_jmp = prev;
 }
 
 /*
@@ -541,7 +615,13 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 			batch = next;
 			n++;
 		}
-		ix->commits++;
+		/* A batch whose writers changed nothing (a claim that found
+		 * no job) made no commit and no sync: it is not counted. */
+		MDB_envinfo info;
+		if (mdb_env_info(ix->env, &info) == 0 && info.me_last_txnid != ix->last_txnid) {
+			ix->last_txnid = info.me_last_txnid;
+			ix->commits++;
+		}
 		ix->writes += n;
 		/* The batch's writers return soon; those queued already wait. */
 		ix->active = (size_t)n + ix->wq_len;
@@ -554,12 +634,23 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 
 int index_read(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
 {
+	sigjmp_buf jb, *prev = guard_jmp;
 	MDB_txn *txn;
+	MDB_txn *volatile open = NULL;
 	int rc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn);
 
 	if (rc)
 		return index_lmdb_err(ix, rc, "begin read");
+	open = txn;
+	if (sigsetjmp(jb, 0)) {
+		guard_jmp = prev;
+		mdb_txn_abort(open);
+		return store_seterr(STORE_E_INDEX, "the index in '%s' is damaged (LMDB: %s)",
+				    ix->dir, guard_msg);
+	}
+	guard_jmp = &jb;
 	rc = fn(ix, txn, arg);
+	guard_jmp = prev;
 	mdb_txn_abort(txn);
 	return rc;
 }

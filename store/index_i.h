@@ -31,6 +31,10 @@ struct index {
 		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results, made;
 	char dir[4096];
 	bool read_only;
+	/* LMDB tripped one of its assertions in a write (a damaged file):
+	 * no more writes. Set by a write leader, read by the next (wmu
+	 * orders them). */
+	bool damaged;
 	bool names_per_owner; /* set before other threads use the index */
 	uint32_t upgraded_from; /* format upgraded at open (0: none); set once */
 	uint64_t upgraded_jobs;
@@ -49,6 +53,8 @@ struct index {
 	bool leader;
 	size_t active; /* writers seen at the end of the last commit */
 	uint64_t commits, writes;
+	size_t last_txnid; /* LMDB's at the last commit that wrote: a batch
+			      that changed nothing commits nothing (no sync) */
 };
 
 /* Run fn(ix, txn, arg) in a durable transaction shared with concurrent

@@ -517,6 +517,24 @@ static void test_group_commit(void)
 	      (unsigned long long)commits);
 }
 
+/* A write that changes nothing (a claim with no job queued, which idle
+ * workers make every second) makes no LMDB commit and is not counted as
+ * one: renderfs_index_commits_total counts syncs. */
+static void test_noop_writes_are_not_commits(void)
+{
+	struct index_stats before, after;
+	struct job j;
+
+	index_stats(ix, &before);
+	for (int i = 0; i < 20; i++)
+		CHECK(index_job_claim(ix, 7, &j) == STORE_E_NOTFOUND, "a job in an empty group");
+	index_stats(ix, &after);
+	CHECK(after.writes - before.writes == 20, "writes: %llu",
+	      (unsigned long long)(after.writes - before.writes));
+	CHECK(after.commits == before.commits, "%llu commits of nothing",
+	      (unsigned long long)(after.commits - before.commits));
+}
+
 /* The job whose output made a blob follows it into the inputs of later
  * jobs (the chain of a pipeline); it is forgotten when that job goes,
  * and records written before producers were kept still read. */
@@ -605,6 +623,7 @@ int main(void)
 	test_made_by();
 	test_queue_order();
 	test_group_commit();
+	test_noop_writes_are_not_commits();
 	test_cursor_100k();
 	index_close(ix);
 
