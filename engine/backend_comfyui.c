@@ -359,6 +359,8 @@ static int ws_watch(struct run *r, struct comfy_ws *w, const char *base, const c
 		if (!w->started)
 			snprintf(w->why, sizeof(w->why), "cannot start the progress watcher: %s",
 				 strerror(errno));
+		else
+			pthread_setname_np(w->th, "rfs-comfy-ws");
 	}
 	if (w->started && w->n < COMFY_WATCH_MAX)
 		for (size_t i = 0; i < COMFY_WATCH_MAX; i++)

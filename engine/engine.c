@@ -676,6 +676,16 @@ int engine_start(struct engine *e)
 			return -EAGAIN;
 		}
 		e->workers[i].started = true;
+		/* Names for top -H, ps -L and debuggers (15 bytes at most). */
+		char name[32];
+		if (e->workers[i].group == GROUP_CPU)
+			snprintf(name, sizeof(name), "rfs-cpu%u", (unsigned)(i % 10000));
+		else
+			snprintf(name, sizeof(name), "rfs-gpu%u-%u",
+				 (unsigned)(e->workers[i].group - GROUP_GPU0) % 100,
+				 (unsigned)(i % 1000));
+		name[15] = '\0'; /* the kernel's limit */
+		pthread_setname_np(e->workers[i].tid, name);
 	}
 	if (e->opt.workers && remote_start(e) != 0) {
 		engine_stop(e);
@@ -687,6 +697,7 @@ int engine_start(struct engine *e)
 			return -EAGAIN;
 		}
 		e->janitor_started = true;
+		pthread_setname_np(e->janitor, "rfs-janitor");
 	}
 	return 0;
 }

@@ -599,6 +599,7 @@ int http_loop_start(const struct http_deny *deny, struct http_loop **out)
 		free(l);
 		return -EAGAIN;
 	}
+	pthread_setname_np(l->thread, "rfs-http");
 	*out = l;
 	return 0;
 }

@@ -656,6 +656,9 @@ int remote_start(struct engine *e)
 		if (pthread_create(&m->threads[i], NULL, remote_main, e) != 0)
 			return -EAGAIN;
 		m->started[i] = true;
+		char name[32];
+		snprintf(name, sizeof(name), "rfs-remote%d", i % 100);
+		pthread_setname_np(m->threads[i], name);
 	}
 	return 0;
 }

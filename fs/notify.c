@@ -912,6 +912,7 @@ int notify_start(struct fsctx *fs, const char *mountpoint, struct notifier **out
 		return rc;
 	}
 	n->started = true;
+	pthread_setname_np(n->thread, "rfs-notify");
 	*out = n;
 	return 0;
 }

@@ -121,8 +121,26 @@ class WebSocket:
         except OSError:
             pass
 
-    def text(self, obj):
-        self.send(0x1, json.dumps(obj).encode())
+    def text(self, obj, fragments=1):
+        data = json.dumps(obj).encode()
+        if fragments == 1:
+            return self.send(0x1, data)
+        # A message in several frames: text, continuation..., the last FIN.
+        cut = len(data) // 2
+        for k, (op, part) in enumerate(((0x1, data[:cut]), (0x0, data[cut:]))):
+            fin = 0x80 if k == 1 else 0
+            try:
+                with self.lock:
+                    self.conn.sendall(bytes([fin | op, len(part)]) + part)
+            except OSError:
+                pass
+
+    def raw(self, data):
+        try:
+            with self.lock:
+                self.conn.sendall(data)
+        except OSError:
+            pass
 
     def read(self):
         """(opcode, payload), or (None, b"") at the end."""
@@ -178,6 +196,7 @@ class FakeComfy:
         self.ws_clients = []       # clientIds that connected, in order
         self.pongs = 0
         self.no_ws = False         # /ws is not there (an older proxy, say)
+        self.ws_hostile = False    # the first sockets break the protocol
         self.stop = False
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -280,7 +299,7 @@ class FakeComfy:
         if binary is not None:
             ws.send(0x2, binary)
         else:
-            ws.text(obj)
+            ws.text(obj, fragments=2 if self.ws_hostile else 1)
 
     def _finish(self, item):
         number, pid, prompt, extra, outs = item
@@ -430,6 +449,20 @@ class FakeComfy:
                 self.end_headers()
                 self.wfile.flush()
                 ws = WebSocket(self.connection, self.rfile)
+                n = len(fake.ws_clients)
+                if fake.ws_hostile and n < 3:
+                    with fake.lock:
+                        fake.ws_clients.append(sid)
+                    if n == 0:    # reserved bits no extension allows
+                        ws.raw(b"\xf1\x05hello")
+                    elif n == 1:  # a text frame claiming 2^62 bytes, then a hang-up
+                        ws.raw(b"\x81\x7f" + struct.pack(">Q", 1 << 62) + bytes(100000))
+                    else:         # a ping longer than a control frame may be
+                        ws.raw(b"\x89\x7e" + struct.pack(">H", 200) + bytes(200))
+                    time.sleep(0.2)
+                    ws.close()
+                    self.close_connection = True
+                    return
                 with fake.lock:
                     fake.sockets[sid] = ws
                     fake.ws_clients.append(sid)

@@ -218,3 +218,11 @@ def test_seventy_routes_are_all_counted(mount_factory, tmp_path):
     m.stop()
     m = mount_factory([f"models={models}"], store=m.store, name="again")
     assert all(os.stat(m.route(r)).st_nlink == empty + 1 for r in routes)
+
+
+def test_daemon_threads_are_named(mount_factory):
+    """top -H, ps -L and debuggers show what each thread is."""
+    m = mount_factory(["workers=2"])
+    task = f"/proc/{m.proc.pid}/task"
+    names = sorted(open(f"{task}/{t}/comm").read().strip() for t in os.listdir(task))
+    assert {"rfs-cpu0", "rfs-cpu1", "rfs-notify", "rfs-http", "rfs-remote0"} <= set(names), names
