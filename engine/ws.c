@@ -403,6 +403,8 @@ int ws_read(struct ws_conn *c, char *out, size_t cap, size_t *len, int wake, int
 				plen = 0;
 				for (int i = 0; i < 8; i++)
 					plen = plen << 8 | c->buf[2 + i];
+				if (plen >> 63)
+					return -EPROTO; /* the most significant bit must be 0 */
 				hlen = 10;
 			}
 			if (masked)
@@ -411,9 +413,10 @@ int ws_read(struct ws_conn *c, char *out, size_t cap, size_t *len, int wake, int
 				goto more;
 			if (op >= OP_CLOSE && (plen > 125 || !fin))
 				return -EPROTO;
-			if (hlen + plen > sizeof(c->buf) ||
+			/* Compared without sums that could wrap. */
+			if (plen > sizeof(c->buf) - hlen ||
 			    ((op == OP_TEXT || op == OP_CONT) && !c->skip_msg &&
-			     c->msg_len + plen + 1 > cap) ||
+			     (op == OP_TEXT ? plen >= cap : plen >= cap - c->msg_len)) ||
 			    op == OP_BINARY || (op == OP_CONT && c->skip_msg)) {
 				/* Not wanted, or too long: skipped. */
 				if (op == OP_TEXT || op == OP_BINARY || op == OP_CONT)

@@ -450,15 +450,17 @@ class FakeComfy:
                 self.wfile.flush()
                 ws = WebSocket(self.connection, self.rfile)
                 n = len(fake.ws_clients)
-                if fake.ws_hostile and n < 3:
+                if fake.ws_hostile and n < 4:
                     with fake.lock:
                         fake.ws_clients.append(sid)
                     if n == 0:    # reserved bits no extension allows
                         ws.raw(b"\xf1\x05hello")
                     elif n == 1:  # a text frame claiming 2^62 bytes, then a hang-up
                         ws.raw(b"\x81\x7f" + struct.pack(">Q", 1 << 62) + bytes(100000))
-                    else:         # a ping longer than a control frame may be
+                    elif n == 2:  # a ping longer than a control frame may be
                         ws.raw(b"\x89\x7e" + struct.pack(">H", 200) + bytes(200))
+                    else:         # a length with its top bit set (2^64 - 1)
+                        ws.raw(b"\x81\x7f" + b"\xff" * 8 + bytes(64))
                     time.sleep(0.2)
                     ws.close()
                     self.close_connection = True

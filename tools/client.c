@@ -197,8 +197,9 @@ static void refresh(struct wjob *j, bool tty, size_t njobs)
 	char p[PATH_MAX + 16], buf[64];
 
 	snprintf(p, sizeof(p), "%s/status", j->dir);
-	if (read_small(p, buf, sizeof(buf)) < 0) {
-		if (errno == ENOENT || !is_dir(j->dir))
+	ssize_t got = read_small(p, buf, sizeof(buf));
+	if (got < 0) {
+		if (got == -ENOENT || !is_dir(j->dir))
 			j->state = J_GONE;
 		return;
 	}
