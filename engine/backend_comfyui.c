@@ -789,6 +789,15 @@ static void new_id(char out[COMFY_ID_MAX])
 		 hex + 16, hex + 20);
 }
 
+/* a[i] when a is an array that long, else NULL: json-c's array calls
+ * assume an array, and a service's JSON is not trusted to hold one. */
+static json_object *item(json_object *a, size_t i)
+{
+	return json_object_is_type(a, json_type_array) && i < json_object_array_length(a)
+		       ? json_object_array_get_idx(a, i)
+		       : NULL;
+}
+
 /* v (a bound value, *v replaced when it is a string) with each cas:
  * input replaced by the name the server gave its upload. */
 static int uploaded_names(struct comfy_run *p, json_object **v)
@@ -1199,10 +1208,12 @@ static int on_ended(struct run *r, struct comfy_run *p, json_object *e)
 		/* messages: [["execution_error", {node_id, node_type,
 		 * exception_type, exception_message}], ...] */
 		json_object_object_get_ex(st, "messages", &msgs);
-		for (size_t i = 0; msgs && i < json_object_array_length(msgs); i++) {
-			json_object *m = json_object_array_get_idx(msgs, i);
-			const char *kind = json_object_get_string(json_object_array_get_idx(m, 0));
-			json_object *d = json_object_array_get_idx(m, 1);
+		json_object *m;
+		for (size_t i = 0; (m = item(msgs, i)) != NULL; i++) {
+			const char *kind = json_object_is_type(item(m, 0), json_type_string)
+					       ? json_object_get_string(item(m, 0))
+					       : NULL;
+			json_object *d = item(m, 1);
 			if (!kind || !json_object_is_type(d, json_type_object))
 				continue;
 			if (strcmp(kind, "execution_interrupted") == 0) {
@@ -1376,12 +1387,12 @@ static int on_history(struct run *r, struct comfy_run *p, const struct http_resp
  * queue_pending: [[number, prompt_id, ...], ...]): its number, or -1. */
 static bool queue_find(json_object *list, const char *id, double *number)
 {
-	for (size_t i = 0; list && i < json_object_array_length(list); i++) {
-		json_object *it = json_object_array_get_idx(list, i);
-		const char *pid = json_object_get_string(json_object_array_get_idx(it, 1));
-		if (pid && json_object_is_type(json_object_array_get_idx(it, 1), json_type_string) &&
+	json_object *it;
+	for (size_t i = 0; (it = item(list, i)) != NULL; i++) {
+		const char *pid = json_object_get_string(item(it, 1));
+		if (pid && json_object_is_type(item(it, 1), json_type_string) &&
 		    strcmp(pid, id) == 0) {
-			*number = json_object_get_double(json_object_array_get_idx(it, 0));
+			*number = json_object_get_double(item(it, 0));
 			return true;
 		}
 	}
@@ -1417,7 +1428,7 @@ static int on_queue(struct run *r, struct comfy_run *p, const struct http_respon
 		/* Ahead of it: what runs, and what is pending with a lower number. */
 		long ahead = (long)json_object_array_length(run);
 		for (size_t i = 0; i < json_object_array_length(pend); i++) {
-			json_object *n = json_object_array_get_idx(json_object_array_get_idx(pend, i), 0);
+			json_object *n = item(item(pend, i), 0);
 			if (json_object_get_double(n) < number)
 				ahead++;
 		}

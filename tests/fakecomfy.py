@@ -197,6 +197,7 @@ class FakeComfy:
         self.pongs = 0
         self.no_ws = False         # /ws is not there (an older proxy, say)
         self.ws_hostile = False    # the first sockets break the protocol
+        self.garbage = False       # queue and history hold values of the wrong types
         self.stop = False
         self.server = QuietServer(("127.0.0.1", 0), self._handler())
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -314,6 +315,9 @@ class FakeComfy:
                 ["execution_interrupted", {"prompt_id": pid, "node_id": "3",
                                            "node_type": "KSampler", "executed": ["4", "5"],
                                            "timestamp": 2}]]}
+        elif self.garbage:
+            status = {"status_str": "error", "completed": False,
+                      "messages": {"not": "a list"}}
         elif self.fail_node:
             nid, msg = self.fail_node
             status = {"status_str": "error", "completed": False, "messages": [
@@ -506,8 +510,12 @@ class FakeComfy:
                     with fake.lock:
                         fake.queue_gets += 1
                         running = [fake.running] if fake.running else []
+                        pending = list(fake.pending)
+                        if fake.garbage:
+                            running = [7, "x", {"a": 1}, [None]] + running
+                            pending = ["y", 3.5, [], [None, 5]] + pending
                         return self.answer(200, {"queue_running": running,
-                                                 "queue_pending": list(fake.pending)})
+                                                 "queue_pending": pending})
                 if path == "/view":
                     q = dict(urllib.parse.parse_qsl(url.query))
                     with fake.lock:

@@ -364,6 +364,21 @@ def test_comfyui_websocket_that_breaks_the_protocol(mount_factory, tmp_path, com
     assert m.wait(ROUTE, jid) == "complete", log_of(m, ROUTE, jid)
 
 
+def test_comfyui_answers_of_the_wrong_shape(mount_factory, tmp_path, comfy):
+    """A queue whose items are not lists and an error whose messages are
+    not a list: read as what they are (json-c's array calls would read an
+    object as an array), the job ends with a clear error."""
+    comfy.garbage, comfy.hold = True, True
+    m = mount_factory([models(tmp_path, {ROUTE: comfy.route()})])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    until(lambda: "is running" in log_of(m, ROUTE, jid), "the queue read")
+    comfy.release()
+    assert m.wait(ROUTE, jid) == "error", log_of(m, ROUTE, jid)
+    st = m.status(ROUTE, jid)
+    assert st["error"]["code"] == "backend_failed", st
+    assert "failed (no reason given)" in st["error"]["message"], st
+
+
 def test_comfyui_without_a_websocket_still_ends(mount_factory, tmp_path, comfy):
     """A server (or proxy) without /ws: no progress, said once in the log;
     completion comes from /history as always."""
