@@ -17,8 +17,8 @@
  *   PATH, HOME and TMPDIR (the scratch directory), LANG, and the route's
  *   `env`; nothing else of the daemon's environment (keys live there).
  * stderr lines go to the job's log, secrets masked (env values whose
- * names say KEY, TOKEN, SECRET or PASSWORD), at most EXEC_LOG_LINES lines
- * and each cut at INDEX_LOG_LINE_MAX; lines are written in batches (one
+ * names are a secret's by schema_is_secret: HF_TOKEN, API_KEY), at most
+ * EXEC_LOG_LINES lines and each cut at INDEX_LOG_LINE_MAX; lines are written in batches (one
  * durable write per EXEC_LOG_MS), never one write per line. stdout is
  * discarded.
  *
@@ -71,6 +71,7 @@
 #include "engine_i.h"
 #include "fileutil.h"
 #include "route.h"
+#include "schema.h"
 #include "service.h"
 
 extern const struct backend backend_exec;
@@ -158,16 +159,6 @@ static bool find_program(const char *name, char *out, size_t outlen)
 			return true;
 		p = *end ? end + 1 : end;
 	}
-	return false;
-}
-
-static bool secret_name(const char *k)
-{
-	static const char *const words[] = {"KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD"};
-
-	for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
-		if (strcasestr(k, words[i]))
-			return true;
 	return false;
 }
 
@@ -266,7 +257,7 @@ static int exec_configure(struct route *rt, json_object *settings, void **state,
 						 EXEC_ENV_MAX);
 			if (asprintf(&c->env[c->nenv], "%s=%s", k, json_object_get_string(val)) < 0)
 				return conf_fail(c, err, errlen, "out of memory");
-			if (secret_name(k) && json_object_get_string_len(val) >= 4)
+			if (schema_is_secret(k) && json_object_get_string_len(val) >= 4)
 				c->secrets[c->nsecrets++] = strchr(c->env[c->nenv], '=') + 1;
 			c->nenv++;
 		}

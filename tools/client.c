@@ -48,6 +48,8 @@
 
 #include <json-c/json.h>
 
+#include "fileutil.h"
+
 #define FUSE_SUPER_MAGIC 0x65735546
 #define CLIENT_INPUT_MAX (256u << 20) /* bytes of requests read at once */
 #define CLIENT_JOBS_MAX 4096	      /* jobs one command follows */
@@ -56,32 +58,6 @@
 static const char *prog = "renderctl";
 
 /* ---- small file helpers ---- */
-
-/* Read path into buf (cap bytes, NUL-terminated): length, or -errno. */
-static ssize_t read_small(const char *path, char *buf, size_t cap)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	size_t n = 0;
-
-	if (fd < 0)
-		return -errno;
-	while (n + 1 < cap) {
-		ssize_t k = read(fd, buf + n, cap - 1 - n);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k < 0) {
-			int e = errno;
-			close(fd);
-			return -e;
-		}
-		if (k == 0)
-			break;
-		n += (size_t)k;
-	}
-	buf[n] = '\0';
-	close(fd);
-	return (ssize_t)n;
-}
 
 static bool is_dir(const char *p)
 {
@@ -194,12 +170,13 @@ static void on_sigint(int sig)
 /* The job's status, progress and log, read again. */
 static void refresh(struct wjob *j, bool tty, size_t njobs)
 {
-	char p[PATH_MAX + 16], buf[64];
+	char p[PATH_MAX + 16], *buf;
+	size_t n;
+	int rc;
 
 	snprintf(p, sizeof(p), "%s/status", j->dir);
-	ssize_t got = read_small(p, buf, sizeof(buf));
-	if (got < 0) {
-		if (got == -ENOENT || !is_dir(j->dir))
+	if ((rc = file_read_small(p, 64, &buf, &n)) != 0) {
+		if (rc == -ENOENT || !is_dir(j->dir))
 			j->state = J_GONE;
 		return;
 	}
@@ -207,9 +184,12 @@ static void refresh(struct wjob *j, bool tty, size_t njobs)
 		   : strncmp(buf, "error", 5) == 0     ? J_ERROR
 		   : strncmp(buf, "cancelled", 9) == 0 ? J_CANCELLED
 						       : J_WAITING;
+	free(buf);
 	snprintf(p, sizeof(p), "%s/progress", j->dir);
-	if (read_small(p, buf, sizeof(buf)) > 0)
+	if (file_read_small(p, 64, &buf, &n) == 0) {
 		j->progress = strtod(buf, NULL);
+		free(buf);
+	}
 	snprintf(p, sizeof(p), "%s/log", j->dir);
 	int fd = open(p, O_RDONLY | O_CLOEXEC);
 	struct stat st;
@@ -336,6 +316,7 @@ static int report(const struct wjob *j)
 	char p[PATH_MAX + 16], *buf;
 	json_object *o = NULL, *v;
 	int code = CLIENT_EXIT_ERROR;
+	size_t n;
 
 	if (j->state == J_GONE) {
 		fprintf(stderr, "%s: %s: the job was deleted\n", prog, j->dir);
@@ -346,11 +327,10 @@ static int report(const struct wjob *j)
 		return CLIENT_EXIT_CANCELLED;
 	}
 	snprintf(p, sizeof(p), "%s/status.json", j->dir);
-	if (!(buf = malloc(1 << 20)))
-		return CLIENT_EXIT_ERROR;
-	if (read_small(p, buf, 1 << 20) > 0)
+	if (file_read_small(p, 1 << 20, &buf, &n) == 0) {
 		o = json_tokener_parse(buf);
-	free(buf);
+		free(buf);
+	}
 	if (j->state == J_COMPLETE) {
 		json_object *outs = NULL;
 		if (o && json_object_object_get_ex(o, "outputs", &outs) &&
@@ -822,12 +802,16 @@ static void age(time_t t, char *out, size_t len)
 /* One job's row from its status.json; false when it is gone. */
 static bool row(const char *dir, struct lrow *r)
 {
-	char p[PATH_MAX + 16], buf[65536];
+	char p[PATH_MAX + 16], *buf;
 	json_object *o, *v;
+	size_t n;
 
-	if (snprintf(p, sizeof(p), "%s/status.json", dir) >= (int)sizeof(p))
+	if (snprintf(p, sizeof(p), "%s/status.json", dir) >= (int)sizeof(p) ||
+	    file_read_small(p, 1 << 16, &buf, &n) != 0)
 		return false;
-	if (read_small(p, buf, sizeof(buf)) <= 0 || !(o = json_tokener_parse(buf)))
+	o = json_tokener_parse(buf);
+	free(buf);
+	if (!o)
 		return false;
 	if (json_object_object_get_ex(o, "id", &v))
 		snprintf(r->id, sizeof(r->id), "%s", json_object_get_string(v));
