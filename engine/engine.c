@@ -43,6 +43,7 @@
 #include "synth.h"
 
 #include "engine_p.h"
+#include "webhook.h"
 
 
 void engine_options_default(struct engine_options *o)
@@ -393,18 +394,41 @@ static int prepare(struct engine *e, const struct route *r, struct engine_submis
 			} else if (strcmp(k, "credentials") == 0) {
 				if ((rc = seal_credentials(e, r, s, val, c)) != 0)
 					return rc;
-			} else if (strcmp(k, "webhook") == 0 || strcmp(k, "webhook_events") == 0) {
-				return sub_fail(s, -EINVAL,
-						"'%s': webhook delivery is not available in this "
-						"version of renderfs",
-						k);
+			} else if (strcmp(k, "webhook") == 0) {
+				if (!json_object_is_type(val, json_type_string))
+					return sub_fail(s, -EINVAL, "'webhook' must be a URL string");
+				if (engine_webhook_url_check(json_object_get_string(val), err,
+							     sizeof(err)) != 0)
+					return sub_fail(s, -EINVAL, "%s", err);
+				c->webhook = json_object_get_string(val);
+			} else if (strcmp(k, "webhook_events") == 0) {
+				size_t n = json_object_is_type(val, json_type_array)
+						   ? json_object_array_length(val)
+						   : 0;
+				c->webhook_events = 0;
+				for (size_t i = 0; i < n; i++) {
+					json_object *ev = json_object_array_get_idx(val, i);
+					if (!json_object_is_type(ev, json_type_string) ||
+					    hook_events_parse(json_object_get_string(ev),
+							      &c->webhook_events) != 0)
+						n = 0;
+				}
+				if (!n || !c->webhook_events)
+					return sub_fail(s, -EINVAL,
+							"'webhook_events' must be a non-empty list of "
+							"\"start\", \"progress\", \"output\", "
+							"\"completed\"");
 			} else {
 				return sub_fail(s, -EINVAL,
 						"unknown envelope option '%s' (input, name, priority, "
-						"timeout_s, credentials)",
+						"timeout_s, credentials, webhook, webhook_events)",
 						k);
 			}
 		}
+		if (c->webhook_events && !c->webhook)
+			return sub_fail(s, -EINVAL, "'webhook_events' without a 'webhook' URL");
+		if (c->webhook && !c->webhook_events)
+			c->webhook_events = 1u << HOOK_COMPLETED; /* SPEC §13's default */
 		if (!json_object_is_type(input, json_type_object))
 			return sub_fail(s, -EINVAL, "'input' must be a JSON object");
 		if (c->name && named_seed(r, input, uid, c->name) != 0)
@@ -655,7 +679,7 @@ int engine_open(struct store *st, const struct engine_options *opt, struct engin
 			w->group = (uint8_t)g;
 			w->gpu = g >= GROUP_GPU0 ? g - GROUP_GPU0 : -1;
 		}
-	if ((rc = remote_open(e, err, errlen)) != 0) {
+	if ((rc = remote_open(e, err, errlen)) != 0 || (rc = webhooks_open(e, err, errlen)) != 0) {
 		engine_close(e);
 		return rc;
 	}
@@ -691,6 +715,10 @@ int engine_start(struct engine *e)
 		engine_stop(e);
 		return -EAGAIN;
 	}
+	if (webhooks_start(e) != 0) {
+		engine_stop(e);
+		return -EAGAIN;
+	}
 	if (e->opt.retain_ms) {
 		if (pthread_create(&e->janitor, NULL, engine_janitor_main, e) != 0) {
 			engine_stop(e);
@@ -712,6 +740,7 @@ void engine_stop(struct engine *e)
 	pthread_cond_broadcast(&e->work);
 	pthread_mutex_unlock(&e->mu);
 	remote_stop(e);
+	webhooks_stop(e);
 	for (size_t i = 0; i < e->nworkers; i++)
 		if (e->workers[i].started) {
 			pthread_join(e->workers[i].tid, NULL);
@@ -729,6 +758,7 @@ void engine_close(struct engine *e)
 		return;
 	engine_stop(e);
 	remote_close(e);
+	webhooks_close(e);
 	route_table_release(&e->routes);
 	free(e->workers);
 	pthread_mutex_destroy(&e->state_mu);

@@ -21,6 +21,7 @@
 #define RENDERFS_VERSION "0.1.0"
 #define ENGINE_VERSION "renderfs-" RENDERFS_VERSION
 #define ENGINE_ERR_MAX 512
+#define ENGINE_HOOK_RETRY_MAX 24
 
 struct engine_options {
 	int workers;		 /* CPU workers; -1: one per core; 0: run nothing */
@@ -37,6 +38,11 @@ struct engine_options {
 				    HTTP_DENY_DEFAULT, "": none) */
 	bool private_;		 /* `private`: a request may name (cas:) only blobs
 				    its owner can read */
+	/* Webhook retry schedule (SPEC §13): the delays after each failed
+	 * attempt; none: the spec's (5 s, 5 min, 30 min, 2 h, 5 h, 10 h,
+	 * 14 h, 20 h, 24 h). */
+	uint64_t webhook_retry_ms[ENGINE_HOOK_RETRY_MAX];
+	size_t webhook_retries;
 	bool memo_per_owner;	 /* reuse only outputs of the same uid's jobs
 				    (`private`: a hit would tell of another
 				    user's job) */
@@ -131,5 +137,19 @@ int engine_stats_text(struct engine *e, char **out, size_t *len);
 
 /* Format ms since the epoch as RFC 3339 UTC with milliseconds. */
 void engine_time_format(uint64_t ms, char out[32]);
+
+/* ---- webhooks (SPEC §13; webhook.c) ---- */
+
+/* 0, or -EINVAL with err saying what is wrong with a request's webhook. */
+int engine_webhook_url_check(const char *url, char *err, size_t errlen);
+/* webhook.pub ("whpk_<base64>\n") and uid's webhook.secret ("whsec_..."),
+ * made on first use: malloc'ed text. */
+int engine_webhook_pub(struct engine *e, char **out, size_t *len);
+int engine_webhook_secret(struct engine *e, uint32_t uid, char **out, size_t *len);
+/* A job's `webhooks` file: each delivery and its attempts. */
+int engine_webhooks_text(struct engine *e, const struct job *j, char **out, size_t *len);
+/* `redeliver` (ctl): the job's given-up and gone deliveries go again;
+ * -EALREADY when it has none. */
+int engine_redeliver(struct engine *e, const uint8_t id[JOB_ID_LEN]);
 
 #endif

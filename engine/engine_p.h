@@ -91,6 +91,7 @@ struct engine {
 	uint64_t submitted, rejected, memo_hits, retries, breaker_returns;
 
 	struct remote *remote; /* remote.c */
+	struct webhooks *hooks; /* webhook.c */
 };
 
 /* engine.c */

@@ -3,6 +3,7 @@
  * the engine's counters and latency histograms (stats_mu).
  */
 #include "engine_p.h"
+#include "webhook.h"
 
 #include <errno.h>
 #include <math.h>
@@ -145,6 +146,7 @@ int engine_stats_text(struct engine *e, char **out, size_t *len)
 		tb_printf(&b, "renderfs_workers_busy{group=\"%s\"} %u\n", name, busy[g]);
 	}
 	remote_stats(e, &b);
+	webhooks_stats(e, &b);
 	histo(&b, "renderfs_job_queue_wait_seconds", "Time from submission to start.", &hw);
 	histo(&b, "renderfs_job_run_seconds", "Time from start to a final state.", &hr);
 	histo(&b, "renderfs_job_latency_seconds", "Time from submission to a final state.", &he);

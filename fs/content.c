@@ -32,7 +32,7 @@
 
 static const char *const jf_names[JF_COUNT] = {
 	"request.json", "status", "progress", "position", "log", "error", "status.json",
-	NULL,		NULL,	  "manifest.json", "manifest.json.minisig", "ctl", "result.json",
+	NULL,		NULL,	  "manifest.json", "manifest.json.minisig", "ctl", "result.json", "webhooks",
 };
 
 const char *jf_name(const struct job *j, enum job_file f, char *buf, size_t len)
@@ -53,6 +53,8 @@ bool jf_present(const struct job *j, enum job_file f)
 			 * before `complete` (SPEC §3: it exists before status
 			 * says complete) */
 		return (j->flags & JOB_F_HAS_OUTPUT) != 0;
+	case JF_WEBHOOKS:
+		return (j->flags & JOB_F_WEBHOOK) != 0;
 	case JF_RESULT: /* the service's result, once the job is complete */
 		return j->status == JOB_COMPLETE && (j->flags & JOB_F_RESULT);
 	case JF_OUTPUTSIG: /* stays listed after the output is unlinked, so that
@@ -187,6 +189,8 @@ int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out
 		free(text);
 		return rc;
 	}
+	case JF_WEBHOOKS:
+		return engine_webhooks_text(fs->eng, j, out, len);
 	case JF_OUTPUT:
 	case JF_LOG:
 	case JF_COUNT:
@@ -358,8 +362,10 @@ static int render_readme(struct fsctx *fs, char **out, size_t *len)
 		      "read id <&3\n"
 		      "Each job is a directory <route>/<id>/ with status, progress, position, log,\n"
 		      "error, status.json, request.json, and once complete output.<ext>,\n"
-		      "output.<ext>.minisig and manifest.json. Write 'cancel', 'retry' or\n"
-		      "'priority low|normal|high' to its ctl file; rm -r the directory to delete it.\n"
+		      "output.<ext>.minisig and manifest.json. Write 'cancel', 'retry',\n"
+		      "'redeliver' or 'priority low|normal|high' to its ctl file; rm -r the\n"
+		      "directory to delete it. A request's \"webhook\" gets its changes as Standard\n"
+		      "Webhooks signed with webhook.pub (v1a) and your webhook.secret (v1).\n"
 		      "jobs/ links every job you can see. Verify an output offline:\n"
 		      "  minisign -Vm output.mp4 -p render.pub\n"
 		      "\n"
@@ -463,7 +469,7 @@ static int stats_render(struct fsctx *fs, char **out, size_t *len)
 	return 0;
 }
 
-int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len)
+int static_render(struct fsctx *fs, enum static_node n, uint32_t uid, char **out, size_t *len)
 {
 	const struct route_table *t = engine_routes(fs->eng);
 	struct sign_pubkey pk;
@@ -482,6 +488,10 @@ int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len)
 		if ((rc = sign_pubkey_format(&pk, buf, sizeof(buf))) < 0)
 			return rc;
 		return dup_text(out, len, "%s", buf);
+	case SN_HOOKPUB:
+		return engine_webhook_pub(fs->eng, out, len);
+	case SN_HOOKSECRET:
+		return engine_webhook_secret(fs->eng, uid, out, len);
 	default:
 		return -EINVAL;
 	}

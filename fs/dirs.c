@@ -265,7 +265,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		for (int n = 1; n < SN_COUNT; n++) {
 			names[nfixed] = static_names[n];
 			inos[nfixed] = INO(NK_STATIC, 0, n);
-			types[nfixed++] = n >= SN_KEYS ? S_IFDIR : S_IFREG;
+			types[nfixed++] = n == SN_KEYS || n == SN_JOBS || n == SN_CAS ? S_IFDIR : S_IFREG;
 		}
 		break;
 	case NK_RDIR:

@@ -170,7 +170,7 @@ void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		break;
 	}
 	case NK_STATIC:
-		rc = static_render(fs, (enum static_node)INO_LOW48(ino), &h->buf, &h->len);
+		rc = static_render(fs, (enum static_node)INO_LOW48(ino), c->uid, &h->buf, &h->len);
 		break;
 	case NK_KEY:
 		rc = key_render(fs, INO_LOW56(ino), &h->buf, &h->len);
@@ -332,6 +332,8 @@ static int ctl_command(struct fsctx *fs, const uint8_t id[JOB_ID_LEN], const cha
 		return engine_cancel(fs->eng, id);
 	if (strcmp(line, "retry") == 0)
 		return engine_retry(fs->eng, id);
+	if (strcmp(line, "redeliver") == 0)
+		return engine_redeliver(fs->eng, id);
 	if (strncmp(line, "priority ", 9) == 0) {
 		if (job_priority_parse(line + 9, &p) != 0)
 			return -EINVAL;

@@ -51,6 +51,8 @@ enum static_node {
 	SN_KEYS,
 	SN_JOBS,
 	SN_CAS,
+	SN_HOOKPUB,    /* webhook.pub (SPEC §13) */
+	SN_HOOKSECRET, /* webhook.secret: the caller's own */
 	SN_COUNT,
 };
 
@@ -69,6 +71,7 @@ enum job_file {
 	JF_MANIFESTSIG,
 	JF_CTL,
 	JF_RESULT,
+	JF_WEBHOOKS, /* jobs with a webhook: its deliveries and attempts */
 	JF_COUNT,
 };
 
@@ -192,7 +195,8 @@ int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out
 /* Sizes without the cost of the content where a formula exists. */
 int jf_size(struct fsctx *fs, const struct job *j, enum job_file f, uint64_t *size);
 /* README, models.json, stats, render.pub; keys/<ID>.pub. */
-int static_render(struct fsctx *fs, enum static_node n, char **out, size_t *len);
+/* uid: the caller's (webhook.secret is theirs). */
+int static_render(struct fsctx *fs, enum static_node n, uint32_t uid, char **out, size_t *len);
 int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len);
 /* The key id of a keys/ file name "<16 HEX>.pub"; -ENOENT for others. */
 int key_file_id(const char *name, uint64_t *id);

@@ -249,7 +249,17 @@ int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
 		}
 		if (n == 0 || n >= SN_COUNT)
 			return -ENOENT;
-		if ((rc = static_render(fs, (enum static_node)n, &text, &len)) != 0)
+		if (n == SN_HOOKSECRET) {
+			/* The caller's own, readable by the caller alone; its
+			 * size is known without making it ("whsec_", 44
+			 * characters of base64, "\n"). */
+			attr_base(fs, st, ino, S_IFREG | 0400, fs->mount_ms);
+			st->st_uid = fuse_req_ctx(req)->uid;
+			st->st_gid = fuse_req_ctx(req)->gid;
+			size_attr(st, 6 + 44 + 1);
+			return 0;
+		}
+		if ((rc = static_render(fs, (enum static_node)n, 0, &text, &len)) != 0)
 			return rc;
 		free(text);
 		attr_base(fs, st, ino, S_IFREG | 0444, n == SN_STATS ? now_ms() : fs->mount_ms);
@@ -352,7 +362,9 @@ double attr_timeout(struct fsctx *fs, uint64_t ino)
 	case NK_KEY:
 		return STATIC_TIMEOUT;
 	case NK_STATIC:
-		return INO_LOW48(ino) == SN_STATS ? 0.0 : STATIC_TIMEOUT;
+		/* stats changes at every read; webhook.secret is each caller's. */
+		return INO_LOW48(ino) == SN_STATS || INO_LOW48(ino) == SN_HOOKSECRET ? 0.0
+										     : STATIC_TIMEOUT;
 	case NK_JOB:
 	case NK_JLINK:
 		return fs->notifier && !fs->private_ ? JOB_ENTRY_TIMEOUT : 0.0;
@@ -360,7 +372,8 @@ double attr_timeout(struct fsctx *fs, uint64_t ino)
 		if (INO_SUB(ino) == JF_OUTPUT ||
 		    (INO_SUB(ino) >= JF_EXTRA0 && (INO_SUB(ino) - JF_EXTRA0) % 2 == 0))
 			return 3600.0;
-		return fs->notifier && INO_SUB(ino) != JF_POSITION && INO_SUB(ino) != JF_ERROR
+		return fs->notifier && INO_SUB(ino) != JF_POSITION && INO_SUB(ino) != JF_ERROR &&
+				       INO_SUB(ino) != JF_WEBHOOKS
 			       ? JOB_ENTRY_TIMEOUT
 			       : 0.0;
 	default:
@@ -390,6 +403,7 @@ void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino)
 
 const char *const static_names[SN_COUNT] = {
 	NULL, "README", "models.json", "stats", "render.pub", "keys", "jobs", "cas",
+	"webhook.pub", "webhook.secret",
 };
 
 int lookup_job(struct fsctx *fs, fuse_req_t req, const char *route, const char *name,

@@ -37,6 +37,7 @@ static const struct fuse_opt table[] = {
 	OPT("retain=%s", retain),
 	OPT("keyfile=%s", keyfile),
 	OPT("deny_net=%s", deny_net),
+	OPT("webhook_retry=%s", webhook_retry),
 	OPT("private", private_),
 	OPT("nonotify", nonotify),
 	OPT("passthrough", passthrough),
@@ -93,6 +94,8 @@ void mountopts_help(FILE *out, const char *prog)
 		"    deny_net=CIDR+CIDR   addresses no service request or download may go to,\n"
 		"                         '+'-separated, empty for none (default:\n"
 		"                         169.254.0.0/16+fe80::/10: link-local, cloud metadata)\n"
+		"    webhook_retry=D+D+.. delays between webhook attempts, '+'-separated\n"
+		"                         (default: 5s+5m+30m+2h+5h+10h+14h+20h+24h)\n"
 		"    private              jobs visible to their owner only; modes 0700/0600\n"
 		"    keyfile=FILE         sign with this minisign secret key (default: the\n"
 		"                         store's own keys/)\n"
@@ -336,6 +339,30 @@ int mountopts_parse(struct fuse_args *args, struct mountopts *mo, char *err, siz
 		http_deny_free(d);
 		eo->deny_net = mo->deny_net;
 	}
+	if (mo->webhook_retry) {
+		char *copy = strdup(mo->webhook_retry), *save = NULL;
+		size_t n = 0;
+
+		if (!copy)
+			return -ENOMEM;
+		rc = 0;
+		for (char *t = strtok_r(copy, "+", &save); t && rc == 0;
+		     t = strtok_r(NULL, "+", &save)) {
+			if (n == ENGINE_HOOK_RETRY_MAX || mountopts_duration(t, &v) != 0 || v == 0)
+				rc = -EINVAL;
+			else
+				eo->webhook_retry_ms[n++] = v;
+		}
+		free(copy);
+		if (rc || n == 0) {
+			snprintf(err, errlen,
+				 "option 'webhook_retry=%s': must be 1 to %d durations such as 5s, "
+				 "5m or 2h, '+'-separated",
+				 mo->webhook_retry, ENGINE_HOOK_RETRY_MAX);
+			return -EINVAL;
+		}
+		eo->webhook_retries = n;
+	}
 	/* FUSE parses the mountpoint itself (with -f, -d, ...). */
 	if (fuse_opt_add_arg(args, mo->mountpoint) != 0)
 		return -ENOMEM;
@@ -347,6 +374,7 @@ void mountopts_release(struct mountopts *mo)
 	char **strs[] = {&mo->store,	    &mo->models,      &mo->workers,	 &mo->gpus,
 			 &mo->queue_max,    &mo->user_queue_max, &mo->rate,	 &mo->burst,
 			 &mo->max_request,  &mo->max_attempts, &mo->retain,	 &mo->keyfile, &mo->deny_net,
+			 &mo->webhook_retry,
 			 &mo->buffer_max_s, &mo->user_buffer_max_s,
 			 &mo->source,	    &mo->mountpoint};
 

@@ -16,7 +16,7 @@ struct mountopts {
 	/* Raw values from the table (fuse_opt fills these; freed by
 	 * mountopts_release()). */
 	char *store, *models, *workers, *gpus, *queue_max, *user_queue_max, *rate, *burst;
-	char *max_request, *max_attempts, *retain, *keyfile, *deny_net;
+	char *max_request, *max_attempts, *retain, *keyfile, *deny_net, *webhook_retry;
 	char *buffer_max_s, *user_buffer_max_s;
 	int private_, nonotify, passthrough;
 	int show_help, show_version;

@@ -721,7 +721,8 @@ static void check_keys(struct fsck *f, MDB_txn *txn)
 			if (sign_seckey_load(path, &sk) != 0)
 				problem(f, "%s", store_lasterr());
 			sign_seckey_wipe(&sk);
-		} else if (strcmp(de->d_name, "credentials.seal") == 0) {
+		} else if (strcmp(de->d_name, "credentials.seal") == 0 ||
+			   strcmp(de->d_name, "webhook.seed") == 0) {
 			struct stat sb;
 			snprintf(path, sizeof(path), "%s/keys/%s", f->dir, de->d_name);
 			if (lstat(path, &sb) != 0 || !S_ISREG(sb.st_mode) || sb.st_size != 32 ||

@@ -234,6 +234,12 @@ static const struct dbdef dbdefs[] = {
 	{"extras", offsetof(struct index, extras), 0},
 	{"results", offsetof(struct index, results), 0},
 	{"made", offsetof(struct index, made), 0},
+	{"hooks", offsetof(struct index, hooks), 0},
+	{"deliveries", offsetof(struct index, deliveries), 0},
+	{"hookdue", offsetof(struct index, hookdue), 0},
+	{"jobhooks", offsetof(struct index, jobhooks), SET_FLAGS},
+	{"hookatt", offsetof(struct index, hookatt), 0},
+	{"usersecrets", offsetof(struct index, usersecrets), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -626,6 +632,11 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 		/* The batch's writers return soon; those queued already wait. */
 		ix->active = (size_t)n + ix->wq_len;
 		ix->leader = false;
+		if (ix->hook_added) {
+			ix->hook_added = false;
+			if (ix->hook_wake)
+				ix->hook_wake(ix->hook_wake_arg); /* does not block */
+		}
 		pthread_cond_broadcast(&ix->wcond);
 	}
 	pthread_mutex_unlock(&ix->wmu);

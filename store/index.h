@@ -74,6 +74,17 @@
  *   digests  request digest (32) -> id (16) of a complete job
  *   logs     id (16) | byte offset of the line (8) -> line bytes
  *   blobs    BLAKE3 (32) -> blob record (below)
+ *   hooks    id (16) -> a job's webhook (SPEC §13): events (1, bit per
+ *            enum hook_event), time of the last progress delivery (8 LE),
+ *            the URL
+ *   deliveries  webhook-id (16, a ULID) -> delivery record (below)
+ *   hookdue  next attempt ms (8) | webhook-id (16) -> empty: pending
+ *            deliveries in the order they are due
+ *   jobhooks set: job id (16) -> webhook-id (16): a job's deliveries
+ *   hookatt  webhook-id (16) | n (2, BE) -> attempt n: at ms (8 LE),
+ *            duration ms (4 LE), HTTP status (2 LE, 0: no answer), what
+ *            happened in words (the last HOOK_ATTEMPTS_KEPT are kept)
+ *   usersecrets uid (4) -> the owner's webhook secret, sealed (store_seal)
  *
  * The request digest (index_request_digest()) is not stored with the job:
  * it is computed from the route and the stored request (and the owner,
@@ -118,7 +129,29 @@
  * way. Mounted shared after a private mount, a name several owners hold
  * resolves to the lowest uid's job (index_name_lookup()).
  *
- * FORMAT 12 had no made (input records had no producers); FORMAT 11 had no extras or results; FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
+ * DELIVERY RECORD (value in "deliveries"):
+ *   0      4    magic "RW1\0"
+ *   4      1    state (enum hook_state)
+ *   5      1    event (enum hook_event)
+ *   6      2    attempts in all (LE)
+ *   8      2    attempts in the current schedule (LE; redeliver resets it)
+ *   10     2    HTTP status of the last attempt (LE; 0: none, no answer)
+ *   12     4    owner uid (LE)
+ *   16     16   job id
+ *   32     8    event time, ms
+ *   40     8    next attempt, ms (pending only)
+ *   48     2    URL length (LE)
+ *   50     4    snapshot length (LE)
+ *   54     ...  URL, then the job record as the change left it (what
+ *               the delivery's body says, whatever happens to the job
+ *               later)
+ *   end-8  8    checksum, as in job records
+ * A delivery is written in the transaction of the job change it reports
+ * (index_put_job); it outlives its job while it is pending, and goes
+ * with it once it has ended.
+ *
+ * FORMAT 13 had no webhooks (hooks, deliveries, hookdue, jobhooks,
+ * hookatt, usersecrets); FORMAT 12 had no made (input records had no producers); FORMAT 11 had no extras or results; FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
  * migrations[]), each rebuilding what it adds from the job records, all
@@ -155,7 +188,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 13
+#define INDEX_FORMAT_VERSION 14
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_LOG_LINE_MAX 16384 /* bytes of one log line, without its newline */
 #define INDEX_STATUSES 5 /* enum job_status values */
@@ -189,6 +222,7 @@ enum {
 	JOB_F_DELAYED = 16,	   /* queued, waiting in "delayed" until `round` (ms) */
 	JOB_F_EXTRAS = 32,	   /* has outputs after the first (extras) */
 	JOB_F_RESULT = 64,	   /* has a result.json (results) */
+	JOB_F_WEBHOOK = 128,	   /* its changes are delivered to a webhook (hooks) */
 };
 
 const char *job_status_name(enum job_status s);
@@ -283,6 +317,8 @@ struct job_create {
 	size_t sealed_len;
 	const struct job_input *inputs; /* blobs the request names (inputs) */
 	size_t ninputs;
+	const char *webhook;	/* URL changes are delivered to (hooks), or NULL */
+	uint8_t webhook_events; /* bit per enum hook_event */
 };
 
 /*
@@ -555,6 +591,98 @@ struct index_stats {
 	uint64_t blobs;
 };
 int index_stats(struct index *ix, struct index_stats *s);
+
+/* ---- webhooks (SPEC §13) ---- */
+
+#define INDEX_HOOK_URL_MAX 2048
+#define HOOK_ATTEMPTS_KEPT 64  /* attempt records kept per delivery */
+#define HOOK_MSG_MAX 200       /* bytes of an attempt's words */
+
+enum hook_event {
+	HOOK_START = 0,	/* the job started running (each attempt) */
+	HOOK_PROGRESS = 1, /* its progress moved (at most one per 2 s) */
+	HOOK_OUTPUT = 2,   /* its output is there */
+	HOOK_COMPLETED = 3, /* it reached a final state */
+	HOOK_EVENTS = 4,
+};
+enum hook_state {
+	HOOK_PENDING = 0,
+	HOOK_DELIVERED = 1, /* a 2xx answer */
+	HOOK_GONE = 2,	    /* 410: the receiver wants no more */
+	HOOK_GIVEN_UP = 3,  /* the schedule ran out */
+};
+const char *hook_event_name(enum hook_event ev);
+const char *hook_state_name(enum hook_state st);
+/* "start,progress" -> mask; -EINVAL for an unknown name. */
+int hook_events_parse(const char *name, uint8_t *mask);
+
+struct hook_delivery {
+	uint8_t id[JOB_ID_LEN]; /* the webhook-id's ULID */
+	uint8_t job[JOB_ID_LEN];
+	enum hook_event event;
+	enum hook_state state;
+	uint16_t attempts, tries, last_status;
+	uint32_t uid;
+	uint64_t event_ms, next_ms;
+	char url[INDEX_HOOK_URL_MAX + 1];
+	struct job snap; /* the job as the change left it */
+};
+void hook_delivery_release(struct hook_delivery *d);
+
+struct hook_attempt {
+	uint64_t at_ms;
+	uint32_t ms;	 /* how long it took */
+	uint16_t status; /* HTTP status; 0: no answer */
+	char msg[HOOK_MSG_MAX + 1];
+};
+
+/*
+ * Pending deliveries due at now_ms, in due order, leaving out the nskip
+ * ids of skip (those in flight): at most max into ids, *n of them;
+ * *next_ms: when the first pending one not taken is due (0: none).
+ */
+int index_hook_due(struct index *ix, uint64_t now_ms, const uint8_t (*skip)[JOB_ID_LEN],
+		   size_t nskip, size_t max, uint8_t (*ids)[JOB_ID_LEN], size_t *n,
+		   uint64_t *next_ms);
+/* A delivery; STORE_E_NOTFOUND if there is none. Release with
+ * hook_delivery_release(). */
+int index_hook_get(struct index *ix, const uint8_t id[JOB_ID_LEN], struct hook_delivery *out);
+/*
+ * Record an attempt of a pending delivery and what follows it: state
+ * HOOK_PENDING with the next attempt at next_ms, or an end. A delivery
+ * whose job is gone goes once it ends. STORE_E_STATE if it is not pending.
+ */
+int index_hook_attempt(struct index *ix, const uint8_t id[JOB_ID_LEN],
+		       const struct hook_attempt *a, enum hook_state state, uint64_t next_ms);
+/* A job's deliveries in order: after `after` (NULL: from the first), at
+ * most max, *n of them. */
+int index_hook_list(struct index *ix, const uint8_t job[JOB_ID_LEN], const uint8_t *after,
+		    size_t max, uint8_t (*ids)[JOB_ID_LEN], size_t *n);
+/* A delivery's attempt records kept, oldest first: at most max, *n. */
+int index_hook_attempts(struct index *ix, const uint8_t id[JOB_ID_LEN], struct hook_attempt *out,
+			size_t max, size_t *n);
+/* The job's given-up and gone deliveries pending again, due at now_ms
+ * with a new schedule: *n of them. */
+int index_hook_redeliver(struct index *ix, const uint8_t job[JOB_ID_LEN], uint64_t now_ms,
+			 uint64_t *n);
+/* Pending deliveries in all (the backlog). */
+int index_hook_backlog(struct index *ix, uint64_t *n);
+/* The job's webhook URL and events; STORE_E_NOTFOUND if it has none. */
+int index_hook_of(struct index *ix, const uint8_t job[JOB_ID_LEN], char url[INDEX_HOOK_URL_MAX + 1],
+		  uint8_t *events);
+/*
+ * Owner uid's sealed webhook secret: get (STORE_E_NOTFOUND: none yet;
+ * *out malloc'ed), or put if there is none yet (*existed then: another
+ * was put first, which the caller reads back).
+ */
+int index_user_secret_get(struct index *ix, uint32_t uid, void **out, size_t *len);
+int index_user_secret_put(struct index *ix, uint32_t uid, const void *sealed, size_t len,
+			  bool *existed);
+/*
+ * fn(arg) after each commit that added a delivery, by the committing
+ * thread: it must not block. Set once, before other threads use the index.
+ */
+void index_set_hook_wake(struct index *ix, void (*fn)(void *), void *arg);
 
 /* ---- ULIDs ---- */
 

@@ -28,7 +28,8 @@ struct index_wop {
 struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
-		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results, made;
+		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results, made,
+		hooks, deliveries, hookdue, jobhooks, hookatt, usersecrets;
 	char dir[4096];
 	bool read_only;
 	/* LMDB tripped one of its assertions in a write (a damaged file):
@@ -53,6 +54,12 @@ struct index {
 	bool leader;
 	size_t active; /* writers seen at the end of the last commit */
 	uint64_t commits, writes;
+	/* A write added a delivery (set in a transaction, under wmu's batch;
+	 * read and cleared by the leader after its commit); hook_wake is set
+	 * once before threads share the index. */
+	bool hook_added;
+	void (*hook_wake)(void *);
+	void *hook_wake_arg;
 	size_t last_txnid; /* LMDB's at the last commit that wrote: a batch
 			      that changed nothing commits nothing (no sync) */
 };
@@ -80,6 +87,18 @@ int index_lmdb_err(struct index *ix, int rc, const char *what);
 
 int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], struct job *j);
 int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j);
+/* Decode a job record value (index_get_job's decoder). */
+int index_decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
+		     struct job *j);
+/* index_hooks.c: the deliveries a job change makes (index_put_job, for a
+ * job with JOB_F_WEBHOOK): old status (-1: new job), flags and progress,
+ * and the new record's bytes. */
+int index_hooks_on_put(struct index *ix, MDB_txn *txn, const struct job *j, int old_status,
+		       uint8_t old_flags, uint16_t old_progress, const uint8_t *rec, size_t len);
+/* index_hooks.c: a job's webhook (at creation) and its end (at delete). */
+int index_hooks_create(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN],
+		       const char *url, uint8_t events);
+int index_hooks_delete(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN]);
 
 /* Set databases: add an item under key (present already: 0), remove it
  * (absent: STORE_E_NOTFOUND), or test for it. */

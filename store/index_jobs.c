@@ -215,6 +215,8 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 	j.timeout_ms = c->timeout_ms;
 	j.route = (char *)c->route;
 	j.name = (char *)(c->name ? c->name : "");
+	if (c->webhook && *c->webhook)
+		j.flags |= JOB_F_WEBHOOK;
 	if ((rc = index_enqueue(ix, txn, &j)) != 0)
 		goto out;
 	if ((rc = index_put_job(ix, txn, &j)) != 0)
@@ -233,6 +235,9 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 			goto lmdb;
 	}
 	if (c->ninputs && (rc = put_inputs(ix, txn, &j, c)) != 0)
+		goto out;
+	if ((j.flags & JOB_F_WEBHOOK) &&
+	    (rc = index_hooks_create(ix, txn, j.id, c->webhook, c->webhook_events)) != 0)
 		goto out;
 	if ((rc = index_job_entries(ix, txn, &j, true)) != 0)
 		goto out;

@@ -217,6 +217,8 @@ static const struct migration {
 	{10, NULL}, /* inputs: the blobs a request names (cas:<hex>) */
 	{11, NULL}, /* extras and results: outputs after the first, result.json */
 	{12, NULL}, /* made: the job whose output made a blob (older blobs: unknown) */
+	{13, NULL}, /* webhooks: hooks, deliveries, hookdue, jobhooks, hookatt,
+		       usersecrets (older jobs have none) */
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

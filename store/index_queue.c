@@ -745,6 +745,8 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 	    (rc = del_key(ix, txn, ix->remote, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = index_job_entries(ix, txn, &j, false)) != 0)
 		goto out;
+	if ((j.flags & JOB_F_WEBHOOK) && (rc = index_hooks_delete(ix, txn, j.id)) != 0)
+		goto out;
 	if (j.name[0]) {
 		size_t kl = index_name_key(j.route, j.name, j.uid, key);
 		if (kl && (rc = del_key(ix, txn, ix->names, key, kl)) != 0)

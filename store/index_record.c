@@ -64,7 +64,7 @@ damaged:
 
 /* Decode a job record: RJ3, RJ2 (without backend and model), or RJ1
  * (read when upgrading). */
-static int decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
+int index_decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
 		      struct job *j)
 {
 	const uint8_t *p = v->mv_data, *end = p + v->mv_size, *out;
@@ -207,12 +207,22 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 		return index_lmdb_err(ix, rc, "read job");
 	}
 	int old = rc == 0 && v.mv_size > 4 ? ((const uint8_t *)v.mv_data)[4] : -1;
+	const uint8_t *ov = rc == 0 && v.mv_size >= RECORD_FIXED ? v.mv_data : NULL;
+	uint8_t old_flags = ov ? ov[7] : 0;
+	uint16_t old_progress = ov ? (uint16_t)(ov[20] | ov[21] << 8) : 0;
 	v.mv_size = total;
 	v.mv_data = buf;
 	rc = mdb_put(txn, ix->jobs, &k, &v, 0);
-	free(buf);
-	if (rc)
-		return index_lmdb_err(ix, rc, "write job");
+	if (rc == 0 && (j->flags & JOB_F_WEBHOOK)) {
+		rc = index_hooks_on_put(ix, txn, j, old, old_flags, old_progress, buf, total);
+		free(buf);
+		if (rc)
+			return rc;
+	} else {
+		free(buf);
+		if (rc)
+			return index_lmdb_err(ix, rc, "write job");
+	}
 	if (old == (int)j->status)
 		return 0;
 	if (j->status >= JOB_COMPLETE) {
@@ -278,7 +288,7 @@ int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], 
 
 	if (rc)
 		return index_lmdb_err(ix, rc, "read job");
-	return decode_job(ix, id, &v, j);
+	return index_decode_job(ix, id, &v, j);
 }
 
 /* ---- blob records ---- */

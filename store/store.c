@@ -286,6 +286,7 @@ void store_close(struct store *st)
 		close(st->lock_fd);
 	sign_seckey_wipe(&st->sk);
 	explicit_bzero(st->seal_key, sizeof(st->seal_key));
+	explicit_bzero(st->hook_sk, sizeof(st->hook_sk));
 	pthread_mutex_destroy(&st->blob_mu);
 	cv_cache_release(st);
 	pthread_mutex_destroy(&st->cv_mu);

@@ -185,6 +185,13 @@ int store_unseal(struct store *st, const void *sealed, size_t len, uint8_t **out
 		 size_t *outlen);
 void store_unsealed_free(uint8_t *p);
 
+/* The store's webhook key (SPEC §13, v1a): its Ed25519 public key, and a
+ * signature of msg. -EROFS for a read-only store that never made one. */
+int store_webhook_pubkey(struct store *st, uint8_t pk[32]);
+int store_webhook_sign(struct store *st, const void *msg, size_t len, uint8_t sig[64]);
+/* Owner uid's webhook secret (v1, HMAC-SHA256), made on first use. */
+int store_user_secret(struct store *st, uint32_t uid, uint8_t secret[32]);
+
 /* ---- statistics ---- */
 
 struct store_stats {

@@ -37,6 +37,8 @@ struct store {
 	/* seal.c: keys/credentials.seal, read or made at open, read-only after. */
 	uint8_t seal_key[32];
 	bool have_seal_key;
+	uint8_t hook_pk[32], hook_sk[64]; /* webhook key (keys/webhook.seed) */
+	bool have_hook_key;
 
 	atomic_uint_fast64_t blobs_written, dedup_hits, integrity_failures, bytes_written;
 
