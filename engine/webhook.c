@@ -83,6 +83,11 @@ struct webhooks {
 	struct slot *answered; /* answers to record */
 
 	_Atomic uint64_t delivered, failed, gone, given_up;
+	/* A delivery could not be read or its attempt not recorded (a
+	 * damaged record, a full disk): it is still due, so nothing starts
+	 * before this time (ms), or the thread would send it in a loop.
+	 * The thread's own. */
+	uint64_t pause_until;
 };
 
 /* ---- the text of a delivery ---- */
@@ -214,8 +219,12 @@ static void record(struct webhooks *w, struct slot *s, bool cancelled)
 	} else {
 		rc = index_hook_attempt(w->e->ix, s->id, &a, st, next);
 	}
-	if (rc && rc != STORE_E_NOTFOUND && rc != STORE_E_STATE)
-		fprintf(stderr, "renderfs: cannot record a webhook attempt: %s\n", store_lasterr());
+	if (rc && rc != STORE_E_NOTFOUND && rc != STORE_E_STATE) {
+		fprintf(stderr, "renderfs: cannot record a webhook attempt (deliveries pause "
+				"for 5 s): %s\n",
+			store_lasterr());
+		w->pause_until = now_ms() + 5000;
+	}
 	if (!cancelled) {
 		if (st == HOOK_DELIVERED)
 			atomic_fetch_add(&w->delivered, 1);
@@ -250,9 +259,12 @@ static void start(struct webhooks *w, struct slot *s, const uint8_t id[JOB_ID_LE
 	s->message[0] = '\0';
 	if (rc) {
 		hook_delivery_release(&d);
-		if (rc != STORE_E_NOTFOUND)
-			fprintf(stderr, "renderfs: cannot read a webhook delivery: %s\n",
+		if (rc != STORE_E_NOTFOUND) {
+			fprintf(stderr, "renderfs: cannot read a webhook delivery (deliveries "
+					"pause for 5 s): %s\n",
 				store_lasterr());
+			w->pause_until = now_ms() + 5000;
+		}
 		pthread_mutex_lock(&w->mu);
 		s->busy = false;
 		pthread_mutex_unlock(&w->mu);
@@ -324,6 +336,10 @@ static void *hook_main(void *arg)
 		}
 		pthread_mutex_unlock(&w->mu);
 		now = now_ms();
+		if (now < w->pause_until) {
+			nfree = 0; /* nothing starts: wait for the pause's end */
+			next = w->pause_until;
+		}
 		if (nfree && index_hook_due(w->e->ix, now, (const uint8_t(*)[JOB_ID_LEN])inflight,
 					    nin, nfree, due, &n, &next) != 0) {
 			fprintf(stderr, "renderfs: cannot read the webhook schedule: %s\n",
@@ -351,7 +367,9 @@ static void *hook_main(void *arg)
 		 * slot busy, `next` says nothing: an answer wakes it. */
 		struct timespec ts;
 		uint64_t wait = 60000;
-		if (nfree && n < nfree && next)
+		if (now < w->pause_until)
+			wait = w->pause_until - now;
+		else if (nfree && n < nfree && next)
 			wait = next > now ? next - now : 0;
 		if (n == nfree && nfree)
 			wait = 0; /* more may be due */
