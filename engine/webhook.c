@@ -457,7 +457,6 @@ void webhooks_stop(struct engine *e)
 	 * they stay due and go again at the next start, same webhook-id. */
 	http_loop_stop(w->http);
 	w->http = NULL;
-	index_set_hook_wake(e->ix, NULL, NULL);
 	for (struct slot *s = w->answered; s; s = s->next_answered)
 		s->busy = false;
 	w->answered = NULL;
@@ -471,6 +470,9 @@ void webhooks_close(struct engine *e)
 	if (!w)
 		return;
 	webhooks_stop(e);
+	/* No index writer is left (the engine has stopped): its wake-up may
+	 * go (a commit after the stop only woke a thread that was gone). */
+	index_set_hook_wake(e->ix, NULL, NULL);
 	http_deny_free(w->deny);
 	pthread_mutex_destroy(&w->mu);
 	pthread_cond_destroy(&w->cond);
