@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 
 TOP = pathlib.Path(__file__).resolve().parent.parent
 BUILD = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else TOP / "build")
@@ -138,7 +138,7 @@ def pct(xs, p):
 
 def ts(s):
     return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-        tzinfo=__import__("datetime").timezone.utc).timestamp()
+        tzinfo=timezone.utc).timestamp()
 
 
 def main():

@@ -146,6 +146,9 @@ int engine_webhook_url_check(const char *url, char *err, size_t errlen);
  * made on first use: malloc'ed text. */
 int engine_webhook_pub(struct engine *e, char **out, size_t *len);
 int engine_webhook_secret(struct engine *e, uint32_t uid, char **out, size_t *len);
+/* webhook.secret's length: "whsec_", base64 of 32 bytes, "\n" (known
+ * without making the secret). */
+#define ENGINE_HOOK_SECRET_TEXT_LEN (6 + 44 + 1)
 /* A job's `webhooks` file: each delivery and its attempts. */
 int engine_webhooks_text(struct engine *e, const struct job *j, char **out, size_t *len);
 /* `redeliver` (ctl): the job's given-up and gone deliveries go again;

@@ -181,7 +181,7 @@ static void answered(void *arg, const struct http_response *r)
 /* ---- the thread ---- */
 
 /* Record what slot s's attempt came to, and free the slot. */
-static void record(struct webhooks *w, struct slot *s, bool cancelled)
+static void record(struct webhooks *w, struct slot *s)
 {
 	struct hook_attempt a = {0};
 	enum hook_state st;
@@ -196,52 +196,39 @@ static void record(struct webhooks *w, struct slot *s, bool cancelled)
 		st = HOOK_DELIVERED;
 	} else if (s->status == 410) {
 		st = HOOK_GONE;
-	} else if (!cancelled && (size_t)s->tries >= w->nschedule) {
+	} else if ((size_t)s->tries >= w->nschedule) {
 		st = HOOK_GIVEN_UP;
-	} else {
+	} else if (s->retry_after_ms) {
 		st = HOOK_PENDING;
-		if (cancelled) {
-			next = now; /* the next start sends it again */
-		} else if (s->retry_after_ms) {
-			next = now + (s->retry_after_ms < HOOK_RETRY_AFTER_MAX_MS
-					      ? s->retry_after_ms
-					      : HOOK_RETRY_AFTER_MAX_MS);
-		} else {
-			uint64_t d = w->schedule[s->tries];
-			/* ±10% so that deliveries failed together spread out. */
-			uint64_t j = d / 10;
-			next = now + d - j + (j ? randombytes_uniform((uint32_t)(2 * j < UINT32_MAX ? 2 * j : UINT32_MAX)) : 0);
-		}
-	}
-	if (cancelled && st == HOOK_PENDING) {
-		/* Shut down mid-attempt: nothing to record; it stays due. */
-		rc = 0;
+		next = now + (s->retry_after_ms < HOOK_RETRY_AFTER_MAX_MS ? s->retry_after_ms
+									   : HOOK_RETRY_AFTER_MAX_MS);
 	} else {
-		rc = index_hook_attempt(w->e->ix, s->id, &a, st, next);
+		/* The schedule's delay, ±10% so that deliveries that failed
+		 * together spread out. */
+		uint64_t d = w->schedule[s->tries], j = d / 10;
+
+		st = HOOK_PENDING;
+		next = now + d - j + (j ? randombytes_uniform((uint32_t)(2 * j)) : 0);
 	}
+	rc = index_hook_attempt(w->e->ix, s->id, &a, st, next);
 	if (rc && rc != STORE_E_NOTFOUND && rc != STORE_E_STATE) {
 		fprintf(stderr, "renderfs: cannot record a webhook attempt (deliveries pause "
 				"for 5 s): %s\n",
 			store_lasterr());
 		w->pause_until = now_ms() + 5000;
 	}
-	if (!cancelled) {
-		if (st == HOOK_DELIVERED)
-			atomic_fetch_add(&w->delivered, 1);
-		else
-			atomic_fetch_add(&w->failed, 1);
-		if (st == HOOK_GONE)
-			atomic_fetch_add(&w->gone, 1);
-		if (st == HOOK_GIVEN_UP)
-			atomic_fetch_add(&w->given_up, 1);
-	}
+	atomic_fetch_add(st == HOOK_DELIVERED ? &w->delivered : &w->failed, 1);
+	if (st == HOOK_GONE)
+		atomic_fetch_add(&w->gone, 1);
+	if (st == HOOK_GIVEN_UP)
+		atomic_fetch_add(&w->given_up, 1);
 	pthread_mutex_lock(&w->mu);
 	s->busy = s->answered = false;
 	pthread_mutex_unlock(&w->mu);
 }
 
-/* Start delivery id in slot s; false when it cannot go now (recorded as a
- * failed attempt where that is what it was). */
+/* Start delivery id in slot s; one that cannot be made (its body or
+ * signature) is recorded as a failed attempt and the slot freed. */
 static void start(struct webhooks *w, struct slot *s, const uint8_t id[JOB_ID_LEN])
 {
 	struct engine *e = w->e;
@@ -279,7 +266,7 @@ static void start(struct webhooks *w, struct slot *s, const uint8_t id[JOB_ID_LE
 			 rc == -ENOMEM ? "out of memory" : store_lasterr());
 		free(body);
 		hook_delivery_release(&d);
-		record(w, s, false);
+		record(w, s);
 		return;
 	}
 	snprintf(h_id, sizeof(h_id), "webhook-id: %s", idtext);
@@ -304,7 +291,7 @@ static void start(struct webhooks *w, struct slot *s, const uint8_t id[JOB_ID_LE
 	hook_delivery_release(&d);
 	if (rc) {
 		snprintf(s->message, sizeof(s->message), "cannot send: %s", strerror(-rc));
-		record(w, s, false);
+		record(w, s);
 	}
 }
 
@@ -324,7 +311,7 @@ static void *hook_main(void *arg)
 		pthread_mutex_unlock(&w->mu);
 		while (a) {
 			struct slot *nx = a->next_answered;
-			record(w, a, false);
+			record(w, a);
 			a = nx;
 		}
 		pthread_mutex_lock(&w->mu);
@@ -551,6 +538,9 @@ int engine_webhook_secret(struct engine *e, uint32_t uid, char **out, size_t *le
 
 	if (rc)
 		return rc;
+	_Static_assert(6 + sodium_base64_ENCODED_LEN(32, sodium_base64_VARIANT_ORIGINAL) ==
+			       ENGINE_HOOK_SECRET_TEXT_LEN,
+		       "webhook.secret's size (fs/nodes.c)");
 	b64(key, sizeof(key), t, sizeof(t));
 	sodium_memzero(key, sizeof(key));
 	rc = dup_text(out, len, "whsec_%s\n", t);
@@ -564,7 +554,6 @@ int engine_webhooks_text(struct engine *e, const struct job *j, char **out, size
 	struct textbuf b = {malloc(1024), 0, 1024, false};
 	uint8_t ids[64][JOB_ID_LEN], after[JOB_ID_LEN];
 	struct hook_attempt *att = calloc(HOOK_ATTEMPTS_KEPT, sizeof(*att));
-	char url[INDEX_HOOK_URL_MAX + 1];
 	uint8_t events = 0;
 	bool started = false;
 	int rc = 0;
@@ -576,7 +565,7 @@ int engine_webhooks_text(struct engine *e, const struct job *j, char **out, size
 	}
 	b.p[0] = '\0';
 	/* Not the URL: it may hold a token, and others may read job files. */
-	if (index_hook_of(e->ix, j->id, url, &events) == 0) {
+	if (index_hook_events(e->ix, j->id, &events) == 0) {
 		tb_printf(&b, "# webhook events");
 		for (int i = 0; i < HOOK_EVENTS; i++)
 			if (events & (1u << i))

@@ -251,12 +251,11 @@ int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
 			return -ENOENT;
 		if (n == SN_HOOKSECRET) {
 			/* The caller's own, readable by the caller alone; its
-			 * size is known without making it ("whsec_", 44
-			 * characters of base64, "\n"). */
+			 * size is known without making it. */
 			attr_base(fs, st, ino, S_IFREG | 0400, fs->mount_ms);
 			st->st_uid = fuse_req_ctx(req)->uid;
 			st->st_gid = fuse_req_ctx(req)->gid;
-			size_attr(st, 6 + 44 + 1);
+			size_attr(st, ENGINE_HOOK_SECRET_TEXT_LEN);
 			return 0;
 		}
 		if ((rc = static_render(fs, (enum static_node)n, 0, &text, &len)) != 0)

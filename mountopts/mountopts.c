@@ -348,7 +348,8 @@ int mountopts_parse(struct fuse_args *args, struct mountopts *mo, char *err, siz
 		rc = 0;
 		for (char *t = strtok_r(copy, "+", &save); t && rc == 0;
 		     t = strtok_r(NULL, "+", &save)) {
-			if (n == ENGINE_HOOK_RETRY_MAX || mountopts_duration(t, &v) != 0 || v == 0)
+			if (n == ENGINE_HOOK_RETRY_MAX || mountopts_duration(t, &v) != 0 || v == 0 ||
+			    v > 7 * 86400000ull)
 				rc = -EINVAL;
 			else
 				eo->webhook_retry_ms[n++] = v;
@@ -357,7 +358,7 @@ int mountopts_parse(struct fuse_args *args, struct mountopts *mo, char *err, siz
 		if (rc || n == 0) {
 			snprintf(err, errlen,
 				 "option 'webhook_retry=%s': must be 1 to %d durations such as 5s, "
-				 "5m or 2h, '+'-separated",
+				 "5m or 2h (7d at most), '+'-separated",
 				 mo->webhook_retry, ENGINE_HOOK_RETRY_MAX);
 			return -EINVAL;
 		}

@@ -683,6 +683,40 @@ int index_job_get(struct index *ix, const uint8_t id[JOB_ID_LEN], struct job *ou
 	return index_read(ix, get_fn, &a);
 }
 
+/* ---- deletes ---- */
+
+int index_del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
+{
+	MDB_val k = {len, (void *)key};
+	int rc = mdb_del(txn, dbi, &k, NULL);
+
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "delete");
+}
+
+int index_del_prefix(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *prefix,
+		     size_t plen, size_t klen)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, dbi, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "delete");
+	/* Reposition after each delete: deleting the last entry of the
+	 * database leaves the cursor unpositioned. */
+	for (;;) {
+		k.mv_size = plen;
+		k.mv_data = (void *)prefix;
+		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+		if (rc || k.mv_size != klen || memcmp(k.mv_data, prefix, plen) != 0)
+			break;
+		if ((rc = mdb_cursor_del(cur, 0)) != 0)
+			break;
+	}
+	mdb_cursor_close(cur);
+	return rc && rc != MDB_NOTFOUND ? index_lmdb_err(ix, rc, "delete") : 0;
+}
+
 /* ---- sets and listing ---- */
 
 int index_set_add(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen,

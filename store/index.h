@@ -667,9 +667,9 @@ int index_hook_redeliver(struct index *ix, const uint8_t job[JOB_ID_LEN], uint64
 			 uint64_t *n);
 /* Pending deliveries in all (the backlog). */
 int index_hook_backlog(struct index *ix, uint64_t *n);
-/* The job's webhook URL and events; STORE_E_NOTFOUND if it has none. */
-int index_hook_of(struct index *ix, const uint8_t job[JOB_ID_LEN], char url[INDEX_HOOK_URL_MAX + 1],
-		  uint8_t *events);
+/* The events the job's webhook asks for (bit per enum hook_event);
+ * STORE_E_NOTFOUND if it has none. */
+int index_hook_events(struct index *ix, const uint8_t job[JOB_ID_LEN], uint8_t *events);
 /*
  * Owner uid's sealed webhook secret: get (STORE_E_NOTFOUND: none yet;
  * *out malloc'ed), or put if there is none yet (*existed then: another

@@ -165,13 +165,6 @@ static int put_empty(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *ke
 	return rc ? index_lmdb_err(ix, rc, "write webhook index") : 0;
 }
 
-static int del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen)
-{
-	MDB_val k = {klen, (void *)key};
-	int rc = mdb_del(txn, dbi, &k, NULL);
-	return rc && rc != MDB_NOTFOUND ? index_lmdb_err(ix, rc, "delete webhook entry") : 0;
-}
-
 /* ---- a job's webhook ---- */
 
 int index_hooks_create(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN],
@@ -221,12 +214,22 @@ int index_hooks_on_put(struct index *ix, MDB_txn *txn, const struct job *j, int 
 		       uint8_t old_flags, uint16_t old_progress, const uint8_t *rec, size_t len)
 {
 	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
-	bool ev[HOOK_EVENTS] = {false};
+	bool ev[HOOK_EVENTS];
 	uint8_t hook[HOOK_REC_FIXED + INDEX_HOOK_URL_MAX];
 	size_t hl;
-	uint64_t now = now_ms();
-	int rc = mdb_get(txn, ix->hooks, &k, &v);
+	uint64_t now;
+	int rc;
 
+	/* What the change is, from the records alone: most writes (log
+	 * lines) are none of these and read nothing more. */
+	ev[HOOK_START] = j->status == JOB_RUNNING && old_status != JOB_RUNNING;
+	ev[HOOK_PROGRESS] = j->status == JOB_RUNNING && old_status == JOB_RUNNING &&
+			    j->progress != old_progress;
+	ev[HOOK_OUTPUT] = (j->flags & JOB_F_HAS_OUTPUT) && !(old_flags & JOB_F_HAS_OUTPUT);
+	ev[HOOK_COMPLETED] = j->status >= JOB_COMPLETE && old_status < JOB_COMPLETE;
+	if (!ev[HOOK_START] && !ev[HOOK_PROGRESS] && !ev[HOOK_OUTPUT] && !ev[HOOK_COMPLETED])
+		return 0;
+	rc = mdb_get(txn, ix->hooks, &k, &v);
 	if (rc == MDB_NOTFOUND)
 		return 0; /* not made yet: the creation puts it after the record */
 	if (rc)
@@ -235,14 +238,9 @@ int index_hooks_on_put(struct index *ix, MDB_txn *txn, const struct job *j, int 
 		return damaged(ix, "webhook");
 	hl = v.mv_size;
 	memcpy(hook, v.mv_data, hl);
-
-	ev[HOOK_START] = j->status == JOB_RUNNING && old_status != JOB_RUNNING;
-	ev[HOOK_PROGRESS] = j->status == JOB_RUNNING && old_status == JOB_RUNNING &&
-			    j->progress != old_progress &&
-			    now >= le64_get(hook + 1) + PROGRESS_EVERY_MS;
-	ev[HOOK_OUTPUT] = (j->flags & JOB_F_HAS_OUTPUT) && !(old_flags & JOB_F_HAS_OUTPUT);
-	ev[HOOK_COMPLETED] = j->status >= JOB_COMPLETE &&
-			     (old_status < 0 || old_status < JOB_COMPLETE);
+	now = now_ms();
+	if (now < le64_get(hook + 1) + PROGRESS_EVERY_MS)
+		ev[HOOK_PROGRESS] = false; /* one per 2 s at most */
 	for (int i = 0; i < HOOK_EVENTS; i++) {
 		if (!ev[i] || !(hook[0] & (1u << i)))
 			continue;
@@ -260,33 +258,11 @@ int index_hooks_on_put(struct index *ix, MDB_txn *txn, const struct job *j, int 
 	return 0;
 }
 
-/* Every attempt record of delivery id. */
-static int del_attempts(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN])
-{
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
-
-	if ((rc = mdb_cursor_open(txn, ix->hookatt, &cur)) != 0)
-		return index_lmdb_err(ix, rc, "delete webhook attempts");
-	for (;;) {
-		k.mv_size = JOB_ID_LEN;
-		k.mv_data = (void *)id;
-		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-		if (rc || k.mv_size != ATT_KEY_LEN || memcmp(k.mv_data, id, JOB_ID_LEN) != 0)
-			break;
-		if ((rc = mdb_cursor_del(cur, 0)) != 0)
-			break;
-	}
-	mdb_cursor_close(cur);
-	return rc && rc != MDB_NOTFOUND ? index_lmdb_err(ix, rc, "delete webhook attempts") : 0;
-}
-
 /* A delivery and its attempts, gone (not its jobhooks entry). */
 static int drop_delivery(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN])
 {
-	int rc = del_key(ix, txn, ix->deliveries, id, JOB_ID_LEN);
-	return rc ? rc : del_attempts(ix, txn, id);
+	int rc = index_del_key(ix, txn, ix->deliveries, id, JOB_ID_LEN);
+	return rc ? rc : index_del_prefix(ix, txn, ix->hookatt, id, JOB_ID_LEN, ATT_KEY_LEN);
 }
 
 int index_hooks_delete(struct index *ix, MDB_txn *txn, const uint8_t job[JOB_ID_LEN])
@@ -294,7 +270,7 @@ int index_hooks_delete(struct index *ix, MDB_txn *txn, const uint8_t job[JOB_ID_
 	MDB_val k = {JOB_ID_LEN, (void *)job}, v;
 	int rc;
 
-	if ((rc = del_key(ix, txn, ix->hooks, job, JOB_ID_LEN)) != 0)
+	if ((rc = index_del_key(ix, txn, ix->hooks, job, JOB_ID_LEN)) != 0)
 		return rc;
 	/* Ended deliveries go with the job; pending ones are still sent
 	 * (their record holds all they need) and go when they end. */
@@ -547,15 +523,14 @@ int index_hook_backlog(struct index *ix, uint64_t *n)
 	return index_read(ix, backlog_fn, n);
 }
 
-struct of_arg {
+struct events_arg {
 	const uint8_t *job;
-	char *url;
 	uint8_t *events;
 };
 
-static int of_fn(struct index *ix, MDB_txn *txn, void *arg)
+static int events_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
-	struct of_arg *a = arg;
+	struct events_arg *a = arg;
 	MDB_val k = {JOB_ID_LEN, (void *)a->job}, v;
 	int rc = mdb_get(txn, ix->hooks, &k, &v);
 
@@ -566,16 +541,13 @@ static int of_fn(struct index *ix, MDB_txn *txn, void *arg)
 	if (v.mv_size <= HOOK_REC_FIXED || v.mv_size > HOOK_REC_FIXED + INDEX_HOOK_URL_MAX)
 		return damaged(ix, "webhook");
 	*a->events = ((const uint8_t *)v.mv_data)[0];
-	memcpy(a->url, (const uint8_t *)v.mv_data + HOOK_REC_FIXED, v.mv_size - HOOK_REC_FIXED);
-	a->url[v.mv_size - HOOK_REC_FIXED] = '\0';
 	return 0;
 }
 
-int index_hook_of(struct index *ix, const uint8_t job[JOB_ID_LEN],
-		  char url[INDEX_HOOK_URL_MAX + 1], uint8_t *events)
+int index_hook_events(struct index *ix, const uint8_t job[JOB_ID_LEN], uint8_t *events)
 {
-	struct of_arg a = {job, url, events};
-	return index_read(ix, of_fn, &a);
+	struct events_arg a = {job, events};
+	return index_read(ix, events_fn, &a);
 }
 
 /* ---- writes ---- */
@@ -610,7 +582,7 @@ static int attempt_fn(struct index *ix, MDB_txn *txn, void *arg)
 		return -ENOMEM;
 	memcpy(copy, v.mv_data, v.mv_size);
 	due_key(h.next_ms, a->id, key);
-	if ((rc = del_key(ix, txn, ix->hookdue, key, sizeof(key))) != 0)
+	if ((rc = index_del_key(ix, txn, ix->hookdue, key, sizeof(key))) != 0)
 		goto out;
 	/* The attempt, and the oldest gone past the number kept. */
 	memcpy(akey, a->id, JOB_ID_LEN);
@@ -629,7 +601,7 @@ static int attempt_fn(struct index *ix, MDB_txn *txn, void *arg)
 	}
 	if (h.attempts >= HOOK_ATTEMPTS_KEPT) {
 		be16_put(akey + JOB_ID_LEN, (uint16_t)(h.attempts - HOOK_ATTEMPTS_KEPT));
-		if ((rc = del_key(ix, txn, ix->hookatt, akey, sizeof(akey))) != 0)
+		if ((rc = index_del_key(ix, txn, ix->hookatt, akey, sizeof(akey))) != 0)
 			goto out;
 	}
 	if (h.attempts < UINT16_MAX)

@@ -100,6 +100,13 @@ int index_hooks_create(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_L
 		       const char *url, uint8_t events);
 int index_hooks_delete(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN]);
 
+/* Delete key from dbi (absent: 0). */
+int index_del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len);
+/* Delete every key of dbi that is klen bytes long and starts with the plen
+ * bytes of prefix (a job's log lines, a delivery's attempts). */
+int index_del_prefix(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *prefix,
+		     size_t plen, size_t klen);
+
 /* Set databases: add an item under key (present already: 0), remove it
  * (absent: STORE_E_NOTFOUND), or test for it. */
 int index_set_add(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t klen,

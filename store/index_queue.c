@@ -689,20 +689,11 @@ struct delete_arg {
 	struct index_freed *freed;
 };
 
-static int del_key(struct index *ix, MDB_txn *txn, MDB_dbi dbi, const void *key, size_t len)
-{
-	MDB_val k = {len, (void *)key};
-	int rc = mdb_del(txn, dbi, &k, NULL);
-
-	return rc == 0 || rc == MDB_NOTFOUND ? 0 : index_lmdb_err(ix, rc, "delete");
-}
-
 static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct delete_arg *a = arg;
 	uint8_t key[INDEX_NAME_KEY_MAX];
 	struct job j;
-	MDB_cursor *cur;
 	MDB_val k, v;
 	int rc = index_get_job(ix, txn, a->id, &j);
 
@@ -730,7 +721,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 			k.mv_data = digest[i];
 			if (mdb_get(txn, ix->digests, &k, &dv) == 0 && dv.mv_size == JOB_ID_LEN &&
 			    memcmp(dv.mv_data, j.id, JOB_ID_LEN) == 0 &&
-			    (rc = del_key(ix, txn, ix->digests, digest[i], INDEX_HASH_LEN)) != 0)
+			    (rc = index_del_key(ix, txn, ix->digests, digest[i], INDEX_HASH_LEN)) != 0)
 				goto out;
 		}
 	} else if (rc != MDB_NOTFOUND) {
@@ -738,42 +729,23 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 		goto out;
 	}
 	if ((rc = index_count_move(ix, txn, j.route, (int)j.status, -1)) != 0 ||
-	    (rc = del_key(ix, txn, ix->jobs, j.id, JOB_ID_LEN)) != 0 ||
-	    (rc = del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0 ||
-	    (rc = del_key(ix, txn, ix->handles, j.id, JOB_ID_LEN)) != 0 ||
-	    (rc = del_key(ix, txn, ix->creds, j.id, JOB_ID_LEN)) != 0 ||
-	    (rc = del_key(ix, txn, ix->remote, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = index_del_key(ix, txn, ix->jobs, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = index_del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = index_del_key(ix, txn, ix->handles, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = index_del_key(ix, txn, ix->creds, j.id, JOB_ID_LEN)) != 0 ||
+	    (rc = index_del_key(ix, txn, ix->remote, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = index_job_entries(ix, txn, &j, false)) != 0)
 		goto out;
 	if ((j.flags & JOB_F_WEBHOOK) && (rc = index_hooks_delete(ix, txn, j.id)) != 0)
 		goto out;
 	if (j.name[0]) {
 		size_t kl = index_name_key(j.route, j.name, j.uid, key);
-		if (kl && (rc = del_key(ix, txn, ix->names, key, kl)) != 0)
+		if (kl && (rc = index_del_key(ix, txn, ix->names, key, kl)) != 0)
 			goto out;
 	}
 	/* Log lines: every key with the job id as prefix. */
-	if ((rc = mdb_cursor_open(txn, ix->logs, &cur)) != 0) {
-		rc = index_lmdb_err(ix, rc, "delete log");
+	if ((rc = index_del_prefix(ix, txn, ix->logs, j.id, JOB_ID_LEN, JOB_ID_LEN + 8)) != 0)
 		goto out;
-	}
-	/* Reposition after each delete: deleting the last entry of the
-	 * database leaves the cursor unpositioned. */
-	for (;;) {
-		k.mv_size = JOB_ID_LEN;
-		k.mv_data = j.id;
-		rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-		if (rc || k.mv_size != JOB_ID_LEN + 8 || memcmp(k.mv_data, j.id, JOB_ID_LEN) != 0)
-			break;
-		if ((rc = mdb_cursor_del(cur, 0)) != 0)
-			break;
-	}
-	mdb_cursor_close(cur);
-	if (rc && rc != MDB_NOTFOUND) {
-		rc = index_lmdb_err(ix, rc, "delete log");
-		goto out;
-	}
-	rc = 0;
 	a->freed->n = 0;
 	if (j.flags & JOB_F_HAS_OUTPUT) {
 		bool freed = false;
@@ -817,7 +789,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 		if (rc == 0 && freed && a->freed->n < sizeof(a->freed->hash) / INDEX_HASH_LEN)
 			memcpy(a->freed->hash[a->freed->n++], h, INDEX_HASH_LEN);
 	}
-	if ((rc = del_key(ix, txn, ix->results, j.id, JOB_ID_LEN)) != 0)
+	if ((rc = index_del_key(ix, txn, ix->results, j.id, JOB_ID_LEN)) != 0)
 		goto out;
 	/* Its inputs give back their references. */
 	k.mv_size = JOB_ID_LEN;
@@ -838,7 +810,7 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 				memcpy(a->freed->hash[a->freed->n++], in[i].hash, INDEX_HASH_LEN);
 		}
 		if (rc == 0)
-			rc = del_key(ix, txn, ix->inputs, j.id, JOB_ID_LEN);
+			rc = index_del_key(ix, txn, ix->inputs, j.id, JOB_ID_LEN);
 	} else if (rc == MDB_NOTFOUND) {
 		rc = 0;
 	} else if (rc) {

@@ -212,17 +212,13 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	uint16_t old_progress = ov ? (uint16_t)(ov[20] | ov[21] << 8) : 0;
 	v.mv_size = total;
 	v.mv_data = buf;
-	rc = mdb_put(txn, ix->jobs, &k, &v, 0);
-	if (rc == 0 && (j->flags & JOB_F_WEBHOOK)) {
+	if ((rc = mdb_put(txn, ix->jobs, &k, &v, 0)) != 0)
+		rc = index_lmdb_err(ix, rc, "write job");
+	else if (j->flags & JOB_F_WEBHOOK) /* deliveries with the change (SPEC §13) */
 		rc = index_hooks_on_put(ix, txn, j, old, old_flags, old_progress, buf, total);
-		free(buf);
-		if (rc)
-			return rc;
-	} else {
-		free(buf);
-		if (rc)
-			return index_lmdb_err(ix, rc, "write job");
-	}
+	free(buf);
+	if (rc)
+		return rc;
 	if (old == (int)j->status)
 		return 0;
 	if (j->status >= JOB_COMPLETE) {

@@ -6,7 +6,6 @@ empty, `default` is answered. `down()` closes the listening socket (new
 connections are refused) and `up()` listens again on the same port.
 """
 import http.server
-import socket
 import threading
 import time
 
@@ -78,10 +77,3 @@ class Hook:
                 self.cond.wait(left)
             return list(self.requests)
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
