@@ -909,15 +909,27 @@ long store_fsck(const char *dir, FILE *out)
 	int rc;
 
 	/* A store folder whose first open never made its index (the daemon
-	 * died first) holds nothing to lose; one with blobs but no index does;
-	 * no folder at all is no store (index_open says so). */
+	 * died first: no data.mdb, or LMDB's file before its first commit)
+	 * holds nothing to lose; one with blobs but no index does; no folder
+	 * at all is no store (index_open says so). */
 	snprintf(path, sizeof(path), "%s/index/data.mdb", dir);
-	if (lstat(dir, &sb) == 0 && S_ISDIR(sb.st_mode) && lstat(path, &sb) != 0 &&
-	    errno == ENOENT) {
+	rc = lstat(dir, &sb) == 0 && S_ISDIR(sb.st_mode) && lstat(path, &sb) != 0 && errno == ENOENT
+		     ? STORE_E_NOTFOUND
+		     : 0;
+	if (rc == 0) {
+		snprintf(path, sizeof(path), "%s/index", dir);
+		rc = index_open(path, &opt, &f.ix);
+		if (rc && rc != STORE_E_NOTFOUND) {
+			fprintf(out, "problem: %s\n", store_lasterr());
+			return 1;
+		}
+	}
+	if (rc == STORE_E_NOTFOUND) {
 		uint64_t blobs = count_blob_files(dir);
+		snprintf(path, sizeof(path), "%s/index/data.mdb", dir);
 		if (blobs) {
-			fprintf(out, "problem: '%s' is missing, and %llu blob file%s no index "
-				     "names are in '%s/blobs'\n",
+			fprintf(out, "problem: '%s' is missing or empty, and %llu blob file%s no "
+				     "index names are in '%s/blobs'\n",
 				path, (unsigned long long)blobs, blobs == 1 ? "" : "s", dir);
 			return 1;
 		}
@@ -925,11 +937,6 @@ long store_fsck(const char *dir, FILE *out)
 			     "nothing to check\n",
 			dir);
 		return 0;
-	}
-	snprintf(path, sizeof(path), "%s/index", dir);
-	if ((rc = index_open(path, &opt, &f.ix)) != 0) {
-		fprintf(out, "problem: %s\n", store_lasterr());
-		return 1;
 	}
 	if ((rc = mdb_txn_begin(f.ix->env, NULL, MDB_RDONLY, &txn)) != 0) {
 		fprintf(out, "problem: cannot read '%s': %s\n", path, mdb_strerror(rc));

@@ -302,7 +302,9 @@ static int open_dbs(struct index *ix)
 		}
 		if (ix->read_only) {
 			mdb_txn_abort(txn);
-			return store_seterr(STORE_E_INDEX, "'%s' holds no renderfs index",
+			/* An empty environment: a first open that died before
+			 * its first commit (fsck: no index yet). */
+			return store_seterr(STORE_E_NOTFOUND, "'%s' holds no renderfs index",
 					    ix->dir);
 		}
 		uint8_t verb[4], id[16], seq[8];

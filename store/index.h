@@ -276,8 +276,9 @@ struct index_options {
  * Refuses foreign or damaged files and unknown format versions with a
  * message naming the file. An index of an older format is upgraded in one
  * transaction (a crash leaves it as it was) when opened read-write, and
- * refused with STORE_E_VERSION when opened read-only. *out is freed with
- * index_close().
+ * refused with STORE_E_VERSION when opened read-only; an empty environment
+ * (a first open that died before its first commit) opened read-only is
+ * STORE_E_NOTFOUND. *out is freed with index_close().
  */
 int index_open(const char *dir, const struct index_options *opt, struct index **out);
 void index_close(struct index *ix);

@@ -98,6 +98,21 @@ static void test_truncated(void)
 	REQUIRE(system(cmd) == 0, "rm blobs");
 	CHECK(fsck_run(dir, out, sizeof(out)) == 0 && strstr(out, "no index yet"),
 	      "fsck without an index, nothing else: %s", out);
+	/* The same first open killed after LMDB made data.mdb but before its
+	 * first commit: an empty environment, which is no index yet either. */
+	char idir[700];
+	MDB_env *env;
+	snprintf(idir, sizeof(idir), "%s/index", dir);
+	REQUIRE(mdb_env_create(&env) == 0 && mdb_env_open(env, idir, 0, 0600) == 0,
+		"an empty LMDB environment");
+	mdb_env_close(env);
+	CHECK(fsck_run(dir, out, sizeof(out)) == 0 && strstr(out, "no index yet"),
+	      "fsck of an empty environment: %s", out);
+	snprintf(cmd, sizeof(cmd), "mkdir -p '%s/blobs/ab' && echo x >'%s/blobs/ab/%s'", dir, dir,
+		 "ab00000000000000000000000000000000000000000000000000000000000000");
+	REQUIRE(system(cmd) == 0, "a stray blob file");
+	CHECK(fsck_run(dir, out, sizeof(out)) == 1 && strstr(out, "blob file"),
+	      "fsck of an empty environment, with blobs: %s", out);
 }
 
 static void test_foreign(void)
