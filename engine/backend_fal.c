@@ -359,6 +359,15 @@ static int on_status(struct run *r, struct fal_run *f, const struct http_respons
 	if (strcmp(st, "IN_QUEUE") == 0) {
 		/* polled again below */
 	} else if (strcmp(st, "COMPLETED") == 0) {
+		json_object *m;
+		if (json_object_object_get_ex(o, "metrics", &m) &&
+		    json_object_object_get_ex(m, "inference_time", &m) &&
+		    (json_object_is_type(m, json_type_double) ||
+		     json_object_is_type(m, json_type_int))) {
+			run_log(r, "fal: request %s took %.3f s of inference_time", f->request_id,
+				json_object_get_double(m));
+			run_reported(r, json_object_get_double(m));
+		}
 		json_object_put(o);
 		f->phase = F_RESULT;
 		return request(r, f, "GET", f->response_url, NULL,

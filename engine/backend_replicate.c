@@ -345,9 +345,11 @@ static int on_succeeded(struct run *r, struct rep_run *p, json_object *o)
 		run_remote_set(r, NULL, version, RUN_REMOTE_SAME);
 	if (json_object_object_get_ex(o, "metrics", &m) &&
 	    json_object_object_get_ex(m, "predict_time", &m) &&
-	    (json_object_is_type(m, json_type_double) || json_object_is_type(m, json_type_int)))
+	    (json_object_is_type(m, json_type_double) || json_object_is_type(m, json_type_int))) {
 		run_log(r, "replicate: prediction %s took %.3f s of predict_time", p->id,
 			json_object_get_double(m));
+		run_reported(r, json_object_get_double(m));
+	}
 	/* result.json: what Replicate said of the prediction, less its input
 	 * (inline files) and its logs (in the job's log). */
 	json_object_object_del(o, "input");

@@ -38,6 +38,12 @@ struct run {
 	bool transient;		/* worth another attempt */
 	uint64_t retry_after_ms; /* the service asked to wait this long (Retry-After) */
 	uint8_t output_hash[32]; /* set by run_commit_output */
+	/* For the usage ledger: the device kind that made the output (set by
+	 * run_commit_output), and the service's own measure of the run. */
+	char used_on[128];
+	bool reported;
+	uint64_t reported_ms;
+	bool cached; /* served from an earlier job: nothing ran */
 
 	/* Remote runs (backend.h: step, cancel, run_free). */
 	void *bstate;			  /* the backend's state for this run */
@@ -67,6 +73,9 @@ enum stop_reason run_stopping(struct run *r);
 /* Commit sink as the job's output (the sink is consumed). */
 int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
 		      const char *device);
+/* The service measured the run at this many seconds (SPEC §14: the
+ * ledger counts them instead of wall time). */
+void run_reported(struct run *r, double seconds);
 /* The same for output n >= 1 after the first (output.n.<ext>, SPEC §3);
  * hash_out (may be NULL) gets its BLAKE3. Commit these before the first:
  * the first output's commit announces the outputs. */

@@ -13,6 +13,7 @@
 #include "errors.h"
 #include "http.h"
 #include "route.h"
+#include "kernels.h"
 
 #include <sodium.h>
 
@@ -143,6 +144,8 @@ enum stop_reason run_stopping(struct run *r)
 	return STOP_NONE;
 }
 
+static void kind_of_device(const char *device, char *buf, size_t len);
+
 int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
 		      const char *device)
 {
@@ -152,6 +155,8 @@ int run_commit_output(struct run *r, struct store_sink *sink, const char *media_
 	if (rc)
 		return run_fail(r, rc, "store", "cannot store the output: %s",
 				store_lasterr());
+	if (device && !r->route->backend->remote)
+		kind_of_device(device, r->used_on, sizeof(r->used_on));
 	engine_notify(r->e, r->job.id, r->job.route, EV_OUTPUT);
 	return 0;
 }
@@ -639,11 +644,64 @@ static uint64_t backoff_ms(uint32_t attempt)
 	return base / 2 + jitter % (base / 2 + 1);
 }
 
+void run_reported(struct run *r, double seconds)
+{
+	if (seconds >= 0 && seconds < 1e9) {
+		r->reported = true;
+		r->reported_ms = (uint64_t)(seconds * 1000 + 0.5);
+	}
+}
+
+/* A device string (run_commit_output's) as a ledger device kind. */
+static void kind_of_device(const char *device, char *buf, size_t len)
+{
+	const char *sp;
+	int n;
+
+	if (strncmp(device, "cuda:", 5) == 0 && (sp = strchr(device, ' ')) && sp[1])
+		snprintf(buf, len, "gpu:%s", sp + 1); /* "cuda:0 NVIDIA H200" */
+	else if (sscanf(device, "gpu %d", &n) == 1 && k_cuda_device_model(n, buf + 4, len - 4) == 0)
+		memcpy(buf, "gpu:", 4);
+	else if (strncmp(device, "gpu ", 4) == 0)
+		snprintf(buf, len, "gpu:%s", device + 4);
+	else
+		snprintf(buf, len, "cpu");
+}
+
+/* What the attempt used (index.h struct job_usage): the device kind that
+ * ran it, and the service's measure where it gave one. */
+static void attempt_usage(struct run *r, struct job_usage *u, char *kind, size_t len)
+{
+	kind[0] = '\0';
+	u->kind = kind;
+	u->reported_ms = r->reported ? (int64_t)r->reported_ms : -1;
+	if (r->cached) {
+		u->reported_ms = 0; /* nothing ran */
+	} else if (!r->route) {
+		/* not run: the route is gone */
+	} else if (r->route->backend->remote) {
+		snprintf(kind, len, "remote:%s", r->route->backend->name);
+	} else if (r->used_on[0]) {
+		snprintf(kind, len, "%s", r->used_on);
+	} else if (r->gpu >= 0) {
+		char dev[32];
+		snprintf(dev, sizeof(dev), "gpu %d", r->gpu);
+		kind_of_device(dev, kind, len);
+	} else {
+		snprintf(kind, len, "cpu");
+	}
+}
+
 static void finish(struct engine *e, struct run *r, enum job_status st, const char *code,
 		   const char *msg)
 {
 	struct job j;
-	int rc = index_job_finish(e->ix, r->job.id, st, code, msg);
+	struct job_usage u;
+	char kind[160];
+	int rc;
+
+	attempt_usage(r, &u, kind, sizeof(kind));
+	rc = index_job_finish_used(e->ix, r->job.id, st, code, msg, &u);
 
 	if (rc) {
 		/* The index refused: the job stays running until recovery puts
@@ -692,6 +750,7 @@ bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HAS
 			     e->opt.memo_per_owner ? job->uid : INDEX_ANY_OWNER, digest);
 	if (serve_cached(r, digest)) {
 		free(req);
+		r->cached = true;
 		finish(e, r, JOB_COMPLETE, NULL, NULL);
 		return false;
 	}
@@ -704,6 +763,8 @@ void engine_run_end(struct run *r, int rc, const uint8_t digest[INDEX_HASH_LEN])
 {
 	struct engine *e = r->e;
 	const struct job *job = &r->job;
+	struct job_usage u;
+	char kind[160];
 
 	free((char *)r->request);
 	r->request = NULL;
@@ -728,7 +789,8 @@ void engine_run_end(struct run *r, int rc, const uint8_t digest[INDEX_HASH_LEN])
 		return;
 	case STOP_SHUTDOWN:
 		run_log(r, "interrupted by shutdown; back in the queue");
-		if (index_job_requeue(e->ix, job->id) == 0)
+		attempt_usage(r, &u, kind, sizeof(kind));
+		if (index_job_requeue_used(e->ix, job->id, 0, &u) == 0)
 			engine_notify(e, job->id, job->route, EV_STATUS);
 		return;
 	case STOP_NONE:
@@ -743,7 +805,8 @@ void engine_run_end(struct run *r, int rc, const uint8_t digest[INDEX_HASH_LEN])
 		due = now_ms() + ms;
 		run_log(r, "attempt %u failed (%s: %s); retrying in %llu ms", job->attempts,
 			r->error_code, r->error_message, (unsigned long long)ms);
-		if (index_job_requeue_at(e->ix, job->id, due) != 0) {
+		attempt_usage(r, &u, kind, sizeof(kind));
+		if (index_job_requeue_used(e->ix, job->id, due, &u) != 0) {
 			run_log(r, "error: cannot requeue: %s", store_lasterr());
 			finish(e, r, JOB_ERROR, "store", store_lasterr());
 			return;

@@ -64,6 +64,10 @@ bool k_cuda_available(void);
 /* CUDA devices usable now (0 without driver, device or with RENDERFS_FORCE_CPU). */
 int k_cuda_device_count(void);
 
+/* The model name of CUDA device n ("NVIDIA H200") into buf; -ENODEV
+ * when there is none (buf ""). */
+int k_cuda_device_model(int device, char *buf, size_t len);
+
 /* Frames a GPU renders per launch; callers size their batches with it. */
 #define K_GPU_BATCH 8
 

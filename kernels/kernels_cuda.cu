@@ -67,6 +67,21 @@ extern "C" int k_cuda_device_count(void)
 	return n;
 }
 
+extern "C" int k_cuda_device_model(int device, char *buf, size_t len)
+{
+	cudaDeviceProp prop;
+
+	if (len == 0)
+		return -EINVAL;
+	if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+		cudaGetLastError();
+		buf[0] = '\0';
+		return -ENODEV;
+	}
+	snprintf(buf, len, "%s", prop.name);
+	return 0;
+}
+
 extern "C" bool k_cuda_available(void)
 {
 	return k_cuda_device_count() > 0;

@@ -16,6 +16,14 @@ int k_cuda_device_count(void)
 	return 0;
 }
 
+int k_cuda_device_model(int device, char *buf, size_t len)
+{
+	(void)device;
+	if (len)
+		buf[0] = '\0';
+	return -ENODEV;
+}
+
 int k_gpu_open(int device, int32_t max_w, int32_t max_h, struct k_gpu **out)
 {
 	(void)device;

@@ -82,8 +82,9 @@ void job_release(struct job *j)
 	free(j->error_message);
 	free(j->backend);
 	free(j->model);
+	free(j->ran_on);
 	j->route = j->name = j->media_type = j->device = j->error_code = j->error_message =
-		j->backend = j->model = NULL;
+		j->backend = j->model = j->ran_on = NULL;
 }
 
 int index_lmdb_err(struct index *ix, int rc, const char *what)
@@ -240,6 +241,9 @@ static const struct dbdef dbdefs[] = {
 	{"jobhooks", offsetof(struct index, jobhooks), SET_FLAGS},
 	{"hookatt", offsetof(struct index, hookatt), 0},
 	{"usersecrets", offsetof(struct index, usersecrets), 0},
+	{"journal", offsetof(struct index, journal), 0},
+	{"usage", offsetof(struct index, usage), 0},
+	{"ledger", offsetof(struct index, ledger), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 
@@ -399,7 +403,7 @@ int index_open(const char *dir, const struct index_options *opt, struct index **
 	if (!rc)
 		rc = mdb_env_set_assert(ix->env, on_lmdb_assert);
 	if (!rc)
-		rc = mdb_env_set_maxdbs(ix->env, 32);
+		rc = mdb_env_set_maxdbs(ix->env, 40);
 	if (!rc)
 		rc = mdb_env_set_mapsize(ix->env, opt && opt->map_size ? opt->map_size
 								    : DEFAULT_MAP_SIZE);

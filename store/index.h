@@ -85,6 +85,16 @@
  *            duration ms (4 LE), HTTP status (2 LE, 0: no answer), what
  *            happened in words (the last HOOK_ATTEMPTS_KEPT are kept)
  *   usersecrets uid (4) -> the owner's webhook secret, sealed (store_seal)
+ *   journal  completed ms (8) | id (16) -> ledger entry (below): one per
+ *            job that reached a final state, written in the transaction
+ *            of that state (SPEC §14); kept when the job is deleted or
+ *            retried (its usage happened)
+ *   usage    uid (4) | day (4, days since the epoch, UTC) | kind (1) |
+ *            name -> u64 LE: the journal's totals per owner and day, kind
+ *            'j' jobs (name: route NUL outcome), 's' milliseconds run
+ *            (name: device kind), 'b' output bytes, 'c' cache hits
+ *   ledger   end ms (8) -> attestation record (below): signed period
+ *            totals, in chain order
  *
  * The request digest (index_request_digest()) is not stored with the job:
  * it is computed from the route and the stored request (and the owner,
@@ -117,9 +127,11 @@
  *               up to INDEX_STR_MAX) then the bytes, in this order:
  *               route, name, media type, device, error code, error message,
  *               backend, model
+ *   ...    (RJ4) run_ms (8 LE), then the string ran_on
  *   end-8  8    checksum: the first 8 bytes of the BLAKE3 of all before it
  *
- * Records are "RJ3\0" since index format 6; "RJ2\0" (format 2 to 5) has
+ * Records are "RJ4\0" since index format 15 (RJ3 read: run_ms 0,
+ * ran_on ""), "RJ3\0" from format 6; "RJ2\0" (format 2 to 5) has
  * the same layout without the last two strings and is read as is (they
  * are then empty); a record is rewritten as RJ3 when next written.
  *
@@ -150,7 +162,25 @@
  * (index_put_job); it outlives its job while it is pending, and goes
  * with it once it has ended.
  *
- * FORMAT 13 had no webhooks (hooks, deliveries, hookdue, jobhooks,
+ * LEDGER ENTRY (value in "journal"):
+ *   0      4    owner uid (LE)
+ *   4      1    outcome (enum job_status, final)
+ *   5      1    flags: bit 0 served from the cache
+ *   6      8    run ms (LE)
+ *   14     8    output bytes (LE)
+ *   22     ...  strings as in job records: route, device kind
+ *   end-8  8    checksum
+ *
+ * ATTESTATION RECORD (value in "ledger"):
+ *   0      8    period start ms (LE; the period is start < t <= end)
+ *   8      32   BLAKE3 of the attestation (a blob: its JSON)
+ *   40     8    its size (LE)
+ *   48     ...  strings: name (<period>), signature file text (.minisig)
+ *   end-8  8    checksum
+ * Each attestation holds a reference on its blob (owner uid 0).
+ *
+ * FORMAT 14 had no usage ledger (journal, usage, ledger; its final jobs
+ * enter the journal at the upgrade); FORMAT 13 had no webhooks (hooks, deliveries, hookdue, jobhooks,
  * hookatt, usersecrets); FORMAT 12 had no made (input records had no producers); FORMAT 11 had no extras or results; FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
  * runs the migration steps from the index's format on (index.c,
@@ -188,7 +218,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 14
+#define INDEX_FORMAT_VERSION 15
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_LOG_LINE_MAX 16384 /* bytes of one log line, without its newline */
 #define INDEX_STATUSES 5 /* enum job_status values */
@@ -253,6 +283,14 @@ struct job {
 	/* What ran it, recorded when it started (empty before, and for jobs
 	 * run by a renderfs before index format 6). */
 	char *backend, *model;
+	/* What its attempts used (format 15; 0 and "" before): milliseconds
+	 * of the attempts since it was last submitted or retried (as the
+	 * service measured them where it said, else wall time), and the
+	 * device kind that ran the last one: "cpu", "gpu:<model>",
+	 * "remote:<backend>" ("" when nothing ran: cancelled while queued,
+	 * served from the cache). The usage ledger counts them. */
+	uint64_t run_ms;
+	char *ran_on;
 };
 
 void job_release(struct job *j);
@@ -402,6 +440,21 @@ int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
  * error_message are used for JOB_ERROR and may be NULL otherwise. */
 int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
 		     const char *error_code, const char *error_message);
+/* What an attempt used, for the ledger: the device kind that ran it
+ * (struct job's ran_on) and the service's measure of its run in ms (< 0:
+ * none; wall time counts). */
+struct job_usage {
+	const char *kind;
+	int64_t reported_ms;
+};
+/* index_job_finish, index_job_requeue_at (not_before 0: into the queue
+ * now) with what the attempt used added to the job's run_ms; without
+ * (used NULL) the attempt counts its wall time on kind "". */
+int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
+			  const char *error_code, const char *error_message,
+			  const struct job_usage *used);
+int index_job_requeue_used(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms,
+			   const struct job_usage *used);
 
 /* running -> queued again (automatic retry): keeps attempts. */
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN]);
@@ -684,6 +737,75 @@ int index_user_secret_put(struct index *ix, uint32_t uid, const void *sealed, si
  * thread: it must not block. Set once, before other threads use the index.
  */
 void index_set_hook_wake(struct index *ix, void (*fn)(void *), void *arg);
+
+/* ---- usage ledger (SPEC §14) ---- */
+
+#define USAGE_NAME_MAX (INDEX_ROUTE_MAX + 16)
+enum usage_kind {
+	USAGE_JOBS = 'j',    /* name: route NUL outcome */
+	USAGE_MS = 's',	     /* name: device kind */
+	USAGE_BYTES = 'b',   /* name: "" */
+	USAGE_CACHED = 'c',  /* name: "" */
+};
+/* One total: owner, UTC day (days since the epoch), kind, name (nlen
+ * bytes, not NUL-terminated for USAGE_JOBS' NUL), value. */
+struct usage_row {
+	uint32_t uid, day;
+	char kind;
+	size_t nlen;
+	char name[USAGE_NAME_MAX + 1];
+	uint64_t value;
+};
+/*
+ * The usage totals of uid (INDEX_ANY_OWNER: every owner) from day on, in
+ * (uid, day) order: fn for each; a non-zero return from fn stops the
+ * walk and is returned.
+ */
+int index_usage_rows(struct index *ix, uint32_t uid, uint32_t day,
+		     int (*fn)(const struct usage_row *r, void *arg), void *arg);
+
+struct ledger_entry {
+	uint64_t at_ms;	/* completed_ms of the job */
+	uint8_t id[JOB_ID_LEN];
+	uint32_t uid;
+	enum job_status outcome;
+	bool cached;
+	uint64_t run_ms, bytes;
+	char route[INDEX_ROUTE_MAX + 1];
+	char kind[INDEX_ROUTE_MAX + 1];
+};
+/* The ledger entry a final job makes (what the journal must hold). */
+int index_ledger_entry_of(struct index *ix, const struct job *j, struct ledger_entry *e);
+/* The journal's entries with from_ms < at_ms <= to_ms, in time order:
+ * fn for each, stopping at its first non-zero return. */
+int index_journal_walk(struct index *ix, uint64_t from_ms, uint64_t to_ms,
+		       int (*fn)(const struct ledger_entry *e, void *arg), void *arg);
+/* The last journal entry's time (0: none). */
+int index_journal_last(struct index *ix, uint64_t *at_ms);
+
+#define LEDGER_SIG_MAX 1024
+struct attestation {
+	uint64_t from_ms, end_ms;
+	uint8_t hash[INDEX_HASH_LEN];
+	uint64_t size;
+	char name[64];
+	char sig[LEDGER_SIG_MAX + 1];
+};
+/* Attestations in chain order after end ms `after` (0: from the first):
+ * at most max into out, *n of them. */
+int index_ledger_list(struct index *ix, uint64_t after, struct attestation *out, size_t max,
+		      size_t *n);
+/* The last attestation; STORE_E_NOTFOUND if there is none. */
+int index_ledger_last(struct index *ix, struct attestation *out);
+/* The attestation named name; STORE_E_NOTFOUND if none. */
+int index_ledger_find(struct index *ix, const char *name, struct attestation *out);
+/*
+ * Add an attestation whose blob file is in place: its record and a
+ * reference on the blob, in one transaction. STORE_E_STATE when a.from_ms
+ * is not the last attestation's end (another came first) or the name is
+ * taken.
+ */
+int index_ledger_add(struct index *ix, const struct attestation *a);
 
 /* ---- ULIDs ---- */
 

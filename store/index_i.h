@@ -29,7 +29,7 @@ struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
 		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results, made,
-		hooks, deliveries, hookdue, jobhooks, hookatt, usersecrets;
+		hooks, deliveries, hookdue, jobhooks, hookatt, usersecrets, journal, usage, ledger;
 	char dir[4096];
 	bool read_only;
 	/* LMDB tripped one of its assertions in a write (a damaged file):
@@ -95,6 +95,9 @@ int index_decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_v
  * and the new record's bytes. */
 int index_hooks_on_put(struct index *ix, MDB_txn *txn, const struct job *j, int old_status,
 		       uint8_t old_flags, uint16_t old_progress, const uint8_t *rec, size_t len);
+/* index_usage.c: the ledger entry and totals of a job that reached a final
+ * state (index_put_job; the format 14 upgrade for every final job). */
+int index_usage_add(struct index *ix, MDB_txn *txn, const struct job *j);
 /* index_hooks.c: a job's webhook (at creation) and its end (at delete). */
 int index_hooks_create(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN],
 		       const char *url, uint8_t events);

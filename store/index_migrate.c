@@ -182,6 +182,28 @@ static int upgrade_3(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return write_version(ix, txn, 4);
 }
 
+static int upgrade_14_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	(void)arg;
+	return j->status >= JOB_COMPLETE ? index_usage_add(ix, txn, j) : 0;
+}
+
+/*
+ * Format 14 -> 15: the usage ledger (journal, usage, ledger). Each job
+ * already final enters the journal and the totals as it would have on
+ * finishing (its run time unknown: 0).
+ */
+static int upgrade_14(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	int rc;
+
+	if ((rc = index_open_all(ix, txn, true)) != 0)
+		return rc;
+	if ((rc = each_job(ix, txn, upgrade_14_job, NULL, njobs)) != 0)
+		return rc;
+	return write_version(ix, txn, 15);
+}
+
 /* A step that only adds empty databases (or a record layout that older
  * renderfs cannot read): create what is missing, say the new format. */
 static int add_only(struct index *ix, MDB_txn *txn, uint64_t *njobs, uint32_t version)
@@ -219,6 +241,7 @@ static const struct migration {
 	{12, NULL}, /* made: the job whose output made a blob (older blobs: unknown) */
 	{13, NULL}, /* webhooks: hooks, deliveries, hookdue, jobhooks, hookatt,
 		       usersecrets (older jobs have none) */
+	{14, upgrade_14},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

@@ -412,7 +412,26 @@ int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
 struct finish_arg {
 	enum job_status final;
 	const char *code, *message;
+	const struct job_usage *used;
 };
+
+/* A running job's attempt ends: what it used joins the job's (the
+ * service's measure where it gave one, else wall time). */
+static int attempt_used(struct job *j, const struct job_usage *u)
+{
+	uint64_t now = now_ms();
+	char *kind;
+
+	if (u && u->reported_ms >= 0)
+		j->run_ms += (uint64_t)u->reported_ms;
+	else if (j->started_ms && now > j->started_ms)
+		j->run_ms += now - j->started_ms;
+	if (!(kind = strdup(u && u->kind ? u->kind : "")))
+		return -ENOMEM;
+	free(j->ran_on);
+	j->ran_on = kind;
+	return 0;
+}
 
 static int finish_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
@@ -423,7 +442,8 @@ static int finish_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 		if ((rc = index_dequeue(ix, txn, j)) != 0)
 			return rc;
 	} else if (j->status == JOB_RUNNING) {
-		if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
+		if ((rc = index_mark_running(ix, txn, j->id, false)) != 0 ||
+		    (rc = attempt_used(j, a->used)) != 0)
 			return rc;
 	} else {
 		return index_state_err(j, "finish");
@@ -449,17 +469,31 @@ static int finish_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 int index_job_finish(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
 		     const char *error_code, const char *error_message)
 {
-	struct finish_arg a = {final, error_code, error_message};
+	return index_job_finish_used(ix, id, final, error_code, error_message, NULL);
+}
+
+int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
+			  const char *error_code, const char *error_message,
+			  const struct job_usage *used)
+{
+	struct finish_arg a = {final, error_code, error_message, used};
 
 	if (final != JOB_COMPLETE && final != JOB_ERROR && final != JOB_CANCELLED)
 		return store_seterr(-EINVAL, "'%s' is not a final state", job_status_name(final));
 	return index_change_job(ix, id, finish_change, &a);
 }
 
-/* running -> queued: into the queue, or with arg (a time in ms) into the
+struct requeue_arg {
+	const uint64_t *due;	       /* NULL: into the queue now */
+	bool counted;		       /* the attempt ran (not held back) */
+	const struct job_usage *used;
+};
+
+/* running -> queued: into the queue, or with a due time (ms) into the
  * delayed set until then. */
 static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
+	const struct requeue_arg *a = arg;
 	uint8_t key[8 + JOB_ID_LEN];
 	MDB_val k = {sizeof(key), key}, v = {0, NULL};
 	int rc;
@@ -468,13 +502,15 @@ static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *a
 		return index_state_err(j, "requeue");
 	if ((rc = index_mark_running(ix, txn, j->id, false)) != 0)
 		return rc;
+	if (a->counted && (rc = attempt_used(j, a->used)) != 0)
+		return rc;
 	j->status = JOB_QUEUED;
 	j->progress = 0;
 	j->updated_ms = now_ms();
-	if (!arg)
+	if (!a->due)
 		return index_enqueue(ix, txn, j);
 	j->flags |= JOB_F_DELAYED;
-	j->round = *(const uint64_t *)arg;
+	j->round = *a->due;
 	delayed_key(j, key);
 	rc = mdb_put(txn, ix->delayed, &k, &v, 0);
 	return rc ? index_lmdb_err(ix, rc, "delay") : 0;
@@ -482,17 +518,28 @@ static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *a
 
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN])
 {
-	return index_change_job(ix, id, requeue_change, NULL);
+	return index_job_requeue_used(ix, id, 0, NULL);
 }
 
 int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms)
 {
-	return index_change_job(ix, id, requeue_change, &not_before_ms);
+	return index_job_requeue_used(ix, id, not_before_ms, NULL);
+}
+
+int index_job_requeue_used(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms,
+			   const struct job_usage *used)
+{
+	struct requeue_arg a = {not_before_ms ? &not_before_ms : NULL, true, used};
+
+	return index_change_job(ix, id, requeue_change, &a);
 }
 
 static int return_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
-	int rc = requeue_change(ix, txn, j, arg);
+	struct requeue_arg a = {NULL, false, NULL};
+	int rc = requeue_change(ix, txn, j, &a);
+
+	(void)arg;
 
 	if (rc == 0 && j->attempts > 0)
 		j->attempts--;
@@ -612,6 +659,9 @@ static int retry_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg
 	j->updated_ms = now_ms();
 	j->error_code[0] = '\0';
 	j->error_message[0] = '\0';
+	/* A new run: what the last one used stays in the ledger. */
+	j->run_ms = 0;
+	j->ran_on[0] = '\0';
 	return index_enqueue(ix, txn, j);
 }
 

@@ -1,7 +1,7 @@
 /*
  * index_record.c - the byte layouts of the index's records (index.h): job
- * records (RJ3, and RJ2 and RJ1 read), blob records, and the per-route
- * counts that every job write keeps. Every record is validated as it is
+ * records (RJ4, and RJ3, RJ2 and RJ1 read), blob records, and the
+ * per-route counts and the usage ledger that every job write keeps. Every record is validated as it is
  * decoded (checksum, ranges, lengths); a damaged one is STORE_E_INDEX.
  *
  * Threads: pure functions of their arguments and the caller's
@@ -16,7 +16,7 @@
 #include "index.h"
 #include "index_i.h"
 
-#define RECORD_FIXED 128   /* RJ2 and RJ3 */
+#define RECORD_FIXED 128   /* RJ2, RJ3 and RJ4 */
 #define RECORD_FIXED_1 160 /* format 1 (RJ1) */
 
 /* ---- job records ---- */
@@ -62,22 +62,23 @@ damaged:
 	return NULL;
 }
 
-/* Decode a job record: RJ3, RJ2 (without backend and model), or RJ1
- * (read when upgrading). */
+/* Decode a job record: RJ4, RJ3 (without run_ms and ran_on), RJ2
+ * (without backend and model either), or RJ1 (read when upgrading). */
 int index_decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
 		      struct job *j)
 {
 	const uint8_t *p = v->mv_data, *end = p + v->mv_size, *out;
 	char idstr[JOB_ID_STR_LEN + 1];
 	uint8_t sum[RECORD_SUM_LEN];
-	bool v1, v3;
+	bool v1, v3, v4;
 	int bad = 0;
 
 	memset(j, 0, sizeof(*j));
 	if (v->mv_size < 4 + RECORD_SUM_LEN)
 		goto damaged;
 	v1 = memcmp(p, "RJ1", 4) == 0;
-	v3 = memcmp(p, "RJ3", 4) == 0;
+	v4 = memcmp(p, "RJ4", 4) == 0;
+	v3 = v4 || memcmp(p, "RJ3", 4) == 0;
 	if (!v1 && !v3 && memcmp(p, "RJ2", 4) != 0)
 		goto damaged;
 	if (v->mv_size < (v1 ? RECORD_FIXED_1 : RECORD_FIXED) + RECORD_SUM_LEN)
@@ -122,11 +123,22 @@ int index_decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_v
 	} else if (!(j->backend = strdup("")) || !(j->model = strdup(""))) {
 		bad = 2;
 	}
+	if (v4 && !bad) {
+		if (end - p < 8) {
+			bad = 1;
+		} else {
+			j->run_ms = le64_get(p);
+			p += 8;
+			j->ran_on = take_str(&p, end, false, &bad);
+		}
+	} else if (!bad && !(j->ran_on = strdup(""))) {
+		bad = 2;
+	}
 	if (bad == 2) {
 		job_release(j);
 		return -ENOMEM;
 	}
-	if (bad || p != end || !j->route[0]) {
+	if (bad || p != end || !j->route[0] || !j->ran_on) {
 		job_release(j);
 		goto damaged;
 	}
@@ -162,7 +174,7 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 {
 	const char *strs[8] = {j->route,      j->name,	       j->media_type, j->device,
 			       j->error_code, j->error_message, j->backend,    j->model};
-	size_t total = RECORD_FIXED + RECORD_SUM_LEN;
+	size_t total = RECORD_FIXED + 8 + RECORD_SUM_LEN;
 	uint8_t *buf, *p;
 	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
 	int rc;
@@ -171,10 +183,11 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 		size_t len = str_len(strs[i]);
 		total += (len < 0x80 ? 1 : 2) + len;
 	}
+	total += (str_len(j->ran_on) < 0x80 ? 1 : 2) + str_len(j->ran_on);
 	buf = calloc(1, total);
 	if (!buf)
 		return -ENOMEM;
-	memcpy(buf, "RJ3", 4);
+	memcpy(buf, "RJ4", 4);
 	buf[4] = (uint8_t)j->status;
 	buf[5] = (uint8_t)j->priority;
 	buf[6] = j->group;
@@ -199,6 +212,9 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	p = buf + RECORD_FIXED;
 	for (int i = 0; i < 8; i++)
 		p += put_str(p, strs[i]);
+	le64_put(p, j->run_ms);
+	p += 8;
+	p += put_str(p, j->ran_on);
 	index_record_sum(buf, total - RECORD_SUM_LEN, p);
 	/* The status it had, for the counts (a new job had none). */
 	rc = mdb_get(txn, ix->jobs, &k, &v);
@@ -228,6 +244,9 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 			return index_lmdb_err(ix, rc, "wipe credentials");
 		if ((rc = mdb_del(txn, ix->handles, &k, NULL)) != 0 && rc != MDB_NOTFOUND)
 			return index_lmdb_err(ix, rc, "drop handle");
+		/* The usage ledger, with the final state (SPEC §14). */
+		if (old < JOB_COMPLETE && (rc = index_usage_add(ix, txn, j)) != 0)
+			return rc;
 	}
 	return index_count_move(ix, txn, j->route, old, (int)j->status);
 }

@@ -156,7 +156,7 @@ static void test_foreign(void)
 
 	/* Ours, but from a future format version. */
 	copy_store(dir);
-	REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 32) == 0 &&
+	REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 40) == 0 &&
 			mdb_env_open(env, idx, 0, 0600) == 0,
 		"lmdb");
 	mdb_txn_begin(env, NULL, 0, &txn);
@@ -294,7 +294,7 @@ static void test_record_flip(void)
 	int copies = 0;
 	REQUIRE(file_read_small(data, 1 << 26, &bytes, &len) == 0, "read");
 	int fd = open(data, O_RDWR);
-	for (char *q = bytes; (q = memmem(q, len - (size_t)(q - bytes), "RJ3\0", 4)) != NULL;
+	for (char *q = bytes; (q = memmem(q, len - (size_t)(q - bytes), "RJ4\0", 4)) != NULL;
 	     q++) {
 		if ((size_t)(q - bytes) + 32 > len || memcmp(q + 24, seq8, 8) != 0)
 			continue;
@@ -350,7 +350,7 @@ static void test_set_pages(void)
 	for (int v = 0; v < 2; v++) {
 		copy_store(dir);
 		REQUIRE(mkdir(cidx, 0700) == 0, "mkdir");
-		REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 32) == 0 &&
+		REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 40) == 0 &&
 				mdb_env_open(env, idx, MDB_RDONLY, 0600) == 0 &&
 				mdb_env_copy2(env, cidx, MDB_CP_COMPACT) == 0,
 			"compact copy");
@@ -443,7 +443,7 @@ static void test_owner_records(void)
 	CHECK(fsck_run(dir, out, sizeof(out)) == 0, "fsck of a sound store: %s", out);
 
 	snprintf(idx, sizeof(idx), "%s/index", dir);
-	REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 32) == 0 &&
+	REQUIRE(mdb_env_create(&env) == 0 && mdb_env_set_maxdbs(env, 40) == 0 &&
 			mdb_env_open(env, idx, 0, 0600) == 0,
 		"lmdb");
 	mdb_txn_begin(env, NULL, 0, &txn);
