@@ -43,6 +43,7 @@
 #include "synth.h"
 
 #include "engine_p.h"
+#include "ledger.h"
 #include "webhook.h"
 
 
@@ -679,7 +680,8 @@ int engine_open(struct store *st, const struct engine_options *opt, struct engin
 			w->group = (uint8_t)g;
 			w->gpu = g >= GROUP_GPU0 ? g - GROUP_GPU0 : -1;
 		}
-	if ((rc = remote_open(e, err, errlen)) != 0 || (rc = webhooks_open(e, err, errlen)) != 0) {
+	if ((rc = remote_open(e, err, errlen)) != 0 || (rc = webhooks_open(e, err, errlen)) != 0 ||
+	    (rc = ledger_open(e)) != 0) {
 		engine_close(e);
 		return rc;
 	}
@@ -715,7 +717,7 @@ int engine_start(struct engine *e)
 		engine_stop(e);
 		return -EAGAIN;
 	}
-	if (webhooks_start(e) != 0) {
+	if (webhooks_start(e) != 0 || ledger_start(e) != 0) {
 		engine_stop(e);
 		return -EAGAIN;
 	}
@@ -741,6 +743,7 @@ void engine_stop(struct engine *e)
 	pthread_mutex_unlock(&e->mu);
 	remote_stop(e);
 	webhooks_stop(e);
+	ledger_stop(e);
 	for (size_t i = 0; i < e->nworkers; i++)
 		if (e->workers[i].started) {
 			pthread_join(e->workers[i].tid, NULL);
@@ -759,6 +762,7 @@ void engine_close(struct engine *e)
 	engine_stop(e);
 	remote_close(e);
 	webhooks_close(e);
+	ledger_close(e);
 	route_table_release(&e->routes);
 	free(e->workers);
 	pthread_mutex_destroy(&e->state_mu);

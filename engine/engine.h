@@ -151,6 +151,13 @@ int engine_webhook_secret(struct engine *e, uint32_t uid, char **out, size_t *le
 #define ENGINE_HOOK_SECRET_TEXT_LEN (6 + 44 + 1)
 /* A job's `webhooks` file: each delivery and its attempts. */
 int engine_webhooks_text(struct engine *e, const struct job *j, char **out, size_t *len);
+/* `usage` (SPEC §14): uid's totals as JSON (all: every uid's), per day
+ * and in all; malloc'ed text. */
+int engine_usage_text(struct engine *e, uint32_t uid, bool all, char **out, size_t *len);
+/* Attest the usage from the last attestation to now (ledger/attest);
+ * STORE_E_STATE when no job finished in that period. */
+struct attestation;
+int engine_attest(struct engine *e, struct attestation *out);
 /* `redeliver` (ctl): the job's given-up and gone deliveries go again;
  * -EALREADY when it has none. */
 int engine_redeliver(struct engine *e, const uint8_t id[JOB_ID_LEN]);

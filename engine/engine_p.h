@@ -92,6 +92,7 @@ struct engine {
 
 	struct remote *remote; /* remote.c */
 	struct webhooks *hooks; /* webhook.c */
+	struct ledger *ledger;	/* ledger.c */
 };
 
 /* engine.c */

@@ -198,6 +198,19 @@ int jobview_status_json(struct engine *e, const struct job *j, char **out, size_
 						    ? j->round
 						    : 0));
 	json_object_object_add(o, "route", json_object_new_string(j->route));
+	{
+		/* What its attempts used, as the usage ledger counts it. */
+		json_object *u = json_object_new_object();
+		char secs[32];
+		snprintf(secs, sizeof(secs), "%llu.%03u", (unsigned long long)(j->run_ms / 1000),
+			 (unsigned)(j->run_ms % 1000));
+		json_object_object_add(u, "seconds",
+				       json_object_new_double_s((double)j->run_ms / 1000, secs));
+		json_object_object_add(u, "device",
+				       j->ran_on && j->ran_on[0] ? json_object_new_string(j->ran_on)
+								 : NULL);
+		json_object_object_add(o, "usage", u);
+	}
 	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
 	json_object_object_add(o, "status", json_object_new_string(job_status_name(j->status)));
 	if (j->status == JOB_QUEUED)

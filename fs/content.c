@@ -492,9 +492,51 @@ int static_render(struct fsctx *fs, enum static_node n, uint32_t uid, char **out
 		return engine_webhook_pub(fs->eng, out, len);
 	case SN_HOOKSECRET:
 		return engine_webhook_secret(fs->eng, uid, out, len);
+	case SN_USAGE:
+		return engine_usage_text(fs->eng, uid, uid == 0, out, len);
 	default:
 		return -EINVAL;
 	}
+}
+
+int ledger_at(struct fsctx *fs, uint64_t end_ms, struct attestation *a)
+{
+	size_t n;
+	int rc;
+
+	if (end_ms == 0)
+		return -ENOENT;
+	if ((rc = index_ledger_list(fs->ix, end_ms - 1, a, 1, &n)) != 0)
+		return rc;
+	return n == 1 && a->end_ms == end_ms ? 0 : -ENOENT;
+}
+
+int ledger_lookup(struct fsctx *fs, const char *name, uint64_t *ino)
+{
+	struct attestation a;
+	char stem[sizeof(a.name)];
+	size_t nl = strlen(name);
+	int sub, rc;
+
+	if (strcmp(name, "attest") == 0) {
+		*ino = INO(NK_LEDGER, LEDGER_ATTEST, 0);
+		return 0;
+	}
+	if (nl > 5 && nl - 5 < sizeof(stem) && strcmp(name + nl - 5, ".json") == 0) {
+		sub = LEDGER_JSON;
+		nl -= 5;
+	} else if (nl > 13 && nl - 13 < sizeof(stem) && strcmp(name + nl - 13, ".json.minisig") == 0) {
+		sub = LEDGER_SIG;
+		nl -= 13;
+	} else {
+		return -ENOENT;
+	}
+	memcpy(stem, name, nl);
+	stem[nl] = '\0';
+	if ((rc = index_ledger_find(fs->ix, stem, &a)) != 0)
+		return rc == STORE_E_NOTFOUND ? -ENOENT : rc;
+	*ino = INO(NK_LEDGER, sub, a.end_ms);
+	return 0;
 }
 
 /* keys/<KEYID>.pub: the file in the store's keys/ whose key id (16 hex

@@ -235,6 +235,39 @@ static int dir_cas(struct dirbuf *b, off_t base, off_t off)
 	}
 }
 
+/*
+ * ledger/: `attest`, then each attestation's <period>.json and its
+ * .minisig in chain order; offsets count entries (attestations are few:
+ * one a day), so a listing resumes where it stopped.
+ */
+static int dir_ledger(struct fsctx *fs, struct dirbuf *b, off_t nfixed, off_t off)
+{
+	struct attestation a[16];
+	uint64_t after = 0;
+	off_t ord = nfixed;
+	size_t n;
+	int rc;
+
+	if (ord++ >= off && !dir_add(b, "attest", INO(NK_LEDGER, LEDGER_ATTEST, 0), S_IFREG, ord))
+		return 0;
+	do {
+		if ((rc = index_ledger_list(fs->ix, after, a, 16, &n)) != 0)
+			return rc;
+		for (size_t i = 0; i < n; i++) {
+			char name[sizeof(a[i].name) + 16];
+			after = a[i].end_ms;
+			for (int sig = 0; sig < 2; sig++) {
+				if (ord++ < off)
+					continue;
+				snprintf(name, sizeof(name), "%s.json%s", a[i].name, sig ? ".minisig" : "");
+				if (!dir_add(b, name, INO(NK_LEDGER, sig, a[i].end_ms), S_IFREG, ord))
+					return 0;
+			}
+		}
+	} while (n == 16);
+	return 0;
+}
+
 static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		       struct fuse_file_info *fi, bool plus)
 {
@@ -265,7 +298,9 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		for (int n = 1; n < SN_COUNT; n++) {
 			names[nfixed] = static_names[n];
 			inos[nfixed] = INO(NK_STATIC, 0, n);
-			types[nfixed++] = n == SN_KEYS || n == SN_JOBS || n == SN_CAS ? S_IFDIR : S_IFREG;
+			types[nfixed++] = n == SN_KEYS || n == SN_JOBS || n == SN_CAS || n == SN_LEDGER
+						  ? S_IFDIR
+						  : S_IFREG;
 		}
 		break;
 	case NK_RDIR:
@@ -361,6 +396,8 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		}
 	} else if (INO_KIND(ino) == NK_STATIC && INO_LOW48(ino) == SN_CAS) {
 		rc = dir_cas(&b, nfixed, off);
+	} else if (INO_KIND(ino) == NK_STATIC && INO_LOW48(ino) == SN_LEDGER) {
+		rc = dir_ledger(fs, &b, nfixed, off);
 	}
 done:
 	if (rc == 0) {

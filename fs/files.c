@@ -142,7 +142,8 @@ void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	fi->direct_io = 1;
 	/* libfuse asks for atomic O_TRUNC: only `new` (and ctl) accept it. */
 	if ((fi->flags & O_TRUNC) && INO_KIND(ino) != NK_NEW &&
-	    !(INO_KIND(ino) == NK_JFILE && INO_SUB(ino) == JF_CTL)) {
+	    !(INO_KIND(ino) == NK_JFILE && INO_SUB(ino) == JF_CTL) &&
+	    !(INO_KIND(ino) == NK_LEDGER && INO_SUB(ino) == LEDGER_ATTEST)) {
 		free(h);
 		fuse_reply_err(req, EPERM);
 		return;
@@ -175,6 +176,31 @@ void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	case NK_KEY:
 		rc = key_render(fs, INO_LOW56(ino), &h->buf, &h->len);
 		break;
+	case NK_LEDGER: {
+		struct attestation a;
+		if (INO_SUB(ino) == LEDGER_ATTEST) {
+			/* The store's owner's (and root's): a signed record of
+			 * everyone's usage is theirs to make. */
+			if (c->uid != 0 && c->uid != fs->owner)
+				rc = -EACCES;
+			else if ((fi->flags & O_ACCMODE) == O_RDONLY)
+				rc = -EACCES;
+			else
+				h->kind = FH_ATTEST;
+			break;
+		}
+		if ((rc = ledger_at(fs, INO_LOW48(ino), &a)) != 0)
+			break;
+		if (INO_SUB(ino) == LEDGER_SIG) {
+			if (!(h->buf = strdup(a.sig)))
+				rc = -ENOMEM;
+			else
+				h->len = strlen(a.sig);
+		} else if ((fi->flags & O_ACCMODE) != O_WRONLY) {
+			rc = open_blob(fs, ino, a.hash, h, fi);
+		}
+		break;
+	}
 	case NK_CAS:
 	case NK_CASSIG: {
 		uint8_t hash[32];
@@ -292,6 +318,7 @@ static void op_read_locked(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
 				       h->len - (size_t)off < size ? h->len - (size_t)off : size);
 		return;
 	case FH_CTL:
+	case FH_ATTEST:
 		fuse_reply_buf(req, NULL, 0);
 		return;
 	case FH_LOG:
@@ -395,6 +422,21 @@ static void op_write_locked(fuse_req_t req, fuse_ino_t ino, const char *data, si
 			reply_err(req, rc);
 		else
 			fuse_reply_write(req, size);
+		return;
+	}
+	if (h->kind == FH_ATTEST) {
+		/* Any write attests the period from the last attestation to
+		 * now ("attest\n" by convention); EALREADY if it is empty. */
+		struct attestation a;
+		int rc = engine_attest(fs->eng, &a);
+		if (rc == STORE_E_STATE)
+			rc = -EALREADY;
+		if (rc) {
+			fprintf(stderr, "renderfs: attest: %s\n", store_lasterr());
+			reply_err(req, rc);
+		} else {
+			fuse_reply_write(req, size);
+		}
 		return;
 	}
 	fuse_reply_err(req, EPERM);

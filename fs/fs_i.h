@@ -18,6 +18,9 @@
  *   KEY    kind    low 56 bits of the key number: keys/<KEYID>.pub
  *   CAS    kind    first 7 bytes of the blob hash: cas/<hex>
  *   CASSIG kind    the same: cas/<hex>.minisig
+ *   LEDGER kind    0 json, 1 its .minisig, 2 `attest`
+ *                              end of the attestation's period (ms; 0 for
+ *                              attest): ledger/<period>.json[.minisig]
  */
 #ifndef RENDERFS_FS_I_H
 #define RENDERFS_FS_I_H
@@ -41,6 +44,7 @@ enum node_kind {
 	NK_KEY = 8,
 	NK_CAS = 9,
 	NK_CASSIG = 10,
+	NK_LEDGER = 11,
 };
 
 enum static_node {
@@ -53,6 +57,8 @@ enum static_node {
 	SN_CAS,
 	SN_HOOKPUB,    /* webhook.pub (SPEC §13) */
 	SN_HOOKSECRET, /* webhook.secret: the caller's own */
+	SN_USAGE,      /* usage: the caller's ledger (root: everyone's), SPEC §14 */
+	SN_LEDGER,     /* ledger/: attestations */
 	SN_COUNT,
 };
 
@@ -198,6 +204,13 @@ int jf_size(struct fsctx *fs, const struct job *j, enum job_file f, uint64_t *si
 /* uid: the caller's (webhook.secret is theirs). */
 int static_render(struct fsctx *fs, enum static_node n, uint32_t uid, char **out, size_t *len);
 int key_render(struct fsctx *fs, uint64_t low56, char **out, size_t *len);
+/* ledger/: the attestation whose period ends at end_ms (-ENOENT: none),
+ * and the node of a name in ledger/ (-ENOENT: none). */
+#define LEDGER_JSON 0
+#define LEDGER_SIG 1
+#define LEDGER_ATTEST 2
+int ledger_at(struct fsctx *fs, uint64_t end_ms, struct attestation *a);
+int ledger_lookup(struct fsctx *fs, const char *name, uint64_t *ino);
 /* The key id of a keys/ file name "<16 HEX>.pub"; -ENOENT for others. */
 int key_file_id(const char *name, uint64_t *id);
 /* cas/<hex>.minisig for a blob of size bytes, and its length. */

@@ -239,11 +239,11 @@ int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
 	switch (INO_KIND(ino)) {
 	case NK_ROOT:
 		attr_base(fs, st, ino, S_IFDIR | 0755, fs->mount_ms);
-		st->st_nlink = 2 + 3 + fs->top_dirs;
+		st->st_nlink = 2 + 4 + fs->top_dirs; /* keys, jobs, cas, ledger */
 		return 0;
 	case NK_STATIC: {
 		unsigned n = (unsigned)INO_LOW48(ino);
-		if (n == SN_KEYS || n == SN_JOBS || n == SN_CAS) {
+		if (n == SN_KEYS || n == SN_JOBS || n == SN_CAS || n == SN_LEDGER) {
 			attr_base(fs, st, ino, S_IFDIR | (n == SN_CAS ? 0711 : 0755), fs->mount_ms);
 			return 0;
 		}
@@ -256,6 +256,16 @@ int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
 			st->st_uid = fuse_req_ctx(req)->uid;
 			st->st_gid = fuse_req_ctx(req)->gid;
 			size_attr(st, ENGINE_HOOK_SECRET_TEXT_LEN);
+			return 0;
+		}
+		if (n == SN_USAGE) {
+			/* The caller's: its size is its content's for the caller. */
+			if ((rc = static_render(fs, SN_USAGE, fuse_req_ctx(req)->uid, &text,
+						&len)) != 0)
+				return rc;
+			free(text);
+			attr_base(fs, st, ino, S_IFREG | 0444, now_ms());
+			size_attr(st, len);
 			return 0;
 		}
 		if ((rc = static_render(fs, (enum static_node)n, 0, &text, &len)) != 0)
@@ -322,6 +332,21 @@ int fill_attr(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct stat *st)
 		attr_base(fs, st, ino, S_IFREG | 0444, fs->mount_ms);
 		size_attr(st, len);
 		return 0;
+	case NK_LEDGER: {
+		struct attestation a;
+		if (INO_SUB(ino) == LEDGER_ATTEST) {
+			/* Written by the store's owner (or root) to attest now. */
+			attr_base(fs, st, ino, S_IFREG | 0200, fs->mount_ms);
+			return 0;
+		}
+		if (INO_SUB(ino) > LEDGER_SIG)
+			return -ENOENT;
+		if ((rc = ledger_at(fs, INO_LOW48(ino), &a)) != 0)
+			return rc;
+		attr_base(fs, st, ino, S_IFREG | 0444, a.end_ms);
+		size_attr(st, INO_SUB(ino) == LEDGER_JSON ? a.size : strlen(a.sig));
+		return 0;
+	}
 	case NK_CAS:
 	case NK_CASSIG: {
 		uint8_t hash[32];
@@ -361,9 +386,12 @@ double attr_timeout(struct fsctx *fs, uint64_t ino)
 	case NK_KEY:
 		return STATIC_TIMEOUT;
 	case NK_STATIC:
-		/* stats changes at every read; webhook.secret is each caller's. */
-		return INO_LOW48(ino) == SN_STATS || INO_LOW48(ino) == SN_HOOKSECRET ? 0.0
-										     : STATIC_TIMEOUT;
+		/* stats changes at every read; webhook.secret and usage are
+		 * each caller's. */
+		return INO_LOW48(ino) == SN_STATS || INO_LOW48(ino) == SN_HOOKSECRET ||
+				       INO_LOW48(ino) == SN_USAGE
+			       ? 0.0
+			       : STATIC_TIMEOUT;
 	case NK_JOB:
 	case NK_JLINK:
 		return fs->notifier && !fs->private_ ? JOB_ENTRY_TIMEOUT : 0.0;
@@ -402,7 +430,7 @@ void reply_entry(fuse_req_t req, struct fsctx *fs, uint64_t ino)
 
 const char *const static_names[SN_COUNT] = {
 	NULL, "README", "models.json", "stats", "render.pub", "keys", "jobs", "cas",
-	"webhook.pub", "webhook.secret",
+	"webhook.pub", "webhook.secret", "usage", "ledger",
 };
 
 int lookup_job(struct fsctx *fs, fuse_req_t req, const char *route, const char *name,
@@ -446,7 +474,8 @@ static int lookup_dots(struct fsctx *fs, fuse_req_t req, uint64_t dir, const cha
 	case NK_STATIC:
 		*ino = FUSE_ROOT_ID;
 		return INO_KIND(dir) == NK_ROOT || INO_LOW48(dir) == SN_KEYS ||
-				       INO_LOW48(dir) == SN_JOBS || INO_LOW48(dir) == SN_CAS
+				       INO_LOW48(dir) == SN_JOBS || INO_LOW48(dir) == SN_CAS ||
+				       INO_LOW48(dir) == SN_LEDGER
 			       ? 0
 			       : -ENOTDIR;
 	case NK_RDIR:
@@ -520,6 +549,8 @@ static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const c
 			*ino = INO(NK_KEY, 0, 0) | (k & 0xffffffffffffffull);
 			return key_render(fs, INO_LOW56(*ino), NULL, NULL);
 		}
+		if (INO_LOW48(parent) == SN_LEDGER)
+			return ledger_lookup(fs, name, ino);
 		if (INO_LOW48(parent) == SN_CAS) {
 			uint8_t hash[32];
 			size_t nl = strlen(name);
@@ -650,7 +681,9 @@ void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
 
 	/* `echo > new` truncates first: nothing to truncate. Time updates are
 	 * accepted and ignored (times are the job's own). */
-	if ((to_set & FUSE_SET_ATTR_SIZE) && INO_KIND(ino) == NK_NEW && attr->st_size == 0)
+	if ((to_set & FUSE_SET_ATTR_SIZE) && attr->st_size == 0 &&
+	    (INO_KIND(ino) == NK_NEW ||
+	     (INO_KIND(ino) == NK_LEDGER && INO_SUB(ino) == LEDGER_ATTEST)))
 		to_set &= ~FUSE_SET_ATTR_SIZE;
 	if (to_set & ~times) {
 		fuse_reply_err(req, EPERM);

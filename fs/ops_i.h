@@ -15,7 +15,7 @@
 
 #include "fs_i.h"
 
-enum fh_kind { FH_BUF, FH_BLOB, FH_READER, FH_LOG, FH_CTL, FH_NEW };
+enum fh_kind { FH_BUF, FH_BLOB, FH_READER, FH_LOG, FH_CTL, FH_NEW, FH_ATTEST };
 
 struct fh {
 	enum fh_kind kind;

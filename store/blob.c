@@ -190,6 +190,58 @@ void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf
 	snprintf(buf, bufsz, "%s/blobs/%.2s/%s", st->dir, hex, hex);
 }
 
+/* Make the sink's file the blob file at path (in dir), durably. */
+static int sink_place(struct store *st, struct store_sink *s, const char *path, const char *dir)
+{
+	int rc;
+
+	if (fchmod(s->fd, 0444) != 0 || fsync(s->fd) != 0)
+		return store_seterr(-errno, "cannot write '%s': %s", s->path, strerror(errno));
+	if (mkdir(dir, 0755) == 0) {
+		/* The new folder's own entry must be durable too. */
+		char parent[4200];
+
+		snprintf(parent, sizeof(parent), "%s/blobs", st->dir);
+		if ((rc = dir_fsync(parent)) != 0)
+			return rc;
+	} else if (errno != EEXIST) {
+		return store_seterr(-errno, "cannot create '%s': %s", dir, strerror(errno));
+	}
+	if (rename(s->path, path) != 0)
+		return store_seterr(-errno, "cannot rename '%s' to '%s': %s", s->path, path,
+				    strerror(errno));
+	s->path[0] = '\0';
+	return dir_fsync(dir);
+}
+
+static void sink_free(struct store_sink *s)
+{
+	close(s->fd);
+	if (s->path[0])
+		unlink(s->path);
+	free(s->stage);
+	free(s->cvs);
+	free(s);
+}
+
+int store_blob_write(struct store *st, const void *data, size_t len, uint8_t hash[B3_OUT_LEN])
+{
+	struct store_sink *s;
+	char path[4200], dir[4200];
+	int rc;
+
+	if ((rc = store_sink_open(st, &s)) != 0)
+		return rc;
+	if ((rc = sink_take(s, data, len)) == 0 && (rc = sink_finish(s, hash)) == 0) {
+		store_blob_path(st, hash, path, sizeof(path));
+		snprintf(dir, sizeof(dir), "%.*s", (int)(strrchr(path, '/') - path), path);
+		if (access(path, F_OK) != 0)
+			rc = sink_place(st, s, path, dir);
+	}
+	sink_free(s);
+	return rc;
+}
+
 static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_sink *s,
 		  const char *media_type, const char *device, unsigned extra,
 		  uint8_t hash_out[B3_OUT_LEN]);
@@ -228,32 +280,8 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 	dedup = rc == 0 && access(path, F_OK) == 0;
 	if (rc != 0 && rc != STORE_E_NOTFOUND)
 		goto unlock;
-	if (!dedup) {
-		if (fchmod(s->fd, 0444) != 0 || fsync(s->fd) != 0) {
-			rc = store_seterr(-errno, "cannot write '%s': %s", s->path,
-					  strerror(errno));
-			goto unlock;
-		}
-		if (mkdir(dir, 0755) == 0) {
-			/* The new folder's own entry must be durable too. */
-			char parent[4200];
-
-			snprintf(parent, sizeof(parent), "%s/blobs", st->dir);
-			if ((rc = dir_fsync(parent)) != 0)
-				goto unlock;
-		} else if (errno != EEXIST) {
-			rc = store_seterr(-errno, "cannot create '%s': %s", dir, strerror(errno));
-			goto unlock;
-		}
-		if (rename(s->path, path) != 0) {
-			rc = store_seterr(-errno, "cannot rename '%s' to '%s': %s", s->path, path,
-					  strerror(errno));
-			goto unlock;
-		}
-		s->path[0] = '\0';
-		if ((rc = dir_fsync(dir)) != 0)
-			goto unlock;
-	}
+	if (!dedup && (rc = sink_place(st, s, path, dir)) != 0)
+		goto unlock;
 	rc = extra ? index_job_attach_extra(st->ix, job, extra, hash, s->size, media_type)
 		   : index_job_attach_output(st->ix, job, hash, s->size, media_type, device, false);
 	if (rc == 0) {
@@ -275,12 +303,7 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 unlock:
 	pthread_mutex_unlock(&st->blob_mu);
 fail:
-	close(s->fd);
-	if (s->path[0])
-		unlink(s->path);
-	free(s->stage);
-	free(s->cvs);
-	free(s);
+	sink_free(s);
 	return rc;
 }
 

@@ -220,6 +220,38 @@ static void count_extras(struct fsck *f, MDB_txn *txn, const struct job *j, bool
 	mdb_cursor_close(cur);
 }
 
+/* A final job's usage is in the ledger as its record says (SPEC §14). */
+static void check_ledger_entry(struct fsck *f, MDB_txn *txn, const struct job *j, const char *id)
+{
+	struct ledger_entry want, got;
+	int rc;
+
+	if (index_usage_entry(f->ix, txn, j, &want) != 0) {
+		problem(f, "job %s: %s", id, store_lasterr());
+		return;
+	}
+	rc = index_journal_get(f->ix, txn, j->completed_ms, j->id, &got);
+	if (rc == STORE_E_NOTFOUND) {
+		problem(f, "job %s (%s) is missing from the usage ledger", id,
+			job_status_name(j->status));
+		return;
+	}
+	if (rc) {
+		problem(f, "job %s: %s", id, store_lasterr());
+		return;
+	}
+	if (got.uid != want.uid || got.outcome != want.outcome || got.cached != want.cached ||
+	    got.run_ms != want.run_ms || got.bytes != want.bytes ||
+	    strcmp(got.route, want.route) != 0 || strcmp(got.kind, want.kind) != 0)
+		problem(f,
+			"job %s: its usage ledger entry (uid %u, %s, %llu ms on '%s', %llu bytes%s) "
+			"differs from its record (uid %u, %s, %llu ms on '%s', %llu bytes%s)",
+			id, got.uid, job_status_name(got.outcome), (unsigned long long)got.run_ms,
+			got.kind, (unsigned long long)got.bytes, got.cached ? ", cached" : "",
+			want.uid, job_status_name(want.outcome), (unsigned long long)want.run_ms,
+			want.kind, (unsigned long long)want.bytes, want.cached ? ", cached" : "");
+}
+
 static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_t *depth)
 {
 	char id[JOB_ID_STR_LEN + 1];
@@ -271,6 +303,8 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 	}
 	if (!key_exists(txn, f->ix->requests, j->id, JOB_ID_LEN))
 		problem(f, "job %s has no stored request", id);
+	if (j->status >= JOB_COMPLETE)
+		check_ledger_entry(f, txn, j, id);
 	missing = index_job_listed(f->ix, txn, j);
 	if (missing & 1)
 		problem(f, "job %s is missing from the route listing", id);
@@ -278,6 +312,31 @@ static void check_job(struct fsck *f, MDB_txn *txn, const struct job *j, uint64_
 		problem(f, "job %s is missing from its owner's listing", id);
 	if (missing & 4)
 		problem(f, "job %s is missing from the sequence map", id);
+}
+
+/* Each attestation of the usage ledger holds a reference on its blob
+ * (owner uid 0); the attestations themselves are checked by renderctl
+ * (ledger_fsck, which reads their JSON). */
+static void count_attestations(struct fsck *f)
+{
+	struct attestation a[16];
+	uint64_t after = 0;
+	size_t n;
+
+	do {
+		if (index_ledger_list(f->ix, after, a, 16, &n) != 0) {
+			problem(f, "cannot read the usage attestations: %s", store_lasterr());
+			return;
+		}
+		for (size_t i = 0; i < n; i++) {
+			struct refcount_entry *e = tab_find(f, a[i].hash, true);
+			if (e)
+				e->count++;
+			if ((e = tab_find_user(f, a[i].hash, 0, true)) != NULL)
+				e->count++;
+			after = a[i].end_ms;
+		}
+	} while (n == 16);
 }
 
 static void check_jobs(struct fsck *f, MDB_txn *txn)
@@ -944,6 +1003,7 @@ long store_fsck(const char *dir, FILE *out)
 		return 1;
 	}
 	check_jobs(&f, txn);
+	count_attestations(&f);
 	check_blobs(&f, txn);
 	check_blob_files(&f, txn);
 	check_lost_found(&f);

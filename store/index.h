@@ -774,10 +774,8 @@ struct ledger_entry {
 	char route[INDEX_ROUTE_MAX + 1];
 	char kind[INDEX_ROUTE_MAX + 1];
 };
-/* The ledger entry a final job makes (what the journal must hold). */
-int index_ledger_entry_of(struct index *ix, const struct job *j, struct ledger_entry *e);
 /* The journal's entries with from_ms < at_ms <= to_ms, in time order:
- * fn for each, stopping at its first non-zero return. */
+ * fn for each; its first non-zero return stops the walk and is returned. */
 int index_journal_walk(struct index *ix, uint64_t from_ms, uint64_t to_ms,
 		       int (*fn)(const struct ledger_entry *e, void *arg), void *arg);
 /* The last journal entry's time (0: none). */
@@ -799,13 +797,25 @@ int index_ledger_list(struct index *ix, uint64_t after, struct attestation *out,
 int index_ledger_last(struct index *ix, struct attestation *out);
 /* The attestation named name; STORE_E_NOTFOUND if none. */
 int index_ledger_find(struct index *ix, const char *name, struct attestation *out);
+/* What makes an attestation: called by index_ledger_attest inside the
+ * index's write lock (no index calls; the blob file and signature only). */
+struct ledger_maker {
+	/* The period from_ms < t <= end_ms; prev: the last attestation. */
+	int (*begin)(void *arg, uint64_t from_ms, uint64_t end_ms, const struct attestation *prev);
+	int (*entry)(void *arg, const struct ledger_entry *e); /* each, in order */
+	/* The blob file is written (store_blob_write): name, hash, size, sig. */
+	int (*finish)(void *arg, struct attestation *a);
+	void *arg;
+};
 /*
- * Add an attestation whose blob file is in place: its record and a
- * reference on the blob, in one transaction. STORE_E_STATE when a.from_ms
- * is not the last attestation's end (another came first) or the name is
- * taken.
+ * Attest the period from the last attestation's end (0: the first) to
+ * end_ms (0: now, read in the write lock, so that no job finishing in the
+ * period can commit after it): the maker sees its journal entries, and
+ * the record and a reference on its blob (owner uid 0) are written in
+ * that transaction. STORE_E_STATE when the period is empty (attested).
  */
-int index_ledger_add(struct index *ix, const struct attestation *a);
+int index_ledger_attest(struct index *ix, uint64_t end_ms, const struct ledger_maker *m,
+			struct attestation *out);
 
 /* ---- ULIDs ---- */
 

@@ -96,8 +96,17 @@ int index_decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_v
 int index_hooks_on_put(struct index *ix, MDB_txn *txn, const struct job *j, int old_status,
 		       uint8_t old_flags, uint16_t old_progress, const uint8_t *rec, size_t len);
 /* index_usage.c: the ledger entry and totals of a job that reached a final
- * state (index_put_job; the format 14 upgrade for every final job). */
-int index_usage_add(struct index *ix, MDB_txn *txn, const struct job *j);
+ * state at completed_ms (index_put_job; the format 14 upgrade for every
+ * final job). */
+int index_usage_add(struct index *ix, MDB_txn *txn, const struct job *j, uint64_t completed_ms);
+/* *at_ms, or the first time after it, without a journal entry of job id. */
+int index_journal_free_time(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN],
+			    uint64_t *at_ms);
+/* The ledger entry a final job makes (fsck: what the journal must hold),
+ * and the journal's entry at (at_ms, id) (STORE_E_NOTFOUND: none). */
+int index_usage_entry(struct index *ix, MDB_txn *txn, const struct job *j, struct ledger_entry *e);
+int index_journal_get(struct index *ix, MDB_txn *txn, uint64_t at_ms, const uint8_t id[JOB_ID_LEN],
+		      struct ledger_entry *e);
 /* index_hooks.c: a job's webhook (at creation) and its end (at delete). */
 int index_hooks_create(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN],
 		       const char *url, uint8_t events);

@@ -185,7 +185,7 @@ static int upgrade_3(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 static int upgrade_14_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
 	(void)arg;
-	return j->status >= JOB_COMPLETE ? index_usage_add(ix, txn, j) : 0;
+	return j->status >= JOB_COMPLETE ? index_usage_add(ix, txn, j, j->completed_ms) : 0;
 }
 
 /*

@@ -177,8 +177,22 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	size_t total = RECORD_FIXED + 8 + RECORD_SUM_LEN;
 	uint8_t *buf, *p;
 	MDB_val k = {JOB_ID_LEN, (void *)j->id}, v;
+	uint64_t completed = j->completed_ms;
 	int rc;
 
+	/* The status it had, for the counts (a new job had none). */
+	rc = mdb_get(txn, ix->jobs, &k, &v);
+	if (rc && rc != MDB_NOTFOUND)
+		return index_lmdb_err(ix, rc, "read job");
+	int old = rc == 0 && v.mv_size > 4 ? ((const uint8_t *)v.mv_data)[4] : -1;
+	const uint8_t *ov = rc == 0 && v.mv_size >= RECORD_FIXED ? v.mv_data : NULL;
+	uint8_t old_flags = ov ? ov[7] : 0;
+	uint16_t old_progress = ov ? (uint16_t)(ov[20] | ov[21] << 8) : 0;
+	/* Reaching a final state: the ledger entry's time, unique for the
+	 * job (a retried job may end again within the millisecond). */
+	if (j->status >= JOB_COMPLETE && old < JOB_COMPLETE &&
+	    (rc = index_journal_free_time(ix, txn, j->id, &completed)) != 0)
+		return rc;
 	for (int i = 0; i < 8; i++) {
 		size_t len = str_len(strs[i]);
 		total += (len < 0x80 ? 1 : 2) + len;
@@ -202,7 +216,7 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	le64_put(buf + 24, j->seq);
 	le64_put(buf + 32, j->created_ms);
 	le64_put(buf + 40, j->started_ms);
-	le64_put(buf + 48, j->completed_ms);
+	le64_put(buf + 48, completed);
 	le64_put(buf + 56, j->updated_ms);
 	le64_put(buf + 64, j->timeout_ms);
 	le64_put(buf + 72, j->log_size);
@@ -216,16 +230,6 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 	p += 8;
 	p += put_str(p, j->ran_on);
 	index_record_sum(buf, total - RECORD_SUM_LEN, p);
-	/* The status it had, for the counts (a new job had none). */
-	rc = mdb_get(txn, ix->jobs, &k, &v);
-	if (rc && rc != MDB_NOTFOUND) {
-		free(buf);
-		return index_lmdb_err(ix, rc, "read job");
-	}
-	int old = rc == 0 && v.mv_size > 4 ? ((const uint8_t *)v.mv_data)[4] : -1;
-	const uint8_t *ov = rc == 0 && v.mv_size >= RECORD_FIXED ? v.mv_data : NULL;
-	uint8_t old_flags = ov ? ov[7] : 0;
-	uint16_t old_progress = ov ? (uint16_t)(ov[20] | ov[21] << 8) : 0;
 	v.mv_size = total;
 	v.mv_data = buf;
 	if ((rc = mdb_put(txn, ix->jobs, &k, &v, 0)) != 0)
@@ -245,7 +249,7 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 		if ((rc = mdb_del(txn, ix->handles, &k, NULL)) != 0 && rc != MDB_NOTFOUND)
 			return index_lmdb_err(ix, rc, "drop handle");
 		/* The usage ledger, with the final state (SPEC §14). */
-		if (old < JOB_COMPLETE && (rc = index_usage_add(ix, txn, j)) != 0)
+		if (old < JOB_COMPLETE && (rc = index_usage_add(ix, txn, j, completed)) != 0)
 			return rc;
 	}
 	return index_count_move(ix, txn, j->route, old, (int)j->status);

@@ -191,19 +191,37 @@ static int bump(struct index *ix, MDB_txn *txn, uint32_t uid, uint32_t day, char
 	return rc ? index_lmdb_err(ix, rc, "write usage") : 0;
 }
 
-int index_usage_add(struct index *ix, MDB_txn *txn, const struct job *j)
+int index_journal_free_time(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN],
+			    uint64_t *at_ms)
+{
+	uint8_t key[JOURNAL_KEY_LEN];
+	MDB_val k = {sizeof(key), key}, v;
+	int rc;
+
+	memcpy(key + 8, id, JOB_ID_LEN);
+	for (;; (*at_ms)++) {
+		be64_put(key, *at_ms);
+		if ((rc = mdb_get(txn, ix->journal, &k, &v)) == MDB_NOTFOUND)
+			return 0;
+		if (rc)
+			return index_lmdb_err(ix, rc, "read ledger");
+	}
+}
+
+int index_usage_add(struct index *ix, MDB_txn *txn, const struct job *j, uint64_t completed_ms)
 {
 	struct ledger_entry e;
 	uint8_t key[JOURNAL_KEY_LEN], buf[ENTRY_FIXED + 2 * (2 + INDEX_ROUTE_MAX) + RECORD_SUM_LEN];
 	char name[USAGE_NAME_MAX + 1];
 	MDB_val k = {sizeof(key), key}, v;
-	uint32_t day = (uint32_t)(j->completed_ms / DAY_MS);
+	uint32_t day = (uint32_t)(completed_ms / DAY_MS);
 	const char *outcome = job_status_name(j->status);
 	size_t rlen = strlen(j->route);
 	int rc;
 
 	if ((rc = entry_of(ix, txn, j, &e)) != 0)
 		return rc;
+	e.at_ms = completed_ms;
 	be64_put(key, e.at_ms);
 	memcpy(key + 8, e.id, JOB_ID_LEN);
 	v.mv_size = encode_entry(&e, buf);
@@ -227,21 +245,23 @@ int index_usage_add(struct index *ix, MDB_txn *txn, const struct job *j)
 	return 0;
 }
 
-struct entry_arg {
-	const struct job *j;
-	struct ledger_entry *e;
-};
-
-static int entry_fn(struct index *ix, MDB_txn *txn, void *arg)
+int index_usage_entry(struct index *ix, MDB_txn *txn, const struct job *j, struct ledger_entry *e)
 {
-	struct entry_arg *a = arg;
-	return entry_of(ix, txn, a->j, a->e);
+	return entry_of(ix, txn, j, e);
 }
 
-int index_ledger_entry_of(struct index *ix, const struct job *j, struct ledger_entry *e)
+int index_journal_get(struct index *ix, MDB_txn *txn, uint64_t at_ms, const uint8_t id[JOB_ID_LEN],
+		      struct ledger_entry *e)
 {
-	struct entry_arg a = {j, e};
-	return index_read(ix, entry_fn, &a);
+	uint8_t key[JOURNAL_KEY_LEN];
+	MDB_val k = {sizeof(key), key}, v;
+	int rc;
+
+	be64_put(key, at_ms);
+	memcpy(key + 8, id, JOB_ID_LEN);
+	if ((rc = mdb_get(txn, ix->journal, &k, &v)) != 0)
+		return index_lmdb_err(ix, rc, "read ledger entry");
+	return decode_entry(ix, &k, &v, e);
 }
 
 /* ---- reading the totals ---- */
@@ -258,7 +278,7 @@ static int rows_fn(struct index *ix, MDB_txn *txn, void *arg)
 	uint8_t start[8];
 	MDB_cursor *cur;
 	MDB_val k, v;
-	int rc;
+	int rc, stop = 0;
 
 	if ((rc = mdb_cursor_open(txn, ix->usage, &cur)) != 0)
 		return index_lmdb_err(ix, rc, "read usage");
@@ -292,10 +312,12 @@ static int rows_fn(struct index *ix, MDB_txn *txn, void *arg)
 		memcpy(r.name, p + 9, r.nlen);
 		r.name[r.nlen] = '\0';
 		r.value = le64_get(v.mv_data);
-		if ((rc = a->fn(&r, a->arg)) != 0)
+		if ((stop = a->fn(&r, a->arg)) != 0)
 			break;
 	}
 	mdb_cursor_close(cur);
+	if (stop)
+		return stop;
 	if (rc == MDB_NOTFOUND)
 		return 0;
 	return rc > 0 ? index_lmdb_err(ix, rc, "read usage") : rc;
@@ -324,7 +346,7 @@ static int walk_fn(struct index *ix, MDB_txn *txn, void *arg)
 	uint8_t start[8];
 	MDB_cursor *cur;
 	MDB_val k = {sizeof(start), start}, v;
-	int rc;
+	int rc, stop = 0;
 
 	if ((rc = mdb_cursor_open(txn, ix->journal, &cur)) != 0)
 		return index_lmdb_err(ix, rc, "read ledger");
@@ -339,10 +361,12 @@ static int walk_fn(struct index *ix, MDB_txn *txn, void *arg)
 			rc = MDB_NOTFOUND;
 			break;
 		}
-		if ((rc = a->fn(&e, a->arg)) != 0)
+		if ((stop = a->fn(&e, a->arg)) != 0)
 			break;
 	}
 	mdb_cursor_close(cur);
+	if (stop)
+		return stop;
 	if (rc == MDB_NOTFOUND)
 		return 0;
 	return rc > 0 ? index_lmdb_err(ix, rc, "read ledger") : rc;
@@ -470,58 +494,91 @@ int index_ledger_find(struct index *ix, const char *name, struct attestation *ou
 	return rc ? rc : n ? 0 : STORE_E_NOTFOUND;
 }
 
-static int add_fn(struct index *ix, MDB_txn *txn, void *arg)
+struct attest_arg {
+	uint64_t end;
+	const struct ledger_maker *m;
+	struct attestation *out;
+};
+
+/* In the write lock: every job change before it is in the journal, every
+ * one after it has a later completion time, so the period's entries are
+ * exactly those it reads. */
+static int attest_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
-	const struct attestation *a = arg;
+	struct attest_arg *a = arg;
+	struct attestation *out = a->out, last;
 	uint8_t key[8], buf[ATT_FIXED + 2 + 64 + 2 + LEDGER_SIG_MAX + RECORD_SUM_LEN], *p = buf;
 	MDB_cursor *cur;
 	MDB_val k, v;
-	bool freed = false;
-	uint64_t last_end = 0;
+	bool have_last = false, freed = false;
+	uint64_t end = a->end ? a->end : now_ms();
 	int rc;
 
 	/* The chain: this one starts where the last one ended. */
 	if ((rc = mdb_cursor_open(txn, ix->ledger, &cur)) != 0)
 		return index_lmdb_err(ix, rc, "read ledger");
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	if (rc == 0 && (rc = decode_att(ix, &k, &v, &last)) == 0)
+		have_last = true;
+	mdb_cursor_close(cur);
+	if (rc && rc != MDB_NOTFOUND)
+		return rc > 0 ? index_lmdb_err(ix, rc, "read ledger") : rc;
+	memset(out, 0, sizeof(*out));
+	out->from_ms = have_last ? last.end_ms : 0;
+	out->end_ms = end;
+	if (end <= out->from_ms)
+		return store_seterr(STORE_E_STATE, "the period to %llu ms is attested already",
+				    (unsigned long long)end);
+	if ((rc = a->m->begin(a->m->arg, out->from_ms, end, have_last ? &last : NULL)) != 0)
+		return rc;
+	if ((rc = mdb_cursor_open(txn, ix->journal, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "read ledger");
+	be64_put(key, out->from_ms + 1);
+	k.mv_size = sizeof(key);
+	k.mv_data = key;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
 	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		struct attestation o;
+		struct ledger_entry e;
 
-		if ((rc = decode_att(ix, &k, &v, &o)) != 0)
+		if ((rc = decode_entry(ix, &k, &v, &e)) != 0)
 			break;
-		if (strcmp(o.name, a->name) == 0) {
-			rc = store_seterr(STORE_E_STATE, "an attestation named '%s' exists", a->name);
+		if (e.at_ms > end) {
+			rc = MDB_NOTFOUND;
 			break;
 		}
-		last_end = o.end_ms;
+		if ((rc = a->m->entry(a->m->arg, &e)) != 0)
+			break;
 	}
 	mdb_cursor_close(cur);
 	if (rc != MDB_NOTFOUND)
 		return rc > 0 ? index_lmdb_err(ix, rc, "read ledger") : rc;
-	if (a->from_ms != last_end || a->end_ms <= a->from_ms)
-		return store_seterr(STORE_E_STATE, "the ledger's last attestation ends at %llu, not "
-						   "%llu",
-				    (unsigned long long)last_end, (unsigned long long)a->from_ms);
-	le64_put(p, a->from_ms);
-	memcpy(p + 8, a->hash, INDEX_HASH_LEN);
-	le64_put(p + 40, a->size);
+	if ((rc = a->m->finish(a->m->arg, out)) != 0)
+		return rc;
+	if (!out->name[0] || strchr(out->name, '/') || out->name[0] == '.' ||
+	    strnlen(out->sig, LEDGER_SIG_MAX + 1) > LEDGER_SIG_MAX)
+		return store_seterr(-EINVAL, "bad attestation '%s'", out->name);
+	le64_put(p, out->from_ms);
+	memcpy(p + 8, out->hash, INDEX_HASH_LEN);
+	le64_put(p + 40, out->size);
 	p += ATT_FIXED;
-	p += put_str(p, a->name, strnlen(a->name, 63));
-	p += put_str(p, a->sig, strnlen(a->sig, LEDGER_SIG_MAX));
+	p += put_str(p, out->name, strnlen(out->name, 63));
+	p += put_str(p, out->sig, strlen(out->sig));
 	index_record_sum(buf, (size_t)(p - buf), p);
-	be64_put(key, a->end_ms);
+	be64_put(key, end);
 	k.mv_size = sizeof(key);
 	k.mv_data = key;
 	v.mv_size = (size_t)(p - buf) + RECORD_SUM_LEN;
 	v.mv_data = buf;
 	if ((rc = mdb_put(txn, ix->ledger, &k, &v, 0)) != 0)
 		return index_lmdb_err(ix, rc, "write attestation");
-	return index_blob_ref(ix, txn, a->hash, a->size, "application/json", 0, NULL, 1, &freed);
+	return index_blob_ref(ix, txn, out->hash, out->size, "application/json", 0, NULL, 1,
+			      &freed);
 }
 
-int index_ledger_add(struct index *ix, const struct attestation *a)
+int index_ledger_attest(struct index *ix, uint64_t end_ms, const struct ledger_maker *m,
+			struct attestation *out)
 {
-	if (!a->name[0] || strchr(a->name, '/') || a->name[0] == '.')
-		return store_seterr(-EINVAL, "bad attestation name '%s'", a->name);
-	return index_write(ix, add_fn, (void *)a);
+	struct attest_arg a = {end_ms, m, out};
+
+	return index_write(ix, attest_fn, &a);
 }

@@ -101,6 +101,13 @@ int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
 int store_job_commit_extra(struct store *st, const uint8_t job[JOB_ID_LEN], unsigned n,
 			   struct store_sink *s, const char *media_type, uint8_t hash_out[B3_OUT_LEN]);
 
+/*
+ * Write data as a blob file (durable), without an index entry: the
+ * caller's index write that follows references it (an attestation;
+ * until then store_gc() would take it to lost+found). hash: its BLAKE3.
+ */
+int store_blob_write(struct store *st, const void *data, size_t len, uint8_t hash[B3_OUT_LEN]);
+
 /* Path of a blob file: <store>/blobs/ab/<hex>. */
 void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf,
 		     size_t bufsz);

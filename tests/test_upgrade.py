@@ -37,7 +37,7 @@ def test_old_store_is_upgraded(tmp_path, mount_factory, renderctl, fmt):
         in r.stdout
 
     m = mount_factory(["workers=0"], store=store)
-    read = len(expected) if fmt <= 3 else 0  # the steps after 3 read no job
+    read = len(expected)  # steps 1-3 and 14 (the usage ledger) read every job
     assert f"upgraded the index of '{store}' from format {fmt} to {now} ({read} jobs)" \
         in m.log()
     listed = {e for route in (IMAGE, WAN) for e in os.listdir(m.route(route))
@@ -51,6 +51,8 @@ def test_old_store_is_upgraded(tmp_path, mount_factory, renderctl, fmt):
         assert got.pop("retry_at") is None  # added in format 5
         want.pop("retry_at", None)
         assert got.pop("waiting_for") is None  # added in format 8
+        # Added in format 15: what its attempts used (unknown before: none).
+        assert got.pop("usage") == {"device": None, "seconds": 0.0}
         outputs = got.pop("outputs")  # added in format 12: every output, the first first
         assert outputs == ([want["output"]] if want["output"] else None)
         got["log"] = (d / "log").read_text()
@@ -70,6 +72,11 @@ def test_old_store_is_upgraded(tmp_path, mount_factory, renderctl, fmt):
     # Queue order survived: high, normal, low.
     assert [m.status(IMAGE, queued[p])["position"] for p in ("q high", "q normal", "q low")] \
         == [0, 1, 2]
+    # The upgrade entered the jobs that had ended into the usage ledger.
+    usage = json.loads((m.path / "usage").read_text())
+    ended = [v for v in expected.values() if v["status"] in ("complete", "error", "cancelled")]
+    assert sum(n for u in usage.values() for r in u["total"]["jobs"].values()
+               for n in r.values()) == len(ended)
     m.stop()
     r = renderctl("fsck", store, check=0)
     assert "0 problems" in r.stdout

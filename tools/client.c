@@ -48,6 +48,7 @@
 
 #include <json-c/json.h>
 
+#include "err.h"
 #include "fileutil.h"
 
 #define FUSE_SUPER_MAGIC 0x65735546
@@ -916,4 +917,300 @@ int client_ls(int argc, char **argv)
 	}
 	free(rows);
 	return 0;
+}
+
+/* ---- usage (SPEC §14) ---- */
+
+/* The days' summaries added into one (milliseconds summed as integers,
+ * so that the seconds add up exactly). */
+static void usage_sum(json_object *into, json_object *day)
+{
+	json_object *jobs, *secs, *v;
+
+	if (json_object_object_get_ex(day, "jobs", &jobs)) {
+		json_object *ij;
+		json_object_object_get_ex(into, "jobs", &ij);
+		json_object_object_foreach(jobs, route, outc)
+		{
+			json_object *r;
+			if (!json_object_object_get_ex(ij, route, &r)) {
+				r = json_object_new_object();
+				json_object_object_add(ij, route, r);
+			}
+			json_object_object_foreach(outc, o, n)
+			{
+				json_object *c;
+				int64_t have = json_object_object_get_ex(r, o, &c)
+						       ? json_object_get_int64(c)
+						       : 0;
+				json_object_object_add(r, o,
+						       json_object_new_int64(have +
+									     json_object_get_int64(n)));
+			}
+		}
+	}
+	if (json_object_object_get_ex(day, "seconds", &secs)) {
+		json_object *is;
+		json_object_object_get_ex(into, "seconds", &is);
+		json_object_object_foreach(secs, k, s)
+		{
+			json_object *c;
+			int64_t have = json_object_object_get_ex(is, k, &c) ? json_object_get_int64(c)
+									   : 0;
+			json_object_object_add(
+				is, k,
+				json_object_new_int64(have +
+						      (int64_t)(json_object_get_double(s) * 1000 + 0.5)));
+		}
+	}
+	for (int i = 0; i < 2; i++) {
+		const char *k = i ? "cache_hits" : "output_bytes";
+		json_object *c;
+		int64_t have = json_object_object_get_ex(into, k, &c) ? json_object_get_int64(c) : 0;
+		if (json_object_object_get_ex(day, k, &v))
+			json_object_object_add(into, k,
+					       json_object_new_int64(have + json_object_get_int64(v)));
+	}
+}
+
+/* A summed summary's milliseconds back to seconds. */
+static void usage_seconds(json_object *s)
+{
+	json_object *secs;
+
+	if (!json_object_object_get_ex(s, "seconds", &secs))
+		return;
+	json_object_object_foreach(secs, k, v)
+	{
+		int64_t ms = json_object_get_int64(v);
+		char text[32];
+		snprintf(text, sizeof(text), "%lld.%03d", (long long)(ms / 1000), (int)(ms % 1000));
+		json_object_object_add(secs, k, json_object_new_double_s((double)ms / 1000, text));
+	}
+}
+
+static json_object *usage_summary_new(void)
+{
+	json_object *s = json_object_new_object();
+
+	json_object_object_add(s, "jobs", json_object_new_object());
+	json_object_object_add(s, "seconds", json_object_new_object());
+	json_object_object_add(s, "output_bytes", json_object_new_int64(0));
+	json_object_object_add(s, "cache_hits", json_object_new_int64(0));
+	return s;
+}
+
+/* --since: YYYY-MM-DD, or Nd (the last N days, today included). */
+static int since_day(const char *arg, char out[16])
+{
+	int y, mo, d, n;
+	char c;
+
+	if (sscanf(arg, "%4d-%2d-%2d%c", &y, &mo, &d, &c) == 3 && mo >= 1 && mo <= 12 && d >= 1 &&
+	    d <= 31 && strlen(arg) == 10) {
+		snprintf(out, 16, "%s", arg);
+		return 0;
+	}
+	if (sscanf(arg, "%dd%c", &n, &c) == 1 && n >= 1 && n <= 100000) {
+		time_t t = time(NULL) - (time_t)(n - 1) * 86400;
+		struct tm tm;
+		gmtime_r(&t, &tm);
+		strftime(out, 16, "%Y-%m-%d", &tm);
+		return 0;
+	}
+	return -EINVAL;
+}
+
+static int usage_attest(const char *mnt)
+{
+	char path[PATH_MAX + 64], last[NAME_MAX + 1] = "";
+	struct dirent *de;
+	DIR *d;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/ledger/attest", mnt);
+	if ((fd = open(path, O_WRONLY | O_CLOEXEC)) < 0 ||
+	    write(fd, "attest\n", 7) != 7) {
+		int err = errno;
+		if (err == EALREADY)
+			fprintf(stderr, "%s: nothing to attest: no time has passed since the last "
+					"attestation\n", prog);
+		else
+			fprintf(stderr, "%s: cannot attest through '%s': %s%s\n", prog, path,
+				strerror(err),
+				err == EACCES ? " (the store's owner or root attests)" : "");
+		if (fd >= 0)
+			close(fd);
+		return CLIENT_EXIT_ERROR;
+	}
+	close(fd);
+	/* ledger/ lists attestations in chain order: the last is the new one. */
+	snprintf(path, sizeof(path), "%s/ledger", mnt);
+	if (!(d = opendir(path))) {
+		fprintf(stderr, "%s: cannot list '%s': %s\n", prog, path, strerror(errno));
+		return CLIENT_EXIT_ERROR;
+	}
+	while ((de = readdir(d)) != NULL) {
+		size_t n = strlen(de->d_name);
+		if (n > 5 && strcmp(de->d_name + n - 5, ".json") == 0)
+			snprintf(last, sizeof(last), "%s", de->d_name);
+	}
+	closedir(d);
+	printf("%s/ledger/%s\n", mnt, last);
+	return CLIENT_EXIT_COMPLETE;
+}
+
+static void usage_table(json_object *root)
+{
+	static const char *const outcomes[] = {"complete", "error", "cancelled"};
+
+	printf("%-8s %-40s %9s %6s %9s\n", "UID", "ROUTE", "COMPLETE", "ERROR", "CANCELLED");
+	json_object_object_foreach(root, uid, u)
+	{
+		json_object *t, *jobs;
+		if (!json_object_object_get_ex(u, "total", &t) ||
+		    !json_object_object_get_ex(t, "jobs", &jobs))
+			continue;
+		json_object_object_foreach(jobs, route, r)
+		{
+			int64_t n[3] = {0};
+			for (int i = 0; i < 3; i++) {
+				json_object *c;
+				if (json_object_object_get_ex(r, outcomes[i], &c))
+					n[i] = json_object_get_int64(c);
+			}
+			printf("%-8s %-40s %9lld %6lld %9lld\n", uid, route, (long long)n[0],
+			       (long long)n[1], (long long)n[2]);
+		}
+	}
+	printf("\n%-8s %-40s %12s\n", "UID", "DEVICE", "SECONDS");
+	json_object_object_foreach(root, uid2, u2)
+	{
+		json_object *t, *secs;
+		if (!json_object_object_get_ex(u2, "total", &t) ||
+		    !json_object_object_get_ex(t, "seconds", &secs))
+			continue;
+		json_object_object_foreach(secs, kind, s)
+		printf("%-8s %-40s %12s\n", uid2, kind, json_object_get_string(s));
+	}
+	printf("\n%-8s %16s %12s\n", "UID", "OUTPUT_BYTES", "CACHE_HITS");
+	json_object_object_foreach(root, uid3, u3)
+	{
+		json_object *t, *b, *c;
+		if (!json_object_object_get_ex(u3, "total", &t))
+			continue;
+		json_object_object_get_ex(t, "output_bytes", &b);
+		json_object_object_get_ex(t, "cache_hits", &c);
+		printf("%-8s %16lld %12lld\n", uid3, (long long)json_object_get_int64(b),
+		       (long long)json_object_get_int64(c));
+	}
+}
+
+int client_usage(int argc, char **argv)
+{
+	static const struct option lo[] = {
+	    {"since", required_argument, NULL, 's'}, {"uid", required_argument, NULL, 'u'},
+	    {"json", no_argument, NULL, 'j'},	     {"attest", no_argument, NULL, 'a'},
+	    {"mount", required_argument, NULL, 'm'}, {NULL, 0, NULL, 0},
+	};
+	const char *mountopt = NULL, *uid = NULL, *since = NULL;
+	char mnt[PATH_MAX], path[PATH_MAX + 16], from[16] = "", *text;
+	bool as_json = false, attest = false;
+	json_object *root, *out;
+	size_t len;
+	int c;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
+		switch (c) {
+		case 's':
+			since = optarg;
+			break;
+		case 'u':
+			uid = optarg;
+			break;
+		case 'j':
+			as_json = true;
+			break;
+		case 'a':
+			attest = true;
+			break;
+		case 'm':
+			mountopt = optarg;
+			break;
+		default:
+			goto usage;
+		}
+	}
+	if (optind != argc)
+		goto usage;
+	if (since && since_day(since, from) != 0) {
+		fprintf(stderr, "%s: --since takes a date (YYYY-MM-DD) or a number of days (7d), "
+				"not '%s'\n",
+			prog, since);
+		return CLIENT_EXIT_USAGE;
+	}
+	if (find_mount(mountopt, mnt, sizeof(mnt)) != 0)
+		return CLIENT_EXIT_USAGE;
+	if (attest)
+		return usage_attest(mnt);
+	snprintf(path, sizeof(path), "%s/usage", mnt);
+	if (file_read_small(path, 64u << 20, &text, &len) != 0) {
+		fprintf(stderr, "%s: cannot read '%s': %s\n", prog, path, store_lasterr());
+		return CLIENT_EXIT_ERROR;
+	}
+	root = json_tokener_parse(text);
+	free(text);
+	if (!root || !json_object_is_type(root, json_type_object)) {
+		fprintf(stderr, "%s: '%s' is not the JSON object it should be\n", prog, path);
+		json_object_put(root);
+		return CLIENT_EXIT_ERROR;
+	}
+	/* The uids asked for, with their totals over the days asked for. */
+	out = json_object_new_object();
+	json_object_object_foreach(root, u, ud)
+	{
+		json_object *days, *keep, *total;
+		if (uid && strcmp(uid, u) != 0)
+			continue;
+		if (!from[0]) {
+			json_object_object_add(out, u, json_object_get(ud));
+			continue;
+		}
+		keep = json_object_new_object();
+		total = usage_summary_new();
+		if (json_object_object_get_ex(ud, "days", &days)) {
+			json_object_object_foreach(days, day, s)
+			{
+				if (strcmp(day, from) < 0)
+					continue;
+				json_object_object_add(keep, day, json_object_get(s));
+				usage_sum(total, s);
+			}
+		}
+		usage_seconds(total);
+		if (json_object_object_length(keep) == 0) {
+			json_object_put(keep);
+			json_object_put(total);
+			continue;
+		}
+		json_object *nu = json_object_new_object();
+		json_object_object_add(nu, "total", total);
+		json_object_object_add(nu, "days", keep);
+		json_object_object_add(out, u, nu);
+	}
+	if (as_json)
+		printf("%s\n", json_object_to_json_string_ext(out, JSON_C_TO_STRING_PRETTY |
+								       JSON_C_TO_STRING_NOSLASHESCAPE));
+	else
+		usage_table(out);
+	json_object_put(out);
+	json_object_put(root);
+	return CLIENT_EXIT_COMPLETE;
+usage:
+	fprintf(stderr,
+		"usage: %s usage [--since YYYY-MM-DD|Nd] [--uid U] [--json] [--attest] "
+		"[--mount DIR]\n",
+		prog);
+	return CLIENT_EXIT_USAGE;
 }

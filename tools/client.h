@@ -1,6 +1,6 @@
 /*
  * client.h - renderctl's commands that use a mount (SPEC §11): submit,
- * wait and ls. Each takes the command's arguments (argv[0] is the
+ * wait, ls and usage. Each takes the command's arguments (argv[0] is the
  * command's name) and returns the process's exit status.
  */
 #ifndef RENDERFS_CLIENT_H
@@ -16,5 +16,7 @@
 int client_submit(int argc, char **argv);
 int client_wait(int argc, char **argv);
 int client_ls(int argc, char **argv);
+/* usage [--since] [--uid] [--json] [--attest]: the usage ledger (SPEC §14). */
+int client_usage(int argc, char **argv);
 
 #endif

@@ -27,6 +27,7 @@
 #include <json-c/json.h>
 
 #include "client.h"
+#include "ledger.h"
 #include "fileutil.h"
 #include "store.h"
 #include "synth.h"
@@ -56,7 +57,14 @@ static int usage(FILE *to, int code)
 		"  ls [ROUTE] [--status S] [--mount DIR]\n"
 		"                                  your jobs (id, status, progress, age, owner,\n"
 		"                                  route), oldest first\n"
-		"  fsck [--adopt] STORE            rehash blobs and cross-check the index;\n"
+		"  usage [--since YYYY-MM-DD|Nd] [--uid U] [--json] [--attest] [--mount DIR]\n"
+		"                                  the usage ledger: jobs by route and outcome,\n"
+		"                                  seconds by device, output bytes, cache hits\n"
+		"                                  (yours; root: everyone's), as a table or\n"
+		"                                  JSON; --attest writes a signed attestation\n"
+		"                                  into ledger/ and prints its path\n"
+		"  fsck [--adopt] STORE            rehash blobs and cross-check the index and\n"
+		"                                  the usage ledger and its attestations;\n"
 		"                                  exit 1 and name every problem found; with\n"
 		"                                  --adopt (store not mounted), first put back\n"
 		"                                  the blobs of lost+found/ that jobs name\n"
@@ -122,8 +130,13 @@ static int cmd_fsck(int argc, char **argv)
 		return 2;
 	}
 	if (pid == 0) {
-		long n = store_fsck(argv[1], stdout);
+		long n = store_fsck(argv[1], stdout), m;
 		if (n < 0) {
+			printf("problem: %s\n", store_lasterr());
+			n = 1;
+		} else if ((m = ledger_fsck(argv[1], stdout)) > 0) {
+			n += m;
+		} else if (m < 0 && n == 0) {
 			printf("problem: %s\n", store_lasterr());
 			n = 1;
 		}
@@ -666,6 +679,8 @@ int main(int argc, char **argv)
 		return usage(stdout, 0);
 	if (strcmp(argv[1], "fsck") == 0)
 		return cmd_fsck(argc - 1, argv + 1);
+	if (strcmp(argv[1], "usage") == 0)
+		return client_usage(argc - 1, argv + 1);
 	if (strcmp(argv[1], "keygen") == 0)
 		return cmd_keygen(argc - 1, argv + 1);
 	if (strcmp(argv[1], "verify") == 0)

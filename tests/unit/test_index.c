@@ -607,6 +607,151 @@ static void test_made_by(void)
 	      "the last reference frees the blob");
 }
 
+/* ---- the usage ledger (SPEC §14) ---- */
+
+struct rows {
+	uint64_t complete, error, cancelled, gpu_ms, cpu_ms, bytes;
+};
+
+static int count_row(const struct usage_row *r, void *arg)
+{
+	struct rows *c = arg;
+	const char *outcome = r->name + strlen(r->name) + 1;
+
+	if (r->kind == USAGE_JOBS && strcmp(r->name, "usage/x/y/z") == 0) {
+		if (strcmp(outcome, "complete") == 0)
+			c->complete += r->value;
+		else if (strcmp(outcome, "error") == 0)
+			c->error += r->value;
+		else if (strcmp(outcome, "cancelled") == 0)
+			c->cancelled += r->value;
+	} else if (r->kind == USAGE_MS && strcmp(r->name, "gpu:Test GPU") == 0) {
+		c->gpu_ms += r->value;
+	} else if (r->kind == USAGE_MS && strcmp(r->name, "cpu") == 0) {
+		c->cpu_ms += r->value;
+	} else if (r->kind == USAGE_BYTES) {
+		c->bytes += r->value;
+	}
+	return 0;
+}
+
+struct stub {
+	uint64_t entries, from, end;
+	bool had_prev;
+	uint8_t prev_hash[32];
+	int n;
+};
+
+static int stub_begin(void *arg, uint64_t from, uint64_t end, const struct attestation *prev)
+{
+	struct stub *s = arg;
+	s->entries = 0;
+	s->from = from;
+	s->end = end;
+	s->had_prev = prev != NULL;
+	if (prev)
+		memcpy(s->prev_hash, prev->hash, 32);
+	return 0;
+}
+
+static int stub_entry(void *arg, const struct ledger_entry *e)
+{
+	struct stub *s = arg;
+	s->entries += e->uid == 42;
+	return 0;
+}
+
+static int stub_finish(void *arg, struct attestation *a)
+{
+	struct stub *s = arg;
+	char text[32];
+	snprintf(text, sizeof(text), "attestation %d", ++s->n);
+	b3_hash(text, strlen(text), a->hash);
+	a->size = strlen(text);
+	snprintf(a->name, sizeof(a->name), "period-%d", s->n);
+	snprintf(a->sig, sizeof(a->sig), "signature %d", s->n);
+	return 0;
+}
+
+static void test_usage_ledger(void)
+{
+	const char *route = "usage/x/y/z";
+	uint8_t a[16], b[16], h[32];
+	struct job j;
+	struct rows r = {0};
+	struct job_usage gpu = {"gpu:Test GPU", 1500}, cpu = {"cpu", 200}, wall = {"cpu", -1};
+
+	REQUIRE(create(route, 42, JOB_PRIO_HIGH, "{\"u\":1}", a) == 0, "create");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, a, 16) == 0, "claim a");
+	job_release(&j);
+	b3_hash("usage", 5, h);
+	REQUIRE(index_job_attach_output(ix, a, h, 5, "image/png", "cuda:0 Test GPU", false) == 0 &&
+		    index_job_finish_used(ix, a, JOB_COMPLETE, NULL, NULL, &gpu) == 0,
+		"complete a: %s", store_lasterr());
+	REQUIRE(index_job_get(ix, a, &j) == 0, "get a");
+	CHECK(j.run_ms == 1500 && strcmp(j.ran_on, "gpu:Test GPU") == 0,
+	      "the service's measure counts: %llu on %s", (unsigned long long)j.run_ms, j.ran_on);
+	job_release(&j);
+	/* b: an attempt that is retried, then one that fails: both count. */
+	REQUIRE(create(route, 42, JOB_PRIO_HIGH, "{\"u\":2}", b) == 0, "create b");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, b, 16) == 0, "claim b");
+	job_release(&j);
+	CHECK(index_job_requeue_used(ix, b, 0, &cpu) == 0, "requeue b");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, b, 16) == 0, "claim b again");
+	job_release(&j);
+	CHECK(index_job_finish_used(ix, b, JOB_ERROR, "x", "failed", &wall) == 0, "fail b");
+	REQUIRE(index_job_get(ix, b, &j) == 0, "get b");
+	CHECK(j.run_ms >= 200 && strcmp(j.ran_on, "cpu") == 0, "attempts add up: %llu",
+	      (unsigned long long)j.run_ms);
+	uint64_t b_ms = j.run_ms;
+	job_release(&j);
+	CHECK(index_usage_rows(ix, 42, 0, count_row, &r) == 0, "rows");
+	CHECK(r.complete == 1 && r.error == 1 && r.gpu_ms == 1500 && r.cpu_ms == b_ms &&
+		      r.bytes == 5,
+	      "totals: %llu complete, %llu error, %llu gpu ms, %llu cpu ms, %llu bytes",
+	      (unsigned long long)r.complete, (unsigned long long)r.error,
+	      (unsigned long long)r.gpu_ms, (unsigned long long)r.cpu_ms,
+	      (unsigned long long)r.bytes);
+	/* A retry starts a new run; its cancel counts too, the error stays. */
+	CHECK(index_job_retry(ix, b) == 0 && index_job_cancel(ix, b) == 0, "retry, cancel");
+	REQUIRE(index_job_get(ix, b, &j) == 0, "get b");
+	CHECK(j.run_ms == 0 && j.ran_on[0] == '\0', "a retried job starts from nothing");
+	job_release(&j);
+	memset(&r, 0, sizeof(r));
+	CHECK(index_usage_rows(ix, 42, 0, count_row, &r) == 0 && r.error == 1 &&
+		  r.cancelled == 1 && r.complete == 1,
+	      "both runs counted");
+	/* Deleting a job keeps its usage. */
+	struct index_freed fr;
+	CHECK(index_job_delete(ix, a, &fr) == 0, "delete a");
+	memset(&r, 0, sizeof(r));
+	CHECK(index_usage_rows(ix, 42, 0, count_row, &r) == 0 && r.complete == 1 && r.bytes == 5,
+	      "a deleted job's usage stays");
+
+	/* Attestations: a chain over the journal. */
+	struct stub st = {0};
+	struct ledger_maker m = {stub_begin, stub_entry, stub_finish, &st};
+	struct attestation at, list[4], last;
+	uint64_t end = now_ms();
+	size_t n;
+	REQUIRE(index_ledger_attest(ix, end, &m, &at) == 0, "attest: %s", store_lasterr());
+	CHECK(!st.had_prev && st.from == 0 && st.entries == 3 && at.end_ms == end,
+	      "the first attestation: %llu entries", (unsigned long long)st.entries);
+	CHECK(index_ledger_attest(ix, end, &m, &at) == STORE_E_STATE, "the same period again");
+	REQUIRE(index_ledger_attest(ix, end + 1000, &m, &at) == 0, "attest again");
+	CHECK(st.had_prev && st.from == end && st.entries == 0, "the next starts at its end");
+	CHECK(index_ledger_list(ix, 0, list, 4, &n) == 0 && n == 2 &&
+		  strcmp(list[0].name, "period-1") == 0 && list[1].from_ms == list[0].end_ms &&
+		  strcmp(list[1].sig, "signature 2") == 0 && memcmp(st.prev_hash, list[0].hash, 32) == 0,
+	      "listed in chain order");
+	CHECK(index_ledger_last(ix, &last) == 0 && strcmp(last.name, "period-2") == 0, "last");
+	CHECK(index_ledger_find(ix, "period-1", &last) == 0 && last.end_ms == end, "find");
+	CHECK(index_ledger_find(ix, "period-9", &last) == STORE_E_NOTFOUND, "find none");
+	struct blob_info bi;
+	CHECK(index_blob_get(ix, list[0].hash, &bi) == 0 && bi.refcount == 1,
+	      "an attestation holds its blob");
+}
+
 int main(void)
 {
 	struct index_options opt = {0};
@@ -621,6 +766,7 @@ int main(void)
 	test_states();
 	test_names();
 	test_made_by();
+	test_usage_ledger();
 	test_queue_order();
 	test_group_commit();
 	test_noop_writes_are_not_commits();
