@@ -11,10 +11,11 @@ import os
 import subprocess
 import re
 import tarfile
+import time
 
 import pytest
 
-from conftest import IMAGE, TOP, WAN, need
+from conftest import IMAGE, TOP, WAN, need, until
 
 DATA = TOP / "tests" / "data"
 INDEX_FORMAT = int(re.search(r"#define INDEX_FORMAT_VERSION (\d+)",
@@ -77,6 +78,18 @@ def test_old_store_is_upgraded(tmp_path, mount_factory, renderctl, fmt):
     ended = [v for v in expected.values() if v["status"] in ("complete", "error", "cancelled")]
     assert sum(n for u in usage.values() for r in u["total"]["jobs"].values()
                for n in r.values()) == len(ended)
+    # Those that ended before today (UTC) are attested at start, as the
+    # day before today's, all in one period (the fixtures of formats 1 and
+    # 2 are older than the day of this test; format 7's may be of today).
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    before = [v for v in ended if v["completed_at"] < today]
+    if before:
+        day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+        att = m.path / "ledger" / f"{day}.json"
+        until(att.exists, "the daily attestation of the upgraded jobs")
+        doc = json.loads(att.read_text())
+        assert doc["from"] is None and doc["to"] == today + "T00:00:00.000Z"
+        assert doc["entries"] == len(before)
     m.stop()
     r = renderctl("fsck", store, check=0)
     assert "0 problems" in r.stdout
