@@ -257,7 +257,8 @@ class FakeFal:
                         return self.answer(202, {"status": "IN_PROGRESS", "logs": logs})
                     logs.append({"message": "denoising 3/12", "level": "INFO"})
                     logs.append({"message": "step 2 of 2", "level": "INFO"})
-                    return self.answer(200, {"status": "COMPLETED", "logs": logs})
+                    return self.answer(200, {"status": "COMPLETED", "logs": logs,
+                                             "metrics": {"inference_time": 0.75}})
                 with fake.lock:
                     if not req["done"]:
                         req["done"] = True

@@ -4,6 +4,7 @@ circuit breaker, cancellation at the service, and paid work resumed (never
 sent twice) after a restart."""
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -42,6 +43,10 @@ def test_fal_job_end_to_end(mount_factory, tmp_path, fal):
     assert log.count("fal: loading model") == 1 and log.count("fal: step 2 of 2") == 1
     manifest = json.loads((m.job(ROUTE, jid) / "manifest.json").read_text())
     assert manifest["backend"] == "fal" and manifest["model"] == "fal-ai/fake/image"
+    # The usage ledger counts fal's own measure of the run (SPEC §14).
+    assert m.status(ROUTE, jid)["usage"] == {"device": "remote:fal", "seconds": 0.75}
+    usage = json.loads((m.path / "usage").read_text())[str(os.getuid())]["total"]
+    assert usage["seconds"] == {"remote:fal": 0.75} and usage["jobs"] == {ROUTE: {"complete": 1}}
     for text in (log, (m.job(ROUTE, jid) / "status.json").read_text(), stats(m), m.log(),
                  (m.path / "models.json").read_text()):
         assert FakeFal.KEY not in text

@@ -60,6 +60,7 @@ def test_replicate_prediction_end_to_end(mount_factory, tmp_path, rep, renderctl
     st = m.status(ROUTE, jid)
     assert result["output"] == "cas:" + st["output"]["blake3"]
     assert result["metrics"]["predict_time"] == 1.25
+    assert st["usage"] == {"device": "remote:replicate", "seconds": 1.25}  # the ledger's
     assert "input" not in result and "logs" not in result
     manifest = json.loads((job / "manifest.json").read_text())
     assert manifest["backend"] == "replicate" and manifest["remote_request_id"] == pid
