@@ -183,6 +183,13 @@ static inline uint32_t le32_get(const uint8_t *p)
 #define RECORD_SUM_LEN 8
 #define BLOB_REC_MAX (24 + 127 + RECORD_SUM_LEN)
 
+/* Strings in records (index.h): a length (LEB128, one byte below 128,
+ * two up to 16383), then the bytes. put: the bytes written; len: read the
+ * length of the string at *p (moving past it) and check that its bytes
+ * are there, at most max and without NUL: 0, or -1 when damaged. */
+size_t index_str_put(uint8_t *p, const char *s, size_t len);
+int index_str_len(const uint8_t **p, const uint8_t *end, size_t max, size_t *len);
+
 /* First 8 bytes of the BLAKE3 of data: the record checksum. */
 void index_record_sum(const void *data, size_t len, uint8_t out[RECORD_SUM_LEN]);
 

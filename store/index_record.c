@@ -21,11 +21,42 @@
 
 /* ---- job records ---- */
 
+int index_str_len(const uint8_t **p, const uint8_t *end, size_t max, size_t *len)
+{
+	if (end - *p < 1)
+		return -1;
+	*len = (*p)[0];
+	*p += 1;
+	if (*len & 0x80) {
+		/* Two bytes, canonical: the second is 1..127. */
+		if (end - *p < 1 || (*p)[0] == 0 || (*p)[0] & 0x80)
+			return -1;
+		*len = (*len & 0x7f) | (size_t)(*p)[0] << 7;
+		*p += 1;
+	}
+	return (size_t)(end - *p) < *len || *len > max || memchr(*p, '\0', *len) ? -1 : 0;
+}
+
+size_t index_str_put(uint8_t *p, const char *s, size_t len)
+{
+	size_t n = 0;
+
+	if (len < 0x80) {
+		p[n++] = (uint8_t)len;
+	} else {
+		p[n++] = (uint8_t)(0x80 | (len & 0x7f));
+		p[n++] = (uint8_t)(len >> 7);
+	}
+	if (len)
+		memcpy(p + n, s, len);
+	return n + len;
+}
+
 /* A string: its length (u32 in format 1, LEB128 in format 2), then its
  * bytes. Returns NULL with *bad = 1 when damaged, 2 without memory. */
 static char *take_str(const uint8_t **p, const uint8_t *end, bool v1, int *bad)
 {
-	uint32_t len;
+	size_t len;
 	char *s;
 
 	if (v1) {
@@ -33,21 +64,11 @@ static char *take_str(const uint8_t **p, const uint8_t *end, bool v1, int *bad)
 			goto damaged;
 		len = le32_get(*p);
 		*p += 4;
-	} else {
-		if (end - *p < 1)
+		if ((size_t)(end - *p) < len || len > INDEX_STR_MAX || memchr(*p, '\0', len))
 			goto damaged;
-		len = (*p)[0];
-		*p += 1;
-		if (len & 0x80) {
-			/* Two bytes, canonical: the second is 1..127. */
-			if (end - *p < 1 || (*p)[0] == 0 || (*p)[0] & 0x80)
-				goto damaged;
-			len = (len & 0x7f) | (uint32_t)(*p)[0] << 7;
-			*p += 1;
-		}
-	}
-	if ((size_t)(end - *p) < len || len > INDEX_STR_MAX || memchr(*p, '\0', len))
+	} else if (index_str_len(p, end, INDEX_STR_MAX, &len) != 0) {
 		goto damaged;
+	}
 	s = malloc(len + 1);
 	if (!s) {
 		*bad = 2;
@@ -157,17 +178,7 @@ static size_t str_len(const char *s)
 
 static size_t put_str(uint8_t *p, const char *s)
 {
-	size_t len = str_len(s), n = 0;
-
-	if (len < 0x80) {
-		p[n++] = (uint8_t)len;
-	} else {
-		p[n++] = (uint8_t)(0x80 | (len & 0x7f));
-		p[n++] = (uint8_t)(len >> 7);
-	}
-	if (len)
-		memcpy(p + n, s, len);
-	return n + len;
+	return index_str_put(p, s, str_len(s));
 }
 
 int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)

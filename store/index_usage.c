@@ -34,38 +34,13 @@ static int damaged(struct index *ix, const char *what)
 	return store_seterr(STORE_E_INDEX, "damaged %s in '%s/data.mdb'", what, ix->dir);
 }
 
-/* A string as in job records (one or two length bytes, then the bytes). */
-static size_t put_str(uint8_t *p, const char *s, size_t len)
-{
-	size_t n = 0;
-
-	if (len < 0x80) {
-		p[n++] = (uint8_t)len;
-	} else {
-		p[n++] = (uint8_t)(0x80 | (len & 0x7f));
-		p[n++] = (uint8_t)(len >> 7);
-	}
-	memcpy(p + n, s, len);
-	return n + len;
-}
-
 /* Take a string of at most max bytes into out (max + 1 bytes); false if
  * damaged. */
 static bool take_str(const uint8_t **p, const uint8_t *end, char *out, size_t max)
 {
 	size_t len;
 
-	if (end - *p < 1)
-		return false;
-	len = (*p)[0];
-	*p += 1;
-	if (len & 0x80) {
-		if (end - *p < 1 || (*p)[0] == 0 || (*p)[0] & 0x80)
-			return false;
-		len = (len & 0x7f) | (size_t)(*p)[0] << 7;
-		*p += 1;
-	}
-	if ((size_t)(end - *p) < len || len > max || memchr(*p, '\0', len))
+	if (index_str_len(p, end, max, &len) != 0)
 		return false;
 	memcpy(out, *p, len);
 	out[len] = '\0';
@@ -127,8 +102,8 @@ static size_t encode_entry(const struct ledger_entry *e, uint8_t *buf)
 	le64_put(p + 6, e->run_ms);
 	le64_put(p + 14, e->bytes);
 	p += ENTRY_FIXED;
-	p += put_str(p, e->route, strlen(e->route));
-	p += put_str(p, e->kind, strlen(e->kind));
+	p += index_str_put(p, e->route, strlen(e->route));
+	p += index_str_put(p, e->kind, strlen(e->kind));
 	index_record_sum(buf, (size_t)(p - buf), p);
 	return (size_t)(p - buf) + RECORD_SUM_LEN;
 }
@@ -561,8 +536,8 @@ static int attest_fn(struct index *ix, MDB_txn *txn, void *arg)
 	memcpy(p + 8, out->hash, INDEX_HASH_LEN);
 	le64_put(p + 40, out->size);
 	p += ATT_FIXED;
-	p += put_str(p, out->name, strnlen(out->name, 63));
-	p += put_str(p, out->sig, strlen(out->sig));
+	p += index_str_put(p, out->name, strnlen(out->name, 63));
+	p += index_str_put(p, out->sig, strlen(out->sig));
 	index_record_sum(buf, (size_t)(p - buf), p);
 	be64_put(key, end);
 	k.mv_size = sizeof(key);
