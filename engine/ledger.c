@@ -47,7 +47,7 @@ struct ledger {
 
 /* A summary: {"jobs": {route: {outcome: n}}, "seconds": {kind: ms while
  * summing}, "output_bytes": n, "cache_hits": n}. */
-static json_object *summary_new(void)
+json_object *ledger_summary_new(void)
 {
 	json_object *o = json_object_new_object();
 
@@ -112,8 +112,7 @@ static int summary_add(json_object *s, char kind, const char *name, size_t nlen,
 	}
 }
 
-/* The summed milliseconds become seconds with three decimals. */
-static void summary_finish(json_object *s)
+void ledger_summary_seconds(json_object *s)
 {
 	json_object *secs;
 
@@ -150,7 +149,7 @@ static int usage_row(const struct usage_row *r, void *arg)
 
 	if (!a->user || r->uid != a->uid) {
 		snprintf(key, sizeof(key), "%u", r->uid);
-		if (!(a->user = child(a->root, key, true)) || !(a->total = summary_new()) ||
+		if (!(a->user = child(a->root, key, true)) || !(a->total = ledger_summary_new()) ||
 		    !(a->days = json_object_new_object()))
 			return -ENOMEM;
 		json_object_object_add(a->user, "total", a->total);
@@ -160,7 +159,7 @@ static int usage_row(const struct usage_row *r, void *arg)
 	}
 	if (!a->day || r->day != a->dayno) {
 		day_name(r->day, key);
-		if (!(a->day = summary_new()))
+		if (!(a->day = ledger_summary_new()))
 			return -ENOMEM;
 		json_object_object_add(a->days, key, a->day);
 		a->dayno = r->day;
@@ -178,12 +177,12 @@ static void tree_finish(json_object *root)
 		json_object *t, *d;
 		(void)k;
 		if (json_object_object_get_ex(u, "total", &t))
-			summary_finish(t);
+			ledger_summary_seconds(t);
 		if (json_object_object_get_ex(u, "days", &d)) {
 			json_object_object_foreach(d, dk, dv)
 			{
 				(void)dk;
-				summary_finish(dv);
+				ledger_summary_seconds(dv);
 			}
 		}
 	}
@@ -328,7 +327,7 @@ static json_object *summary_at(json_object *o, const char *key)
 
 	if (json_object_object_get_ex(o, key, &s))
 		return s;
-	if (!(s = summary_new()))
+	if (!(s = ledger_summary_new()))
 		return NULL;
 	json_object_object_add(o, key, s);
 	return s;
@@ -365,7 +364,7 @@ static int mk_finish(void *arg, struct attestation *a)
 	json_object_object_foreach(m->usage, k, s)
 	{
 		(void)k;
-		summary_finish(s);
+		ledger_summary_seconds(s);
 	}
 	json_object_object_add(m->doc, "entries", json_object_new_int64((int64_t)m->entries));
 	json_object_object_add(m->doc, "usage", json_object_get(m->usage));
@@ -676,7 +675,7 @@ static void check_attestation(struct fsck_ctx *f, struct index *ix, const struct
 	json_object_object_foreach(want, k, s)
 	{
 		(void)k;
-		summary_finish(s);
+		ledger_summary_seconds(s);
 	}
 	if (!json_object_object_get_ex(doc, "usage", &v) || !json_object_equal(v, want)) {
 		fprintf(f->out, "problem: attestation %s: its totals %s differ", a->name,

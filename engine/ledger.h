@@ -9,6 +9,7 @@
 #include <stdio.h>
 
 struct engine;
+struct json_object;
 
 int ledger_open(struct engine *e);
 int ledger_start(struct engine *e);
@@ -23,5 +24,12 @@ void ledger_close(struct engine *e);
  * when the index cannot be read (store_lasterr()).
  */
 long ledger_fsck(const char *dir, FILE *out);
+
+/* A usage summary (`usage`, attestations): {"jobs": {route: {outcome:
+ * n}}, "seconds": {device kind: n}, "output_bytes": n, "cache_hits": n},
+ * empty; and its seconds, summed as integer milliseconds, made seconds
+ * with three decimals. */
+struct json_object *ledger_summary_new(void);
+void ledger_summary_seconds(struct json_object *s);
 
 #endif

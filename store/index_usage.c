@@ -241,6 +241,17 @@ int index_journal_get(struct index *ix, MDB_txn *txn, uint64_t at_ms, const uint
 
 /* ---- reading the totals ---- */
 
+/* How a cursor walk ended: the caller's function stopped it (its
+ * value), the end was reached (0), or LMDB or a decoder failed. */
+static int walk_end(struct index *ix, int rc, int stop, const char *what)
+{
+	if (stop)
+		return stop;
+	if (rc == MDB_NOTFOUND)
+		return 0;
+	return rc > 0 ? index_lmdb_err(ix, rc, what) : rc;
+}
+
 struct rows_arg {
 	uint32_t uid, day;
 	int (*fn)(const struct usage_row *r, void *arg);
@@ -291,11 +302,7 @@ static int rows_fn(struct index *ix, MDB_txn *txn, void *arg)
 			break;
 	}
 	mdb_cursor_close(cur);
-	if (stop)
-		return stop;
-	if (rc == MDB_NOTFOUND)
-		return 0;
-	return rc > 0 ? index_lmdb_err(ix, rc, "read usage") : rc;
+	return walk_end(ix, rc, stop, "read usage");
 }
 
 int index_usage_rows(struct index *ix, uint32_t uid, uint32_t day,
@@ -340,11 +347,7 @@ static int walk_fn(struct index *ix, MDB_txn *txn, void *arg)
 			break;
 	}
 	mdb_cursor_close(cur);
-	if (stop)
-		return stop;
-	if (rc == MDB_NOTFOUND)
-		return 0;
-	return rc > 0 ? index_lmdb_err(ix, rc, "read ledger") : rc;
+	return walk_end(ix, rc, stop, "read ledger");
 }
 
 int index_journal_walk(struct index *ix, uint64_t from_ms, uint64_t to_ms,

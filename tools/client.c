@@ -50,6 +50,7 @@
 
 #include "err.h"
 #include "fileutil.h"
+#include "ledger.h"
 
 #define FUSE_SUPER_MAGIC 0x65735546
 #define CLIENT_INPUT_MAX (256u << 20) /* bytes of requests read at once */
@@ -973,33 +974,6 @@ static void usage_sum(json_object *into, json_object *day)
 	}
 }
 
-/* A summed summary's milliseconds back to seconds. */
-static void usage_seconds(json_object *s)
-{
-	json_object *secs;
-
-	if (!json_object_object_get_ex(s, "seconds", &secs))
-		return;
-	json_object_object_foreach(secs, k, v)
-	{
-		int64_t ms = json_object_get_int64(v);
-		char text[32];
-		snprintf(text, sizeof(text), "%lld.%03d", (long long)(ms / 1000), (int)(ms % 1000));
-		json_object_object_add(secs, k, json_object_new_double_s((double)ms / 1000, text));
-	}
-}
-
-static json_object *usage_summary_new(void)
-{
-	json_object *s = json_object_new_object();
-
-	json_object_object_add(s, "jobs", json_object_new_object());
-	json_object_object_add(s, "seconds", json_object_new_object());
-	json_object_object_add(s, "output_bytes", json_object_new_int64(0));
-	json_object_object_add(s, "cache_hits", json_object_new_int64(0));
-	return s;
-}
-
 /* --since: YYYY-MM-DD, or Nd (the last N days, today included). */
 static int since_day(const char *arg, char out[16])
 {
@@ -1178,7 +1152,7 @@ int client_usage(int argc, char **argv)
 			continue;
 		}
 		keep = json_object_new_object();
-		total = usage_summary_new();
+		total = ledger_summary_new();
 		if (json_object_object_get_ex(ud, "days", &days)) {
 			json_object_object_foreach(days, day, s)
 			{
@@ -1188,7 +1162,7 @@ int client_usage(int argc, char **argv)
 				usage_sum(total, s);
 			}
 		}
-		usage_seconds(total);
+		ledger_summary_seconds(total);
 		if (json_object_object_length(keep) == 0) {
 			json_object_put(keep);
 			json_object_put(total);
