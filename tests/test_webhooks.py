@@ -121,12 +121,24 @@ def test_deliveries_verify_with_stock_libraries(mnt, hook, sw_verify):
     m = mnt
     jid = m.submit(IMAGE, envelope(hook, "signed", ALL))
     m.wait(IMAGE, jid)
-    reqs = hook.wait_for(lambda r: for_job(r, jid, "completed"), "job.completed")
+    # Deliveries go out in parallel: they may arrive in any order. Once
+    # none is pending, each was received (the receiver keeps a request
+    # before it answers) and recorded.
+    hook.wait_for(lambda r: for_job(r, jid, "completed") and for_job(r, jid, "output"),
+                  "job.output and job.completed")
+    until(lambda: stats(m)["backlog"] == 0, "every delivery recorded")
+    reqs = hook.wait_for(lambda r: True, "the requests")
     secret = (m.path / "webhook.secret").read_text().strip()
     pub = (m.path / "webhook.pub").read_text().strip()
     assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) >= 24
-    types = [body(r)["type"] for r in for_job(reqs, jid)]
-    assert types[0] == "job.start" and types[-2:] == ["job.output", "job.completed"], types
+    # In the order of the changes they report (their timestamps): start
+    # first, the output before the completion.
+    order = ["job.start", "job.progress", "job.output", "job.completed"]
+    types = [body(r)["type"] for r in sorted(for_job(reqs, jid), key=lambda r: (
+        body(r)["timestamp"], order.index(body(r)["type"])))]
+    assert types[0] == "job.start" and types.index("job.output") < types.index("job.completed") \
+        and set(types) <= {"job.start", "job.progress", "job.output", "job.completed"}, types
+    assert types.count("job.output") == types.count("job.completed") == 1, types
     for r in reqs:
         h = r["headers"]
         assert r["path"] == "/hook" and h["content-type"] == "application/json"
@@ -141,13 +153,14 @@ def test_deliveries_verify_with_stock_libraries(mnt, hook, sw_verify):
     # Both signatures verify; a body changed by one byte fails both.
     assert sw_verify([(secret, r["headers"], r["body"]) for r in reqs]) == ["ok"] * len(reqs)
     assert all(v1a_ok(pub, r) for r in reqs)
-    tampered = reqs[-1]["body"].replace(b'"complete"', b'"Complete"')
-    assert tampered != reqs[-1]["body"]
-    assert sw_verify([(secret, reqs[-1]["headers"], tampered)])[0].startswith("fail")
-    assert not v1a_ok(pub, reqs[-1], tampered)
+    fin = for_job(reqs, jid, "completed")[0]
+    tampered = fin["body"].replace(b'"complete"', b'"Complete"')
+    assert tampered != fin["body"]
+    assert sw_verify([(secret, fin["headers"], tampered)])[0].startswith("fail")
+    assert not v1a_ok(pub, fin, tampered)
     # Another secret does not verify it either.
     other = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-    assert sw_verify([(other, reqs[-1]["headers"], reqs[-1]["body"])])[0].startswith("fail")
+    assert sw_verify([(other, fin["headers"], fin["body"])])[0].startswith("fail")
     # The job's webhooks file lists each delivery and its attempt.
     text = (m.job(IMAGE, jid) / "webhooks").read_text()
     for r in reqs:
