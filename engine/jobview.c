@@ -37,7 +37,7 @@ int dup_text(char **out, size_t *len, const char *fmt, ...)
 	return 0;
 }
 
-static int json_text(json_object *o, char **out, size_t *len)
+int jobview_json_text(json_object *o, char **out, size_t *len)
 {
 	const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
 								  JSON_C_TO_STRING_SPACED |
@@ -216,7 +216,7 @@ int jobview_status_json(struct engine *e, const struct job *j, char **out, size_
 	if (j->status == JOB_QUEUED)
 		engine_waiting_for(e, j->route, wait, sizeof(wait));
 	json_object_object_add(o, "waiting_for", wait[0] ? json_object_new_string(wait) : NULL);
-	return json_text(o, out, len);
+	return jobview_json_text(o, out, len);
 }
 
 int jobview_manifest_json(struct engine *e, const struct job *j, char **out, size_t *len)
@@ -312,5 +312,5 @@ int jobview_manifest_json(struct engine *e, const struct job *j, char **out, siz
 	json_object_object_add(o, "route", json_object_new_string(j->route));
 	json_object_object_add(o, "seed", seed);
 	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
-	return json_text(o, out, len);
+	return jobview_json_text(o, out, len);
 }

@@ -16,6 +16,9 @@ int jobview_manifest_json(struct engine *e, const struct job *j, char **out, siz
 /* The job's place in its queue (0: next); STORE_E_STATE unless it is
  * queued (a delayed retry has none until its time). */
 int jobview_position(struct engine *e, const struct job *j, uint64_t *pos);
+/* o as pretty JSON text with a newline, malloc'ed; o is put (freed). */
+struct json_object;
+int jobview_json_text(struct json_object *o, char **out, size_t *len);
 /* printf into a malloc'ed *out of *len bytes; 0 or -ENOMEM. */
 int dup_text(char **out, size_t *len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Progress in thousandths as the `progress` file says it: "0", "0.25", "1". */

@@ -14,6 +14,7 @@
  * the daily one and requests).
  */
 #include "engine_p.h"
+#include "jobview.h"
 #include "ledger.h"
 
 #include <errno.h>
@@ -207,24 +208,10 @@ static int usage_tree(struct index *ix, uint32_t uid, bool all, json_object **ou
 
 int engine_usage_text(struct engine *e, uint32_t uid, bool all, char **out, size_t *len)
 {
-	struct usage_arg a = {0};
-	const char *text;
-	int rc;
+	json_object *root;
+	int rc = usage_tree(e->ix, uid, all, &root);
 
-	rc = usage_tree(e->ix, uid, all, &a.root);
-	if (rc == 0) {
-		text = json_object_to_json_string_ext(a.root, JSON_C_TO_STRING_PRETTY |
-								      JSON_C_TO_STRING_NOSLASHESCAPE);
-		*len = strlen(text) + 1;
-		if ((*out = malloc(*len)) != NULL) {
-			memcpy(*out, text, *len - 1);
-			(*out)[*len - 1] = '\n';
-		} else {
-			rc = -ENOMEM;
-		}
-	}
-	json_object_put(a.root);
-	return rc;
+	return rc ? rc : jobview_json_text(root, out, len);
 }
 
 /* ---- attestations ---- */

@@ -790,7 +790,7 @@ void engine_run_end(struct run *r, int rc, const uint8_t digest[INDEX_HASH_LEN])
 	case STOP_SHUTDOWN:
 		run_log(r, "interrupted by shutdown; back in the queue");
 		attempt_usage(r, &u, kind, sizeof(kind));
-		if (index_job_requeue_used(e->ix, job->id, 0, &u) == 0)
+		if (index_job_requeue(e->ix, job->id, 0, &u) == 0)
 			engine_notify(e, job->id, job->route, EV_STATUS);
 		return;
 	case STOP_NONE:
@@ -806,7 +806,7 @@ void engine_run_end(struct run *r, int rc, const uint8_t digest[INDEX_HASH_LEN])
 		run_log(r, "attempt %u failed (%s: %s); retrying in %llu ms", job->attempts,
 			r->error_code, r->error_message, (unsigned long long)ms);
 		attempt_usage(r, &u, kind, sizeof(kind));
-		if (index_job_requeue_used(e->ix, job->id, due, &u) != 0) {
+		if (index_job_requeue(e->ix, job->id, due, &u) != 0) {
 			run_log(r, "error: cannot requeue: %s", store_lasterr());
 			finish(e, r, JOB_ERROR, "store", store_lasterr());
 			return;

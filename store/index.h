@@ -447,25 +447,23 @@ struct job_usage {
 	const char *kind;
 	int64_t reported_ms;
 };
-/* index_job_finish, index_job_requeue_at (not_before 0: into the queue
- * now) with what the attempt used added to the job's run_ms; without
- * (used NULL) the attempt counts its wall time on kind "". */
+/* index_job_finish with what the attempt used added to the job's run_ms;
+ * without (used NULL) the attempt counts its wall time on kind "". */
 int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
 			  const char *error_code, const char *error_message,
 			  const struct job_usage *used);
-int index_job_requeue_used(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms,
-			   const struct job_usage *used);
 
-/* running -> queued again (automatic retry): keeps attempts. */
-int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN]);
 /*
- * running -> queued, but claimable only from not_before_ms on (a retry
- * after a transient failure): the job waits in "delayed", not in the
- * queue, until index_promote_due() moves it there. It is `queued` to
- * every reader, with JOB_F_DELAYED and its time in `round`; cancel,
- * delete and priority changes work on it as on any queued job.
+ * running -> queued again (an automatic retry): keeps attempts, and adds
+ * what the attempt used to run_ms as index_job_finish_used does. With
+ * not_before_ms (0: none), claimable only from then on (a retry after a
+ * transient failure): the job waits in "delayed", not in the queue,
+ * until index_promote_due() moves it there. It is `queued` to every
+ * reader, with JOB_F_DELAYED and its time in `round`; cancel, delete and
+ * priority changes work on it as on any queued job.
  */
-int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms);
+int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms,
+		      const struct job_usage *used);
 /*
  * running -> queued with the attempt not counted (attempts - 1): the run
  * was held back before it reached the service (a circuit breaker opened
@@ -778,8 +776,6 @@ struct ledger_entry {
  * fn for each; its first non-zero return stops the walk and is returned. */
 int index_journal_walk(struct index *ix, uint64_t from_ms, uint64_t to_ms,
 		       int (*fn)(const struct ledger_entry *e, void *arg), void *arg);
-/* The last journal entry's time (0: none). */
-int index_journal_last(struct index *ix, uint64_t *at_ms);
 
 #define LEDGER_SIG_MAX 1024
 struct attestation {

@@ -516,18 +516,8 @@ static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *a
 	return rc ? index_lmdb_err(ix, rc, "delay") : 0;
 }
 
-int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN])
-{
-	return index_job_requeue_used(ix, id, 0, NULL);
-}
-
-int index_job_requeue_at(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms)
-{
-	return index_job_requeue_used(ix, id, not_before_ms, NULL);
-}
-
-int index_job_requeue_used(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms,
-			   const struct job_usage *used)
+int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms,
+		      const struct job_usage *used)
 {
 	struct requeue_arg a = {not_before_ms ? &not_before_ms : NULL, true, used};
 

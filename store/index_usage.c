@@ -71,7 +71,7 @@ static int extras_bytes(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_
 }
 
 /* The entry of a final job, in txn (its outputs after the first too). */
-static int entry_of(struct index *ix, MDB_txn *txn, const struct job *j, struct ledger_entry *e)
+int index_usage_entry(struct index *ix, MDB_txn *txn, const struct job *j, struct ledger_entry *e)
 {
 	memset(e, 0, sizeof(*e));
 	e->at_ms = j->completed_ms;
@@ -194,7 +194,7 @@ int index_usage_add(struct index *ix, MDB_txn *txn, const struct job *j, uint64_
 	size_t rlen = strlen(j->route);
 	int rc;
 
-	if ((rc = entry_of(ix, txn, j, &e)) != 0)
+	if ((rc = index_usage_entry(ix, txn, j, &e)) != 0)
 		return rc;
 	e.at_ms = completed_ms;
 	be64_put(key, e.at_ms);
@@ -218,11 +218,6 @@ int index_usage_add(struct index *ix, MDB_txn *txn, const struct job *j, uint64_
 	if (e.cached && (rc = bump(ix, txn, e.uid, day, USAGE_CACHED, "", 0, 1)) != 0)
 		return rc;
 	return 0;
-}
-
-int index_usage_entry(struct index *ix, MDB_txn *txn, const struct job *j, struct ledger_entry *e)
-{
-	return entry_of(ix, txn, j, e);
 }
 
 int index_journal_get(struct index *ix, MDB_txn *txn, uint64_t at_ms, const uint8_t id[JOB_ID_LEN],
@@ -319,7 +314,6 @@ struct walk_arg {
 	uint64_t from, to;
 	int (*fn)(const struct ledger_entry *e, void *arg);
 	void *arg;
-	uint64_t last;
 };
 
 static int walk_fn(struct index *ix, MDB_txn *txn, void *arg)
@@ -353,38 +347,11 @@ static int walk_fn(struct index *ix, MDB_txn *txn, void *arg)
 int index_journal_walk(struct index *ix, uint64_t from_ms, uint64_t to_ms,
 		       int (*fn)(const struct ledger_entry *e, void *arg), void *arg)
 {
-	struct walk_arg a = {from_ms, to_ms, fn, arg, 0};
+	struct walk_arg a = {from_ms, to_ms, fn, arg};
 
 	if (to_ms <= from_ms)
 		return 0;
 	return index_read(ix, walk_fn, &a);
-}
-
-static int last_fn(struct index *ix, MDB_txn *txn, void *arg)
-{
-	uint64_t *at = arg;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
-
-	*at = 0;
-	if ((rc = mdb_cursor_open(txn, ix->journal, &cur)) != 0)
-		return index_lmdb_err(ix, rc, "read ledger");
-	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	mdb_cursor_close(cur);
-	if (rc == MDB_NOTFOUND)
-		return 0;
-	if (rc)
-		return index_lmdb_err(ix, rc, "read ledger");
-	if (k.mv_size != JOURNAL_KEY_LEN)
-		return damaged(ix, "ledger entry");
-	*at = be64_get(k.mv_data);
-	return 0;
-}
-
-int index_journal_last(struct index *ix, uint64_t *at_ms)
-{
-	return index_read(ix, last_fn, at_ms);
 }
 
 /* ---- attestations ---- */

@@ -183,7 +183,7 @@ static void test_delayed_retry(struct store *st)
 	job_release(&j);
 	/* As the engine does after a transient failure: due in 700 ms. */
 	uint64_t due = now_ms() + 700;
-	REQUIRE(index_job_requeue_at(ix, id, due) == 0, "requeue at");
+	REQUIRE(index_job_requeue(ix, id, due, NULL) == 0, "requeue at");
 	e = open_engine(st, 1, 0, false);
 	REQUIRE(engine_start(e) == 0, "start");
 	while (now_ms() + 100 < due) {

@@ -183,13 +183,13 @@ static void test_states(void)
 	/* requeue (automatic retry) keeps attempts */
 	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim");
 	job_release(&j);
-	CHECK(index_job_requeue(ix, id) == 0, "requeue");
+	CHECK(index_job_requeue(ix, id, 0, NULL) == 0, "requeue");
 	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim");
 	CHECK(j.attempts == 2, "attempts %u", j.attempts);
 	job_release(&j);
 	/* requeue at a time: not claimable before it, queued all along */
 	uint64_t t = now_ms() + 3600 * 1000, next = 0;
-	CHECK(index_job_requeue_at(ix, id, t) == 0, "requeue at: %s", store_lasterr());
+	CHECK(index_job_requeue(ix, id, t, NULL) == 0, "requeue at: %s", store_lasterr());
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
 	CHECK(j.status == JOB_QUEUED && (j.flags & JOB_F_DELAYED) && j.round == t, "delayed");
 	job_release(&j);
@@ -204,7 +204,7 @@ static void test_states(void)
 	CHECK(j.attempts == 3 && !(j.flags & JOB_F_DELAYED), "attempts %u", j.attempts);
 	job_release(&j);
 	/* a delayed job cancelled: out of the delayed set */
-	CHECK(index_job_requeue_at(ix, id, t) == 0, "requeue at again");
+	CHECK(index_job_requeue(ix, id, t, NULL) == 0, "requeue at again");
 	CHECK(index_job_cancel(ix, id) == 0, "cancel delayed");
 	CHECK(index_delayed_next(ix, &next) == 0 && next == 0, "cancel empties the delayed set");
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
@@ -696,7 +696,7 @@ static void test_usage_ledger(void)
 	REQUIRE(create(route, 42, JOB_PRIO_HIGH, "{\"u\":2}", b) == 0, "create b");
 	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, b, 16) == 0, "claim b");
 	job_release(&j);
-	CHECK(index_job_requeue_used(ix, b, 0, &cpu) == 0, "requeue b");
+	CHECK(index_job_requeue(ix, b, 0, &cpu) == 0, "requeue b");
 	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, b, 16) == 0, "claim b again");
 	job_release(&j);
 	CHECK(index_job_finish_used(ix, b, JOB_ERROR, "x", "failed", &wall) == 0, "fail b");
