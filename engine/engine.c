@@ -681,7 +681,7 @@ int engine_open(struct store *st, const struct engine_options *opt, struct engin
 			w->gpu = g >= GROUP_GPU0 ? g - GROUP_GPU0 : -1;
 		}
 	if ((rc = remote_open(e, err, errlen)) != 0 || (rc = webhooks_open(e, err, errlen)) != 0 ||
-	    (rc = ledger_open(e)) != 0) {
+	    (rc = ledger_open(e)) != 0 || (rc = replica_open(e, err, errlen)) != 0) {
 		engine_close(e);
 		return rc;
 	}
@@ -717,7 +717,7 @@ int engine_start(struct engine *e)
 		engine_stop(e);
 		return -EAGAIN;
 	}
-	if (webhooks_start(e) != 0 || ledger_start(e) != 0) {
+	if (webhooks_start(e) != 0 || ledger_start(e) != 0 || replica_start(e) != 0) {
 		engine_stop(e);
 		return -EAGAIN;
 	}
@@ -744,6 +744,7 @@ void engine_stop(struct engine *e)
 	remote_stop(e);
 	webhooks_stop(e);
 	ledger_stop(e);
+	replica_stop(e);
 	for (size_t i = 0; i < e->nworkers; i++)
 		if (e->workers[i].started) {
 			pthread_join(e->workers[i].tid, NULL);
@@ -763,6 +764,7 @@ void engine_close(struct engine *e)
 	remote_close(e);
 	webhooks_close(e);
 	ledger_close(e);
+	replica_close(e);
 	route_table_release(&e->routes);
 	free(e->workers);
 	pthread_mutex_destroy(&e->state_mu);

@@ -43,6 +43,13 @@ struct engine_options {
 	 * 14 h, 20 h, 24 h). */
 	uint64_t webhook_retry_ms[ENGINE_HOOK_RETRY_MAX];
 	size_t webhook_retries;
+	/* Replication (SPEC §12): s3://BUCKET/PREFIX (NULL: none), its
+	 * endpoint (NULL: AWS's), path-style addressing, a credentials file
+	 * (NULL: the AWS_* environment), and the bytes of blob files kept
+	 * here at most (0: no limit). */
+	const char *replica, *replica_endpoint, *replica_credentials;
+	bool replica_path_style;
+	uint64_t cache_max;
 	bool memo_per_owner;	 /* reuse only outputs of the same uid's jobs
 				    (`private`: a hit would tell of another
 				    user's job) */
@@ -134,6 +141,26 @@ uint64_t engine_route_jobs(struct engine *e, const char *route);
 
 /* Prometheus text (SPEC §11) into a malloc'ed buffer. */
 int engine_stats_text(struct engine *e, char **out, size_t *len);
+
+/*
+ * Replication (SPEC §12). Whether replica= is on; whether a blob this
+ * store knows has its file only in the bucket (the cache dropped it:
+ * engine_blob_fetch before reading it); a read of a blob (the cache drops
+ * the least recently read first).
+ */
+bool engine_replica_on(struct engine *e);
+bool engine_blob_remote(struct engine *e, const uint8_t hash[32]);
+void engine_blob_read(struct engine *e, const uint8_t hash[32]);
+/*
+ * Fetch a blob from the bucket into the store (verified against its
+ * hash before it is kept): done(arg, rc) once, on the replica's thread,
+ * which it must not hold long (reply and return): 0 the blob is here;
+ * -ENOENT the bucket has no such object; -EIO it could not be fetched or
+ * did not verify; -EAGAIN too many fetches wait. Returns 0, or -ENOTSUP
+ * without replica= (done is not called).
+ */
+int engine_blob_fetch(struct engine *e, const uint8_t hash[32], void (*done)(void *arg, int rc),
+		      void *arg);
 
 /* Format ms since the epoch as RFC 3339 UTC with milliseconds. */
 void engine_time_format(uint64_t ms, char out[32]);

@@ -93,6 +93,7 @@ struct engine {
 	struct remote *remote; /* remote.c */
 	struct webhooks *hooks; /* webhook.c */
 	struct ledger *ledger;	/* ledger.c */
+	struct replica *replica; /* replica.c (NULL: no replica=) */
 };
 
 /* engine.c */
@@ -190,5 +191,12 @@ struct textbuf {
 	bool oom;
 };
 void tb_printf(struct textbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* replica.c: replication to a bucket (SPEC §12), when replica= is set. */
+int replica_open(struct engine *e, char *err, size_t errlen);
+int replica_start(struct engine *e);
+void replica_stop(struct engine *e);
+void replica_close(struct engine *e);
+void replica_stats(struct engine *e, struct textbuf *b);
 
 #endif

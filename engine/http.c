@@ -158,6 +158,10 @@ struct xfer {
 	int (*sink)(void *arg, const void *data, size_t len, char *err, size_t errlen);
 	void *sink_arg;
 	uint64_t streamed;
+	long long (*source)(void *arg, void *buf, size_t len, uint64_t off);
+	void *source_arg;
+	uint64_t source_len, sent;
+	bool source_failed;
 	char sink_err[256];
 	char denied_addr[INET6_ADDRSTRLEN];
 	uint64_t retry_after_ms;
@@ -278,6 +282,26 @@ static size_t on_header(char *p, size_t size, size_t n, void *arg)
 	return len;
 }
 
+static size_t on_read(char *p, size_t size, size_t n, void *arg)
+{
+	struct xfer *x = arg;
+	size_t want = size * n;
+	long long got;
+
+	if (x->sent >= x->source_len)
+		return 0;
+	if (want > x->source_len - x->sent)
+		want = (size_t)(x->source_len - x->sent);
+	got = x->source(x->source_arg, p, want, x->sent);
+	if (got <= 0) {
+		/* A short source is a failure too: the length was announced. */
+		x->source_failed = true;
+		return CURL_READFUNC_ABORT;
+	}
+	x->sent += (uint64_t)got;
+	return (size_t)got;
+}
+
 static curl_socket_t on_open_socket(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
 {
 	struct xfer *x = arg;
@@ -382,6 +406,11 @@ static void respond(struct xfer *x, CURLcode cc, bool cancelled)
 		r.error_code = x->sink ? "output_invalid" : "backend_failed";
 		snprintf(r.message, sizeof(r.message), "%s %s: the answer is over %zu bytes",
 			 x->method, x->shown, x->max);
+	} else if (x->source_failed) {
+		r.maybe_sent = false;
+		r.error_code = "store";
+		snprintf(r.message, sizeof(r.message), "%s %s: cannot read what is to be sent",
+			 x->method, x->shown);
 	} else if (x->sink_failed) {
 		r.error_code = "store";
 		snprintf(r.message, sizeof(r.message), "%s %s: %s", x->method, x->shown,
@@ -450,8 +479,33 @@ static int xfer_setup(struct xfer *x, const struct http_request *rq)
 	curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, on_open_socket);
 	curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, x);
 	curl_easy_setopt(e, CURLOPT_PRIVATE, x);
+	if (rq->stall_ms) {
+		curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
+		curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, (long)((rq->stall_ms + 999) / 1000));
+	}
+	if (rq->aws_sigv4) {
+		if (curl_easy_setopt(e, CURLOPT_AWS_SIGV4, rq->aws_sigv4) != CURLE_OK ||
+		    curl_easy_setopt(e, CURLOPT_USERPWD, rq->userpwd ? rq->userpwd : "") != CURLE_OK)
+			return -ENOTSUP;
+	}
 	if (strcmp(x->method, "GET") == 0) {
 		curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+	} else if (strcmp(x->method, "HEAD") == 0) {
+		curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+	} else if (rq->source) {
+		x->source = rq->source;
+		x->source_arg = rq->source_arg;
+		x->source_len = rq->source_len;
+		curl_easy_setopt(e, CURLOPT_UPLOAD, 1L);
+		if (strcmp(x->method, "PUT") != 0)
+			curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, x->method);
+		curl_easy_setopt(e, CURLOPT_INFILESIZE_LARGE, (curl_off_t)rq->source_len);
+		/* curl asks for a 100 Continue before a large body (an "Expect:"
+		 * header to stop it would be signed by SigV4 in curl 7.88 and
+		 * not sent): wait for it briefly. */
+		curl_easy_setopt(e, CURLOPT_EXPECT_100_TIMEOUT_MS, 200L);
+		curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read);
+		curl_easy_setopt(e, CURLOPT_READDATA, x);
 	} else {
 		if (strcmp(x->method, "POST") != 0)
 			curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, x->method);

@@ -34,7 +34,7 @@ void http_deny_free(struct http_deny *d);
 /* ---- requests ---- */
 
 struct http_request {
-	const char *method;		/* "GET", "POST", "PUT", "DELETE" */
+	const char *method;		/* "GET", "POST", "PUT", "DELETE", "HEAD" */
 	const char *url;		/* http:// or https:// */
 	const char *const *headers;	/* "Name: value", nheaders of them */
 	size_t nheaders;
@@ -55,6 +55,23 @@ struct http_request {
 	/* One more header of the answer to report (its name without ':'),
 	 * or NULL. */
 	const char *want_header;
+	/*
+	 * With source: the body is source_len bytes that source reads at
+	 * each offset from 0 (a blob file through a verifying reader),
+	 * never held whole in memory; it returns the bytes read or < 0 to
+	 * fail the transfer. Called on the loop's thread; arg lives until
+	 * `done`. Method "PUT" (or "POST").
+	 */
+	long long (*source)(void *arg, void *buf, size_t len, uint64_t off);
+	void *source_arg;
+	uint64_t source_len;
+	/* AWS Signature Version 4 (CURLOPT_AWS_SIGV4 "aws:amz:REGION:s3")
+	 * with userpwd "KEYID:SECRET"; the caller lists the secret in
+	 * secrets. NULL: none. */
+	const char *aws_sigv4, *userpwd;
+	/* Fail a transfer that moves no byte for this long (0: only the
+	 * deadline): lets a large transfer have a long deadline. */
+	uint64_t stall_ms;
 };
 
 struct http_response {

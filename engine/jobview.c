@@ -314,3 +314,16 @@ int jobview_manifest_json(struct engine *e, const struct job *j, char **out, siz
 	json_object_object_add(o, "started_at", time_or_null(j->started_ms));
 	return jobview_json_text(o, out, len);
 }
+
+void jobview_manifest_trusted(const struct job *j, const char *m, size_t mlen, char *buf,
+			     size_t len)
+{
+	char id[JOB_ID_STR_LEN + 1], hex[65];
+	uint8_t h[32];
+
+	ulid_format(j->id, id);
+	b3_hash(m, mlen, h);
+	b3_to_hex(h, hex);
+	snprintf(buf, len, "renderfs job=%s route=%s manifest blake3=%s size=%zu", id, j->route,
+		 hex, mlen);
+}

@@ -13,6 +13,9 @@
 
 int jobview_status_json(struct engine *e, const struct job *j, char **out, size_t *len);
 int jobview_manifest_json(struct engine *e, const struct job *j, char **out, size_t *len);
+/* The trusted comment of the signature of manifest text m. */
+void jobview_manifest_trusted(const struct job *j, const char *m, size_t mlen, char *buf,
+			      size_t len);
 /* The job's place in its queue (0: next); STORE_E_STATE unless it is
  * queued (a delayed retry has none until its time). */
 int jobview_position(struct engine *e, const struct job *j, uint64_t *pos);

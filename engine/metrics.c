@@ -147,6 +147,7 @@ int engine_stats_text(struct engine *e, char **out, size_t *len)
 	}
 	remote_stats(e, &b);
 	webhooks_stats(e, &b);
+	replica_stats(e, &b);
 	histo(&b, "renderfs_job_queue_wait_seconds", "Time from submission to start.", &hw);
 	histo(&b, "renderfs_job_run_seconds", "Time from start to a final state.", &hr);
 	histo(&b, "renderfs_job_latency_seconds", "Time from submission to a final state.", &he);

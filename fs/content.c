@@ -94,13 +94,6 @@ static int sign_blob(struct fsctx *fs, const uint8_t hash[32], const char *trust
 	return 0;
 }
 
-static void cas_trusted(const uint8_t hash[32], uint64_t size, char *buf, size_t len)
-{
-	char hex[65];
-
-	hex32(hash, hex);
-	snprintf(buf, len, "renderfs blake3=%s size=%llu", hex, (unsigned long long)size);
-}
 
 static void output_trusted(const struct job *j, char *buf, size_t len)
 {
@@ -112,18 +105,6 @@ static void output_trusted(const struct job *j, char *buf, size_t len)
 		 (unsigned long long)j->output_size);
 }
 
-static void manifest_trusted(const struct job *j, const char *m, size_t mlen, char *buf,
-			     size_t len)
-{
-	char id[JOB_ID_STR_LEN + 1], hex[65];
-	uint8_t h[32];
-
-	ulid_format(j->id, id);
-	b3_hash(m, mlen, h);
-	hex32(h, hex);
-	snprintf(buf, len, "renderfs job=%s route=%s manifest blake3=%s size=%zu", id, j->route,
-		 hex, mlen);
-}
 
 int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out, size_t *len)
 {
@@ -163,7 +144,7 @@ int jf_render(struct fsctx *fs, const struct job *j, enum job_file f, char **out
 		size_t ml;
 		if ((rc = jobview_manifest_json(fs->eng, j, &m, &ml)) != 0)
 			return rc;
-		manifest_trusted(j, m, ml, trusted, sizeof(trusted));
+		jobview_manifest_trusted(j, m, ml, trusted, sizeof(trusted));
 		*out = malloc(SIG_BUF);
 		rc = *out ? store_sign_buf(fs->st, m, ml, trusted, *out, SIG_BUF) : -ENOMEM;
 		free(m);
@@ -322,7 +303,7 @@ int jf_size(struct fsctx *fs, const struct job *j, enum job_file f, uint64_t *si
 	case JF_MANIFESTSIG:
 		if ((rc = jobview_manifest_json(fs->eng, j, &text, &len)) != 0)
 			return rc;
-		manifest_trusted(j, text, len, trusted, sizeof(trusted));
+		jobview_manifest_trusted(j, text, len, trusted, sizeof(trusted));
 		free(text);
 		*size = SIG_TEXT_LEN(strlen(trusted));
 		return 0;
@@ -584,7 +565,7 @@ int cassig_render(struct fsctx *fs, const uint8_t hash[32], uint64_t size, char 
 {
 	char trusted[256];
 
-	cas_trusted(hash, size, trusted, sizeof(trusted));
+	store_blob_trusted(hash, size, trusted, sizeof(trusted));
 	return sign_blob(fs, hash, trusted, out, len);
 }
 
@@ -592,6 +573,6 @@ uint64_t cassig_size(const uint8_t hash[32], uint64_t size)
 {
 	char trusted[256];
 
-	cas_trusted(hash, size, trusted, sizeof(trusted));
+	store_blob_trusted(hash, size, trusted, sizeof(trusted));
 	return SIG_TEXT_LEN(strlen(trusted));
 }

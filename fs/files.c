@@ -72,6 +72,7 @@ static int open_blob(struct fsctx *fs, uint64_t ino, const uint8_t hash[32], str
 
 	if (rc)
 		return rc;
+	engine_blob_read(fs->eng, hash);
 	fi->direct_io = 0;
 	fi->keep_cache = 1;
 	if (bi.size <= B3_GROUP_LEN) {
@@ -124,7 +125,102 @@ int open_blob_for_writing(struct fsctx *fs, fuse_req_t req, uint64_t ino, struct
 	return fh_join_backing(fs, h, ino);
 }
 
+/*
+ * With replica=: the blob a read of node ino needs (an output, a cas/
+ * blob, or either's signature), when the cache dropped its file; the
+ * bucket has it. 0 and *hash, or -ENOENT for nodes that need none.
+ */
+static int blob_to_fetch(struct fsctx *fs, fuse_req_t req, uint64_t ino, uint8_t hash[32])
+{
+	struct blob_info bi;
+	struct job j;
+	int rc = -ENOENT;
+
+	if (!engine_replica_on(fs->eng))
+		return -ENOENT;
+	switch (INO_KIND(ino)) {
+	case NK_CAS:
+	case NK_CASSIG:
+		if (cas_node(fs, req, ino, hash, &bi) != 0)
+			return -ENOENT;
+		rc = 0;
+		break;
+	case NK_JFILE: {
+		enum job_file f = INO_SUB(ino);
+		struct jf_extra x;
+		if (job_by_seq(fs, INO_LOW48(ino), &j) != 0)
+			return -ENOENT;
+		if ((f == JF_OUTPUT || f == JF_OUTPUTSIG) && (j.flags & JOB_F_HAS_OUTPUT)) {
+			memcpy(hash, j.output_hash, 32);
+			rc = 0;
+		} else if ((unsigned)f >= JF_COUNT && jf_extra_at(fs, &j, (unsigned)f, &x) == 0) {
+			memcpy(hash, x.out.hash, 32);
+			rc = 0;
+		}
+		job_release(&j);
+		break;
+	}
+	default:
+		return -ENOENT;
+	}
+	return rc == 0 && engine_blob_remote(fs->eng, hash) ? 0 : -ENOENT;
+}
+
+static void open_blob_here(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+			   bool fetched);
+static void open_node(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+
+/* An open waiting for its blob to come back from the bucket. */
+struct open_wait {
+	fuse_req_t req;
+	fuse_ino_t ino;
+	struct fuse_file_info fi;
+};
+
+static void open_fetched(void *arg, int rc)
+{
+	struct open_wait *w = arg;
+
+	if (rc)
+		reply_err(w->req, rc == -ENOENT ? -EIO : rc); /* it was there: lost is EIO */
+	else
+		open_blob_here(w->req, w->ino, &w->fi, true);
+	free(w);
+}
+
 void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	open_blob_here(req, ino, fi, false);
+}
+
+static void open_blob_here(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+			   bool fetched)
+{
+	struct fsctx *fs = ctx(req);
+	uint8_t want[32];
+
+	/* A blob the cache dropped comes back first; the FUSE thread does
+	 * not wait for it: the open is answered when it is here. */
+	if (!fetched && (fi->flags & O_ACCMODE) != O_WRONLY && blob_to_fetch(fs, req, ino, want) == 0) {
+		struct open_wait *w = calloc(1, sizeof(*w));
+		int rc;
+		if (!w) {
+			fuse_reply_err(req, ENOMEM);
+			return;
+		}
+		w->req = req;
+		w->ino = ino;
+		w->fi = *fi;
+		if ((rc = engine_blob_fetch(fs->eng, want, open_fetched, w)) != 0) {
+			free(w);
+			reply_err(req, rc);
+		}
+		return;
+	}
+	open_node(req, ino, fi);
+}
+
+static void open_node(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct fsctx *fs = ctx(req);
 	struct fh *h = calloc(1, sizeof(*h));

@@ -642,6 +642,62 @@ static void notifier_lookup(fuse_req_t req, struct fsctx *fs, const struct notif
 	fuse_reply_entry(req, &e);
 }
 
+/* A lookup of cas/<hex> waiting for the blob to come from the bucket. */
+struct lookup_wait {
+	struct fsctx *fs;
+	fuse_req_t req;
+	fuse_ino_t parent;
+	char name[80];
+};
+
+static void lookup_fetched(void *arg, int rc)
+{
+	struct lookup_wait *w = arg;
+	uint64_t ino;
+
+	if (rc == 0)
+		rc = lookup_ino(w->fs, w->req, w->parent, w->name, &ino);
+	if (rc)
+		reply_err(w->req, rc);
+	else
+		reply_entry(w->req, w->fs, ino);
+	free(w);
+}
+
+/*
+ * With replica=: a cas/<hex> (or .minisig) this store does not know is
+ * fetched from the bucket, verified, then looked up again; true when the
+ * request is answered that way (not by this thread, which goes on).
+ */
+static bool lookup_remote(struct fsctx *fs, fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	uint8_t hash[32];
+	struct blob_info bi;
+	struct lookup_wait *w;
+	char hex[65];
+	size_t nl = strlen(name);
+
+	if (!engine_replica_on(fs->eng) || INO_KIND(parent) != NK_STATIC ||
+	    INO_LOW48(parent) != SN_CAS || (nl != 64 && (nl != 72 || strcmp(name + 64, ".minisig"))) ||
+	    strspn(name, "0123456789abcdef") < 64)
+		return false;
+	memcpy(hex, name, 64);
+	hex[64] = '\0';
+	if (b3_from_hex(hex, hash) != 0 || index_blob_get(fs->ix, hash, &bi) != STORE_E_NOTFOUND)
+		return false;
+	if (!(w = calloc(1, sizeof(*w))))
+		return false;
+	w->fs = fs;
+	w->req = req;
+	w->parent = parent;
+	snprintf(w->name, sizeof(w->name), "%s", name);
+	if (engine_blob_fetch(fs->eng, hash, lookup_fetched, w) != 0) {
+		free(w);
+		return false;
+	}
+	return true;
+}
+
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
 	struct fsctx *fs = ctx(req);
@@ -654,6 +710,8 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 		return;
 	}
 	rc = lookup_ino(fs, req, parent, name, &ino);
+	if (rc == STORE_E_NOTFOUND && lookup_remote(fs, req, parent, name))
+		return;
 	if (rc)
 		reply_err(req, rc);
 	else

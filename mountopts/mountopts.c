@@ -10,6 +10,9 @@
 #include "mountopts.h"
 
 #include "http.h"
+#include "s3.h"
+
+#include <sodium.h>
 
 #include <ctype.h>
 #include <errno.h>
@@ -38,6 +41,11 @@ static const struct fuse_opt table[] = {
 	OPT("keyfile=%s", keyfile),
 	OPT("deny_net=%s", deny_net),
 	OPT("webhook_retry=%s", webhook_retry),
+	OPT("replica=%s", replica),
+	OPT("replica_endpoint=%s", replica_endpoint),
+	OPT("replica_credentials=%s", replica_credentials),
+	OPT("replica_path_style", replica_path_style),
+	OPT("cache_max=%s", cache_max),
 	OPT("private", private_),
 	OPT("nonotify", nonotify),
 	OPT("passthrough", passthrough),
@@ -96,6 +104,17 @@ void mountopts_help(FILE *out, const char *prog)
 		"                         169.254.0.0/16+fe80::/10: link-local, cloud metadata)\n"
 		"    webhook_retry=D+D+.. delays between webhook attempts, '+'-separated\n"
 		"                         (default: 5s+5m+30m+2h+5h+10h+14h+20h+24h)\n"
+		"    replica=s3://BUCKET/PREFIX  put every blob, signature and manifest in this\n"
+		"                         bucket and fetch blobs missing here from it (SPEC 12;\n"
+		"                         credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,\n"
+		"                         AWS_SESSION_TOKEN; region: AWS_REGION)\n"
+		"    replica_endpoint=URL an S3-compatible endpoint, http(s)://HOST[:PORT]\n"
+		"                         (default: AWS's for AWS_REGION)\n"
+		"    replica_path_style   the bucket in the URL's path, not its host name\n"
+		"    replica_credentials=FILE  aws_access_key_id/aws_secret_access_key lines\n"
+		"                         (a file of the mount's user, mode 0600)\n"
+		"    cache_max=BYTES      with replica=, drop the files of blobs the bucket has,\n"
+		"                         least recently read first, above this (default: keep)\n"
 		"    private              jobs visible to their owner only; modes 0700/0600\n"
 		"    keyfile=FILE         sign with this minisign secret key (default: the\n"
 		"                         store's own keys/)\n"
@@ -364,6 +383,35 @@ int mountopts_parse(struct fuse_args *args, struct mountopts *mo, char *err, siz
 		}
 		eo->webhook_retries = n;
 	}
+	if ((mo->replica_endpoint || mo->replica_credentials || mo->cache_max ||
+	     mo->replica_path_style) && !mo->replica) {
+		snprintf(err, errlen, "options replica_endpoint, replica_credentials, "
+				      "replica_path_style and cache_max need replica=s3://BUCKET/PREFIX");
+		return -EINVAL;
+	}
+	if (mo->cache_max) {
+		if (mountopts_size(mo->cache_max, &v) != 0 || v == 0) {
+			snprintf(err, errlen, "option 'cache_max=%s': must be a size such as 512M or 20G",
+				 mo->cache_max);
+			return -EINVAL;
+		}
+		eo->cache_max = v;
+	}
+	if (mo->replica) {
+		struct s3 s3;
+		char why[512];
+		if (s3_init(&s3, mo->replica, mo->replica_endpoint, mo->replica_path_style,
+			    mo->replica_credentials, why, sizeof(why)) != 0) {
+			snprintf(err, errlen, "option 'replica=%s': %s", mo->replica, why);
+			sodium_memzero(&s3, sizeof(s3));
+			return -EINVAL;
+		}
+		sodium_memzero(&s3, sizeof(s3));
+		eo->replica = mo->replica;
+		eo->replica_endpoint = mo->replica_endpoint;
+		eo->replica_credentials = mo->replica_credentials;
+		eo->replica_path_style = mo->replica_path_style;
+	}
 	/* FUSE parses the mountpoint itself (with -f, -d, ...). */
 	if (fuse_opt_add_arg(args, mo->mountpoint) != 0)
 		return -ENOMEM;
@@ -375,7 +423,8 @@ void mountopts_release(struct mountopts *mo)
 	char **strs[] = {&mo->store,	    &mo->models,      &mo->workers,	 &mo->gpus,
 			 &mo->queue_max,    &mo->user_queue_max, &mo->rate,	 &mo->burst,
 			 &mo->max_request,  &mo->max_attempts, &mo->retain,	 &mo->keyfile, &mo->deny_net,
-			 &mo->webhook_retry,
+			 &mo->webhook_retry, &mo->replica, &mo->replica_endpoint,
+			 &mo->replica_credentials, &mo->cache_max,
 			 &mo->buffer_max_s, &mo->user_buffer_max_s,
 			 &mo->source,	    &mo->mountpoint};
 

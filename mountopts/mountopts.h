@@ -18,7 +18,8 @@ struct mountopts {
 	char *store, *models, *workers, *gpus, *queue_max, *user_queue_max, *rate, *burst;
 	char *max_request, *max_attempts, *retain, *keyfile, *deny_net, *webhook_retry;
 	char *buffer_max_s, *user_buffer_max_s;
-	int private_, nonotify, passthrough;
+	char *replica, *replica_endpoint, *replica_credentials, *cache_max;
+	int private_, nonotify, passthrough, replica_path_style;
 	int show_help, show_version;
 
 	/* Positional arguments: [SOURCE] MOUNTPOINT (mount.fuse passes a

@@ -267,7 +267,7 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 	uint8_t hash[B3_OUT_LEN];
 	char path[4200], dir[4200];
 	struct blob_info bi;
-	bool dedup;
+	bool dedup, known;
 	int rc;
 
 	if ((rc = sink_finish(s, hash)) != 0)
@@ -277,13 +277,18 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 
 	pthread_mutex_lock(&st->blob_mu);
 	rc = index_blob_get(st->ix, hash, &bi);
-	dedup = rc == 0 && access(path, F_OK) == 0;
+	known = rc == 0;
+	dedup = known && access(path, F_OK) == 0;
 	if (rc != 0 && rc != STORE_E_NOTFOUND)
 		goto unlock;
 	if (!dedup && (rc = sink_place(st, s, path, dir)) != 0)
 		goto unlock;
 	rc = extra ? index_job_attach_extra(st->ix, job, extra, hash, s->size, media_type)
 		   : index_job_attach_output(st->ix, job, hash, s->size, media_type, device, false);
+	/* A blob the cache had dropped (its record kept, the bucket has
+	 * it) is here again. */
+	if (rc == 0 && known && !dedup)
+		rc = index_replica_fetched(st->ix, hash, s->size, media_type);
 	if (rc == 0) {
 		if (dedup)
 			st->dedup_hits++;
@@ -305,6 +310,60 @@ unlock:
 fail:
 	sink_free(s);
 	return rc;
+}
+
+int store_blob_fetched(struct store *st, struct store_sink *s, const uint8_t want[B3_OUT_LEN],
+		       const char *media_type)
+{
+	uint8_t hash[B3_OUT_LEN];
+	char path[4200], dir[4200], hex[B3_HEX_LEN + 1];
+	int rc;
+
+	if ((rc = sink_finish(s, hash)) != 0)
+		goto fail;
+	if (memcmp(hash, want, B3_OUT_LEN) != 0) {
+		b3_to_hex(hash, hex);
+		rc = store_seterr(STORE_E_CORRUPT, "the content hashes to %s, not to its name", hex);
+		st->integrity_failures++;
+		goto fail;
+	}
+	store_blob_path(st, hash, path, sizeof(path));
+	snprintf(dir, sizeof(dir), "%.*s", (int)(strrchr(path, '/') - path), path);
+	pthread_mutex_lock(&st->blob_mu);
+	if (access(path, F_OK) == 0 || (rc = sink_place(st, s, path, dir)) == 0)
+		rc = index_replica_fetched(st->ix, hash, s->size, media_type);
+	if (rc == 0) {
+		st->blobs_written++;
+		st->bytes_written += s->size;
+	}
+	pthread_mutex_unlock(&st->blob_mu);
+fail:
+	sink_free(s);
+	return rc;
+}
+
+int store_blob_drop(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t *size)
+{
+	char path[4200];
+	bool freed;
+	int rc;
+
+	pthread_mutex_lock(&st->blob_mu);
+	if ((rc = index_replica_drop(st->ix, hash, size, &freed)) == 0) {
+		store_blob_path(st, hash, path, sizeof(path));
+		if (unlink(path) != 0 && errno != ENOENT)
+			store_seterr(0, "cannot remove '%s': %s", path, strerror(errno));
+	}
+	pthread_mutex_unlock(&st->blob_mu);
+	return rc;
+}
+
+void store_blob_trusted(const uint8_t hash[B3_OUT_LEN], uint64_t size, char *buf, size_t len)
+{
+	char hex[B3_HEX_LEN + 1];
+
+	b3_to_hex(hash, hex);
+	snprintf(buf, len, "renderfs blake3=%s size=%llu", hex, (unsigned long long)size);
 }
 
 /* A blob file that is missing, or not a regular file (a FIFO, a device, a

@@ -244,6 +244,9 @@ static const struct dbdef dbdefs[] = {
 	{"journal", offsetof(struct index, journal), 0},
 	{"usage", offsetof(struct index, usage), 0},
 	{"ledger", offsetof(struct index, ledger), 0},
+	{"outbox", offsetof(struct index, outbox), 0},
+	{"replicated", offsetof(struct index, replicated), 0},
+	{"lru", offsetof(struct index, lru), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 

@@ -95,6 +95,17 @@
  *            (name: device kind), 'b' output bytes, 'c' cache hits
  *   ledger   end ms (8) -> attestation record (below): signed period
  *            totals, in chain order
+ *   outbox   seq (8) -> outbox record (below): an object to put in the
+ *            replica bucket (SPEC §12), written in the transaction that
+ *            made what it copies, removed once the bucket has it
+ *   replicated BLAKE3 (32) -> confirmed ms (8 LE), last read ms (8 LE),
+ *            flags (1: bit 0 the file is here, bit 1 the cache's own
+ *            reference holds the record), checksum: blobs the bucket has
+ *   lru      last read ms (8) | BLAKE3 (32) -> empty: confirmed blobs
+ *            whose files are here, in the order the cache drops them
+ *   meta also holds "outbox_next", "outbox_n", "outbox_bytes" (u64 LE:
+ *            the outbox's next seq, entries and blob bytes) and
+ *            "local_bytes" (bytes of the blob files here)
  *
  * The request digest (index_request_digest()) is not stored with the job:
  * it is computed from the route and the stored request (and the owner,
@@ -179,7 +190,11 @@
  *   end-8  8    checksum
  * Each attestation holds a reference on its blob (owner uid 0).
  *
- * FORMAT 14 had no usage ledger (journal, usage, ledger; its final jobs
+ * OUTBOX RECORD: kind (1, enum outbox_kind), id (32), size (8 LE),
+ * enqueued ms (8 LE), not before ms (8 LE), attempts (4 LE), checksum.
+ *
+ * FORMAT 15 had no replication (outbox, replicated, lru, local_bytes,
+ * which its upgrade sums from the blob records); FORMAT 14 had no usage ledger (journal, usage, ledger; its final jobs
  * enter the journal at the upgrade); FORMAT 13 had no webhooks (hooks, deliveries, hookdue, jobhooks,
  * hookatt, usersecrets); FORMAT 12 had no made (input records had no producers); FORMAT 11 had no extras or results; FORMAT 10 had no inputs; FORMAT 9 had no remote; FORMAT 8 had no creds; FORMAT 7 had no rgroups (remote jobs shared group 1); FORMAT 6 had no handles; FORMAT 5 wrote RJ2 records only; FORMAT 4 had no delayed set; FORMAT 3 no counts; FORMAT 2 (renderfs before index format 3) keyed
  * names by route and name only and had no blobusers. A read-write open
@@ -218,7 +233,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_FORMAT_VERSION 15
+#define INDEX_FORMAT_VERSION 16
 #define INDEX_HANDLE_MAX 4096 /* bytes of a job's durable handle */
 #define INDEX_LOG_LINE_MAX 16384 /* bytes of one log line, without its newline */
 #define INDEX_STATUSES 5 /* enum job_status values */
@@ -812,6 +827,85 @@ struct ledger_maker {
  */
 int index_ledger_attest(struct index *ix, uint64_t end_ms, const struct ledger_maker *m,
 			struct attestation *out);
+
+/* ---- replication to a bucket (SPEC §12) ---- */
+
+/* What the outbox holds: objects to put in the bucket. */
+enum outbox_kind {
+	OUT_BLOB = 'b',	       /* blobs/ab/<hex>: id is the BLAKE3 */
+	OUT_BLOBSIG = 's',     /* blobs/ab/<hex>.minisig */
+	OUT_MANIFEST = 'm',    /* manifests/<job id>.json: id is the job's (16) */
+	OUT_MANIFESTSIG = 'n', /* manifests/<job id>.json.minisig */
+	OUT_KEY = 'k',	       /* keys/<KEYID>.pub: id is the key number (8) */
+};
+struct outbox_entry {
+	uint64_t seq; /* its place in the outbox (enqueue order) */
+	char kind;
+	uint8_t id[INDEX_HASH_LEN];
+	uint64_t size; /* bytes (blobs; 0 for the others) */
+	uint64_t enqueued_ms, not_before_ms;
+	uint32_t attempts;
+};
+/*
+ * Replication on (a mount with replica=): from now on each new blob
+ * record puts the blob and its signature in the outbox, and each job
+ * that completes with an output its manifest, in the transaction that
+ * makes them. Set once after index_open(), before other threads use it.
+ */
+void index_set_replica(struct index *ix, bool on);
+/* Put one object in the outbox (a key at start, `renderctl replica push`). */
+int index_outbox_put(struct index *ix, char kind, const uint8_t *id, size_t idlen, uint64_t size);
+/* Entries due at now_ms, in outbox order, leaving out the nskip seqs of
+ * skip (in flight): at most max into out, *n of them. Looks at the first
+ * `scan` entries only (a bound on the work of one call). */
+int index_outbox_due(struct index *ix, uint64_t now_ms, const uint64_t *skip, size_t nskip,
+		     size_t scan, struct outbox_entry *out, size_t max, size_t *n);
+/* The object is in the bucket (or there is nothing to put any more: its
+ * blob or job is gone): the entry goes; an OUT_BLOB is confirmed
+ * (index_replica_get). */
+int index_outbox_done(struct index *ix, uint64_t seq, bool confirmed);
+/* An attempt failed: attempts + 1, not before not_before_ms. */
+int index_outbox_retry(struct index *ix, uint64_t seq, uint64_t not_before_ms);
+struct outbox_stats {
+	uint64_t objects, bytes, oldest_ms; /* oldest_ms: enqueue time (0: empty) */
+};
+int index_outbox_stats(struct index *ix, struct outbox_stats *s);
+
+/* A blob's replication state (replicated): confirmed in the bucket,
+ * when last read, whether its file is here, whether only the cache
+ * holds it (a reference of its own, owner uid 0: fetched, no job's). */
+struct replica_state {
+	uint64_t confirmed_ms, read_ms;
+	bool local, cache_ref;
+};
+/* STORE_E_NOTFOUND: not confirmed in the bucket. */
+int index_replica_get(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], struct replica_state *s);
+/* Bytes of the blob files in blobs/ (every blob record whose file is here). */
+int index_local_bytes(struct index *ix, uint64_t *bytes);
+/* The n blobs were read at now_ms (least recently read go first). */
+int index_replica_touch(struct index *ix, const uint8_t (*hashes)[INDEX_HASH_LEN], size_t n,
+			uint64_t now_ms);
+/* Confirmed blobs whose files are here, least recently read first: at
+ * most max, *n of them. */
+int index_replica_lru(struct index *ix, size_t max, uint8_t (*hashes)[INDEX_HASH_LEN], size_t *n);
+/*
+ * Drop a confirmed blob's file from the cache's accounting (the caller
+ * unlinks it after this commits): *size its bytes; *freed when the
+ * cache's reference was the last (its record is gone too).
+ * STORE_E_STATE when it is not confirmed or not here.
+ */
+int index_replica_drop(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], uint64_t *size,
+		       bool *freed);
+/*
+ * A blob fetched from the bucket is in its place in blobs/ (verified):
+ * a record is made for one the index does not know (the cache's own
+ * reference, owner uid 0), or the confirmed blob is here again.
+ */
+int index_replica_fetched(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], uint64_t size,
+			  const char *media_type);
+/* Put every blob not confirmed, and every complete job's manifest, in
+ * the outbox (`renderctl replica push`): *n entries. */
+int index_replica_push_all(struct index *ix, uint64_t *n);
 
 /* ---- ULIDs ---- */
 

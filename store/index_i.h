@@ -29,7 +29,8 @@ struct index {
 	MDB_env *env;
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
 		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results, made,
-		hooks, deliveries, hookdue, jobhooks, hookatt, usersecrets, journal, usage, ledger;
+		hooks, deliveries, hookdue, jobhooks, hookatt, usersecrets, journal, usage, ledger,
+		outbox, replicated, lru;
 	char dir[4096];
 	bool read_only;
 	/* LMDB tripped one of its assertions in a write (a damaged file):
@@ -37,6 +38,11 @@ struct index {
 	 * orders them). */
 	bool damaged;
 	bool names_per_owner; /* set before other threads use the index */
+	bool replica;	      /* new blobs enter the outbox (index_set_replica) */
+	/* Set by a write op around its own calls (ops of a batch run one at
+	 * a time, on the leader's thread): a blob record it makes is one the
+	 * bucket has, not one to put (index_replica_fetched). */
+	bool outbox_hold;
 	uint32_t upgraded_from; /* format upgraded at open (0: none); set once */
 	uint64_t upgraded_jobs;
 
@@ -107,6 +113,14 @@ int index_journal_free_time(struct index *ix, MDB_txn *txn, const uint8_t id[JOB
 int index_usage_entry(struct index *ix, MDB_txn *txn, const struct job *j, struct ledger_entry *e);
 int index_journal_get(struct index *ix, MDB_txn *txn, uint64_t at_ms, const uint8_t id[JOB_ID_LEN],
 		      struct ledger_entry *e);
+/* index_replica.c: a blob record was made (size: its bytes) or dropped
+ * (index_blob_ref): the local bytes, the outbox, the replication state. */
+int index_replica_blob_made(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size);
+int index_replica_blob_gone(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size);
+/* A job became complete with an output: its manifest enters the outbox. */
+int index_replica_job_complete(struct index *ix, MDB_txn *txn, const struct job *j);
+/* Add delta to the u64 meta counter key. */
+int index_meta_add(struct index *ix, MDB_txn *txn, const char *key, int64_t delta);
 /* index_hooks.c: a job's webhook (at creation) and its end (at delete). */
 int index_hooks_create(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN],
 		       const char *url, uint8_t events);

@@ -204,6 +204,38 @@ static int upgrade_14(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	return write_version(ix, txn, 15);
 }
 
+/*
+ * Format 15 -> 16: replication (outbox, replicated, lru) and the bytes of
+ * the blob files here (meta "local_bytes"), summed from the blob records.
+ */
+static int upgrade_15(struct index *ix, MDB_txn *txn, uint64_t *njobs)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	uint64_t bytes = 0;
+	uint8_t buf[8];
+	int rc;
+
+	*njobs = 0;
+	if ((rc = index_open_all(ix, txn, true)) != 0)
+		return rc;
+	if ((rc = mdb_cursor_open(txn, ix->blobs, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "upgrade: read blobs");
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct blob_info bi;
+		if (index_blob_decode(ix, &v, &bi) == 0)
+			bytes += bi.size;
+	}
+	mdb_cursor_close(cur);
+	if (rc != MDB_NOTFOUND)
+		return index_lmdb_err(ix, rc, "upgrade: read blobs");
+	le64_put(buf, bytes);
+	if ((rc = index_meta_put(ix, txn, "local_bytes", buf, 8)) != 0)
+		return index_lmdb_err(ix, rc, "upgrade: write local bytes");
+	return write_version(ix, txn, 16);
+}
+
 /* A step that only adds empty databases (or a record layout that older
  * renderfs cannot read): create what is missing, say the new format. */
 static int add_only(struct index *ix, MDB_txn *txn, uint64_t *njobs, uint32_t version)
@@ -242,6 +274,7 @@ static const struct migration {
 	{13, NULL}, /* webhooks: hooks, deliveries, hookdue, jobhooks, hookatt,
 		       usersecrets (older jobs have none) */
 	{14, upgrade_14},
+	{15, upgrade_15},
 };
 _Static_assert(sizeof(migrations) / sizeof(migrations[0]) == INDEX_FORMAT_VERSION - 1,
 	       "one migration step per format");

@@ -332,6 +332,7 @@ int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t
 	uint8_t rec[BLOB_REC_MAX];
 	struct blob_info b = {0};
 	int rc = mdb_get(txn, ix->blobs, &k, &v);
+	bool created = rc == MDB_NOTFOUND;
 
 	if (rc && rc != MDB_NOTFOUND)
 		return index_lmdb_err(ix, rc, "read blob");
@@ -362,6 +363,8 @@ int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t
 		*freed = true;
 		if ((rc = mdb_del(txn, ix->blobs, &k, NULL)) != 0)
 			return index_lmdb_err(ix, rc, "delete blob");
+		if ((rc = index_replica_blob_gone(ix, txn, hash, b.size)) != 0)
+			return rc;
 		rc = mdb_del(txn, ix->made, &k, NULL);
 		return rc && rc != MDB_NOTFOUND ? index_lmdb_err(ix, rc, "delete made") : 0;
 	}
@@ -369,6 +372,8 @@ int index_blob_ref(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t
 	v.mv_data = rec;
 	if ((rc = mdb_put(txn, ix->blobs, &k, &v, 0)) != 0)
 		return index_lmdb_err(ix, rc, "write blob");
+	if (created && (rc = index_replica_blob_made(ix, txn, hash, size)) != 0)
+		return rc; /* a new record: a new blob file */
 	return maker ? made_change(ix, txn, hash, maker, delta) : 0;
 }
 

@@ -262,6 +262,8 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 		/* The usage ledger, with the final state (SPEC §14). */
 		if (old < JOB_COMPLETE && (rc = index_usage_add(ix, txn, j, completed)) != 0)
 			return rc;
+		if (j->status == JOB_COMPLETE && (rc = index_replica_job_complete(ix, txn, j)) != 0)
+			return rc;
 	}
 	return index_count_move(ix, txn, j->route, old, (int)j->status);
 }

@@ -108,6 +108,19 @@ int store_job_commit_extra(struct store *st, const uint8_t job[JOB_ID_LEN], unsi
  */
 int store_blob_write(struct store *st, const void *data, size_t len, uint8_t hash[B3_OUT_LEN]);
 
+/*
+ * Replication (SPEC §12). fetched: a blob fetched from the bucket into a
+ * sink is kept when it hashes to want (else STORE_E_CORRUPT, nothing
+ * kept), durably, and the index knows its file is here
+ * (index_replica_fetched); frees the sink. drop: the cache lets go of a
+ * confirmed blob's file (index_replica_drop, then the file goes).
+ */
+int store_blob_fetched(struct store *st, struct store_sink *s, const uint8_t want[B3_OUT_LEN],
+		       const char *media_type);
+int store_blob_drop(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t *size);
+/* The trusted comment of a blob's own signature (cas/<hex>.minisig). */
+void store_blob_trusted(const uint8_t hash[B3_OUT_LEN], uint64_t size, char *buf, size_t len);
+
 /* Path of a blob file: <store>/blobs/ab/<hex>. */
 void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf,
 		     size_t bufsz);
