@@ -68,6 +68,7 @@ enum { PART_WAITING, PART_OUT, PART_IN };
 #define FETCH_MAX 16		       /* fetches at once */
 #define FETCH_QUEUE_MAX 4096	       /* fetches waiting, at most */
 #define TOUCH_MAX 1024		       /* reads noted between flushes */
+#define FETCH_UNKNOWN_MAX (64ull << 30) /* bytes of a fetched blob of unknown size */
 #define BACKOFF_MIN_MS 1000
 #define BACKOFF_MAX_MS 60000
 #define OBJ_RETRY_MAX_MS (10 * 60 * 1000)
@@ -118,6 +119,7 @@ struct waiter {
 
 struct fetch {
 	uint8_t hash[32];
+	uint64_t size; /* known (the cache dropped it), else 0 */
 	struct waiter *waiters;
 	struct store_sink *sink;
 	bool started, ended;
@@ -774,7 +776,8 @@ static void fetches_start(struct replica *r)
 		c->f = f;
 		q.rq.sink = fetch_sink;
 		q.rq.sink_arg = f;
-		q.rq.max_body = (size_t)1 << 40;
+		/* Never more than the blob is (its hash is checked after). */
+		q.rq.max_body = f->size ? f->size : FETCH_UNKNOWN_MAX;
 		q.rq.timeout_ms = 24ull * 3600 * 1000;
 		q.rq.stall_ms = STALL_MS;
 		if (http_submit(r->loop, &q.rq, fetch_done_ctx, c, NULL) != 0) {
@@ -864,6 +867,11 @@ int engine_blob_fetch(struct engine *e, const uint8_t hash[32], void (*done)(voi
 			return -EAGAIN;
 		}
 		memcpy(f->hash, hash, 32);
+		{
+			struct blob_info bi;
+			if (index_blob_get(e->ix, hash, &bi) == 0)
+				f->size = bi.size;
+		}
 		f->next = r->fetches;
 		r->fetches = f;
 		r->nfetches++;
@@ -1021,6 +1029,16 @@ int replica_start(struct engine *e)
 
 	if (!r)
 		return 0;
+	/* For `renderctl replica` on this store: where its bucket is. */
+	{
+		char cfg[2048];
+		snprintf(cfg, sizeof(cfg), "%s %s %d", e->opt.replica,
+			 e->opt.replica_endpoint && *e->opt.replica_endpoint ? e->opt.replica_endpoint
+									     : "-",
+			 e->opt.replica_path_style ? 1 : 0);
+		if ((rc = index_replica_config_put(e->ix, cfg)) != 0)
+			return rc;
+	}
 	/* The bucket's own copy of the key that signs what this store puts. */
 	store_pubkey(e->st, &pk);
 	if ((rc = index_outbox_put(e->ix, OUT_KEY, pk.keynum, sizeof(pk.keynum), 0)) != 0)

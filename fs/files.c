@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <linux/fuse.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -554,9 +555,84 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 	pthread_rwlock_unlock(&fh_lock);
 }
 
+/*
+ * With replica=: a write to `new` whose requests name blobs (cas:<hex>)
+ * this store does not know waits, without a thread, for them to come
+ * from the bucket, then goes on as written (the file takes writes in any
+ * order of offsets). A blob the bucket does not have either is refused by
+ * the submission as usual.
+ */
+struct write_wait {
+	fuse_req_t req;
+	fuse_ino_t ino;
+	struct fuse_file_info fi;
+	off_t off;
+	size_t size;
+	atomic_int pending;
+	char data[];
+};
+
+static void write_fetched(void *arg, int rc)
+{
+	struct write_wait *w = arg;
+
+	(void)rc; /* the submission says what is missing */
+	if (atomic_fetch_sub(&w->pending, 1) != 1)
+		return;
+	pthread_rwlock_rdlock(&fh_lock);
+	op_write_locked(w->req, w->ino, w->data, w->size, w->off, &w->fi);
+	pthread_rwlock_unlock(&fh_lock);
+	free(w);
+}
+
+static bool write_after_fetch(struct fsctx *fs, fuse_req_t req, fuse_ino_t ino, const char *data,
+			      size_t size, off_t off, struct fuse_file_info *fi)
+{
+	uint8_t want[INDEX_INPUTS_MAX][32];
+	size_t n = 0;
+	struct write_wait *w;
+
+	if (INO_KIND(ino) != NK_NEW || !engine_replica_on(fs->eng) || size < 68)
+		return false;
+	for (const char *p = data; n < INDEX_INPUTS_MAX && (p = memmem(p, size - (size_t)(p - data), "cas:", 4));
+	     p += 4) {
+		char hex[65];
+		struct blob_info bi;
+		bool dup = false;
+
+		if ((size_t)(p - data) + 68 > size)
+			break;
+		memcpy(hex, p + 4, 64);
+		hex[64] = '\0';
+		if (strspn(hex, "0123456789abcdef") != 64 || b3_from_hex(hex, want[n]) != 0 ||
+		    index_blob_get(fs->ix, want[n], &bi) != STORE_E_NOTFOUND)
+			continue;
+		for (size_t i = 0; i < n && !dup; i++)
+			dup = memcmp(want[i], want[n], 32) == 0;
+		if (!dup)
+			n++;
+	}
+	if (n == 0 || !(w = malloc(sizeof(*w) + size)))
+		return false;
+	w->req = req;
+	w->ino = ino;
+	w->fi = *fi;
+	w->off = off;
+	w->size = size;
+	memcpy(w->data, data, size);
+	atomic_init(&w->pending, (int)n + 1);
+	for (size_t i = 0; i < n; i++)
+		if (engine_blob_fetch(fs->eng, want[i], write_fetched, w) != 0)
+			atomic_fetch_sub(&w->pending, 1);
+	write_fetched(w, 0); /* the caller's own count */
+	return true;
+}
+
 void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t size, off_t off,
 		     struct fuse_file_info *fi)
 {
+	if (write_after_fetch(ctx(req), req, ino, data, size, off, fi))
+		return;
 	pthread_rwlock_rdlock(&fh_lock);
 	op_write_locked(req, ino, data, size, off, fi);
 	pthread_rwlock_unlock(&fh_lock);

@@ -54,6 +54,8 @@ struct fsck {
 	size_t cap, len;
 	struct route_count *routes;
 	size_t nroutes;
+	uint64_t remote_only;	   /* blobs only the bucket has */
+	uint64_t local_bytes_seen; /* bytes of the blobs whose files are here */
 };
 
 static struct route_count *route_count(struct fsck *f, const char *route, bool insert)
@@ -337,6 +339,44 @@ static void count_attestations(struct fsck *f)
 			after = a[i].end_ms;
 		}
 	} while (n == 16);
+}
+
+/* Replication (index_replica.c): the cache's own references (owner uid
+ * 0) count like jobs'; blobs whose files only the bucket has are noted,
+ * not missing. */
+static void count_cache_refs(struct fsck *f, MDB_txn *txn)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if (mdb_cursor_open(txn, f->ix->replicated, &cur) != 0) {
+		problem(f, "cannot read the replicated database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct replica_state s;
+		struct refcount_entry *e;
+		char hex[B3_HEX_LEN + 1];
+
+		if (k.mv_size != B3_OUT_LEN) {
+			problem(f, "a replicated key has %zu bytes", k.mv_size);
+			continue;
+		}
+		b3_to_hex(k.mv_data, hex);
+		if (index_replica_get(f->ix, k.mv_data, &s) != 0) {
+			problem(f, "blob %s: %s", hex, store_lasterr());
+			continue;
+		}
+		if (!s.cache_ref)
+			continue;
+		if ((e = tab_find(f, k.mv_data, true)) != NULL)
+			e->count++;
+		if ((e = tab_find_user(f, k.mv_data, 0, true)) != NULL)
+			e->count++;
+	}
+	mdb_cursor_close(cur);
 }
 
 static void check_jobs(struct fsck *f, MDB_txn *txn)
@@ -637,6 +677,15 @@ static void check_blobs(struct fsck *f, MDB_txn *txn)
 				(unsigned long long)(e ? e->count : 0));
 		if (e)
 			e->count = UINT64_MAX; /* seen: not reported below */
+		f->local_bytes_seen += bi.size;
+		{
+			struct replica_state s;
+			if (index_replica_get(f->ix, k.mv_data, &s) == 0 && !s.local) {
+				f->remote_only++; /* the bucket has it, the cache dropped it */
+				f->local_bytes_seen -= bi.size;
+				continue;
+			}
+		}
 		check_blob_file(f, k.mv_data, &bi);
 	}
 	mdb_cursor_close(cur);
@@ -958,6 +1007,42 @@ static uint64_t count_blob_files(const char *dir)
 	return n;
 }
 
+/* The replication records against the blobs (index_replica.c). */
+static void check_replica(struct fsck *f, MDB_txn *txn)
+{
+	struct outbox_stats os;
+	uint64_t local = 0, n = 0;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if (index_local_bytes(f->ix, &local) == 0 && local != f->local_bytes_seen)
+		problem(f, "the index counts %llu bytes of blob files here; its blobs add up to "
+			   "%llu",
+			(unsigned long long)local, (unsigned long long)f->local_bytes_seen);
+	if (mdb_cursor_open(txn, f->ix->replicated, &cur) == 0) {
+		for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+		     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+			MDB_val bv;
+			char hex[B3_HEX_LEN + 1];
+			if (k.mv_size != B3_OUT_LEN)
+				continue;
+			b3_to_hex(k.mv_data, hex);
+			if (mdb_get(txn, f->ix->blobs, &k, &bv) != 0)
+				problem(f, "blob %s is recorded as in the bucket but not in the index",
+					hex);
+			n++;
+		}
+		mdb_cursor_close(cur);
+	}
+	if (index_outbox_stats(f->ix, &os) == 0 && (os.objects || n || f->remote_only))
+		fprintf(f->out,
+			"replica: %llu blob(s) confirmed in the bucket, %llu of them only there; "
+			"%llu object(s) waiting to be put\n",
+			(unsigned long long)n, (unsigned long long)f->remote_only,
+			(unsigned long long)os.objects);
+}
+
 long store_fsck(const char *dir, FILE *out)
 {
 	struct index_options opt = {0, true};
@@ -1004,7 +1089,9 @@ long store_fsck(const char *dir, FILE *out)
 	}
 	check_jobs(&f, txn);
 	count_attestations(&f);
+	count_cache_refs(&f, txn);
 	check_blobs(&f, txn);
+	check_replica(&f, txn);
 	check_blob_files(&f, txn);
 	check_lost_found(&f);
 	check_keys(&f, txn);

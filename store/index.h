@@ -903,6 +903,15 @@ int index_replica_drop(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], uin
  */
 int index_replica_fetched(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], uint64_t size,
 			  const char *media_type);
+/* Confirmed blobs in hash order after `after` (NULL: from the first): at
+ * most max into hashes (and states, may be NULL), *n of them. */
+int index_replica_list(struct index *ix, const uint8_t *after, size_t max,
+		       uint8_t (*hashes)[INDEX_HASH_LEN], struct replica_state *states, size_t *n);
+/* The replica= a mount last used the store with (its text, at most
+ * len - 1 bytes: "s3://BUCKET/PREFIX endpoint path_style"): put at each
+ * such mount, for `renderctl replica`; get: STORE_E_NOTFOUND if none. */
+int index_replica_config_put(struct index *ix, const char *text);
+int index_replica_config_get(struct index *ix, char *out, size_t len);
 /* Put every blob not confirmed, and every complete job's manifest, in
  * the outbox (`renderctl replica push`): *n entries. */
 int index_replica_push_all(struct index *ix, uint64_t *n);

@@ -723,3 +723,84 @@ out:
 	*n = a.n;
 	return rc;
 }
+
+struct rlist_arg {
+	const uint8_t *after;
+	size_t max, n;
+	uint8_t (*hashes)[INDEX_HASH_LEN];
+	struct replica_state *states;
+};
+
+static int rlist_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct rlist_arg *a = arg;
+	MDB_cursor *cur;
+	MDB_val k = {INDEX_HASH_LEN, (void *)a->after}, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, ix->replicated, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "read replicated");
+	rc = mdb_cursor_get(cur, &k, &v, a->after ? MDB_SET_RANGE : MDB_FIRST);
+	if (rc == 0 && a->after && k.mv_size == INDEX_HASH_LEN &&
+	    memcmp(k.mv_data, a->after, INDEX_HASH_LEN) == 0)
+		rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+	for (; rc == 0 && a->n < a->max; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (k.mv_size != INDEX_HASH_LEN)
+			continue;
+		if (a->states && (rc = repl_get(ix, txn, k.mv_data, &a->states[a->n])) != 0)
+			break;
+		memcpy(a->hashes[a->n++], k.mv_data, INDEX_HASH_LEN);
+	}
+	mdb_cursor_close(cur);
+	return rc == 0 || rc == MDB_NOTFOUND ? 0 : rc < 0 ? rc : index_lmdb_err(ix, rc, "read replicated");
+}
+
+int index_replica_list(struct index *ix, const uint8_t *after, size_t max,
+		       uint8_t (*hashes)[INDEX_HASH_LEN], struct replica_state *states, size_t *n)
+{
+	struct rlist_arg a = {after, max, 0, hashes, states};
+	int rc = index_read(ix, rlist_fn, &a);
+
+	*n = a.n;
+	return rc;
+}
+
+static int cfg_put_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	const char *text = arg;
+	int rc = index_meta_put(ix, txn, "replica", text, strlen(text));
+	return rc ? index_lmdb_err(ix, rc, "write replica") : 0;
+}
+
+int index_replica_config_put(struct index *ix, const char *text)
+{
+	return index_write(ix, cfg_put_fn, (void *)text);
+}
+
+struct cfg_get_arg {
+	char *out;
+	size_t len;
+};
+
+static int cfg_get_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct cfg_get_arg *a = arg;
+	MDB_val v;
+	int rc = index_meta_get(ix, txn, "replica", &v);
+
+	if (rc == MDB_NOTFOUND)
+		return STORE_E_NOTFOUND;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read replica");
+	if (v.mv_size >= a->len || memchr(v.mv_data, '\0', v.mv_size))
+		return store_seterr(STORE_E_INDEX, "damaged replica setting in '%s/data.mdb'", ix->dir);
+	memcpy(a->out, v.mv_data, v.mv_size);
+	a->out[v.mv_size] = '\0';
+	return 0;
+}
+
+int index_replica_config_get(struct index *ix, char *out, size_t len)
+{
+	struct cfg_get_arg a = {out, len};
+	return index_read(ix, cfg_get_fn, &a);
+}

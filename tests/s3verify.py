@@ -124,7 +124,10 @@ class S3Verify:
                 for k, val in r.getheaders():
                     if k.lower() not in HOP and k.lower() != "content-length":
                         self.send_header(k, val)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD's answer says the length of the body a GET would get.
+                self.send_header("Content-Length",
+                                 r.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -6,7 +6,8 @@
  *                 [--timeout S] [--webhook URL] [--mount DIR]
  *   renderctl wait JOBDIR...      follow jobs until they end
  *   renderctl ls [ROUTE] [--status S]  the caller's jobs
- *   renderctl fsck STORE          check a store; non-zero on any problem
+ *   renderctl fsck [--remote [--deep]] STORE  check a store; non-zero on any problem
+ *   renderctl replica status|push|verify STORE  its bucket (replica=)
  *   renderctl keygen [DIR]        new minisign key pair in DIR (default .)
  *   renderctl keygen --store STORE  rotate a store's signing key
  *   renderctl verify FILE [--sig SIG] [--pub PUB]
@@ -27,8 +28,9 @@
 #include <json-c/json.h>
 
 #include "client.h"
-#include "ledger.h"
 #include "fileutil.h"
+#include "ledger.h"
+#include "replica_cmd.h"
 #include "store.h"
 #include "synth.h"
 
@@ -63,11 +65,21 @@ static int usage(FILE *to, int code)
 		"                                  (yours; root: everyone's), as a table or\n"
 		"                                  JSON; --attest writes a signed attestation\n"
 		"                                  into ledger/ and prints its path\n"
-		"  fsck [--adopt] STORE            rehash blobs and cross-check the index and\n"
+		"  fsck [--adopt] [--remote [--deep]] STORE\n"
+		"                                  rehash blobs and cross-check the index and\n"
 		"                                  the usage ledger and its attestations;\n"
 		"                                  exit 1 and name every problem found; with\n"
 		"                                  --adopt (store not mounted), first put back\n"
-		"                                  the blobs of lost+found/ that jobs name\n"
+		"                                  the blobs of lost+found/ that jobs name; with\n"
+		"                                  --remote, check that the replica bucket has\n"
+		"                                  every blob it confirmed (HEAD; --deep: download\n"
+		"                                  and rehash)\n"
+		"  replica status|push|verify [--deep] [--credentials FILE] STORE\n"
+		"                                  the store's replica bucket (replica=): what\n"
+		"                                  waits to go up and what is only there; push\n"
+		"                                  (not mounted) puts every blob not yet\n"
+		"                                  confirmed and every manifest in the outbox;\n"
+		"                                  verify checks the bucket's copies\n"
 		"  keygen [DIR]                    make a minisign key pair DIR/<KEYID>.key/.pub\n"
 		"  keygen --store STORE            rotate STORE's signing key (old public keys stay)\n"
 		"  verify FILE [--sig SIG] [--pub PUB]\n"
@@ -113,9 +125,17 @@ static int cmd_fsck(int argc, char **argv)
 	int status;
 	pid_t pid;
 
+	bool remote = false, deep = false;
+
 	if (argc == 3 && strcmp(argv[1], "--adopt") == 0) {
 		if (fsck_adopt(argv[2]) != 0)
 			return 1;
+		argc--;
+		argv++;
+	}
+	while (argc > 2 && (strcmp(argv[1], "--remote") == 0 || strcmp(argv[1], "--deep") == 0)) {
+		remote = true;
+		deep = deep || strcmp(argv[1], "--deep") == 0;
 		argc--;
 		argv++;
 	}
@@ -140,6 +160,8 @@ static int cmd_fsck(int argc, char **argv)
 			printf("problem: %s\n", store_lasterr());
 			n = 1;
 		}
+		if (remote)
+			n += replica_verify(argv[1], deep, NULL, stdout);
 		printf("%ld problem%s in '%s'\n", n, n == 1 ? "" : "s", argv[1]);
 		fflush(stdout);
 		_exit(n == 0 ? 0 : 1);
@@ -681,6 +703,8 @@ int main(int argc, char **argv)
 		return cmd_fsck(argc - 1, argv + 1);
 	if (strcmp(argv[1], "usage") == 0)
 		return client_usage(argc - 1, argv + 1);
+	if (strcmp(argv[1], "replica") == 0)
+		return replica_cmd(argc - 1, argv + 1);
 	if (strcmp(argv[1], "keygen") == 0)
 		return cmd_keygen(argc - 1, argv + 1);
 	if (strcmp(argv[1], "verify") == 0)
