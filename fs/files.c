@@ -604,8 +604,11 @@ static bool write_after_fetch(struct fsctx *fs, fuse_req_t req, fuse_ino_t ino, 
 			break;
 		memcpy(hex, p + 4, 64);
 		hex[64] = '\0';
-		if (strspn(hex, "0123456789abcdef") != 64 || b3_from_hex(hex, want[n]) != 0 ||
-		    index_blob_get(fs->ix, want[n], &bi) != STORE_E_NOTFOUND)
+		if (strspn(hex, "0123456789abcdef") != 64 || b3_from_hex(hex, want[n]) != 0)
+			continue;
+		/* Unknown here, or known with its file only in the bucket. */
+		if (index_blob_get(fs->ix, want[n], &bi) != STORE_E_NOTFOUND &&
+		    !engine_blob_remote(fs->eng, want[n]))
 			continue;
 		for (size_t i = 0; i < n && !dup; i++)
 			dup = memcmp(want[i], want[n], 32) == 0;

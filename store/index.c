@@ -247,6 +247,7 @@ static const struct dbdef dbdefs[] = {
 	{"outbox", offsetof(struct index, outbox), 0},
 	{"replicated", offsetof(struct index, replicated), 0},
 	{"lru", offsetof(struct index, lru), 0},
+	{"pins", offsetof(struct index, pins), 0},
 };
 #define NDBS (sizeof(dbdefs) / sizeof(dbdefs[0]))
 

@@ -30,7 +30,7 @@ struct index {
 	MDB_dbi meta, jobs, requests, queue, fair, running, byroute, byowner, byseq, names,
 		digests, logs, blobs, blobusers, counts, delayed, handles, rgroups, creds, remote, inputs, extras, results, made,
 		hooks, deliveries, hookdue, jobhooks, hookatt, usersecrets, journal, usage, ledger,
-		outbox, replicated, lru;
+		outbox, replicated, lru, pins;
 	char dir[4096];
 	bool read_only;
 	/* LMDB tripped one of its assertions in a write (a damaged file):
@@ -119,6 +119,10 @@ int index_replica_blob_made(struct index *ix, MDB_txn *txn, const uint8_t *hash,
 int index_replica_blob_gone(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size);
 /* A job became complete with an output: its manifest enters the outbox. */
 int index_replica_job_complete(struct index *ix, MDB_txn *txn, const struct job *j);
+/* The inputs of job id are needed (delta 1: it was made or is queued
+ * again) or not any more (-1: it reached a final state or went): each
+ * input's count in pins, which keeps the cache from dropping it. */
+int index_pins_move(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], int delta);
 /* Add delta to the u64 meta counter key. */
 int index_meta_add(struct index *ix, MDB_txn *txn, const char *key, int64_t delta);
 /* index_hooks.c: a job's webhook (at creation) and its end (at delete). */

@@ -236,6 +236,8 @@ static int create_fn(struct index *ix, MDB_txn *txn, void *arg)
 	}
 	if (c->ninputs && (rc = put_inputs(ix, txn, &j, c)) != 0)
 		goto out;
+	if (c->ninputs && j.status < JOB_COMPLETE && (rc = index_pins_move(ix, txn, j.id, 1)) != 0)
+		goto out;
 	if ((j.flags & JOB_F_WEBHOOK) &&
 	    (rc = index_hooks_create(ix, txn, j.id, c->webhook, c->webhook_events)) != 0)
 		goto out;

@@ -205,9 +205,16 @@ static int upgrade_14(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 }
 
 /*
- * Format 15 -> 16: replication (outbox, replicated, lru) and the bytes of
- * the blob files here (meta "local_bytes"), summed from the blob records.
+ * Format 15 -> 16: replication (outbox, replicated, lru, pins) and the
+ * bytes of the blob files here (meta "local_bytes"), summed from the blob
+ * records; the inputs of unfinished jobs are pinned.
  */
+static int upgrade_15_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	(void)arg;
+	return j->status < JOB_COMPLETE ? index_pins_move(ix, txn, j->id, 1) : 0;
+}
+
 static int upgrade_15(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 {
 	MDB_cursor *cur;
@@ -233,6 +240,8 @@ static int upgrade_15(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 	le64_put(buf, bytes);
 	if ((rc = index_meta_put(ix, txn, "local_bytes", buf, 8)) != 0)
 		return index_lmdb_err(ix, rc, "upgrade: write local bytes");
+	if ((rc = each_job(ix, txn, upgrade_15_job, NULL, njobs)) != 0)
+		return rc;
 	return write_version(ix, txn, 16);
 }
 

@@ -773,6 +773,8 @@ static int delete_fn(struct index *ix, MDB_txn *txn, void *arg)
 		rc = index_lmdb_err(ix, rc, "delete");
 		goto out;
 	}
+	if (j.status < JOB_COMPLETE && (rc = index_pins_move(ix, txn, j.id, -1)) != 0)
+		goto out;
 	if ((rc = index_count_move(ix, txn, j.route, (int)j.status, -1)) != 0 ||
 	    (rc = index_del_key(ix, txn, ix->jobs, j.id, JOB_ID_LEN)) != 0 ||
 	    (rc = index_del_key(ix, txn, ix->requests, j.id, JOB_ID_LEN)) != 0 ||

@@ -264,6 +264,11 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j)
 			return rc;
 		if (j->status == JOB_COMPLETE && (rc = index_replica_job_complete(ix, txn, j)) != 0)
 			return rc;
+		/* Its inputs may leave the cache now. */
+		if (old >= 0 && old < JOB_COMPLETE && (rc = index_pins_move(ix, txn, j->id, -1)) != 0)
+			return rc;
+	} else if (old >= JOB_COMPLETE && (rc = index_pins_move(ix, txn, j->id, 1)) != 0) {
+		return rc; /* queued again: its inputs are needed again */
 	}
 	return index_count_move(ix, txn, j->route, old, (int)j->status);
 }

@@ -530,6 +530,8 @@ static int drop_fn(struct index *ix, MDB_txn *txn, void *arg)
 		return store_seterr(STORE_E_STATE, "blob not confirmed in the bucket, or not here");
 	if (rc)
 		return rc;
+	if (mdb_get(txn, ix->pins, &k, &v) == 0)
+		return store_seterr(STORE_E_STATE, "blob is an input of a job not finished");
 	if ((rc = mdb_get(txn, ix->blobs, &k, &v)) != 0)
 		return index_lmdb_err(ix, rc, "read blob");
 	if ((rc = index_blob_decode(ix, &v, &bi)) != 0)
@@ -803,4 +805,43 @@ int index_replica_config_get(struct index *ix, char *out, size_t len)
 {
 	struct cfg_get_arg a = {out, len};
 	return index_read(ix, cfg_get_fn, &a);
+}
+
+/* ---- inputs of unfinished jobs stay here ---- */
+
+int index_pins_move(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], int delta)
+{
+	MDB_val k = {JOB_ID_LEN, (void *)id}, v;
+	struct job_input in[INDEX_INPUTS_MAX];
+	size_t n = 0;
+	int rc = mdb_get(txn, ix->inputs, &k, &v);
+
+	if (rc == MDB_NOTFOUND)
+		return 0;
+	if (rc)
+		return index_lmdb_err(ix, rc, "read inputs");
+	if (index_inputs_decode(&v, in, INDEX_INPUTS_MAX, &n) != 0)
+		return store_seterr(STORE_E_INDEX, "damaged inputs of a job in '%s'", ix->dir);
+	for (size_t i = 0; i < n; i++) {
+		MDB_val pk = {INDEX_HASH_LEN, in[i].hash}, pv;
+		uint64_t c = 0;
+		uint8_t buf[8];
+
+		if ((rc = mdb_get(txn, ix->pins, &pk, &pv)) == 0 && pv.mv_size == 8)
+			c = le64_get(pv.mv_data);
+		else if (rc && rc != MDB_NOTFOUND)
+			return index_lmdb_err(ix, rc, "read pins");
+		c = delta < 0 ? (c ? c - 1 : 0) : c + 1;
+		if (c == 0) {
+			if ((rc = index_del_key(ix, txn, ix->pins, in[i].hash, INDEX_HASH_LEN)) != 0)
+				return rc;
+			continue;
+		}
+		le64_put(buf, c);
+		pv.mv_size = 8;
+		pv.mv_data = buf;
+		if ((rc = mdb_put(txn, ix->pins, &pk, &pv, 0)) != 0)
+			return index_lmdb_err(ix, rc, "write pins");
+	}
+	return 0;
 }
