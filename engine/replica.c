@@ -847,6 +847,8 @@ int engine_blob_fetch(struct engine *e, const uint8_t hash[32], void (*done)(voi
 		      void *arg)
 {
 	struct replica *r = e->replica;
+	struct blob_info bi;
+	uint64_t known = 0;
 	struct waiter *w;
 	struct fetch *f;
 
@@ -854,6 +856,8 @@ int engine_blob_fetch(struct engine *e, const uint8_t hash[32], void (*done)(voi
 		return -ENOTSUP;
 	if (!(w = calloc(1, sizeof(*w))))
 		return -ENOMEM;
+	if (index_blob_get(e->ix, hash, &bi) == 0)
+		known = bi.size; /* the cache dropped it: exactly this many bytes */
 	w->done = done;
 	w->arg = arg;
 	pthread_mutex_lock(&r->mu);
@@ -867,11 +871,7 @@ int engine_blob_fetch(struct engine *e, const uint8_t hash[32], void (*done)(voi
 			return -EAGAIN;
 		}
 		memcpy(f->hash, hash, 32);
-		{
-			struct blob_info bi;
-			if (index_blob_get(e->ix, hash, &bi) == 0)
-				f->size = bi.size;
-		}
+		f->size = known;
 		f->next = r->fetches;
 		r->fetches = f;
 		r->nfetches++;

@@ -154,4 +154,5 @@ def test_key_permissions_reported(renderctl, tmp_path):
 def test_usage(renderctl):
     assert renderctl(check=2).stderr.startswith("usage:")
     assert "unknown command" in renderctl("frobnicate", check=2).stderr
-    assert "fsck [--adopt] STORE" in renderctl("--help", check=0).stdout
+    out = renderctl("--help", check=0).stdout
+    assert "fsck [--adopt] [--remote [--deep]] STORE" in out and "replica status|push|verify" in out
