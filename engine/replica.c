@@ -419,7 +419,7 @@ static void part_done(void *arg, const struct http_response *rs)
 	u->parts_out--;
 	if (!rs->cancelled && !rs->error_code && rs->status == 200 && rs->header[0] &&
 	    strlen(rs->header) < sizeof(u->etags[i]) && !strpbrk(rs->header, "<>&")) {
-		snprintf(u->etags[i], sizeof(u->etags[i]), "%s", rs->header);
+		memcpy(u->etags[i], rs->header, strlen(rs->header) + 1); /* fits: checked */
 		u->pstate[i] = PART_IN;
 		u->parts_ok++;
 	} else if (!rs->cancelled && u->tries[i] < PART_TRIES && kind_of(rs) != F_AUTH) {
