@@ -660,6 +660,7 @@ static void uploads_fill(struct replica *r, uint64_t now)
 static void uploads_record(struct replica *r, uint64_t now)
 {
 	struct upload *list, *next;
+	bool pause_set = false; /* one pause for the failures of one batch */
 
 	pthread_mutex_lock(&r->mu);
 	list = r->finished;
@@ -685,18 +686,23 @@ static void uploads_record(struct replica *r, uint64_t now)
 			if (u->e.attempts == 0 || u->kind != F_UNAVAILABLE)
 				fprintf(stderr, "renderfs: replica: %s: %s (will retry)\n", u->name,
 					u->msg);
-			index_outbox_retry(r->e->ix, u->e.seq, now + wait);
 			if (u->kind == F_UNAVAILABLE || u->kind == F_AUTH) {
-				/* The bucket, not this object: pause every upload. */
-				r->backoff = r->backoff ? r->backoff * 2 : BACKOFF_MIN_MS;
-				if (r->backoff > BACKOFF_MAX_MS)
-					r->backoff = BACKOFF_MAX_MS;
-				if (u->retry_after_ms > r->backoff)
-					r->backoff = u->retry_after_ms < BACKOFF_MAX_MS
-							     ? u->retry_after_ms
-							     : BACKOFF_MAX_MS;
-				r->pause_until = now + r->backoff;
+				/* The bucket, not this object: pause every upload; the
+				 * object goes again with the others once it is back. */
+				if (!pause_set) {
+					r->backoff = r->backoff ? r->backoff * 2 : BACKOFF_MIN_MS;
+					if (r->backoff > BACKOFF_MAX_MS)
+						r->backoff = BACKOFF_MAX_MS;
+					if (u->retry_after_ms > r->backoff)
+						r->backoff = u->retry_after_ms < BACKOFF_MAX_MS
+								     ? u->retry_after_ms
+								     : BACKOFF_MAX_MS;
+					r->pause_until = now + r->backoff;
+					pause_set = true;
+				}
+				wait = r->backoff;
 			}
+			index_outbox_retry(r->e->ix, u->e.seq, now + wait);
 		}
 		upload_free(u);
 	}

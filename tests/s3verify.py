@@ -17,6 +17,7 @@ import sys
 import http.client
 import http.server
 import threading
+import time
 import urllib.parse
 
 from botocore.auth import S3SigV4Auth
@@ -64,6 +65,7 @@ class S3Verify:
         self.verified = 0
         self.refused = []      # (method, path, why)
         self.requests = []     # (method, path) of every request verified
+        self.part_delay = 0.0  # seconds each multipart part waits before going on
         self.lock = threading.Lock()
         self.server = None
         self.port = None
@@ -115,6 +117,8 @@ class S3Verify:
                 with v.lock:
                     v.verified += 1
                     v.requests.append((self.command, self.path))
+                if v.part_delay and "partNumber=" in self.path:
+                    time.sleep(v.part_delay)
                 conn = http.client.HTTPConnection("127.0.0.1", v.upstream, timeout=120)
                 fwd = {k: val for k, val in self.headers.items() if k.lower() not in HOP}
                 conn.request(self.command, self.path, body=body if n else None, headers=fwd)
@@ -153,8 +157,6 @@ class S3Verify:
 
 
 if __name__ == "__main__":
-    import sys
-    import time
     s = S3Verify(int(sys.argv[1]), sys.argv[2], sys.argv[3])
     print(s.port, flush=True)
     while True:

@@ -219,19 +219,34 @@ def test_bucket_down_jobs_go_on_backlog_survives_kill(mount_factory, s3, tmp_pat
     assert s3.verify.refused == []
 
 
-def test_multipart_upload_of_a_large_blob(mount_factory, s3, tmp_path):
+def test_multipart_upload_of_a_large_blob_survives_kill(mount_factory, s3, tmp_path):
     size = 40 << 20  # three parts of 16 MiB
-    m = mount_factory(s3.opts("big", [exec_models(tmp_path, size)]), env=env_of(s3))
+    s3.verify.part_delay = 1.0  # parts are slow: the daemon dies with them in flight
+    models = exec_models(tmp_path, size)
+    m = mount_factory(s3.opts("big", [models]), env=env_of(s3))
     jid = m.submit("image/big/default/t2i", {})
     assert m.wait("image/big/default/t2i", jid, timeout=120) == "complete", \
         (m.job("image/big/default/t2i", jid) / "log").read_text()
     out = m.status("image/big/default/t2i", jid)["output"]["blake3"]
-    drained(m)
+
+    def parts():
+        with s3.verify.lock:
+            return [p for meth, p in s3.verify.requests if meth == "PUT" and "partNumber=" in p]
+    until(lambda: parts(), "a part on its way")
+    m.kill()
+    assert not s3.object_path(f"big/blobs/{out[:2]}/{out}").exists()
+    s3.verify.part_delay = 0
+    before = len(parts())
+    m2 = mount_factory(s3.opts("big", [models]), env=env_of(s3))
+    drained(m2)
     got = s3.object_path(f"big/blobs/{out[:2]}/{out}")
     assert got.stat().st_size == size + len(PNG)
     assert b3(got) == out
-    parts = [p for meth, p in s3.verify.requests if meth == "PUT" and "partNumber=" in p]
-    assert len(parts) == 3, parts
+    assert len(parts()) - before == 3  # the upload started again, in three parts
+    m2.stop()
+    r = subprocess.run([tool("renderctl"), "fsck", "--remote", "--deep", str(m2.store)],
+                       capture_output=True, text=True, env=env_of(s3), timeout=120)
+    assert r.returncode == 0 and "1 blob(s) checked" in r.stdout, r.stdout
 
 
 def test_cache_max_drops_confirmed_blobs_and_fetches_them_back(mount_factory, s3, tmp_path):
