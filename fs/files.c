@@ -592,6 +592,11 @@ static bool write_after_fetch(struct fsctx *fs, fuse_req_t req, fuse_ino_t ino, 
 	size_t n = 0;
 	struct write_wait *w;
 
+	/* `private`: a request may name only its owner's blobs: those the
+	 * cache dropped come back; others' are not fetched for it. */
+	bool own_only = fs->private_ && fuse_req_ctx(req)->uid != 0;
+	uint32_t uid = fuse_req_ctx(req)->uid;
+
 	if (INO_KIND(ino) != NK_NEW || !engine_replica_on(fs->eng) || size < 68)
 		return false;
 	for (const char *p = data; n < INDEX_INPUTS_MAX && (p = memmem(p, size - (size_t)(p - data), "cas:", 4));
@@ -607,9 +612,13 @@ static bool write_after_fetch(struct fsctx *fs, fuse_req_t req, fuse_ino_t ino, 
 		if (strspn(hex, "0123456789abcdef") != 64 || b3_from_hex(hex, want[n]) != 0)
 			continue;
 		/* Unknown here, or known with its file only in the bucket. */
-		if (index_blob_get(fs->ix, want[n], &bi) != STORE_E_NOTFOUND &&
-		    !engine_blob_remote(fs->eng, want[n]))
+		if (index_blob_get(fs->ix, want[n], &bi) == STORE_E_NOTFOUND) {
+			if (own_only)
+				continue;
+		} else if (!engine_blob_remote(fs->eng, want[n]) ||
+			   (own_only && index_blob_used_by(fs->ix, want[n], uid) != 0)) {
 			continue;
+		}
 		for (size_t i = 0; i < n && !dup; i++)
 			dup = memcmp(want[i], want[n], 32) == 0;
 		if (!dup)

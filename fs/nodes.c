@@ -677,7 +677,10 @@ static bool lookup_remote(struct fsctx *fs, fuse_req_t req, fuse_ino_t parent, c
 	char hex[65];
 	size_t nl = strlen(name);
 
-	if (!engine_replica_on(fs->eng) || INO_KIND(parent) != NK_STATIC ||
+	/* `private`: blobs others made are root's to bring in (a user could
+	 * not read them anyway: cas_visible). */
+	if (!engine_replica_on(fs->eng) || (fs->private_ && fuse_req_ctx(req)->uid != 0) ||
+	    INO_KIND(parent) != NK_STATIC ||
 	    INO_LOW48(parent) != SN_CAS || (nl != 64 && (nl != 72 || strcmp(name + 64, ".minisig"))) ||
 	    strspn(name, "0123456789abcdef") < 64)
 		return false;

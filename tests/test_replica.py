@@ -349,3 +349,29 @@ def test_push_status_and_verify_from_renderctl(mount_factory, s3, tmp_path, rend
     obj.unlink()
     r = renderctl("replica", "verify", m.store, check=1, env=env_of(s3))
     assert f"blob {outs[0]} is not in the bucket" in r.stdout, r.stdout
+
+
+def test_private_mounts_fetch_others_blobs_for_root_only(mount_factory, s3, tmp_path):
+    from test_multiuser import as_nobody
+    os.chmod(tmp_path, 0o755)
+    a = mount_factory(s3.opts("priv"), store=tmp_path / "store-a", name="a", env=env_of(s3))
+    jid = a.submit(IMAGE, dict(SMALL, prompt="p", seed=77))
+    assert a.wait(IMAGE, jid) == "complete"
+    out = a.status(IMAGE, jid)["output"]["blake3"]
+    drained(a)
+    b = mount_factory(s3.opts("priv", ["private", "allow_other"]), store=tmp_path / "store-b",
+                      name="b", env=env_of(s3))
+    # nobody cannot make the daemon bring in a blob someone else made...
+    r = as_nobody(f"cat cas/{out} >/dev/null", b.path)
+    assert r.returncode != 0 and "No such file" in r.stderr, r.stderr
+    st = stats(b)
+    assert st['renderfs_replica_fetches_total{outcome="ok"}'] == 0
+    assert st['renderfs_replica_fetches_total{outcome="missing"}'] == 0
+    # ...nor name it as an input; root can read it.
+    r = as_nobody("exec 3<>new; echo '%s' >&3; read line <&3; echo $line"
+                  % json.dumps({"prompt": "cas:" + out, **SMALL}), b.route(IMAGE))
+    assert stats(b)['renderfs_replica_fetches_total{outcome="ok"}'] == 0
+    assert b3(b.path / "cas" / out) == out
+    assert stats(b)['renderfs_replica_fetches_total{outcome="ok"}'] == 1
+    r = as_nobody(f"cat cas/{out} >/dev/null", b.path)
+    assert r.returncode != 0, "a private mount shows nobody a blob of no job of theirs"
