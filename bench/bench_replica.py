@@ -86,6 +86,15 @@ def backlog(mnt):
     return -1
 
 
+def read_time(path):
+    """Seconds to open and read path whole."""
+    t = time.monotonic()
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    return time.monotonic() - t
+
+
 def aws(endpoint, cfg, *args):
     t = time.monotonic()
     subprocess.run(["/usr/bin/aws", "--endpoint-url", endpoint, *args], check=True,
@@ -152,19 +161,8 @@ def main():
         assert (b_store / "blobs" / h[:2] / h).stat().st_size == big["size"]
         down_aws = aws(endpoint, cfg, "s3", "cp", "s3://rfs/awscp/blob", str(base / "dl"))
         # (c) first reads of 1 MiB blobs that only the bucket has
-        first, again = [], []
-        for s in small:
-            t = time.monotonic()
-            with open(mb / "cas" / s, "rb") as f:
-                while f.read(1 << 20):
-                    pass
-            first.append(time.monotonic() - t)
-        for s in small:
-            t = time.monotonic()
-            with open(mb / "cas" / s, "rb") as f:
-                while f.read(1 << 20):
-                    pass
-            again.append(time.monotonic() - t)
+        first = [read_time(mb / "cas" / s) for s in small]   # fetched
+        again = [read_time(mb / "cas" / s) for s in small]   # here
         unmount(mb, pb)
         unmount(mnt, proc)
         size = big["size"] / (1 << 20)

@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -31,6 +32,20 @@ def renderctl():
                 f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}")
         return r
     return run
+
+
+def npm_install(folder, package):
+    """npm install package into folder; skip when npm cannot reach its
+    registry, fail on any other error."""
+    need("npm")
+    r = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", package],
+                       cwd=folder, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        if re.search(r"ENOTFOUND|ECONNREFUSED|ETIMEDOUT|EAI_AGAIN|network", r.stderr):
+            pytest.skip(f"npm cannot reach its registry to install {package}: "
+                        + r.stderr.strip().splitlines()[-1])
+        pytest.fail(f"npm install {package} failed:\n" + r.stderr)
+    return folder
 
 
 def need(tool_name):

@@ -8,11 +8,11 @@ S3(npm_dir, tmp) starts both; .endpoint is what replica_endpoint= takes,
 away and back on the same port, .close() ends both.
 """
 import json
-import re
 import subprocess
 
 import pytest
 
+from conftest import npm_install
 from s3verify import S3Verify
 
 BUCKET = "rfs"
@@ -29,13 +29,7 @@ s.run().then((a) => { console.log(JSON.stringify(a)); });
 
 def install(d):
     """npm install s3rver into folder d (a pytest tmp folder)."""
-    r = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
-                        "s3rver@3.7.1"], cwd=d, capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        if re.search(r"ENOTFOUND|ECONNREFUSED|ETIMEDOUT|EAI_AGAIN|network", r.stderr):
-            pytest.skip("npm cannot reach its registry to install s3rver: "
-                        + r.stderr.strip().splitlines()[-1])
-        pytest.fail("npm install s3rver failed:\n" + r.stderr)
+    npm_install(d, "s3rver@3.7.1")
     (d / "run.js").write_text(RUN_JS)
     return d
 

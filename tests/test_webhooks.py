@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import IMAGE, SMALL, VIDEO, need, until
+from conftest import IMAGE, SMALL, VIDEO, need, npm_install, until
 from fakehook import Hook
 
 nacl_signing = pytest.importorskip("nacl.signing", reason="python3-nacl is not installed "
@@ -44,16 +44,7 @@ process.stdin.on("end", () => {
 @pytest.fixture(scope="module")
 def sw_verify(tmp_path_factory):
     """v1 verification by the npm package standardwebhooks."""
-    need("npm")
-    d = tmp_path_factory.mktemp("standardwebhooks")
-    r = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
-                        "standardwebhooks@1"], cwd=d, capture_output=True, text=True,
-                       timeout=300)
-    if r.returncode != 0:
-        if re.search(r"ENOTFOUND|ECONNREFUSED|ETIMEDOUT|EAI_AGAIN|network", r.stderr):
-            pytest.skip("npm cannot reach its registry to install standardwebhooks: "
-                        + r.stderr.strip().splitlines()[-1])
-        pytest.fail("npm install standardwebhooks failed:\n" + r.stderr)
+    d = npm_install(tmp_path_factory.mktemp("standardwebhooks"), "standardwebhooks@1")
     (d / "verify.js").write_text(VERIFY_JS)
 
     def verify(cases):

@@ -16,6 +16,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include <sodium.h>
+
 #include "blake3.h"
 #include "http.h"
 #include "replica_cmd.h"
@@ -50,6 +52,32 @@ static int config_of(struct index *ix, const char *credfile, struct s3 *s3, char
 	}
 	return s3_init(s3, url, strcmp(endpoint, "-") ? endpoint : NULL, path_style != 0,
 		       credfile, err, errlen);
+}
+
+/* fn for each blob the bucket confirmed, in hash order; its first
+ * non-zero return ends the walk and is returned. */
+static int each_confirmed(struct index *ix,
+			  int (*fn)(const uint8_t hash[32], const struct replica_state *s, void *arg),
+			  void *arg)
+{
+	uint8_t after[32], batch[256][32];
+	struct replica_state st[256];
+	bool started = false;
+	size_t n;
+	int rc;
+
+	do {
+		if ((rc = index_replica_list(ix, started ? after : NULL, 256, batch, st, &n)) != 0)
+			return rc;
+		for (size_t i = 0; i < n; i++)
+			if ((rc = fn(batch[i], &st[i], arg)) != 0)
+				return rc;
+		if (n) {
+			memcpy(after, batch[n - 1], 32);
+			started = true;
+		}
+	} while (n == 256);
+	return 0;
 }
 
 /* ---- checks against the bucket ---- */
@@ -121,138 +149,144 @@ static void check_done(void *arg, const struct http_response *rs)
 	pthread_mutex_unlock(&v->mu);
 }
 
+struct verify_run {
+	struct verifier *v;
+	struct index *ix;
+	struct http_loop *loop;
+	const struct s3 *s3;
+	bool deep;
+};
+
+static void check_failed(struct check *c, const char *msg)
+{
+	struct http_response rs = {0};
+
+	snprintf(rs.message, sizeof(rs.message), "%s", msg);
+	rs.error_code = "backend_failed";
+	check_done(c, &rs);
+}
+
+/* Start the check of one blob, waiting for a free slot. */
+static int check_one(const uint8_t hash[32], const struct replica_state *st, void *arg)
+{
+	struct verify_run *run = arg;
+	struct verifier *v = run->v;
+	struct blob_info bi;
+	struct s3_request q;
+	struct check *c = NULL;
+	char hex[B3_HEX_LEN + 1], name[160];
+
+	(void)st;
+	if (index_blob_get(run->ix, hash, &bi) != 0)
+		return 0; /* fsck reports it */
+	b3_to_hex(hash, hex);
+	snprintf(name, sizeof(name), "blobs/%.2s/%s", hex, hex);
+	pthread_mutex_lock(&v->mu);
+	while (v->out == VERIFY_WINDOW)
+		pthread_cond_wait(&v->cond, &v->mu);
+	for (size_t k = 0; k < VERIFY_WINDOW && !c; k++)
+		if (!v->slots[k].busy)
+			c = &v->slots[k];
+	c->busy = true;
+	v->out++;
+	pthread_mutex_unlock(&v->mu);
+	c->v = v;
+	memcpy(c->hash, hash, 32);
+	c->size = bi.size;
+	c->deep = run->deep;
+	c->got = 0;
+	b3_hasher_init(&c->h);
+	if (s3_request(run->s3, &q, run->deep ? "GET" : "HEAD", name, NULL) != 0) {
+		check_failed(c, "the URL is too long");
+		return 0;
+	}
+	q.rq.want_header = "Content-Length";
+	q.rq.timeout_ms = run->deep ? 24ull * 3600 * 1000 : 60000;
+	q.rq.stall_ms = 30000;
+	if (run->deep) {
+		q.rq.sink = hash_sink;
+		q.rq.sink_arg = c;
+		q.rq.max_body = (size_t)bi.size + 1;
+	}
+	if (http_submit(run->loop, &q.rq, check_done, c, NULL) != 0)
+		check_failed(c, "cannot start the request");
+	return 0;
+}
+
 long replica_verify(const char *dir, bool deep, const char *credfile, FILE *out)
 {
 	struct verifier v = {.report = out};
-	struct http_loop *loop = NULL;
-	struct index *ix = NULL;
+	struct verify_run run = {&v, NULL, NULL, NULL, deep};
 	struct s3 s3;
-	uint8_t after[32], batch[64][32];
-	struct replica_state st[64];
-	bool started = false;
 	char err[512];
-	size_t n;
 	int rc;
 
-	if ((rc = open_index(dir, true, &ix)) != 0) {
+	if ((rc = open_index(dir, true, &run.ix)) != 0) {
 		fprintf(out, "problem: %s\n", store_lasterr());
 		return 1;
 	}
-	if ((rc = config_of(ix, credfile, &s3, err, sizeof(err))) != 0) {
+	if ((rc = config_of(run.ix, credfile, &s3, err, sizeof(err))) != 0) {
 		fprintf(out, "problem: %s\n", err);
-		index_close(ix);
+		index_close(run.ix);
 		return 1;
 	}
-	if ((rc = http_loop_start(NULL, &loop)) != 0) {
+	run.s3 = &s3;
+	if ((rc = http_loop_start(NULL, &run.loop)) != 0) {
 		fprintf(out, "problem: cannot start HTTP: %s\n", strerror(-rc));
-		index_close(ix);
+		index_close(run.ix);
 		return 1;
 	}
 	pthread_mutex_init(&v.mu, NULL);
 	pthread_cond_init(&v.cond, NULL);
-	do {
-		if ((rc = index_replica_list(ix, started ? after : NULL, 64, batch, st, &n)) != 0) {
-			fprintf(out, "problem: %s\n", store_lasterr());
-			v.problems++;
-			break;
-		}
-		for (size_t i = 0; i < n; i++) {
-			struct blob_info bi;
-			struct s3_request q;
-			struct check *c = NULL;
-			char hex[B3_HEX_LEN + 1], name[160];
-
-			if (index_blob_get(ix, batch[i], &bi) != 0)
-				continue; /* fsck reports it */
-			b3_to_hex(batch[i], hex);
-			snprintf(name, sizeof(name), "blobs/%.2s/%s", hex, hex);
-			pthread_mutex_lock(&v.mu);
-			while (v.out == VERIFY_WINDOW)
-				pthread_cond_wait(&v.cond, &v.mu);
-			for (size_t k = 0; k < VERIFY_WINDOW && !c; k++)
-				if (!v.slots[k].busy)
-					c = &v.slots[k];
-			c->busy = true;
-			v.out++;
-			pthread_mutex_unlock(&v.mu);
-			c->v = &v;
-			memcpy(c->hash, batch[i], 32);
-			c->size = bi.size;
-			c->deep = deep;
-			c->got = 0;
-			b3_hasher_init(&c->h);
-			if (s3_request(&s3, &q, deep ? "GET" : "HEAD", name, NULL) != 0) {
-				struct http_response rs = {0};
-				snprintf(rs.message, sizeof(rs.message), "the URL is too long");
-				rs.error_code = "backend_rejected";
-				check_done(c, &rs);
-				continue;
-			}
-			q.rq.want_header = "Content-Length";
-			q.rq.timeout_ms = deep ? 24ull * 3600 * 1000 : 60000;
-			q.rq.stall_ms = 30000;
-			if (deep) {
-				q.rq.sink = hash_sink;
-				q.rq.sink_arg = c;
-				q.rq.max_body = (size_t)bi.size + 1;
-			}
-			if (http_submit(loop, &q.rq, check_done, c, NULL) != 0) {
-				struct http_response rs = {0};
-				snprintf(rs.message, sizeof(rs.message), "cannot start the request");
-				rs.error_code = "backend_failed";
-				check_done(c, &rs);
-			}
-		}
-		if (n) {
-			memcpy(after, batch[n - 1], 32);
-			started = true;
-		}
-	} while (n == 64);
+	if (each_confirmed(run.ix, check_one, &run) != 0) {
+		fprintf(out, "problem: %s\n", store_lasterr());
+		v.problems++;
+	}
 	pthread_mutex_lock(&v.mu);
 	while (v.out)
 		pthread_cond_wait(&v.cond, &v.mu);
 	pthread_mutex_unlock(&v.mu);
-	http_loop_stop(loop);
+	http_loop_stop(run.loop);
 	fprintf(out, "replica: %" PRIu64 " blob(s) checked in s3://%s/%s (%s)\n", v.checked,
 		s3.bucket, s3.prefix, deep ? "downloaded and rehashed" : "HEAD");
+	sodium_memzero(&s3, sizeof(s3));
 	pthread_mutex_destroy(&v.mu);
 	pthread_cond_destroy(&v.cond);
-	index_close(ix);
+	index_close(run.ix);
 	return v.problems;
 }
 
 /* ---- the command ---- */
 
+struct counts {
+	uint64_t confirmed, remote_only;
+};
+
+static int count_one(const uint8_t hash[32], const struct replica_state *st, void *arg)
+{
+	struct counts *c = arg;
+
+	(void)hash;
+	c->confirmed++;
+	c->remote_only += !st->local;
+	return 0;
+}
+
 static int status(const char *dir)
 {
 	struct index *ix;
 	struct outbox_stats os;
-	uint64_t local = 0, confirmed = 0, remote_only = 0;
-	uint8_t after[32], batch[256][32];
-	struct replica_state st[256];
-	bool started = false;
+	struct counts c = {0};
+	uint64_t local = 0;
 	char cfg[2048];
-	size_t n;
 	int rc;
 
 	if (open_index(dir, true, &ix) != 0) {
 		fprintf(stderr, "renderctl: %s\n", store_lasterr());
 		return 1;
 	}
-	if ((rc = index_outbox_stats(ix, &os)) == 0)
-		rc = index_local_bytes(ix, &local);
-	do {
-		if (rc || (rc = index_replica_list(ix, started ? after : NULL, 256, batch, st, &n)) != 0)
-			break;
-		for (size_t i = 0; i < n; i++) {
-			confirmed++;
-			remote_only += !st[i].local;
-		}
-		if (n) {
-			memcpy(after, batch[n - 1], 32);
-			started = true;
-		}
-	} while (n == 256);
+	if ((rc = index_outbox_stats(ix, &os)) == 0 && (rc = index_local_bytes(ix, &local)) == 0)
+		rc = each_confirmed(ix, count_one, &c);
 	if (rc) {
 		fprintf(stderr, "renderctl: %s\n", store_lasterr());
 		index_close(ix);
@@ -265,8 +299,8 @@ static int status(const char *dir)
 	       os.bytes);
 	if (os.oldest_ms)
 		printf(", the oldest for %.0f s", (double)(now_ms() - os.oldest_ms) / 1000.0);
-	printf("\nin the bucket:  %" PRIu64 " blob(s), %" PRIu64 " of them only there\n", confirmed,
-	       remote_only);
+	printf("\nin the bucket:  %" PRIu64 " blob(s), %" PRIu64 " of them only there\n",
+	       c.confirmed, c.remote_only);
 	printf("here:           %" PRIu64 " byte(s) of blob files\n", local);
 	index_close(ix);
 	return 0;

@@ -38,32 +38,30 @@ static int new_job(uint8_t id[JOB_ID_LEN], const char *req, const struct job_inp
 	return 0;
 }
 
-static int put(const uint8_t id[JOB_ID_LEN], const void *data, size_t len, uint8_t hash[32])
+/* A sink holding data (NULL on failure). */
+static struct store_sink *sink_of(const void *data, size_t len)
 {
 	struct store_sink *s;
-	int rc = store_sink_open(st, &s);
 
-	if (rc)
-		return rc;
-	if ((rc = store_sink_write(s, data, len)) != 0) {
+	if (store_sink_open(st, &s) != 0)
+		return NULL;
+	if (store_sink_write(s, data, len) != 0) {
 		store_sink_abort(s);
-		return rc;
+		return NULL;
 	}
-	return store_job_commit_output(st, id, s, "image/png", "cpu", hash);
+	return s;
+}
+
+static int put(const uint8_t id[JOB_ID_LEN], const void *data, size_t len, uint8_t hash[32])
+{
+	struct store_sink *s = sink_of(data, len);
+	return s ? store_job_commit_output(st, id, s, "image/png", "cpu", hash) : -EIO;
 }
 
 static int fetch(const void *data, size_t len, const uint8_t want[32])
 {
-	struct store_sink *s;
-	int rc = store_sink_open(st, &s);
-
-	if (rc)
-		return rc;
-	if ((rc = store_sink_write(s, data, len)) != 0) {
-		store_sink_abort(s);
-		return rc;
-	}
-	return store_blob_fetched(st, s, want, "image/png");
+	struct store_sink *s = sink_of(data, len);
+	return s ? store_blob_fetched(st, s, want, "image/png") : -EIO;
 }
 
 static size_t due(struct outbox_entry *e, size_t max)
