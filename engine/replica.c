@@ -298,8 +298,13 @@ static int submit_put(struct upload *u)
 
 /* ---- multipart ---- */
 
-static void no_answer(void *arg, const struct http_response *rs);
+static void no_answer(void *arg, const struct http_response *rs)
+{
+	(void)arg;
+	(void)rs;
+}
 
+/* Under mu: give up a multipart upload's parts (best effort). */
 static void mp_abort(struct upload *u)
 {
 	struct s3_request q;
@@ -317,12 +322,6 @@ static void mp_abort(struct upload *u)
 }
 
 static void part_done(void *arg, const struct http_response *rs);
-
-static void no_answer(void *arg, const struct http_response *rs)
-{
-	(void)arg;
-	(void)rs;
-}
 
 /* Under mu: start waiting parts, lowest first, while fewer than
  * PARTS_IN_FLIGHT are out. */
@@ -736,7 +735,7 @@ static void fetch_result(struct fetch *f, const struct http_response *rs)
 	}
 }
 
-/* fetch_done needs the replica: transfers carry this pair. */
+/* What a fetch's transfer carries to its callback. */
 struct fetch_ctx {
 	struct replica *r;
 	struct fetch *f;
