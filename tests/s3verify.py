@@ -121,9 +121,17 @@ class S3Verify:
                     time.sleep(v.part_delay)
                 conn = http.client.HTTPConnection("127.0.0.1", v.upstream, timeout=120)
                 fwd = {k: val for k, val in self.headers.items() if k.lower() not in HOP}
-                conn.request(self.command, self.path, body=body if n else None, headers=fwd)
-                r = conn.getresponse()
-                data = r.read()
+                try:
+                    conn.request(self.command, self.path, body=body if n else None,
+                                 headers=fwd)
+                    r = conn.getresponse()
+                    data = r.read()
+                except (OSError, http.client.HTTPException):
+                    # The server behind went away (the test is over): say so.
+                    self.send_response(502)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(r.status)
                 for k, val in r.getheaders():
                     if k.lower() not in HOP and k.lower() != "content-length":
@@ -143,6 +151,9 @@ class S3Verify:
             allow_reuse_address = True
             daemon_threads = True
             request_queue_size = 128
+
+            def handle_error(self, request, client_address):
+                pass  # a client that went away (a daemon killed by the test)
 
         self.server = Server(("127.0.0.1", self.port or 0), Handler)
         self.port = self.server.server_address[1]
