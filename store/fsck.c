@@ -32,6 +32,9 @@
  * owner's jobs with that owner's uid. */
 #define REF_KEY_LEN (B3_OUT_LEN + 4)
 #define NO_UID UINT32_MAX
+/* ... and with uid PIN_UID, what keeps it pinned for the cache: inputs of
+ * unfinished jobs, attestations (index `pins`). */
+#define PIN_UID (UINT32_MAX - 1)
 struct refcount_entry {
 	uint8_t key[REF_KEY_LEN];
 	uint64_t count;
@@ -181,6 +184,9 @@ static void count_inputs(struct fsck *f, MDB_txn *txn, const struct job *j, bool
 		if (e)
 			e->count++;
 		if (users && (e = tab_find_user(f, in[i].hash, j->uid, true)) != NULL)
+			e->count++;
+		if (users && j->status < JOB_COMPLETE &&
+		    (e = tab_find_user(f, in[i].hash, PIN_UID, true)) != NULL)
 			e->count++;
 	}
 }
@@ -335,6 +341,8 @@ static void count_attestations(struct fsck *f)
 			if (e)
 				e->count++;
 			if ((e = tab_find_user(f, a[i].hash, 0, true)) != NULL)
+				e->count++;
+			if ((e = tab_find_user(f, a[i].hash, PIN_UID, true)) != NULL)
 				e->count++;
 			after = a[i].end_ms;
 		}
@@ -1007,6 +1015,52 @@ static uint64_t count_blob_files(const char *dir)
 	return n;
 }
 
+/* pins against what should pin (before check_blobs, which reports what
+ * is left unseen in the table). */
+static void check_pins(struct fsck *f, MDB_txn *txn)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if (mdb_cursor_open(txn, f->ix->pins, &cur) != 0) {
+		problem(f, "cannot read the pins database");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct refcount_entry *e;
+		char hex[B3_HEX_LEN + 1];
+		uint64_t n;
+
+		if (k.mv_size != B3_OUT_LEN || v.mv_size != 8) {
+			problem(f, "a pins entry has %zu + %zu bytes", k.mv_size, v.mv_size);
+			continue;
+		}
+		b3_to_hex(k.mv_data, hex);
+		n = le64_get(v.mv_data);
+		e = tab_find_user(f, k.mv_data, PIN_UID, false);
+		if (!e || e->count != n)
+			problem(f, "blob %s is pinned %llu time(s) for the cache; unfinished jobs' "
+				   "inputs and attestations make %llu",
+				hex, (unsigned long long)n, (unsigned long long)(e ? e->count : 0));
+		if (e)
+			e->count = UINT64_MAX;
+	}
+	mdb_cursor_close(cur);
+	for (size_t i = 0; i < f->cap; i++)
+		if (f->tab[i].used && be32_get(f->tab[i].key + B3_OUT_LEN) == PIN_UID) {
+			if (f->tab[i].count != UINT64_MAX) {
+				char hex[B3_HEX_LEN + 1];
+				b3_to_hex(f->tab[i].key, hex);
+				problem(f, "blob %s is needed by %llu unfinished job(s) or attestation(s) "
+					   "but not pinned for the cache",
+					hex, (unsigned long long)f->tab[i].count);
+			}
+			f->tab[i].count = UINT64_MAX;
+		}
+}
+
 /* The replication records against the blobs (index_replica.c). */
 static void check_replica(struct fsck *f, MDB_txn *txn)
 {
@@ -1090,6 +1144,7 @@ long store_fsck(const char *dir, FILE *out)
 	check_jobs(&f, txn);
 	count_attestations(&f);
 	count_cache_refs(&f, txn);
+	check_pins(&f, txn);
 	check_blobs(&f, txn);
 	check_replica(&f, txn);
 	check_blob_files(&f, txn);

@@ -104,7 +104,8 @@
  *   lru      last read ms (8) | BLAKE3 (32) -> empty: confirmed blobs
  *            whose files are here, in the order the cache drops them
  *   pins     BLAKE3 (32) -> u64 LE: jobs not finished that name the blob
- *            as an input (the cache never drops it while any do)
+ *            as an input, and attestations whose file it is (the cache
+ *            never drops it while any do)
  *   meta also holds "outbox_next", "outbox_n", "outbox_bytes" (u64 LE:
  *            the outbox's next seq, entries and blob bytes) and
  *            "local_bytes" (bytes of the blob files here)

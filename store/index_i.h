@@ -123,6 +123,8 @@ int index_replica_job_complete(struct index *ix, MDB_txn *txn, const struct job 
  * again) or not any more (-1: it reached a final state or went): each
  * input's count in pins, which keeps the cache from dropping it. */
 int index_pins_move(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], int delta);
+/* One blob's count in pins (an attestation's: its ledger keeps it here). */
+int index_pin_blob(struct index *ix, MDB_txn *txn, const uint8_t *hash, int delta);
 /* Add delta to the u64 meta counter key. */
 int index_meta_add(struct index *ix, MDB_txn *txn, const char *key, int64_t delta);
 /* index_hooks.c: a job's webhook (at creation) and its end (at delete). */

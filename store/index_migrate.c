@@ -207,7 +207,8 @@ static int upgrade_14(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 /*
  * Format 15 -> 16: replication (outbox, replicated, lru, pins) and the
  * bytes of the blob files here (meta "local_bytes"), summed from the blob
- * records; the inputs of unfinished jobs are pinned.
+ * records; the inputs of unfinished jobs and the ledger's attestations
+ * are pinned.
  */
 static int upgrade_15_job(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
@@ -242,6 +243,16 @@ static int upgrade_15(struct index *ix, MDB_txn *txn, uint64_t *njobs)
 		return index_lmdb_err(ix, rc, "upgrade: write local bytes");
 	if ((rc = each_job(ix, txn, upgrade_15_job, NULL, njobs)) != 0)
 		return rc;
+	/* The ledger's attestations stay here too. */
+	if ((rc = mdb_cursor_open(txn, ix->ledger, &cur)) != 0)
+		return index_lmdb_err(ix, rc, "upgrade: read ledger");
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT))
+		if (v.mv_size >= 40 && (rc = index_pin_blob(ix, txn, (uint8_t *)v.mv_data + 8, 1)) != 0)
+			break;
+	mdb_cursor_close(cur);
+	if (rc != MDB_NOTFOUND)
+		return rc > 0 ? index_lmdb_err(ix, rc, "upgrade: read ledger") : rc;
 	return write_version(ix, txn, 16);
 }
 

@@ -822,26 +822,28 @@ int index_pins_move(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN]
 		return index_lmdb_err(ix, rc, "read inputs");
 	if (index_inputs_decode(&v, in, INDEX_INPUTS_MAX, &n) != 0)
 		return store_seterr(STORE_E_INDEX, "damaged inputs of a job in '%s'", ix->dir);
-	for (size_t i = 0; i < n; i++) {
-		MDB_val pk = {INDEX_HASH_LEN, in[i].hash}, pv;
-		uint64_t c = 0;
-		uint8_t buf[8];
-
-		if ((rc = mdb_get(txn, ix->pins, &pk, &pv)) == 0 && pv.mv_size == 8)
-			c = le64_get(pv.mv_data);
-		else if (rc && rc != MDB_NOTFOUND)
-			return index_lmdb_err(ix, rc, "read pins");
-		c = delta < 0 ? (c ? c - 1 : 0) : c + 1;
-		if (c == 0) {
-			if ((rc = index_del_key(ix, txn, ix->pins, in[i].hash, INDEX_HASH_LEN)) != 0)
-				return rc;
-			continue;
-		}
-		le64_put(buf, c);
-		pv.mv_size = 8;
-		pv.mv_data = buf;
-		if ((rc = mdb_put(txn, ix->pins, &pk, &pv, 0)) != 0)
-			return index_lmdb_err(ix, rc, "write pins");
-	}
+	for (size_t i = 0; i < n; i++)
+		if ((rc = index_pin_blob(ix, txn, in[i].hash, delta)) != 0)
+			return rc;
 	return 0;
+}
+
+int index_pin_blob(struct index *ix, MDB_txn *txn, const uint8_t *hash, int delta)
+{
+	MDB_val pk = {INDEX_HASH_LEN, (void *)hash}, pv;
+	uint64_t c = 0;
+	uint8_t buf[8];
+	int rc;
+
+	if ((rc = mdb_get(txn, ix->pins, &pk, &pv)) == 0 && pv.mv_size == 8)
+		c = le64_get(pv.mv_data);
+	else if (rc && rc != MDB_NOTFOUND)
+		return index_lmdb_err(ix, rc, "read pins");
+	c = delta < 0 ? (c ? c - 1 : 0) : c + 1;
+	if (c == 0)
+		return index_del_key(ix, txn, ix->pins, hash, INDEX_HASH_LEN);
+	le64_put(buf, c);
+	pv.mv_size = 8;
+	pv.mv_data = buf;
+	return (rc = mdb_put(txn, ix->pins, &pk, &pv, 0)) ? index_lmdb_err(ix, rc, "write pins") : 0;
 }

@@ -516,6 +516,9 @@ static int attest_fn(struct index *ix, MDB_txn *txn, void *arg)
 	v.mv_data = buf;
 	if ((rc = mdb_put(txn, ix->ledger, &k, &v, 0)) != 0)
 		return index_lmdb_err(ix, rc, "write attestation");
+	/* The ledger's files stay here (fsck reads them): pinned for the cache. */
+	if ((rc = index_pin_blob(ix, txn, out->hash, 1)) != 0)
+		return rc;
 	return index_blob_ref(ix, txn, out->hash, out->size, "application/json", 0, NULL, 1,
 			      &freed);
 }
