@@ -722,8 +722,11 @@ static int fetch_sink(void *arg, const void *data, size_t len, char *err, size_t
 /* Under mu: what the transfer's answer means for the fetch. */
 static void fetch_result(struct fetch *f, const struct http_response *rs)
 {
-	if (rs->status == 404 || rs->status == 403) {
-		f->rc = -ENOENT; /* S3 says 403 for a missing key without ListBucket */
+	if (rs->status == 404 ||
+	    (rs->status == 403 && strstr(rs->body, "<Code>AccessDenied</Code>"))) {
+		/* S3 says AccessDenied for a missing key to a reader without
+		 * ListBucket; a 403 for the credentials is a failure. */
+		f->rc = -ENOENT;
 	} else if (rs->cancelled || rs->error_code || rs->status != 200) {
 		f->rc = -EIO;
 		snprintf(f->msg, sizeof(f->msg), "%s", rs->message);

@@ -152,6 +152,12 @@ def test_signatures_are_checked_and_a_wrong_secret_uploads_nothing(mount_factory
     assert not (s3.data / "rfs" / "wrong").exists()
     st = stats(m)
     assert st["renderfs_replica_backlog_objects"] >= 5 and st["renderfs_replica_uploaded_total"] == 0
+    # A fetch refused for its signature is a failure (EIO), not a missing blob.
+    with pytest.raises(OSError) as ei:
+        (m.path / "cas" / ("1" * 64)).read_bytes()
+    assert ei.value.errno == errno.EIO
+    assert stats(m)['renderfs_replica_fetches_total{outcome="failed"}'] == 1
+    assert "cannot fetch blobs/11/" + "1" * 64 in m.log() and "SignatureDoesNotMatch" in m.log()
     assert "not-the-secret" not in m.log() and "not-the-secret" not in (m.path / "stats").read_text()
 
 
