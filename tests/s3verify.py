@@ -13,6 +13,7 @@ Use: S3Verify(upstream_port, key_id, secret), .url, .down(), .up().
 """
 import hashlib
 import os
+import re
 import sys
 import http.client
 import http.server
@@ -66,6 +67,7 @@ class S3Verify:
         self.refused = []      # (method, path, why)
         self.requests = []     # (method, path) of every request verified
         self.part_delay = 0.0  # seconds each multipart part waits before going on
+        self.fail_parts = {}   # part number -> how many of its next attempts get a 500
         self.lock = threading.Lock()
         self.server = None
         self.port = None
@@ -119,6 +121,16 @@ class S3Verify:
                     v.requests.append((self.command, self.path))
                 if v.part_delay and "partNumber=" in self.path:
                     time.sleep(v.part_delay)
+                m = re.search(r"[?&]partNumber=(\d+)", self.path)
+                with v.lock:
+                    fail = m and v.fail_parts.get(int(m.group(1)), 0) > 0
+                    if fail:
+                        v.fail_parts[int(m.group(1))] -= 1
+                if fail:
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 conn = http.client.HTTPConnection("127.0.0.1", v.upstream, timeout=120)
                 fwd = {k: val for k, val in self.headers.items() if k.lower() not in HOP}
                 try:

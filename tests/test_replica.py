@@ -255,6 +255,24 @@ def test_multipart_upload_of_a_large_blob_survives_kill(mount_factory, s3, tmp_p
     assert r.returncode == 0 and "1 blob(s) checked" in r.stdout, r.stdout
 
 
+def test_a_failed_part_goes_again_alone(mount_factory, s3, tmp_path):
+    size = 40 << 20
+    s3.verify.fail_parts = {2: 2}  # part 2 fails twice, then goes through
+    m = mount_factory(s3.opts("retry", [exec_models(tmp_path, size)]), env=env_of(s3))
+    jid = m.submit("image/big/default/t2i", {})
+    assert m.wait("image/big/default/t2i", jid, timeout=120) == "complete"
+    out = m.status("image/big/default/t2i", jid)["output"]["blake3"]
+    drained(m)
+    assert b3(s3.object_path(f"retry/blobs/{out[:2]}/{out}")) == out
+    with s3.verify.lock:
+        parts = [re.search(r"partNumber=(\d+)", p).group(1)
+                 for meth, p in s3.verify.requests if meth == "PUT" and "partNumber=" in p]
+        starts = [p for meth, p in s3.verify.requests if meth == "POST" and "uploads=" in p]
+    assert sorted(parts) == ["1", "2", "2", "2", "3"], parts  # one upload, part 2 three times
+    assert len(starts) == 1
+    assert stats(m)["renderfs_replica_uploaded_total"] >= 5
+
+
 def test_cache_max_drops_confirmed_blobs_and_fetches_them_back(mount_factory, s3, tmp_path):
     size = 256 << 10
     m = mount_factory(s3.opts("cache", [exec_models(tmp_path, size), "cache_max=600K"]),
