@@ -69,6 +69,7 @@ enum { PART_WAITING, PART_OUT, PART_IN };
 #define FETCH_QUEUE_MAX 4096	       /* fetches waiting, at most */
 #define TOUCH_MAX 1024		       /* reads noted between flushes */
 #define FETCH_UNKNOWN_MAX (64ull << 30) /* bytes of a fetched blob of unknown size */
+#define KEYS_MAX 64		       /* public keys learnt from the bucket, kept */
 #define BACKOFF_MIN_MS 1000
 #define BACKOFF_MAX_MS 60000
 #define OBJ_RETRY_MAX_MS (10 * 60 * 1000)
@@ -117,13 +118,23 @@ struct waiter {
 	struct waiter *next;
 };
 
+enum { SIG_NONE, SIG_GOT, SIG_FAILED }; /* the bucket's .minisig of a fetch */
+
 struct fetch {
+	struct replica *r;
 	uint8_t hash[32];
 	uint64_t size; /* known (the cache dropped it), else 0 */
 	struct waiter *waiters;
+	/* The content as it streams (the loop's thread, until `ended`). */
 	struct store_sink *sink;
+	crypto_generichash_state b2; /* its BLAKE2b-512: the signature's prehash */
+	uint64_t got;
+	/* Under mu: */
 	bool started, ended;
+	int transfers; /* the blob, its signature, the key that made it */
 	int rc;
+	int sig_state;
+	char sig[1024];
 	char media[128];
 	char msg[512];
 	struct fetch *next;
@@ -146,6 +157,8 @@ struct replica {
 	size_t nfetches, fetching;
 	uint8_t (*touched)[32];
 	size_t ntouched;
+	struct sign_pubkey keys[KEYS_MAX]; /* from the bucket's keys/ */
+	size_t nkeys;
 
 	uint64_t pause_until, backoff; /* rfs-replica's own */
 
@@ -716,6 +729,8 @@ static int fetch_sink(void *arg, const void *data, size_t len, char *err, size_t
 
 	if (rc)
 		snprintf(err, errlen, "%s", store_lasterr());
+	crypto_generichash_update(&f->b2, data, len);
+	f->got += len;
 	return rc;
 }
 
@@ -739,63 +754,188 @@ static void fetch_result(struct fetch *f, const struct http_response *rs)
 }
 
 /* What a fetch's transfer carries to its callback. */
+enum { X_BLOB, X_SIG, X_KEY };
 struct fetch_ctx {
 	struct replica *r;
 	struct fetch *f;
+	int what;
+	uint8_t keynum[SIGN_KEYNUM_LEN]; /* X_KEY */
 };
+
+/* Under mu: whether the key is one this store has, or one learnt. */
+static bool key_known(struct replica *r, const uint8_t keynum[SIGN_KEYNUM_LEN])
+{
+	char path[4200], keyid[SIGN_KEYID_LEN + 1];
+
+	for (size_t i = 0; i < r->nkeys; i++)
+		if (memcmp(r->keys[i].keynum, keynum, SIGN_KEYNUM_LEN) == 0)
+			return true;
+	sign_keyid(keynum, keyid);
+	snprintf(path, sizeof(path), "%s/keys/%s.pub", store_dir(r->e->st), keyid);
+	return access(path, F_OK) == 0;
+}
+
+static int fetch_submit(struct replica *r, struct fetch *f, int what, const char *name,
+			const uint8_t *keynum);
 
 static void fetch_done_ctx(void *arg, const struct http_response *rs)
 {
 	struct fetch_ctx *c = arg;
 	struct replica *r = c->r;
 	struct fetch *f = c->f;
+	bool missing = rs->status == 404 ||
+		       (rs->status == 403 && strstr(rs->body, "<Code>AccessDenied</Code>"));
 
-	free(c);
 	pthread_mutex_lock(&r->mu);
-	fetch_result(f, rs);
-	f->ended = true;
-	pthread_cond_signal(&r->cond);
+	if (c->what == X_BLOB) {
+		fetch_result(f, rs);
+	} else if (c->what == X_SIG) {
+		struct sign_sig sig;
+		if (missing) {
+			f->sig_state = SIG_NONE; /* put before its signature: its hash says */
+		} else if (rs->cancelled || rs->error_code || rs->status != 200 ||
+			   rs->len >= sizeof(f->sig) || sign_sig_parse(rs->body, rs->len, &sig) != 0) {
+			f->sig_state = SIG_FAILED;
+		} else {
+			f->sig_state = SIG_GOT;
+			memcpy(f->sig, rs->body, rs->len);
+			f->sig[rs->len] = '\0';
+			if (!key_known(r, sig.keynum)) {
+				char keyid[SIGN_KEYID_LEN + 1], name[64];
+				sign_keyid(sig.keynum, keyid);
+				snprintf(name, sizeof(name), "keys/%s.pub", keyid);
+				fetch_submit(r, f, X_KEY, name, sig.keynum);
+			}
+		}
+	} else if (!missing && !rs->cancelled && !rs->error_code && rs->status == 200 &&
+		   r->nkeys < KEYS_MAX) {
+		struct sign_pubkey pk;
+		if (sign_pubkey_parse(rs->body, rs->len, &pk) == 0 &&
+		    memcmp(pk.keynum, c->keynum, SIGN_KEYNUM_LEN) == 0 && !key_known(r, pk.keynum))
+			r->keys[r->nkeys++] = pk;
+	}
+	if (--f->transfers == 0) {
+		f->ended = true;
+		pthread_cond_signal(&r->cond);
+	}
 	pthread_mutex_unlock(&r->mu);
+	free(c);
 }
 
-/* On rfs-replica: start waiting fetches, FETCH_MAX at a time. */
-static void fetches_start(struct replica *r)
+/* Under mu: one transfer of a fetch; 0, or -errno (nothing started). */
+static int fetch_submit(struct replica *r, struct fetch *f, int what, const char *name,
+			const uint8_t *keynum)
 {
-	pthread_mutex_lock(&r->mu);
-	for (struct fetch *f = r->fetches; f && r->fetching < FETCH_MAX; f = f->next) {
-		struct s3_request q;
-		struct fetch_ctx *c;
-		char name[128];
+	struct s3_request q;
+	struct fetch_ctx *c;
 
-		if (f->started)
-			continue;
-		f->started = true;
-		r->fetching++;
-		blob_name(f->hash, false, name, sizeof(name));
-		if (store_sink_open(r->e->st, &f->sink) != 0 ||
-		    s3_request(&r->s3, &q, "GET", name, NULL) != 0 ||
-		    !(c = malloc(sizeof(*c)))) {
-			f->rc = -EIO;
-			snprintf(f->msg, sizeof(f->msg), "%s", store_lasterr());
-			f->ended = true;
-			continue;
-		}
-		c->r = r;
-		c->f = f;
+	if (s3_request(&r->s3, &q, "GET", name, NULL) != 0 || !(c = calloc(1, sizeof(*c))))
+		return -ENOMEM;
+	c->r = r;
+	c->f = f;
+	c->what = what;
+	if (keynum)
+		memcpy(c->keynum, keynum, SIGN_KEYNUM_LEN);
+	q.rq.timeout_ms = SMALL_TIMEOUT_MS;
+	q.rq.max_body = 4096;
+	if (what == X_BLOB) {
 		q.rq.sink = fetch_sink;
 		q.rq.sink_arg = f;
 		/* Never more than the blob is (its hash is checked after). */
 		q.rq.max_body = f->size ? f->size : FETCH_UNKNOWN_MAX;
 		q.rq.timeout_ms = 24ull * 3600 * 1000;
 		q.rq.stall_ms = STALL_MS;
-		if (http_submit(r->loop, &q.rq, fetch_done_ctx, c, NULL) != 0) {
-			free(c);
+	}
+	if (http_submit(r->loop, &q.rq, fetch_done_ctx, c, NULL) != 0) {
+		free(c);
+		return -EIO;
+	}
+	f->transfers++;
+	return 0;
+}
+
+/* On rfs-replica: start waiting fetches, FETCH_MAX at a time: the blob
+ * and its signature at once (then the key, if neither this store nor an
+ * earlier fetch knows it). */
+static void fetches_start(struct replica *r)
+{
+	pthread_mutex_lock(&r->mu);
+	for (struct fetch *f = r->fetches; f && r->fetching < FETCH_MAX; f = f->next) {
+		char name[128];
+
+		if (f->started)
+			continue;
+		f->started = true;
+		r->fetching++;
+		crypto_generichash_init(&f->b2, NULL, 0, SIGN_PREHASH_LEN);
+		blob_name(f->hash, false, name, sizeof(name));
+		if (store_sink_open(r->e->st, &f->sink) != 0) {
+			f->rc = -EIO;
+			snprintf(f->msg, sizeof(f->msg), "%s", store_lasterr());
+		} else if (fetch_submit(r, f, X_BLOB, name, NULL) != 0) {
 			f->rc = -EIO;
 			snprintf(f->msg, sizeof(f->msg), "cannot start the transfer");
-			f->ended = true;
+		} else {
+			blob_name(f->hash, true, name, sizeof(name));
+			if (fetch_submit(r, f, X_SIG, name, NULL) != 0)
+				f->sig_state = SIG_FAILED;
 		}
+		if (f->transfers == 0)
+			f->ended = true;
 	}
 	pthread_mutex_unlock(&r->mu);
+}
+
+/* On rfs-replica, after the content hashed to its name and before it is
+ * kept: its signature in the bucket, if the bucket has one, must be one
+ * of this blob by a known key (this store's keys/, or the bucket's). */
+static int fetch_check_sig(void *arg, uint64_t size)
+{
+	struct fetch *f = arg;
+	struct replica *r = f->r;
+	struct sign_sig sig;
+	struct sign_pubkey pk;
+	uint8_t prehash[SIGN_PREHASH_LEN];
+	char trusted[SIGN_TRUSTED_MAX + 1], keyid[SIGN_KEYID_LEN + 1], path[4200];
+	bool found = false;
+	int rc;
+
+	if (f->sig_state == SIG_NONE)
+		return 0;
+	if (f->sig_state == SIG_FAILED)
+		return store_seterr(-EIO, "its signature in the bucket cannot be read");
+	if (sign_sig_parse(f->sig, strlen(f->sig), &sig) != 0)
+		return store_seterr(-EIO, "its signature in the bucket cannot be read");
+	store_blob_trusted(f->hash, size, trusted, sizeof(trusted));
+	if (strcmp(sig.trusted, trusted) != 0)
+		return store_seterr(STORE_E_CORRUPT, "its signature is of another blob ('%s')",
+				    sig.trusted);
+	sign_keyid(sig.keynum, keyid);
+	snprintf(path, sizeof(path), "%s/keys/%s.pub", store_dir(r->e->st), keyid);
+	if (sign_pubkey_load(path, &pk) == 0) {
+		found = true;
+	} else {
+		pthread_mutex_lock(&r->mu);
+		for (size_t i = 0; i < r->nkeys && !found; i++)
+			if (memcmp(r->keys[i].keynum, sig.keynum, SIGN_KEYNUM_LEN) == 0) {
+				pk = r->keys[i];
+				found = true;
+			}
+		pthread_mutex_unlock(&r->mu);
+	}
+	if (!found)
+		return store_seterr(STORE_E_CORRUPT,
+				    "signed by key %s, which neither this store's keys/ nor the "
+				    "bucket's has",
+				    keyid);
+	crypto_generichash_final(&f->b2, prehash, SIGN_PREHASH_LEN);
+	if ((rc = sign_verify_prehash(&pk, &sig, prehash)) != 0)
+		return rc == STORE_E_BADSIG || rc == STORE_E_KEYID
+			       ? store_seterr(STORE_E_CORRUPT, "its signature by key %s does not "
+							       "verify",
+					      keyid)
+			       : rc;
+	return 0;
 }
 
 /* On rfs-replica: keep what ended (verified) and answer its waiters. */
@@ -820,7 +960,8 @@ static void fetches_finish(struct replica *r)
 		b3_to_hex(f->hash, hex);
 		if (f->rc == 0) {
 			int rc = store_blob_fetched(r->e->st, f->sink, f->hash,
-						    f->media[0] ? f->media : "application/octet-stream");
+						f->media[0] ? f->media : "application/octet-stream",
+						fetch_check_sig, f);
 			f->sink = NULL;
 			if (rc == 0) {
 				atomic_fetch_add(&r->fetched, 1);
@@ -878,6 +1019,7 @@ int engine_blob_fetch(struct engine *e, const uint8_t hash[32], void (*done)(voi
 			free(w);
 			return -EAGAIN;
 		}
+		f->r = r;
 		memcpy(f->hash, hash, 32);
 		f->size = known;
 		f->next = r->fetches;

@@ -313,7 +313,7 @@ fail:
 }
 
 int store_blob_fetched(struct store *st, struct store_sink *s, const uint8_t want[B3_OUT_LEN],
-		       const char *media_type)
+		       const char *media_type, int (*check)(void *arg, uint64_t size), void *arg)
 {
 	uint8_t hash[B3_OUT_LEN];
 	char path[4200], dir[4200], hex[B3_HEX_LEN + 1];
@@ -325,6 +325,11 @@ int store_blob_fetched(struct store *st, struct store_sink *s, const uint8_t wan
 		b3_to_hex(hash, hex);
 		rc = store_seterr(STORE_E_CORRUPT, "the content hashes to %s, not to its name", hex);
 		st->integrity_failures++;
+		goto fail;
+	}
+	if (check && (rc = check(arg, s->size)) != 0) {
+		if (rc == STORE_E_CORRUPT)
+			st->integrity_failures++;
 		goto fail;
 	}
 	store_blob_path(st, hash, path, sizeof(path));

@@ -394,6 +394,18 @@ static int verify_common(const struct sign_pubkey *pk, const struct sign_sig *si
 	return 0;
 }
 
+int sign_verify_prehash(const struct sign_pubkey *pk, const struct sign_sig *sig,
+			const uint8_t prehash[SIGN_PREHASH_LEN])
+{
+	int rc = sodium_ready();
+
+	if (rc)
+		return rc;
+	if (memcmp(sig->alg, "ED", 2) != 0)
+		return store_seterr(STORE_E_BADSIG, "not a prehashed (ED) signature");
+	return verify_common(pk, sig, prehash, SIGN_PREHASH_LEN);
+}
+
 int sign_verify_buf(const struct sign_pubkey *pk, const struct sign_sig *sig, const void *buf,
 		    size_t len)
 {

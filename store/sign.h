@@ -124,5 +124,9 @@ int sign_verify_fd(const struct sign_pubkey *pk, const struct sign_sig *sig, int
 	__attribute__((warn_unused_result));
 int sign_verify_buf(const struct sign_pubkey *pk, const struct sign_sig *sig,
 		    const void *buf, size_t len) __attribute__((warn_unused_result));
+/* The same for content whose BLAKE2b-512 was computed as it streamed by
+ * (ED signatures only; a legacy one is STORE_E_BADSIG). */
+int sign_verify_prehash(const struct sign_pubkey *pk, const struct sign_sig *sig,
+			const uint8_t prehash[SIGN_PREHASH_LEN]) __attribute__((warn_unused_result));
 
 #endif

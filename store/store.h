@@ -111,12 +111,13 @@ int store_blob_write(struct store *st, const void *data, size_t len, uint8_t has
 /*
  * Replication (SPEC §12). fetched: a blob fetched from the bucket into a
  * sink is kept when it hashes to want (else STORE_E_CORRUPT, nothing
- * kept), durably, and the index knows its file is here
- * (index_replica_fetched); frees the sink. drop: the cache lets go of a
- * confirmed blob's file (index_replica_drop, then the file goes).
+ * kept) and check (may be NULL; its signature) returns 0 for it, durably,
+ * and the index knows its file is here (index_replica_fetched); frees
+ * the sink. drop: the cache lets go of a confirmed blob's file
+ * (index_replica_drop, then the file goes).
  */
 int store_blob_fetched(struct store *st, struct store_sink *s, const uint8_t want[B3_OUT_LEN],
-		       const char *media_type);
+		       const char *media_type, int (*check)(void *arg, uint64_t size), void *arg);
 int store_blob_drop(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t *size);
 /* The trusted comment of a blob's own signature (cas/<hex>.minisig). */
 void store_blob_trusted(const uint8_t hash[B3_OUT_LEN], uint64_t size, char *buf, size_t len);

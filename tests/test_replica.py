@@ -399,3 +399,49 @@ def test_private_mounts_fetch_others_blobs_for_root_only(mount_factory, s3, tmp_
     assert stats(b)['renderfs_replica_fetches_total{outcome="ok"}'] == 1
     r = as_nobody(f"cat cas/{out} >/dev/null", b.path)
     assert r.returncode != 0, "a private mount shows nobody a blob of no job of theirs"
+
+
+def test_a_fetched_blob_needs_a_good_signature_when_the_bucket_has_one(mount_factory, s3,
+                                                                         tmp_path):
+    need("minisign")
+    a = mount_factory(s3.opts("sig"), store=tmp_path / "store-a", name="a", env=env_of(s3))
+    ids = [a.submit(IMAGE, dict(SMALL, prompt="p", seed=300 + i)) for i in range(4)]
+    for jid in ids:
+        assert a.wait(IMAGE, jid) == "complete"
+    outs = [a.status(IMAGE, j)["output"]["blake3"] for j in ids]
+    drained(a)
+
+    def sig(o):
+        return s3.object_path(f"sig/blobs/{o[:2]}/{o}.minisig")
+    # 0: a flipped bit in the signature; 1: another blob's signature, by the
+    # same key; 2: signed by a key the bucket does not publish; 3: no signature.
+    text = sig(outs[0]).read_text().splitlines()
+    line = bytearray(text[1].encode())
+    line[60] = ord("A") if line[60] != ord("A") else ord("B")  # in the signature bytes
+    text[1] = line.decode()
+    sig(outs[0]).write_text("\n".join(text) + "\n")
+    sig(outs[1]).write_bytes(sig(outs[2]).read_bytes())
+    subprocess.run([need("minisign"), "-G", "-W", "-p", str(tmp_path / "other.pub"),
+                    "-s", str(tmp_path / "other.key")], check=True, capture_output=True)
+    blob = tmp_path / "blob2"
+    blob.write_bytes((a.job(IMAGE, ids[2]) / "output.png").read_bytes())
+    subprocess.run([need("minisign"), "-S", "-s", str(tmp_path / "other.key"), "-m", str(blob),
+                    "-x", str(sig(outs[2])), "-t",
+                    f"renderfs blake3={outs[2]} size={blob.stat().st_size}"],
+                   check=True, capture_output=True)
+    sig(outs[3]).unlink()
+
+    b = mount_factory(s3.opts("sig"), store=tmp_path / "store-b", name="b", env=env_of(s3))
+    for o in outs[:3]:
+        with pytest.raises(OSError) as ei:
+            (b.path / "cas" / o).read_bytes()
+        assert ei.value.errno == errno.EIO, o
+        assert not any((tmp_path / "store-b" / "blobs").rglob(o))
+    log = b.log()
+    assert "does not verify" in log and "is of another blob" in log
+    assert "neither this store's keys/ nor the bucket's has" in log
+    # Put before its signature (or without one): its hash is what was asked for.
+    assert b3(b.path / "cas" / outs[3]) == outs[3]
+    st = stats(b)
+    assert st['renderfs_replica_fetches_total{outcome="corrupt"}'] == 3
+    assert st['renderfs_replica_fetches_total{outcome="ok"}'] == 1

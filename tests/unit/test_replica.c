@@ -61,7 +61,7 @@ static int put(const uint8_t id[JOB_ID_LEN], const void *data, size_t len, uint8
 static int fetch(const void *data, size_t len, const uint8_t want[32])
 {
 	struct store_sink *s = sink_of(data, len);
-	return s ? store_blob_fetched(st, s, want, "image/png") : -EIO;
+	return s ? store_blob_fetched(st, s, want, "image/png", NULL, NULL) : -EIO;
 }
 
 static size_t due(struct outbox_entry *e, size_t max)
