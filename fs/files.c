@@ -151,7 +151,9 @@ static int blob_to_fetch(struct fsctx *fs, fuse_req_t req, uint64_t ino, uint8_t
 		struct jf_extra x;
 		if (job_by_seq(fs, INO_LOW48(ino), &j) != 0)
 			return -ENOENT;
-		if ((f == JF_OUTPUT || f == JF_OUTPUTSIG) && (j.flags & JOB_F_HAS_OUTPUT)) {
+		if (!job_visible(fs, req, &j)) {
+			rc = -ENOENT; /* the open says so */
+		} else if ((f == JF_OUTPUT || f == JF_OUTPUTSIG) && (j.flags & JOB_F_HAS_OUTPUT)) {
 			memcpy(hash, j.output_hash, 32);
 			rc = 0;
 		} else if ((unsigned)f >= JF_COUNT && jf_extra_at(fs, &j, (unsigned)f, &x) == 0) {
@@ -167,7 +169,7 @@ static int blob_to_fetch(struct fsctx *fs, fuse_req_t req, uint64_t ino, uint8_t
 	return rc == 0 && engine_blob_remote(fs->eng, hash) ? 0 : -ENOENT;
 }
 
-static void open_blob_here(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+static void open_when_here(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
 			   bool fetched);
 static void open_node(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 
@@ -185,16 +187,16 @@ static void open_fetched(void *arg, int rc)
 	if (rc)
 		reply_err(w->req, rc == -ENOENT ? -EIO : rc); /* it was there: lost is EIO */
 	else
-		open_blob_here(w->req, w->ino, &w->fi, true);
+		open_when_here(w->req, w->ino, &w->fi, true);
 	free(w);
 }
 
 void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-	open_blob_here(req, ino, fi, false);
+	open_when_here(req, ino, fi, false);
 }
 
-static void open_blob_here(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+static void open_when_here(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
 			   bool fetched)
 {
 	struct fsctx *fs = ctx(req);
