@@ -735,12 +735,18 @@ static int fetch_sink(void *arg, const void *data, size_t len, char *err, size_t
 }
 
 /* Under mu: what the transfer's answer means for the fetch. */
+/* Whether the bucket says it has no such object: 404, or S3's
+ * AccessDenied for a missing key to a reader without ListBucket (a 403
+ * for the credentials is a failure). */
+static bool is_missing(const struct http_response *rs)
+{
+	return rs->status == 404 ||
+	       (rs->status == 403 && strstr(rs->body, "<Code>AccessDenied</Code>"));
+}
+
 static void fetch_result(struct fetch *f, const struct http_response *rs)
 {
-	if (rs->status == 404 ||
-	    (rs->status == 403 && strstr(rs->body, "<Code>AccessDenied</Code>"))) {
-		/* S3 says AccessDenied for a missing key to a reader without
-		 * ListBucket; a 403 for the credentials is a failure. */
+	if (is_missing(rs)) {
 		f->rc = -ENOENT;
 	} else if (rs->cancelled || rs->error_code || rs->status != 200) {
 		f->rc = -EIO;
@@ -783,8 +789,7 @@ static void fetch_done_ctx(void *arg, const struct http_response *rs)
 	struct fetch_ctx *c = arg;
 	struct replica *r = c->r;
 	struct fetch *f = c->f;
-	bool missing = rs->status == 404 ||
-		       (rs->status == 403 && strstr(rs->body, "<Code>AccessDenied</Code>"));
+	bool missing = is_missing(rs);
 
 	pthread_mutex_lock(&r->mu);
 	if (c->what == X_BLOB) {
