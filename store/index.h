@@ -100,9 +100,10 @@
  *            made what it copies, removed once the bucket has it
  *   replicated BLAKE3 (32) -> confirmed ms (8 LE), last read ms (8 LE),
  *            flags (1: bit 0 the file is here, bit 1 the cache's own
- *            reference holds the record), checksum: blobs the bucket has
- *   lru      last read ms (8) | BLAKE3 (32) -> empty: confirmed blobs
- *            whose files are here, in the order the cache drops them
+ *            reference holds the record, bit 2 its signature is in the
+ *            bucket too), checksum: blobs the bucket has
+ *   lru      last read ms (8) | BLAKE3 (32) -> empty: confirmed and signed
+ *            blobs whose files are here, in the order the cache drops them
  *   pins     BLAKE3 (32) -> u64 LE: jobs not finished that name the blob
  *            as an input, and attestations whose file it is (the cache
  *            never drops it while any do)
@@ -851,7 +852,8 @@ struct outbox_entry {
 };
 /*
  * Replication on (a mount with replica=): from now on each new blob
- * record puts the blob and its signature in the outbox, and each job
+ * record puts the blob in the outbox (its signature follows once the
+ * bucket has it), and each job
  * that completes with an output its manifest, in the transaction that
  * makes them. Set once after index_open(), before other threads use it.
  */
@@ -865,7 +867,8 @@ int index_outbox_due(struct index *ix, uint64_t now_ms, const uint64_t *skip, si
 		     size_t scan, struct outbox_entry *out, size_t max, size_t *n);
 /* The object is in the bucket (or there is nothing to put any more: its
  * blob or job is gone): the entry goes; an OUT_BLOB is confirmed
- * (index_replica_get). */
+ * (index_replica_get) and its OUT_BLOBSIG enters the outbox; a confirmed
+ * OUT_BLOBSIG lets the cache drop the blob's file. */
 int index_outbox_done(struct index *ix, uint64_t seq, bool confirmed);
 /* An attempt failed: attempts + 1, not before not_before_ms. */
 int index_outbox_retry(struct index *ix, uint64_t seq, uint64_t not_before_ms);
@@ -880,6 +883,7 @@ int index_outbox_stats(struct index *ix, struct outbox_stats *s);
 struct replica_state {
 	uint64_t confirmed_ms, read_ms;
 	bool local, cache_ref;
+	bool signed_; /* its signature is in the bucket too (or it came from there) */
 };
 /* STORE_E_NOTFOUND: not confirmed in the bucket. */
 int index_replica_get(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], struct replica_state *s);
@@ -915,8 +919,9 @@ int index_replica_list(struct index *ix, const uint8_t *after, size_t max,
  * such mount, for `renderctl replica`; get: STORE_E_NOTFOUND if none. */
 int index_replica_config_put(struct index *ix, const char *text);
 int index_replica_config_get(struct index *ix, char *out, size_t len);
-/* Put every blob not confirmed, and every complete job's manifest, in
- * the outbox (`renderctl replica push`): *n entries. */
+/* Put every blob not confirmed (their signatures follow), and every
+ * complete job's manifest, in the outbox (`renderctl replica push`): *n
+ * entries. */
 int index_replica_push_all(struct index *ix, uint64_t *n);
 
 /* ---- ULIDs ---- */

@@ -14,9 +14,13 @@
  * waits in place with its not-before time. Counts and bytes live in meta
  * so that `stats` never walks the outbox.
  *
- * A blob the bucket has is in `replicated`; while its file is here it is
- * also in `lru`, keyed by when it was last read, which is the order the
- * cache drops files in (index_replica_drop). A blob fetched from the
+ * A blob's signature enters the outbox in the transaction that records
+ * the bucket's confirmation of the blob (so the signature never goes up
+ * for a blob the bucket lacks). A blob the bucket has is in `replicated`;
+ * once its signature is there too and while its file is here, it is also
+ * in `lru`, keyed by when it was last read, which is the order the cache
+ * drops files in (index_replica_drop): the cache never drops a blob whose
+ * signature is still to be made from it. A blob fetched from the
  * bucket that no job of this store holds gets a record of its own with a
  * reference for the cache (owner uid 0), dropped with its file.
  *
@@ -35,6 +39,7 @@
 #define REPL_REC_LEN (8 + 8 + 1 + RECORD_SUM_LEN)
 #define REPL_LOCAL 1
 #define REPL_CACHEREF 2
+#define REPL_SIGNED 4
 #define LRU_KEY_LEN (8 + INDEX_HASH_LEN)
 
 void index_set_replica(struct index *ix, bool on)
@@ -109,7 +114,8 @@ static void repl_encode(const struct replica_state *s, uint8_t out[REPL_REC_LEN]
 {
 	le64_put(out, s->confirmed_ms);
 	le64_put(out + 8, s->read_ms);
-	out[16] = (uint8_t)((s->local ? REPL_LOCAL : 0) | (s->cache_ref ? REPL_CACHEREF : 0));
+	out[16] = (uint8_t)((s->local ? REPL_LOCAL : 0) | (s->cache_ref ? REPL_CACHEREF : 0) |
+			    (s->signed_ ? REPL_SIGNED : 0));
 	index_record_sum(out, REPL_REC_LEN - RECORD_SUM_LEN, out + REPL_REC_LEN - RECORD_SUM_LEN);
 }
 
@@ -136,6 +142,7 @@ static int repl_get(struct index *ix, MDB_txn *txn, const uint8_t *hash, struct 
 	s->read_ms = le64_get(p + 8);
 	s->local = p[16] & REPL_LOCAL;
 	s->cache_ref = p[16] & REPL_CACHEREF;
+	s->signed_ = p[16] & REPL_SIGNED;
 	return 0;
 }
 
@@ -153,7 +160,7 @@ static int repl_put(struct index *ix, MDB_txn *txn, const uint8_t *hash,
 	MDB_val k = {INDEX_HASH_LEN, (void *)hash}, v = {REPL_REC_LEN, rec}, e = {0, NULL};
 	int rc;
 
-	if (old && old->local) {
+	if (old && old->local && old->signed_) {
 		lru_key(old->read_ms, hash, key);
 		if ((rc = index_del_key(ix, txn, ix->lru, key, LRU_KEY_LEN)) != 0)
 			return rc;
@@ -165,7 +172,7 @@ static int repl_put(struct index *ix, MDB_txn *txn, const uint8_t *hash,
 	repl_encode(s, rec);
 	if ((rc = mdb_put(txn, ix->replicated, &k, &v, 0)) != 0)
 		return index_lmdb_err(ix, rc, "write replication state");
-	if (s->local) {
+	if (s->local && s->signed_) { /* the cache may drop it */
 		MDB_val lk = {LRU_KEY_LEN, key};
 		lru_key(s->read_ms, hash, key);
 		if ((rc = mdb_put(txn, ix->lru, &lk, &e, 0)) != 0)
@@ -205,9 +212,8 @@ int index_replica_blob_made(struct index *ix, MDB_txn *txn, const uint8_t *hash,
 
 	if (rc || !ix->replica || ix->outbox_hold)
 		return rc;
-	if ((rc = outbox_add(ix, txn, OUT_BLOB, hash, INDEX_HASH_LEN, size)) != 0)
-		return rc;
-	return outbox_add(ix, txn, OUT_BLOBSIG, hash, INDEX_HASH_LEN, 0);
+	/* Its signature follows once the bucket has it (done_fn). */
+	return outbox_add(ix, txn, OUT_BLOB, hash, INDEX_HASH_LEN, size);
 }
 
 int index_replica_blob_gone(struct index *ix, MDB_txn *txn, const uint8_t *hash, uint64_t size)
@@ -339,7 +345,7 @@ static int done_fn(struct index *ix, MDB_txn *txn, void *arg)
 	if ((rc = index_meta_add(ix, txn, "outbox_n", -1)) != 0 ||
 	    (rc = index_meta_add(ix, txn, "outbox_bytes", -(int64_t)e.size)) != 0)
 		return rc;
-	if (e.kind != OUT_BLOB || !a->confirmed)
+	if ((e.kind != OUT_BLOB && e.kind != OUT_BLOBSIG) || !a->confirmed)
 		return 0;
 	/* Confirmed only while the index still has the blob. */
 	k.mv_size = INDEX_HASH_LEN;
@@ -353,11 +359,23 @@ static int done_fn(struct index *ix, MDB_txn *txn, void *arg)
 	rc = repl_get(ix, txn, e.id, &old);
 	if (rc && rc != STORE_E_NOTFOUND)
 		return rc;
+	if (e.kind == OUT_BLOBSIG) {
+		/* Blob and signature are both there: the cache may drop it. */
+		if (rc || old.signed_)
+			return 0;
+		s = old;
+		s.signed_ = true;
+		return repl_put(ix, txn, e.id, &old, &s);
+	}
 	if (rc == 0)
 		return 0; /* confirmed already */
 	s.confirmed_ms = s.read_ms = now_ms();
 	s.local = true;
-	return repl_put(ix, txn, e.id, NULL, &s);
+	if ((rc = repl_put(ix, txn, e.id, NULL, &s)) != 0)
+		return rc;
+	/* Its signature next (never before: a signature without its blob
+	 * would be a promise the bucket cannot keep). */
+	return outbox_add(ix, txn, OUT_BLOBSIG, e.id, INDEX_HASH_LEN, 0);
 }
 
 int index_outbox_done(struct index *ix, uint64_t seq, bool confirmed)
@@ -530,6 +548,8 @@ static int drop_fn(struct index *ix, MDB_txn *txn, void *arg)
 		return store_seterr(STORE_E_STATE, "blob not confirmed in the bucket, or not here");
 	if (rc)
 		return rc;
+	if (!old.signed_)
+		return store_seterr(STORE_E_STATE, "the blob's signature is not in the bucket yet");
 	if (mdb_get(txn, ix->pins, &k, &v) == 0)
 		return store_seterr(STORE_E_STATE, "blob is an input of a job not finished");
 	if ((rc = mdb_get(txn, ix->blobs, &k, &v)) != 0)
@@ -587,6 +607,7 @@ static int fetched_fn(struct index *ix, MDB_txn *txn, void *arg)
 			return rc;
 		s.confirmed_ms = s.read_ms = now_ms();
 		s.local = s.cache_ref = true;
+		s.signed_ = true; /* as the bucket has it: not this store's to sign */
 		return repl_put(ix, txn, a->hash, rc ? NULL : &old, &s);
 	}
 	if (rc)
@@ -652,10 +673,9 @@ static int push_blobs_fn(struct index *ix, MDB_txn *txn, void *arg)
 			continue;
 		if (rc != STORE_E_NOTFOUND)
 			return rc;
-		if ((rc = outbox_add(ix, txn, OUT_BLOB, batch[i], INDEX_HASH_LEN, sizes[i])) != 0 ||
-		    (rc = outbox_add(ix, txn, OUT_BLOBSIG, batch[i], INDEX_HASH_LEN, 0)) != 0)
+		if ((rc = outbox_add(ix, txn, OUT_BLOB, batch[i], INDEX_HASH_LEN, sizes[i])) != 0)
 			return rc;
-		a->n += 2;
+		a->n++; /* its signature follows once the bucket has it */
 	}
 	if (n) {
 		memcpy(a->after, batch[n - 1], INDEX_HASH_LEN);

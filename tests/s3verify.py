@@ -68,6 +68,7 @@ class S3Verify:
         self.requests = []     # (method, path) of every request verified
         self.part_delay = 0.0  # seconds each multipart part waits before going on
         self.fail_parts = {}   # part number -> how many of its next attempts get a 500
+        self.fail_if = None    # (method, path) -> True: answer 500
         self.lock = threading.Lock()
         self.server = None
         self.port = None
@@ -126,6 +127,8 @@ class S3Verify:
                     fail = m and v.fail_parts.get(int(m.group(1)), 0) > 0
                     if fail:
                         v.fail_parts[int(m.group(1))] -= 1
+                if v.fail_if and v.fail_if(self.command, self.path):
+                    fail = True
                 if fail:
                     self.send_response(500)
                     self.send_header("Content-Length", "0")

@@ -151,7 +151,7 @@ def test_signatures_are_checked_and_a_wrong_secret_uploads_nothing(mount_factory
     assert any("signature differs" in why for _, _, why in s3.verify.refused)
     assert not (s3.data / "rfs" / "wrong").exists()
     st = stats(m)
-    assert st["renderfs_replica_backlog_objects"] >= 5 and st["renderfs_replica_uploaded_total"] == 0
+    assert st["renderfs_replica_backlog_objects"] >= 4 and st["renderfs_replica_uploaded_total"] == 0
     # A fetch refused for its signature is a failure (EIO), not a missing blob.
     with pytest.raises(OSError) as ei:
         (m.path / "cas" / ("1" * 64)).read_bytes()
@@ -208,7 +208,9 @@ def test_bucket_down_jobs_go_on_backlog_survives_kill(mount_factory, s3, tmp_pat
     until(lambda: stats(m)['renderfs_replica_failures_total{kind="unavailable"}'] >= 1,
           "a failed attempt")
     st = stats(m)
-    assert st["renderfs_replica_backlog_objects"] == 200 * 4 + 1  # and the key
+    # Each blob, manifest and manifest signature, and the key (a blob's
+    # signature goes once the bucket has the blob).
+    assert st["renderfs_replica_backlog_objects"] == 200 * 3 + 1
     assert st["renderfs_replica_backlog_bytes"] > 0
     assert st["renderfs_replica_backlog_oldest_seconds"] > 0
     assert st["renderfs_replica_uploaded_total"] == 0
@@ -271,6 +273,25 @@ def test_a_failed_part_goes_again_alone(mount_factory, s3, tmp_path):
     assert sorted(parts) == ["1", "2", "2", "2", "3"], parts  # one upload, part 2 three times
     assert len(starts) == 1
     assert stats(m)["renderfs_replica_uploaded_total"] >= 5
+
+
+def test_the_cache_keeps_a_blob_until_its_signature_is_up(mount_factory, s3, tmp_path):
+    s3.verify.fail_if = lambda meth, path: meth == "PUT" and path.endswith(".minisig")
+    m = mount_factory(s3.opts("sigfirst", ["cache_max=1"]), env=env_of(s3))
+    jid = m.submit(IMAGE, dict(SMALL, prompt="p", seed=5))
+    assert m.wait(IMAGE, jid) == "complete"
+    out = m.status(IMAGE, jid)["output"]["blake3"]
+    path = m.store / "blobs" / out[:2] / out
+    until(lambda: s3.object_path(f"sigfirst/blobs/{out[:2]}/{out}").exists(), "the blob up")
+    # Its signature fails twice: the cache has looked at it in between.
+    until(lambda: stats(m)['renderfs_replica_failures_total{kind="unavailable"}'] >= 2,
+          "two failed signature uploads")
+    assert path.exists() and stats(m)["renderfs_cache_evicted_total"] == 0
+    s3.verify.fail_if = None
+    drained(m)
+    assert s3.object_path(f"sigfirst/blobs/{out[:2]}/{out}.minisig").exists()
+    until(lambda: not path.exists(), "the blob dropped once its signature is up")
+    assert b3(m.job(IMAGE, jid) / "output.png") == out  # and fetched back
 
 
 def test_cache_max_drops_confirmed_blobs_and_fetches_them_back(mount_factory, s3, tmp_path):
@@ -348,9 +369,9 @@ def test_push_status_and_verify_from_renderctl(mount_factory, s3, tmp_path, rend
     assert "never mounted with replica=" in r.stdout and "waiting:        0 object" in r.stdout
     # Blobs made before replication go up once pushed.
     r = renderctl("replica", "push", m.store, check=0)
-    assert r.stdout.startswith("8 object(s)"), r.stdout  # 2 blobs, 2 manifests, each signed
+    assert r.stdout.startswith("6 object(s)"), r.stdout  # 2 blobs, 2 manifests and signatures
     r = renderctl("replica", "status", m.store, check=0)
-    assert "waiting:        8 object(s)" in r.stdout
+    assert "waiting:        6 object(s)" in r.stdout
     m2 = mount_factory(s3.opts("pushed"), env=env_of(s3))
     drained(m2)
     m2.stop()

@@ -119,29 +119,35 @@ static void test_outbox_cache_pins(void)
 	memset(other, 'o', sizeof(other));
 	REQUIRE(new_job(a, "{\"n\":1}", NULL, 0, true) == 0, "job: %s", store_lasterr());
 	REQUIRE(put(a, data, sizeof(data), h) == 0, "put: %s", store_lasterr());
-	/* The blob and its signature are in the outbox with the commit. */
+	/* The blob is in the outbox with the commit. */
 	n = due(e, 16);
-	REQUIRE(n == 2, "two entries due, not %zu", n);
+	REQUIRE(n == 1, "one entry due, not %zu", n);
 	CHECK(e[0].kind == OUT_BLOB && memcmp(e[0].id, h, 32) == 0 && e[0].size == sizeof(data),
-	      "the blob first");
-	CHECK(e[1].kind == OUT_BLOBSIG && e[1].seq > e[0].seq, "then its signature");
-	CHECK(index_outbox_stats(ix, &os) == 0 && os.objects == 2 && os.bytes == sizeof(data) &&
+	      "the blob");
+	CHECK(index_outbox_stats(ix, &os) == 0 && os.objects == 1 && os.bytes == sizeof(data) &&
 		      os.oldest_ms > 0,
 	      "stats: %llu objects, %llu bytes", (unsigned long long)os.objects,
 	      (unsigned long long)os.bytes);
 	CHECK(index_local_bytes(ix, &local) == 0 && local == sizeof(data), "local bytes");
 	/* Not confirmed: never dropped. */
 	CHECK(store_blob_drop(st, h, &size) == STORE_E_STATE && here(h), "unconfirmed stays");
-	/* A failed attempt waits; in flight ones are skipped. */
-	CHECK(index_outbox_retry(ix, e[1].seq, now_ms() + 60000) == 0, "retry");
-	n = due(e + 2, 14);
-	CHECK(n == 1 && e[2].seq == e[0].seq, "the retried one waits");
+	/* A failed attempt waits. */
+	CHECK(index_outbox_retry(ix, e[0].seq, now_ms() + 60000) == 0, "retry");
+	CHECK(due(e + 2, 14) == 0, "the retried one waits");
+	CHECK(index_outbox_done(ix, e[0].seq, true) == 0, "confirmed");
+	CHECK(index_outbox_done(ix, e[0].seq, true) == STORE_E_NOTFOUND, "done once");
+	/* Then its signature, and only then may the cache drop it. */
+	n = due(e, 16);
+	REQUIRE(n == 1 && e[0].kind == OUT_BLOBSIG && memcmp(e[0].id, h, 32) == 0,
+		"the signature follows the confirmed blob");
+	CHECK(index_replica_get(ix, h, &rs) == 0 && rs.local && !rs.signed_, "confirmed, unsigned");
+	CHECK(store_blob_drop(st, h, &size) == STORE_E_STATE && here(h),
+	      "kept until its signature is in the bucket");
 	CHECK(index_outbox_due(ix, now_ms(), &e[0].seq, 1, 256, e + 2, 14, &n) == 0 && n == 0,
 	      "in flight skipped");
-	CHECK(index_outbox_done(ix, e[0].seq, true) == 0, "confirmed");
-	CHECK(index_outbox_done(ix, e[1].seq, true) == 0, "signature confirmed");
-	CHECK(index_outbox_done(ix, e[1].seq, true) == STORE_E_NOTFOUND, "done once");
-	CHECK(index_replica_get(ix, h, &rs) == 0 && rs.local && !rs.cache_ref, "state");
+	CHECK(index_outbox_done(ix, e[0].seq, true) == 0, "signature confirmed");
+	CHECK(index_replica_get(ix, h, &rs) == 0 && rs.local && rs.signed_ && !rs.cache_ref,
+	      "state");
 	CHECK(index_outbox_stats(ix, &os) == 0 && os.objects == 0 && os.bytes == 0, "empty");
 
 	/* Completing puts the manifest and its signature in the outbox. */
