@@ -76,6 +76,9 @@ enum { PART_WAITING, PART_OUT, PART_IN };
 #define SMALL_TIMEOUT_MS 60000
 #define STALL_MS 30000
 #define SIG_BUF (SIGN_TRUSTED_MAX + 512)
+#define UPLOAD_ID_MAX 512			/* bytes of a multipart upload id */
+#define UPLOAD_ID_ENC (3 * UPLOAD_ID_MAX + 1) /* percent-encoded, at worst */
+#define UPLOAD_QUERY_MAX (UPLOAD_ID_ENC + 64)
 
 enum fail_kind { F_UNAVAILABLE, F_AUTH, F_REJECTED, F_LOCAL, F_OTHER, F_KINDS };
 static const char *const fail_names[F_KINDS] = {"unavailable", "auth", "rejected", "local",
@@ -98,8 +101,8 @@ struct upload {
 	char *body; /* the others: the whole object */
 	size_t blen;
 	/* multipart (under mu once submitted) */
-	char upload_id[512];
-	uint32_t nparts, next_part, parts_ok, parts_out;
+	char upload_id[UPLOAD_ID_MAX];
+	uint32_t nparts, parts_ok, parts_out;
 	char (*etags)[96];
 	struct part *parts;
 	uint8_t *tries;
@@ -128,7 +131,6 @@ struct fetch {
 	/* The content as it streams (the loop's thread, until `ended`). */
 	struct store_sink *sink;
 	crypto_generichash_state b2; /* its BLAKE2b-512: the signature's prehash */
-	uint64_t got;
 	/* Under mu: */
 	bool started, ended;
 	int transfers; /* the blob, its signature, the key that made it */
@@ -152,7 +154,6 @@ struct replica {
 	pthread_cond_t cond;
 	bool stop;
 	struct upload *ups, *finished;
-	size_t nups;
 	struct fetch *fetches;
 	size_t nfetches, fetching;
 	uint8_t (*touched)[32];
@@ -224,7 +225,6 @@ static void upload_end(struct upload *u)
 			*p = u->next;
 			break;
 		}
-	r->nups--;
 	u->next = r->finished;
 	r->finished = u;
 	pthread_cond_signal(&r->cond);
@@ -321,7 +321,7 @@ static void no_answer(void *arg, const struct http_response *rs)
 static void mp_abort(struct upload *u)
 {
 	struct s3_request q;
-	char query[700], enc[600];
+	char query[UPLOAD_QUERY_MAX], enc[UPLOAD_ID_ENC];
 
 	if (!u->upload_id[0])
 		return;
@@ -342,7 +342,7 @@ static void mp_parts(struct upload *u)
 {
 	for (uint32_t i = 0; i < u->nparts && !u->failed && u->parts_out < PARTS_IN_FLIGHT; i++) {
 		struct s3_request q;
-		char query[700], enc[600];
+		char query[UPLOAD_QUERY_MAX], enc[UPLOAD_ID_ENC];
 		uint64_t off = (uint64_t)i * PART_LEN;
 
 		if (u->pstate[i] != PART_WAITING)
@@ -392,7 +392,7 @@ static void complete_done(void *arg, const struct http_response *rs)
 static void mp_complete(struct upload *u)
 {
 	struct s3_request q;
-	char query[700], enc[600];
+	char query[UPLOAD_QUERY_MAX], enc[UPLOAD_ID_ENC];
 	size_t cap = 128 + (size_t)u->nparts * 160, k = 0;
 
 	free(u->body);
@@ -601,9 +601,14 @@ static int upload_prepare(struct replica *r, struct upload *u)
 	}
 	case OUT_KEY: {
 		struct sign_pubkey pk;
-		char keyid[SIGN_KEYID_LEN + 1];
+		char keyid[SIGN_KEYID_LEN + 1], path[4200];
+		/* The key this entry names: the signing key (keyfile= too), or
+		 * one rotated out since, whose public half keys/ keeps. */
 		store_pubkey(e->st, &pk);
-		sign_keyid(pk.keynum, keyid);
+		sign_keyid(en->id, keyid);
+		snprintf(path, sizeof(path), "%s/keys/%s.pub", store_dir(e->st), keyid);
+		if (memcmp(pk.keynum, en->id, SIGN_KEYNUM_LEN) != 0 && sign_pubkey_load(path, &pk) != 0)
+			return 1; /* its public half is gone: nothing to put */
 		snprintf(u->name, sizeof(u->name), "keys/%s.pub", keyid);
 		snprintf(u->ctype, sizeof(u->ctype), "text/plain");
 		if (!(u->body = malloc(1024)))
@@ -655,7 +660,6 @@ static void uploads_fill(struct replica *r, uint64_t now)
 		pthread_mutex_lock(&r->mu);
 		u->next = r->ups;
 		r->ups = u;
-		r->nups++;
 		if (rc == 0)
 			rc = u->reader && u->size > PART_LEN ? submit_multipart(u) : submit_put(u);
 		if (rc != 0) {
@@ -730,7 +734,6 @@ static int fetch_sink(void *arg, const void *data, size_t len, char *err, size_t
 	if (rc)
 		snprintf(err, errlen, "%s", store_lasterr());
 	crypto_generichash_update(&f->b2, data, len);
-	f->got += len;
 	return rc;
 }
 
@@ -956,7 +959,8 @@ static void fetches_finish(struct replica *r)
 				f = *p;
 				*p = f->next;
 				r->nfetches--;
-				r->fetching--;
+				if (f->started)
+					r->fetching--;
 				break;
 			}
 		pthread_mutex_unlock(&r->mu);
@@ -1106,6 +1110,15 @@ static void cache_tidy(struct replica *r, uint64_t now)
 
 /* ---- the thread ---- */
 
+/* Under mu: a fetch that ended, or one waiting that may start now. */
+static bool fetch_work(const struct replica *r)
+{
+	for (const struct fetch *f = r->fetches; f; f = f->next)
+		if (f->ended || (!f->started && r->fetching < FETCH_MAX))
+			return true;
+	return false;
+}
+
 static void *replica_main(void *arg)
 {
 	struct replica *r = arg;
@@ -1128,15 +1141,8 @@ static void *replica_main(void *arg)
 			last_tidy = now;
 		}
 		pthread_mutex_lock(&r->mu);
-		if (r->stop || r->finished)
+		if (r->stop || r->finished || fetch_work(r))
 			continue;
-		{
-			bool ended = false;
-			for (struct fetch *f = r->fetches; f && !ended; f = f->next)
-				ended = f->ended || !f->started;
-			if (ended && r->fetching < FETCH_MAX)
-				continue;
-		}
 		clock_gettime(CLOCK_REALTIME, &ts);
 		ts.tv_nsec += 250 * 1000000L; /* new outbox entries are seen this often */
 		if (ts.tv_nsec >= 1000000000L) {
@@ -1187,7 +1193,8 @@ int replica_start(struct engine *e)
 	/* For `renderctl replica` on this store: where its bucket is. */
 	{
 		char cfg[2048];
-		snprintf(cfg, sizeof(cfg), "%s %s %d", e->opt.replica,
+		/* Lines: a prefix may hold a space, never a line break. */
+		snprintf(cfg, sizeof(cfg), "%s\n%s\n%d", e->opt.replica,
 			 e->opt.replica_endpoint && *e->opt.replica_endpoint ? e->opt.replica_endpoint
 									     : "-",
 			 e->opt.replica_path_style ? 1 : 0);
@@ -1234,7 +1241,6 @@ void replica_stop(struct engine *e)
 			f->rc = -EIO;
 			snprintf(f->msg, sizeof(f->msg), "the mount is stopping");
 		}
-	r->fetching = r->nfetches;
 	pthread_mutex_unlock(&r->mu);
 	fetches_finish(r);
 }

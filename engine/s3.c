@@ -62,7 +62,7 @@ static int load_credfile(struct s3 *s, const char *path, char *err, size_t errle
 {
 	struct stat sb;
 	char line[4096];
-	bool in_default = true, sections = false;
+	bool in_default = true;
 	int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
 	FILE *f;
 
@@ -95,7 +95,6 @@ static int load_credfile(struct s3 *s, const char *path, char *err, size_t errle
 		if (!line[0] || line[0] == '#' || line[0] == ';')
 			continue;
 		if (line[0] == '[') {
-			sections = true;
 			in_default = strcmp(line, "[default]") == 0;
 			continue;
 		}
@@ -115,7 +114,6 @@ static int load_credfile(struct s3 *s, const char *path, char *err, size_t errle
 	}
 	sodium_memzero(line, sizeof(line));
 	fclose(f);
-	(void)sections;
 	if (!s->key_id[0] || !s->secret[0]) {
 		snprintf(err, errlen,
 			 "replica_credentials '%s': needs aws_access_key_id and "
@@ -157,8 +155,7 @@ int s3_init(struct s3 *s, const char *replica, const char *endpoint, bool path_s
 		size_t n = strlen(q);
 		while (n && q[n - 1] == '/')
 			n--;
-		if (n >= sizeof(s->prefix) || memchr(q, '\0', n) || strstr(q, "//") ||
-		    strstr(q, "..")) {
+		if (n >= sizeof(s->prefix) || strstr(q, "//") || strstr(q, "..")) {
 			snprintf(err, errlen, "replica: the prefix must be a plain path of at most "
 					      "511 bytes");
 			return -EINVAL;
@@ -175,18 +172,21 @@ int s3_init(struct s3 *s, const char *replica, const char *endpoint, bool path_s
 		region = getenv("AWS_DEFAULT_REGION");
 	if (!region || !*region)
 		region = "us-east-1";
-	if (strlen(region) >= sizeof(s->region) || strspn(region, "abcdefghijklmnopqrstuvwxyz0123456789-") != strlen(region)) {
+	if (strlen(region) >= sizeof(s->region) ||
+	    strspn(region, "abcdefghijklmnopqrstuvwxyz0123456789-") != strlen(region)) {
 		snprintf(err, errlen, "AWS_REGION '%.64s' is not a region name", region);
 		return -EINVAL;
 	}
 	snprintf(s->region, sizeof(s->region), "%s", region);
 	if (endpoint && *endpoint) {
-		size_t n = strlen(endpoint);
-		while (n && endpoint[n - 1] == '/')
+		size_t n = strlen(endpoint), host = strncmp(endpoint, "https://", 8) == 0 ? 8
+						     : strncmp(endpoint, "http://", 7) == 0  ? 7
+											      : 0;
+		while (n > host && endpoint[n - 1] == '/')
 			n--;
-		if ((strncmp(endpoint, "http://", 7) != 0 && strncmp(endpoint, "https://", 8) != 0) ||
-		    n >= sizeof(s->endpoint) || memchr(endpoint + 8, '/', n - 8) ||
-		    strchr(endpoint, '?') || strchr(endpoint, '@')) {
+		/* scheme://HOST[:PORT]: a host, and no path, query or user */
+		if (!host || n == host || n >= sizeof(s->endpoint) ||
+		    memchr(endpoint + host, '/', n - host) || strpbrk(endpoint, "?@# ")) {
 			snprintf(err, errlen, "replica_endpoint must be http(s)://HOST[:PORT]");
 			return -EINVAL;
 		}

@@ -457,6 +457,20 @@ int lookup_job(struct fsctx *fs, fuse_req_t req, const char *route, const char *
  * them to turn a file handle (an NFS client's, say) back into a dentry
  * after it has forgotten the node, or after a restart.
  */
+/* cas/<hex> or cas/<hex>.minisig: 0 with the hash and which, else -ENOENT. */
+static int cas_name(const char *name, uint8_t hash[32], bool *sig)
+{
+	size_t nl = strlen(name);
+	char hex[65];
+
+	*sig = nl == 64 + 8 && strcmp(name + 64, ".minisig") == 0;
+	if ((nl != 64 && !*sig) || strspn(name, "0123456789abcdef") < 64)
+		return -ENOENT;
+	memcpy(hex, name, 64);
+	hex[64] = '\0';
+	return b3_from_hex(hex, hash) == 0 ? 0 : -ENOENT;
+}
+
 static int lookup_dots(struct fsctx *fs, fuse_req_t req, uint64_t dir, const char *name,
 		       uint64_t *ino)
 {
@@ -553,14 +567,8 @@ static int lookup_ino(struct fsctx *fs, fuse_req_t req, uint64_t parent, const c
 			return ledger_lookup(fs, name, ino);
 		if (INO_LOW48(parent) == SN_CAS) {
 			uint8_t hash[32];
-			size_t nl = strlen(name);
-			bool sig = nl == 64 + 8 && strcmp(name + 64, ".minisig") == 0;
-			char hex[65];
-			if ((nl != 64 && !sig) || strspn(name, "0123456789abcdef") < 64)
-				return -ENOENT;
-			memcpy(hex, name, 64);
-			hex[64] = '\0';
-			if (b3_from_hex(hex, hash) != 0)
+			bool sig;
+			if (cas_name(name, hash, &sig) != 0)
 				return -ENOENT;
 			struct blob_info bi;
 			if ((rc = index_blob_get(fs->ix, hash, &bi)) != 0 ||
@@ -674,19 +682,13 @@ static bool lookup_remote(struct fsctx *fs, fuse_req_t req, fuse_ino_t parent, c
 	uint8_t hash[32];
 	struct blob_info bi;
 	struct lookup_wait *w;
-	char hex[65];
-	size_t nl = strlen(name);
+	bool sig;
 
 	/* `private`: blobs others made are root's to bring in (a user could
 	 * not read them anyway: cas_visible). */
 	if (!engine_replica_on(fs->eng) || (fs->private_ && fuse_req_ctx(req)->uid != 0) ||
-	    INO_KIND(parent) != NK_STATIC ||
-	    INO_LOW48(parent) != SN_CAS || (nl != 64 && (nl != 72 || strcmp(name + 64, ".minisig"))) ||
-	    strspn(name, "0123456789abcdef") < 64)
-		return false;
-	memcpy(hex, name, 64);
-	hex[64] = '\0';
-	if (b3_from_hex(hex, hash) != 0 || index_blob_get(fs->ix, hash, &bi) != STORE_E_NOTFOUND)
+	    INO_KIND(parent) != NK_STATIC || INO_LOW48(parent) != SN_CAS ||
+	    cas_name(name, hash, &sig) != 0 || index_blob_get(fs->ix, hash, &bi) != STORE_E_NOTFOUND)
 		return false;
 	if (!(w = calloc(1, sizeof(*w))))
 		return false;

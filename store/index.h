@@ -915,7 +915,8 @@ int index_replica_fetched(struct index *ix, const uint8_t hash[INDEX_HASH_LEN], 
 int index_replica_list(struct index *ix, const uint8_t *after, size_t max,
 		       uint8_t (*hashes)[INDEX_HASH_LEN], struct replica_state *states, size_t *n);
 /* The replica= a mount last used the store with (its text, at most
- * len - 1 bytes: "s3://BUCKET/PREFIX endpoint path_style"): put at each
+ * len - 1 bytes: lines s3://BUCKET/PREFIX, endpoint or "-", 0 or 1 for
+ * path-style): put at each
  * such mount, for `renderctl replica`; get: STORE_E_NOTFOUND if none. */
 int index_replica_config_put(struct index *ix, const char *text);
 int index_replica_config_get(struct index *ix, char *out, size_t len);

@@ -466,3 +466,15 @@ def test_a_fetched_blob_needs_a_good_signature_when_the_bucket_has_one(mount_fac
     st = stats(b)
     assert st['renderfs_replica_fetches_total{outcome="corrupt"}'] == 3
     assert st['renderfs_replica_fetches_total{outcome="ok"}'] == 1
+
+
+def test_a_prefix_with_a_space_reaches_renderctl(mount_factory, s3, renderctl):
+    m = mount_factory(s3.opts("with space"), env=env_of(s3))
+    jid = m.submit(IMAGE, dict(SMALL, prompt="p", seed=9))
+    assert m.wait(IMAGE, jid) == "complete"
+    out = m.status(IMAGE, jid)["output"]["blake3"]
+    drained(m)
+    m.stop()
+    assert s3.object_path(f"with space/blobs/{out[:2]}/{out}").exists()
+    r = renderctl("replica", "verify", m.store, check=0, env=env_of(s3))
+    assert "1 blob(s) checked in s3://rfs/with space" in r.stdout, r.stdout

@@ -39,18 +39,19 @@ static int open_index(const char *dir, bool read_only, struct index **ix)
 static int config_of(struct index *ix, const char *credfile, struct s3 *s3, char *err,
 		     size_t errlen)
 {
-	char cfg[2048], url[1024], endpoint[1024];
-	int path_style = 0;
+	char cfg[2048], *endpoint, *style;
 
 	if (index_replica_config_get(ix, cfg, sizeof(cfg)) != 0) {
 		snprintf(err, errlen, "the store has never been mounted with replica=");
 		return -ENOENT;
 	}
-	if (sscanf(cfg, "%1023s %1023s %d", url, endpoint, &path_style) != 3) {
+	if (!(endpoint = strchr(cfg, '\n')) || !(style = strchr(endpoint + 1, '\n'))) {
 		snprintf(err, errlen, "the store's replica setting is damaged");
 		return -EINVAL;
 	}
-	return s3_init(s3, url, strcmp(endpoint, "-") ? endpoint : NULL, path_style != 0,
+	*endpoint++ = '\0';
+	*style++ = '\0';
+	return s3_init(s3, cfg, strcmp(endpoint, "-") ? endpoint : NULL, strcmp(style, "1") == 0,
 		       credfile, err, errlen);
 }
 
@@ -294,6 +295,8 @@ static int status(const char *dir)
 	}
 	if (index_replica_config_get(ix, cfg, sizeof(cfg)) != 0)
 		snprintf(cfg, sizeof(cfg), "(never mounted with replica=)");
+	for (char *p = cfg; (p = strchr(p, '\n')) != NULL;)
+		*p = ' '; /* URL, endpoint, path-style on one line */
 	printf("replica:        %s\n", cfg);
 	printf("waiting:        %" PRIu64 " object(s), %" PRIu64 " blob byte(s)", os.objects,
 	       os.bytes);

@@ -252,6 +252,8 @@ static void test_s3_addresses(void)
 	      "endpoint scheme");
 	CHECK(s3_init(&s, "s3://rfs/x", "http://h/path", false, NULL, err, sizeof(err)) == -EINVAL,
 	      "endpoint path");
+	CHECK(s3_init(&s, "s3://rfs/x", "http://", false, NULL, err, sizeof(err)) == -EINVAL,
+	      "endpoint without a host");
 	unsetenv("AWS_ACCESS_KEY_ID");
 	CHECK(s3_init(&s, "s3://rfs/x", NULL, false, NULL, err, sizeof(err)) == -EINVAL &&
 		      strstr(err, "AWS_ACCESS_KEY_ID"),
