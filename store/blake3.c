@@ -42,9 +42,7 @@
 const uint32_t b3_iv[8] = {0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A,
 			   0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19};
 
-static const uint8_t b3_permutation[16] = {2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8};
-
-/* ---- portable compression: a literal reading of the specification ---- */
+/* ---- portable compression ---- */
 
 static inline uint32_t ror32(uint32_t w, unsigned c)
 {
@@ -63,10 +61,28 @@ static inline void g(uint32_t s[16], int a, int b, int c, int d, uint32_t mx, ui
 	s[b] = ror32(s[b] ^ s[c], 7);
 }
 
+static inline __attribute__((always_inline)) void round_fn(uint32_t s[16], const uint32_t m[16],
+							  const uint8_t *sch)
+{
+	g(s, 0, 4, 8, 12, m[sch[0]], m[sch[1]]);
+	g(s, 1, 5, 9, 13, m[sch[2]], m[sch[3]]);
+	g(s, 2, 6, 10, 14, m[sch[4]], m[sch[5]]);
+	g(s, 3, 7, 11, 15, m[sch[6]], m[sch[7]]);
+	g(s, 0, 5, 10, 15, m[sch[8]], m[sch[9]]);
+	g(s, 1, 6, 11, 12, m[sch[10]], m[sch[11]]);
+	g(s, 2, 7, 8, 13, m[sch[12]], m[sch[13]]);
+	g(s, 3, 4, 9, 14, m[sch[14]], m[sch[15]]);
+}
+
+/*
+ * The rounds are written out so that every index is a constant: the state
+ * and the message then live in registers, and the permutation of the
+ * specification becomes the schedule (b3_msg_schedule) instead of copies.
+ */
 static void compress_core(const uint32_t cv[8], const uint8_t block[64], uint8_t block_len,
 			  uint64_t counter, uint8_t flags, uint32_t s[16])
 {
-	uint32_t m[16], p[16];
+	uint32_t m[16];
 
 	for (int i = 0; i < 16; i++)
 		m[i] = b3_load32(block + 4 * i);
@@ -80,19 +96,13 @@ static void compress_core(const uint32_t cv[8], const uint8_t block[64], uint8_t
 	s[13] = (uint32_t)(counter >> 32);
 	s[14] = block_len;
 	s[15] = flags;
-	for (int r = 0; r < 7; r++) {
-		g(s, 0, 4, 8, 12, m[0], m[1]);
-		g(s, 1, 5, 9, 13, m[2], m[3]);
-		g(s, 2, 6, 10, 14, m[4], m[5]);
-		g(s, 3, 7, 11, 15, m[6], m[7]);
-		g(s, 0, 5, 10, 15, m[8], m[9]);
-		g(s, 1, 6, 11, 12, m[10], m[11]);
-		g(s, 2, 7, 8, 13, m[12], m[13]);
-		g(s, 3, 4, 9, 14, m[14], m[15]);
-		for (int i = 0; i < 16; i++)
-			p[i] = m[b3_permutation[i]];
-		memcpy(m, p, sizeof(m));
-	}
+	round_fn(s, m, b3_msg_schedule[0]);
+	round_fn(s, m, b3_msg_schedule[1]);
+	round_fn(s, m, b3_msg_schedule[2]);
+	round_fn(s, m, b3_msg_schedule[3]);
+	round_fn(s, m, b3_msg_schedule[4]);
+	round_fn(s, m, b3_msg_schedule[5]);
+	round_fn(s, m, b3_msg_schedule[6]);
 }
 
 void b3_compress_in_place(uint32_t cv[8], const uint8_t block[64], uint8_t block_len,

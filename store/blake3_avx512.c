@@ -54,11 +54,66 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16])
 	}
 }
 
-static inline __attribute__((always_inline)) void v_load_msg(const uint8_t *const *inputs, size_t off, __m512i m[16])
+/*
+ * Words 0-7 (half 0) or 8-15 (half 1) of the block at off of all 16
+ * inputs, transposed into m[0..7]: each row is built by two 256-bit loads
+ * (input j and input j + 8), so a 64-bit unpack, a shufps and one
+ * two-source permute finish the transpose (the reference assembly's
+ * scheme: 8 rows need 8 temporaries, not 16). Also asks for the input two
+ * blocks ahead, as the reference does.
+ */
+static inline __attribute__((always_inline)) void load_half(const uint8_t *const *inputs,
+							     size_t off, __m512i m[8])
 {
-	for (int i = 0; i < 16; i++)
-		m[i] = _mm512_loadu_si512((const void *)(inputs[i] + off));
-	transpose16(m);
+	const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25,
+					       26, 27);
+	const __m512i idx1 = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28,
+					       29, 30, 31);
+	__m512i a[8], q[8];
+
+	for (int j = 0; j < 8; j++) {
+		a[j] = _mm512_inserti64x4(
+			_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(inputs[j] + off))),
+			_mm256_loadu_si256((const __m256i *)(inputs[j + 8] + off)), 1);
+		if (off % 64 == 0) {
+			_mm_prefetch((const char *)(inputs[j] + off + 128), _MM_HINT_T0);
+			_mm_prefetch((const char *)(inputs[j + 8] + off + 128), _MM_HINT_T0);
+		}
+	}
+	/* q[2k]: words 0,1 | 4,5 of inputs 2k, 2k+1 (and +8); q[2k+1]: 2,3 | 6,7. */
+	for (int k = 0; k < 4; k++) {
+		q[2 * k] = _mm512_unpacklo_epi64(a[2 * k], a[2 * k + 1]);
+		q[2 * k + 1] = _mm512_unpackhi_epi64(a[2 * k], a[2 * k + 1]);
+	}
+	for (int w = 0; w < 4; w++) {
+		/* Word w (128-bit lanes 0, 2) and w + 4 (lanes 1, 3) of inputs
+		 * 0-3 (and 8-11), then of inputs 4-7 (and 12-15). */
+		const __m512i *lo = &q[w / 2], *hi = &q[4 + w / 2];
+		__m512 s0, s1;
+
+		if (w % 2 == 0) {
+			s0 = _mm512_shuffle_ps(_mm512_castsi512_ps(lo[0]), _mm512_castsi512_ps(lo[2]),
+					       0x88);
+			s1 = _mm512_shuffle_ps(_mm512_castsi512_ps(hi[0]), _mm512_castsi512_ps(hi[2]),
+					       0x88);
+		} else {
+			s0 = _mm512_shuffle_ps(_mm512_castsi512_ps(lo[0]), _mm512_castsi512_ps(lo[2]),
+					       0xDD);
+			s1 = _mm512_shuffle_ps(_mm512_castsi512_ps(hi[0]), _mm512_castsi512_ps(hi[2]),
+					       0xDD);
+		}
+		m[w] = _mm512_permutex2var_epi32(_mm512_castps_si512(s0), idx0,
+						 _mm512_castps_si512(s1));
+		m[w + 4] = _mm512_permutex2var_epi32(_mm512_castps_si512(s0), idx1,
+						     _mm512_castps_si512(s1));
+	}
+}
+
+static inline __attribute__((always_inline)) void v_load_msg(const uint8_t *const *inputs,
+							      size_t off, __m512i m[16])
+{
+	load_half(inputs, off, m);
+	load_half(inputs, off + 32, m + 8);
 }
 
 static inline void v_store_cvs(const __m512i h[8], uint8_t *out)

@@ -21,9 +21,9 @@ enum {
 
 extern const uint32_t b3_iv[8];
 /* b3_msg_schedule[r][i]: the message word used at position i of round r,
- * i.e. the permutation applied r times (the portable code applies the
- * permutation itself; the test of the SIMD backends against it checks this
- * table). Static so that unrolled SIMD rounds see constant indices. */
+ * i.e. the specification's permutation applied r times (test_blake3
+ * derives it from the permutation). Static so that unrolled rounds see
+ * constant indices. */
 static const uint8_t b3_msg_schedule[7][16] = {
 	{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
 	{2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8},

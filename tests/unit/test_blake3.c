@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "blake3.h"
+#include "blake3_i.h"
 #include "check.h"
 
 static void fill_vector_input(uint8_t *buf, size_t len)
@@ -254,9 +255,27 @@ static void test_groups(void)
 	free(cvs);
 }
 
+/* The schedule the rounds use is the specification's permutation
+ * applied once per round. */
+static void test_schedule(void)
+{
+	static const uint8_t perm[16] = {2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8};
+	uint8_t words[16], next[16];
+
+	for (int i = 0; i < 16; i++)
+		words[i] = (uint8_t)i;
+	for (int r = 0; r < 7; r++) {
+		CHECK(memcmp(words, b3_msg_schedule[r], 16) == 0, "schedule of round %d", r);
+		for (int i = 0; i < 16; i++)
+			next[i] = words[perm[i]];
+		memcpy(words, next, 16);
+	}
+}
+
 int main(void)
 {
 	printf("blake3 default backend: %s\n", b3_backend_name(b3_get_backend()));
+	test_schedule();
 	test_official_vectors();
 	test_agreement();
 	test_b3sum();
