@@ -189,13 +189,30 @@ int engine_stats_text(struct engine *e, char **out, size_t *len)
 		  "renderfs_integrity_failures_total %llu\n"
 		  "# HELP renderfs_index_commits_total Durable index commits (one sync each).\n"
 		  "# TYPE renderfs_index_commits_total counter\n"
-		  "renderfs_index_commits_total %llu\n",
+		  "renderfs_index_commits_total %llu\n"
+		  "# HELP renderfs_index_writes_total Index writes (each joins a group commit).\n"
+		  "# TYPE renderfs_index_writes_total counter\n"
+		  "renderfs_index_writes_total %llu\n"
+		  "# HELP renderfs_index_write_seconds_total Time of index writes, summed over "
+		  "writes: queued until a commit leader takes them, in their batch, and from "
+		  "the commit to their caller running again.\n"
+		  "# TYPE renderfs_index_write_seconds_total counter\n"
+		  "renderfs_index_write_seconds_total{part=\"queued\"} %.6f\n"
+		  "renderfs_index_write_seconds_total{part=\"batch\"} %.6f\n"
+		  "renderfs_index_write_seconds_total{part=\"wake\"} %.6f\n"
+		  "# HELP renderfs_index_commit_seconds_total Time of group commits, summed over "
+		  "commits: applying the batch's writes, and committing it (the sync).\n"
+		  "# TYPE renderfs_index_commit_seconds_total counter\n"
+		  "renderfs_index_commit_seconds_total{part=\"apply\"} %.6f\n"
+		  "renderfs_index_commit_seconds_total{part=\"sync\"} %.6f\n",
 		  (unsigned long long)submitted, (unsigned long long)rejected,
 		  (unsigned long long)retries, (unsigned long long)breaker_returns,
 		  (unsigned long long)memo, (unsigned long long)is.blobs,
 		  (unsigned long long)ss.bytes_written, (unsigned long long)ss.blobs_written,
 		  (unsigned long long)ss.dedup_hits, (unsigned long long)ss.integrity_failures,
-		  (unsigned long long)is.commits);
+		  (unsigned long long)is.commits, (unsigned long long)is.writes,
+		  (double)is.queue_ns / 1e9, (double)is.commit_ns / 1e9, (double)is.wake_ns / 1e9,
+		  (double)is.apply_ns / 1e9, (double)is.sync_ns / 1e9);
 	if (b.oom) {
 		free(b.p);
 		return -ENOMEM;

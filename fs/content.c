@@ -422,10 +422,20 @@ static int stats_render(struct fsctx *fs, char **out, size_t *len)
 				 "# HELP renderfs_log_suppressed_total Daemon log lines about rejected "
 				 "requests not written (per-uid rate limit).\n"
 				 "# TYPE renderfs_log_suppressed_total counter\n"
-				 "renderfs_log_suppressed_total %llu\n",
+				 "renderfs_log_suppressed_total %llu\n"
+				 "# HELP renderfs_new_writes_total Writes to new files.\n"
+				 "# TYPE renderfs_new_writes_total counter\n"
+				 "renderfs_new_writes_total %llu\n"
+				 "# HELP renderfs_new_write_seconds_total Time of writes to new: in "
+				 "the handler (all of it), of which in the engine (checks and the "
+				 "durable store).\n"
+				 "# TYPE renderfs_new_write_seconds_total counter\n"
+				 "renderfs_new_write_seconds_total{part=\"handler\"} %.6f\n"
+				 "renderfs_new_write_seconds_total{part=\"engine\"} %.6f\n",
 				 (unsigned long long)ls.held, (unsigned long long)ls.refused_user,
 				 (unsigned long long)ls.refused_total,
-				 (unsigned long long)ls.log_suppressed);
+				 (unsigned long long)ls.log_suppressed, (unsigned long long)ls.writes,
+				 (double)ls.write_ns / 1e9, (double)ls.engine_ns / 1e9);
 		n = k < 0 ? k : n + k;
 	}
 	if (fs->pt && n >= 0 && (size_t)n < sizeof(tail)) {

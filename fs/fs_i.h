@@ -228,6 +228,8 @@ struct new_limits_stats {
 	uint64_t held;			/* bytes buffered now */
 	uint64_t refused_user, refused_total; /* writes refused by each budget */
 	uint64_t log_suppressed;	/* daemon log lines not written (rate limit) */
+	uint64_t writes, write_ns, engine_ns; /* writes to new; ns in the handler, in
+						 engine_submit */
 };
 void new_limits_get_stats(struct new_limits *l, struct new_limits_stats *s);
 

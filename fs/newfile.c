@@ -47,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "fs_i.h"
 
@@ -93,7 +94,18 @@ struct new_limits {
 		uint64_t suppressed; /* lines not written since the last one */
 	} logb[LOG_SLOTS];
 	uint64_t refused_user, refused_total, log_suppressed;
+	/* Atomic (relaxed), not under mu: writes to `new`, their time in
+	 * new_file_write and in engine_submit, in nanoseconds. */
+	uint64_t writes, write_ns, engine_ns;
 };
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 int new_limits_create(uint64_t max, uint64_t user_max, struct new_limits **out)
 {
@@ -124,6 +136,9 @@ void new_limits_get_stats(struct new_limits *l, struct new_limits_stats *s)
 	s->refused_total = l->refused_total;
 	s->log_suppressed = l->log_suppressed;
 	pthread_mutex_unlock(&l->mu);
+	s->writes = __atomic_load_n(&l->writes, __ATOMIC_RELAXED);
+	s->write_ns = __atomic_load_n(&l->write_ns, __ATOMIC_RELAXED);
+	s->engine_ns = __atomic_load_n(&l->engine_ns, __ATOMIC_RELAXED);
 }
 
 /* Take delta more bytes for uid: 0, -EAGAIN past the uid's budget, -ENOMEM
@@ -799,7 +814,14 @@ static size_t submit(struct new_file *nf, struct pending *pend, size_t np)
 					  nf->err, sizeof(nf->err))) == 0)
 		n++;
 	bad = n;
-	rc = n ? engine_submit(nf->fs->eng, nf->route->path, nf->uid, nf->gid, subs, n) : 0;
+	if (n) {
+		uint64_t t0 = mono_ns();
+
+		rc = engine_submit(nf->fs->eng, nf->route->path, nf->uid, nf->gid, subs, n);
+		__atomic_fetch_add(&nf->fs->limits->engine_ns, mono_ns() - t0, __ATOMIC_RELAXED);
+	} else {
+		rc = 0;
+	}
 	for (size_t i = 0; i < n; i++) {
 		int r = rc ? rc : subs[i].rc;
 		if (r == 0) {
@@ -880,7 +902,20 @@ static void drop_refused(struct new_file *nf, struct pending *pend, const struct
 		truncate_at(nf, nf->scan, saved, nsaved);
 }
 
+static ssize_t file_write(struct new_file *nf, const char *data, size_t len, uint64_t off);
+
+/* The time split of `new` writes is kept in fs->limits (stats). */
 ssize_t new_file_write(struct new_file *nf, const char *data, size_t len, uint64_t off)
+{
+	uint64_t t0 = mono_ns();
+	ssize_t r = file_write(nf, data, len, off);
+
+	__atomic_fetch_add(&nf->fs->limits->write_ns, mono_ns() - t0, __ATOMIC_RELAXED);
+	__atomic_fetch_add(&nf->fs->limits->writes, 1, __ATOMIC_RELAXED);
+	return r;
+}
+
+static ssize_t file_write(struct new_file *nf, const char *data, size_t len, uint64_t off)
 {
 	struct pending *pend = NULL;
 	struct extent saved[MAX_EXTENTS];

@@ -658,6 +658,11 @@ int index_recover(struct index *ix, uint32_t max_attempts, struct index_recovery
 struct index_stats {
 	uint64_t commits;	/* durable LMDB commits (each one sync) */
 	uint64_t writes;	/* mutating calls */
+	/* Nanoseconds, summed over writes: waiting for a leader to take them
+	 * (the commit before and the gathering), in the batch (its ops and
+	 * its commit), and from the commit to the caller running again;
+	 * summed over batches: applying the ops, committing (the sync). */
+	uint64_t queue_ns, commit_ns, wake_ns, apply_ns, sync_ns;
 	uint64_t jobs;
 	uint64_t blobs;
 };

@@ -23,6 +23,8 @@ struct index_wop {
 	int rc;
 	bool done;
 	struct index_wop *next;
+	uint64_t queued_ns, taken_ns, done_ns; /* CLOCK_MONOTONIC, for the time split */
+	pthread_cond_t cond; /* its owner waits here: done, or to lead the next batch */
 };
 
 struct index {
@@ -48,18 +50,25 @@ struct index {
 
 	/*
 	 * Group commit. Protected by wmu: wq_head, wq_tail, wq_len, leader,
-	 * active, commits, writes. The leader runs the queued ops without
-	 * holding wmu; the ops' owners are blocked until their `done` is set
-	 * under wmu. wcond wakes owners when a commit ends; gcond wakes a
-	 * leader gathering a batch when an op is queued.
+	 * active, commits, writes, gathering. The leader runs the queued ops
+	 * without holding wmu; the ops' owners are blocked on their op's own
+	 * cond until their `done` is set under wmu. A commit's end wakes
+	 * exactly its batch's owners and the first queued op's (to lead the
+	 * next batch); gcond wakes a leader gathering a batch once as many
+	 * ops as it waits for are queued.
 	 */
 	pthread_mutex_t wmu;
-	pthread_cond_t wcond, gcond;
+	pthread_cond_t gcond;
 	struct index_wop *wq_head, *wq_tail;
 	size_t wq_len;
-	bool leader;
+	bool leader, gathering;
 	size_t active; /* writers seen at the end of the last commit */
 	uint64_t commits, writes;
+	/* Where writes spend their time (index_stats), summed over writes:
+	 * queued until a leader takes them, taken until committed, committed
+	 * until their owner runs again; and over batches: applying the ops,
+	 * the commit (its sync). */
+	uint64_t op_queue_ns, op_commit_ns, op_wake_ns, batch_apply_ns, batch_sync_ns;
 	/* A write added a delivery (set in a transaction, under wmu's batch;
 	 * read and cleared by the leader after its commit); hook_wake is set
 	 * once before threads share the index. */
@@ -68,6 +77,11 @@ struct index {
 	void *hook_wake_arg;
 	size_t last_txnid; /* LMDB's at the last commit that wrote: a batch
 			      that changed nothing commits nothing (no sync) */
+	/* The data file's size, kept ahead of LMDB's last page by
+	 * grow_ahead() (the leader's, between batches); page size and map
+	 * size. Set at open (0: not grown, a read-only index). */
+	uint64_t file_size, map_size;
+	unsigned psize;
 };
 
 /* Run fn(ix, txn, arg) in a durable transaction shared with concurrent
