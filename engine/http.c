@@ -4,10 +4,14 @@
  * DESIGN
  * One thread owns the multi handle and every easy handle. Other threads
  * hand it transfers (http_submit) and cancellations (http_cancel) through
- * a list under `mu` and wake it with curl_multi_wakeup(); it adds them,
- * runs curl_multi_perform, and for each finished transfer builds the
- * response and calls `done` outside the lock. So 1,000 requests waiting on
- * services cost one thread and their buffers, not 1,000 threads.
+ * a list under `mu` and wake it through an eventfd; it adds them to the
+ * multi handle and, for each finished transfer, builds the response and
+ * calls `done` outside the lock. So 1,000 requests waiting on services
+ * cost one thread and their buffers, not 1,000 threads. The loop is
+ * driven by curl's socket interface and epoll: an answer arriving on one
+ * connection costs the work of that connection, not a look at every
+ * transfer in flight (curl_multi_perform and poll() would, and with 1,000
+ * in flight that was most of the loop's time).
  *
  * What every transfer gets, whoever asks: http and https only, redirects
  * not followed (a 3xx is an answer), a deadline, the answer kept up to
@@ -18,9 +22,11 @@
  * secret there) with the request's secrets replaced by ***.
  *
  * THREADS AND LOCKS
- * mu guards xfers (the list of transfers not yet finished), their
- * `cancel` and `added` flags, next_id and stop. Easy handles, buffers and
- * the multi handle are the loop thread's alone once a transfer is listed.
+ * mu guards xfers (the list of transfers not yet finished), incoming (those
+ * not yet handed to curl), their `cancel`, `added` and `ended` flags,
+ * cancels, next_id and stop. Easy handles, buffers, the multi handle, the
+ * epoll set and the timer are the loop thread's alone once a transfer is
+ * listed.
  */
 #include "http.h"
 
@@ -33,7 +39,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- deny_net= ---- */
 
@@ -144,9 +153,10 @@ void http_deny_free(struct http_deny *d)
 /* ---- transfers ---- */
 
 struct xfer {
-	struct xfer *next;
+	struct xfer *next, *prev; /* loop->xfers */
+	struct xfer *inext;	  /* loop->incoming */
 	uint64_t id;
-	bool added, cancel; /* under mu */
+	bool added, cancel, ended; /* under mu */
 	struct http_loop *loop;
 	CURL *easy;
 	struct curl_slist *hdrs;
@@ -177,11 +187,31 @@ struct http_loop {
 	CURLM *multi;
 	pthread_t thread;
 	const struct http_deny *deny;
+	int ep, evfd;	   /* the epoll set of curl's sockets; the wake-up */
+	uint64_t timer_at; /* curl's timer (CLOCK_MONOTONIC ms; 0: none) */
 	pthread_mutex_t mu;
-	struct xfer *xfers;
+	struct xfer *xfers, *incoming, *incoming_tail;
+	bool cancels; /* some transfer has `cancel` set since the loop looked */
 	uint64_t next_id;
 	bool stop;
 };
+
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void loop_wake(struct http_loop *l)
+{
+	uint64_t one = 1;
+
+	/* Fails only when the counter is full: a wake-up is pending anyway. */
+	if (write(l->evfd, &one, sizeof(one)) < 0)
+		return;
+}
 
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static CURLcode global_rc;
@@ -549,11 +579,18 @@ int http_submit(struct http_loop *l, const struct http_request *rq, http_done_fn
 	}
 	x->id = ++l->next_id;
 	x->next = l->xfers;
+	if (l->xfers)
+		l->xfers->prev = x;
 	l->xfers = x;
+	if (l->incoming_tail)
+		l->incoming_tail->inext = x;
+	else
+		l->incoming = x;
+	l->incoming_tail = x;
 	if (id)
 		*id = x->id;
 	pthread_mutex_unlock(&l->mu);
-	curl_multi_wakeup(l->multi);
+	loop_wake(l);
 	return 0;
 fail:
 	xfer_free(x);
@@ -564,71 +601,170 @@ void http_cancel(struct http_loop *l, uint64_t id)
 {
 	pthread_mutex_lock(&l->mu);
 	for (struct xfer *x = l->xfers; x; x = x->next)
-		if (x->id == id)
+		if (x->id == id) {
 			x->cancel = true;
+			l->cancels = true;
+		}
 	pthread_mutex_unlock(&l->mu);
-	curl_multi_wakeup(l->multi);
+	loop_wake(l);
 }
 
 /* Under mu: take x out of the list. */
 static void unlink_xfer(struct http_loop *l, struct xfer *x)
 {
-	for (struct xfer **p = &l->xfers; *p; p = &(*p)->next)
-		if (*p == x) {
-			*p = x->next;
-			return;
-		}
+	if (x->prev)
+		x->prev->next = x->next;
+	else if (l->xfers == x)
+		l->xfers = x->next;
+	if (x->next)
+		x->next->prev = x->prev;
+	x->next = x->prev = NULL;
+}
+
+/* curl's CURLMOPT_SOCKETFUNCTION: what it wants to hear of socket s. */
+static int on_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+	struct http_loop *l = userp;
+	struct epoll_event ev = {0};
+
+	(void)easy;
+	(void)socketp;
+	if (what == CURL_POLL_REMOVE) {
+		epoll_ctl(l->ep, EPOLL_CTL_DEL, s, NULL);
+		return 0;
+	}
+	ev.events = (what & CURL_POLL_IN ? EPOLLIN : 0) | (what & CURL_POLL_OUT ? EPOLLOUT : 0);
+	ev.data.fd = s;
+	if (epoll_ctl(l->ep, EPOLL_CTL_MOD, s, &ev) != 0 && errno == ENOENT)
+		epoll_ctl(l->ep, EPOLL_CTL_ADD, s, &ev);
+	return 0;
+}
+
+/* curl's CURLMOPT_TIMERFUNCTION: call it back (CURL_SOCKET_TIMEOUT) in
+ * timeout_ms; -1: never. Called from within curl: only noted here. */
+static int on_timer(CURLM *multi, long timeout_ms, void *userp)
+{
+	struct http_loop *l = userp;
+
+	(void)multi;
+	l->timer_at = timeout_ms < 0 ? 0 : mono_ms() + (uint64_t)timeout_ms;
+	return 0;
+}
+
+/* Every finished transfer: its answer to its owner. */
+static void finish_done(struct http_loop *l)
+{
+	CURLMsg *m;
+	int left;
+
+	while ((m = curl_multi_info_read(l->multi, &left)) != NULL) {
+		struct xfer *x;
+
+		if (m->msg != CURLMSG_DONE)
+			continue;
+		CURL *e = m->easy_handle;
+		CURLcode cc = m->data.result;
+		curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **)&x);
+		curl_multi_remove_handle(l->multi, e);
+		pthread_mutex_lock(&l->mu);
+		unlink_xfer(l, x);
+		pthread_mutex_unlock(&l->mu);
+		respond(x, cc, false);
+		xfer_free(x);
+	}
 }
 
 static void *loop_main(void *arg)
 {
 	struct http_loop *l = arg;
+	struct epoll_event evs[64];
 
 	for (;;) {
-		struct xfer *ended = NULL, *x, *next;
-		CURLMsg *m;
-		int running, left;
+		struct xfer *ended = NULL, *in, *x, *next;
+		int running, n, wait_ms;
 		bool stop;
 
 		/* New transfers in, cancelled ones out. */
 		pthread_mutex_lock(&l->mu);
 		stop = l->stop;
-		for (x = l->xfers; x; x = next) {
-			next = x->next;
-			if (x->cancel || stop) {
+		in = l->incoming;
+		l->incoming = l->incoming_tail = NULL;
+		if (stop || l->cancels) {
+			for (x = l->xfers; x; x = next) {
+				next = x->next;
+				if (!x->cancel && !stop)
+					continue;
 				if (x->added)
 					curl_multi_remove_handle(l->multi, x->easy);
 				unlink_xfer(l, x);
+				x->ended = true;
 				x->next = ended;
 				ended = x;
-			} else if (!x->added) {
-				x->added = curl_multi_add_handle(l->multi, x->easy) == CURLM_OK;
 			}
+			l->cancels = false;
+		}
+		for (x = in; x; x = x->inext)
+			if (!x->ended)
+				x->added = curl_multi_add_handle(l->multi, x->easy) == CURLM_OK;
+		/* One that curl would not take fails now (out of memory). */
+		for (x = in; x; x = next) {
+			next = x->inext;
+			if (x->ended || x->added)
+				continue;
+			unlink_xfer(l, x);
+			x->ended = true;
+			x->next = ended;
+			ended = x;
 		}
 		pthread_mutex_unlock(&l->mu);
 		for (x = ended; x; x = next) {
 			next = x->next;
-			respond(x, CURLE_OK, true);
+			respond(x, x->cancel || stop ? CURLE_OK : CURLE_OUT_OF_MEMORY,
+				x->cancel || stop);
 			xfer_free(x);
 		}
 		if (stop)
 			return NULL;
-		curl_multi_perform(l->multi, &running);
-		while ((m = curl_multi_info_read(l->multi, &left)) != NULL) {
-			if (m->msg != CURLMSG_DONE)
-				continue;
-			CURL *e = m->easy_handle;
-			CURLcode cc = m->data.result;
-			curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **)&x);
-			curl_multi_remove_handle(l->multi, e);
-			pthread_mutex_lock(&l->mu);
-			unlink_xfer(l, x);
-			pthread_mutex_unlock(&l->mu);
-			respond(x, cc, false);
-			xfer_free(x);
+
+		uint64_t now = mono_ms();
+		if (l->timer_at && l->timer_at <= now) {
+			l->timer_at = 0;
+			curl_multi_socket_action(l->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+			finish_done(l);
+			continue; /* the timer may have been set again for now */
 		}
-		curl_multi_poll(l->multi, NULL, 0, 1000, NULL);
+		wait_ms = 1000;
+		if (l->timer_at && l->timer_at - now < (uint64_t)wait_ms)
+			wait_ms = (int)(l->timer_at - now);
+		n = epoll_wait(l->ep, evs, (int)(sizeof(evs) / sizeof(evs[0])), wait_ms);
+		for (int i = 0; i < n; i++) {
+			if (evs[i].data.fd == l->evfd) {
+				uint64_t v;
+				/* Drain it (EAGAIN: nothing left, fine). */
+				ssize_t r = read(l->evfd, &v, sizeof(v));
+
+				(void)r;
+				continue;
+			}
+			int flags = (evs[i].events & EPOLLIN ? CURL_CSELECT_IN : 0) |
+				    (evs[i].events & EPOLLOUT ? CURL_CSELECT_OUT : 0) |
+				    (evs[i].events & (EPOLLERR | EPOLLHUP) ? CURL_CSELECT_ERR : 0);
+			curl_multi_socket_action(l->multi, evs[i].data.fd, flags, &running);
+		}
+		finish_done(l);
 	}
+}
+
+static void loop_free(struct http_loop *l)
+{
+	if (l->multi)
+		curl_multi_cleanup(l->multi);
+	if (l->ep >= 0)
+		close(l->ep);
+	if (l->evfd >= 0)
+		close(l->evfd);
+	pthread_mutex_destroy(&l->mu);
+	free(l);
 }
 
 int http_loop_start(const struct http_deny *deny, struct http_loop **out)
@@ -641,16 +777,22 @@ int http_loop_start(const struct http_deny *deny, struct http_loop **out)
 	if (!(l = calloc(1, sizeof(*l))))
 		return -ENOMEM;
 	l->deny = deny;
+	l->ep = l->evfd = -1;
 	pthread_mutex_init(&l->mu, NULL);
-	if (!(l->multi = curl_multi_init())) {
-		pthread_mutex_destroy(&l->mu);
-		free(l);
-		return -ENOMEM;
+	struct epoll_event ev = {.events = EPOLLIN};
+	if (!(l->multi = curl_multi_init()) || (l->ep = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+	    (l->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0 ||
+	    (ev.data.fd = l->evfd, epoll_ctl(l->ep, EPOLL_CTL_ADD, l->evfd, &ev)) != 0) {
+		int rc = errno ? -errno : -ENOMEM;
+		loop_free(l);
+		return rc;
 	}
+	curl_multi_setopt(l->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+	curl_multi_setopt(l->multi, CURLMOPT_SOCKETDATA, l);
+	curl_multi_setopt(l->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+	curl_multi_setopt(l->multi, CURLMOPT_TIMERDATA, l);
 	if (pthread_create(&l->thread, NULL, loop_main, l) != 0) {
-		curl_multi_cleanup(l->multi);
-		pthread_mutex_destroy(&l->mu);
-		free(l);
+		loop_free(l);
 		return -EAGAIN;
 	}
 	pthread_setname_np(l->thread, "rfs-http");
@@ -665,9 +807,7 @@ void http_loop_stop(struct http_loop *l)
 	pthread_mutex_lock(&l->mu);
 	l->stop = true;
 	pthread_mutex_unlock(&l->mu);
-	curl_multi_wakeup(l->multi);
+	loop_wake(l);
 	pthread_join(l->thread, NULL);
-	curl_multi_cleanup(l->multi);
-	pthread_mutex_destroy(&l->mu);
-	free(l);
+	loop_free(l);
 }

@@ -77,6 +77,12 @@ struct remote {
 	bool stop;
 	struct rrun *all, *ready, *ready_tail;
 	size_t nall;
+	/* When the runs must be looked at for timers and deadlines: the
+	 * earliest wake_ms or deadline of a waiting run, lowered as runs set
+	 * them (note_timers); sweep_now for a stop asked of some run. A
+	 * sweep walks every run, so threads woken by answers do not. */
+	uint64_t sweep_at;
+	bool sweep_now;
 	struct rroute *routes; /* one per remote route, in route order */
 	size_t nroutes, next_route;
 	uint8_t *group_of; /* per route of the table: its group */
@@ -186,6 +192,8 @@ int run_after(struct run *r, uint64_t ms)
 	rr->wake_ms = now_ms() + ms;
 	if (!rr->wake_ms)
 		rr->wake_ms = 1;
+	if (rr->wake_ms < rr->m->sweep_at)
+		rr->m->sweep_at = rr->wake_ms;
 	pthread_mutex_unlock(&rr->m->mu);
 	return RUN_WAIT;
 }
@@ -354,6 +362,11 @@ static void advance(struct engine *e, struct rrun *rr)
 	}
 	pthread_mutex_lock(&m->mu);
 	rr->active = false;
+	/* Its timer and deadline, for the next sweep (set while active). */
+	if (rr->wake_ms && rr->wake_ms < m->sweep_at)
+		m->sweep_at = rr->wake_ms;
+	if (r->deadline_ms && r->deadline_ms < m->sweep_at)
+		m->sweep_at = r->deadline_ms;
 	if (rr->answered || (rr->wake_ms && rr->wake_ms <= now_ms()) ||
 	    (atomic_load(&rr->stop) != STOP_NONE && !rr->waiting_http)) {
 		push_ready(m, rr);
@@ -462,6 +475,12 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
  * time something is due. */
 static void sweep(struct remote *m, uint64_t now, uint64_t *wake)
 {
+	if (!m->sweep_now && now < m->sweep_at) {
+		if (m->sweep_at < *wake)
+			*wake = m->sweep_at;
+		goto breakers;
+	}
+	m->sweep_now = false;
 	for (struct rrun *rr = m->all; rr; rr = rr->next) {
 		uint64_t dl = rr->r.deadline_ms;
 		bool stopping = atomic_load(&rr->stop) != STOP_NONE || (dl && now >= dl);
@@ -487,6 +506,10 @@ static void sweep(struct remote *m, uint64_t now, uint64_t *wake)
 		if (dl && dl > now && dl < *wake)
 			*wake = dl;
 	}
+	/* Nothing waits for an earlier time; *wake is at most a second away,
+	 * so a sweep still comes at least once a second. */
+	m->sweep_at = *wake;
+breakers:
 	for (size_t i = 0; i < m->nbreakers; i++)
 		if (m->breakers[i].state == BREAKER_OPEN && m->breakers[i].until_ms < *wake)
 			*wake = m->breakers[i].until_ms;
@@ -682,6 +705,7 @@ void remote_stop(struct engine *e)
 		return;
 	pthread_mutex_lock(&m->mu);
 	m->stop = true;
+	m->sweep_now = true;
 	for (struct rrun *rr = m->all; rr; rr = rr->next)
 		atomic_store(&rr->stop, STOP_SHUTDOWN);
 	pthread_cond_broadcast(&m->cv);
@@ -731,6 +755,7 @@ bool remote_signal(struct engine *e, const uint8_t id[JOB_ID_LEN], enum stop_rea
 			atomic_store(&rr->stop, why);
 			found = true;
 		}
+	m->sweep_now = true;
 	pthread_cond_broadcast(&m->cv);
 	pthread_mutex_unlock(&m->mu);
 	return found;
