@@ -493,8 +493,6 @@ static int damaged_err(struct index *ix)
 
 /* ---- group commit ---- */
 
-/* The batch's transaction; *txnp holds it while it is open, for the jump
- * back from an assertion. */
 static uint64_t mono_ns(void)
 {
 	struct timespec ts;
@@ -503,7 +501,9 @@ static uint64_t mono_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* *sync_ns: the time of the final commit (LMDB's page writes and sync). */
+/* The batch's transaction; *txnp holds it while it is open, for the jump
+ * back from an assertion. *sync_ns: the time of the final commit (LMDB's
+ * page writes and its syncs). */
 static void run_batch_txn(struct index *ix, struct index_wop *batch, MDB_txn *volatile *txnp,
 			  uint64_t *sync_ns)
 {
