@@ -703,14 +703,13 @@ static void *loop_main(void *arg)
 			}
 			l->cancels = false;
 		}
-		for (x = in; x; x = x->inext)
-			if (!x->ended)
-				x->added = curl_multi_add_handle(l->multi, x->easy) == CURLM_OK;
-		/* One that curl would not take fails now (out of memory). */
-		for (x = in; x; x = next) {
-			next = x->inext;
-			if (x->ended || x->added)
+		for (x = in; x; x = x->inext) {
+			if (x->ended) /* cancelled before it was added */
 				continue;
+			x->added = curl_multi_add_handle(l->multi, x->easy) == CURLM_OK;
+			if (x->added)
+				continue;
+			/* One that curl would not take fails now (out of memory). */
 			unlink_xfer(l, x);
 			x->ended = true;
 			x->next = ended;

@@ -211,7 +211,7 @@ int engine_stats_text(struct engine *e, char **out, size_t *len)
 		  (unsigned long long)ss.bytes_written, (unsigned long long)ss.blobs_written,
 		  (unsigned long long)ss.dedup_hits, (unsigned long long)ss.integrity_failures,
 		  (unsigned long long)is.commits, (unsigned long long)is.writes,
-		  (double)is.queue_ns / 1e9, (double)is.commit_ns / 1e9, (double)is.wake_ns / 1e9,
+		  (double)is.queue_ns / 1e9, (double)is.batch_ns / 1e9, (double)is.wake_ns / 1e9,
 		  (double)is.apply_ns / 1e9, (double)is.sync_ns / 1e9);
 	if (b.oom) {
 		free(b.p);

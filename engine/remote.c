@@ -79,7 +79,7 @@ struct remote {
 	size_t nall;
 	/* When the runs must be looked at for timers and deadlines: the
 	 * earliest wake_ms or deadline of a waiting run, lowered as runs set
-	 * them (note_timers); sweep_now for a stop asked of some run. A
+	 * them (run_after, advance); sweep_now for a stop asked of some run. A
 	 * sweep walks every run, so threads woken by answers do not. */
 	uint64_t sweep_at;
 	bool sweep_now;

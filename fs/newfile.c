@@ -47,7 +47,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "fs_i.h"
 
@@ -99,13 +98,6 @@ struct new_limits {
 	uint64_t writes, write_ns, engine_ns;
 };
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 int new_limits_create(uint64_t max, uint64_t user_max, struct new_limits **out)
 {

@@ -374,14 +374,6 @@ static void helper_stop(struct notifier *n)
 	n->helper = 0;
 }
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 /* ---- the queue of jobs with changes (mu held) ---- */
 
 static uint64_t id_hash(const uint8_t id[JOB_ID_LEN])

@@ -493,14 +493,6 @@ static int damaged_err(struct index *ix)
 
 /* ---- group commit ---- */
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* The batch's transaction; *txnp holds it while it is open, for the jump
  * back from an assertion. *sync_ns: the time of the final commit (LMDB's
  * page writes and its syncs). */
@@ -613,13 +605,20 @@ static void run_batch(struct index *ix, struct index_wop *batch, uint64_t *sync_
 #define GROW_LOW (512u << 10)
 #define GROW_STEP (2u << 20)
 
+/* Whether fewer than GROW_LOW bytes are left past LMDB's last page. */
+static bool grow_due(const struct index *ix, size_t last_pgno)
+{
+	return ix->psize && ix->file_size < ((uint64_t)last_pgno + 1) * ix->psize + GROW_LOW;
+}
+
+/* Called by the leader when grow_due(). */
 static void grow_ahead(struct index *ix, size_t last_pgno)
 {
 	static const char zeros[1 << 16];
 	uint64_t used = ((uint64_t)last_pgno + 1) * ix->psize, end, off;
 	mdb_filehandle_t fd;
 
-	if (!ix->psize || ix->file_size >= used + GROW_LOW || mdb_env_get_fd(ix->env, &fd) != 0)
+	if (mdb_env_get_fd(ix->env, &fd) != 0)
 		return;
 	end = used + GROW_STEP;
 	if (end > ix->map_size)
@@ -710,8 +709,7 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 		if (mdb_env_info(ix->env, &info) == 0 && info.me_last_txnid != ix->last_txnid) {
 			ix->last_txnid = info.me_last_txnid;
 			ix->commits++;
-			grow = ix->psize && ix->file_size < ((uint64_t)info.me_last_pgno + 1) *
-								    ix->psize + GROW_LOW;
+			grow = grow_due(ix, info.me_last_pgno);
 		}
 		ix->writes += n;
 		if (grow) {
@@ -733,7 +731,7 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 			pthread_cond_signal(&ix->wq_head->cond);
 	}
 	ix->op_queue_ns += op.taken_ns - op.queued_ns;
-	ix->op_commit_ns += op.done_ns - op.taken_ns;
+	ix->op_batch_ns += op.done_ns - op.taken_ns;
 	ix->op_wake_ns += mono_ns() - op.done_ns;
 	pthread_mutex_unlock(&ix->wmu);
 	pthread_cond_destroy(&op.cond);
@@ -1425,7 +1423,7 @@ int index_stats(struct index *ix, struct index_stats *s)
 	s->commits = ix->commits;
 	s->writes = ix->writes;
 	s->queue_ns = ix->op_queue_ns;
-	s->commit_ns = ix->op_commit_ns;
+	s->batch_ns = ix->op_batch_ns;
 	s->wake_ns = ix->op_wake_ns;
 	s->apply_ns = ix->batch_apply_ns;
 	s->sync_ns = ix->batch_sync_ns;

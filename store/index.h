@@ -662,7 +662,7 @@ struct index_stats {
 	 * (the commit before and the gathering), in the batch (its ops and
 	 * its commit), and from the commit to the caller running again;
 	 * summed over batches: applying the ops, committing (the sync). */
-	uint64_t queue_ns, commit_ns, wake_ns, apply_ns, sync_ns;
+	uint64_t queue_ns, batch_ns, wake_ns, apply_ns, sync_ns;
 	uint64_t jobs;
 	uint64_t blobs;
 };
@@ -939,5 +939,7 @@ void ulid_format(const uint8_t id[JOB_ID_LEN], char out[JOB_ID_STR_LEN + 1]);
 int ulid_parse(const char *s, uint8_t id[JOB_ID_LEN]);
 uint64_t ulid_time_ms(const uint8_t id[JOB_ID_LEN]);
 uint64_t now_ms(void);
+/* CLOCK_MONOTONIC in nanoseconds, for measuring intervals. */
+uint64_t mono_ns(void);
 
 #endif

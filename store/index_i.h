@@ -68,7 +68,7 @@ struct index {
 	 * queued until a leader takes them, taken until committed, committed
 	 * until their owner runs again; and over batches: applying the ops,
 	 * the commit (its sync). */
-	uint64_t op_queue_ns, op_commit_ns, op_wake_ns, batch_apply_ns, batch_sync_ns;
+	uint64_t op_queue_ns, op_batch_ns, op_wake_ns, batch_apply_ns, batch_sync_ns;
 	/* A write added a delivery (set in a transaction, under wmu's batch;
 	 * read and cleared by the leader after its commit); hook_wake is set
 	 * once before threads share the index. */
