@@ -16,6 +16,12 @@ follow N). Completion is watched through `stats` (one read per 50 ms), not
 by reading N status files. A baseline run with 1 job is measured first in
 the same run, against the same service.
 
+Then what jobs that wait cost: N/4 and N jobs held by the service (status
+IN_PROGRESS until the mount stops), once their polling has backed off to
+its slowest (a poll every 2 s each): the daemon's CPU per status poll,
+which must not grow with the number of jobs waiting (a timer is found in
+a heap, not by walking every job).
+
 usage: bench/bench_remote.py [BUILD_DIR] [N]
 """
 import json
@@ -60,19 +66,57 @@ def proc_status(pid, field):
     return 0
 
 
-def run(base, fal, n):
-    models = base / f"models-{n}.json"
+def mount(base, fal, n, tag):
+    models = base / f"models-{tag}.json"
     models.write_text(json.dumps({"routes": {ROUTE: fal.route(concurrency=n, timeout_s=600)}}))
-    mnt = base / f"mnt-{n}"
+    mnt = base / f"mnt-{tag}"
     mnt.mkdir()
-    log = open(base / f"mnt-{n}.log", "wb")
+    log = open(base / f"mnt-{tag}.log", "wb")
     proc = subprocess.Popen([str(BUILD / "tools" / "renderfs"), "-f", str(mnt), "-o",
-                             f"store={base}/store-{n},models={models},rate=0"],
+                             f"store={base}/store-{tag},models={models},rate=0"],
                             stdout=log, stderr=log)
     while not os.path.ismount(mnt):
         if proc.poll() is not None:
             sys.exit(f"renderfs exited: see {log.name}")
         time.sleep(0.02)
+    return mnt, proc
+
+
+def submit(mnt, n):
+    fd = os.open(mnt / ROUTE / "new", os.O_RDWR)
+    os.write(fd, b"".join(json.dumps({"prompt": f"p{i}"}).encode() + b"\n" for i in range(n)))
+    ids = os.read(fd, 64 * n).decode().split()
+    os.close(fd)
+    assert len(ids) == n, ids[:3]
+
+
+def waiting(base, fal, n):
+    """Daemon CPU per status poll with n jobs held at the service."""
+    fal.hold = True
+    mnt, proc = mount(base, fal, n, f"wait-{n}")
+    try:
+        subs0 = len(fal.submissions)
+        submit(mnt, n)
+        deadline = time.monotonic() + 60
+        while len(fal.submissions) - subs0 < n:
+            if time.monotonic() > deadline:
+                sys.exit(f"only {len(fal.submissions) - subs0} of {n} jobs reached the service")
+            time.sleep(0.1)
+        time.sleep(10)  # 0.2 s growing by 1/4 a poll reaches 2 s after ~8.5 s
+        polls0, cpu0, t0 = fal.http_requests, cpu_s(proc.pid), time.monotonic()
+        time.sleep(6)
+        polls, cpu = fal.http_requests - polls0, cpu_s(proc.pid) - cpu0
+        took = time.monotonic() - t0
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        proc.wait(timeout=60)
+        fal.hold = False
+    return {"n": n, "polls_per_s": polls / took, "cpu_ms_per_s": cpu * 1000 / took,
+            "us_per_poll": cpu * 1e6 / polls if polls else float("nan")}
+
+
+def run(base, fal, n):
+    mnt, proc = mount(base, fal, n, str(n))
     threads0, rss0 = proc_status(proc.pid, "Threads"), proc_status(proc.pid, "VmRSS")
     peak = {"threads": threads0, "rss": rss0, "stop": False}
 
@@ -119,6 +163,7 @@ def main():
             base = pathlib.Path(d)
             one = run(base, fal, 1)
             many = run(base, fal, N)
+            waits = [waiting(base, fal, k) for k in (max(N // 4, 1), N)]
     finally:
         fal.close()
     for r in (one, many):
@@ -132,6 +177,11 @@ def main():
           f"(ratio {many['threads'] / one['threads']:.2f}); RSS growth per job in flight "
           f"{many['rss_growth_mib'] * 1024 / N:.1f} KiB; wall time {N} vs 1: "
           f"{many['wall'] / one['wall']:.2f}x")
+    for w in waits:
+        print(f"{w['n']:5d} jobs waiting: {w['polls_per_s']:.0f} status polls/s, daemon CPU "
+              f"{w['cpu_ms_per_s']:.1f} ms/s = {w['us_per_poll']:.0f} us per poll")
+    print(f"CPU per poll, {waits[1]['n']} jobs waiting vs {waits[0]['n']}: "
+          f"{waits[1]['us_per_poll'] / waits[0]['us_per_poll']:.2f}x (flat: ~1)")
     ok = many["states"] == {"complete": N}
     sys.exit(0 if ok else 1)
 

@@ -20,6 +20,14 @@
  * stores the answer and puts the run on the ready list unless it is
  * active (then the step's return does).
  *
+ * Times are kept in a binary min-heap of waiting runs (`timers`), keyed by
+ * the run's next timer or deadline (`due_ms`): a thread looks only at the
+ * runs that are due, so a timer costs O(log n) with n runs in flight, not
+ * a walk over all of them (1,000 polling runs fire hundreds of timers a
+ * second). Only a stop asked of some run (remote_signal, remote_stop:
+ * `sweep_now`) walks them all. A run is in the heap only while it waits:
+ * a step's end puts it there, the next step's start takes it out.
+ *
  * A run that could not reach its service when the breaker is (or has just
  * become) open goes back to the queue without its attempt counted
  * (index_job_return): the breaker holds it, not a backoff; it never ends
@@ -64,6 +72,8 @@ struct rrun {
 	bool waiting_http, answered, xfer_cancelled;
 	uint64_t xfer;
 	uint64_t wake_ms; /* run_after: 0 none */
+	uint64_t due_ms;  /* its key in remote->timers */
+	size_t hidx;      /* 1 + its place in remote->timers; 0: not there */
 	/* The answer the loop delivered (next) and the one the step reads. */
 	struct http_response next_resp, resp;
 	char *next_body, *body;
@@ -77,11 +87,11 @@ struct remote {
 	bool stop;
 	struct rrun *all, *ready, *ready_tail;
 	size_t nall;
-	/* When the runs must be looked at for timers and deadlines: the
-	 * earliest wake_ms or deadline of a waiting run, lowered as runs set
-	 * them (run_after, advance); sweep_now for a stop asked of some run. A
-	 * sweep walks every run, so threads woken by answers do not. */
-	uint64_t sweep_at;
+	/* Waiting runs by due_ms (a min-heap); its array has room for every
+	 * run (rrun_new grows it), so a run always finds its place. */
+	struct rrun **timers;
+	size_t ntimers, timers_cap;
+	/* A stop was asked of some run: look at every run once. */
 	bool sweep_now;
 	struct rroute *routes; /* one per remote route, in route order */
 	size_t nroutes, next_route;
@@ -125,6 +135,98 @@ static struct rrun *pop_ready(struct remote *m)
 		rr->queued = false;
 	}
 	return rr;
+}
+
+/* ---- the timer heap (under mu) ---- */
+
+static void heap_place(struct remote *m, struct rrun *rr, size_t i)
+{
+	m->timers[i] = rr;
+	rr->hidx = i + 1;
+}
+
+static void heap_up(struct remote *m, size_t i)
+{
+	struct rrun *rr = m->timers[i];
+
+	while (i > 0) {
+		size_t parent = (i - 1) / 2;
+
+		if (m->timers[parent]->due_ms <= rr->due_ms)
+			break;
+		heap_place(m, m->timers[parent], i);
+		i = parent;
+	}
+	heap_place(m, rr, i);
+}
+
+static void heap_down(struct remote *m, size_t i)
+{
+	struct rrun *rr = m->timers[i];
+
+	for (;;) {
+		size_t c = 2 * i + 1;
+
+		if (c >= m->ntimers)
+			break;
+		if (c + 1 < m->ntimers && m->timers[c + 1]->due_ms < m->timers[c]->due_ms)
+			c++;
+		if (rr->due_ms <= m->timers[c]->due_ms)
+			break;
+		heap_place(m, m->timers[c], i);
+		i = c;
+	}
+	heap_place(m, rr, i);
+}
+
+static void timer_del(struct remote *m, struct rrun *rr)
+{
+	size_t i = rr->hidx;
+
+	if (!i)
+		return;
+	rr->hidx = 0;
+	if (--i == --m->ntimers)
+		return;
+	/* The last one takes its place, then finds its own. */
+	struct rrun *last = m->timers[m->ntimers];
+	heap_place(m, last, i);
+	heap_up(m, i);
+	heap_down(m, last->hidx - 1);
+}
+
+/* Wait for due_ms (0: for nothing). Never allocates (timers_cap >= nall). */
+static void timer_set(struct remote *m, struct rrun *rr, uint64_t due_ms)
+{
+	if (!due_ms) {
+		timer_del(m, rr);
+		return;
+	}
+	if (rr->hidx) {
+		size_t i = rr->hidx - 1;
+
+		rr->due_ms = due_ms;
+		heap_up(m, i);
+		heap_down(m, rr->hidx - 1);
+		return;
+	}
+	rr->due_ms = due_ms;
+	heap_place(m, rr, m->ntimers++);
+	heap_up(m, m->ntimers - 1);
+}
+
+/* When a waiting run must be looked at next: its timer (unless it waits
+ * for an answer) or its deadline (unless a stop was asked already); 0:
+ * never (an answer will wake it). */
+static uint64_t due_of(struct rrun *rr)
+{
+	uint64_t due = 0, dl = rr->r.deadline_ms;
+
+	if (rr->wake_ms && !rr->waiting_http)
+		due = rr->wake_ms;
+	if (dl && atomic_load(&rr->stop) == STOP_NONE && (!due || dl < due))
+		due = dl;
+	return due;
 }
 
 /* ---- what backends call ---- */
@@ -192,8 +294,6 @@ int run_after(struct run *r, uint64_t ms)
 	rr->wake_ms = now_ms() + ms;
 	if (!rr->wake_ms)
 		rr->wake_ms = 1;
-	if (rr->wake_ms < rr->m->sweep_at)
-		rr->m->sweep_at = rr->wake_ms;
 	pthread_mutex_unlock(&rr->m->mu);
 	return RUN_WAIT;
 }
@@ -282,6 +382,7 @@ static void end_run(struct engine *e, struct rrun *rr, int rc, bool ended)
 		pthread_mutex_unlock(&m->mu);
 	}
 	pthread_mutex_lock(&m->mu);
+	timer_del(m, rr);
 	if (rr->prev)
 		rr->prev->next = rr->next;
 	else
@@ -314,6 +415,7 @@ static void advance(struct engine *e, struct rrun *rr)
 		rr->answered = false;
 	}
 	rr->wake_ms = 0;
+	timer_del(m, rr);
 	pthread_mutex_unlock(&m->mu);
 	r->http = have_answer ? &rr->resp : NULL;
 
@@ -362,17 +464,16 @@ static void advance(struct engine *e, struct rrun *rr)
 	}
 	pthread_mutex_lock(&m->mu);
 	rr->active = false;
-	/* Its timer and deadline, for the next sweep (set while active). */
-	if (rr->wake_ms && rr->wake_ms < m->sweep_at)
-		m->sweep_at = rr->wake_ms;
-	if (r->deadline_ms && r->deadline_ms < m->sweep_at)
-		m->sweep_at = r->deadline_ms;
 	if (rr->answered || (rr->wake_ms && rr->wake_ms <= now_ms()) ||
 	    (atomic_load(&rr->stop) != STOP_NONE && !rr->waiting_http)) {
 		push_ready(m, rr);
 	} else if (!rr->waiting_http && !rr->wake_ms) {
 		rr->bug = true;
 		push_ready(m, rr);
+	} else {
+		/* Its timer or deadline (a deadline already past: the next
+		 * sweep stops it). */
+		timer_set(m, rr, due_of(rr));
 	}
 	pthread_mutex_unlock(&m->mu);
 }
@@ -381,9 +482,18 @@ static void advance(struct engine *e, struct rrun *rr)
  * remote here). Takes job's strings. */
 static struct rrun *rrun_new(struct remote *m, struct rroute *rt, struct job *job, bool probe)
 {
-	struct rrun *rr = calloc(1, sizeof(*rr));
+	struct rrun *rr;
 
-	if (!rr)
+	if (m->timers_cap <= m->nall) {
+		size_t cap = m->timers_cap ? 2 * m->timers_cap : 64;
+		struct rrun **t = realloc(m->timers, cap * sizeof(*t));
+
+		if (!t)
+			return NULL;
+		m->timers = t;
+		m->timers_cap = cap;
+	}
+	if (!(rr = calloc(1, sizeof(*rr))))
 		return NULL;
 	rr->m = m;
 	rr->rt = rt;
@@ -470,46 +580,55 @@ static bool claim_one(struct engine *e, const uint64_t *depth)
 	return false;
 }
 
-/* Under mu: runs whose timer is due or that must stop go to the ready
- * list, transfers of runs that must stop are cancelled; *wake: the next
- * time something is due. */
+/* Under mu: a waiting run whose time came or that must stop goes to the
+ * ready list; the transfer of one that must stop is cancelled; otherwise
+ * it waits for its next time. */
+static void look(struct remote *m, struct rrun *rr, uint64_t now)
+{
+	uint64_t dl = rr->r.deadline_ms, due;
+	bool stopping = atomic_load(&rr->stop) != STOP_NONE || (dl && now >= dl);
+
+	if (stopping && dl && now >= dl && atomic_load(&rr->stop) == STOP_NONE)
+		atomic_store(&rr->stop, STOP_TIMEOUT);
+	if (rr->waiting_http) {
+		if (stopping && !rr->cancelling && !rr->xfer_cancelled && rr->xfer) {
+			rr->xfer_cancelled = true;
+			http_cancel(m->http, rr->xfer);
+		}
+	} else if (rr->wake_ms && (rr->wake_ms <= now || stopping)) {
+		timer_del(m, rr);
+		push_ready(m, rr);
+		return;
+	} else if (stopping && !rr->cancelling) {
+		timer_del(m, rr);
+		push_ready(m, rr);
+		return;
+	}
+	/* Only a later time: what is due now was dealt with above. */
+	due = due_of(rr);
+	timer_set(m, rr, due > now ? due : 0);
+}
+
+/* Under mu: look at the runs that are due (all of them after a stop was
+ * asked); *wake: the next time something is due. */
 static void sweep(struct remote *m, uint64_t now, uint64_t *wake)
 {
-	if (!m->sweep_now && now < m->sweep_at) {
-		if (m->sweep_at < *wake)
-			*wake = m->sweep_at;
-		goto breakers;
+	if (m->sweep_now) {
+		m->sweep_now = false;
+		for (struct rrun *rr = m->all; rr; rr = rr->next)
+			if (!rr->active && !rr->queued)
+				look(m, rr, now);
 	}
-	m->sweep_now = false;
-	for (struct rrun *rr = m->all; rr; rr = rr->next) {
-		uint64_t dl = rr->r.deadline_ms;
-		bool stopping = atomic_load(&rr->stop) != STOP_NONE || (dl && now >= dl);
+	while (m->ntimers && m->timers[0]->due_ms <= now) {
+		struct rrun *rr = m->timers[0];
 
 		if (rr->active || rr->queued)
-			continue;
-		if (stopping && dl && now >= dl && atomic_load(&rr->stop) == STOP_NONE)
-			atomic_store(&rr->stop, STOP_TIMEOUT);
-		if (rr->waiting_http) {
-			if (stopping && !rr->cancelling && !rr->xfer_cancelled && rr->xfer) {
-				rr->xfer_cancelled = true;
-				http_cancel(m->http, rr->xfer);
-			}
-		} else if (rr->wake_ms && (rr->wake_ms <= now || stopping)) {
-			push_ready(m, rr);
-			continue;
-		} else if (stopping && !rr->cancelling) {
-			push_ready(m, rr);
-			continue;
-		}
-		if (rr->wake_ms && rr->wake_ms < *wake)
-			*wake = rr->wake_ms;
-		if (dl && dl > now && dl < *wake)
-			*wake = dl;
+			timer_del(m, rr); /* its step's end sets its time again */
+		else
+			look(m, rr, now);
 	}
-	/* Nothing waits for an earlier time; *wake is at most a second away,
-	 * so a sweep still comes at least once a second. */
-	m->sweep_at = *wake;
-breakers:
+	if (m->ntimers && m->timers[0]->due_ms < *wake)
+		*wake = m->timers[0]->due_ms;
 	for (size_t i = 0; i < m->nbreakers; i++)
 		if (m->breakers[i].state == BREAKER_OPEN && m->breakers[i].until_ms < *wake)
 			*wake = m->breakers[i].until_ms;
@@ -733,6 +852,7 @@ void remote_close(struct engine *e)
 		rrun_free(rr);
 	}
 	http_deny_free(m->deny);
+	free(m->timers);
 	free(m->group_of);
 	free(m->routes);
 	free(m->breakers);
