@@ -28,6 +28,13 @@
  * `sweep_now`) walks them all. A run is in the heap only while it waits:
  * a step's end puts it there, the next step's start takes it out.
  *
+ * Of the idle threads, one waits for the earliest time (on tcv, the
+ * `timer_waiter`), the others only to be woken (on cv, `idle` of them;
+ * at most a second, as a backstop): a time that comes wakes one thread,
+ * not all of them, and so does a run made ready, a run's end (room for a
+ * claim) or a submission (wake_one). A new earliest time wakes the timer
+ * waiter to wait for it instead.
+ *
  * A run that could not reach its service when the breaker is (or has just
  * become) open goes back to the queue without its attempt counted
  * (index_job_return): the breaker holds it, not a backoff; it never ends
@@ -83,7 +90,14 @@ struct rrun {
 struct remote {
 	struct engine *e;
 	pthread_mutex_t mu;
-	pthread_cond_t cv;
+	pthread_cond_t cv, tcv;
+	unsigned idle;	   /* threads waiting on cv */
+	bool timer_waiter; /* a thread waits on tcv until timer_until */
+	uint64_t timer_until;
+	/* A sweep's thread takes the first run it makes ready itself: the
+	 * runs it made ready wake others only once it is done (`swept`). */
+	bool sweeping;
+	size_t swept;
 	bool stop;
 	struct rrun *all, *ready, *ready_tail;
 	size_t nall;
@@ -109,6 +123,15 @@ static struct rrun *rrun_of(struct run *r)
 	return (struct rrun *)((char *)r - offsetof(struct rrun, r));
 }
 
+/* Under mu: wake one idle thread (the timer waiter if none other is). */
+static void wake_one(struct remote *m)
+{
+	if (m->idle)
+		pthread_cond_signal(&m->cv);
+	else if (m->timer_waiter)
+		pthread_cond_signal(&m->tcv);
+}
+
 /* Under mu. */
 static void push_ready(struct remote *m, struct rrun *rr)
 {
@@ -121,7 +144,10 @@ static void push_ready(struct remote *m, struct rrun *rr)
 	else
 		m->ready = rr;
 	m->ready_tail = rr;
-	pthread_cond_signal(&m->cv);
+	if (m->sweeping)
+		m->swept++;
+	else
+		wake_one(m);
 }
 
 static struct rrun *pop_ready(struct remote *m)
@@ -208,11 +234,15 @@ static void timer_set(struct remote *m, struct rrun *rr, uint64_t due_ms)
 		rr->due_ms = due_ms;
 		heap_up(m, i);
 		heap_down(m, rr->hidx - 1);
+		if (m->timer_waiter && due_ms < m->timer_until)
+			pthread_cond_signal(&m->tcv);
 		return;
 	}
 	rr->due_ms = due_ms;
 	heap_place(m, rr, m->ntimers++);
 	heap_up(m, m->ntimers - 1);
+	if (m->timer_waiter && due_ms < m->timer_until)
+		pthread_cond_signal(&m->tcv); /* to wait for this one instead */
 }
 
 /* When a waiting run must be looked at next: its timer (unless it waits
@@ -392,7 +422,7 @@ static void end_run(struct engine *e, struct rrun *rr, int rc, bool ended)
 	m->nall--;
 	if (rr->rt)
 		rr->rt->inflight--;
-	pthread_cond_broadcast(&m->cv); /* room for a claim; stop waits for none */
+	wake_one(m); /* room for a claim */
 	pthread_mutex_unlock(&m->mu);
 	rrun_free(rr);
 }
@@ -613,6 +643,8 @@ static void look(struct remote *m, struct rrun *rr, uint64_t now)
  * asked); *wake: the next time something is due. */
 static void sweep(struct remote *m, uint64_t now, uint64_t *wake)
 {
+	m->sweeping = true;
+	m->swept = 0;
 	if (m->sweep_now) {
 		m->sweep_now = false;
 		for (struct rrun *rr = m->all; rr; rr = rr->next)
@@ -627,6 +659,10 @@ static void sweep(struct remote *m, uint64_t now, uint64_t *wake)
 		else
 			look(m, rr, now);
 	}
+	m->sweeping = false;
+	/* This thread runs one of them next; others for the rest. */
+	for (size_t i = 1; i < m->swept && (m->idle || m->timer_waiter); i++)
+		wake_one(m);
 	if (m->ntimers && m->timers[0]->due_ms < *wake)
 		*wake = m->timers[0]->due_ms;
 	for (size_t i = 0; i < m->nbreakers; i++)
@@ -672,8 +708,18 @@ static void *remote_main(void *arg)
 		now = now_ms();
 		if (wake <= now)
 			wake = now + 1;
-		engine_abstime(wake - now, &ts);
-		pthread_cond_timedwait(&m->cv, &m->mu, &ts);
+		if (!m->timer_waiter) {
+			m->timer_waiter = true;
+			m->timer_until = wake;
+			engine_abstime(wake - now, &ts);
+			pthread_cond_timedwait(&m->tcv, &m->mu, &ts);
+			m->timer_waiter = false;
+		} else {
+			m->idle++;
+			engine_abstime(1000, &ts);
+			pthread_cond_timedwait(&m->cv, &m->mu, &ts);
+			m->idle--;
+		}
 	}
 	pthread_mutex_unlock(&m->mu);
 	free(depth);
@@ -721,6 +767,7 @@ int remote_open(struct engine *e, char *err, size_t errlen)
 	e->remote = m;
 	pthread_mutex_init(&m->mu, NULL);
 	pthread_cond_init(&m->cv, NULL);
+	pthread_cond_init(&m->tcv, NULL);
 	if ((rc = http_deny_parse(e->opt.deny_net ? e->opt.deny_net : HTTP_DENY_DEFAULT, &m->deny,
 	                          err, errlen)) != 0)
 		return rc;
@@ -811,8 +858,12 @@ void remote_wake(struct engine *e)
 
 	if (!m)
 		return;
+	/* One thread to claim, and the timer waiter for a new due time. */
 	pthread_mutex_lock(&m->mu);
-	pthread_cond_broadcast(&m->cv);
+	if (m->idle)
+		pthread_cond_signal(&m->cv);
+	if (m->timer_waiter)
+		pthread_cond_signal(&m->tcv);
 	pthread_mutex_unlock(&m->mu);
 }
 
@@ -828,6 +879,7 @@ void remote_stop(struct engine *e)
 	for (struct rrun *rr = m->all; rr; rr = rr->next)
 		atomic_store(&rr->stop, STOP_SHUTDOWN);
 	pthread_cond_broadcast(&m->cv);
+	pthread_cond_broadcast(&m->tcv);
 	pthread_mutex_unlock(&m->mu);
 	for (int i = 0; i < REMOTE_THREADS; i++)
 		if (m->started[i]) {
@@ -858,6 +910,7 @@ void remote_close(struct engine *e)
 	free(m->breakers);
 	pthread_mutex_destroy(&m->mu);
 	pthread_cond_destroy(&m->cv);
+	pthread_cond_destroy(&m->tcv);
 	free(m);
 	e->remote = NULL;
 }
@@ -876,7 +929,11 @@ bool remote_signal(struct engine *e, const uint8_t id[JOB_ID_LEN], enum stop_rea
 			found = true;
 		}
 	m->sweep_now = true;
-	pthread_cond_broadcast(&m->cv);
+	/* The thread that sweeps next: the timer waiter, or any. */
+	if (m->timer_waiter)
+		pthread_cond_signal(&m->tcv);
+	else
+		wake_one(m);
 	pthread_mutex_unlock(&m->mu);
 	return found;
 }
