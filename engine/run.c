@@ -692,23 +692,40 @@ static void attempt_usage(struct run *r, struct job_usage *u, char *kind, size_t
 	}
 }
 
+/* The run ends in st, with its last log line (fmt, NULL: none) in the
+ * same write. */
 static void finish(struct engine *e, struct run *r, enum job_status st, const char *code,
-		   const char *msg)
+		   const char *msg, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+static void finish(struct engine *e, struct run *r, enum job_status st, const char *code,
+		   const char *msg, const char *fmt, ...)
 {
 	struct job j;
 	struct job_usage u;
-	char kind[160];
+	char kind[160], text[ENGINE_ERR_MAX], line[LOG_LINE_CAP], ts[32];
+	size_t n = 0;
+	va_list ap;
 	int rc;
 
+	if (fmt) {
+		va_start(ap, fmt);
+		vsnprintf(text, sizeof(text), fmt, ap);
+		va_end(ap);
+		engine_time_format(now_ms(), ts);
+		n = log_line(line, ts, "", text);
+	}
 	attempt_usage(r, &u, kind, sizeof(kind));
-	rc = index_job_finish_used(e->ix, r->job.id, st, code, msg, &u);
+	rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u, fmt ? line : NULL, n);
 
 	if (rc) {
 		/* The index refused: the job stays running until recovery puts
 		 * it back in the queue; say so loudly. */
 		fprintf(stderr, "renderfs: cannot finish job: %s\n", store_lasterr());
+		if (fmt)
+			run_log(r, "%s", text);
 		return;
 	}
+	if (fmt)
+		engine_notify(e, r->job.id, r->job.route, EV_LOG);
 	if (index_job_get(e->ix, r->job.id, &j) == 0) {
 		pthread_mutex_lock(&e->stats_mu);
 		engine_observe(&e->h_wait, (double)(j.started_ms - j.created_ms) / 1000);
@@ -732,9 +749,9 @@ bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HAS
 	r->route = route_find(&e->routes, job->route);
 	engine_notify(e, job->id, job->route, EV_STATUS);
 	if (!r->route) {
-		run_log(r, "route %s is not configured on this mount", job->route);
 		finish(e, r, JOB_ERROR, "backend_not_configured",
-		       "the route is no longer configured (models file)");
+		       "the route is no longer configured (models file)",
+		       "route %s is not configured on this mount", job->route);
 		return false;
 	}
 	r->deadline_ms =
@@ -742,8 +759,10 @@ bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HAS
 	if ((rc = run_log_start(r, "started attempt %u on %s (%s backend)", job->attempts, where,
 				r->route->backend->name)) != 0 ||
 	    (rc = index_job_request(e->ix, job->id, &req, &reqlen)) != 0) {
-		run_log(r, "cannot read or record the job: %s", store_lasterr());
-		finish(e, r, JOB_ERROR, "store", store_lasterr());
+		char why[ENGINE_ERR_MAX];
+
+		snprintf(why, sizeof(why), "%s", store_lasterr());
+		finish(e, r, JOB_ERROR, "store", why, "cannot read or record the job: %s", why);
 		return false;
 	}
 	index_request_digest(job->route, req, reqlen,
@@ -751,7 +770,7 @@ bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HAS
 	if (serve_cached(r, digest)) {
 		free(req);
 		r->cached = true;
-		finish(e, r, JOB_COMPLETE, NULL, NULL);
+		finish(e, r, JOB_COMPLETE, NULL, NULL, NULL);
 		return false;
 	}
 	r->request = req;
@@ -759,39 +778,65 @@ bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HAS
 	return true;
 }
 
+/* The run goes back to the queue (due: claimable from then on, 0: now),
+ * with its last log line in the same write. 0 or the index's error (the
+ * line is then logged alone). */
+static int requeue(struct run *r, uint64_t due, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static int requeue(struct run *r, uint64_t due, const char *fmt, ...)
+{
+	struct engine *e = r->e;
+	struct job_usage u;
+	char kind[160], text[ENGINE_ERR_MAX], line[LOG_LINE_CAP], ts[32];
+	size_t n;
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	vsnprintf(text, sizeof(text), fmt, ap);
+	va_end(ap);
+	engine_time_format(now_ms(), ts);
+	n = log_line(line, ts, "", text);
+	attempt_usage(r, &u, kind, sizeof(kind));
+	rc = index_job_requeue_logged(e->ix, r->job.id, due, &u, line, n);
+	if (rc) {
+		char why[ENGINE_ERR_MAX];
+
+		snprintf(why, sizeof(why), "%s", store_lasterr());
+		run_log(r, "%s", text);
+		return store_seterr(rc, "%s", why); /* the caller's to report */
+	}
+	engine_notify(e, r->job.id, r->job.route, EV_LOG);
+	engine_notify(e, r->job.id, r->job.route, EV_STATUS);
+	return 0;
+}
+
 void engine_run_end(struct run *r, int rc, const uint8_t digest[INDEX_HASH_LEN])
 {
 	struct engine *e = r->e;
 	const struct job *job = &r->job;
-	struct job_usage u;
-	char kind[160];
 
 	free((char *)r->request);
 	r->request = NULL;
 	if (rc == 0) {
-		run_log(r, "complete");
-		finish(e, r, JOB_COMPLETE, NULL, NULL);
+		finish(e, r, JOB_COMPLETE, NULL, NULL, "complete");
 		if (r->route->deterministic)
 			index_digest_put(e->ix, digest, job->id);
 		return;
 	}
 	switch (run_stopping(r)) {
 	case STOP_CANCEL:
-		run_log(r, "cancelled");
-		finish(e, r, JOB_CANCELLED, NULL, NULL);
+		finish(e, r, JOB_CANCELLED, NULL, NULL, "cancelled");
 		return;
 	case STOP_TIMEOUT:
 		snprintf(r->error_message, sizeof(r->error_message),
 			 "the job ran past its deadline of %llu s",
 			 (unsigned long long)((r->deadline_ms - job->started_ms) / 1000));
-		run_log(r, "error: %s", r->error_message);
-		finish(e, r, JOB_ERROR, "timeout", r->error_message);
+		finish(e, r, JOB_ERROR, "timeout", r->error_message, "error: %s",
+		       r->error_message);
 		return;
 	case STOP_SHUTDOWN:
-		run_log(r, "interrupted by shutdown; back in the queue");
-		attempt_usage(r, &u, kind, sizeof(kind));
-		if (index_job_requeue(e->ix, job->id, 0, &u) == 0)
-			engine_notify(e, job->id, job->route, EV_STATUS);
+		requeue(r, 0, "interrupted by shutdown; back in the queue");
 		return;
 	case STOP_NONE:
 		break;
@@ -803,24 +848,24 @@ void engine_run_end(struct run *r, int rc, const uint8_t digest[INDEX_HASH_LEN])
 		if (r->retry_after_ms > ms)
 			ms = r->retry_after_ms;
 		due = now_ms() + ms;
-		run_log(r, "attempt %u failed (%s: %s); retrying in %llu ms", job->attempts,
-			r->error_code, r->error_message, (unsigned long long)ms);
-		attempt_usage(r, &u, kind, sizeof(kind));
-		if (index_job_requeue(e->ix, job->id, due, &u) != 0) {
-			run_log(r, "error: cannot requeue: %s", store_lasterr());
-			finish(e, r, JOB_ERROR, "store", store_lasterr());
+		if (requeue(r, due, "attempt %u failed (%s: %s); retrying in %llu ms",
+			    job->attempts, r->error_code, r->error_message,
+			    (unsigned long long)ms) != 0) {
+			char why[ENGINE_ERR_MAX];
+
+			snprintf(why, sizeof(why), "%s", store_lasterr());
+			finish(e, r, JOB_ERROR, "store", why, "error: cannot requeue: %s", why);
 			return;
 		}
 		engine_lower_next_due(e, due);
 		pthread_mutex_lock(&e->stats_mu);
 		e->retries++;
 		pthread_mutex_unlock(&e->stats_mu);
-		engine_notify(e, job->id, job->route, EV_STATUS);
 		engine_wake(e); /* a sleeping worker times its wait by next_due */
 		return;
 	}
-	run_log(r, "error: %s: %s", r->error_code, r->error_message);
-	finish(e, r, JOB_ERROR, r->error_code, r->error_message);
+	finish(e, r, JOB_ERROR, r->error_code, r->error_message, "error: %s: %s", r->error_code,
+	       r->error_message);
 }
 
 static void run_job(struct worker *w, struct job *job)

@@ -1234,36 +1234,50 @@ struct log_arg {
 	const char *backend, *model; /* non-NULL: record them (a start) */
 };
 
+int index_log_line_check(const char *line, size_t len)
+{
+	if (len > INDEX_LOG_LINE_MAX || memchr(line, '\n', len) || memchr(line, '\0', len))
+		return store_seterr(-EINVAL, "a log line is at most %d bytes, without newline or "
+					     "NUL", INDEX_LOG_LINE_MAX);
+	return 0;
+}
+
+int index_log_append(struct index *ix, MDB_txn *txn, struct job *j, const char *text, size_t len)
+{
+	uint8_t key[JOB_ID_LEN + 8];
+	MDB_val k = {sizeof(key), key}, v;
+	char *line = malloc(len + 1);
+	int rc;
+
+	if (!line)
+		return -ENOMEM;
+	memcpy(key, j->id, JOB_ID_LEN);
+	be64_put(key + JOB_ID_LEN, j->log_size);
+	memcpy(line, text, len);
+	line[len] = '\n';
+	v.mv_size = len + 1;
+	v.mv_data = line;
+	rc = mdb_put(txn, ix->logs, &k, &v, 0);
+	free(line);
+	if (rc)
+		return index_lmdb_err(ix, rc, "append log");
+	j->log_size += len + 1;
+	j->updated_ms = now_ms();
+	return 0;
+}
+
 static int log_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct log_arg *a = arg;
-	uint8_t key[JOB_ID_LEN + 8];
 	struct job j;
-	MDB_val k = {sizeof(key), key}, v;
-	char *line;
 	int rc = index_get_job(ix, txn, a->id, &j);
 
 	if (rc)
 		return rc;
-	memcpy(key, a->id, JOB_ID_LEN);
-	be64_put(key + JOB_ID_LEN, j.log_size);
-	line = malloc(a->len + 1);
-	if (!line) {
+	if ((rc = index_log_append(ix, txn, &j, a->line, a->len)) != 0) {
 		job_release(&j);
-		return -ENOMEM;
+		return rc;
 	}
-	memcpy(line, a->line, a->len);
-	line[a->len] = '\n';
-	v.mv_size = a->len + 1;
-	v.mv_data = line;
-	rc = mdb_put(txn, ix->logs, &k, &v, 0);
-	free(line);
-	if (rc) {
-		job_release(&j);
-		return index_lmdb_err(ix, rc, "append log");
-	}
-	j.log_size += a->len + 1;
-	j.updated_ms = now_ms();
 	if (a->backend) {
 		char *b = strdup(a->backend), *m = strdup(a->model ? a->model : "");
 		if (!b || !m) {
@@ -1286,11 +1300,9 @@ int index_job_log_start(struct index *ix, const uint8_t id[JOB_ID_LEN], const ch
 			size_t len, const char *backend, const char *model)
 {
 	struct log_arg a = {id, line, len, backend, model};
+	int rc = index_log_line_check(line, len);
 
-	if (len > INDEX_LOG_LINE_MAX || memchr(line, '\n', len) || memchr(line, '\0', len))
-		return store_seterr(-EINVAL, "a log line is at most %d bytes, without newline or "
-					     "NUL", INDEX_LOG_LINE_MAX);
-	return index_write(ix, log_fn, &a);
+	return rc ? rc : index_write(ix, log_fn, &a);
 }
 
 int index_job_log(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *line, size_t len)

@@ -471,6 +471,13 @@ struct job_usage {
 int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum job_status final,
 			  const char *error_code, const char *error_message,
 			  const struct job_usage *used);
+/* index_job_finish_used with a last log line (len bytes, no newline)
+ * appended in the same write: the log never says a job ended that did
+ * not, and the end costs one commit, not two. */
+int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			    enum job_status final, const char *error_code,
+			    const char *error_message, const struct job_usage *used,
+			    const char *line, size_t len);
 
 /*
  * running -> queued again (an automatic retry): keeps attempts, and adds
@@ -483,6 +490,10 @@ int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum j
  */
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms,
 		      const struct job_usage *used);
+/* index_job_requeue with a last log line, as index_job_finish_logged. */
+int index_job_requeue_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			     uint64_t not_before_ms, const struct job_usage *used,
+			     const char *line, size_t len);
 /*
  * running -> queued with the attempt not counted (attempts - 1): the run
  * was held back before it reached the service (a circuit breaker opened

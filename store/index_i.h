@@ -107,6 +107,12 @@ int index_lmdb_err(struct index *ix, int rc, const char *what);
 
 int index_get_job(struct index *ix, MDB_txn *txn, const uint8_t id[JOB_ID_LEN], struct job *j);
 int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j);
+/* A log line (len bytes, no newline) appended to j's log in txn; j's
+ * log_size and updated_ms follow, and j is for the caller to put. */
+int index_log_append(struct index *ix, MDB_txn *txn, struct job *j, const char *line, size_t len);
+/* 0 if line can be a log line (at most INDEX_LOG_LINE_MAX bytes, no
+ * newline, no NUL), else -EINVAL with a message. */
+int index_log_line_check(const char *line, size_t len);
 /* Decode a job record value (index_get_job's decoder). */
 int index_decode_job(struct index *ix, const uint8_t id[JOB_ID_LEN], const MDB_val *v,
 		     struct job *j);

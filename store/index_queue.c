@@ -418,6 +418,8 @@ struct finish_arg {
 	enum job_status final;
 	const char *code, *message;
 	const struct job_usage *used;
+	const char *line; /* a last log line (NULL: none) */
+	size_t line_len;
 };
 
 /* A running job's attempt ends: what it used joins the job's (the
@@ -455,6 +457,8 @@ static int finish_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 	}
 	if (a->final == JOB_COMPLETE && !(j->flags & JOB_F_HAS_OUTPUT))
 		return index_state_err(j, "complete (no output attached)");
+	if (a->line && (rc = index_log_append(ix, txn, j, a->line, a->line_len)) != 0)
+		return rc;
 	j->status = a->final;
 	j->completed_ms = j->updated_ms = now_ms();
 	j->flags &= (uint8_t)~JOB_F_CANCEL_REQUESTED;
@@ -481,10 +485,21 @@ int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum j
 			  const char *error_code, const char *error_message,
 			  const struct job_usage *used)
 {
-	struct finish_arg a = {final, error_code, error_message, used};
+	return index_job_finish_logged(ix, id, final, error_code, error_message, used, NULL, 0);
+}
+
+int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			    enum job_status final, const char *error_code,
+			    const char *error_message, const struct job_usage *used,
+			    const char *line, size_t len)
+{
+	struct finish_arg a = {final, error_code, error_message, used, line, len};
+	int rc;
 
 	if (final != JOB_COMPLETE && final != JOB_ERROR && final != JOB_CANCELLED)
 		return store_seterr(-EINVAL, "'%s' is not a final state", job_status_name(final));
+	if (line && (rc = index_log_line_check(line, len)) != 0)
+		return rc;
 	return index_change_job(ix, id, finish_change, &a);
 }
 
@@ -492,6 +507,8 @@ struct requeue_arg {
 	const uint64_t *due;	       /* NULL: into the queue now */
 	bool counted;		       /* the attempt ran (not held back) */
 	const struct job_usage *used;
+	const char *line;	       /* a last log line (NULL: none) */
+	size_t line_len;
 };
 
 /* running -> queued: into the queue, or with a due time (ms) into the
@@ -509,6 +526,8 @@ static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *a
 		return rc;
 	if (a->counted && (rc = attempt_used(j, a->used)) != 0)
 		return rc;
+	if (a->line && (rc = index_log_append(ix, txn, j, a->line, a->line_len)) != 0)
+		return rc;
 	j->status = JOB_QUEUED;
 	j->progress = 0;
 	j->updated_ms = now_ms();
@@ -524,14 +543,24 @@ static int requeue_change(struct index *ix, MDB_txn *txn, struct job *j, void *a
 int index_job_requeue(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t not_before_ms,
 		      const struct job_usage *used)
 {
-	struct requeue_arg a = {not_before_ms ? &not_before_ms : NULL, true, used};
+	return index_job_requeue_logged(ix, id, not_before_ms, used, NULL, 0);
+}
 
+int index_job_requeue_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			     uint64_t not_before_ms, const struct job_usage *used,
+			     const char *line, size_t len)
+{
+	struct requeue_arg a = {not_before_ms ? &not_before_ms : NULL, true, used, line, len};
+	int rc;
+
+	if (line && (rc = index_log_line_check(line, len)) != 0)
+		return rc;
 	return index_change_job(ix, id, requeue_change, &a);
 }
 
 static int return_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
-	struct requeue_arg a = {NULL, false, NULL};
+	struct requeue_arg a = {NULL, false, NULL, NULL, 0};
 	int rc = requeue_change(ix, txn, j, &a);
 
 	(void)arg;
