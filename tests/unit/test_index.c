@@ -535,6 +535,58 @@ static void test_noop_writes_are_not_commits(void)
 	      (unsigned long long)(after.commits - before.commits));
 }
 
+/* A run's last log line and its end are one write: one commit, the line
+ * and the state together; a bad line changes nothing. */
+static void test_end_with_log_line(void)
+{
+	struct index_stats before, after;
+	uint8_t id[16];
+	char buf[256];
+	size_t got = 0;
+	uint64_t t = now_ms() + 3600 * 1000;
+	struct job j;
+
+	REQUIRE(create("end/x/y/z", 9, JOB_PRIO_NORMAL, "{}", id) == 0, "create");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, id, 16) == 0, "claim");
+	job_release(&j);
+	index_stats(ix, &before);
+	CHECK(index_job_requeue_logged(ix, id, t, NULL, "retrying in 1 h", 15) == 0,
+	      "requeue with a line: %s", store_lasterr());
+	index_stats(ix, &after);
+	CHECK(after.writes - before.writes == 1 && after.commits - before.commits == 1,
+	      "requeue: %llu writes, %llu commits", (unsigned long long)(after.writes - before.writes),
+	      (unsigned long long)(after.commits - before.commits));
+	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
+	CHECK(j.status == JOB_QUEUED && (j.flags & JOB_F_DELAYED) && j.log_size == 16, "requeued, logged");
+	job_release(&j);
+	CHECK(index_job_cancel(ix, id) == 0 && index_job_retry(ix, id) == 0, "back to the queue");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, id, 16) == 0, "claim again");
+	job_release(&j);
+	CHECK(index_job_finish_logged(ix, id, JOB_ERROR, "x", "failed", NULL, "bad\nline", 8) ==
+		      -EINVAL,
+	      "a line with a newline");
+	CHECK(index_job_finish_logged(ix, id, JOB_RUNNING, NULL, NULL, NULL, "ok", 2) == -EINVAL,
+	      "not a final state");
+	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
+	CHECK(j.status == JOB_RUNNING && j.log_size == 16, "refused: unchanged");
+	job_release(&j);
+	index_stats(ix, &before);
+	CHECK(index_job_finish_logged(ix, id, JOB_ERROR, "x", "failed", NULL, "error: x: failed",
+				      16) == 0,
+	      "finish with a line: %s", store_lasterr());
+	index_stats(ix, &after);
+	CHECK(after.writes - before.writes == 1 && after.commits - before.commits == 1,
+	      "finish: %llu writes, %llu commits", (unsigned long long)(after.writes - before.writes),
+	      (unsigned long long)(after.commits - before.commits));
+	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
+	CHECK(j.status == JOB_ERROR && j.log_size == 33, "finished, logged (%llu)",
+	      (unsigned long long)j.log_size);
+	job_release(&j);
+	CHECK(index_job_log_read(ix, id, 0, buf, sizeof(buf), &got) == 0 && got == 33 &&
+		      memcmp(buf, "retrying in 1 h\nerror: x: failed\n", 33) == 0,
+	      "the log: %.*s", (int)got, buf);
+}
+
 /* The job whose output made a blob follows it into the inputs of later
  * jobs (the chain of a pipeline); it is forgotten when that job goes,
  * and records written before producers were kept still read. */
@@ -772,6 +824,7 @@ int main(void)
 	test_queue_order();
 	test_group_commit();
 	test_noop_writes_are_not_commits();
+	test_end_with_log_line();
 	test_cursor_100k();
 	index_close(ix);
 
