@@ -46,17 +46,25 @@ static size_t log_line(char *out, const char *ts, const char *prefix, const char
 	return n;
 }
 
+/* fmt's message into msg, and the log line of it now into line: its length. */
+static size_t log_vformat(char msg[ENGINE_ERR_MAX], char line[LOG_LINE_CAP], const char *fmt,
+			  va_list ap)
+{
+	char ts[32];
+
+	engine_time_format(now_ms(), ts);
+	vsnprintf(msg, ENGINE_ERR_MAX, fmt, ap);
+	return log_line(line, ts, "", msg);
+}
+
 /* A timestamped log line; with backend, the attempt's first, recording
  * what runs the job in the same write. */
 static int run_vlog(struct run *r, const struct backend *backend, const char *fmt, va_list ap)
 {
-	char msg[ENGINE_ERR_MAX], line[LOG_LINE_CAP], ts[32];
-	size_t n;
+	char msg[ENGINE_ERR_MAX], line[LOG_LINE_CAP];
+	size_t n = log_vformat(msg, line, fmt, ap);
 	int rc;
 
-	engine_time_format(now_ms(), ts);
-	vsnprintf(msg, sizeof(msg), fmt, ap);
-	n = log_line(line, ts, "", msg);
 	rc = index_job_log_start(r->e->ix, r->job.id, line, n, backend ? backend->name : NULL,
 				 r->route ? r->route->model_id : NULL);
 	if (rc == 0)
@@ -701,17 +709,15 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 {
 	struct job j;
 	struct job_usage u;
-	char kind[160], text[ENGINE_ERR_MAX], line[LOG_LINE_CAP], ts[32];
+	char kind[160], text[ENGINE_ERR_MAX], line[LOG_LINE_CAP];
 	size_t n = 0;
 	va_list ap;
 	int rc;
 
 	if (fmt) {
 		va_start(ap, fmt);
-		vsnprintf(text, sizeof(text), fmt, ap);
+		n = log_vformat(text, line, fmt, ap);
 		va_end(ap);
-		engine_time_format(now_ms(), ts);
-		n = log_line(line, ts, "", text);
 	}
 	attempt_usage(r, &u, kind, sizeof(kind));
 	rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u, fmt ? line : NULL, n);
@@ -787,16 +793,14 @@ static int requeue(struct run *r, uint64_t due, const char *fmt, ...)
 {
 	struct engine *e = r->e;
 	struct job_usage u;
-	char kind[160], text[ENGINE_ERR_MAX], line[LOG_LINE_CAP], ts[32];
+	char kind[160], text[ENGINE_ERR_MAX], line[LOG_LINE_CAP];
 	size_t n;
 	va_list ap;
 	int rc;
 
 	va_start(ap, fmt);
-	vsnprintf(text, sizeof(text), fmt, ap);
+	n = log_vformat(text, line, fmt, ap);
 	va_end(ap);
-	engine_time_format(now_ms(), ts);
-	n = log_line(line, ts, "", text);
 	attempt_usage(r, &u, kind, sizeof(kind));
 	rc = index_job_requeue_logged(e->ix, r->job.id, due, &u, line, n);
 	if (rc) {

@@ -535,11 +535,23 @@ static void test_noop_writes_are_not_commits(void)
 	      (unsigned long long)(after.commits - before.commits));
 }
 
+/* What ran since *before was one write and one commit. */
+static void one_commit(const struct index_stats *before, const char *what)
+{
+	struct index_stats after;
+
+	index_stats(ix, &after);
+	CHECK(after.writes - before->writes == 1 && after.commits - before->commits == 1,
+	      "%s: %llu writes, %llu commits", what,
+	      (unsigned long long)(after.writes - before->writes),
+	      (unsigned long long)(after.commits - before->commits));
+}
+
 /* A run's last log line and its end are one write: one commit, the line
  * and the state together; a bad line changes nothing. */
 static void test_end_with_log_line(void)
 {
-	struct index_stats before, after;
+	struct index_stats before;
 	uint8_t id[16];
 	char buf[256];
 	size_t got = 0;
@@ -552,10 +564,7 @@ static void test_end_with_log_line(void)
 	index_stats(ix, &before);
 	CHECK(index_job_requeue_logged(ix, id, t, NULL, "retrying in 1 h", 15) == 0,
 	      "requeue with a line: %s", store_lasterr());
-	index_stats(ix, &after);
-	CHECK(after.writes - before.writes == 1 && after.commits - before.commits == 1,
-	      "requeue: %llu writes, %llu commits", (unsigned long long)(after.writes - before.writes),
-	      (unsigned long long)(after.commits - before.commits));
+	one_commit(&before, "requeue");
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
 	CHECK(j.status == JOB_QUEUED && (j.flags & JOB_F_DELAYED) && j.log_size == 16, "requeued, logged");
 	job_release(&j);
@@ -574,10 +583,7 @@ static void test_end_with_log_line(void)
 	CHECK(index_job_finish_logged(ix, id, JOB_ERROR, "x", "failed", NULL, "error: x: failed",
 				      16) == 0,
 	      "finish with a line: %s", store_lasterr());
-	index_stats(ix, &after);
-	CHECK(after.writes - before.writes == 1 && after.commits - before.commits == 1,
-	      "finish: %llu writes, %llu commits", (unsigned long long)(after.writes - before.writes),
-	      (unsigned long long)(after.commits - before.commits));
+	one_commit(&before, "finish");
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
 	CHECK(j.status == JOB_ERROR && j.log_size == 33, "finished, logged (%llu)",
 	      (unsigned long long)j.log_size);
