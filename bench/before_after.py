@@ -28,7 +28,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+
+import benchmount
 
 TOP = pathlib.Path(__file__).resolve().parent.parent
 IMAGE = "image/synth/default/t2i"
@@ -78,20 +79,9 @@ def blake3_ratios(build, work, file):
 def mount(build, where, name):
     path, store = where / name, where / (name + "-store")
     path.mkdir()
-    log = open(where / (name + ".log"), "wb")
-    proc = subprocess.Popen([str(build / "tools" / "renderfs"), "-f", str(path), "-o",
-                             f"store={store},workers=0,rate=0,user_queue_max=1000000"],
-                            stdout=log, stderr=log)
-    while not os.path.ismount(path):
-        if proc.poll() is not None:
-            sys.exit(f"renderfs exited: see {log.name}")
-        time.sleep(0.02)
-    return path, proc
-
-
-def unmount(path, proc):
-    subprocess.run(["fusermount3", "-u", str(path)], check=True)
-    proc.wait()
+    return path, benchmount.mount(build, path, [f"store={store}", "workers=0", "rate=0",
+                                                "user_queue_max=1000000"],
+                                  where / (name + ".log"))
 
 
 def submit(client, path, writers, per):
@@ -106,7 +96,7 @@ def writers16(build, client, where, name):
         one = submit(client, path, 1, 2000)
         many = submit(client, path, 16, 1000)
     finally:
-        unmount(path, proc)
+        benchmount.unmount(path, proc)
     return {"jobs_per_s": many["jobs_per_s"], "p99_ms": many["p99_ms"],
             "scaling": many["jobs_per_s"] / one["jobs_per_s"]}
 

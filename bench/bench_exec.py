@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+import benchmount
+
 TOP = pathlib.Path(__file__).resolve().parent.parent
 BUILD = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else TOP / "build")
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 200
@@ -45,14 +47,8 @@ def run(base, route, req, n):
     mnt = base / "mnt"
     mnt.mkdir(exist_ok=True)
     store = base / f"store-{route.replace('/', '-')}"
-    log = open(base / "mnt.log", "ab")
-    proc = subprocess.Popen([str(BUILD / "tools" / "renderfs"), "-f", str(mnt), "-o",
-                             f"store={store},models={base / 'models.json'},workers=2,rate=0"],
-                            stdout=log, stderr=log)
-    while not os.path.ismount(mnt):
-        if proc.poll() is not None:
-            sys.exit(f"renderfs exited: see {log.name}")
-        time.sleep(0.02)
+    proc = benchmount.mount(BUILD, mnt, [f"store={store}", f"models={base / 'models.json'}",
+                                         "workers=2", "rate=0"], base / "mnt.log")
     fd = os.open(mnt / route / "new", os.O_RDWR)
     data = b"".join(json.dumps({**req, "seed": i}).encode() + b"\n" for i in range(n))
     t0 = time.monotonic()
@@ -62,8 +58,7 @@ def run(base, route, req, n):
     while not complete(mnt, route, n):
         time.sleep(0.01)
     wall = time.monotonic() - t0
-    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-    proc.wait(timeout=60)
+    benchmount.unmount(mnt, proc)
     return wall
 
 

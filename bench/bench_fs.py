@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+import benchmount
+
 TOP = pathlib.Path(__file__).resolve().parent.parent
 BUILD = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else TOP / "build")
 IMAGE = "image/synth/default/t2i"
@@ -40,14 +42,8 @@ class Mount:
         self.path = base / name
         self.store = store or base / (name + "-store")
         self.path.mkdir()
-        self.log = open(base / (name + ".log"), "wb")
-        self.proc = subprocess.Popen(
-            [str(BUILD / "tools" / "renderfs"), "-f", str(self.path), "-o",
-             ",".join([f"store={self.store}", *opts])], stdout=self.log, stderr=self.log)
-        while not os.path.ismount(self.path):
-            if self.proc.poll() is not None:
-                sys.exit(f"renderfs exited: see {self.log.name}")
-            time.sleep(0.02)
+        self.proc = benchmount.mount(BUILD, self.path, [f"store={self.store}", *opts],
+                                     base / (name + ".log"))
 
     def rss_mib(self, field="VmRSS"):
         for line in open(f"/proc/{self.proc.pid}/status"):
@@ -70,8 +66,7 @@ class Mount:
                 return s.strip()
 
     def close(self):
-        subprocess.run(["fusermount3", "-u", str(self.path)], check=True)
-        self.proc.wait()
+        benchmount.unmount(self.path, self.proc)
 
 
 def pct(xs, p):

@@ -27,11 +27,12 @@ usage: bench/bench_remote.py [BUILD_DIR] [N]
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+import benchmount
 
 TOP = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP / "tests"))
@@ -71,15 +72,8 @@ def mount(base, fal, n, tag):
     models.write_text(json.dumps({"routes": {ROUTE: fal.route(concurrency=n, timeout_s=600)}}))
     mnt = base / f"mnt-{tag}"
     mnt.mkdir()
-    log = open(base / f"mnt-{tag}.log", "wb")
-    proc = subprocess.Popen([str(BUILD / "tools" / "renderfs"), "-f", str(mnt), "-o",
-                             f"store={base}/store-{tag},models={models},rate=0"],
-                            stdout=log, stderr=log)
-    while not os.path.ismount(mnt):
-        if proc.poll() is not None:
-            sys.exit(f"renderfs exited: see {log.name}")
-        time.sleep(0.02)
-    return mnt, proc
+    return mnt, benchmount.mount(BUILD, mnt, [f"store={base}/store-{tag}", f"models={models}",
+                                              "rate=0"], base / f"mnt-{tag}.log")
 
 
 def submit(mnt, n):
@@ -108,8 +102,7 @@ def waiting(base, fal, n):
         polls, cpu = fal.http_requests - polls0, cpu_s(proc.pid) - cpu0
         took = time.monotonic() - t0
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-        proc.wait(timeout=60)
+        benchmount.unmount(mnt, proc)
         fal.hold = False
     return {"n": n, "polls_per_s": polls / took, "cpu_ms_per_s": cpu * 1000 / took,
             "us_per_poll": cpu * 1e6 / polls if polls else float("nan")}
@@ -145,8 +138,7 @@ def run(base, fal, n):
     states = {"complete": n}
     peak["stop"] = True
     t.join()
-    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-    proc.wait(timeout=60)
+    benchmount.unmount(mnt, proc)
     return {"n": n, "states": states, "wall": wall, "threads0": threads0,
             "in_flight": fal.max_outstanding, "cpu_per_job": cpu / n, "svc_cpu": svc,
             "reqs_per_job": (fal.http_requests - reqs0) / n,

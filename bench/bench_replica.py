@@ -31,6 +31,8 @@ import tempfile
 import textwrap
 import time
 
+import benchmount
+
 TOP = pathlib.Path(__file__).resolve().parent.parent
 BUILD = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else TOP / "build")
 MIB = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
@@ -48,19 +50,7 @@ s.run().then((a) => { console.log(JSON.stringify(a)); });
 def mount(base, name, opts):
     mnt = base / name
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen([str(BUILD / "tools" / "renderfs"), "-f", str(mnt), "-o",
-                             ",".join(opts)], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=open(base / f"{name}.log", "ab"))
-    for _ in range(400):
-        if os.path.ismount(mnt):
-            return mnt, proc
-        time.sleep(0.025)
-    raise SystemExit(f"renderfs did not mount: {(base / f'{name}.log').read_text()}")
-
-
-def unmount(mnt, proc):
-    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-    proc.wait(timeout=120)
+    return mnt, benchmount.mount(BUILD, mnt, opts, base / f"{name}.log", env=ENV, within_s=10)
 
 
 def submit(mnt, route, obj):
@@ -141,7 +131,7 @@ def main():
         big = wait(mnt, ROUTE, submit(mnt, ROUTE, {"mib": MIB}))
         small = [wait(mnt, ROUTE, submit(mnt, ROUTE, {"mib": 1, "n": i}))["blake3"]
                  for i in range(20)]
-        unmount(mnt, proc)
+        benchmount.unmount(mnt, proc)
         h = big["blake3"]
         blobfile = a_store / "blobs" / h[:2] / h
         subprocess.run([str(BUILD / "tools" / "renderctl"), "replica", "push", str(a_store)],
@@ -163,8 +153,8 @@ def main():
         # (c) first reads of 1 MiB blobs that only the bucket has
         first = [read_time(mb / "cas" / s) for s in small]   # fetched
         again = [read_time(mb / "cas" / s) for s in small]   # here
-        unmount(mb, pb)
-        unmount(mnt, proc)
+        benchmount.unmount(mb, pb)
+        benchmount.unmount(mnt, proc)
         size = big["size"] / (1 << 20)
         print(f"(a) upload of a {size:.0f} MiB blob: renderfs {up:.2f} s "
               f"({size / up:.0f} MiB/s), aws s3 cp {up_aws:.2f} s ({size / up_aws:.0f} MiB/s): "

@@ -29,6 +29,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
+import benchmount
+
 TOP = pathlib.Path(__file__).resolve().parent.parent
 BUILD = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else TOP / "build")
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 500
@@ -93,21 +95,9 @@ def post(port, body, key):
 def mount(base, name):
     mnt = base / name
     mnt.mkdir()
-    log = open(base / f"{name}.log", "ab")
-    proc = subprocess.Popen([str(BUILD / "tools" / "renderfs"), "-f", str(mnt), "-o",
-                             f"store={base / name}-store,workers=2,rate=0,"
-                             "webhook_retry=" + "+".join(["1s"] * 24)],
-                            stdout=log, stderr=log)
-    while not os.path.ismount(mnt):
-        if proc.poll() is not None:
-            sys.exit(f"renderfs exited: see {log.name}")
-        time.sleep(0.02)
-    return mnt, proc
-
-
-def unmount(mnt, proc):
-    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-    proc.wait()
+    return mnt, benchmount.mount(BUILD, mnt, [f"store={base / name}-store", "workers=2", "rate=0",
+                                              "webhook_retry=" + "+".join(["1s"] * 24)],
+                                 base / f"{name}.log")
 
 
 def submit(mnt, url, tag):
@@ -164,7 +154,7 @@ def main():
         t0 = time.time()
         post(rec.port, sample, f"base{i}")
         base_lat.append(rec.arrived[f"base{i}"][0] - t0)
-    unmount(mnt, proc)
+    benchmount.unmount(mnt, proc)
     print(f"(a) latency, change to arrival, {N} jobs: p50 {pct(lat, 50) * 1e3:.2f} ms, "
           f"p99 {pct(lat, 99) * 1e3:.2f} ms; one POST from this script: "
           f"p50 {pct(base_lat, 50) * 1e3:.2f} ms, p99 {pct(base_lat, 99) * 1e3:.2f} ms; "
@@ -195,7 +185,7 @@ def main():
     first = min(t for t, _ in rec.arrived.values())
     last = max(t for t, _ in rec.arrived.values())
     rate = (N - 1) / max(last - first, 1e-6)
-    unmount(mnt, proc)
+    benchmount.unmount(mnt, proc)
     with rec.lock:
         rec.arrived.clear()
     with concurrent.futures.ThreadPoolExecutor(32) as ex:
