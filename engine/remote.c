@@ -228,19 +228,11 @@ static void timer_set(struct remote *m, struct rrun *rr, uint64_t due_ms)
 		timer_del(m, rr);
 		return;
 	}
-	if (rr->hidx) {
-		size_t i = rr->hidx - 1;
-
-		rr->due_ms = due_ms;
-		heap_up(m, i);
-		heap_down(m, rr->hidx - 1);
-		if (m->timer_waiter && due_ms < m->timer_until)
-			pthread_cond_signal(&m->tcv);
-		return;
-	}
 	rr->due_ms = due_ms;
-	heap_place(m, rr, m->ntimers++);
-	heap_up(m, m->ntimers - 1);
+	if (!rr->hidx)
+		heap_place(m, rr, m->ntimers++);
+	heap_up(m, rr->hidx - 1);
+	heap_down(m, rr->hidx - 1);
 	if (m->timer_waiter && due_ms < m->timer_until)
 		pthread_cond_signal(&m->tcv); /* to wait for this one instead */
 }
