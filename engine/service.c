@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include "engine_i.h"
 #include "http.h"
@@ -350,25 +351,61 @@ int svc_submit_failed(struct run *r, const struct http_response *h, const char *
 #define POLL_FIRST_MS 200
 #define POLL_MAX_MS 2000
 
-uint64_t svc_poll_begin(struct svc_poll *p)
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+uint64_t svc_poll_start(struct svc_poll *p, uint64_t now)
 {
 	p->ms = POLL_FIRST_MS;
+	p->at = now + p->ms;
 	p->fails = 0;
 	return p->ms;
 }
 
+uint64_t svc_poll_begin(struct svc_poll *p)
+{
+	return svc_poll_start(p, mono_ms());
+}
+
+uint64_t svc_poll_after(struct svc_poll *p, uint64_t now)
+{
+	if (!p->ms) /* a run that came to polling another way (zeroed) */
+		return svc_poll_start(p, now);
+	p->fails = 0;
+	/* The next time on the schedule that is still ahead: a slow answer
+	 * (a loaded service or daemon) does not push every later poll out,
+	 * and a time that went by while the last poll was in flight is not
+	 * made up for. */
+	do {
+		p->ms = p->ms * 5 / 4 < POLL_MAX_MS ? p->ms * 5 / 4 : POLL_MAX_MS;
+		p->at += p->ms;
+	} while (p->at <= now && p->ms < POLL_MAX_MS);
+	if (p->at <= now) /* every 2 s from here: skip the times gone at once */
+		p->at += ((now - p->at) / POLL_MAX_MS + 1) * POLL_MAX_MS;
+	return p->at - now;
+}
+
 int svc_poll_next(struct run *r, struct svc_poll *p)
 {
-	p->fails = 0;
-	p->ms = p->ms * 5 / 4 < POLL_MAX_MS ? p->ms * 5 / 4 : POLL_MAX_MS;
-	return run_after(r, p->ms);
+	return run_after(r, svc_poll_after(p, mono_ms()));
 }
 
 int svc_poll_again(struct run *r, struct svc_poll *p, const struct http_response *h)
 {
+	uint64_t ms;
+
 	if (++p->fails >= SVC_POLL_FAILS)
 		return 0;
-	return run_after(r, h && h->retry_after_ms > p->ms ? h->retry_after_ms : p->ms * 2);
+	if (!p->ms)
+		p->ms = POLL_FIRST_MS;
+	ms = h && h->retry_after_ms > p->ms ? h->retry_after_ms : p->ms * 2;
+	p->at = mono_ms() + ms; /* the schedule goes on from there */
+	return run_after(r, ms);
 }
 
 /* ---- the files of a result ---- */

@@ -109,17 +109,25 @@ int svc_submit_failed(struct run *r, const struct http_response *h, const char *
 
 /*
  * Every 200 ms at first, growing by 5/4 up to 2 s (a 2 s job is seen done
- * at 2.25 s, after 6 polls); an answer that is busy or not a state is
+ * at 2.25 s, after 6 polls). The times are counted from the first poll's
+ * start, not from each answer: a slow answer does not delay the polls
+ * after it, and a time that passed while a poll was in flight is skipped,
+ * not made up for. An answer that is busy or not a state is
  * asked again (after twice the interval, or its Retry-After), and
  * SVC_POLL_FAILS such answers in a row fail the attempt.
  */
 #define SVC_POLL_FAILS 5
 struct svc_poll {
-	uint64_t ms;
+	uint64_t ms; /* the interval that led to `at` */
+	uint64_t at; /* CLOCK_MONOTONIC ms of the next poll on the schedule */
 	unsigned fails;
 };
 /* Start polling: the first poll's delay. */
 uint64_t svc_poll_begin(struct svc_poll *p);
+/* The same two on a given clock (CLOCK_MONOTONIC ms), for tests:
+ * svc_poll_after is the next poll's delay after a usable answer. */
+uint64_t svc_poll_start(struct svc_poll *p, uint64_t now);
+uint64_t svc_poll_after(struct svc_poll *p, uint64_t now);
 /* A usable answer, the work not done: the next poll, later. RUN_WAIT. */
 int svc_poll_next(struct run *r, struct svc_poll *p);
 /* An unusable answer (h: busy, with its Retry-After; NULL: not a state):

@@ -239,8 +239,10 @@ def test_comfyui_lost_submission_answer(mount_factory, tmp_path, comfy, takes_id
     """The server queues the prompt but its answer never arrives. A
     current server took our prompt id, so the job finds the prompt and
     follows it (submitted once); an older server named it itself, so
-    whether it has it is unknown: `interrupted`, never sent twice."""
-    comfy.takes_ids, comfy.submit_drop = takes_ids, 1
+    whether it has it is unknown: `interrupted`, never sent twice. The
+    prompt found is followed at the polling schedule's pace (a run that
+    came to it this way once asked the server again at once, every time)."""
+    comfy.takes_ids, comfy.submit_drop, comfy.work_s = takes_ids, 1, 2
     m = mount_factory([models(tmp_path, {ROUTE: comfy.route()}), "max_attempts=3"])
     jid = m.submit(ROUTE, {"prompt": "x"})
     state = m.wait(ROUTE, jid)
@@ -249,6 +251,9 @@ def test_comfyui_lost_submission_answer(mount_factory, tmp_path, comfy, takes_id
     if takes_ids:
         assert state == "complete", log
         assert "has prompt " + comfy.prompts[0][0] in log
+        # 2 s of work: a poll at 0.2 s growing by 5/4 is 6 or 7 polls.
+        assert comfy.queue_gets + comfy.history_gets <= 20, (comfy.queue_gets,
+                                                             comfy.history_gets)
     else:
         assert state == "error"
         st = m.status(ROUTE, jid)

@@ -4,8 +4,10 @@
  * owners at claim time, job counts kept in the index across a reopen,
  * control (cancel, retry, priority, delete), memoization per owner, and a
  * retry delayed to a time (promoted by a worker once due, never before),
- * the circuit breaker's transitions, and each remote route's own queue
- * group (given once, kept across opens, jobs moved out of stale groups).
+ * the circuit breaker's transitions, each remote route's own queue
+ * group (given once, kept across opens, jobs moved out of stale groups),
+ * and the status-polling schedule (times counted from the start, not
+ * pushed out by slow answers).
  */
 #include <errno.h>
 #include <json-c/json.h>
@@ -17,6 +19,7 @@
 #include "check.h"
 #include "engine.h"
 #include "engine_p.h"
+#include "service.h"
 #include "store.h"
 
 #define IMAGE "image/synth/default/t2i"
@@ -321,6 +324,34 @@ static void test_route_groups(struct store *st)
 	CHECK(index_job_cancel(ix, id) == 0, "breaker and groups");
 }
 
+static void test_poll_schedule(void)
+{
+	struct svc_poll p;
+	uint64_t t = 10000, d;
+
+	/* A schedule never started (zeroed) starts at its first answer. */
+	memset(&p, 0, sizeof(p));
+	CHECK(svc_poll_after(&p, t) == 200 && p.at == t + 200, "poll schedule");
+	CHECK(svc_poll_start(&p, t) == 200, "poll schedule");
+	/* Quick answers: 200 ms growing by 5/4, counted from the start. */
+	CHECK(svc_poll_after(&p, t + 210) == 240, "poll schedule");	/* at 450 */
+	CHECK(svc_poll_after(&p, t + 460) == 302, "poll schedule");	/* at 762 */
+	/* An answer that came late (at 1800: the times 1152 and 1639 went by
+	 * while it was in flight): the next time on the schedule, 2247, not
+	 * 1800 + 390; the times missed are not made up for. */
+	CHECK(svc_poll_after(&p, t + 1800) == 2247 - 1800, "poll schedule");
+	CHECK(svc_poll_after(&p, t + 2260) == 3007 - 2260, "poll schedule");
+	/* Never more than 2 s apart, never due in the past, whatever the gap. */
+	for (int i = 0; i < 40; i++) {
+		d = svc_poll_after(&p, p.at + 1);
+		CHECK(d > 0 && d <= 2000, "poll schedule");
+	}
+	CHECK(p.ms == 2000, "poll schedule");
+	t = p.at;
+	d = svc_poll_after(&p, t + 3600 * 1000 + 7); /* every 2 s: 1993 to go */
+	CHECK(d == 1993 && p.at == t + 3602 * 1000, "poll schedule");
+}
+
 int main(void)
 {
 	struct store_options so = {0};
@@ -337,6 +368,7 @@ int main(void)
 	test_memo_per_owner(st);
 	test_breaker();
 	test_route_groups(st);
+	test_poll_schedule();
 	store_close(st);
 	rm_rf(dir);
 	return check_done("test_engine");
