@@ -190,13 +190,37 @@ void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf
 	snprintf(buf, bufsz, "%s/blobs/%.2s/%s", st->dir, hex, hex);
 }
 
-/* Make the sink's file the blob file at path (in dir), durably. */
-static int sink_place(struct store *st, struct store_sink *s, const char *path, const char *dir)
+static pthread_mutex_t *blob_lock(struct store *st, const uint8_t hash[B3_OUT_LEN])
+{
+	return &st->blob_mu[hash[0] % BLOB_LOCKS];
+}
+
+static void blob_lock_all(struct store *st)
+{
+	for (size_t i = 0; i < BLOB_LOCKS; i++)
+		pthread_mutex_lock(&st->blob_mu[i]);
+}
+
+static void blob_unlock_all(struct store *st)
+{
+	for (size_t i = BLOB_LOCKS; i-- > 0;)
+		pthread_mutex_unlock(&st->blob_mu[i]);
+}
+
+/* The sink's bytes on disk, read-only from here on. */
+static int sink_sync(struct store_sink *s)
+{
+	if (fchmod(s->fd, 0444) != 0 || fsync(s->fd) != 0)
+		return store_seterr(-errno, "cannot write '%s': %s", s->path, strerror(errno));
+	return 0;
+}
+
+/* Make the sink's file (synced) the blob file at path (in dir), durably. */
+static int sink_rename(struct store *st, struct store_sink *s, const char *path,
+		       const char *dir)
 {
 	int rc;
 
-	if (fchmod(s->fd, 0444) != 0 || fsync(s->fd) != 0)
-		return store_seterr(-errno, "cannot write '%s': %s", s->path, strerror(errno));
 	if (mkdir(dir, 0755) == 0) {
 		/* The new folder's own entry must be durable too. */
 		char parent[4200];
@@ -212,6 +236,13 @@ static int sink_place(struct store *st, struct store_sink *s, const char *path, 
 				    strerror(errno));
 	s->path[0] = '\0';
 	return dir_fsync(dir);
+}
+
+static int sink_place(struct store *st, struct store_sink *s, const char *path, const char *dir)
+{
+	int rc = sink_sync(s);
+
+	return rc ? rc : sink_rename(st, s, path, dir);
 }
 
 static void sink_free(struct store_sink *s)
@@ -267,7 +298,8 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 	uint8_t hash[B3_OUT_LEN];
 	char path[4200], dir[4200];
 	struct blob_info bi;
-	bool dedup, known;
+	pthread_mutex_t *mu;
+	bool dedup, known, synced = false;
 	int rc;
 
 	if ((rc = sink_finish(s, hash)) != 0)
@@ -275,13 +307,24 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 	store_blob_path(st, hash, path, sizeof(path));
 	snprintf(dir, sizeof(dir), "%.*s", (int)(strrchr(path, '/') - path), path);
 
-	pthread_mutex_lock(&st->blob_mu);
+	/* A new blob's bytes are flushed before its lock is taken (the
+	 * other commits' renames and index writes go on meanwhile); content
+	 * already stored needs no flush, and content that was stored but
+	 * went in between is flushed under the lock. */
+	if (access(path, F_OK) != 0) {
+		if ((rc = sink_sync(s)) != 0)
+			goto fail;
+		synced = true;
+	}
+	mu = blob_lock(st, hash);
+	pthread_mutex_lock(mu);
 	rc = index_blob_get(st->ix, hash, &bi);
 	known = rc == 0;
 	dedup = known && access(path, F_OK) == 0;
 	if (rc != 0 && rc != STORE_E_NOTFOUND)
 		goto unlock;
-	if (!dedup && (rc = sink_place(st, s, path, dir)) != 0)
+	if (!dedup && ((!synced && (rc = sink_sync(s)) != 0) ||
+		       (rc = sink_rename(st, s, path, dir)) != 0))
 		goto unlock;
 	rc = extra ? index_job_attach_extra(st->ix, job, extra, hash, s->size, media_type)
 		   : index_job_attach_output(st->ix, job, hash, s->size, media_type, device, false);
@@ -304,9 +347,9 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 		}
 	}
 	/* On failure a renamed file stays unreferenced: store_gc() or the
-	 * next open collects it (never while blob_mu is held elsewhere). */
+	 * next open collects it (never while its lock is held elsewhere). */
 unlock:
-	pthread_mutex_unlock(&st->blob_mu);
+	pthread_mutex_unlock(mu);
 fail:
 	sink_free(s);
 	return rc;
@@ -317,6 +360,8 @@ int store_blob_fetched(struct store *st, struct store_sink *s, const uint8_t wan
 {
 	uint8_t hash[B3_OUT_LEN];
 	char path[4200], dir[4200], hex[B3_HEX_LEN + 1];
+	pthread_mutex_t *mu;
+	bool synced = false;
 	int rc;
 
 	if ((rc = sink_finish(s, hash)) != 0)
@@ -334,14 +379,21 @@ int store_blob_fetched(struct store *st, struct store_sink *s, const uint8_t wan
 	}
 	store_blob_path(st, hash, path, sizeof(path));
 	snprintf(dir, sizeof(dir), "%.*s", (int)(strrchr(path, '/') - path), path);
-	pthread_mutex_lock(&st->blob_mu);
-	if (access(path, F_OK) == 0 || (rc = sink_place(st, s, path, dir)) == 0)
+	if (access(path, F_OK) != 0) { /* flushed before the lock, as a commit's */
+		if ((rc = sink_sync(s)) != 0)
+			goto fail;
+		synced = true;
+	}
+	mu = blob_lock(st, hash);
+	pthread_mutex_lock(mu);
+	if (access(path, F_OK) == 0 ||
+	    (rc = synced ? sink_rename(st, s, path, dir) : sink_place(st, s, path, dir)) == 0)
 		rc = index_replica_fetched(st->ix, hash, s->size, media_type);
 	if (rc == 0) {
 		st->blobs_written++;
 		st->bytes_written += s->size;
 	}
-	pthread_mutex_unlock(&st->blob_mu);
+	pthread_mutex_unlock(mu);
 fail:
 	sink_free(s);
 	return rc;
@@ -353,13 +405,13 @@ int store_blob_drop(struct store *st, const uint8_t hash[B3_OUT_LEN], uint64_t *
 	bool freed;
 	int rc;
 
-	pthread_mutex_lock(&st->blob_mu);
+	pthread_mutex_lock(blob_lock(st, hash));
 	if ((rc = index_replica_drop(st->ix, hash, size, &freed)) == 0) {
 		store_blob_path(st, hash, path, sizeof(path));
 		if (unlink(path) != 0 && errno != ENOENT)
 			store_seterr(0, "cannot remove '%s': %s", path, strerror(errno));
 	}
-	pthread_mutex_unlock(&st->blob_mu);
+	pthread_mutex_unlock(blob_lock(st, hash));
 	return rc;
 }
 
@@ -671,7 +723,7 @@ void store_reader_close(struct store_reader *r)
 	free(r);
 }
 
-/* With blob_mu held: unlink the file of a blob the index just let go. */
+/* With its lock held: unlink the file of a blob the index just let go. */
 static void blob_unlink_freed(struct store *st, const uint8_t hash[B3_OUT_LEN])
 {
 	char path[4200];
@@ -690,11 +742,11 @@ int store_job_hide(struct store *st, const uint8_t job[JOB_ID_LEN], uint16_t mas
 	bool freed;
 	int rc;
 
-	pthread_mutex_lock(&st->blob_mu);
+	blob_lock_all(st); /* the blob it frees, if any, is known only then */
 	rc = index_job_hide(st->ix, job, mask, release_output, &freed, hash);
 	if (rc == 0 && freed)
 		blob_unlink_freed(st, hash);
-	pthread_mutex_unlock(&st->blob_mu);
+	blob_unlock_all(st);
 	return rc;
 }
 
@@ -703,11 +755,11 @@ int store_job_delete(struct store *st, const uint8_t job[JOB_ID_LEN])
 	struct index_freed freed;
 	int rc;
 
-	pthread_mutex_lock(&st->blob_mu);
+	blob_lock_all(st);
 	rc = index_job_delete(st->ix, job, &freed);
 	for (size_t i = 0; rc == 0 && i < freed.n; i++)
 		blob_unlink_freed(st, freed.hash[i]);
-	pthread_mutex_unlock(&st->blob_mu);
+	blob_unlock_all(st);
 	return rc;
 }
 
@@ -833,13 +885,13 @@ int store_gc(struct store *st, uint64_t *collected)
 	d = dir_open_nofollow(AT_FDCWD, path);
 	if (!d)
 		return store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
-	pthread_mutex_lock(&st->blob_mu);
+	blob_lock_all(st);
 	while ((de = readdir(d)) != NULL && rc == 0) {
 		if (de->d_name[0] == '.' || de->d_type != DT_DIR || strlen(de->d_name) != 2)
 			continue;
 		rc = gc_dir(st, dirfd(d), de->d_name, collected);
 	}
-	pthread_mutex_unlock(&st->blob_mu);
+	blob_unlock_all(st);
 	closedir(d);
 	return rc;
 }

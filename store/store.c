@@ -232,7 +232,8 @@ int store_open(const char *dir, const struct store_options *opt, struct store **
 	if (st->opt.hash_threads == 0)
 		st->opt.hash_threads = 2;
 	st->lock_fd = -1;
-	pthread_mutex_init(&st->blob_mu, NULL);
+	for (size_t i = 0; i < BLOB_LOCKS; i++)
+		pthread_mutex_init(&st->blob_mu[i], NULL);
 	pthread_mutex_init(&st->cv_mu, NULL);
 	pthread_rwlock_init(&st->key_mu, NULL);
 
@@ -287,7 +288,8 @@ void store_close(struct store *st)
 	sign_seckey_wipe(&st->sk);
 	explicit_bzero(st->seal_key, sizeof(st->seal_key));
 	explicit_bzero(st->hook_sk, sizeof(st->hook_sk));
-	pthread_mutex_destroy(&st->blob_mu);
+	for (size_t i = 0; i < BLOB_LOCKS; i++)
+		pthread_mutex_destroy(&st->blob_mu[i]);
 	cv_cache_release(st);
 	pthread_mutex_destroy(&st->cv_mu);
 	pthread_rwlock_destroy(&st->key_mu);

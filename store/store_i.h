@@ -22,12 +22,19 @@ struct store {
 	int lock_fd; /* <store>/lock, flock()ed exclusively while open read-write */
 
 	/*
-	 * Serializes changes to the blobs/ namespace with the index entries
-	 * that justify them: a commit holds it from rename to index commit,
-	 * collection from index check to unlink, so a file is never removed
-	 * between being renamed in and being referenced.
+	 * Serialize changes to the blobs/ namespace with the index entries
+	 * that justify them, one lock per stripe of hashes (blob_lock(): the
+	 * hash's first byte): a commit holds its blob's from the index check
+	 * through rename to index commit, a removal (drop) from index change
+	 * to unlink, so a file is never removed between being renamed in and
+	 * being referenced. What can free blobs it learns of only inside the
+	 * index write (a job's hide or delete) and collection take them all,
+	 * in order (blob_lock_all). Commits of different blobs go on side by
+	 * side, so their index writes meet in one group commit; a new blob's
+	 * bytes are flushed before its lock is taken.
 	 */
-	pthread_mutex_t blob_mu;
+#define BLOB_LOCKS 64
+	pthread_mutex_t blob_mu[BLOB_LOCKS];
 
 	/* Protected by key_mu (readers sign; rotation writes): sk, pk. */
 	pthread_rwlock_t key_mu;

@@ -1,10 +1,12 @@
 /*
  * test_blob.c - the blob write path (sink, commit, dedup, reference
- * counts), deletion and garbage collection, verified reads, and fsck's
- * view of a good and of a damaged store.
+ * counts), deletion and garbage collection, verified reads, fsck's view
+ * of a good and of a damaged store, and commits of the same content from
+ * several threads beside deletions and collection that free it.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -305,6 +307,75 @@ static void test_lock(void)
 	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "read-only open beside a writer");
 }
 
+/*
+ * Threads commit the same two contents and delete their jobs at once, so
+ * that each commit may find its blob stored, or being freed by another
+ * thread's delete at that moment, while one thread collects garbage:
+ * every job's output must be readable for as long as the job holds it.
+ */
+#define RACE_THREADS 4
+#define RACE_ROUNDS 300
+static pthread_mutex_t race_mu = PTHREAD_MUTEX_INITIALIZER;
+
+struct racer {
+	int n;
+	unsigned bad, lost;
+};
+
+static void *race(void *arg)
+{
+	struct racer *r = arg;
+	uint8_t data[3000], id[16], hash[32];
+	char req[64];
+	int fd;
+	uint64_t size;
+
+	for (int k = 0; k < RACE_ROUNDS; k++) {
+		memset(data, 'a' + k % 2, sizeof(data));
+		snprintf(req, sizeof(req), "{\"racer\":%d,\"k\":%d}", r->n, k);
+		pthread_mutex_lock(&race_mu); /* a create and its claim together */
+		int rc = new_job(id, req);
+		pthread_mutex_unlock(&race_mu);
+		if (rc != 0 || put(id, data, sizeof(data), hash) != 0) {
+			r->bad++;
+			continue;
+		}
+		if (store_blob_open(st, hash, &fd, &size) == 0)
+			close(fd);
+		else
+			r->lost++;
+		if (index_job_finish(store_index(st), id, JOB_COMPLETE, NULL, NULL) != 0 ||
+		    store_job_delete(st, id) != 0)
+			r->bad++;
+		if (r->n == 0 && k % 10 == 0) {
+			uint64_t n;
+			if (store_gc(st, &n) != 0 || n != 0)
+				r->bad++;
+		}
+	}
+	return NULL;
+}
+
+static void test_concurrent_commits(void)
+{
+	static struct racer r[RACE_THREADS];
+	pthread_t t[RACE_THREADS];
+
+	for (int i = 0; i < RACE_THREADS; i++) {
+		r[i].n = i;
+		REQUIRE(pthread_create(&t[i], NULL, race, &r[i]) == 0, "thread");
+	}
+	for (int i = 0; i < RACE_THREADS; i++)
+		pthread_join(t[i], NULL);
+	for (int i = 0; i < RACE_THREADS; i++) {
+		CHECK(r[i].bad == 0, "racer %d: %u failed operations (%s)", i, r[i].bad,
+		      store_lasterr());
+		CHECK(r[i].lost == 0, "racer %d: %u outputs unreadable just after commit", i,
+		      r[i].lost);
+	}
+	CHECK(count_files("tmp") == 0, "tmp/ is empty after concurrent commits");
+}
+
 int main(void)
 {
 	struct store_options opt = {0};
@@ -319,6 +390,7 @@ int main(void)
 	test_corruption();
 	test_reader();
 	test_lock();
+	test_concurrent_commits();
 	store_close(st);
 	rm_rf(dir);
 	return check_done("test_blob");
