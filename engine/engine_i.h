@@ -31,6 +31,10 @@ struct run {
 	uint64_t deadline_ms;
 	atomic_int *stop;	/* enum stop_reason, set by other threads */
 	uint64_t last_progress_ms;
+	uint16_t progress;	/* the last progress stored (thousandths) */
+	/* result.json (run_result), stored with the job's completion. */
+	char *result;
+	size_t result_len;
 
 	/* Filled by the runner when it fails. */
 	char error_code[48];
@@ -82,7 +86,8 @@ void run_reported(struct run *r, double seconds);
 int run_commit_extra(struct run *r, unsigned n, struct store_sink *sink, const char *media_type,
 		     uint8_t hash_out[32]);
 /* The service's whole result as result.json (file URLs replaced by
- * cas:<hex> by the backend). */
+ * cas:<hex> by the backend): kept by the run and stored in the same
+ * write as the job's completion (a result too large fails here). */
 int run_result(struct run *r, const char *json, size_t len);
 /*
  * The job's durable handle (index_job_handle_put/get): a remote backend

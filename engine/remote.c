@@ -344,6 +344,7 @@ static void rrun_free(struct rrun *rr)
 	free(rr->next_body);
 	free(rr->body);
 	free((char *)rr->r.request);
+	free(rr->r.result);
 	job_release(&rr->r.job);
 	free(rr);
 }

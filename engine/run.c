@@ -135,8 +135,10 @@ void run_progress(struct run *r, double fraction)
 	if (t < 1000 && now - r->last_progress_ms < 100)
 		return;
 	r->last_progress_ms = now;
-	if (index_job_progress(r->e->ix, r->job.id, t) == 0)
+	if (index_job_progress(r->e->ix, r->job.id, t) == 0) {
+		r->progress = t;
 		engine_notify(r->e, r->job.id, r->job.route, EV_PROGRESS);
+	}
 }
 
 enum stop_reason run_stopping(struct run *r)
@@ -181,11 +183,18 @@ int run_commit_extra(struct run *r, unsigned n, struct store_sink *sink, const c
 
 int run_result(struct run *r, const char *json, size_t len)
 {
-	int rc = index_job_result_put(r->e->ix, r->job.id, json, len);
+	char *copy;
 
-	if (rc)
-		return run_fail(r, rc, rc == -EFBIG ? "output_invalid" : "store",
-				"cannot keep the result: %s", store_lasterr());
+	if (len > INDEX_RESULT_MAX)
+		return run_fail(r, -EFBIG, "output_invalid",
+				"cannot keep the result: a result of %zu bytes is over %d", len,
+				INDEX_RESULT_MAX);
+	if (!(copy = malloc(len ? len : 1)))
+		return run_fail(r, -ENOMEM, "store", "out of memory");
+	memcpy(copy, json, len);
+	free(r->result);
+	r->result = copy;
+	r->result_len = len;
 	return 0;
 }
 
@@ -720,8 +729,11 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 		va_end(ap);
 	}
 	attempt_usage(r, &u, kind, sizeof(kind));
-	rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u, fmt ? line : NULL, n);
-
+	/* A complete job's result.json goes with its completion. */
+	rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u, fmt ? line : NULL, n,
+				     st == JOB_COMPLETE ? r->result : NULL, r->result_len);
+	free(r->result);
+	r->result = NULL;
 	if (rc) {
 		/* The index refused: the job stays running until recovery puts
 		 * it back in the queue; say so loudly. */
@@ -732,6 +744,10 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 	}
 	if (fmt)
 		engine_notify(e, r->job.id, r->job.route, EV_LOG);
+	/* Completion sets progress to 1 in the same write: watchers of
+	 * `progress` hear of it unless the run had stored 1 itself. */
+	if (st == JOB_COMPLETE && r->progress != 1000)
+		engine_notify(e, r->job.id, r->job.route, EV_PROGRESS);
 	if (index_job_get(e->ix, r->job.id, &j) == 0) {
 		pthread_mutex_lock(&e->stats_mu);
 		engine_observe(&e->h_wait, (double)(j.started_ms - j.created_ms) / 1000);
@@ -802,6 +818,8 @@ static int requeue(struct run *r, uint64_t due, const char *fmt, ...)
 	n = log_vformat(text, line, fmt, ap);
 	va_end(ap);
 	attempt_usage(r, &u, kind, sizeof(kind));
+	free(r->result); /* the next attempt makes its own */
+	r->result = NULL;
 	rc = index_job_requeue_logged(e->ix, r->job.id, due, &u, line, n);
 	if (rc) {
 		char why[ENGINE_ERR_MAX];

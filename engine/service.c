@@ -634,7 +634,7 @@ static int go_on(struct run *r, struct svc_files *fs)
 	}
 	sink = fs->first;
 	fs->first = NULL;
-	run_progress(r, 1);
+	/* Progress 1 comes with the job's completion, in the same write. */
 	if ((rc = run_commit_output(r, sink, r->route->media_type, fs->service)) != 0)
 		return rc;
 	memcpy(fs->hashes[0], r->output_hash, 32);

@@ -473,11 +473,12 @@ int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum j
 			  const struct job_usage *used);
 /* index_job_finish_used with a last log line (len bytes, no newline)
  * appended in the same write: the log never says a job ended that did
- * not, and the end costs one commit, not two. */
+ * not, and the end costs one commit, not two. With result (NULL: none),
+ * the job's result.json too, as index_job_result_put. */
 int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
 			    enum job_status final, const char *error_code,
 			    const char *error_message, const struct job_usage *used,
-			    const char *line, size_t len);
+			    const char *line, size_t len, const char *result, size_t result_len);
 
 /*
  * running -> queued again (an automatic retry): keeps attempts, and adds

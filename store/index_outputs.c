@@ -90,19 +90,26 @@ int index_job_attach_extra(struct index *ix, const uint8_t id[JOB_ID_LEN], unsig
 	return index_change_job(ix, id, extra_change, &a);
 }
 
-static int result_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+int index_result_store(struct index *ix, MDB_txn *txn, struct job *j, const char *text,
+		       size_t len)
 {
-	struct extra_arg *a = arg;
-	MDB_val k = {JOB_ID_LEN, j->id}, v = {a->len, (void *)a->text};
+	MDB_val k = {JOB_ID_LEN, j->id}, v = {len, (void *)text};
 	int rc;
 
-	if (j->status != JOB_RUNNING && j->status != JOB_QUEUED)
-		return index_state_err(j, "attach a result to");
 	if ((rc = mdb_put(txn, ix->results, &k, &v, 0)) != 0)
 		return index_lmdb_err(ix, rc, "write result");
 	j->flags |= JOB_F_RESULT;
 	j->updated_ms = now_ms();
 	return 0;
+}
+
+static int result_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
+{
+	struct extra_arg *a = arg;
+
+	if (j->status != JOB_RUNNING && j->status != JOB_QUEUED)
+		return index_state_err(j, "attach a result to");
+	return index_result_store(ix, txn, j, a->text, a->len);
 }
 
 int index_job_result_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *text,

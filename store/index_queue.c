@@ -420,6 +420,8 @@ struct finish_arg {
 	const struct job_usage *used;
 	const char *line; /* a last log line (NULL: none) */
 	size_t line_len;
+	const char *result; /* result.json (NULL: none) */
+	size_t result_len;
 };
 
 /* A running job's attempt ends: what it used joins the job's (the
@@ -459,6 +461,8 @@ static int finish_change(struct index *ix, MDB_txn *txn, struct job *j, void *ar
 		return index_state_err(j, "complete (no output attached)");
 	if (a->line && (rc = index_log_append(ix, txn, j, a->line, a->line_len)) != 0)
 		return rc;
+	if (a->result && (rc = index_result_store(ix, txn, j, a->result, a->result_len)) != 0)
+		return rc;
 	j->status = a->final;
 	j->completed_ms = j->updated_ms = now_ms();
 	j->flags &= (uint8_t)~JOB_F_CANCEL_REQUESTED;
@@ -485,19 +489,24 @@ int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum j
 			  const char *error_code, const char *error_message,
 			  const struct job_usage *used)
 {
-	return index_job_finish_logged(ix, id, final, error_code, error_message, used, NULL, 0);
+	return index_job_finish_logged(ix, id, final, error_code, error_message, used, NULL, 0,
+				       NULL, 0);
 }
 
 int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
 			    enum job_status final, const char *error_code,
 			    const char *error_message, const struct job_usage *used,
-			    const char *line, size_t len)
+			    const char *line, size_t len, const char *result, size_t result_len)
 {
-	struct finish_arg a = {final, error_code, error_message, used, line, len};
+	struct finish_arg a = {final, error_code, error_message, used, line, len, result,
+			       result_len};
 	int rc;
 
 	if (final != JOB_COMPLETE && final != JOB_ERROR && final != JOB_CANCELLED)
 		return store_seterr(-EINVAL, "'%s' is not a final state", job_status_name(final));
+	if (result && result_len > INDEX_RESULT_MAX)
+		return store_seterr(-EFBIG, "a result of %zu bytes is over %d", result_len,
+				    INDEX_RESULT_MAX);
 	if (line && (rc = index_log_line_check(line, len)) != 0)
 		return rc;
 	return index_change_job(ix, id, finish_change, &a);

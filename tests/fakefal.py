@@ -96,6 +96,7 @@ class FakeFal:
         self.queue_polls = 1      # status polls that answer IN_QUEUE (positions count down)
         self.work_s = 0           # seconds of work before COMPLETED (else poll-driven)
         self.images = 1           # files in a result
+        self.done_logs = ["step 2 of 2"]  # the lines a COMPLETED status adds
         # Faults, each for the next N requests of its kind:
         self.status_503 = 0       # status answers 503 with Retry-After: 1
         self.status_garbled = 0   # status answers that are not JSON
@@ -256,7 +257,7 @@ class FakeFal:
                         logs.append({"message": "denoising 3/12", "level": "INFO"})
                         return self.answer(202, {"status": "IN_PROGRESS", "logs": logs})
                     logs.append({"message": "denoising 3/12", "level": "INFO"})
-                    logs.append({"message": "step 2 of 2", "level": "INFO"})
+                    logs += [{"message": t, "level": "INFO"} for t in fake.done_logs]
                     return self.answer(200, {"status": "COMPLETED", "logs": logs,
                                              "metrics": {"inference_time": 0.75}})
                 with fake.lock:

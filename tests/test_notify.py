@@ -173,6 +173,36 @@ def test_run_events_in_order_and_output_complete_on_close_write(mount_factory, w
     assert (d / "status").read_text() == "complete\n"
 
 
+def test_remote_job_progress_and_result_with_complete(mount_factory, watches, tmp_path, fal):
+    """A remote job whose service's last log line counts no steps reaches
+    progress 1 in the write that completes it: a watcher of `progress`
+    still hears of it, before `complete`, and result.json is there once
+    `complete` is."""
+    route = "image/fake/default/t2i"
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({"routes": {route: fal.route()}}))
+    fal.queue_polls, fal.hold, fal.done_logs = 1000, True, ["saving"]
+    m = mount_factory([f"models={models}"])
+    jid = m.submit(route, {"prompt": "x"})
+    d = m.job(route, jid)
+    deadline = time.monotonic() + 30
+    while "in its queue at position" not in (d / "log").read_text():
+        assert time.monotonic() < deadline, "never queued at the service"
+        time.sleep(0.05)
+    w = watches(d)
+    fal.queue_polls = 0  # working: "denoising 3/12" is progress 0.25
+    first = w.index("progress", "MODIFY")
+    assert (d / "progress").read_text() == "0.25\n"
+    fal.hold = False
+    assert m.wait(route, jid) == "complete"
+    out = w.index("output.png", "CLOSE_WRITE", start=first + 1)
+    done = w.index("status", "CLOSE_WRITE", start=out)  # complete
+    prog = w.index("progress", "MODIFY", start=first + 1, timeout=5)
+    assert prog < done, "progress 1 announced after complete"
+    assert (d / "progress").read_text() == "1\n"
+    assert json.loads((d / "result.json").read_text())["seed"] == 42
+
+
 def test_progress_is_coalesced_to_ten_per_second(mount_factory, watches):
     m = mount_factory(["workers=1"])
     blk = blocker(m)

@@ -571,23 +571,34 @@ static void test_end_with_log_line(void)
 	CHECK(index_job_cancel(ix, id) == 0 && index_job_retry(ix, id) == 0, "back to the queue");
 	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, id, 16) == 0, "claim again");
 	job_release(&j);
-	CHECK(index_job_finish_logged(ix, id, JOB_ERROR, "x", "failed", NULL, "bad\nline", 8) ==
-		      -EINVAL,
+	CHECK(index_job_finish_logged(ix, id, JOB_ERROR, "x", "failed", NULL, "bad\nline", 8,
+				      NULL, 0) == -EINVAL,
 	      "a line with a newline");
-	CHECK(index_job_finish_logged(ix, id, JOB_RUNNING, NULL, NULL, NULL, "ok", 2) == -EINVAL,
+	CHECK(index_job_finish_logged(ix, id, JOB_RUNNING, NULL, NULL, NULL, "ok", 2, NULL, 0) ==
+		      -EINVAL,
 	      "not a final state");
+	CHECK(index_job_finish_logged(ix, id, JOB_ERROR, "x", "failed", NULL, "ok", 2, "{}",
+				      INDEX_RESULT_MAX + 1) == -EFBIG,
+	      "a result too large");
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
-	CHECK(j.status == JOB_RUNNING && j.log_size == 16, "refused: unchanged");
+	CHECK(j.status == JOB_RUNNING && j.log_size == 16 && !(j.flags & JOB_F_RESULT),
+	      "refused: unchanged");
 	job_release(&j);
 	index_stats(ix, &before);
 	CHECK(index_job_finish_logged(ix, id, JOB_ERROR, "x", "failed", NULL, "error: x: failed",
-				      16) == 0,
-	      "finish with a line: %s", store_lasterr());
+				      16, "{\"seed\": 42}", 12) == 0,
+	      "finish with a line and a result: %s", store_lasterr());
 	one_commit(&before, "finish");
 	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
-	CHECK(j.status == JOB_ERROR && j.log_size == 33, "finished, logged (%llu)",
-	      (unsigned long long)j.log_size);
+	CHECK(j.status == JOB_ERROR && j.log_size == 33 && (j.flags & JOB_F_RESULT),
+	      "finished, logged (%llu), its result kept", (unsigned long long)j.log_size);
 	job_release(&j);
+	char *res = NULL;
+	size_t rlen = 0;
+	CHECK(index_job_result_get(ix, id, &res, &rlen) == 0 && rlen == 12 &&
+		      memcmp(res, "{\"seed\": 42}", 12) == 0,
+	      "the result");
+	free(res);
 	CHECK(index_job_log_read(ix, id, 0, buf, sizeof(buf), &got) == 0 && got == 33 &&
 		      memcmp(buf, "retrying in 1 h\nerror: x: failed\n", 33) == 0,
 	      "the log: %.*s", (int)got, buf);
