@@ -35,6 +35,23 @@ struct run {
 	/* result.json (run_result), stored with the job's completion. */
 	char *result;
 	size_t result_len;
+	/*
+	 * A remote run's step gathers its writes (batching): log lines,
+	 * progress, the remote record, the handle and the first line's record
+	 * of what runs the job, and makes them one durable write, before the
+	 * step's request leaves (run_http), when the step ends
+	 * (run_batch_end), or before the run's end is written. So a handle
+	 * is durable before anything acts on it (a "submitting" mark before
+	 * the submission, a request id before its first poll), as always.
+	 */
+	bool batching;
+	char *pend;		/* log lines, each ending in '\n' */
+	size_t pend_len, pend_cap;
+	bool pend_has_progress, pend_start, pend_moved, pend_has_handle;
+	uint16_t pend_progress;
+	char *pend_remote;	/* the remote record to put (NUL-terminated) */
+	void *pend_handle;	/* the handle to put (pend_hlen bytes) */
+	size_t pend_hlen;
 
 	/* Filled by the runner when it fails. */
 	char error_code[48];
@@ -140,6 +157,13 @@ int run_input_read(struct run *r, const struct job_input *in, uint8_t **data, si
 		   char *media, size_t mlen);
 /* Log n lines (each prefixed) in one durable write. */
 int run_log_lines(struct run *r, const char *prefix, const char *const *msgs, size_t n);
+/* A remote run's step begins (its writes are gathered) and ends (they are
+ * written, in one durable write; a failure is said on stderr: they were
+ * log lines and progress, which never stopped a run). See `batching`. */
+void run_batch_begin(struct run *r);
+void run_batch_end(struct run *r);
+/* What was gathered, written now (0, or the index's error). */
+int run_flush(struct run *r);
 
 /*
  * The job's own credential `name` from its envelope (SPEC §7), unsealed

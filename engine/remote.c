@@ -288,6 +288,10 @@ int run_http(struct run *r, const struct http_request *rq)
 	uint64_t id = 0;
 	int rc;
 
+	/* What the step gathered is durable before its request leaves (a
+	 * "submitting" mark before the submission): engine_i.h, batching. */
+	if ((rc = run_flush(r)) != 0)
+		return run_fail(r, rc, "store", "cannot record the job: %s", store_lasterr());
 	pthread_mutex_lock(&m->mu);
 	rr->waiting_http = true;
 	rr->answered = false;
@@ -345,6 +349,9 @@ static void rrun_free(struct rrun *rr)
 	free(rr->body);
 	free((char *)rr->r.request);
 	free(rr->r.result);
+	free(rr->r.pend);
+	free(rr->r.pend_remote);
+	free(rr->r.pend_handle);
 	job_release(&rr->r.job);
 	free(rr);
 }
@@ -442,6 +449,9 @@ static void advance(struct engine *e, struct rrun *rr)
 	pthread_mutex_unlock(&m->mu);
 	r->http = have_answer ? &rr->resp : NULL;
 
+	/* The step's log lines, progress and remote record go in one write
+	 * (with the handle, if it puts one): engine_i.h, batching. */
+	run_batch_begin(r);
 	if (!rr->begun) {
 		rr->begun = true;
 		if (!engine_run_begin(r, "remote", rr->digest)) {
@@ -452,6 +462,7 @@ static void advance(struct engine *e, struct rrun *rr)
 		if (!b->step) {
 			/* A local backend's job in a remote group (its route
 			 * changed since it was queued): run it here, once. */
+			run_batch_end(r);
 			end_run(e, rr, b->run(r), false);
 			return;
 		}
@@ -481,6 +492,7 @@ static void advance(struct engine *e, struct rrun *rr)
 		}
 	}
 	r->http = NULL;
+	run_batch_end(r);
 	if (rc != RUN_WAIT) {
 		end_run(e, rr, rc, false);
 		return;

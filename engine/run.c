@@ -57,6 +57,112 @@ static size_t log_vformat(char msg[ENGINE_ERR_MAX], char line[LOG_LINE_CAP], con
 	return log_line(line, ts, "", msg);
 }
 
+/* ---- a remote step's writes, gathered (engine_i.h: batching) ---- */
+
+static int pend_add(struct run *r, const char *text, size_t len)
+{
+	if (r->pend_len + len > r->pend_cap) {
+		size_t cap = r->pend_cap ? r->pend_cap : 512;
+		char *p;
+		while (cap < r->pend_len + len)
+			cap *= 2;
+		if (!(p = realloc(r->pend, cap)))
+			return -ENOMEM;
+		r->pend = p;
+		r->pend_cap = cap;
+	}
+	memcpy(r->pend + r->pend_len, text, len);
+	r->pend_len += len;
+	return 0;
+}
+
+static bool pending(const struct run *r)
+{
+	return r->pend_len || r->pend_has_progress || r->pend_start || r->pend_remote ||
+	       r->pend_has_handle;
+}
+
+/* The handle a step put, kept until the step's writes are made. */
+static int pend_handle_set(struct run *r, const void *data, size_t len)
+{
+	void *copy;
+
+	if (len > INDEX_HANDLE_MAX)
+		return store_seterr(-EFBIG, "a job's handle record of %zu bytes is over %d", len,
+				    INDEX_HANDLE_MAX);
+	if (!(copy = malloc(len ? len : 1)))
+		return -ENOMEM;
+	memcpy(copy, data, len);
+	free(r->pend_handle);
+	r->pend_handle = copy;
+	r->pend_hlen = len;
+	r->pend_has_handle = true;
+	return 0;
+}
+
+/* What was gathered, with handle (NULL: the gathered one, if any), in one
+ * write; the events once it is durable. Cleared whatever the result. */
+static int flush_with(struct run *r, const void *handle, size_t hlen)
+{
+	if (!handle && r->pend_has_handle) {
+		handle = r->pend_handle;
+		hlen = r->pend_hlen;
+	}
+	struct index_update u = {
+	    .lines = r->pend,
+	    .len = r->pend_len,
+	    .progress = r->pend_has_progress ? r->pend_progress : -1,
+	    .backend = r->pend_start ? r->route->backend->name : NULL,
+	    .model = r->pend_start ? r->route->model_id : NULL,
+	    .handle = handle,
+	    .hlen = hlen,
+	    .remote = r->pend_remote,
+	    .rlen = r->pend_remote ? strlen(r->pend_remote) : 0,
+	};
+	bool lines = r->pend_len, progress = r->pend_has_progress, moved = r->pend_moved;
+	int rc = index_job_update(r->e->ix, r->job.id, &u);
+
+	r->pend_len = 0;
+	r->pend_has_progress = r->pend_start = r->pend_moved = r->pend_has_handle = false;
+	free(r->pend_remote);
+	r->pend_remote = NULL;
+	free(r->pend_handle);
+	r->pend_handle = NULL;
+	if (rc)
+		return rc;
+	if (progress)
+		r->progress = u.progress;
+	if (lines)
+		engine_notify(r->e, r->job.id, r->job.route, EV_LOG);
+	if (progress)
+		engine_notify(r->e, r->job.id, r->job.route, EV_PROGRESS);
+	if (moved)
+		engine_notify(r->e, r->job.id, r->job.route, EV_STATUS);
+	return 0;
+}
+
+int run_flush(struct run *r)
+{
+	return pending(r) ? flush_with(r, NULL, 0) : 0;
+}
+
+void run_batch_begin(struct run *r)
+{
+	r->batching = true;
+}
+
+void run_batch_end(struct run *r)
+{
+	r->batching = false;
+	if (run_flush(r) != 0)
+		fprintf(stderr, "renderfs: cannot log a step of a job: %s\n", store_lasterr());
+	if (r->pend_cap > 4096) { /* a burst of lines: give the room back */
+		free(r->pend);
+		r->pend = NULL;
+		r->pend_cap = 0;
+	}
+}
+
 /* A timestamped log line; with backend, the attempt's first, recording
  * what runs the job in the same write. */
 static int run_vlog(struct run *r, const struct backend *backend, const char *fmt, va_list ap)
@@ -65,6 +171,12 @@ static int run_vlog(struct run *r, const struct backend *backend, const char *fm
 	size_t n = log_vformat(msg, line, fmt, ap);
 	int rc;
 
+	if (r->batching) {
+		line[n++] = '\n'; /* log_line leaves room for it */
+		if ((rc = pend_add(r, line, n)) == 0 && backend)
+			r->pend_start = true;
+		return rc;
+	}
 	rc = index_job_log_start(r->e->ix, r->job.id, line, n, backend ? backend->name : NULL,
 				 r->route ? r->route->model_id : NULL);
 	if (rc == 0)
@@ -85,6 +197,12 @@ int run_log_handle(struct run *r, const char *prefix, const char *const *msgs, s
 	for (size_t i = 0; i < n; i++) {
 		len += log_line(buf + len, ts, prefix, msgs[i]);
 		buf[len++] = '\n';
+	}
+	if (r->batching) {
+		/* With the rest of the step's writes (engine_i.h). */
+		rc = pend_add(r, buf, len);
+		free(buf);
+		return rc || !handle ? rc : pend_handle_set(r, handle, hlen);
 	}
 	rc = index_job_log_handle(r->e->ix, r->job.id, buf, len, handle, hlen);
 	free(buf);
@@ -135,6 +253,11 @@ void run_progress(struct run *r, double fraction)
 	if (t < 1000 && now - r->last_progress_ms < 100)
 		return;
 	r->last_progress_ms = now;
+	if (r->batching) {
+		r->pend_has_progress = true;
+		r->pend_progress = t;
+		return;
+	}
 	if (index_job_progress(r->e->ix, r->job.id, t) == 0) {
 		r->progress = t;
 		engine_notify(r->e, r->job.id, r->job.route, EV_PROGRESS);
@@ -200,11 +323,20 @@ int run_result(struct run *r, const char *json, size_t len)
 
 int run_handle_put(struct run *r, const void *data, size_t len)
 {
+	if (r->batching) /* with the rest of the step's writes */
+		return pend_handle_set(r, data, len);
 	return index_job_handle_put(r->e->ix, r->job.id, data, len);
 }
 
 int run_handle_get(struct run *r, void **out, size_t *len)
 {
+	if (r->pend_has_handle) { /* put by this step, not written yet */
+		if (!(*out = malloc(r->pend_hlen ? r->pend_hlen : 1)))
+			return -ENOMEM;
+		memcpy(*out, r->pend_handle, r->pend_hlen);
+		*len = r->pend_hlen;
+		return 0;
+	}
 	return index_job_handle_get(r->e->ix, r->job.id, out, len);
 }
 
@@ -221,7 +353,16 @@ int run_remote_set(struct run *r, const char *request_id, const char *model_vers
 	json_object *o = NULL, *v;
 	const char *text;
 	bool changed = false, moved = false;
-	int rc = index_job_remote_get(r->e->ix, r->job.id, &old, &len);
+	int rc;
+
+	if (r->pend_remote) { /* the step's own, not written yet */
+		if (!(old = strdup(r->pend_remote)))
+			return -ENOMEM;
+		len = strlen(old);
+		rc = 0;
+	} else {
+		rc = index_job_remote_get(r->e->ix, r->job.id, &old, &len);
+	}
 
 	if (rc == 0) {
 		json_tokener *tok = json_tokener_new_ex(4);
@@ -265,7 +406,21 @@ int run_remote_set(struct run *r, const char *request_id, const char *model_vers
 	rc = 0;
 	if (changed) {
 		text = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
-		rc = text ? index_job_remote_put(r->e->ix, r->job.id, text, strlen(text)) : -ENOMEM;
+		if (!text) {
+			rc = -ENOMEM;
+		} else if (r->batching) {
+			char *copy = strdup(text);
+			if (!copy) {
+				rc = -ENOMEM;
+			} else {
+				free(r->pend_remote);
+				r->pend_remote = copy;
+				r->pend_moved |= moved;
+				moved = false; /* announced once written */
+			}
+		} else {
+			rc = index_job_remote_put(r->e->ix, r->job.id, text, strlen(text));
+		}
 	}
 	json_object_put(o);
 	if (rc == 0 && moved)
@@ -728,6 +883,9 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 		n = log_vformat(text, line, fmt, ap);
 		va_end(ap);
 	}
+	r->batching = false;
+	if (run_flush(r) != 0)
+		fprintf(stderr, "renderfs: cannot log the end of a job: %s\n", store_lasterr());
 	attempt_usage(r, &u, kind, sizeof(kind));
 	/* A complete job's result.json goes with its completion. */
 	rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u, fmt ? line : NULL, n,
@@ -817,6 +975,9 @@ static int requeue(struct run *r, uint64_t due, const char *fmt, ...)
 	va_start(ap, fmt);
 	n = log_vformat(text, line, fmt, ap);
 	va_end(ap);
+	r->batching = false;
+	if (run_flush(r) != 0)
+		fprintf(stderr, "renderfs: cannot log the end of a job: %s\n", store_lasterr());
 	attempt_usage(r, &u, kind, sizeof(kind));
 	free(r->result); /* the next attempt makes its own */
 	r->result = NULL;

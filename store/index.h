@@ -414,6 +414,23 @@ int index_job_request(struct index *ix, const uint8_t id[JOB_ID_LEN], char **out
  * a crash. handle NULL: the lines only. */
 int index_job_log_handle(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *lines,
 			 size_t len, const void *handle, size_t hlen);
+/*
+ * A run's changes of its job in one durable write, each optional: log
+ * lines (len bytes, each ending in '\n'), progress (thousandths, -1: none;
+ * left out if the job is no longer running), what runs it (backend, model;
+ * NULL: unchanged), its handle and its remote record (NULL: unchanged).
+ */
+struct index_update {
+	const char *lines;
+	size_t len;
+	int progress;
+	const char *backend, *model;
+	const void *handle;
+	size_t hlen;
+	const void *remote;
+	size_t rlen;
+};
+int index_job_update(struct index *ix, const uint8_t id[JOB_ID_LEN], const struct index_update *u);
 int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
 			 size_t len);
 int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len);

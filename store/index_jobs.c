@@ -417,17 +417,24 @@ static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return 0;
 }
 
-struct loghandle_arg {
+struct update_arg {
 	const uint8_t *id;
-	const char *lines;
-	size_t len;
-	const void *handle;
-	size_t hlen;
+	const struct index_update *u;
 };
 
-static int loghandle_fn(struct index *ix, MDB_txn *txn, void *arg)
+static int put_side(struct index *ix, MDB_txn *txn, const uint8_t *id, int db,
+		    const void *data, size_t len)
 {
-	struct loghandle_arg *a = arg;
+	MDB_val k = {JOB_ID_LEN, (void *)id}, v = {len, (void *)data};
+	int rc = mdb_put(txn, handle_db(ix, db), &k, &v, 0);
+
+	return rc ? index_lmdb_err(ix, rc, db == 2 ? "write remote record" : "write handle") : 0;
+}
+
+static int update_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct update_arg *a = arg;
+	const struct index_update *u = a->u;
 	uint8_t key[JOB_ID_LEN + 8];
 	MDB_val k = {sizeof(key), key}, v;
 	struct job j;
@@ -436,7 +443,7 @@ static int loghandle_fn(struct index *ix, MDB_txn *txn, void *arg)
 	if (rc)
 		return rc;
 	memcpy(key, a->id, JOB_ID_LEN);
-	for (const char *p = a->lines, *end = a->lines + a->len; p < end;) {
+	for (const char *p = u->lines, *end = u->len ? u->lines + u->len : p; p < end;) {
 		const char *nl = memchr(p, '\n', (size_t)(end - p));
 		size_t n = (size_t)(nl - p) + 1; /* checked: every line ends so */
 		be64_put(key + JOB_ID_LEN, j.log_size);
@@ -449,38 +456,62 @@ static int loghandle_fn(struct index *ix, MDB_txn *txn, void *arg)
 		j.log_size += n;
 		p += n;
 	}
+	/* Progress is a running job's only (as index_job_progress); for one
+	 * that ended meanwhile it is left out, the rest still written. */
+	if (u->progress >= 0 && j.status == JOB_RUNNING)
+		j.progress = (uint16_t)u->progress;
+	if (u->backend) {
+		char *b = strdup(u->backend), *m = strdup(u->model ? u->model : "");
+		if (!b || !m) {
+			free(b);
+			free(m);
+			job_release(&j);
+			return -ENOMEM;
+		}
+		free(j.backend);
+		free(j.model);
+		j.backend = b;
+		j.model = m;
+	}
 	j.updated_ms = now_ms();
 	rc = index_put_job(ix, txn, &j);
 	job_release(&j);
-	if (rc || !a->handle)
-		return rc;
-	k.mv_size = JOB_ID_LEN;
-	k.mv_data = (void *)a->id;
-	v.mv_size = a->hlen;
-	v.mv_data = (void *)a->handle;
-	rc = mdb_put(txn, ix->handles, &k, &v, 0);
-	return rc ? index_lmdb_err(ix, rc, "write handle") : 0;
+	if (rc == 0 && u->handle)
+		rc = put_side(ix, txn, a->id, 0, u->handle, u->hlen);
+	if (rc == 0 && u->remote)
+		rc = put_side(ix, txn, a->id, 2, u->remote, u->rlen);
+	return rc;
+}
+
+int index_job_update(struct index *ix, const uint8_t id[JOB_ID_LEN], const struct index_update *u)
+{
+	struct update_arg a = {id, u};
+	size_t at = 0;
+
+	if (u->hlen > INDEX_HANDLE_MAX || u->rlen > INDEX_HANDLE_MAX)
+		return store_seterr(-EFBIG, "a job's handle or remote record of %zu bytes is over %d",
+				    u->hlen > u->rlen ? u->hlen : u->rlen, INDEX_HANDLE_MAX);
+	if (u->progress > 1000)
+		return store_seterr(-EINVAL, "progress %d is above 1000 thousandths", u->progress);
+	if (u->len && (memchr(u->lines, '\0', u->len) || u->lines[u->len - 1] != '\n'))
+		return store_seterr(-EINVAL, "log lines end with a newline and hold no NUL");
+	while (at < u->len) {
+		const char *nl = memchr(u->lines + at, '\n', u->len - at);
+		if ((size_t)(nl - (u->lines + at)) > INDEX_LOG_LINE_MAX)
+			return store_seterr(-EINVAL, "a log line is at most %d bytes",
+					    INDEX_LOG_LINE_MAX);
+		at = (size_t)(nl - u->lines) + 1;
+	}
+	return index_write(ix, update_fn, &a);
 }
 
 int index_job_log_handle(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *lines,
 			 size_t len, const void *handle, size_t hlen)
 {
-	struct loghandle_arg a = {id, lines, len, handle, hlen};
-	size_t at = 0;
+	struct index_update u = {.lines = lines, .len = len, .progress = -1, .handle = handle,
+				 .hlen = hlen};
 
-	if (hlen > INDEX_HANDLE_MAX)
-		return store_seterr(-EFBIG, "a job's handle record of %zu bytes is over %d", hlen,
-				    INDEX_HANDLE_MAX);
-	if (memchr(lines, '\0', len) || (len && lines[len - 1] != '\n'))
-		return store_seterr(-EINVAL, "log lines end with a newline and hold no NUL");
-	while (at < len) {
-		const char *nl = memchr(lines + at, '\n', len - at);
-		if ((size_t)(nl - (lines + at)) > INDEX_LOG_LINE_MAX)
-			return store_seterr(-EINVAL, "a log line is at most %d bytes",
-					    INDEX_LOG_LINE_MAX);
-		at = (size_t)(nl - lines) + 1;
-	}
-	return index_write(ix, loghandle_fn, &a);
+	return index_job_update(ix, id, &u);
 }
 
 /* A side record of db (0 handles, 1 creds, 2 remote): put and get. */

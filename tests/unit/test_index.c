@@ -604,6 +604,56 @@ static void test_end_with_log_line(void)
 	      "the log: %.*s", (int)got, buf);
 }
 
+/* A remote step's writes are one: log lines, progress, what runs the job,
+ * its handle and its remote record in one commit; a bad line changes
+ * nothing; progress is left out for a job no longer running. */
+static void test_update(void)
+{
+	struct index_stats before;
+	uint8_t id[16];
+	char buf[256];
+	size_t got = 0;
+	void *h = NULL;
+	size_t hlen = 0;
+	struct job j;
+	struct index_update u = {.lines = "a\nb\n", .len = 4, .progress = 250,
+				 .backend = "fal", .model = "fal-ai/x", .handle = "{\"id\":1}",
+				 .hlen = 8, .remote = "{\"request_id\":\"r\"}", .rlen = 18};
+	struct index_update bad = {.lines = "a\nb", .len = 3, .progress = 500, .handle = "x",
+				   .hlen = 1};
+
+	REQUIRE(create("upd/x/y/z", 9, JOB_PRIO_NORMAL, "{}", id) == 0, "create");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, id, 16) == 0, "claim");
+	job_release(&j);
+	index_stats(ix, &before);
+	CHECK(index_job_update(ix, id, &u) == 0, "update: %s", store_lasterr());
+	one_commit(&before, "update");
+	CHECK(index_job_update(ix, id, &bad) == -EINVAL, "a line without its newline");
+	bad.len = 4, bad.lines = "a\nb\n", bad.progress = 1001;
+	CHECK(index_job_update(ix, id, &bad) == -EINVAL, "progress above 1");
+	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
+	CHECK(j.progress == 250 && j.log_size == 4 && strcmp(j.backend, "fal") == 0 &&
+		      strcmp(j.model, "fal-ai/x") == 0,
+	      "lines, progress, backend: %u %llu", j.progress, (unsigned long long)j.log_size);
+	job_release(&j);
+	CHECK(index_job_log_read(ix, id, 0, buf, sizeof(buf), &got) == 0 && got == 4 &&
+		      memcmp(buf, "a\nb\n", 4) == 0,
+	      "the log");
+	CHECK(index_job_handle_get(ix, id, &h, &hlen) == 0 && hlen == 8 &&
+		      memcmp(h, "{\"id\":1}", 8) == 0,
+	      "the handle");
+	free(h);
+	CHECK(index_job_remote_get(ix, id, &h, &hlen) == 0 && hlen == 18, "the remote record");
+	free(h);
+	/* Ended meanwhile: the lines still go, the progress does not. */
+	REQUIRE(index_job_finish(ix, id, JOB_CANCELLED, NULL, NULL) == 0, "cancel");
+	struct index_update late = {.lines = "c\n", .len = 2, .progress = 900};
+	CHECK(index_job_update(ix, id, &late) == 0, "after the end: %s", store_lasterr());
+	REQUIRE(index_job_get(ix, id, &j) == 0, "get");
+	CHECK(j.progress == 250 && j.log_size == 6, "progress kept, line added");
+	job_release(&j);
+}
+
 /* The job whose output made a blob follows it into the inputs of later
  * jobs (the chain of a pipeline); it is forgotten when that job goes,
  * and records written before producers were kept still read. */
@@ -842,6 +892,7 @@ int main(void)
 	test_group_commit();
 	test_noop_writes_are_not_commits();
 	test_end_with_log_line();
+	test_update();
 	test_cursor_100k();
 	index_close(ix);
 
