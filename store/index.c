@@ -1266,6 +1266,22 @@ int index_log_append(struct index *ix, MDB_txn *txn, struct job *j, const char *
 	return 0;
 }
 
+int index_job_set_runner(struct job *j, const char *backend, const char *model)
+{
+	char *b = strdup(backend), *m = strdup(model ? model : "");
+
+	if (!b || !m) {
+		free(b);
+		free(m);
+		return -ENOMEM;
+	}
+	free(j->backend);
+	free(j->model);
+	j->backend = b;
+	j->model = m;
+	return 0;
+}
+
 static int log_fn(struct index *ix, MDB_txn *txn, void *arg)
 {
 	struct log_arg *a = arg;
@@ -1278,18 +1294,9 @@ static int log_fn(struct index *ix, MDB_txn *txn, void *arg)
 		job_release(&j);
 		return rc;
 	}
-	if (a->backend) {
-		char *b = strdup(a->backend), *m = strdup(a->model ? a->model : "");
-		if (!b || !m) {
-			free(b);
-			free(m);
-			job_release(&j);
-			return -ENOMEM;
-		}
-		free(j.backend);
-		free(j.model);
-		j.backend = b;
-		j.model = m;
+	if (a->backend && (rc = index_job_set_runner(&j, a->backend, a->model)) != 0) {
+		job_release(&j);
+		return rc;
 	}
 	rc = index_put_job(ix, txn, &j);
 	job_release(&j);

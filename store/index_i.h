@@ -110,6 +110,8 @@ int index_put_job(struct index *ix, MDB_txn *txn, const struct job *j);
 /* A log line (len bytes, no newline) appended to j's log in txn; j's
  * log_size and updated_ms follow, and j is for the caller to put. */
 int index_log_append(struct index *ix, MDB_txn *txn, struct job *j, const char *line, size_t len);
+/* What runs j (backend, model; NULL: ""), for the caller to put: -ENOMEM. */
+int index_job_set_runner(struct job *j, const char *backend, const char *model);
 /* j's result.json in txn (JOB_F_RESULT set on j, for the caller to put). */
 int index_result_store(struct index *ix, MDB_txn *txn, struct job *j, const char *text,
 		       size_t len);

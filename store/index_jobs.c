@@ -460,18 +460,9 @@ static int update_fn(struct index *ix, MDB_txn *txn, void *arg)
 	 * that ended meanwhile it is left out, the rest still written. */
 	if (u->progress >= 0 && j.status == JOB_RUNNING)
 		j.progress = (uint16_t)u->progress;
-	if (u->backend) {
-		char *b = strdup(u->backend), *m = strdup(u->model ? u->model : "");
-		if (!b || !m) {
-			free(b);
-			free(m);
-			job_release(&j);
-			return -ENOMEM;
-		}
-		free(j.backend);
-		free(j.model);
-		j.backend = b;
-		j.model = m;
+	if (u->backend && (rc = index_job_set_runner(&j, u->backend, u->model)) != 0) {
+		job_release(&j);
+		return rc;
 	}
 	j.updated_ms = now_ms();
 	rc = index_put_job(ix, txn, &j);
