@@ -123,7 +123,7 @@ def main():
         "backend": "exec", "command": [str(prog)], "media_type": "image/png",
         "max_output": 1 << 40, "timeout_s": 3600,
         "schema": {"type": "object", "properties": {"mib": {"type": "integer"}}}}}}))
-    replica = [f"replica=s3://rfs/bench", f"replica_endpoint={endpoint}", "replica_path_style"]
+    replica = ["replica=s3://rfs/bench", f"replica_endpoint={endpoint}", "replica_path_style"]
     try:
         # (a) upload
         a_store = base / "store-a"
