@@ -275,13 +275,12 @@ static int on_submitted(struct run *r, struct fal_run *f, const struct http_resp
 		snprintf(f->cancel_url, sizeof(f->cancel_url), "%s/%s/requests/%s/cancel", c->base,
 		         model, f->request_id);
 	json_object_put(o);
-	char msg[sizeof(f->request_id) + 32];
-	snprintf(msg, sizeof(msg), "queued as request %s", f->request_id);
-	if ((rc = svc_handle_put_logged(r, handle_json(f), "fal: ", msg)) != 0)
+	if ((rc = svc_handle_put(r, handle_json(f))) != 0)
 		/* Paid work we cannot find again after a restart: say so. */
 		return run_fail(r, rc, "store",
 		                "fal request %s was queued but cannot be recorded: %s",
 		                f->request_id, store_lasterr());
+	run_log(r, "fal: queued as request %s", f->request_id);
 	run_remote_set(r, f->request_id, NULL, RUN_REMOTE_SAME);
 	f->phase = F_STATUS;
 	return run_after(r, svc_poll_begin(&f->poll));

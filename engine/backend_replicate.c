@@ -247,12 +247,11 @@ static int on_created(struct run *r, struct rep_run *p, const struct http_respon
 		snprintf(p->cancel_url, sizeof(p->cancel_url), "%s/predictions/%s/cancel", c->svc.base,
 			 p->id);
 	json_object_put(o);
-	char msg[sizeof(p->id) + 32];
-	snprintf(msg, sizeof(msg), "created prediction %s", p->id);
-	if ((rc = svc_handle_put_logged(r, handle_json(p), "replicate: ", msg)) != 0)
+	if ((rc = svc_handle_put(r, handle_json(p))) != 0)
 		return run_fail(r, rc, "store",
 				"Replicate prediction %s was created but cannot be recorded: %s",
 				p->id, store_lasterr());
+	run_log(r, "replicate: created prediction %s", p->id);
 	run_remote_set(r, p->id, NULL, RUN_REMOTE_SAME);
 	p->phase = R_POLL;
 	return run_after(r, svc_poll_begin(&p->poll));

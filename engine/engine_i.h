@@ -47,10 +47,10 @@ struct run {
 	bool batching;
 	char *pend;		/* log lines, each ending in '\n' */
 	size_t pend_len, pend_cap;
-	bool pend_has_progress, pend_start, pend_moved, pend_has_handle;
+	bool pend_has_progress, pend_start, pend_moved;
 	uint16_t pend_progress;
 	char *pend_remote;	/* the remote record to put (NUL-terminated) */
-	void *pend_handle;	/* the handle to put (pend_hlen bytes) */
+	void *pend_handle;	/* the handle to put (pend_hlen bytes; NULL: none) */
 	size_t pend_hlen;
 
 	/* Filled by the runner when it fails. */
@@ -158,8 +158,11 @@ int run_input_read(struct run *r, const struct job_input *in, uint8_t **data, si
 /* Log n lines (each prefixed) in one durable write. */
 int run_log_lines(struct run *r, const char *prefix, const char *const *msgs, size_t n);
 /* A remote run's step begins (its writes are gathered) and ends (they are
- * written, in one durable write; a failure is said on stderr: they were
- * log lines and progress, which never stopped a run). See `batching`. */
+ * written, in one durable write). A failure then is said on stderr, naming
+ * the job and what was not recorded, and the run goes on: with the index
+ * refusing writes its end cannot be recorded either, and recovery puts
+ * the job back (a handle of remote work not recorded: `interrupted`,
+ * never sent twice). See `batching`. */
 void run_batch_begin(struct run *r);
 void run_batch_end(struct run *r);
 /* What was gathered, written now (0, or the index's error). */

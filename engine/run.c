@@ -79,7 +79,7 @@ static int pend_add(struct run *r, const char *text, size_t len)
 static bool pending(const struct run *r)
 {
 	return r->pend_len || r->pend_has_progress || r->pend_start || r->pend_remote ||
-	       r->pend_has_handle;
+	       r->pend_handle;
 }
 
 /* The handle a step put, kept until the step's writes are made. */
@@ -96,26 +96,21 @@ static int pend_handle_set(struct run *r, const void *data, size_t len)
 	free(r->pend_handle);
 	r->pend_handle = copy;
 	r->pend_hlen = len;
-	r->pend_has_handle = true;
 	return 0;
 }
 
-/* What was gathered, with handle (NULL: the gathered one, if any), in one
- * write; the events once it is durable. Cleared whatever the result. */
-static int flush_with(struct run *r, const void *handle, size_t hlen)
+/* What was gathered, in one write; the events once it is durable.
+ * Cleared whatever the result. */
+static int flush(struct run *r)
 {
-	if (!handle && r->pend_has_handle) {
-		handle = r->pend_handle;
-		hlen = r->pend_hlen;
-	}
 	struct index_update u = {
 	    .lines = r->pend,
 	    .len = r->pend_len,
 	    .progress = r->pend_has_progress ? r->pend_progress : -1,
 	    .backend = r->pend_start ? r->route->backend->name : NULL,
 	    .model = r->pend_start ? r->route->model_id : NULL,
-	    .handle = handle,
-	    .hlen = hlen,
+	    .handle = r->pend_handle,
+	    .hlen = r->pend_hlen,
 	    .remote = r->pend_remote,
 	    .rlen = r->pend_remote ? strlen(r->pend_remote) : 0,
 	};
@@ -123,7 +118,7 @@ static int flush_with(struct run *r, const void *handle, size_t hlen)
 	int rc = index_job_update(r->e->ix, r->job.id, &u);
 
 	r->pend_len = 0;
-	r->pend_has_progress = r->pend_start = r->pend_moved = r->pend_has_handle = false;
+	r->pend_has_progress = r->pend_start = r->pend_moved = false;
 	free(r->pend_remote);
 	r->pend_remote = NULL;
 	free(r->pend_handle);
@@ -143,7 +138,7 @@ static int flush_with(struct run *r, const void *handle, size_t hlen)
 
 int run_flush(struct run *r)
 {
-	return pending(r) ? flush_with(r, NULL, 0) : 0;
+	return pending(r) ? flush(r) : 0;
 }
 
 void run_batch_begin(struct run *r)
@@ -153,9 +148,17 @@ void run_batch_begin(struct run *r)
 
 void run_batch_end(struct run *r)
 {
+	bool handle = r->pend_handle;
+	char id[JOB_ID_STR_LEN + 1];
+
 	r->batching = false;
-	if (run_flush(r) != 0)
-		fprintf(stderr, "renderfs: cannot log a step of a job: %s\n", store_lasterr());
+	if (run_flush(r) != 0) {
+		ulid_format(r->job.id, id);
+		fprintf(stderr, "renderfs: job %s: cannot record %s: %s\n", id,
+			handle ? "where its remote work is (a restart will not follow it)"
+			       : "its log and progress",
+			store_lasterr());
+	}
 	if (r->pend_cap > 4096) { /* a burst of lines: give the room back */
 		free(r->pend);
 		r->pend = NULL;
@@ -330,7 +333,7 @@ int run_handle_put(struct run *r, const void *data, size_t len)
 
 int run_handle_get(struct run *r, void **out, size_t *len)
 {
-	if (r->pend_has_handle) { /* put by this step, not written yet */
+	if (r->pend_handle) { /* put by this step, not written yet */
 		if (!(*out = malloc(r->pend_hlen ? r->pend_hlen : 1)))
 			return -ENOMEM;
 		memcpy(*out, r->pend_handle, r->pend_hlen);
@@ -883,9 +886,7 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 		n = log_vformat(text, line, fmt, ap);
 		va_end(ap);
 	}
-	r->batching = false;
-	if (run_flush(r) != 0)
-		fprintf(stderr, "renderfs: cannot log the end of a job: %s\n", store_lasterr());
+	run_batch_end(r); /* what the last step gathered comes first */
 	attempt_usage(r, &u, kind, sizeof(kind));
 	/* A complete job's result.json goes with its completion. */
 	rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u, fmt ? line : NULL, n,
@@ -975,9 +976,7 @@ static int requeue(struct run *r, uint64_t due, const char *fmt, ...)
 	va_start(ap, fmt);
 	n = log_vformat(text, line, fmt, ap);
 	va_end(ap);
-	r->batching = false;
-	if (run_flush(r) != 0)
-		fprintf(stderr, "renderfs: cannot log the end of a job: %s\n", store_lasterr());
+	run_batch_end(r); /* what the last step gathered comes first */
 	attempt_usage(r, &u, kind, sizeof(kind));
 	free(r->result); /* the next attempt makes its own */
 	r->result = NULL;

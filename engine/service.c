@@ -290,16 +290,6 @@ int svc_handle_put(struct run *r, json_object *o)
 	return rc;
 }
 
-int svc_handle_put_logged(struct run *r, json_object *o, const char *prefix, const char *msg)
-{
-	char *text = svc_handle_text(o);
-	const char *msgs[1] = {msg};
-	int rc = text ? run_log_handle(r, prefix, msgs, 1, text, strlen(text)) : -ENOMEM;
-
-	free(text);
-	return rc;
-}
-
 int svc_handle_submitting(struct run *r)
 {
 	static const char text[] = "{\"state\":\"submitting\"}";

@@ -83,16 +83,15 @@ void svc_conf_clear(struct svc_conf *c);
 /*
  * The run's durable handle (engine_i.h) as JSON: svc_handle_text gives o's
  * text (malloc'ed, or NULL; o is consumed and may be NULL: no memory),
- * svc_handle_put puts it (svc_handle_put_logged with the log line that
- * says so, prefix and msg, in the same write), svc_handle_submitting puts {"state":
- * "submitting"} before a submission whose answer alone says whether the
- * service has it. svc_handle_get: 0 (none), 1 (*out: the object),
+ * svc_handle_put puts it (with the rest of the step's writes: a log line
+ * that says so goes in the same write), svc_handle_submitting puts
+ * {"state": "submitting"} before a submission whose answer alone says
+ * whether the service has it. svc_handle_get: 0 (none), 1 (*out: the object),
  * -EALREADY (a submission of unknown fate), -EBADMSG (not a JSON object),
  * or the store's error.
  */
 char *svc_handle_text(json_object *o);
 int svc_handle_put(struct run *r, json_object *o);
-int svc_handle_put_logged(struct run *r, json_object *o, const char *prefix, const char *msg);
 int svc_handle_submitting(struct run *r);
 int svc_handle_get(struct run *r, json_object **out);
 /*
