@@ -1,8 +1,9 @@
 """A lean fal queue service for benchmarks: the same protocol as
 tests/fakefal.py (submit, status with logs, result, the result's file;
-PROTOCOLS.md "fal.ai queue") and the same answers, without its fault
-switches, served by one asyncio thread with HTTP/1.1 keep-alive instead
-of a Python thread per connection.
+PROTOCOLS.md "fal.ai queue") and the same answers (but a file that differs
+for every request), without its fault switches, served by one asyncio
+thread with HTTP/1.1 keep-alive instead of a Python thread per
+connection.
 
 Why: on a small machine the service shares the cores with the daemon it
 measures. tests/fakefal.py spends ~0.25 ms of CPU a request (http.server's
@@ -18,15 +19,29 @@ outstanding, max_outstanding.
 """
 import asyncio
 import json
+import struct
 import sys
 import pathlib
 import threading
 import time
+import zlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 from fakefal import png  # noqa: E402
 
 KEY = "fal-test-key-0123456789"
+
+
+def unique_png(n):
+    """tests/fakefal.py's image for request n, with a text chunk naming the
+    request: every request's file differs, as a real service's do (that
+    image alone repeats every 256 requests, and a store that finds an
+    output it has already stored writes nothing)."""
+    img = png(n * 7)
+    text = b"Comment\x00request %d" % n
+    chunk = (struct.pack(">I", len(text)) + b"tEXt" + text
+             + struct.pack(">I", zlib.crc32(b"tEXt" + text) & 0xFFFFFFFF))
+    return img[:33] + chunk + img[33:]  # after the signature and IHDR
 
 
 class LeanFal:
@@ -105,7 +120,7 @@ class LeanFal:
     def _handle(self, w, method, path, hdrs, body):
         if path.startswith("/files/"):
             rid = path.split("/")[-1].split(".")[0]
-            return self._answer(w, 200, png(int(rid.split("-")[-1]) * 7), b"image/png")
+            return self._answer(w, 200, unique_png(int(rid.split("-")[-1])), b"image/png")
         if hdrs.get(b"authorization") != b"Key " + KEY.encode():
             return self._answer(w, 401, {"detail": "Invalid key"})
         parts = path.strip("/").split("/")

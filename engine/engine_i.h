@@ -38,11 +38,18 @@ struct run {
 	/*
 	 * A remote run's step gathers its writes (batching): log lines,
 	 * progress, the remote record, the handle and the first line's record
-	 * of what runs the job, and makes them one durable write, before the
-	 * step's request leaves (run_http), when the step ends
-	 * (run_batch_end), or before the run's end is written. So a handle
-	 * is durable before anything acts on it (a "submitting" mark before
-	 * the submission, a request id before its first poll), as always.
+	 * of what runs the job, and makes them one write when the step ends
+	 * (run_batch_end), or before the run's end is written. That write is
+	 * queued, not waited for (index_job_update_async: the run's thread
+	 * goes on to other runs while it commits): every later write of the
+	 * run is committed after it or with it, and a request that acts at
+	 * the service (run_http: any but a GET) leaves only once all of them
+	 * are durable (run_flush). So a handle is durable before anything
+	 * acts on it (a "submitting" mark before the submission, a request
+	 * id before a cancel), as always; a GET (a status, a result, a
+	 * download) may be sent before the step's writes are, since sending
+	 * it again after a crash costs nothing. `unsettled`: a write was
+	 * queued since the run last waited for one.
 	 */
 	bool batching;
 	char *pend;		/* log lines, each ending in '\n' */
@@ -52,6 +59,10 @@ struct run {
 	char *pend_remote;	/* the remote record to put (NUL-terminated) */
 	void *pend_handle;	/* the handle to put (pend_hlen bytes; NULL: none) */
 	size_t pend_hlen;
+	bool unsettled;
+	/* The remote record last written or queued (NUL-terminated; NULL:
+	 * none yet): the base of the next change (run_remote_set). */
+	char *remote_last;
 
 	/* Filled by the runner when it fails. */
 	char error_code[48];
@@ -59,6 +70,9 @@ struct run {
 	bool transient;		/* worth another attempt */
 	uint64_t retry_after_ms; /* the service asked to wait this long (Retry-After) */
 	uint8_t output_hash[32]; /* set by run_commit_output */
+	/* A remote run's output reference is queued (run_commit_output):
+	 * EV_OUTPUT is posted once the run's end is written. */
+	bool output_queued;
 	/* For the usage ledger: the device kind that made the output (set by
 	 * run_commit_output), and the service's own measure of the run. */
 	char used_on[128];
@@ -108,8 +122,9 @@ int run_commit_extra(struct run *r, unsigned n, struct store_sink *sink, const c
 int run_result(struct run *r, const char *json, size_t len);
 /*
  * The job's durable handle (index_job_handle_put/get): a remote backend
- * puts what finds its work again (a request id, status URLs) before it
- * acts on the service's answer, and on a later attempt (after a restart)
+ * puts what finds its work again (a request id, status URLs) when the
+ * service's answer gives it, durable before the run's next request that
+ * acts at the service (`batching`), and on a later attempt (after a restart)
  * gets it back and follows the work instead of submitting it again.
  * get: *out malloc'ed, STORE_E_NOTFOUND when the job has none.
  */
@@ -158,14 +173,16 @@ int run_input_read(struct run *r, const struct job_input *in, uint8_t **data, si
 /* Log n lines (each prefixed) in one durable write. */
 int run_log_lines(struct run *r, const char *prefix, const char *const *msgs, size_t n);
 /* A remote run's step begins (its writes are gathered) and ends (they are
- * written, in one durable write). A failure then is said on stderr, naming
+ * queued as one write, durable soon after). A failure then is said on
+ * stderr (by the thread that commits it, when it fails there), naming
  * the job and what was not recorded, and the run goes on: with the index
  * refusing writes its end cannot be recorded either, and recovery puts
  * the job back (a handle of remote work not recorded: `interrupted`,
  * never sent twice). See `batching`. */
 void run_batch_begin(struct run *r);
 void run_batch_end(struct run *r);
-/* What was gathered, written now (0, or the index's error). */
+/* What was gathered, written now, and every write of the run queued
+ * before durable too (0, or the index's error). */
 int run_flush(struct run *r);
 
 /*

@@ -8,11 +8,17 @@
  * Each remote route has its own queue group (index rgroups, given at open)
  * and a count of runs in flight bounded by its `concurrency`; its routes'
  * circuit breaker (breaker.c) decides whether its jobs may be claimed at
- * all. Remote threads loop: advance a run that is ready (its answer came,
+ * all. Remote threads loop: put the runs whose time has come on the ready
+ * list (behind the answers there: a burst of answers does not hold back
+ * the polls due meanwhile), advance a run that is ready (its answer came,
  * its timer fired, or it must stop), else look at the queue depths (one
  * index read) and claim a job for a route with room and a closed (or
  * probing) breaker, else sleep until the earliest timer, deadline or
- * retry, or until woken (a submission, an answer, a signal).
+ * retry, or until woken (a submission, an answer, a signal). A step waits
+ * for no index write but the ones that must precede a request that acts
+ * at the service (run.c, engine_i.h: batching), and for its output file's
+ * own syncs: its writes, its output's reference and its run's end are
+ * queued (index_write_async).
  *
  * A run's state: `active` while a thread runs its step (no other thread
  * touches it then); otherwise it waits for an answer (`waiting_http`), a
@@ -288,9 +294,10 @@ int run_http(struct run *r, const struct http_request *rq)
 	uint64_t id = 0;
 	int rc;
 
-	/* What the step gathered is durable before its request leaves (a
+	/* A request that acts at the service (not a GET: a submission, a
+	 * cancel) leaves once every write of the run is durable (a
 	 * "submitting" mark before the submission): engine_i.h, batching. */
-	if ((rc = run_flush(r)) != 0)
+	if (strcmp(rq->method, "GET") != 0 && (rc = run_flush(r)) != 0)
 		return run_fail(r, rc, "store", "cannot record the job: %s", store_lasterr());
 	pthread_mutex_lock(&m->mu);
 	rr->waiting_http = true;
@@ -351,6 +358,7 @@ static void rrun_free(struct rrun *rr)
 	free(rr->r.result);
 	free(rr->r.pend);
 	free(rr->r.pend_remote);
+	free(rr->r.remote_last);
 	free(rr->r.pend_handle);
 	job_release(&rr->r.job);
 	free(rr);
@@ -687,6 +695,10 @@ static void *remote_main(void *arg)
 		uint64_t now = now_ms(), wake = now + 1000, due;
 		struct timespec ts;
 
+		/* Runs whose time has come join the ready list first, behind
+		 * the answers already there: a burst of answers does not hold
+		 * back the polls that are due meanwhile. */
+		sweep(m, now, &wake);
 		if ((rr = pop_ready(m)) != NULL) {
 			rr->active = true;
 			pthread_mutex_unlock(&m->mu);
@@ -694,9 +706,6 @@ static void *remote_main(void *arg)
 			pthread_mutex_lock(&m->mu);
 			continue;
 		}
-		sweep(m, now, &wake);
-		if (m->ready)
-			continue;
 		if (!m->stop && depth) {
 			pthread_mutex_unlock(&m->mu);
 			engine_promote_due(e);

@@ -99,9 +99,56 @@ static int pend_handle_set(struct run *r, const void *data, size_t len)
 	return 0;
 }
 
-/* What was gathered, in one write; the events once it is durable.
- * Cleared whatever the result. */
-static int flush(struct run *r)
+/* What the events of a write nobody waits for need: the run may be gone
+ * by the time it is durable. */
+struct flushed {
+	struct engine *e;
+	uint8_t id[JOB_ID_LEN];
+	char route[INDEX_ROUTE_MAX + 1];
+	bool lines, progress, moved, handle;
+};
+
+static void say_unrecorded(const uint8_t id[JOB_ID_LEN], bool handle, const char *why)
+{
+	char text[JOB_ID_STR_LEN + 1];
+
+	ulid_format(id, text);
+	fprintf(stderr, "renderfs: job %s: cannot record %s: %s\n", text,
+		handle ? "where its remote work is (a restart will not follow it)"
+		       : "its log and progress",
+		why);
+}
+
+/* The events of a write, once it is durable. */
+static void flush_events(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *route,
+			 bool lines, bool progress, bool moved)
+{
+	if (lines)
+		engine_notify(e, id, route, EV_LOG);
+	if (progress)
+		engine_notify(e, id, route, EV_PROGRESS);
+	if (moved)
+		engine_notify(e, id, route, EV_STATUS);
+}
+
+/* index_job_update_async's done: on the committing thread, no run. */
+static void flushed(void *arg, int rc, const char *err)
+{
+	struct flushed *f = arg;
+
+	if (rc)
+		say_unrecorded(f->id, f->handle, err);
+	else
+		flush_events(f->e, f->id, f->route, f->lines, f->progress, f->moved);
+	free(f);
+}
+
+/*
+ * What was gathered, in one write (wait: durable when this returns; else
+ * queued, durable soon after and before any later write of the run); the
+ * events once it is durable. Cleared whatever the result.
+ */
+static int flush(struct run *r, bool wait)
 {
 	struct index_update u = {
 	    .lines = r->pend,
@@ -115,11 +162,34 @@ static int flush(struct run *r)
 	    .rlen = r->pend_remote ? strlen(r->pend_remote) : 0,
 	};
 	bool lines = r->pend_len, progress = r->pend_has_progress, moved = r->pend_moved;
-	int rc = index_job_update(r->e->ix, r->job.id, &u);
+	struct flushed *f = NULL;
+	int rc;
 
+	if (wait) {
+		rc = index_job_update(r->e->ix, r->job.id, &u);
+	} else if (!(f = calloc(1, sizeof(*f)))) {
+		rc = store_seterr(-ENOMEM, "out of memory");
+	} else {
+		f->e = r->e;
+		memcpy(f->id, r->job.id, JOB_ID_LEN);
+		snprintf(f->route, sizeof(f->route), "%s", r->job.route);
+		f->lines = lines;
+		f->progress = progress;
+		f->moved = moved;
+		f->handle = r->pend_handle;
+		if ((rc = index_job_update_async(r->e->ix, r->job.id, &u, flushed, f)) != 0)
+			free(f);
+	}
 	r->pend_len = 0;
 	r->pend_has_progress = r->pend_start = r->pend_moved = false;
-	free(r->pend_remote);
+	if (rc == 0 && r->pend_remote) {
+		/* The run's record from now on (run_remote_set reads it, not
+		 * the index, which may not have it yet). */
+		free(r->remote_last);
+		r->remote_last = r->pend_remote;
+	} else {
+		free(r->pend_remote);
+	}
 	r->pend_remote = NULL;
 	free(r->pend_handle);
 	r->pend_handle = NULL;
@@ -127,18 +197,21 @@ static int flush(struct run *r)
 		return rc;
 	if (progress)
 		r->progress = u.progress;
-	if (lines)
-		engine_notify(r->e, r->job.id, r->job.route, EV_LOG);
-	if (progress)
-		engine_notify(r->e, r->job.id, r->job.route, EV_PROGRESS);
-	if (moved)
-		engine_notify(r->e, r->job.id, r->job.route, EV_STATUS);
+	r->unsettled = !wait;
+	if (wait)
+		flush_events(r->e, r->job.id, r->job.route, lines, progress, moved);
 	return 0;
 }
 
 int run_flush(struct run *r)
 {
-	return pending(r) ? flush(r) : 0;
+	int rc = 0;
+
+	if (pending(r))
+		rc = flush(r, true);
+	else if (r->unsettled && (rc = index_writes_settle(r->e->ix)) == 0)
+		r->unsettled = false;
+	return rc;
 }
 
 void run_batch_begin(struct run *r)
@@ -149,16 +222,12 @@ void run_batch_begin(struct run *r)
 void run_batch_end(struct run *r)
 {
 	bool handle = r->pend_handle;
-	char id[JOB_ID_STR_LEN + 1];
 
 	r->batching = false;
-	if (run_flush(r) != 0) {
-		ulid_format(r->job.id, id);
-		fprintf(stderr, "renderfs: job %s: cannot record %s: %s\n", id,
-			handle ? "where its remote work is (a restart will not follow it)"
-			       : "its log and progress",
-			store_lasterr());
-	}
+	/* Nothing waits for it: the run's next write, or its next request
+	 * that acts (run_http), comes after it. */
+	if (pending(r) && flush(r, false) != 0)
+		say_unrecorded(r->job.id, handle, store_lasterr());
 	if (r->pend_cap > 4096) { /* a burst of lines: give the room back */
 		free(r->pend);
 		r->pend = NULL;
@@ -282,16 +351,35 @@ enum stop_reason run_stopping(struct run *r)
 
 static void kind_of_device(const char *device, char *buf, size_t len);
 
+/* A queued reference to a remote run's output failed (the run may be
+ * gone: its end says the rest). */
+static void output_unrecorded(const uint8_t job[JOB_ID_LEN], const char *err)
+{
+	char id[JOB_ID_STR_LEN + 1];
+
+	ulid_format(job, id);
+	fprintf(stderr, "renderfs: job %s: cannot record its output: %s\n", id, err);
+}
+
 int run_commit_output(struct run *r, struct store_sink *sink, const char *media_type,
 		      const char *device)
 {
-	int rc = store_job_commit_output(r->e->st, r->job.id, sink, media_type, device,
-					 r->output_hash);
+	bool remote = r->route->backend->remote;
+	/* A remote run's end is written right after: the reference goes
+	 * with it, the thread waiting for one commit, not two. */
+	int rc = remote ? store_job_commit_output_queued(r->e->st, r->job.id, sink, media_type,
+							 device, r->output_hash, output_unrecorded)
+			: store_job_commit_output(r->e->st, r->job.id, sink, media_type, device,
+						  r->output_hash);
 
 	if (rc)
 		return run_fail(r, rc, "store", "cannot store the output: %s",
 				store_lasterr());
-	if (device && !r->route->backend->remote)
+	if (remote) {
+		r->output_queued = true; /* announced once the end is written */
+		return 0;
+	}
+	if (device)
 		kind_of_device(device, r->used_on, sizeof(r->used_on));
 	engine_notify(r->e, r->job.id, r->job.route, EV_OUTPUT);
 	return 0;
@@ -358,8 +446,10 @@ int run_remote_set(struct run *r, const char *request_id, const char *model_vers
 	bool changed = false, moved = false;
 	int rc;
 
-	if (r->pend_remote) { /* the step's own, not written yet */
-		if (!(old = strdup(r->pend_remote)))
+	if (r->pend_remote || r->remote_last) {
+		/* The step's own, not written yet, or the run's last (which
+		 * may not be durable yet). */
+		if (!(old = strdup(r->pend_remote ? r->pend_remote : r->remote_last)))
 			return -ENOMEM;
 		len = strlen(old);
 		rc = 0;
@@ -421,8 +511,11 @@ int run_remote_set(struct run *r, const char *request_id, const char *model_vers
 				r->pend_moved |= moved;
 				moved = false; /* announced once written */
 			}
-		} else {
-			rc = index_job_remote_put(r->e->ix, r->job.id, text, strlen(text));
+		} else if ((rc = index_job_remote_put(r->e->ix, r->job.id, text, strlen(text))) ==
+			   0) {
+			/* Durable after every queued write: the index has it. */
+			free(r->remote_last);
+			r->remote_last = NULL;
 		}
 	}
 	json_object_put(o);
@@ -867,8 +960,82 @@ static void attempt_usage(struct run *r, struct job_usage *u, char *kind, size_t
 	}
 }
 
+/* What a run's end, queued, announces once it is durable (the run is
+ * gone by then). */
+struct ended {
+	struct engine *e;
+	uint8_t id[JOB_ID_LEN];
+	char route[INDEX_ROUTE_MAX + 1];
+	bool line, progress, output;
+};
+
+/* The events of a run's end, in the order a watcher needs them (the
+ * notifier keeps it too): its line, progress 1, its output, its state. */
+static void ended_events(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *route,
+			 bool line, bool progress, bool output)
+{
+	if (line)
+		engine_notify(e, id, route, EV_LOG);
+	if (progress)
+		engine_notify(e, id, route, EV_PROGRESS);
+	if (output)
+		engine_notify(e, id, route, EV_OUTPUT);
+	engine_notify(e, id, route, EV_STATUS);
+}
+
+/* index_job_finish_logged_async's done: on the committing thread. */
+static void ended(void *arg, int rc, const char *err)
+{
+	struct ended *d = arg;
+	char id[JOB_ID_STR_LEN + 1];
+
+	if (rc) {
+		/* As finish's: the job stays running until recovery. */
+		ulid_format(d->id, id);
+		fprintf(stderr, "renderfs: cannot finish job %s: %s\n", id, err);
+	} else {
+		ended_events(d->e, d->id, d->route, d->line, d->progress, d->output);
+	}
+	free(d);
+}
+
+/* A remote run's end, queued (finish): whether it is; its events follow
+ * once it is durable (ended). */
+static bool finish_queued(struct engine *e, struct run *r, enum job_status st, const char *code,
+			  const char *msg, const struct job_usage *u, const char *line, size_t n,
+			  bool progress, bool output)
+{
+	struct ended *d = calloc(1, sizeof(*d));
+	uint64_t now = now_ms();
+
+	if (!d)
+		return false;
+	d->e = e;
+	memcpy(d->id, r->job.id, JOB_ID_LEN);
+	snprintf(d->route, sizeof(d->route), "%s", r->job.route);
+	d->line = line != NULL;
+	d->progress = progress;
+	d->output = output;
+	/* A complete job's result.json goes with its completion. */
+	if (index_job_finish_logged_async(e->ix, r->job.id, st, code, msg, u, line, n,
+					  st == JOB_COMPLETE ? r->result : NULL, r->result_len,
+					  ended, d) != 0) {
+		free(d);
+		return false; /* the caller writes it, waiting */
+	}
+	pthread_mutex_lock(&e->stats_mu);
+	engine_observe(&e->h_wait, (double)(r->job.started_ms - r->job.created_ms) / 1000);
+	engine_observe(&e->h_run, (double)(now - r->job.started_ms) / 1000);
+	engine_observe(&e->h_e2e, (double)(now - r->job.created_ms) / 1000);
+	pthread_mutex_unlock(&e->stats_mu);
+	return true;
+}
+
 /* The run ends in st, with its last log line (fmt, NULL: none) in the
- * same write. */
+ * same write. A remote run's end is queued, not waited for (its thread
+ * goes on to other runs; the events follow once it is durable): nothing
+ * of the run reads it back, and the run's writes before it are committed
+ * before it or with it (engine_i.h, batching). */
 static void finish(struct engine *e, struct run *r, enum job_status st, const char *code,
 		   const char *msg, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 static void finish(struct engine *e, struct run *r, enum job_status st, const char *code,
@@ -879,7 +1046,10 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 	char kind[160], text[ENGINE_ERR_MAX], line[LOG_LINE_CAP];
 	size_t n = 0;
 	va_list ap;
-	int rc;
+	/* Completion sets progress to 1 in the same write: watchers of
+	 * `progress` hear of it unless the run had stored 1 itself. */
+	bool progress = st == JOB_COMPLETE && r->progress != 1000, output = r->output_queued;
+	int rc = 0;
 
 	if (fmt) {
 		va_start(ap, fmt);
@@ -888,7 +1058,13 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 	}
 	run_batch_end(r); /* what the last step gathered comes first */
 	attempt_usage(r, &u, kind, sizeof(kind));
-	/* A complete job's result.json goes with its completion. */
+	r->output_queued = false;
+	if (r->route && r->route->backend->remote &&
+	    finish_queued(e, r, st, code, msg, &u, fmt ? line : NULL, n, progress, output)) {
+		free(r->result);
+		r->result = NULL;
+		return;
+	}
 	rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u, fmt ? line : NULL, n,
 				     st == JOB_COMPLETE ? r->result : NULL, r->result_len);
 	free(r->result);
@@ -901,12 +1077,6 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 			run_log(r, "%s", text);
 		return;
 	}
-	if (fmt)
-		engine_notify(e, r->job.id, r->job.route, EV_LOG);
-	/* Completion sets progress to 1 in the same write: watchers of
-	 * `progress` hear of it unless the run had stored 1 itself. */
-	if (st == JOB_COMPLETE && r->progress != 1000)
-		engine_notify(e, r->job.id, r->job.route, EV_PROGRESS);
 	if (index_job_get(e->ix, r->job.id, &j) == 0) {
 		pthread_mutex_lock(&e->stats_mu);
 		engine_observe(&e->h_wait, (double)(j.started_ms - j.created_ms) / 1000);
@@ -915,7 +1085,7 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 		pthread_mutex_unlock(&e->stats_mu);
 		job_release(&j);
 	}
-	engine_notify(e, r->job.id, r->job.route, EV_STATUS);
+	ended_events(e, r->job.id, r->job.route, fmt, progress, output);
 }
 
 bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HASH_LEN])
@@ -989,6 +1159,9 @@ static int requeue(struct run *r, uint64_t due, const char *fmt, ...)
 		return store_seterr(rc, "%s", why); /* the caller's to report */
 	}
 	engine_notify(e, r->job.id, r->job.route, EV_LOG);
+	if (r->output_queued) /* attached before the attempt failed */
+		engine_notify(e, r->job.id, r->job.route, EV_OUTPUT);
+	r->output_queued = false;
 	engine_notify(e, r->job.id, r->job.route, EV_STATUS);
 	return 0;
 }

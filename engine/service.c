@@ -407,6 +407,24 @@ int svc_files_add(struct svc_files *fs, json_object *holder, const char *key, si
 
 	if (fs->n >= SVC_FILES_MAX)
 		return -E2BIG;
+	if (fs->n == fs->cap) {
+		size_t cap = fs->cap ? fs->cap * 2 : 2;
+		struct svc_file *nf;
+		uint8_t(*nh)[32];
+		if (cap > SVC_FILES_MAX)
+			cap = SVC_FILES_MAX;
+		if (!(nf = realloc(fs->f, cap * sizeof(*nf)))) {
+			fs->nomem = true;
+			return -ENOMEM;
+		}
+		fs->f = nf;
+		if (!(nh = realloc(fs->hashes, cap * sizeof(*nh)))) {
+			fs->nomem = true;
+			return -ENOMEM;
+		}
+		fs->hashes = nh;
+		fs->cap = cap;
+	}
 	f = &fs->f[fs->n++];
 	f->holder = holder;
 	snprintf(f->key, sizeof(f->key), "%s", key ? key : "");
@@ -633,6 +651,8 @@ static int go_on(struct run *r, struct svc_files *fs)
 
 int svc_files_start(struct run *r, struct svc_files *fs)
 {
+	if (fs->nomem)
+		return run_fail(r, -ENOMEM, "store", "out of memory");
 	if (fs->n == 0)
 		return run_fail(r, -EIO, "output_invalid", "%s's result names no file", fs->service);
 	for (size_t i = 0; i < fs->n; i++) {
@@ -687,5 +707,7 @@ void svc_files_free(struct svc_files *fs)
 	if (fs->first)
 		store_sink_abort(fs->first);
 	json_object_put(fs->result);
+	free(fs->f);
+	free(fs->hashes);
 	memset(fs, 0, sizeof(*fs));
 }

@@ -155,9 +155,13 @@ struct svc_files {
 	const char *service;	 /* for messages: "fal", "replicate", ... */
 	const char *key;	 /* a secret that must not appear in messages */
 	json_object *result;	 /* owned: kept as result.json at the end */
-	struct svc_file f[SVC_FILES_MAX];
-	size_t n, at;
-	uint8_t hashes[SVC_FILES_MAX][32];
+	/* The files and their hashes once stored, cap of each allocated:
+	 * none until a result names some (a thousand runs polling hold
+	 * none). nomem: one could not be added (svc_files_start fails). */
+	struct svc_file *f;
+	uint8_t (*hashes)[32];
+	size_t n, at, cap;
+	bool nomem;
 	struct store_sink *sink;  /* the download under way */
 	struct store_sink *first; /* the first file's, committed last */
 	uint8_t head[16];	  /* its first bytes, for svc_sniff */
@@ -166,7 +170,8 @@ struct svc_files {
 
 /* Add the file whose value is holder[key] (key NULL: holder[idx]) and that
  * the result says is content_type (NULL: nothing). Past SVC_FILES_MAX the
- * file is not added: -E2BIG. */
+ * file is not added: -E2BIG; without memory -ENOMEM (and the files are
+ * refused at svc_files_start). */
 int svc_files_add(struct svc_files *fs, json_object *holder, const char *key, size_t idx,
 		  enum svc_file_kind kind, const char *content_type);
 /*

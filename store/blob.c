@@ -3,8 +3,9 @@
  *
  * DESIGN
  * A sink owns one file in tmp/. Writes are staged one 1 MiB group at a
- * time so that the hasher sees large aligned pieces (its SIMD
- * paths hash 8 or 16 chunks at a time) and the file sees few write()s.
+ * time (in a stage that grows to it) so that the hasher sees large
+ * aligned pieces (its SIMD paths hash 8 or 16 chunks at a time) and the
+ * file sees few write()s.
  * Committing follows the order of store.h's WRITE PATH. Readers verify the
  * whole content before returning a descriptor: blobs are immutable, so
  * the descriptor then reads exactly the verified bytes unless the file is
@@ -32,16 +33,20 @@
  * A sink stages one group (B3_GROUP_LEN) at a time: when a full group is
  * followed by more bytes it is hashed as a group and written out, so the
  * blob's hash comes from its groups' chaining values, which are kept for
- * verified reads (the group cache below) at no extra hashing cost.
+ * verified reads (the group cache below) at no extra hashing cost. The
+ * stage grows with what it holds (from SINK_STAGE_MIN, doubling): a
+ * thousand downloads of small images in flight hold a few KiB each, not
+ * a group each.
  */
 #define SINK_STAGE B3_GROUP_LEN
+#define SINK_STAGE_MIN (16u << 10)
 
 struct store_sink {
 	struct store *st;
 	int fd;
 	char path[4200];
 	uint64_t size;
-	size_t staged;
+	size_t staged, stage_cap;
 	uint8_t *stage;
 	uint8_t (*cvs)[B3_OUT_LEN]; /* chaining values of the groups written */
 	size_t ngroups, cap;
@@ -54,11 +59,6 @@ int store_sink_open(struct store *st, struct store_sink **out)
 
 	if (!s)
 		return -ENOMEM;
-	s->stage = malloc(SINK_STAGE);
-	if (!s->stage) {
-		free(s);
-		return -ENOMEM;
-	}
 	snprintf(s->path, sizeof(s->path), "%s/tmp/blob-XXXXXX", st->dir);
 	s->fd = mkostemp(s->path, O_CLOEXEC);
 	if (s->fd < 0) {
@@ -103,6 +103,18 @@ static int sink_take(struct store_sink *s, const uint8_t *p, size_t len)
 		size_t take = SINK_STAGE - s->staged;
 		if (take > len)
 			take = len;
+		if (s->staged + take > s->stage_cap) {
+			size_t cap = s->stage_cap ? s->stage_cap : SINK_STAGE_MIN;
+			uint8_t *p2;
+			while (cap < s->staged + take)
+				cap *= 2;
+			if (cap > SINK_STAGE)
+				cap = SINK_STAGE;
+			if (!(p2 = realloc(s->stage, cap)))
+				return store_seterr(-ENOMEM, "out of memory");
+			s->stage = p2;
+			s->stage_cap = cap;
+		}
 		memcpy(s->stage + s->staged, p, take);
 		s->staged += take;
 		s->size += take;
@@ -122,15 +134,18 @@ static int sink_finish(struct store_sink *s, uint8_t hash[B3_OUT_LEN])
 {
 	int rc;
 
+	static const uint8_t none[1];
+
 	if (s->ngroups == 0) {
-		b3_hash(s->stage, s->staged, hash); /* one group: hashed as usual */
+		/* one group: hashed as usual (nothing staged: no stage yet) */
+		b3_hash(s->staged ? s->stage : none, s->staged, hash);
 	} else {
 		if ((rc = sink_group_out(s)) != 0)
 			return rc;
 		b3_root_from_groups(s->cvs, s->ngroups, hash);
 		return 0;
 	}
-	if (!s->adopting && (rc = write_all(s->fd, s->stage, s->staged)) != 0)
+	if (!s->adopting && s->staged && (rc = write_all(s->fd, s->stage, s->staged)) != 0)
 		return store_seterr(rc, "cannot write '%s': %s", s->path, strerror(-rc));
 	s->staged = 0;
 	return 0;
@@ -215,25 +230,39 @@ static int sink_sync(struct store_sink *s)
 	return 0;
 }
 
+/* rename(from, path), making path's folder dir the first time one of its
+ * blobs is placed (a mkdir at every commit would take blobs/'s lock at
+ * every commit), the folder's own entry durable before the blob goes in. */
+static int place(struct store *st, const char *from, const char *path, const char *dir)
+{
+	char parent[4200];
+	int rc;
+
+	if (rename(from, path) == 0)
+		return 0;
+	if (errno != ENOENT || access(from, F_OK) != 0)
+		goto fail;
+	/* Made here, or just now by another commit that may not have made
+	 * its entry durable yet: this one's blob needs it either way. */
+	if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+		return store_seterr(-errno, "cannot create '%s': %s", dir, strerror(errno));
+	snprintf(parent, sizeof(parent), "%s/blobs", st->dir);
+	if ((rc = dir_fsync(parent)) != 0)
+		return rc;
+	if (rename(from, path) == 0)
+		return 0;
+fail:
+	return store_seterr(-errno, "cannot rename '%s' to '%s': %s", from, path, strerror(errno));
+}
+
 /* Make the sink's file (synced) the blob file at path (in dir), durably. */
 static int sink_rename(struct store *st, struct store_sink *s, const char *path,
 		       const char *dir)
 {
-	int rc;
+	int rc = place(st, s->path, path, dir);
 
-	if (mkdir(dir, 0755) == 0) {
-		/* The new folder's own entry must be durable too. */
-		char parent[4200];
-
-		snprintf(parent, sizeof(parent), "%s/blobs", st->dir);
-		if ((rc = dir_fsync(parent)) != 0)
-			return rc;
-	} else if (errno != EEXIST) {
-		return store_seterr(-errno, "cannot create '%s': %s", dir, strerror(errno));
-	}
-	if (rename(s->path, path) != 0)
-		return store_seterr(-errno, "cannot rename '%s' to '%s': %s", s->path, path,
-				    strerror(errno));
+	if (rc)
+		return rc;
 	s->path[0] = '\0';
 	return dir_fsync(dir);
 }
@@ -273,27 +302,48 @@ int store_blob_write(struct store *st, const void *data, size_t len, uint8_t has
 	return rc;
 }
 
+/* How a commit's index write goes: waited for, or queued (the output
+ * only) with what to call once it is durable or has failed. */
+struct commit_how {
+	bool queued;
+	void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err);
+};
+
 static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_sink *s,
 		  const char *media_type, const char *device, unsigned extra,
-		  uint8_t hash_out[B3_OUT_LEN]);
+		  const struct commit_how *how, uint8_t hash_out[B3_OUT_LEN]);
 
 int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
 			    struct store_sink *s, const char *media_type, const char *device,
 			    uint8_t hash_out[B3_OUT_LEN])
 {
-	return commit(st, job, s, media_type, device, 0, hash_out);
+	static const struct commit_how wait = {false, NULL};
+
+	return commit(st, job, s, media_type, device, 0, &wait, hash_out);
+}
+
+int store_job_commit_output_queued(struct store *st, const uint8_t job[JOB_ID_LEN],
+				   struct store_sink *s, const char *media_type,
+				   const char *device, uint8_t hash_out[B3_OUT_LEN],
+				   void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err))
+{
+	const struct commit_how queued = {true, failed};
+
+	return commit(st, job, s, media_type, device, 0, &queued, hash_out);
 }
 
 int store_job_commit_extra(struct store *st, const uint8_t job[JOB_ID_LEN], unsigned n,
 			   struct store_sink *s, const char *media_type, uint8_t hash_out[B3_OUT_LEN])
 {
-	return commit(st, job, s, media_type, NULL, n, hash_out);
+	static const struct commit_how wait = {false, NULL};
+
+	return commit(st, job, s, media_type, NULL, n, &wait, hash_out);
 }
 
 /* The output (extra 0) or output `extra` of job: see WRITE PATH. */
 static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_sink *s,
 		  const char *media_type, const char *device, unsigned extra,
-		  uint8_t hash_out[B3_OUT_LEN])
+		  const struct commit_how *how, uint8_t hash_out[B3_OUT_LEN])
 {
 	uint8_t hash[B3_OUT_LEN];
 	char path[4200], dir[4200];
@@ -326,8 +376,14 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 	if (!dedup && ((!synced && (rc = sink_sync(s)) != 0) ||
 		       (rc = sink_rename(st, s, path, dir)) != 0))
 		goto unlock;
-	rc = extra ? index_job_attach_extra(st->ix, job, extra, hash, s->size, media_type)
-		   : index_job_attach_output(st->ix, job, hash, s->size, media_type, device, false);
+	/* Queued under the lock: a write that a later holder of the lock
+	 * makes (a delete that frees this blob, say) comes after it, and
+	 * store_gc waits for it (index_writes_settle). */
+	rc = extra	  ? index_job_attach_extra(st->ix, job, extra, hash, s->size, media_type)
+	     : how->queued ? index_job_attach_output_async(st->ix, job, hash, s->size,
+							  media_type, device, how->failed)
+			   : index_job_attach_output(st->ix, job, hash, s->size, media_type,
+						     device, false);
 	/* A blob the cache had dropped (its record kept, the bucket has
 	 * it) is here again. */
 	if (rc == 0 && known && !dedup)
@@ -886,6 +942,13 @@ int store_gc(struct store *st, uint64_t *collected)
 	if (!d)
 		return store_seterr(-errno, "cannot open '%s': %s", path, strerror(errno));
 	blob_lock_all(st);
+	/* A blob placed before the lock was taken may have its reference
+	 * queued, not yet written (store_job_commit_output_queued). */
+	if ((rc = index_writes_settle(st->ix)) != 0) {
+		blob_unlock_all(st);
+		closedir(d);
+		return rc;
+	}
 	while ((de = readdir(d)) != NULL && rc == 0) {
 		if (de->d_name[0] == '.' || de->d_type != DT_DIR || strlen(de->d_name) != 2)
 			continue;

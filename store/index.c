@@ -493,6 +493,14 @@ static int damaged_err(struct index *ix)
 
 /* ---- group commit ---- */
 
+/* op failed with rc: it keeps the message, set on this (the leader's)
+ * thread, for its owner's (store_lasterr is per thread) or its done_fn. */
+static void op_fail(struct index_wop *op, int rc)
+{
+	op->rc = rc;
+	snprintf(op->err, sizeof(op->err), "%s", store_lasterr());
+}
+
 /* The batch's transaction; *txnp holds it while it is open, for the jump
  * back from an assertion. *sync_ns: the time of the final commit (LMDB's
  * page writes and its syncs). */
@@ -507,14 +515,15 @@ static void run_batch_txn(struct index *ix, struct index_wop *batch, MDB_txn *vo
 	if (rc) {
 		rc = index_lmdb_err(ix, rc, "begin write");
 		for (op = batch; op; op = op->next)
-			op->rc = rc;
+			op_fail(op, rc);
 		return;
 	}
 	*txnp = txn;
 	if (!batch->next) {
 		/* Alone: no nested transaction needed. */
-		batch->rc = batch->fn(ix, txn, batch->arg);
-		if (batch->rc) {
+		store_seterr(0, "%s", ""); /* a failure without a message has none */
+		if ((rc = batch->fn(ix, txn, batch->arg)) != 0) {
+			op_fail(batch, rc);
 			*txnp = NULL;
 			mdb_txn_abort(txn);
 			return;
@@ -525,17 +534,18 @@ static void run_batch_txn(struct index *ix, struct index_wop *batch, MDB_txn *vo
 
 			rc = mdb_txn_begin(ix->env, txn, 0, &child);
 			if (rc) {
-				op->rc = index_lmdb_err(ix, rc, "begin nested");
+				op_fail(op, index_lmdb_err(ix, rc, "begin nested"));
 				continue;
 			}
-			op->rc = op->fn(ix, child, op->arg);
-			if (op->rc) {
+			store_seterr(0, "%s", "");
+			if ((rc = op->fn(ix, child, op->arg)) != 0) {
+				op_fail(op, rc);
 				mdb_txn_abort(child);
 				continue;
 			}
 			rc = mdb_txn_commit(child);
 			if (rc)
-				op->rc = index_lmdb_err(ix, rc, "commit nested");
+				op_fail(op, index_lmdb_err(ix, rc, "commit nested"));
 		}
 	}
 	uint64_t t0 = mono_ns();
@@ -546,7 +556,7 @@ static void run_batch_txn(struct index *ix, struct index_wop *batch, MDB_txn *vo
 		rc = index_lmdb_err(ix, rc, "commit");
 		for (op = batch; op; op = op->next)
 			if (op->rc == 0)
-				op->rc = rc;
+				op_fail(op, rc);
 	}
 }
 
@@ -554,7 +564,7 @@ static void run_batch_txn(struct index *ix, struct index_wop *batch, MDB_txn *vo
 static void batch_fail(struct index_wop *batch, int rc)
 {
 	for (struct index_wop *op = batch; op; op = op->next)
-		op->rc = rc;
+		op_fail(op, rc);
 }
 
 static void run_batch(struct index *ix, struct index_wop *batch, uint64_t *sync_ns)
@@ -657,32 +667,45 @@ static void gather(struct index *ix)
 	ix->gathering = false;
 }
 
-int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
+/* Queue op (wmu held). */
+static void enqueue(struct index *ix, struct index_wop *op)
 {
-	struct index_wop op = {fn, arg, 0, false, NULL, mono_ns(), 0, 0, PTHREAD_COND_INITIALIZER};
-
-	if (ix->read_only)
-		return store_seterr(-EROFS, "the index in '%s' is open read-only", ix->dir);
-	pthread_mutex_lock(&ix->wmu);
 	if (ix->wq_tail)
-		ix->wq_tail->next = &op;
+		ix->wq_tail->next = op;
 	else
-		ix->wq_head = &op;
-	ix->wq_tail = &op;
+		ix->wq_head = op;
+	ix->wq_tail = op;
 	ix->wq_len++;
 	if (ix->gathering && ix->wq_len >= ix->active)
 		pthread_cond_signal(&ix->gcond);
-	while (!op.done) {
-		if (ix->leader) {
-			pthread_cond_wait(&op.cond, &ix->wmu);
-			continue;
-		}
+}
+
+/* The first queued op whose owner waits for it (wmu held); NULL: none. */
+static struct index_wop *first_waiter(struct index *ix)
+{
+	struct index_wop *op = ix->wq_head;
+
+	while (op && op->done_fn)
+		op = op->next;
+	return op;
+}
+
+/*
+ * Lead batches (wmu held, no leader): one, then more for as long as only
+ * ops that nobody waits for are queued (an op with an owner waiting is
+ * woken to lead instead). The async ops' done_fn are called between
+ * batches, without wmu; meanwhile another thread may have become the
+ * leader, which then takes what is queued.
+ */
+static void lead(struct index *ix)
+{
+	do {
+		struct index_wop *batch, *async = NULL, **async_tail = &async, *w;
+		uint64_t n = 0, waiting = 0, taken = mono_ns(), sync_ns = 0, done;
+
 		ix->leader = true;
 		gather(ix);
-
-		struct index_wop *batch = ix->wq_head;
-		uint64_t n = 0, taken = mono_ns(), sync_ns = 0, done;
-
+		batch = ix->wq_head;
 		ix->wq_head = ix->wq_tail = NULL;
 		ix->wq_len = 0;
 		pthread_mutex_unlock(&ix->wmu);
@@ -695,10 +718,19 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 			struct index_wop *next = batch->next;
 			batch->taken_ns = taken;
 			batch->done_ns = done;
-			batch->done = true;
-			/* Its owner may return and free it once wmu is let go. */
-			if (batch != &op)
+			if (batch->done_fn) {
+				ix->op_queue_ns += taken - batch->queued_ns;
+				ix->op_batch_ns += done - taken;
+				batch->next = NULL;
+				*async_tail = batch;
+				async_tail = &batch->next;
+			} else {
+				/* Its owner may return and free it once wmu is let
+				 * go (the leader's own op: once this returns). */
+				batch->done = true;
 				pthread_cond_signal(&batch->cond);
+				waiting++;
+			}
 			batch = next;
 			n++;
 		}
@@ -718,24 +750,92 @@ int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), 
 			grow_ahead(ix, info.me_last_pgno);
 			pthread_mutex_lock(&ix->wmu);
 		}
-		/* The batch's writers return soon; those queued already wait. */
-		ix->active = (size_t)n + ix->wq_len;
+		/* The batch's waiting writers return soon; those queued
+		 * already wait. */
+		ix->active = (size_t)waiting + ix->wq_len;
 		ix->leader = false;
 		if (ix->hook_added) {
 			ix->hook_added = false;
 			if (ix->hook_wake)
 				ix->hook_wake(ix->hook_wake_arg); /* does not block */
 		}
-		/* The first op queued meanwhile leads the next batch. */
-		if (ix->wq_head)
-			pthread_cond_signal(&ix->wq_head->cond);
+		/* The first op queued meanwhile with an owner waiting leads
+		 * the next batch. */
+		if ((w = first_waiter(ix)))
+			pthread_cond_signal(&w->cond);
+		if (async) {
+			pthread_mutex_unlock(&ix->wmu);
+			while (async) {
+				struct index_wop *next = async->next;
+				async->done_fn(async->arg, async->rc, async->err);
+				free(async);
+				async = next;
+			}
+			pthread_mutex_lock(&ix->wmu);
+		}
+	} while (!ix->leader && ix->wq_head && !first_waiter(ix));
+}
+
+int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)
+{
+	struct index_wop op = {fn, arg, 0, false, NULL, mono_ns(), 0, 0, PTHREAD_COND_INITIALIZER,
+			       NULL, ""};
+
+	if (ix->read_only)
+		return store_seterr(-EROFS, "the index in '%s' is open read-only", ix->dir);
+	pthread_mutex_lock(&ix->wmu);
+	enqueue(ix, &op);
+	while (!op.done) {
+		if (ix->leader) {
+			pthread_cond_wait(&op.cond, &ix->wmu);
+			continue;
+		}
+		lead(ix); /* its first batch holds op */
 	}
 	ix->op_queue_ns += op.taken_ns - op.queued_ns;
 	ix->op_batch_ns += op.done_ns - op.taken_ns;
 	ix->op_wake_ns += mono_ns() - op.done_ns;
 	pthread_mutex_unlock(&ix->wmu);
 	pthread_cond_destroy(&op.cond);
-	return op.rc;
+	/* Whoever led the batch, the caller's message is its write's. */
+	return op.rc ? store_seterr(op.rc, "%s", op.err) : 0;
+}
+
+static int settle_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	(void)ix;
+	(void)txn;
+	(void)arg;
+	return 0;
+}
+
+/* A write that changes nothing: its batch comes after every batch that
+ * took a write queued before it (one leader at a time, the queue in
+ * order), and a batch that changes nothing makes no commit. */
+int index_writes_settle(struct index *ix)
+{
+	return index_write(ix, settle_fn, NULL);
+}
+
+int index_write_async(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg,
+		      void (*done)(void *arg, int rc, const char *err))
+{
+	struct index_wop *op;
+
+	if (ix->read_only)
+		return store_seterr(-EROFS, "the index in '%s' is open read-only", ix->dir);
+	if (!(op = calloc(1, sizeof(*op))))
+		return store_seterr(-ENOMEM, "out of memory");
+	op->fn = fn;
+	op->arg = arg;
+	op->done_fn = done;
+	op->queued_ns = mono_ns();
+	pthread_mutex_lock(&ix->wmu);
+	enqueue(ix, op);
+	if (!ix->leader)
+		lead(ix);
+	pthread_mutex_unlock(&ix->wmu);
+	return 0;
 }
 
 int index_read(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg)

@@ -431,6 +431,20 @@ struct index_update {
 	size_t rlen;
 };
 int index_job_update(struct index *ix, const uint8_t id[JOB_ID_LEN], const struct index_update *u);
+/*
+ * The same write without waiting for it (its data copied): committed
+ * after every write queued before it, and with or before any queued
+ * after it; done(arg, rc, err) is called once it is durable or has
+ * failed, on the thread that commits it (index_i.h, index_write_async:
+ * done may not write to the index, and takes no lock held across index
+ * writes). Returns 0 (done will be called) or an error (it will not).
+ */
+int index_job_update_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			   const struct index_update *u,
+			   void (*done)(void *arg, int rc, const char *err), void *arg);
+/* Returns once every write queued before the call (async ones too) is
+ * durable or has failed: 0, or an error of the wait itself. */
+int index_writes_settle(struct index *ix);
 int index_job_handle_put(struct index *ix, const uint8_t id[JOB_ID_LEN], const void *data,
 			 size_t len);
 int index_job_handle_get(struct index *ix, const uint8_t id[JOB_ID_LEN], void **out, size_t *len);
@@ -471,6 +485,13 @@ int index_job_log_read(struct index *ix, const uint8_t id[JOB_ID_LEN], uint64_t 
 int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
 			    const uint8_t hash[INDEX_HASH_LEN], uint64_t size,
 			    const char *media_type, const char *device, bool cached);
+/* The same without waiting for it (index_job_update_async says how;
+ * failed, if not NULL, is called instead of done, and only if it fails):
+ * the job's end, written after it, cannot complete the job then. */
+int index_job_attach_output_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+				  const uint8_t hash[INDEX_HASH_LEN], uint64_t size,
+				  const char *media_type, const char *device,
+				  void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err));
 
 /* running -> complete (needs an output), error or cancelled. error_code and
  * error_message are used for JOB_ERROR and may be NULL otherwise. */
@@ -496,6 +517,14 @@ int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
 			    enum job_status final, const char *error_code,
 			    const char *error_message, const struct job_usage *used,
 			    const char *line, size_t len, const char *result, size_t result_len);
+/* The same without waiting for it (index_job_update_async says how; its
+ * arguments are checked, and copied, before it is queued). */
+int index_job_finish_logged_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+				  enum job_status final, const char *error_code,
+				  const char *error_message, const struct job_usage *used,
+				  const char *line, size_t len, const char *result,
+				  size_t result_len,
+				  void (*done)(void *arg, int rc, const char *err), void *arg);
 
 /*
  * running -> queued again (an automatic retry): keeps attempts, and adds

@@ -25,6 +25,13 @@ struct index_wop {
 	struct index_wop *next;
 	uint64_t queued_ns, taken_ns, done_ns; /* CLOCK_MONOTONIC, for the time split */
 	pthread_cond_t cond; /* its owner waits here: done, or to lead the next batch */
+	/* A write nobody waits for (index_write_async): called once it is
+	 * durable or has failed (err: why), by the thread that committed it;
+	 * the op is then freed. NULL: its owner waits on cond. */
+	void (*done_fn)(void *arg, int rc, const char *err);
+	/* Why it failed, as the leader's thread said it (store_lasterr is
+	 * per thread): its owner's message, or done_fn's err. */
+	char err[512];
 };
 
 struct index {
@@ -53,9 +60,12 @@ struct index {
 	 * active, commits, writes, gathering. The leader runs the queued ops
 	 * without holding wmu; the ops' owners are blocked on their op's own
 	 * cond until their `done` is set under wmu. A commit's end wakes
-	 * exactly its batch's owners and the first queued op's (to lead the
-	 * next batch); gcond wakes a leader gathering a batch once as many
-	 * ops as it waits for are queued.
+	 * exactly its batch's owners and the first queued op's with an owner
+	 * waiting (to lead the next batch); when only ops nobody waits for
+	 * (index_write_async) are queued, the leader leads again, so a queued
+	 * op is always taken. The leader calls the async ops' done_fn after
+	 * its commit, without wmu. gcond wakes a leader gathering a batch
+	 * once as many ops as it waits for are queued.
 	 */
 	pthread_mutex_t wmu;
 	pthread_cond_t gcond;
@@ -87,6 +97,20 @@ struct index {
 /* Run fn(ix, txn, arg) in a durable transaction shared with concurrent
  * callers. Returns fn's result, or the commit's error. */
 int index_write(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg);
+/*
+ * The same without waiting for it: fn's write is queued behind every
+ * write queued before it (so committed after them, or with them), and
+ * done(arg, rc, err) is called once it is durable (rc 0) or has failed
+ * (err says why), by the thread that commits it: a commit under way
+ * takes it into the next batch, and the caller returns at once; with
+ * none under way the caller commits it itself before returning. done
+ * must not call into the index's writes, and may run on any thread that
+ * writes (holding whatever that thread holds): it must only take locks
+ * that nothing holds across an index write. Returns 0 (done will be
+ * called) or an error (it will not: nothing was queued).
+ */
+int index_write_async(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg,
+		      void (*done)(void *arg, int rc, const char *err));
 
 /* index.c: the metadata database and the named databases. */
 int index_meta_get(struct index *ix, MDB_txn *txn, const char *key, MDB_val *v);

@@ -440,6 +440,11 @@ static int update_fn(struct index *ix, MDB_txn *txn, void *arg)
 	struct job j;
 	int rc = index_get_job(ix, txn, a->id, &j);
 
+	if (rc == STORE_E_NOTFOUND) {
+		char idstr[JOB_ID_STR_LEN + 1];
+		ulid_format(a->id, idstr);
+		return store_seterr(rc, "job %s is gone (deleted)", idstr);
+	}
 	if (rc)
 		return rc;
 	memcpy(key, a->id, JOB_ID_LEN);
@@ -474,9 +479,8 @@ static int update_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return rc;
 }
 
-int index_job_update(struct index *ix, const uint8_t id[JOB_ID_LEN], const struct index_update *u)
+static int update_check(const struct index_update *u)
 {
-	struct update_arg a = {id, u};
 	size_t at = 0;
 
 	if (u->hlen > INDEX_HANDLE_MAX || u->rlen > INDEX_HANDLE_MAX)
@@ -493,7 +497,90 @@ int index_job_update(struct index *ix, const uint8_t id[JOB_ID_LEN], const struc
 					    INDEX_LOG_LINE_MAX);
 		at = (size_t)(nl - u->lines) + 1;
 	}
-	return index_write(ix, update_fn, &a);
+	return 0;
+}
+
+int index_job_update(struct index *ix, const uint8_t id[JOB_ID_LEN], const struct index_update *u)
+{
+	struct update_arg a = {id, u};
+	int rc = update_check(u);
+
+	return rc ? rc : index_write(ix, update_fn, &a);
+}
+
+/* An update queued without waiting: its own copy of everything. */
+struct update_async {
+	uint8_t id[JOB_ID_LEN];
+	struct index_update u;
+	struct update_arg a;
+	void (*done)(void *arg, int rc, const char *err);
+	void *arg;
+	char *backend, *model; /* the copies u points to */
+	void *lines, *handle, *remote;
+};
+
+static void update_async_free(struct update_async *x)
+{
+	free(x->backend);
+	free(x->model);
+	free(x->lines);
+	free(x->handle);
+	free(x->remote);
+	free(x);
+}
+
+static int update_async_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct update_async *x = arg;
+
+	return update_fn(ix, txn, &x->a);
+}
+
+static void update_async_done(void *arg, int rc, const char *err)
+{
+	struct update_async *x = arg;
+
+	x->done(x->arg, rc, err);
+	update_async_free(x);
+}
+
+static void *dup_bytes(const void *p, size_t len)
+{
+	void *q = malloc(len ? len : 1);
+
+	if (q)
+		memcpy(q, p, len);
+	return q;
+}
+
+int index_job_update_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			   const struct index_update *u,
+			   void (*done)(void *arg, int rc, const char *err), void *arg)
+{
+	struct update_async *x;
+	int rc = update_check(u);
+
+	if (rc)
+		return rc;
+	if (!(x = calloc(1, sizeof(*x))))
+		return store_seterr(-ENOMEM, "out of memory");
+	memcpy(x->id, id, JOB_ID_LEN);
+	x->u = *u;
+	x->done = done;
+	x->arg = arg;
+	if ((u->len && !(x->u.lines = x->lines = dup_bytes(u->lines, u->len))) ||
+	    (u->backend && !(x->u.backend = x->backend = strdup(u->backend))) ||
+	    (u->model && !(x->u.model = x->model = strdup(u->model))) ||
+	    (u->handle && !(x->u.handle = x->handle = dup_bytes(u->handle, u->hlen))) ||
+	    (u->remote && !(x->u.remote = x->remote = dup_bytes(u->remote, u->rlen)))) {
+		update_async_free(x);
+		return store_seterr(-ENOMEM, "out of memory");
+	}
+	x->a.id = x->id;
+	x->a.u = &x->u;
+	if ((rc = index_write_async(ix, update_async_fn, x, update_async_done)) != 0)
+		update_async_free(x);
+	return rc;
 }
 
 int index_job_log_handle(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *lines,

@@ -249,6 +249,11 @@ static int change_fn(struct index *ix, MDB_txn *txn, void *arg)
 	struct job j;
 	int rc = index_get_job(ix, txn, a->id, &j);
 
+	if (rc == STORE_E_NOTFOUND) {
+		char idstr[JOB_ID_STR_LEN + 1];
+		ulid_format(a->id, idstr);
+		return store_seterr(rc, "job %s is gone (deleted)", idstr);
+	}
 	if (rc)
 		return rc;
 	rc = a->change(ix, txn, &j, a->arg);
@@ -414,6 +419,65 @@ int index_job_attach_output(struct index *ix, const uint8_t id[JOB_ID_LEN],
 	return index_change_job(ix, id, attach_change, &a);
 }
 
+/* An attach queued without waiting: its own copy of everything. */
+struct attach_async {
+	uint8_t id[JOB_ID_LEN];
+	uint8_t hash[INDEX_HASH_LEN];
+	struct attach_arg a;
+	struct change_arg c;
+	char *media_type, *device;
+	void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err);
+};
+
+static void attach_async_free(struct attach_async *x)
+{
+	free(x->media_type);
+	free(x->device);
+	free(x);
+}
+
+static int attach_async_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct attach_async *x = arg;
+
+	return change_fn(ix, txn, &x->c);
+}
+
+static void attach_async_done(void *arg, int rc, const char *err)
+{
+	struct attach_async *x = arg;
+
+	if (rc && x->failed)
+		x->failed(x->id, err);
+	attach_async_free(x);
+}
+
+int index_job_attach_output_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+				  const uint8_t hash[INDEX_HASH_LEN], uint64_t size,
+				  const char *media_type, const char *device,
+				  void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err))
+{
+	struct attach_async *x;
+	int rc;
+
+	if (strlen(media_type) > 127)
+		return store_seterr(-EINVAL, "media type longer than 127 bytes");
+	if (!(x = calloc(1, sizeof(*x))) || !(x->media_type = strdup(media_type)) ||
+	    (device && !(x->device = strdup(device)))) {
+		if (x)
+			attach_async_free(x);
+		return store_seterr(-ENOMEM, "out of memory");
+	}
+	memcpy(x->id, id, JOB_ID_LEN);
+	memcpy(x->hash, hash, INDEX_HASH_LEN);
+	x->a = (struct attach_arg){x->hash, size, x->media_type, x->device, false};
+	x->c = (struct change_arg){x->id, attach_change, &x->a};
+	x->failed = failed;
+	if ((rc = index_write_async(ix, attach_async_fn, x, attach_async_done)) != 0)
+		attach_async_free(x);
+	return rc;
+}
+
 struct finish_arg {
 	enum job_status final;
 	const char *code, *message;
@@ -510,6 +574,101 @@ int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
 	if (line && (rc = index_log_line_check(line, len)) != 0)
 		return rc;
 	return index_change_job(ix, id, finish_change, &a);
+}
+
+/* A job's end queued without waiting: its own copy of everything. */
+struct finish_async {
+	uint8_t id[JOB_ID_LEN];
+	struct finish_arg a;
+	struct change_arg c;
+	struct job_usage used;
+	char *code, *message, *kind, *line, *result;
+	void (*done)(void *arg, int rc, const char *err);
+	void *arg;
+};
+
+static void finish_async_free(struct finish_async *x)
+{
+	free(x->code);
+	free(x->message);
+	free(x->kind);
+	free(x->line);
+	free(x->result);
+	free(x);
+}
+
+static int finish_async_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct finish_async *x = arg;
+
+	return change_fn(ix, txn, &x->c);
+}
+
+static void finish_async_done(void *arg, int rc, const char *err)
+{
+	struct finish_async *x = arg;
+
+	x->done(x->arg, rc, err);
+	finish_async_free(x);
+}
+
+/* s's copy (len bytes, NUL-terminated), or s NULL: NULL; *bad on failure. */
+static char *copy_of(const char *s, size_t len, bool *bad)
+{
+	char *c;
+
+	if (!s)
+		return NULL;
+	if (!(c = malloc(len + 1))) {
+		*bad = true;
+		return NULL;
+	}
+	memcpy(c, s, len);
+	c[len] = '\0';
+	return c;
+}
+
+int index_job_finish_logged_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+				  enum job_status final, const char *error_code,
+				  const char *error_message, const struct job_usage *used,
+				  const char *line, size_t len, const char *result,
+				  size_t result_len,
+				  void (*done)(void *arg, int rc, const char *err), void *arg)
+{
+	struct finish_async *x;
+	bool bad = false;
+	int rc;
+
+	if (final != JOB_COMPLETE && final != JOB_ERROR && final != JOB_CANCELLED)
+		return store_seterr(-EINVAL, "'%s' is not a final state", job_status_name(final));
+	if (result && result_len > INDEX_RESULT_MAX)
+		return store_seterr(-EFBIG, "a result of %zu bytes is over %d", result_len,
+				    INDEX_RESULT_MAX);
+	if (line && (rc = index_log_line_check(line, len)) != 0)
+		return rc;
+	if (!(x = calloc(1, sizeof(*x))))
+		return store_seterr(-ENOMEM, "out of memory");
+	x->code = copy_of(error_code, error_code ? strlen(error_code) : 0, &bad);
+	x->message = copy_of(error_message, error_message ? strlen(error_message) : 0, &bad);
+	x->line = copy_of(line, len, &bad);
+	x->result = copy_of(result, result_len, &bad);
+	if (used) {
+		x->kind = copy_of(used->kind, used->kind ? strlen(used->kind) : 0, &bad);
+		x->used = (struct job_usage){x->kind, used->reported_ms};
+	}
+	if (bad) {
+		finish_async_free(x);
+		return store_seterr(-ENOMEM, "out of memory");
+	}
+	memcpy(x->id, id, JOB_ID_LEN);
+	x->a = (struct finish_arg){final,   x->code, x->message, used ? &x->used : NULL,
+				   x->line, len,     x->result, result_len};
+	x->c = (struct change_arg){x->id, finish_change, &x->a};
+	x->done = done;
+	x->arg = arg;
+	if ((rc = index_write_async(ix, finish_async_fn, x, finish_async_done)) != 0)
+		finish_async_free(x);
+	return rc;
 }
 
 struct requeue_arg {

@@ -12,9 +12,11 @@
  * WRITE PATH: a sink streams bytes into tmp/ while hashing them; committing
  * it fsyncs the file, renames it to blobs/xx/<hex> (or drops it when that
  * content is already stored), fsyncs the directory, then commits the index
- * transaction that gives the job its output. A crash at any point leaves
- * either no trace or an unreferenced file that the next store_open()
- * collects; never a job pointing at a missing or partial blob.
+ * transaction that gives the job its output (waited for, or queued under
+ * the blob's lock and committed before or with the job's end). A crash at
+ * any point leaves either no trace or an unreferenced file that the next
+ * store_open() collects; never a job pointing at a missing or partial
+ * blob.
  *
  * READ PATH: store_blob_open() verifies the content against its name
  * before handing out a descriptor; a mismatch (bit rot, tampering) or a
@@ -97,6 +99,18 @@ void store_sink_abort(struct store_sink *s);
 int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
 			    struct store_sink *s, const char *media_type, const char *device,
 			    uint8_t hash_out[B3_OUT_LEN]);
+/*
+ * The same with the index write that attaches the blob queued, not waited
+ * for (index_job_attach_output_async): for a run whose end is written
+ * next, in the write it waits for. The blob file is durable when this
+ * returns 0; failed(job, why) is called if the reference cannot be
+ * written (then the job's end cannot complete it), by the thread that
+ * tried to commit it.
+ */
+int store_job_commit_output_queued(struct store *st, const uint8_t job[JOB_ID_LEN],
+				   struct store_sink *s, const char *media_type,
+				   const char *device, uint8_t hash_out[B3_OUT_LEN],
+				   void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err));
 /* The same for output n (>= 1) after the first (output.n.<ext>). */
 int store_job_commit_extra(struct store *st, const uint8_t job[JOB_ID_LEN], unsigned n,
 			   struct store_sink *s, const char *media_type, uint8_t hash_out[B3_OUT_LEN]);

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "index_i.h"
 #include "store.h"
 
 static char dir[64];
@@ -47,8 +48,16 @@ static int new_job(uint8_t id[JOB_ID_LEN], const char *req)
 	return 0;
 }
 
-/* Write data through a sink in uneven pieces and commit it as id's output. */
-static int put(const uint8_t id[JOB_ID_LEN], const uint8_t *data, size_t len, uint8_t hash[32])
+static void queued_failed(const uint8_t id[JOB_ID_LEN], const char *err)
+{
+	(void)id;
+	fprintf(stderr, "a queued output reference failed: %s\n", err);
+}
+
+/* Write data through a sink in uneven pieces and commit it as id's
+ * output, its reference waited for or queued. */
+static int put_how(const uint8_t id[JOB_ID_LEN], const uint8_t *data, size_t len,
+		   uint8_t hash[32], bool queued)
 {
 	struct store_sink *s;
 	size_t off = 0, step = 1;
@@ -65,7 +74,14 @@ static int put(const uint8_t id[JOB_ID_LEN], const uint8_t *data, size_t len, ui
 		off += n;
 		step = step * 3 + 1;
 	}
-	return store_job_commit_output(st, id, s, "image/png", "cpu", hash);
+	return queued ? store_job_commit_output_queued(st, id, s, "image/png", "cpu", hash,
+						       queued_failed)
+		      : store_job_commit_output(st, id, s, "image/png", "cpu", hash);
+}
+
+static int put(const uint8_t id[JOB_ID_LEN], const uint8_t *data, size_t len, uint8_t hash[32])
+{
+	return put_how(id, data, len, hash, false);
 }
 
 static size_t count_files(const char *sub)
@@ -86,7 +102,8 @@ static size_t count_files(const char *sub)
 
 static void test_write_read(void)
 {
-	const size_t sizes[] = {0, 1, 1023, 1024, 1025, 300000, 3 << 20};
+	const size_t sizes[] = {0,     1,      1023,    1024,          1025,   16384,
+	                        16385, 300000, 1 << 20, (1 << 20) + 1, 3 << 20};
 	uint8_t *data = malloc(3 << 20), hash[32], want[32];
 
 	for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
@@ -312,6 +329,8 @@ static void test_lock(void)
  * that each commit may find its blob stored, or being freed by another
  * thread's delete at that moment, while one thread collects garbage:
  * every job's output must be readable for as long as the job holds it.
+ * Half the threads queue their outputs' references (a remote run's) and
+ * end their jobs before they read.
  */
 #define RACE_THREADS 4
 #define RACE_ROUNDS 300
@@ -336,15 +355,20 @@ static void *race(void *arg)
 		pthread_mutex_lock(&race_mu); /* a create and its claim together */
 		int rc = new_job(id, req);
 		pthread_mutex_unlock(&race_mu);
-		if (rc != 0 || put(id, data, sizeof(data), hash) != 0) {
+		if (rc != 0 || put_how(id, data, sizeof(data), hash, r->n % 2) != 0) {
 			r->bad++;
 			continue;
 		}
+		/* A queued reference is written with (or before) the job's
+		 * end, which is refused without it. */
+		if (r->n % 2 && index_job_finish(store_index(st), id, JOB_COMPLETE, NULL, NULL) != 0)
+			r->bad++;
 		if (store_blob_open(st, hash, &fd, &size) == 0)
 			close(fd);
 		else
 			r->lost++;
-		if (index_job_finish(store_index(st), id, JOB_COMPLETE, NULL, NULL) != 0 ||
+		if ((r->n % 2 == 0 &&
+		     index_job_finish(store_index(st), id, JOB_COMPLETE, NULL, NULL) != 0) ||
 		    store_job_delete(st, id) != 0)
 			r->bad++;
 		if (r->n == 0 && k % 10 == 0) {
@@ -376,6 +400,78 @@ static void test_concurrent_commits(void)
 	CHECK(count_files("tmp") == 0, "tmp/ is empty after concurrent commits");
 }
 
+/*
+ * An output whose reference is queued behind a commit under way is not
+ * garbage: store_gc waits for the queued writes before it looks.
+ */
+static pthread_mutex_t q_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t q_cv = PTHREAD_COND_INITIALIZER;
+static int q_stage;
+
+static int q_slow(struct index *ix, MDB_txn *txn, void *arg)
+{
+	(void)ix, (void)txn, (void)arg;
+	pthread_mutex_lock(&q_mu);
+	q_stage = 1;
+	pthread_cond_broadcast(&q_cv);
+	while (q_stage != 2)
+		pthread_cond_wait(&q_cv, &q_mu);
+	pthread_mutex_unlock(&q_mu);
+	return 0;
+}
+
+static void *q_leader(void *arg)
+{
+	(void)arg;
+	return (void *)(long)index_write(store_index(st), q_slow, NULL);
+}
+
+static uint64_t q_collected = 99;
+
+static void *q_gc(void *arg)
+{
+	(void)arg;
+	return (void *)(long)store_gc(st, &q_collected);
+}
+
+static void test_queued_output_gc(void)
+{
+	uint8_t data[5000], id[16], hash[32];
+	pthread_t a, g;
+	void *ra, *rg;
+	int fd;
+	uint64_t size;
+	struct job j;
+
+	fill(data, sizeof(data));
+	REQUIRE(new_job(id, "{\"queued\":1}") == 0, "job");
+	pthread_create(&a, NULL, q_leader, NULL);
+	pthread_mutex_lock(&q_mu);
+	while (q_stage != 1)
+		pthread_cond_wait(&q_cv, &q_mu);
+	pthread_mutex_unlock(&q_mu);
+	/* A commit is under way: the reference waits behind it. */
+	REQUIRE(put_how(id, data, sizeof(data), hash, true) == 0, "queued: %s", store_lasterr());
+	pthread_create(&g, NULL, q_gc, NULL);
+	usleep(100 * 1000); /* time for a collection that did not wait to take it */
+	pthread_mutex_lock(&q_mu);
+	q_stage = 2;
+	pthread_cond_broadcast(&q_cv);
+	pthread_mutex_unlock(&q_mu);
+	pthread_join(a, &ra);
+	pthread_join(g, &rg);
+	CHECK(ra == NULL && rg == NULL, "the write and the collection: %ld %ld", (long)ra,
+	      (long)rg);
+	CHECK(q_collected == 0, "collected %llu blobs", (unsigned long long)q_collected);
+	CHECK(store_blob_open(st, hash, &fd, &size) == 0 && size == sizeof(data),
+	      "the output is readable: %s", store_lasterr());
+	close(fd);
+	REQUIRE(index_job_get(store_index(st), id, &j) == 0, "get");
+	CHECK((j.flags & JOB_F_HAS_OUTPUT) && memcmp(j.output_hash, hash, 32) == 0,
+	      "the job has it");
+	job_release(&j);
+}
+
 int main(void)
 {
 	struct store_options opt = {0};
@@ -391,6 +487,7 @@ int main(void)
 	test_reader();
 	test_lock();
 	test_concurrent_commits();
+	test_queued_output_gc();
 	store_close(st);
 	rm_rf(dir);
 	return check_done("test_blob");

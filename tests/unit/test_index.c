@@ -5,6 +5,8 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <unistd.h>
 
 #include "blake3.h"
@@ -654,6 +656,204 @@ static void test_update(void)
 	job_release(&j);
 }
 
+/*
+ * Writes nobody waits for (a remote step's, index_job_update_async): each
+ * is committed once, in the order it was queued with the writes around
+ * it; its done is called once, after it is durable or with why it failed;
+ * index_writes_settle returns only once every write queued before it is
+ * durable; a sync write's leader takes the async writes queued behind.
+ */
+enum { AW_THREADS = 8, AW_EACH = 60 };
+static uint8_t aw_id[16];
+static atomic_int aw_ok, aw_failed;
+static char aw_err[256];
+
+static void aw_done(void *arg, int rc, const char *err)
+{
+	(void)arg;
+	if (rc == 0) {
+		atomic_fetch_add(&aw_ok, 1);
+	} else {
+		if (atomic_fetch_add(&aw_failed, 1) == 0)
+			snprintf(aw_err, sizeof(aw_err), "%s", err);
+	}
+}
+
+static bool log_has(const char *needle)
+{
+	static __thread char buf[AW_THREADS * AW_EACH * 16];
+	size_t got = 0;
+
+	if (index_job_log_read(ix, aw_id, 0, buf, sizeof(buf) - 1, &got) != 0)
+		return false;
+	buf[got] = '\0';
+	return strstr(buf, needle) != NULL;
+}
+
+static void *aw_thread(void *arg)
+{
+	long t = (long)arg, bad = 0;
+
+	for (int i = 0; i < AW_EACH; i++) {
+		char line[32];
+		int n = snprintf(line, sizeof(line), "t%ld i%d\n", t, i);
+		struct index_update u = {.lines = line, .len = (size_t)n, .progress = -1};
+		if (i % 10 == 9) {
+			/* A sync write, then a settle: the lines before are in. */
+			if (index_job_update(ix, aw_id, &u) != 0)
+				bad++;
+			if (index_writes_settle(ix) != 0 || !log_has(line))
+				bad++;
+		} else if (index_job_update_async(ix, aw_id, &u, aw_done, NULL) != 0) {
+			bad++;
+		} else if (i % 10 == 4) {
+			if (index_writes_settle(ix) != 0 || !log_has(line))
+				bad++;
+		}
+	}
+	return (void *)bad;
+}
+
+static void test_update_async(void)
+{
+	static char buf[AW_THREADS * AW_EACH * 16];
+	pthread_t th[AW_THREADS];
+	uint8_t nobody[16] = {0xff};
+	size_t got = 0;
+	long bad = 0;
+	int next[AW_THREADS] = {0}, wrong = 0, lines = 0;
+	struct job j;
+	struct index_update u = {.lines = "x\n", .len = 2, .progress = -1};
+
+	REQUIRE(create("async/x/y/z", 9, JOB_PRIO_NORMAL, "{}", aw_id) == 0, "create");
+	REQUIRE(index_job_claim(ix, 0, &j) == 0 && memcmp(j.id, aw_id, 16) == 0, "claim");
+	job_release(&j);
+	for (long t = 0; t < AW_THREADS; t++)
+		pthread_create(&th[t], NULL, aw_thread, (void *)t);
+	for (int t = 0; t < AW_THREADS; t++) {
+		void *r;
+		pthread_join(th[t], &r);
+		bad += (long)r;
+	}
+	/* Every leader returned: every done has been called. */
+	CHECK(bad == 0, "%ld writes refused or not in before a settle", bad);
+	CHECK(atomic_load(&aw_ok) == AW_THREADS * AW_EACH * 9 / 10 && atomic_load(&aw_failed) == 0,
+	      "async writes done: %d, failed %d", atomic_load(&aw_ok), atomic_load(&aw_failed));
+	REQUIRE(index_job_log_read(ix, aw_id, 0, buf, sizeof(buf) - 1, &got) == 0, "log");
+	buf[got] = '\0';
+	for (char *p = buf, *nl; (nl = strchr(p, '\n')); p = nl + 1) {
+		int t, i;
+		lines++;
+		if (sscanf(p, "t%d i%d", &t, &i) != 2 || t < 0 || t >= AW_THREADS || i != next[t])
+			wrong++;
+		else
+			next[t]++;
+	}
+	CHECK(lines == AW_THREADS * AW_EACH && wrong == 0,
+	      "%d lines, %d out of their thread's order", lines, wrong);
+	/* A write that fails says why, to its done. */
+	CHECK(index_job_update_async(ix, nobody, &u, aw_done, NULL) == 0, "queued");
+	CHECK(index_writes_settle(ix) == 0, "settle");
+	CHECK(atomic_load(&aw_failed) == 1 && strstr(aw_err, "gone"), "the failure and why: %d '%s'",
+	      atomic_load(&aw_failed), aw_err);
+	/* A bad update is refused before it is queued. */
+	u.lines = "x";
+	u.len = 1;
+	CHECK(index_job_update_async(ix, aw_id, &u, aw_done, NULL) == -EINVAL, "refused");
+}
+
+/*
+ * A write's error message reaches its own caller whichever thread led its
+ * batch (store_lasterr is per thread): A leads a batch that waits; B then
+ * C queue behind it; B is woken to lead the next batch, C's write fails
+ * in it, on B's thread.
+ */
+static pthread_mutex_t lm_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t lm_cv = PTHREAD_COND_INITIALIZER;
+static int lm_stage;
+static char lm_msg[256];
+
+static int lm_slow(struct index *x, MDB_txn *txn, void *arg)
+{
+	(void)x, (void)txn, (void)arg;
+	pthread_mutex_lock(&lm_mu);
+	lm_stage = 1;
+	pthread_cond_broadcast(&lm_cv);
+	while (lm_stage != 2)
+		pthread_cond_wait(&lm_cv, &lm_mu);
+	pthread_mutex_unlock(&lm_mu);
+	return 0;
+}
+
+static void *lm_a(void *arg)
+{
+	(void)arg;
+	return (void *)(long)index_write(ix, lm_slow, NULL);
+}
+
+static void *lm_b(void *arg)
+{
+	struct index_update u = {.lines = "b\n", .len = 2, .progress = -1};
+
+	(void)arg;
+	return (void *)(long)index_job_update(ix, aw_id, &u);
+}
+
+static uint8_t lm_queued[16];
+
+static void *lm_c(void *arg)
+{
+	int rc;
+
+	(void)arg;
+	store_seterr(0, "this thread's earlier message");
+	rc = index_job_progress(ix, lm_queued, 500); /* not running */
+	snprintf(lm_msg, sizeof(lm_msg), "%s", store_lasterr());
+	return (void *)(long)rc;
+}
+
+static void wait_queued(size_t n)
+{
+	for (int i = 0; i < 5000; i++) {
+		pthread_mutex_lock(&ix->wmu);
+		size_t q = ix->wq_len;
+		pthread_mutex_unlock(&ix->wmu);
+		if (q >= n)
+			return;
+		usleep(1000);
+	}
+}
+
+static void test_error_message_of_own_write(void)
+{
+	pthread_t a, b, c;
+	void *ra, *rb, *rc;
+	char want[64];
+
+	REQUIRE(create("lm/x/y/z", 9, JOB_PRIO_NORMAL, "{}", lm_queued) == 0, "create");
+	ulid_format(lm_queued, want);
+	pthread_create(&a, NULL, lm_a, NULL);
+	pthread_mutex_lock(&lm_mu);
+	while (lm_stage != 1)
+		pthread_cond_wait(&lm_cv, &lm_mu);
+	pthread_mutex_unlock(&lm_mu);
+	pthread_create(&b, NULL, lm_b, NULL);
+	wait_queued(1);
+	pthread_create(&c, NULL, lm_c, NULL);
+	wait_queued(2);
+	pthread_mutex_lock(&lm_mu);
+	lm_stage = 2;
+	pthread_cond_broadcast(&lm_cv);
+	pthread_mutex_unlock(&lm_mu);
+	pthread_join(a, &ra);
+	pthread_join(b, &rb);
+	pthread_join(c, &rc);
+	CHECK(ra == NULL && rb == NULL && rc != NULL, "the writes: %ld %ld %ld", (long)ra,
+	      (long)rb, (long)rc);
+	CHECK(strstr(lm_msg, want) && strstr(lm_msg, "progress"),
+	      "the failed write's own message: '%s'", lm_msg);
+}
+
 /* The job whose output made a blob follows it into the inputs of later
  * jobs (the chain of a pipeline); it is forgotten when that job goes,
  * and records written before producers were kept still read. */
@@ -893,6 +1093,8 @@ int main(void)
 	test_noop_writes_are_not_commits();
 	test_end_with_log_line();
 	test_update();
+	test_update_async();
+	test_error_message_of_own_write();
 	test_cursor_100k();
 	index_close(ix);
 
