@@ -119,15 +119,19 @@ static void say_unrecorded(const uint8_t id[JOB_ID_LEN], bool handle, const char
 		why);
 }
 
-/* The events of a write, once it is durable. */
-static void flush_events(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *route,
-			 bool lines, bool progress, bool moved)
+/* The events of a write, once it is durable, in the order a watcher
+ * needs them (the notifier keeps it too): lines, progress, the output,
+ * the state. */
+static void write_events(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *route,
+			 bool lines, bool progress, bool output, bool status)
 {
 	if (lines)
 		engine_notify(e, id, route, EV_LOG);
 	if (progress)
 		engine_notify(e, id, route, EV_PROGRESS);
-	if (moved)
+	if (output)
+		engine_notify(e, id, route, EV_OUTPUT);
+	if (status)
 		engine_notify(e, id, route, EV_STATUS);
 }
 
@@ -139,7 +143,7 @@ static void flushed(void *arg, int rc, const char *err)
 	if (rc)
 		say_unrecorded(f->id, f->handle, err);
 	else
-		flush_events(f->e, f->id, f->route, f->lines, f->progress, f->moved);
+		write_events(f->e, f->id, f->route, f->lines, f->progress, false, f->moved);
 	free(f);
 }
 
@@ -199,7 +203,7 @@ static int flush(struct run *r, bool wait)
 		r->progress = u.progress;
 	r->unsettled = !wait;
 	if (wait)
-		flush_events(r->e, r->job.id, r->job.route, lines, progress, moved);
+		write_events(r->e, r->job.id, r->job.route, lines, progress, false, moved);
 	return 0;
 }
 
@@ -969,20 +973,6 @@ struct ended {
 	bool line, progress, output;
 };
 
-/* The events of a run's end, in the order a watcher needs them (the
- * notifier keeps it too): its line, progress 1, its output, its state. */
-static void ended_events(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *route,
-			 bool line, bool progress, bool output)
-{
-	if (line)
-		engine_notify(e, id, route, EV_LOG);
-	if (progress)
-		engine_notify(e, id, route, EV_PROGRESS);
-	if (output)
-		engine_notify(e, id, route, EV_OUTPUT);
-	engine_notify(e, id, route, EV_STATUS);
-}
-
 /* index_job_finish_logged_async's done: on the committing thread. */
 static void ended(void *arg, int rc, const char *err)
 {
@@ -994,7 +984,7 @@ static void ended(void *arg, int rc, const char *err)
 		ulid_format(d->id, id);
 		fprintf(stderr, "renderfs: cannot finish job %s: %s\n", id, err);
 	} else {
-		ended_events(d->e, d->id, d->route, d->line, d->progress, d->output);
+		write_events(d->e, d->id, d->route, d->line, d->progress, d->output, true);
 	}
 	free(d);
 }
@@ -1085,7 +1075,7 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 		pthread_mutex_unlock(&e->stats_mu);
 		job_release(&j);
 	}
-	ended_events(e, r->job.id, r->job.route, fmt, progress, output);
+	write_events(e, r->job.id, r->job.route, fmt, progress, output, true);
 }
 
 bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HASH_LEN])

@@ -270,6 +270,56 @@ int index_change_job(struct index *ix, const uint8_t id[JOB_ID_LEN],
 	return index_write(ix, change_fn, &a);
 }
 
+/* A change of a job queued without waiting (index_write_async): arg is
+ * the change's own copy of what it needs, given to free_arg once done
+ * (may be NULL) has been called. */
+struct change_async {
+	uint8_t id[JOB_ID_LEN];
+	struct change_arg c;
+	void (*free_arg)(void *arg);
+	void (*done)(void *arg, int rc, const char *err);
+};
+
+static int change_async_fn(struct index *ix, MDB_txn *txn, void *arg)
+{
+	struct change_async *x = arg;
+
+	return change_fn(ix, txn, &x->c);
+}
+
+static void change_async_done(void *arg, int rc, const char *err)
+{
+	struct change_async *x = arg;
+
+	if (x->done)
+		x->done(x->c.arg, rc, err);
+	x->free_arg(x->c.arg);
+	free(x);
+}
+
+static int change_job_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			    int (*change)(struct index *, MDB_txn *, struct job *, void *),
+			    void *arg, void (*free_arg)(void *arg),
+			    void (*done)(void *arg, int rc, const char *err))
+{
+	struct change_async *x = calloc(1, sizeof(*x));
+	int rc;
+
+	if (!x) {
+		free_arg(arg);
+		return store_seterr(-ENOMEM, "out of memory");
+	}
+	memcpy(x->id, id, JOB_ID_LEN);
+	x->c = (struct change_arg){x->id, change, arg};
+	x->free_arg = free_arg;
+	x->done = done;
+	if ((rc = index_write_async(ix, change_async_fn, x, change_async_done)) != 0) {
+		free_arg(arg);
+		free(x);
+	}
+	return rc;
+}
+
 int index_state_err(const struct job *j, const char *op)
 {
 	char idstr[JOB_ID_STR_LEN + 1];
@@ -424,23 +474,22 @@ struct attach_async {
 	uint8_t id[JOB_ID_LEN];
 	uint8_t hash[INDEX_HASH_LEN];
 	struct attach_arg a;
-	struct change_arg c;
 	char *media_type, *device;
 	void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err);
 };
 
-static void attach_async_free(struct attach_async *x)
+static void attach_async_free(void *arg)
 {
+	struct attach_async *x = arg;
+
 	free(x->media_type);
 	free(x->device);
 	free(x);
 }
 
-static int attach_async_fn(struct index *ix, MDB_txn *txn, void *arg)
+static int attach_async_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
-	struct attach_async *x = arg;
-
-	return change_fn(ix, txn, &x->c);
+	return attach_change(ix, txn, j, &((struct attach_async *)arg)->a);
 }
 
 static void attach_async_done(void *arg, int rc, const char *err)
@@ -449,7 +498,6 @@ static void attach_async_done(void *arg, int rc, const char *err)
 
 	if (rc && x->failed)
 		x->failed(x->id, err);
-	attach_async_free(x);
 }
 
 int index_job_attach_output_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
@@ -458,7 +506,6 @@ int index_job_attach_output_async(struct index *ix, const uint8_t id[JOB_ID_LEN]
 				  void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err))
 {
 	struct attach_async *x;
-	int rc;
 
 	if (strlen(media_type) > 127)
 		return store_seterr(-EINVAL, "media type longer than 127 bytes");
@@ -471,11 +518,9 @@ int index_job_attach_output_async(struct index *ix, const uint8_t id[JOB_ID_LEN]
 	memcpy(x->id, id, JOB_ID_LEN);
 	memcpy(x->hash, hash, INDEX_HASH_LEN);
 	x->a = (struct attach_arg){x->hash, size, x->media_type, x->device, false};
-	x->c = (struct change_arg){x->id, attach_change, &x->a};
 	x->failed = failed;
-	if ((rc = index_write_async(ix, attach_async_fn, x, attach_async_done)) != 0)
-		attach_async_free(x);
-	return rc;
+	return change_job_async(ix, id, attach_async_change, x, attach_async_free,
+				attach_async_done);
 }
 
 struct finish_arg {
@@ -578,17 +623,17 @@ int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
 
 /* A job's end queued without waiting: its own copy of everything. */
 struct finish_async {
-	uint8_t id[JOB_ID_LEN];
 	struct finish_arg a;
-	struct change_arg c;
 	struct job_usage used;
 	char *code, *message, *kind, *line, *result;
 	void (*done)(void *arg, int rc, const char *err);
 	void *arg;
 };
 
-static void finish_async_free(struct finish_async *x)
+static void finish_async_free(void *arg)
 {
+	struct finish_async *x = arg;
+
 	free(x->code);
 	free(x->message);
 	free(x->kind);
@@ -597,11 +642,9 @@ static void finish_async_free(struct finish_async *x)
 	free(x);
 }
 
-static int finish_async_fn(struct index *ix, MDB_txn *txn, void *arg)
+static int finish_async_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
-	struct finish_async *x = arg;
-
-	return change_fn(ix, txn, &x->c);
+	return finish_change(ix, txn, j, &((struct finish_async *)arg)->a);
 }
 
 static void finish_async_done(void *arg, int rc, const char *err)
@@ -609,7 +652,6 @@ static void finish_async_done(void *arg, int rc, const char *err)
 	struct finish_async *x = arg;
 
 	x->done(x->arg, rc, err);
-	finish_async_free(x);
 }
 
 /* s's copy (len bytes, NUL-terminated), or s NULL: NULL; *bad on failure. */
@@ -660,15 +702,12 @@ int index_job_finish_logged_async(struct index *ix, const uint8_t id[JOB_ID_LEN]
 		finish_async_free(x);
 		return store_seterr(-ENOMEM, "out of memory");
 	}
-	memcpy(x->id, id, JOB_ID_LEN);
 	x->a = (struct finish_arg){final,   x->code, x->message, used ? &x->used : NULL,
 				   x->line, len,     x->result, result_len};
-	x->c = (struct change_arg){x->id, finish_change, &x->a};
 	x->done = done;
 	x->arg = arg;
-	if ((rc = index_write_async(ix, finish_async_fn, x, finish_async_done)) != 0)
-		finish_async_free(x);
-	return rc;
+	return change_job_async(ix, id, finish_async_change, x, finish_async_free,
+				finish_async_done);
 }
 
 struct requeue_arg {
