@@ -99,26 +99,6 @@ static int pend_handle_set(struct run *r, const void *data, size_t len)
 	return 0;
 }
 
-/* What the events of a write nobody waits for need: the run may be gone
- * by the time it is durable. */
-struct flushed {
-	struct engine *e;
-	uint8_t id[JOB_ID_LEN];
-	char route[INDEX_ROUTE_MAX + 1];
-	bool lines, progress, moved, handle;
-};
-
-static void say_unrecorded(const uint8_t id[JOB_ID_LEN], bool handle, const char *why)
-{
-	char text[JOB_ID_STR_LEN + 1];
-
-	ulid_format(id, text);
-	fprintf(stderr, "renderfs: job %s: cannot record %s: %s\n", text,
-		handle ? "where its remote work is (a restart will not follow it)"
-		       : "its log and progress",
-		why);
-}
-
 /* The events of a write, once it is durable, in the order a watcher
  * needs them (the notifier keeps it too): lines, progress, the output,
  * the state. */
@@ -135,16 +115,63 @@ static void write_events(struct engine *e, const uint8_t id[JOB_ID_LEN], const c
 		engine_notify(e, id, route, EV_STATUS);
 }
 
-/* index_job_update_async's done: on the committing thread, no run. */
-static void flushed(void *arg, int rc, const char *err)
+static void say_unrecorded(const uint8_t id[JOB_ID_LEN], bool handle, const char *why)
 {
-	struct flushed *f = arg;
+	char text[JOB_ID_STR_LEN + 1];
 
-	if (rc)
-		say_unrecorded(f->id, f->handle, err);
-	else
-		write_events(f->e, f->id, f->route, f->lines, f->progress, false, f->moved);
-	free(f);
+	ulid_format(id, text);
+	fprintf(stderr, "renderfs: job %s: cannot record %s: %s\n", text,
+		handle ? "where its remote work is (a restart will not follow it)"
+		       : "its log and progress",
+		why);
+}
+
+/*
+ * A write nobody waits for (index_*_async): the events it makes once it is
+ * durable, and what it was, for the message if it fails. Its own: the
+ * run may be gone by then.
+ */
+struct queued_write {
+	struct engine *e;
+	uint8_t id[JOB_ID_LEN];
+	char route[INDEX_ROUTE_MAX + 1];
+	bool lines, progress, output, status;
+	bool end, handle; /* the run's end; a step's writes with a handle */
+};
+
+static struct queued_write *queued_write_new(struct run *r, bool lines, bool progress,
+					     bool output, bool status)
+{
+	struct queued_write *q = calloc(1, sizeof(*q));
+
+	if (!q)
+		return NULL;
+	q->e = r->e;
+	memcpy(q->id, r->job.id, JOB_ID_LEN);
+	snprintf(q->route, sizeof(q->route), "%s", r->job.route);
+	q->lines = lines;
+	q->progress = progress;
+	q->output = output;
+	q->status = status;
+	return q;
+}
+
+/* The done of a queued write: on the committing thread. */
+static void written(void *arg, int rc, const char *err)
+{
+	struct queued_write *q = arg;
+	char id[JOB_ID_STR_LEN + 1];
+
+	if (rc && q->end) {
+		/* As finish's: the job stays running until recovery. */
+		ulid_format(q->id, id);
+		fprintf(stderr, "renderfs: cannot finish job %s: %s\n", id, err);
+	} else if (rc) {
+		say_unrecorded(q->id, q->handle, err);
+	} else {
+		write_events(q->e, q->id, q->route, q->lines, q->progress, q->output, q->status);
+	}
+	free(q);
 }
 
 /*
@@ -166,23 +193,17 @@ static int flush(struct run *r, bool wait)
 	    .rlen = r->pend_remote ? strlen(r->pend_remote) : 0,
 	};
 	bool lines = r->pend_len, progress = r->pend_has_progress, moved = r->pend_moved;
-	struct flushed *f = NULL;
+	struct queued_write *q = NULL;
 	int rc;
 
 	if (wait) {
 		rc = index_job_update(r->e->ix, r->job.id, &u);
-	} else if (!(f = calloc(1, sizeof(*f)))) {
+	} else if (!(q = queued_write_new(r, lines, progress, false, moved))) {
 		rc = store_seterr(-ENOMEM, "out of memory");
 	} else {
-		f->e = r->e;
-		memcpy(f->id, r->job.id, JOB_ID_LEN);
-		snprintf(f->route, sizeof(f->route), "%s", r->job.route);
-		f->lines = lines;
-		f->progress = progress;
-		f->moved = moved;
-		f->handle = r->pend_handle;
-		if ((rc = index_job_update_async(r->e->ix, r->job.id, &u, flushed, f)) != 0)
-			free(f);
+		q->handle = r->pend_handle;
+		if ((rc = index_job_update_async(r->e->ix, r->job.id, &u, written, q)) != 0)
+			free(q);
 	}
 	r->pend_len = 0;
 	r->pend_has_progress = r->pend_start = r->pend_moved = false;
@@ -964,61 +985,16 @@ static void attempt_usage(struct run *r, struct job_usage *u, char *kind, size_t
 	}
 }
 
-/* What a run's end, queued, announces once it is durable (the run is
- * gone by then). */
-struct ended {
-	struct engine *e;
-	uint8_t id[JOB_ID_LEN];
-	char route[INDEX_ROUTE_MAX + 1];
-	bool line, progress, output;
-};
-
-/* index_job_finish_logged_async's done: on the committing thread. */
-static void ended(void *arg, int rc, const char *err)
+/* The latency histograms, at a run's end. */
+static void observe_end(struct engine *e, const struct job *job)
 {
-	struct ended *d = arg;
-	char id[JOB_ID_STR_LEN + 1];
-
-	if (rc) {
-		/* As finish's: the job stays running until recovery. */
-		ulid_format(d->id, id);
-		fprintf(stderr, "renderfs: cannot finish job %s: %s\n", id, err);
-	} else {
-		write_events(d->e, d->id, d->route, d->line, d->progress, d->output, true);
-	}
-	free(d);
-}
-
-/* A remote run's end, queued (finish): whether it is; its events follow
- * once it is durable (ended). */
-static bool finish_queued(struct engine *e, struct run *r, enum job_status st, const char *code,
-			  const char *msg, const struct job_usage *u, const char *line, size_t n,
-			  bool progress, bool output)
-{
-	struct ended *d = calloc(1, sizeof(*d));
 	uint64_t now = now_ms();
 
-	if (!d)
-		return false;
-	d->e = e;
-	memcpy(d->id, r->job.id, JOB_ID_LEN);
-	snprintf(d->route, sizeof(d->route), "%s", r->job.route);
-	d->line = line != NULL;
-	d->progress = progress;
-	d->output = output;
-	/* A complete job's result.json goes with its completion. */
-	if (index_job_finish_logged_async(e->ix, r->job.id, st, code, msg, u, line, n,
-					  st == JOB_COMPLETE ? r->result : NULL, r->result_len,
-					  ended, d) != 0) {
-		free(d);
-		return false; /* the caller writes it, waiting */
-	}
 	pthread_mutex_lock(&e->stats_mu);
-	engine_observe(&e->h_wait, (double)(r->job.started_ms - r->job.created_ms) / 1000);
-	engine_observe(&e->h_run, (double)(now - r->job.started_ms) / 1000);
-	engine_observe(&e->h_e2e, (double)(now - r->job.created_ms) / 1000);
+	engine_observe(&e->h_wait, (double)(job->started_ms - job->created_ms) / 1000);
+	engine_observe(&e->h_run, (double)(now - job->started_ms) / 1000);
+	engine_observe(&e->h_e2e, (double)(now - job->created_ms) / 1000);
 	pthread_mutex_unlock(&e->stats_mu);
-	return true;
 }
 
 /* The run ends in st, with its last log line (fmt, NULL: none) in the
@@ -1031,7 +1007,6 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 static void finish(struct engine *e, struct run *r, enum job_status st, const char *code,
 		   const char *msg, const char *fmt, ...)
 {
-	struct job j;
 	struct job_usage u;
 	char kind[160], text[ENGINE_ERR_MAX], line[LOG_LINE_CAP];
 	size_t n = 0;
@@ -1039,7 +1014,9 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 	/* Completion sets progress to 1 in the same write: watchers of
 	 * `progress` hear of it unless the run had stored 1 itself. */
 	bool progress = st == JOB_COMPLETE && r->progress != 1000, output = r->output_queued;
-	int rc = 0;
+	const char *result = st == JOB_COMPLETE ? r->result : NULL; /* with the completion */
+	struct queued_write *q = NULL;
+	int rc = -1;
 
 	if (fmt) {
 		va_start(ap, fmt);
@@ -1050,13 +1027,18 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 	attempt_usage(r, &u, kind, sizeof(kind));
 	r->output_queued = false;
 	if (r->route && r->route->backend->remote &&
-	    finish_queued(e, r, st, code, msg, &u, fmt ? line : NULL, n, progress, output)) {
-		free(r->result);
-		r->result = NULL;
-		return;
+	    (q = queued_write_new(r, fmt, progress, output, true))) {
+		q->end = true;
+		if ((rc = index_job_finish_logged_async(e->ix, r->job.id, st, code, msg, &u,
+							fmt ? line : NULL, n, result,
+							r->result_len, written, q)) != 0) {
+			free(q); /* not queued: written below, waited for */
+			q = NULL;
+		}
 	}
-	rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u, fmt ? line : NULL, n,
-				     st == JOB_COMPLETE ? r->result : NULL, r->result_len);
+	if (!q)
+		rc = index_job_finish_logged(e->ix, r->job.id, st, code, msg, &u,
+					     fmt ? line : NULL, n, result, r->result_len);
 	free(r->result);
 	r->result = NULL;
 	if (rc) {
@@ -1067,15 +1049,9 @@ static void finish(struct engine *e, struct run *r, enum job_status st, const ch
 			run_log(r, "%s", text);
 		return;
 	}
-	if (index_job_get(e->ix, r->job.id, &j) == 0) {
-		pthread_mutex_lock(&e->stats_mu);
-		engine_observe(&e->h_wait, (double)(j.started_ms - j.created_ms) / 1000);
-		engine_observe(&e->h_run, (double)(j.completed_ms - j.started_ms) / 1000);
-		engine_observe(&e->h_e2e, (double)(j.completed_ms - j.created_ms) / 1000);
-		pthread_mutex_unlock(&e->stats_mu);
-		job_release(&j);
-	}
-	write_events(e, r->job.id, r->job.route, fmt, progress, output, true);
+	observe_end(e, &r->job);
+	if (!q) /* else they follow the queued end (written) */
+		write_events(e, r->job.id, r->job.route, fmt, progress, output, true);
 }
 
 bool engine_run_begin(struct run *r, const char *where, uint8_t digest[INDEX_HASH_LEN])

@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
 #include "engine_i.h"
 #include "http.h"
@@ -343,10 +342,7 @@ int svc_submit_failed(struct run *r, const struct http_response *h, const char *
 
 static uint64_t mono_ms(void)
 {
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	return mono_ns() / 1000000;
 }
 
 uint64_t svc_poll_start(struct svc_poll *p, uint64_t now)

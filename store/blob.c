@@ -302,24 +302,16 @@ int store_blob_write(struct store *st, const void *data, size_t len, uint8_t has
 	return rc;
 }
 
-/* How a commit's index write goes: waited for, or queued (the output
- * only) with what to call once it is durable or has failed. */
-struct commit_how {
-	bool queued;
-	void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err);
-};
-
 static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_sink *s,
 		  const char *media_type, const char *device, unsigned extra,
-		  const struct commit_how *how, uint8_t hash_out[B3_OUT_LEN]);
+		  bool queued, void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err),
+		  uint8_t hash_out[B3_OUT_LEN]);
 
 int store_job_commit_output(struct store *st, const uint8_t job[JOB_ID_LEN],
 			    struct store_sink *s, const char *media_type, const char *device,
 			    uint8_t hash_out[B3_OUT_LEN])
 {
-	static const struct commit_how wait = {false, NULL};
-
-	return commit(st, job, s, media_type, device, 0, &wait, hash_out);
+	return commit(st, job, s, media_type, device, 0, false, NULL, hash_out);
 }
 
 int store_job_commit_output_queued(struct store *st, const uint8_t job[JOB_ID_LEN],
@@ -327,23 +319,22 @@ int store_job_commit_output_queued(struct store *st, const uint8_t job[JOB_ID_LE
 				   const char *device, uint8_t hash_out[B3_OUT_LEN],
 				   void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err))
 {
-	const struct commit_how queued = {true, failed};
-
-	return commit(st, job, s, media_type, device, 0, &queued, hash_out);
+	return commit(st, job, s, media_type, device, 0, true, failed, hash_out);
 }
 
 int store_job_commit_extra(struct store *st, const uint8_t job[JOB_ID_LEN], unsigned n,
 			   struct store_sink *s, const char *media_type, uint8_t hash_out[B3_OUT_LEN])
 {
-	static const struct commit_how wait = {false, NULL};
-
-	return commit(st, job, s, media_type, NULL, n, &wait, hash_out);
+	return commit(st, job, s, media_type, NULL, n, false, NULL, hash_out);
 }
 
-/* The output (extra 0) or output `extra` of job: see WRITE PATH. */
+/* The output (extra 0) or output `extra` of job: see WRITE PATH. The
+ * output's reference is waited for, or queued (failed: called if it
+ * cannot be written). */
 static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_sink *s,
 		  const char *media_type, const char *device, unsigned extra,
-		  const struct commit_how *how, uint8_t hash_out[B3_OUT_LEN])
+		  bool queued, void (*failed)(const uint8_t id[JOB_ID_LEN], const char *err),
+		  uint8_t hash_out[B3_OUT_LEN])
 {
 	uint8_t hash[B3_OUT_LEN];
 	char path[4200], dir[4200];
@@ -373,17 +364,20 @@ static int commit(struct store *st, const uint8_t job[JOB_ID_LEN], struct store_
 	dedup = known && access(path, F_OK) == 0;
 	if (rc != 0 && rc != STORE_E_NOTFOUND)
 		goto unlock;
-	if (!dedup && ((!synced && (rc = sink_sync(s)) != 0) ||
-		       (rc = sink_rename(st, s, path, dir)) != 0))
+	if (!dedup && (rc = synced ? sink_rename(st, s, path, dir)
+				   : sink_place(st, s, path, dir)) != 0)
 		goto unlock;
 	/* Queued under the lock: a write that a later holder of the lock
 	 * makes (a delete that frees this blob, say) comes after it, and
 	 * store_gc waits for it (index_writes_settle). */
-	rc = extra	  ? index_job_attach_extra(st->ix, job, extra, hash, s->size, media_type)
-	     : how->queued ? index_job_attach_output_async(st->ix, job, hash, s->size,
-							  media_type, device, how->failed)
-			   : index_job_attach_output(st->ix, job, hash, s->size, media_type,
-						     device, false);
+	if (extra)
+		rc = index_job_attach_extra(st->ix, job, extra, hash, s->size, media_type);
+	else if (queued)
+		rc = index_job_attach_output_async(st->ix, job, hash, s->size, media_type, device,
+						   failed);
+	else
+		rc = index_job_attach_output(st->ix, job, hash, s->size, media_type, device,
+					     false);
 	/* A blob the cache had dropped (its record kept, the bucket has
 	 * it) is here again. */
 	if (rc == 0 && known && !dedup)

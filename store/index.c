@@ -817,6 +817,21 @@ int index_writes_settle(struct index *ix)
 	return index_write(ix, settle_fn, NULL);
 }
 
+char *index_copy(const void *p, size_t len, bool *bad)
+{
+	char *c;
+
+	if (!p)
+		return NULL;
+	if (!(c = malloc(len + 1))) {
+		*bad = true;
+		return NULL;
+	}
+	memcpy(c, p, len);
+	c[len] = '\0';
+	return c;
+}
+
 int index_write_async(struct index *ix, int (*fn)(struct index *, MDB_txn *, void *), void *arg,
 		      void (*done)(void *arg, int rc, const char *err))
 {

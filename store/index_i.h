@@ -282,7 +282,18 @@ int index_fair_get(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t le
 int index_change_job(struct index *ix, const uint8_t id[JOB_ID_LEN],
 		     int (*change)(struct index *ix, MDB_txn *txn, struct job *j, void *arg),
 		     void *arg);
+/* The same queued, not waited for (index_write_async): arg is the
+ * change's own copy of what it needs, given to free_arg after done (may
+ * be NULL) was called with done_arg; if it cannot be queued, arg is freed
+ * and the error returned. */
+int index_change_job_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			   int (*change)(struct index *ix, MDB_txn *txn, struct job *j, void *arg),
+			   void *arg, void (*free_arg)(void *arg),
+			   void (*done)(void *arg, int rc, const char *err), void *done_arg);
 int index_state_err(const struct job *j, const char *op);
+/* index.c: a copy of len bytes of p, NUL-terminated, for a write queued
+ * without waiting; NULL for p NULL, and without memory (*bad then set). */
+char *index_copy(const void *p, size_t len, bool *bad);
 /* index_jobs.c: the job holding name on route (owner uid, or anyone's
  * with any_owner: the lowest uid's), into id. STORE_E_NOTFOUND if none. */
 int index_name_find(struct index *ix, MDB_txn *txn, const char *route, const char *name,

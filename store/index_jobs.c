@@ -417,11 +417,6 @@ static int handle_get_fn(struct index *ix, MDB_txn *txn, void *arg)
 	return 0;
 }
 
-struct update_arg {
-	const uint8_t *id;
-	const struct index_update *u;
-};
-
 static int put_side(struct index *ix, MDB_txn *txn, const uint8_t *id, int db,
 		    const void *data, size_t len)
 {
@@ -431,52 +426,36 @@ static int put_side(struct index *ix, MDB_txn *txn, const uint8_t *id, int db,
 	return rc ? index_lmdb_err(ix, rc, db == 2 ? "write remote record" : "write handle") : 0;
 }
 
-static int update_fn(struct index *ix, MDB_txn *txn, void *arg)
+/* index_job_update's change (index_change_job: the job read and put). */
+static int update_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
-	struct update_arg *a = arg;
-	const struct index_update *u = a->u;
+	const struct index_update *u = arg;
 	uint8_t key[JOB_ID_LEN + 8];
 	MDB_val k = {sizeof(key), key}, v;
-	struct job j;
-	int rc = index_get_job(ix, txn, a->id, &j);
+	int rc;
 
-	if (rc == STORE_E_NOTFOUND) {
-		char idstr[JOB_ID_STR_LEN + 1];
-		ulid_format(a->id, idstr);
-		return store_seterr(rc, "job %s is gone (deleted)", idstr);
-	}
-	if (rc)
-		return rc;
-	memcpy(key, a->id, JOB_ID_LEN);
+	memcpy(key, j->id, JOB_ID_LEN);
 	for (const char *p = u->lines, *end = u->len ? u->lines + u->len : p; p < end;) {
 		const char *nl = memchr(p, '\n', (size_t)(end - p));
 		size_t n = (size_t)(nl - p) + 1; /* checked: every line ends so */
-		be64_put(key + JOB_ID_LEN, j.log_size);
+		be64_put(key + JOB_ID_LEN, j->log_size);
 		v.mv_size = n;
 		v.mv_data = (void *)p;
-		if ((rc = mdb_put(txn, ix->logs, &k, &v, 0)) != 0) {
-			job_release(&j);
+		if ((rc = mdb_put(txn, ix->logs, &k, &v, 0)) != 0)
 			return index_lmdb_err(ix, rc, "append log");
-		}
-		j.log_size += n;
+		j->log_size += n;
 		p += n;
 	}
 	/* Progress is a running job's only (as index_job_progress); for one
 	 * that ended meanwhile it is left out, the rest still written. */
-	if (u->progress >= 0 && j.status == JOB_RUNNING)
-		j.progress = (uint16_t)u->progress;
-	if (u->backend && (rc = index_job_set_runner(&j, u->backend, u->model)) != 0) {
-		job_release(&j);
+	if (u->progress >= 0 && j->status == JOB_RUNNING)
+		j->progress = (uint16_t)u->progress;
+	if (u->backend && (rc = index_job_set_runner(j, u->backend, u->model)) != 0)
 		return rc;
-	}
-	j.updated_ms = now_ms();
-	rc = index_put_job(ix, txn, &j);
-	job_release(&j);
-	if (rc == 0 && u->handle)
-		rc = put_side(ix, txn, a->id, 0, u->handle, u->hlen);
-	if (rc == 0 && u->remote)
-		rc = put_side(ix, txn, a->id, 2, u->remote, u->rlen);
-	return rc;
+	j->updated_ms = now_ms();
+	if (u->handle && (rc = put_side(ix, txn, j->id, 0, u->handle, u->hlen)) != 0)
+		return rc;
+	return u->remote ? put_side(ix, txn, j->id, 2, u->remote, u->rlen) : 0;
 }
 
 static int update_check(const struct index_update *u)
@@ -502,55 +481,32 @@ static int update_check(const struct index_update *u)
 
 int index_job_update(struct index *ix, const uint8_t id[JOB_ID_LEN], const struct index_update *u)
 {
-	struct update_arg a = {id, u};
 	int rc = update_check(u);
 
-	return rc ? rc : index_write(ix, update_fn, &a);
+	return rc ? rc : index_change_job(ix, id, update_change, (void *)u);
 }
 
 /* An update queued without waiting: its own copy of everything. */
 struct update_async {
-	uint8_t id[JOB_ID_LEN];
 	struct index_update u;
-	struct update_arg a;
-	void (*done)(void *arg, int rc, const char *err);
-	void *arg;
-	char *backend, *model; /* the copies u points to */
-	void *lines, *handle, *remote;
+	char *lines, *backend, *model, *handle, *remote; /* the copies u points to */
 };
 
-static void update_async_free(struct update_async *x)
+static void update_async_free(void *arg)
 {
+	struct update_async *x = arg;
+
+	free(x->lines);
 	free(x->backend);
 	free(x->model);
-	free(x->lines);
 	free(x->handle);
 	free(x->remote);
 	free(x);
 }
 
-static int update_async_fn(struct index *ix, MDB_txn *txn, void *arg)
+static int update_async_change(struct index *ix, MDB_txn *txn, struct job *j, void *arg)
 {
-	struct update_async *x = arg;
-
-	return update_fn(ix, txn, &x->a);
-}
-
-static void update_async_done(void *arg, int rc, const char *err)
-{
-	struct update_async *x = arg;
-
-	x->done(x->arg, rc, err);
-	update_async_free(x);
-}
-
-static void *dup_bytes(const void *p, size_t len)
-{
-	void *q = malloc(len ? len : 1);
-
-	if (q)
-		memcpy(q, p, len);
-	return q;
+	return update_change(ix, txn, j, &((struct update_async *)arg)->u);
 }
 
 int index_job_update_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
@@ -558,29 +514,25 @@ int index_job_update_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
 			   void (*done)(void *arg, int rc, const char *err), void *arg)
 {
 	struct update_async *x;
+	bool bad = false;
 	int rc = update_check(u);
 
 	if (rc)
 		return rc;
 	if (!(x = calloc(1, sizeof(*x))))
 		return store_seterr(-ENOMEM, "out of memory");
-	memcpy(x->id, id, JOB_ID_LEN);
 	x->u = *u;
-	x->done = done;
-	x->arg = arg;
-	if ((u->len && !(x->u.lines = x->lines = dup_bytes(u->lines, u->len))) ||
-	    (u->backend && !(x->u.backend = x->backend = strdup(u->backend))) ||
-	    (u->model && !(x->u.model = x->model = strdup(u->model))) ||
-	    (u->handle && !(x->u.handle = x->handle = dup_bytes(u->handle, u->hlen))) ||
-	    (u->remote && !(x->u.remote = x->remote = dup_bytes(u->remote, u->rlen)))) {
+	x->u.lines = x->lines = index_copy(u->lines, u->len, &bad);
+	x->u.backend = x->backend = index_copy(u->backend, u->backend ? strlen(u->backend) : 0, &bad);
+	x->u.model = x->model = index_copy(u->model, u->model ? strlen(u->model) : 0, &bad);
+	x->u.handle = x->handle = index_copy(u->handle, u->hlen, &bad);
+	x->u.remote = x->remote = index_copy(u->remote, u->rlen, &bad);
+	if (bad) {
 		update_async_free(x);
 		return store_seterr(-ENOMEM, "out of memory");
 	}
-	x->a.id = x->id;
-	x->a.u = &x->u;
-	if ((rc = index_write_async(ix, update_async_fn, x, update_async_done)) != 0)
-		update_async_free(x);
-	return rc;
+	return index_change_job_async(ix, id, update_async_change, x, update_async_free, done,
+				      arg);
 }
 
 int index_job_log_handle(struct index *ix, const uint8_t id[JOB_ID_LEN], const char *lines,

@@ -270,14 +270,13 @@ int index_change_job(struct index *ix, const uint8_t id[JOB_ID_LEN],
 	return index_write(ix, change_fn, &a);
 }
 
-/* A change of a job queued without waiting (index_write_async): arg is
- * the change's own copy of what it needs, given to free_arg once done
- * (may be NULL) has been called. */
+/* A change of a job queued without waiting (index_write_async). */
 struct change_async {
 	uint8_t id[JOB_ID_LEN];
 	struct change_arg c;
 	void (*free_arg)(void *arg);
 	void (*done)(void *arg, int rc, const char *err);
+	void *done_arg;
 };
 
 static int change_async_fn(struct index *ix, MDB_txn *txn, void *arg)
@@ -292,15 +291,15 @@ static void change_async_done(void *arg, int rc, const char *err)
 	struct change_async *x = arg;
 
 	if (x->done)
-		x->done(x->c.arg, rc, err);
+		x->done(x->done_arg, rc, err);
 	x->free_arg(x->c.arg);
 	free(x);
 }
 
-static int change_job_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
-			    int (*change)(struct index *, MDB_txn *, struct job *, void *),
-			    void *arg, void (*free_arg)(void *arg),
-			    void (*done)(void *arg, int rc, const char *err))
+int index_change_job_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
+			   int (*change)(struct index *, MDB_txn *, struct job *, void *),
+			   void *arg, void (*free_arg)(void *arg),
+			   void (*done)(void *arg, int rc, const char *err), void *done_arg)
 {
 	struct change_async *x = calloc(1, sizeof(*x));
 	int rc;
@@ -313,6 +312,7 @@ static int change_job_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
 	x->c = (struct change_arg){x->id, change, arg};
 	x->free_arg = free_arg;
 	x->done = done;
+	x->done_arg = done_arg;
 	if ((rc = index_write_async(ix, change_async_fn, x, change_async_done)) != 0) {
 		free_arg(arg);
 		free(x);
@@ -519,8 +519,8 @@ int index_job_attach_output_async(struct index *ix, const uint8_t id[JOB_ID_LEN]
 	memcpy(x->hash, hash, INDEX_HASH_LEN);
 	x->a = (struct attach_arg){x->hash, size, x->media_type, x->device, false};
 	x->failed = failed;
-	return change_job_async(ix, id, attach_async_change, x, attach_async_free,
-				attach_async_done);
+	return index_change_job_async(ix, id, attach_async_change, x, attach_async_free,
+				      attach_async_done, x);
 }
 
 struct finish_arg {
@@ -602,6 +602,18 @@ int index_job_finish_used(struct index *ix, const uint8_t id[JOB_ID_LEN], enum j
 				       NULL, 0);
 }
 
+/* What a job's end is given, checked before it is written or queued. */
+static int finish_check(const struct finish_arg *a)
+{
+	if (a->final != JOB_COMPLETE && a->final != JOB_ERROR && a->final != JOB_CANCELLED)
+		return store_seterr(-EINVAL, "'%s' is not a final state",
+				    job_status_name(a->final));
+	if (a->result && a->result_len > INDEX_RESULT_MAX)
+		return store_seterr(-EFBIG, "a result of %zu bytes is over %d", a->result_len,
+				    INDEX_RESULT_MAX);
+	return a->line ? index_log_line_check(a->line, a->line_len) : 0;
+}
+
 int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
 			    enum job_status final, const char *error_code,
 			    const char *error_message, const struct job_usage *used,
@@ -609,16 +621,9 @@ int index_job_finish_logged(struct index *ix, const uint8_t id[JOB_ID_LEN],
 {
 	struct finish_arg a = {final, error_code, error_message, used, line, len, result,
 			       result_len};
-	int rc;
+	int rc = finish_check(&a);
 
-	if (final != JOB_COMPLETE && final != JOB_ERROR && final != JOB_CANCELLED)
-		return store_seterr(-EINVAL, "'%s' is not a final state", job_status_name(final));
-	if (result && result_len > INDEX_RESULT_MAX)
-		return store_seterr(-EFBIG, "a result of %zu bytes is over %d", result_len,
-				    INDEX_RESULT_MAX);
-	if (line && (rc = index_log_line_check(line, len)) != 0)
-		return rc;
-	return index_change_job(ix, id, finish_change, &a);
+	return rc ? rc : index_change_job(ix, id, finish_change, &a);
 }
 
 /* A job's end queued without waiting: its own copy of everything. */
@@ -626,8 +631,6 @@ struct finish_async {
 	struct finish_arg a;
 	struct job_usage used;
 	char *code, *message, *kind, *line, *result;
-	void (*done)(void *arg, int rc, const char *err);
-	void *arg;
 };
 
 static void finish_async_free(void *arg)
@@ -647,29 +650,6 @@ static int finish_async_change(struct index *ix, MDB_txn *txn, struct job *j, vo
 	return finish_change(ix, txn, j, &((struct finish_async *)arg)->a);
 }
 
-static void finish_async_done(void *arg, int rc, const char *err)
-{
-	struct finish_async *x = arg;
-
-	x->done(x->arg, rc, err);
-}
-
-/* s's copy (len bytes, NUL-terminated), or s NULL: NULL; *bad on failure. */
-static char *copy_of(const char *s, size_t len, bool *bad)
-{
-	char *c;
-
-	if (!s)
-		return NULL;
-	if (!(c = malloc(len + 1))) {
-		*bad = true;
-		return NULL;
-	}
-	memcpy(c, s, len);
-	c[len] = '\0';
-	return c;
-}
-
 int index_job_finish_logged_async(struct index *ix, const uint8_t id[JOB_ID_LEN],
 				  enum job_status final, const char *error_code,
 				  const char *error_message, const struct job_usage *used,
@@ -677,25 +657,22 @@ int index_job_finish_logged_async(struct index *ix, const uint8_t id[JOB_ID_LEN]
 				  size_t result_len,
 				  void (*done)(void *arg, int rc, const char *err), void *arg)
 {
+	struct finish_arg a = {final, error_code, error_message, used, line, len, result,
+			       result_len};
 	struct finish_async *x;
 	bool bad = false;
-	int rc;
+	int rc = finish_check(&a);
 
-	if (final != JOB_COMPLETE && final != JOB_ERROR && final != JOB_CANCELLED)
-		return store_seterr(-EINVAL, "'%s' is not a final state", job_status_name(final));
-	if (result && result_len > INDEX_RESULT_MAX)
-		return store_seterr(-EFBIG, "a result of %zu bytes is over %d", result_len,
-				    INDEX_RESULT_MAX);
-	if (line && (rc = index_log_line_check(line, len)) != 0)
+	if (rc)
 		return rc;
 	if (!(x = calloc(1, sizeof(*x))))
 		return store_seterr(-ENOMEM, "out of memory");
-	x->code = copy_of(error_code, error_code ? strlen(error_code) : 0, &bad);
-	x->message = copy_of(error_message, error_message ? strlen(error_message) : 0, &bad);
-	x->line = copy_of(line, len, &bad);
-	x->result = copy_of(result, result_len, &bad);
+	x->code = index_copy(error_code, error_code ? strlen(error_code) : 0, &bad);
+	x->message = index_copy(error_message, error_message ? strlen(error_message) : 0, &bad);
+	x->line = index_copy(line, len, &bad);
+	x->result = index_copy(result, result_len, &bad);
 	if (used) {
-		x->kind = copy_of(used->kind, used->kind ? strlen(used->kind) : 0, &bad);
+		x->kind = index_copy(used->kind, used->kind ? strlen(used->kind) : 0, &bad);
 		x->used = (struct job_usage){x->kind, used->reported_ms};
 	}
 	if (bad) {
@@ -704,10 +681,8 @@ int index_job_finish_logged_async(struct index *ix, const uint8_t id[JOB_ID_LEN]
 	}
 	x->a = (struct finish_arg){final,   x->code, x->message, used ? &x->used : NULL,
 				   x->line, len,     x->result, result_len};
-	x->done = done;
-	x->arg = arg;
-	return change_job_async(ix, id, finish_async_change, x, finish_async_free,
-				finish_async_done);
+	return index_change_job_async(ix, id, finish_async_change, x, finish_async_free, done,
+				      arg);
 }
 
 struct requeue_arg {
