@@ -91,11 +91,18 @@ void engine_set_observer(struct engine *e, engine_observer_fn fn, void *arg)
 	e->observer_arg = arg;
 }
 
+static void deletions_poke(struct engine *e);
+static void *deleter_main(void *arg);
+static struct pending_delete *deletions_try(struct engine *e, struct pending_delete *list,
+					    bool last);
+
 void engine_notify(struct engine *e, const uint8_t id[JOB_ID_LEN], const char *route,
 		   enum engine_event ev)
 {
 	if (e->observer)
 		e->observer(e->observer_arg, id, route, ev, NULL);
+	if (ev == EV_STATUS && atomic_load(&e->ndels))
+		deletions_poke(e);
 }
 
 void engine_abstime(uint64_t ms, struct timespec *ts)
@@ -660,6 +667,12 @@ int engine_open(struct store *st, const struct engine_options *opt, struct engin
 	pthread_cond_init(&e->work, NULL);
 	pthread_mutex_init(&e->rate_mu, NULL);
 	pthread_mutex_init(&e->stats_mu, NULL);
+	pthread_mutex_init(&e->del_mu, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&e->del_cv, &ca);
+	pthread_condattr_destroy(&ca);
 
 	e->total[GROUP_CPU] = (unsigned)e->opt.workers;
 	for (int g = 0; g < e->ngpus; g++)
@@ -721,6 +734,12 @@ int engine_start(struct engine *e)
 		engine_stop(e);
 		return -EAGAIN;
 	}
+	if (pthread_create(&e->deleter, NULL, deleter_main, e) != 0) {
+		engine_stop(e);
+		return -EAGAIN;
+	}
+	e->deleter_started = true;
+	pthread_setname_np(e->deleter, "rfs-delete");
 	if (e->opt.retain_ms) {
 		if (pthread_create(&e->janitor, NULL, engine_janitor_main, e) != 0) {
 			engine_stop(e);
@@ -754,6 +773,18 @@ void engine_stop(struct engine *e)
 		pthread_join(e->janitor, NULL);
 		e->janitor_started = false;
 	}
+	/* The runs are over: the deletions still waiting are answered. */
+	pthread_mutex_lock(&e->del_mu);
+	e->del_stop = true;
+	pthread_cond_signal(&e->del_cv);
+	pthread_mutex_unlock(&e->del_mu);
+	if (e->deleter_started) {
+		pthread_join(e->deleter, NULL);
+		e->deleter_started = false;
+	}
+	struct pending_delete *list = e->dels;
+	e->dels = NULL;
+	deletions_try(e, list, true);
 }
 
 void engine_close(struct engine *e)
@@ -772,6 +803,8 @@ void engine_close(struct engine *e)
 	pthread_cond_destroy(&e->work);
 	pthread_mutex_destroy(&e->rate_mu);
 	pthread_mutex_destroy(&e->stats_mu);
+	pthread_mutex_destroy(&e->del_mu);
+	pthread_cond_destroy(&e->del_cv);
 	free(e);
 }
 
@@ -842,38 +875,150 @@ int engine_set_priority(struct engine *e, const uint8_t id[JOB_ID_LEN], enum job
 	return rc;
 }
 
-int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN], bool by_rmdir)
+/* Under state_mu: delete job j (read just now) unless a run holds it
+ * (-EBUSY). */
+static int delete_unheld(struct engine *e, const struct job *j, bool by_rmdir)
 {
+	int rc;
+
+	if (j->status == JOB_RUNNING)
+		return -EBUSY;
+	if ((rc = store_job_delete(e->st, j->id)) == 0 && e->observer)
+		e->observer(e->observer_arg, j->id, j->route, by_rmdir ? EV_RMDIR : EV_DELETED, j);
+	return rc;
+}
+
+int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN], bool by_rmdir,
+		  engine_done_fn done, void *arg)
+{
+	struct pending_delete *d;
 	struct job j;
 	int rc;
 
-	/* A running job is cancelled first and deleted once its worker has
-	 * let go of it (within a second: runners check often). */
-	for (int tries = 0;; tries++) {
-		pthread_mutex_lock(&e->state_mu);
-		if ((rc = index_job_get(e->ix, id, &j)) != 0) {
-			pthread_mutex_unlock(&e->state_mu);
-			return rc;
-		}
-		if (j.status != JOB_RUNNING) {
-			rc = store_job_delete(e->st, id);
-			if (rc == 0) {
-				if (e->observer)
-					e->observer(e->observer_arg, id, j.route,
-						    by_rmdir ? EV_RMDIR : EV_DELETED, &j);
-			}
-			pthread_mutex_unlock(&e->state_mu);
-			job_release(&j);
-			return rc;
-		}
-		if (tries == 0)
-			index_job_cancel(e->ix, id);
-		signal_worker(e, id, STOP_CANCEL);
+	pthread_mutex_lock(&e->state_mu);
+	if ((rc = index_job_get(e->ix, id, &j)) != 0) {
 		pthread_mutex_unlock(&e->state_mu);
-		job_release(&j);
-		if (tries >= 100)
-			return store_seterr(-EBUSY, "the job is still running; try again");
-		usleep(20000);
+		return rc;
 	}
+	if ((rc = delete_unheld(e, &j, by_rmdir)) == -EBUSY) {
+		index_job_cancel(e->ix, id);
+		signal_worker(e, id, STOP_CANCEL);
+		if (!done) {
+			rc = store_seterr(-EBUSY, "the job is still running; try again");
+		} else if (!(d = calloc(1, sizeof(*d)))) {
+			rc = -ENOMEM;
+		} else {
+			memcpy(d->id, id, JOB_ID_LEN);
+			d->by_rmdir = by_rmdir;
+			d->until_ms = mono_ns() / 1000000 + ENGINE_DELETE_WAIT_MS;
+			d->done = done;
+			d->arg = arg;
+			/* Looked at once at least: a run that ended before
+			 * this was queued made its event already. */
+			pthread_mutex_lock(&e->del_mu);
+			d->next = e->dels;
+			e->dels = d;
+			atomic_fetch_add(&e->ndels, 1);
+			e->del_poked = true;
+			pthread_cond_signal(&e->del_cv);
+			pthread_mutex_unlock(&e->del_mu);
+			rc = ENGINE_LATER;
+		}
+	}
+	pthread_mutex_unlock(&e->state_mu);
+	job_release(&j);
+	return rc;
+}
+
+/*
+ * The waiting deletions in list, each tried once: answered if its job is
+ * gone, no longer held (deleted now), or held past its time (-EBUSY), or
+ * at all with last (the engine stopping: only a job in a final state is
+ * deleted then; one that went back to the queue is kept, -EBUSY, so that
+ * the next start still cancels its remote work). Returns the ones left.
+ */
+static struct pending_delete *deletions_try(struct engine *e, struct pending_delete *list,
+					    bool last)
+{
+	struct pending_delete *keep = NULL, *next;
+	uint64_t now = mono_ns() / 1000000;
+
+	for (struct pending_delete *d = list; d; d = next) {
+		struct job j;
+		int rc;
+
+		next = d->next;
+		pthread_mutex_lock(&e->state_mu);
+		if ((rc = index_job_get(e->ix, d->id, &j)) == 0) {
+			rc = last && j.status < JOB_COMPLETE ? -EBUSY
+							      : delete_unheld(e, &j, d->by_rmdir);
+			job_release(&j);
+		}
+		pthread_mutex_unlock(&e->state_mu);
+		if (rc == -EBUSY && !last && now < d->until_ms) {
+			d->next = keep;
+			keep = d;
+			continue;
+		}
+		atomic_fetch_sub(&e->ndels, 1);
+		d->done(d->arg, rc);
+		free(d);
+	}
+	return keep;
+}
+
+/* rfs-delete: tries the waiting deletions when a run ends (poked) and
+ * when the first of them is due. */
+static void *deleter_main(void *arg)
+{
+	struct engine *e = arg;
+
+	pthread_mutex_lock(&e->del_mu);
+	while (!e->del_stop) {
+		uint64_t first = UINT64_MAX, now = mono_ns() / 1000000;
+
+		for (struct pending_delete *d = e->dels; d; d = d->next)
+			if (d->until_ms < first)
+				first = d->until_ms;
+		if (!e->del_poked && first > now) {
+			if (first == UINT64_MAX) {
+				pthread_cond_wait(&e->del_cv, &e->del_mu);
+			} else {
+				struct timespec ts;
+				clock_gettime(CLOCK_MONOTONIC, &ts);
+				ts.tv_sec += (time_t)((first - now) / 1000);
+				ts.tv_nsec += (long)((first - now) % 1000) * 1000000;
+				if (ts.tv_nsec >= 1000000000) {
+					ts.tv_sec++;
+					ts.tv_nsec -= 1000000000;
+				}
+				pthread_cond_timedwait(&e->del_cv, &e->del_mu, &ts);
+			}
+			continue;
+		}
+		struct pending_delete *list = e->dels, *keep, *tail;
+		e->dels = NULL;
+		e->del_poked = false;
+		pthread_mutex_unlock(&e->del_mu);
+		keep = deletions_try(e, list, false);
+		pthread_mutex_lock(&e->del_mu);
+		if (keep) {
+			for (tail = keep; tail->next; tail = tail->next)
+				;
+			tail->next = e->dels;
+			e->dels = keep;
+		}
+	}
+	pthread_mutex_unlock(&e->del_mu);
+	return NULL;
+}
+
+/* A job's state changed: a deletion waiting for its run may go now. */
+static void deletions_poke(struct engine *e)
+{
+	pthread_mutex_lock(&e->del_mu);
+	e->del_poked = true;
+	pthread_cond_signal(&e->del_cv);
+	pthread_mutex_unlock(&e->del_mu);
 }
 

@@ -130,9 +130,22 @@ void engine_count_rejected(struct engine *e, uint64_t n);
 int engine_cancel(struct engine *e, const uint8_t id[JOB_ID_LEN]);
 int engine_retry(struct engine *e, const uint8_t id[JOB_ID_LEN]);
 int engine_set_priority(struct engine *e, const uint8_t id[JOB_ID_LEN], enum job_priority p);
-/* Delete a job, cancelling it first if it runs. by_rmdir: the caller is an
- * rmdir of its directory (observers get EV_RMDIR, not EV_DELETED). */
-int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN], bool by_rmdir);
+/*
+ * Delete a job. by_rmdir: the caller is an rmdir of its directory
+ * (observers get EV_RMDIR, not EV_DELETED). A job no run holds goes now:
+ * 0 or the error. A running job is cancelled first and goes once its run
+ * has let go (a remote run: once the service has answered the cancel):
+ * with done, ENGINE_LATER is returned and done(arg, rc) is called once,
+ * later, on the engine's deleting thread or in engine_stop: 0, the
+ * error, or -EBUSY when the run still held the job after
+ * ENGINE_DELETE_WAIT_MS. Nothing waits meanwhile (a FUSE handler goes on
+ * to other requests). Without done: -EBUSY at once (the job cancelled).
+ */
+#define ENGINE_LATER 1
+#define ENGINE_DELETE_WAIT_MS 2000
+typedef void (*engine_done_fn)(void *arg, int rc);
+int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN], bool by_rmdir,
+		  engine_done_fn done, void *arg);
 
 /* ---- reporting ---- */
 

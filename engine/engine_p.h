@@ -14,6 +14,10 @@
  *   rate_mu   guards buckets[].
  *   stats_mu  guards the histograms and the counters beside them (job counts
  *             per route and status live in the index).
+ *   del_mu    guards the deletions waiting for their runs (dels, del_poked,
+ *             del_stop); taken under state_mu or alone, and nothing is
+ *             taken under it. ndels, their number, is atomic: engine_notify
+ *             reads it without the lock.
  *   A worker slot's `stop` is atomic: set under mu, read by its runner.
  */
 #ifndef RENDERFS_ENGINE_P_H
@@ -51,6 +55,17 @@ struct worker {
 	atomic_int stop; /* enum stop_reason for the job it runs */
 };
 
+/* A deletion of a running job, answered (done) once its run lets go or
+ * after ENGINE_DELETE_WAIT_MS (engine_delete). */
+struct pending_delete {
+	struct pending_delete *next;
+	uint8_t id[JOB_ID_LEN];
+	bool by_rmdir;
+	uint64_t until_ms; /* CLOCK_MONOTONIC */
+	engine_done_fn done;
+	void *arg;
+};
+
 struct bucket {
 	uint32_t uid;
 	bool used;
@@ -82,6 +97,17 @@ struct engine {
 	unsigned busy[GROUP_GPU0 + MAX_GPUS], total[GROUP_GPU0 + MAX_GPUS];
 	pthread_t janitor;
 	bool janitor_started;
+
+	/* The deletions waiting for their runs to let go, and the thread
+	 * that answers them (rfs-delete): a run's end (EV_STATUS) pokes it,
+	 * and it answers the ones still held at their time. */
+	pthread_mutex_t del_mu;
+	pthread_cond_t del_cv; /* on CLOCK_MONOTONIC */
+	struct pending_delete *dels;
+	_Atomic size_t ndels;
+	bool del_poked, del_stop;
+	pthread_t deleter;
+	bool deleter_started;
 
 	pthread_mutex_t rate_mu;
 	struct bucket buckets[RATE_SLOTS];

@@ -1333,7 +1333,7 @@ void *engine_janitor_main(void *arg)
 				bool done = j.status >= JOB_COMPLETE && j.completed_ms < cutoff;
 				job_release(&j);
 				if (done)
-					engine_delete(e, ids[i], false);
+					engine_delete(e, ids[i], false, NULL, NULL);
 			}
 			memcpy(after, ids[n - 1], JOB_ID_LEN);
 			have_after = true;

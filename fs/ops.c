@@ -77,6 +77,13 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 	reply_err(req, rc);
 }
 
+/* A deletion's answer that came later (its run had to let go first): on
+ * the engine's deleting thread. */
+static void rmdir_answered(void *arg, int rc)
+{
+	reply_err(arg, rc);
+}
+
 static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
 	struct fsctx *fs = ctx(req);
@@ -100,9 +107,10 @@ static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 	if (fuse_req_ctx(req)->uid != 0 && fuse_req_ctx(req)->uid != j.uid)
 		rc = -EPERM;
 	else
-		rc = engine_delete(fs->eng, j.id, true);
+		rc = engine_delete(fs->eng, j.id, true, rmdir_answered, req);
 	job_release(&j);
-	reply_err(req, rc);
+	if (rc != ENGINE_LATER) /* else answered once the run lets go */
+		reply_err(req, rc);
 }
 
 static void op_eperm_entry(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)

@@ -112,6 +112,7 @@ class FakeFal:
         self.video = False        # files are MP4 (video/mp4), not PNG
         self.submissions = []     # (request id, body object, headers)
         self.cancels = []
+        self.cancel_gate = None   # a threading.Event cancels wait for (30 s at most)
         self.requests = {}        # id -> {"polls", "cancelled", "done"}
         self.outstanding = 0      # submitted, result not yet fetched
         self.max_outstanding = 0
@@ -198,6 +199,8 @@ class FakeFal:
                         if not req["done"]:
                             req["done"] = True
                             fake.outstanding -= 1
+                if fake.cancel_gate:
+                    fake.cancel_gate.wait(30)
                 self.answer(202 if req else 404,
                             {"status": "CANCELLATION_REQUESTED" if req else "NOT_FOUND"})
 

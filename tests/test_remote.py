@@ -3,10 +3,12 @@ the protocol end to end, concurrency, retries that hold no worker, the
 circuit breaker, cancellation at the service, and paid work resumed (never
 sent twice) after a restart."""
 
+import errno
 import json
 import os
 import re
 import subprocess
+import threading
 import time
 
 import pytest
@@ -189,6 +191,66 @@ def test_cancel_reaches_the_service(mount_factory, tmp_path, fal):
     assert fal.cancels == [fal.submissions[0][0]]
     assert "cancel of request req-1: CANCELLATION_REQUESTED" in (
         m.job(ROUTE, jid) / "log").read_text()
+
+
+def test_rmdir_of_a_running_job_waits_for_its_run_holding_no_thread(mount_factory, tmp_path,
+                                                                   fal):
+    """rmdir of a running job cancels it and is answered once the run has
+    let go (a remote run: once the service has answered the cancel).
+    Meanwhile no request thread of the daemon waits for it: with one
+    (max_threads=1) the mount answers while the service holds the cancel.
+    Held past the bound, the rmdir fails with EBUSY and the job stays;
+    once cancelled, the next rmdir deletes it."""
+    fal.hold = True
+    fal.cancel_gate = gate = threading.Event()
+    m = mount_factory([models(tmp_path, fal), "max_threads=1"])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    job = m.job(ROUTE, jid)
+    until(lambda: "fal: loading model" in (job / "log").read_text(),
+          "the job in progress at the service")
+    answer = {}
+
+    def rm():
+        try:
+            os.rmdir(job)
+            answer["errno"] = 0
+        except OSError as e:
+            answer["errno"] = e.errno
+        answer["at"] = time.monotonic()
+
+    t = threading.Thread(target=rm)
+    try:
+        t.start()
+        until(lambda: fal.cancels, "the cancel at the service")
+        # Answered while the rmdir waits, by the one request thread.
+        assert f'renderfs_jobs{{route="{ROUTE}",status="running"}} 1' in stats(m)
+        read_at = time.monotonic()
+        t.join(30)
+        assert read_at < answer["at"], "the mount answered only after the rmdir"
+        assert answer["errno"] == errno.EBUSY, answer
+        assert job.is_dir()
+    finally:
+        gate.set()
+        t.join(30)
+    assert m.wait(ROUTE, jid) == "cancelled"
+    assert fal.cancels == [fal.submissions[0][0]] and len(fal.submissions) == 1
+    os.rmdir(job)
+    assert not job.exists() and jid not in os.listdir(m.path / ROUTE)
+
+
+def test_rmdir_of_a_running_job_deletes_it_once_cancelled(mount_factory, tmp_path, fal):
+    fal.hold = True
+    m = mount_factory([models(tmp_path, fal)])
+    jid = m.submit(ROUTE, {"prompt": "x"})
+    job = m.job(ROUTE, jid)
+    until(lambda: "fal: loading model" in (job / "log").read_text(),
+          "the job in progress at the service")
+    os.rmdir(job)
+    assert not job.exists() and jid not in os.listdir(m.path / ROUTE)
+    assert fal.cancels == [fal.submissions[0][0]] and len(fal.submissions) == 1
+    counts = stats(m)
+    assert f'renderfs_jobs{{route="{ROUTE}",status="running"}} 0' in counts
+    assert f'renderfs_jobs{{route="{ROUTE}",status="cancelled"}} 0' in counts
 
 
 def test_deadline_cancels_at_the_service(mount_factory, tmp_path, fal):

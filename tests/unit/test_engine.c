@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <json-c/json.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -155,7 +156,7 @@ static void test_fair_share_and_counts(struct store *st)
 	REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim 3");
 	CHECK(memcmp(j.id, a[3], JOB_ID_LEN) == 0, "the high-priority job next");
 	job_release(&j);
-	CHECK(engine_delete(e, a[2], false) == 0 && status_of(e, a[2]) == (enum job_status)-1,
+	CHECK(engine_delete(e, a[2], false, NULL, NULL) == 0 && status_of(e, a[2]) == (enum job_status)-1,
 	      "delete");
 	engine_close(e);
 	/* Counts are the index's: a new engine reads them, counts nothing. */
@@ -352,6 +353,60 @@ static void test_poll_schedule(void)
 	CHECK(d == 1993 && p.at == t + 3602 * 1000, "poll schedule");
 }
 
+static atomic_int answers, answer_rc;
+
+static void answered(void *arg, int rc)
+{
+	(void)arg;
+	atomic_store(&answer_rc, rc);
+	atomic_fetch_add(&answers, 1);
+}
+
+/* A running job is not deleted under its run. Without done: -EBUSY at
+ * once, the job cancelled and kept. With done: answered later, once: the
+ * job deleted (0) when it has ended by its time, or -EBUSY at the
+ * engine's stop while it still runs (kept). */
+static void test_delete_of_a_running_job(struct store *st)
+{
+	struct engine *e = open_engine(st, 0, 0, false);
+	struct index *ix = store_index(st);
+	uint8_t a[JOB_ID_LEN], b[JOB_ID_LEN];
+	struct job j;
+
+	while (index_job_claim(ix, 0, &j) == 0) {
+		index_job_finish(ix, j.id, JOB_CANCELLED, NULL, NULL);
+		job_release(&j);
+	}
+	REQUIRE(engine_start(e) == 0, "start");
+	REQUIRE(submit(e, 300, "held a", 30, a) == 0 && submit(e, 300, "held b", 31, b) == 0,
+		"submit");
+	for (int i = 0; i < 2; i++) {
+		REQUIRE(index_job_claim(ix, 0, &j) == 0, "claim %d", i);
+		job_release(&j);
+	}
+	CHECK(engine_delete(e, a, false, NULL, NULL) == -EBUSY && status_of(e, a) == JOB_RUNNING,
+	      "without done: EBUSY, the job kept");
+	CHECK(engine_delete(e, a, false, answered, NULL) == ENGINE_LATER && !atomic_load(&answers),
+	      "with done: answered later");
+	/* Its run ends (here, behind the engine's back: no event; the
+	 * deletion is looked at again at its time). */
+	index_job_finish(ix, a, JOB_CANCELLED, NULL, NULL);
+	for (int i = 0; i < 500 && !atomic_load(&answers); i++)
+		usleep(10000);
+	CHECK(atomic_load(&answers) == 1 && atomic_load(&answer_rc) == 0 &&
+		      status_of(e, a) == (enum job_status)-1,
+	      "the ended job deleted at its time: %d answers, rc %d", atomic_load(&answers),
+	      atomic_load(&answer_rc));
+	CHECK(engine_delete(e, b, false, answered, NULL) == ENGINE_LATER, "b later");
+	engine_close(e);
+	REQUIRE(index_job_get(ix, b, &j) == 0, "b kept");
+	CHECK(atomic_load(&answers) == 2 && atomic_load(&answer_rc) == -EBUSY &&
+		      j.status == JOB_RUNNING,
+	      "still running at the stop: EBUSY, kept");
+	job_release(&j);
+	index_job_finish(ix, b, JOB_CANCELLED, NULL, NULL);
+}
+
 int main(void)
 {
 	struct store_options so = {0};
@@ -369,6 +424,7 @@ int main(void)
 	test_breaker();
 	test_route_groups(st);
 	test_poll_schedule();
+	test_delete_of_a_running_job(st);
 	store_close(st);
 	rm_rf(dir);
 	return check_done("test_engine");
