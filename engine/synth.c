@@ -84,7 +84,7 @@ int synth_parse(const char *route, const char *json, size_t len, struct synth_re
 	}
 	json_object_object_foreach(root, key, val)
 	{
-		int64_t x;
+		int64_t x = 0;
 
 		if (strcmp(key, "prompt") == 0 || strcmp(key, "negative_prompt") == 0) {
 			if (!json_object_is_type(val, json_type_string)) {

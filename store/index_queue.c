@@ -61,7 +61,7 @@ static int fair_put(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t l
  * across groups (fair key of four bytes: the uid). */
 static int count_add(struct index *ix, MDB_txn *txn, const uint8_t *key, size_t len, int delta)
 {
-	uint64_t d;
+	uint64_t d = 0;
 	int rc = index_fair_get(ix, txn, key, len, &d);
 
 	if (rc)
@@ -83,7 +83,7 @@ static int depth_add(struct index *ix, MDB_txn *txn, const struct job *j, int de
 int index_enqueue(struct index *ix, MDB_txn *txn, struct job *j)
 {
 	uint8_t cur_key[2] = {j->group, (uint8_t)j->priority}, own_key[6], item[QUEUE_ITEM_LEN];
-	uint64_t cur, next;
+	uint64_t cur = 0, next = 0;
 	int rc;
 
 	memcpy(own_key, cur_key, 2);

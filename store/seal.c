@@ -109,8 +109,8 @@ int store_webhook_sign(struct store *st, const void *msg, size_t len, uint8_t si
 int store_user_secret(struct store *st, uint32_t uid, uint8_t secret[32])
 {
 	void *sealed = NULL;
-	size_t slen, plen;
-	uint8_t *plain;
+	size_t slen, plen = 0;
+	uint8_t *plain = NULL;
 	bool existed;
 	int rc;
 
@@ -135,7 +135,7 @@ int store_user_secret(struct store *st, uint32_t uid, uint8_t secret[32])
 		/* None yet: made now; a concurrent first use may put its own
 		 * first, which is then the one read back. */
 		uint8_t fresh[32];
-		uint8_t *box;
+		uint8_t *box = NULL;
 		size_t blen;
 
 		randombytes_buf(fresh, sizeof(fresh));
