@@ -41,7 +41,10 @@ static int synth_run(struct run *r)
 	rc = synth_parse(r->route->path, r->request, r->request_len, &sr, err, sizeof(err));
 	if (rc)
 		return run_fail(r, rc, "invalid_request", "%s", err);
+	const char *path = NULL;
 	rc = store_sink_open(engine_store(r->e), &sink);
+	if (rc == 0 && (rc = store_sink_path(sink, &path)) != 0)
+		store_sink_abort(sink);
 	if (rc) {
 		synth_request_release(&sr);
 		return run_fail(r, rc, "store", "%s", store_lasterr());
@@ -53,7 +56,7 @@ static int synth_run(struct run *r)
 	so.progress_arg = r;
 	run_log(r, "rendering %dx%d, %d frame%s, seed %u, %s", sr.width, sr.height, sr.num_frames,
 		sr.num_frames == 1 ? "" : "s", sr.seed, enc_format_name(sr.format));
-	rc = synth_render_file(&sr, store_sink_path(sink), &so, device, sizeof(device), err,
+	rc = synth_render_file(&sr, path, &so, device, sizeof(device), err,
 			       sizeof(err));
 	if (rc) {
 		store_sink_abort(sink);

@@ -2,7 +2,16 @@
  * blob.c - writing blobs through sinks and reading them verified.
  *
  * DESIGN
- * A sink owns one file in tmp/. Writes are staged one 1 MiB group at a
+ * A sink's bytes go to a file of its own in tmp/ once they need one: when
+ * a first whole group is written out, or when the content is stored (a
+ * content of one group is held in memory until then, so a thousand
+ * downloads in flight hold no file, and content already stored never
+ * touches the disk). Where the store's file system can (probed at open:
+ * O_TMPFILE and linkat), the file has no name until it is linked into
+ * blobs/ as the blob itself: nothing is left in tmp/ by a crash or a
+ * failure, and no name in tmp/ is made, synced and renamed away. Writers
+ * that fill a file by path (store_sink_path) get a named one.
+ * Writes are staged one 1 MiB group at a
  * time (in a stage that grows to it) so that the hasher sees large
  * aligned pieces (its SIMD paths hash 8 or 16 chunks at a time) and the
  * file sees few write()s.
@@ -24,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sodium.h>
 #include <unistd.h>
 
 #include "fileutil.h"
@@ -43,8 +53,9 @@
 
 struct store_sink {
 	struct store *st;
-	int fd;
-	char path[4200];
+	int fd;		 /* -1 until the bytes need a file (sink_file) */
+	bool named;	 /* the file is path (else unnamed, or none yet) */
+	char path[4200]; /* the file's name, or what messages call it */
 	uint64_t size;
 	size_t staged, stage_cap;
 	uint8_t *stage;
@@ -59,16 +70,68 @@ int store_sink_open(struct store *st, struct store_sink **out)
 
 	if (!s)
 		return -ENOMEM;
+	s->st = st;
+	s->fd = -1;
+	snprintf(s->path, sizeof(s->path), "%s/tmp", st->dir);
+	*out = s;
+	return 0;
+}
+
+/* Link the unnamed file fd as path, the way the store found that works
+ * (mode: STORE_LINK_*). -errno. */
+static int link_unnamed(int fd, const char *path, int mode)
+{
+	char proc[64];
+
+	if (mode == STORE_LINK_EMPTY_PATH)
+		return linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH) == 0 ? 0 : -errno;
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+	return linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW) == 0 ? 0 : -errno;
+}
+
+void store_link_probe(struct store *st)
+{
+	char tmp[4200], name[4200];
+	int fd;
+
+	st->link_mode = STORE_LINK_NONE;
+	snprintf(tmp, sizeof(tmp), "%s/tmp", st->dir);
+	snprintf(name, sizeof(name), "%s/tmp/link-probe", st->dir);
+	if ((fd = open(tmp, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600)) < 0)
+		return;
+	for (int mode = STORE_LINK_EMPTY_PATH; mode <= STORE_LINK_PROC; mode++) {
+		unlink(name);
+		if (link_unnamed(fd, name, mode) == 0) {
+			st->link_mode = mode;
+			unlink(name);
+			break;
+		}
+	}
+	close(fd);
+}
+
+/* The sink's file, made now if it has none: unnamed where the store can
+ * link one (and named is false), else named tmp/blob-XXXXXX. */
+static int sink_file(struct store_sink *s, bool named)
+{
+	struct store *st = s->st;
+
+	if (s->fd >= 0)
+		return 0;
+	if (!named && st->link_mode != STORE_LINK_NONE) {
+		snprintf(s->path, sizeof(s->path), "%s/tmp", st->dir);
+		if ((s->fd = open(s->path, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600)) < 0)
+			return store_seterr(-errno, "cannot create a file in '%s': %s", s->path,
+					    strerror(errno));
+		return 0;
+	}
 	snprintf(s->path, sizeof(s->path), "%s/tmp/blob-XXXXXX", st->dir);
-	s->fd = mkostemp(s->path, O_CLOEXEC);
-	if (s->fd < 0) {
+	if ((s->fd = mkostemp(s->path, O_CLOEXEC)) < 0) {
 		int rc = store_seterr(-errno, "cannot create '%s': %s", s->path, strerror(errno));
-		free(s->stage);
-		free(s);
+		snprintf(s->path, sizeof(s->path), "%s/tmp", st->dir);
 		return rc;
 	}
-	s->st = st;
-	*out = s;
+	s->named = true;
 	return 0;
 }
 
@@ -87,8 +150,12 @@ static int sink_group_out(struct store_sink *s)
 	}
 	b3_group_cv(s->stage, s->staged, s->ngroups, s->cvs[s->ngroups]);
 	s->ngroups++;
-	if (!s->adopting && (rc = write_all(s->fd, s->stage, s->staged)) != 0)
-		return store_seterr(rc, "cannot write '%s': %s", s->path, strerror(-rc));
+	if (!s->adopting) {
+		if ((rc = sink_file(s, false)) != 0)
+			return rc;
+		if ((rc = write_all(s->fd, s->stage, s->staged)) != 0)
+			return store_seterr(rc, "cannot write '%s': %s", s->path, strerror(-rc));
+	}
 	s->staged = 0;
 	return 0;
 }
@@ -129,7 +196,8 @@ int store_sink_write(struct store_sink *s, const void *buf, size_t len)
 	return sink_take(s, buf, len);
 }
 
-/* Finish: the hash, and the last group written out. */
+/* Finish: the hash, and the last group written out. Content of one
+ * group stays staged (sink_sync writes it, if it is to be stored). */
 static int sink_finish(struct store_sink *s, uint8_t hash[B3_OUT_LEN])
 {
 	int rc;
@@ -139,21 +207,23 @@ static int sink_finish(struct store_sink *s, uint8_t hash[B3_OUT_LEN])
 	if (s->ngroups == 0) {
 		/* one group: hashed as usual (nothing staged: no stage yet) */
 		b3_hash(s->staged ? s->stage : none, s->staged, hash);
-	} else {
-		if ((rc = sink_group_out(s)) != 0)
-			return rc;
-		b3_root_from_groups(s->cvs, s->ngroups, hash);
 		return 0;
 	}
-	if (!s->adopting && s->staged && (rc = write_all(s->fd, s->stage, s->staged)) != 0)
-		return store_seterr(rc, "cannot write '%s': %s", s->path, strerror(-rc));
-	s->staged = 0;
+	if ((rc = sink_group_out(s)) != 0)
+		return rc;
+	b3_root_from_groups(s->cvs, s->ngroups, hash);
 	return 0;
 }
 
-const char *store_sink_path(const struct store_sink *s)
+int store_sink_path(struct store_sink *s, const char **path)
 {
-	return s->path;
+	int rc;
+
+	if (!s->named && (s->fd >= 0 || s->size))
+		return store_seterr(-EINVAL, "the sink was written to already");
+	if ((rc = sink_file(s, true)) == 0)
+		*path = s->path;
+	return rc;
 }
 
 int store_sink_adopt_file(struct store_sink *s)
@@ -161,6 +231,8 @@ int store_sink_adopt_file(struct store_sink *s)
 	uint8_t buf[65536];
 	int fd, rc = 0;
 
+	if (!s->named)
+		return store_seterr(-EINVAL, "the sink has no file by name (store_sink_path)");
 	if (s->staged || s->size)
 		return store_seterr(-EINVAL, "'%s' was written through the sink", s->path);
 	s->adopting = true;
@@ -186,15 +258,21 @@ int store_sink_adopt_file(struct store_sink *s)
 	return rc;
 }
 
-void store_sink_abort(struct store_sink *s)
+static void sink_free(struct store_sink *s)
 {
-	if (!s)
-		return;
-	close(s->fd);
-	unlink(s->path);
+	if (s->fd >= 0)
+		close(s->fd);
+	if (s->named)
+		unlink(s->path);
 	free(s->stage);
 	free(s->cvs);
 	free(s);
+}
+
+void store_sink_abort(struct store_sink *s)
+{
+	if (s)
+		sink_free(s);
 }
 
 void store_blob_path(struct store *st, const uint8_t hash[B3_OUT_LEN], char *buf, size_t bufsz)
@@ -222,25 +300,61 @@ static void blob_unlock_all(struct store *st)
 		pthread_mutex_unlock(&st->blob_mu[i]);
 }
 
-/* The sink's bytes on disk, read-only from here on. */
+/* The sink's bytes on disk (a staged content's file made now), read-only
+ * from here on. */
 static int sink_sync(struct store_sink *s)
 {
+	int rc;
+
+	if (s->fd < 0 && !s->adopting) {
+		if ((rc = sink_file(s, false)) != 0)
+			return rc;
+		if (s->staged && (rc = write_all(s->fd, s->stage, s->staged)) != 0)
+			return store_seterr(rc, "cannot write '%s': %s", s->path, strerror(-rc));
+	}
 	if (fchmod(s->fd, 0444) != 0 || fsync(s->fd) != 0)
 		return store_seterr(-errno, "cannot write '%s': %s", s->path, strerror(errno));
 	return 0;
 }
 
-/* rename(from, path), making path's folder dir the first time one of its
- * blobs is placed (a mkdir at every commit would take blobs/'s lock at
+/* The synced file of s named path: renamed, or linked if it has no name.
+ * A file already there (one no index entry names: left by a crash) is
+ * replaced, as a rename replaces it: the unnamed file is given a name in
+ * tmp/ first. -errno. */
+static int name_file(struct store *st, struct store_sink *s, const char *path)
+{
+	int rc;
+
+	if (s->named)
+		return rename(s->path, path) == 0 ? 0 : -errno;
+	if ((rc = link_unnamed(s->fd, path, st->link_mode)) != -EEXIST)
+		return rc;
+	for (int tries = 0; tries < 100; tries++) {
+		uint32_t r;
+		randombytes_buf(&r, sizeof(r));
+		snprintf(s->path, sizeof(s->path), "%s/tmp/blob-%08x", st->dir, r);
+		if ((rc = link_unnamed(s->fd, s->path, st->link_mode)) == 0) {
+			s->named = true;
+			return rename(s->path, path) == 0 ? 0 : -errno;
+		}
+		if (rc != -EEXIST)
+			break;
+	}
+	snprintf(s->path, sizeof(s->path), "%s/tmp", st->dir);
+	return rc;
+}
+
+/* The sink's file as path, making path's folder dir the first time one of
+ * its blobs is placed (a mkdir at every commit would take blobs/'s lock at
  * every commit), the folder's own entry durable before the blob goes in. */
-static int place(struct store *st, const char *from, const char *path, const char *dir)
+static int place(struct store *st, struct store_sink *s, const char *path, const char *dir)
 {
 	char parent[4200];
 	int rc;
 
-	if (rename(from, path) == 0)
+	if ((rc = name_file(st, s, path)) == 0)
 		return 0;
-	if (errno != ENOENT || access(from, F_OK) != 0)
+	if (rc != -ENOENT || (s->named && access(s->path, F_OK) != 0))
 		goto fail;
 	/* Made here, or just now by another commit that may not have made
 	 * its entry durable yet: this one's blob needs it either way. */
@@ -249,21 +363,22 @@ static int place(struct store *st, const char *from, const char *path, const cha
 	snprintf(parent, sizeof(parent), "%s/blobs", st->dir);
 	if ((rc = dir_fsync(parent)) != 0)
 		return rc;
-	if (rename(from, path) == 0)
+	if ((rc = name_file(st, s, path)) == 0)
 		return 0;
 fail:
-	return store_seterr(-errno, "cannot rename '%s' to '%s': %s", from, path, strerror(errno));
+	return store_seterr(rc, "cannot %s '%s' as '%s': %s", s->named ? "rename" : "link",
+			    s->path, path, strerror(-rc));
 }
 
 /* Make the sink's file (synced) the blob file at path (in dir), durably. */
 static int sink_rename(struct store *st, struct store_sink *s, const char *path,
 		       const char *dir)
 {
-	int rc = place(st, s->path, path, dir);
+	int rc = place(st, s, path, dir);
 
 	if (rc)
 		return rc;
-	s->path[0] = '\0';
+	s->named = false; /* the blob's name now: not the sink's to remove */
 	return dir_fsync(dir);
 }
 
@@ -272,16 +387,6 @@ static int sink_place(struct store *st, struct store_sink *s, const char *path, 
 	int rc = sink_sync(s);
 
 	return rc ? rc : sink_rename(st, s, path, dir);
-}
-
-static void sink_free(struct store_sink *s)
-{
-	close(s->fd);
-	if (s->path[0])
-		unlink(s->path);
-	free(s->stage);
-	free(s->cvs);
-	free(s);
 }
 
 int store_blob_write(struct store *st, const void *data, size_t len, uint8_t hash[B3_OUT_LEN])

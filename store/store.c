@@ -261,6 +261,7 @@ int store_open(const char *dir, const struct store_options *opt, struct store **
 	if (!st->opt.read_only) {
 		if ((rc = store_clear_tmp(st, &st->recovery.tmp_removed)) != 0)
 			goto fail;
+		store_link_probe(st);
 		if ((rc = index_recover(st->ix, st->opt.max_attempts, &ir)) != 0)
 			goto fail;
 		st->recovery.requeued = ir.requeued;

@@ -9,10 +9,12 @@
  *   <store>/keys/<KEYID>.key    minisign secret keys, 0600 (sign.h)
  *   <store>/keys/<KEYID>.pub    minisign public keys, kept across rotation
  *
- * WRITE PATH: a sink streams bytes into tmp/ while hashing them; committing
- * it fsyncs the file, renames it to blobs/xx/<hex> (or drops it when that
- * content is already stored), fsyncs the directory, then commits the index
- * transaction that gives the job its output (waited for, or queued under
+ * WRITE PATH: a sink hashes bytes as they come, holding up to 1 MiB in
+ * memory and streaming more into a file of tmp/ (unnamed where the file
+ * system allows: blob.c); committing it fsyncs the file (written now if
+ * it was held), links or renames it to blobs/xx/<hex> (or drops it when
+ * that content is already stored), fsyncs the directory, then commits the
+ * index transaction that gives the job its output (waited for, or queued under
  * the blob's lock and committed before or with the job's end). A crash at
  * any point leaves either no trace or an unreferenced file that the next
  * store_open() collects; never a job pointing at a missing or partial
@@ -82,12 +84,13 @@ int store_sink_open(struct store *st, struct store_sink **out);
 int store_sink_write(struct store_sink *s, const void *buf, size_t len);
 /*
  * For writers that need a file of their own (encoders that seek): the
- * sink's file in tmp/, which the writer may fill or recreate by path
- * instead of calling store_sink_write(); then store_sink_adopt_file()
- * hashes what the file holds, and the sink commits it as usual. The
- * string lives as long as the sink.
+ * sink's file in tmp/, made by name now, which the writer may fill or
+ * recreate by path instead of calling store_sink_write(); then
+ * store_sink_adopt_file() hashes what the file holds, and the sink
+ * commits it as usual. *path lives as long as the sink. Fails if the file
+ * cannot be made or the sink was written to.
  */
-const char *store_sink_path(const struct store_sink *s);
+int store_sink_path(struct store_sink *s, const char **path);
 int store_sink_adopt_file(struct store_sink *s);
 /* Drop a sink without storing anything. */
 void store_sink_abort(struct store_sink *s);

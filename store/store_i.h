@@ -20,6 +20,9 @@ struct store {
 	struct store_options opt;
 	struct store_recovery recovery;
 	int lock_fd; /* <store>/lock, flock()ed exclusively while open read-write */
+	/* How a sink's unnamed file (O_TMPFILE) is linked into blobs/, as
+	 * store_link_probe() found at open; NONE: sinks use named files. */
+	enum { STORE_LINK_NONE, STORE_LINK_EMPTY_PATH, STORE_LINK_PROC } link_mode;
 
 	/*
 	 * Serialize changes to the blobs/ namespace with the index entries
@@ -67,5 +70,7 @@ void cv_cache_release(struct store *st);
 
 /* blob.c: remove every file in tmp/, counting them. */
 int store_clear_tmp(struct store *st, uint64_t *removed);
+/* blob.c: set st->link_mode by trying it in tmp/ (at open, tmp/ cleared). */
+void store_link_probe(struct store *st);
 
 #endif

@@ -13,6 +13,7 @@
 #include "check.h"
 #include "index_i.h"
 #include "store.h"
+#include "store_i.h"
 
 static char dir[64];
 static struct store *st;
@@ -472,6 +473,80 @@ static void test_queued_output_gc(void)
 	job_release(&j);
 }
 
+/* Each way a sink's file can be made and named (the probed one, and the
+ * others where this system has them): unnamed and linked (nothing in
+ * tmp/ while a large content is written), or named in tmp/ and renamed.
+ * Either way a stray file at the blob's path that no index entry names
+ * (left by a crash) is replaced by the content, as a rename replaces it;
+ * a small content makes no file until it is stored. */
+static void test_link_modes(void)
+{
+	int probed = st->link_mode;
+	uint8_t *data = malloc(3 << 20), hash[32], want[32];
+	char tmp[4200];
+
+	CHECK(probed != STORE_LINK_NONE, "this system links unnamed files (O_TMPFILE, linkat)");
+	snprintf(tmp, sizeof(tmp), "%s/tmp", dir);
+	for (int mode = STORE_LINK_NONE; mode <= STORE_LINK_PROC; mode++) {
+		int fd = open(tmp, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+		char name[4300];
+		snprintf(name, sizeof(name), "%s/mode-probe", tmp);
+		if (mode != STORE_LINK_NONE) {
+			/* as store_link_probe: skipped where the system lacks it */
+			char proc[64];
+			int ok;
+			snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+			ok = mode == STORE_LINK_EMPTY_PATH
+				     ? linkat(fd, "", AT_FDCWD, name, AT_EMPTY_PATH) == 0
+				     : linkat(AT_FDCWD, proc, AT_FDCWD, name, AT_SYMLINK_FOLLOW) == 0;
+			unlink(name);
+			if (!ok) {
+				close(fd);
+				continue;
+			}
+		}
+		close(fd);
+		st->link_mode = mode;
+		for (int big = 0; big < 2; big++) {
+			size_t len = big ? 3 << 20 : 1000;
+			struct store_sink *s;
+			uint8_t id[16];
+			char req[64], path[4200], sub[4200];
+			uint64_t size;
+			int bfd;
+
+			fill(data, len);
+			b3_hash(data, len, want);
+			snprintf(req, sizeof(req), "{\"mode\":%d,\"big\":%d}", mode, big);
+			REQUIRE(new_job(id, req) == 0, "job: %s", store_lasterr());
+			/* a stray, wrong file where the blob goes */
+			store_blob_path(st, want, path, sizeof(path));
+			snprintf(sub, sizeof(sub), "%.*s", (int)(strrchr(path, '/') - path), path);
+			mkdir(sub, 0755);
+			bfd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0444);
+			CHECK(bfd >= 0 && write(bfd, "stray", 5) == 5, "stray file");
+			close(bfd);
+			REQUIRE(store_sink_open(st, &s) == 0, "sink");
+			REQUIRE(store_sink_write(s, data, len - 1) == 0, "write");
+			CHECK(count_files("tmp") == (big && mode == STORE_LINK_NONE ? 1u : 0u),
+			      "mode %d, %zu bytes: %zu files in tmp/ while written", mode, len,
+			      count_files("tmp"));
+			REQUIRE(store_sink_write(s, data + len - 1, 1) == 0, "write");
+			REQUIRE(store_job_commit_output(st, id, s, "image/png", "cpu", hash) == 0,
+				"mode %d commit: %s", mode, store_lasterr());
+			CHECK(memcmp(hash, want, 32) == 0, "hash");
+			CHECK(store_blob_open(st, hash, &bfd, &size) == 0 && size == len,
+			      "mode %d, %zu bytes: the stray file replaced by the content: %s", mode,
+			      len, store_lasterr());
+			if (bfd >= 0)
+				close(bfd);
+			CHECK(count_files("tmp") == 0, "mode %d: tmp/ empty after the commit", mode);
+		}
+	}
+	st->link_mode = probed;
+	free(data);
+}
+
 int main(void)
 {
 	struct store_options opt = {0};
@@ -482,6 +557,7 @@ int main(void)
 		return 1;
 	}
 	test_write_read();
+	test_link_modes();
 	test_dedup_gc();
 	test_corruption();
 	test_reader();
