@@ -916,13 +916,18 @@ int engine_delete(struct engine *e, const uint8_t id[JOB_ID_LEN], bool by_rmdir,
 			/* Looked at once at least: a run that ended before
 			 * this was queued made its event already. */
 			pthread_mutex_lock(&e->del_mu);
-			d->next = e->dels;
-			e->dels = d;
-			atomic_fetch_add(&e->ndels, 1);
-			e->del_poked = true;
-			pthread_cond_signal(&e->del_cv);
+			if (e->del_stop) { /* stopping: nobody would answer it */
+				free(d);
+				rc = store_seterr(-EBUSY, "the job is still running; try again");
+			} else {
+				d->next = e->dels;
+				e->dels = d;
+				atomic_fetch_add(&e->ndels, 1);
+				e->del_poked = true;
+				pthread_cond_signal(&e->del_cv);
+				rc = ENGINE_LATER;
+			}
 			pthread_mutex_unlock(&e->del_mu);
-			rc = ENGINE_LATER;
 		}
 	}
 	pthread_mutex_unlock(&e->state_mu);
