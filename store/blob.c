@@ -9,7 +9,9 @@
  * touches the disk). Where the store's file system can (probed at open:
  * O_TMPFILE and linkat), the file has no name until it is linked into
  * blobs/ as the blob itself: nothing is left in tmp/ by a crash or a
- * failure, and no name in tmp/ is made, synced and renamed away. Writers
+ * failure (the file system reclaims an unnamed file at its next mount, a
+ * journaling one, or at its fsck), and no name in tmp/ is made, synced
+ * and renamed away. Writers
  * that fill a file by path (store_sink_path) get a named one.
  * Writes are staged one 1 MiB group at a
  * time (in a stage that grows to it) so that the hasher sees large
