@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "commit_hold.h"
 #include "index_i.h"
 #include "store.h"
 #include "store_i.h"
@@ -405,28 +406,6 @@ static void test_concurrent_commits(void)
  * An output whose reference is queued behind a commit under way is not
  * garbage: store_gc waits for the queued writes before it looks.
  */
-static pthread_mutex_t q_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t q_cv = PTHREAD_COND_INITIALIZER;
-static int q_stage;
-
-static int q_slow(struct index *ix, MDB_txn *txn, void *arg)
-{
-	(void)ix, (void)txn, (void)arg;
-	pthread_mutex_lock(&q_mu);
-	q_stage = 1;
-	pthread_cond_broadcast(&q_cv);
-	while (q_stage != 2)
-		pthread_cond_wait(&q_cv, &q_mu);
-	pthread_mutex_unlock(&q_mu);
-	return 0;
-}
-
-static void *q_leader(void *arg)
-{
-	(void)arg;
-	return (void *)(long)index_write(store_index(st), q_slow, NULL);
-}
-
 static uint64_t q_collected = 99;
 
 static void *q_gc(void *arg)
@@ -438,31 +417,24 @@ static void *q_gc(void *arg)
 static void test_queued_output_gc(void)
 {
 	uint8_t data[5000], id[16], hash[32];
-	pthread_t a, g;
-	void *ra, *rg;
+	struct commit_hold hold;
+	pthread_t g;
+	void *rg;
+	int ra;
 	int fd;
 	uint64_t size;
 	struct job j;
 
 	fill(data, sizeof(data));
 	REQUIRE(new_job(id, "{\"queued\":1}") == 0, "job");
-	pthread_create(&a, NULL, q_leader, NULL);
-	pthread_mutex_lock(&q_mu);
-	while (q_stage != 1)
-		pthread_cond_wait(&q_cv, &q_mu);
-	pthread_mutex_unlock(&q_mu);
+	commit_hold_start(&hold, store_index(st));
 	/* A commit is under way: the reference waits behind it. */
 	REQUIRE(put_how(id, data, sizeof(data), hash, true) == 0, "queued: %s", store_lasterr());
 	pthread_create(&g, NULL, q_gc, NULL);
 	usleep(100 * 1000); /* time for a collection that did not wait to take it */
-	pthread_mutex_lock(&q_mu);
-	q_stage = 2;
-	pthread_cond_broadcast(&q_cv);
-	pthread_mutex_unlock(&q_mu);
-	pthread_join(a, &ra);
+	ra = commit_hold_release(&hold);
 	pthread_join(g, &rg);
-	CHECK(ra == NULL && rg == NULL, "the write and the collection: %ld %ld", (long)ra,
-	      (long)rg);
+	CHECK(ra == 0 && rg == NULL, "the write and the collection: %d %ld", ra, (long)rg);
 	CHECK(q_collected == 0, "collected %llu blobs", (unsigned long long)q_collected);
 	CHECK(store_blob_open(st, hash, &fd, &size) == 0 && size == sizeof(data),
 	      "the output is readable: %s", store_lasterr());

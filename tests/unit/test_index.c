@@ -11,6 +11,7 @@
 
 #include "blake3.h"
 #include "check.h"
+#include "commit_hold.h"
 #include "index.h"
 #include "index_i.h"
 #include "store.h"
@@ -768,28 +769,7 @@ static void test_update_async(void)
  * C queue behind it; B is woken to lead the next batch, C's write fails
  * in it, on B's thread.
  */
-static pthread_mutex_t lm_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t lm_cv = PTHREAD_COND_INITIALIZER;
-static int lm_stage;
 static char lm_msg[256];
-
-static int lm_slow(struct index *x, MDB_txn *txn, void *arg)
-{
-	(void)x, (void)txn, (void)arg;
-	pthread_mutex_lock(&lm_mu);
-	lm_stage = 1;
-	pthread_cond_broadcast(&lm_cv);
-	while (lm_stage != 2)
-		pthread_cond_wait(&lm_cv, &lm_mu);
-	pthread_mutex_unlock(&lm_mu);
-	return 0;
-}
-
-static void *lm_a(void *arg)
-{
-	(void)arg;
-	return (void *)(long)index_write(ix, lm_slow, NULL);
-}
 
 static void *lm_b(void *arg)
 {
@@ -826,30 +806,24 @@ static void wait_queued(size_t n)
 
 static void test_error_message_of_own_write(void)
 {
-	pthread_t a, b, c;
-	void *ra, *rb, *rc;
+	struct commit_hold hold;
+	pthread_t b, c;
+	void *rb, *rc;
 	char want[64];
+	int ra;
 
 	REQUIRE(create("lm/x/y/z", 9, JOB_PRIO_NORMAL, "{}", lm_queued) == 0, "create");
 	ulid_format(lm_queued, want);
-	pthread_create(&a, NULL, lm_a, NULL);
-	pthread_mutex_lock(&lm_mu);
-	while (lm_stage != 1)
-		pthread_cond_wait(&lm_cv, &lm_mu);
-	pthread_mutex_unlock(&lm_mu);
+	commit_hold_start(&hold, ix);
 	pthread_create(&b, NULL, lm_b, NULL);
 	wait_queued(1);
 	pthread_create(&c, NULL, lm_c, NULL);
 	wait_queued(2);
-	pthread_mutex_lock(&lm_mu);
-	lm_stage = 2;
-	pthread_cond_broadcast(&lm_cv);
-	pthread_mutex_unlock(&lm_mu);
-	pthread_join(a, &ra);
+	ra = commit_hold_release(&hold);
 	pthread_join(b, &rb);
 	pthread_join(c, &rc);
-	CHECK(ra == NULL && rb == NULL && rc != NULL, "the writes: %ld %ld %ld", (long)ra,
-	      (long)rb, (long)rc);
+	CHECK(ra == 0 && rb == NULL && rc != NULL, "the writes: %d %ld %ld", ra, (long)rb,
+	      (long)rc);
 	CHECK(strstr(lm_msg, want) && strstr(lm_msg, "progress"),
 	      "the failed write's own message: '%s'", lm_msg);
 }
