@@ -11,12 +11,11 @@
  * blobs/ as the blob itself: nothing is left in tmp/ by a crash or a
  * failure (the file system reclaims an unnamed file at its next mount, a
  * journaling one, or at its fsck), and no name in tmp/ is made, synced
- * and renamed away. Writers
- * that fill a file by path (store_sink_path) get a named one.
- * Writes are staged one 1 MiB group at a
- * time (in a stage that grows to it) so that the hasher sees large
- * aligned pieces (its SIMD paths hash 8 or 16 chunks at a time) and the
- * file sees few write()s.
+ * and renamed away. Writers that fill a file by path (store_sink_path)
+ * get a named one.
+ * Writes are staged one 1 MiB group at a time (in a stage that grows to
+ * it) so that the hasher sees large aligned pieces (its SIMD paths hash 8
+ * or 16 chunks at a time) and the file sees few write()s.
  * Committing follows the order of store.h's WRITE PATH. Readers verify the
  * whole content before returning a descriptor: blobs are immutable, so
  * the descriptor then reads exactly the verified bytes unless the file is
@@ -308,7 +307,7 @@ static int sink_sync(struct store_sink *s)
 {
 	int rc;
 
-	if (s->fd < 0 && !s->adopting) {
+	if (s->fd < 0) { /* (an adopted file is open) */
 		if ((rc = sink_file(s, false)) != 0)
 			return rc;
 		if (s->staged && (rc = write_all(s->fd, s->stage, s->staged)) != 0)
